@@ -1,0 +1,19 @@
+"""fx-fastcache: FastCache for Diffusion Transformers as FX graph rewrites.
+
+    import fx_fastcache as fastcache
+    opt = fastcache.optimize(model, backend="inductor")
+    with fastcache.calibrate(opt):
+        run_a_few_sampling_loops(opt)
+    stats = fastcache.get_cache_statistics(opt)
+"""
+from __future__ import annotations
+
+from .api import (calibrate, configure, get_cache_statistics, load_calibration, optimize, reset, save_calibration,
+                  set_schedule)
+from .config import FastCacheConfig
+from .module import FastCacheModule
+
+__version__ = "0.1.0"
+
+__all__ = ["FastCacheConfig", "FastCacheModule", "optimize", "calibrate", "save_calibration", "load_calibration",
+           "get_cache_statistics", "reset", "configure", "set_schedule", "__version__"]

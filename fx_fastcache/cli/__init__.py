@@ -1,0 +1,10 @@
+"""``fx-fastcache`` command line (subcommands are added by their modules)."""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .main import main as _main
+
+    return _main(sys.argv[1:] if argv is None else argv)

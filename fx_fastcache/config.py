@@ -1,0 +1,135 @@
+"""The one configuration object of fx-fastcache.
+
+`FastCacheConfig` is frozen and validated on construction: a bad value raises `ValueError`
+naming the field, the value and what is accepted.  Fields that only change *tensor values*
+inside the rewritten graph (thresholds, warm-up, enable flags) can be changed between
+generations with :func:`fx_fastcache.configure` without recompiling; fields that change the
+graph's structure (``policy``, ``fallback``, token routing) trigger a re-capture.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Fields whose change only updates tensor buffers inside the captured graph.
+RUNTIME_FIELDS = frozenset(
+    {"cache_ratio_threshold", "significance_level", "enable_block_approx", "warmup_steps", "max_skip_steps"}
+)
+
+
+@dataclass(frozen=True)
+class FastCacheConfig:
+    """Configuration of the FastCache rewrite.
+
+    Attributes:
+        cache_ratio_threshold: The seed paper's threshold: the relative change level of a
+            block's (modulated) input below which the block may be approximated.  0 never
+            approximates; 0.5 and above approximates almost every block after warm-up.
+            Interpreted by the ``policy`` (see ``fx_fastcache/policies``).
+        significance_level: α of the χ² test of the ``"chi2"`` policy.  Larger α = stricter
+            (fewer skips).  Must be in (0, 1).
+        motion_threshold: Token-level saliency threshold for motion-aware token routing
+            (fraction of tokens treated as static).  In [0, 1).
+        enable_block_approx: Master switch for block approximation; ``False`` computes every
+            block in full (the rewritten graph is still used).
+        enable_spatial_approx: Motion-aware token routing inside computed blocks.
+        enable_token_merge: Spatial-temporal token merging.
+        fallback: What replaces a skipped block: ``"residual_linear"`` (cached residual plus a
+            ridge-fitted linear correction of the input change), ``"residual"`` (cached residual
+            only), ``"forecast"`` (first-order forecast of the residual in the timestep, from its
+            last two computations), ``"linear"`` (the paper's pure linear map ``W H + b``).
+        policy: Who decides: ``"chi2"`` (per block, the seed's rule with a calibrated scale),
+            ``"step_forecast"`` (once per step, before any block runs, from the deviation of
+            block 0's modulated input from its linear forecast), ``"first_block_cache"``,
+            ``"teacache"``, ``"schedule"`` (a precomputed steps × blocks table).
+        warmup_steps: The first ``warmup_steps`` steps of every generation compute in full.
+        max_skip_steps: A block is recomputed after this many consecutive skipped steps
+            (``0`` = no limit).  Bounds drift of every fallback.
+        ridge: Ridge strength λ (relative to the mean diagonal of XᵀX) of calibration fits.
+        calibration_lags: Step distances (1..n) between the reference and the current input
+            used to fit the linear correction; should cover the typical skip length.
+        token_merge_k: K nearest neighbours for the spatial density of token merging.
+        token_merge_lambda: λ weighting temporal saliency in token importance.
+        num_stages: Stages of the token-merging pyramid.
+        merge_ratio: Fraction of tokens kept after merging (1.0 = no merging).
+    """
+
+    cache_ratio_threshold: float = 0.08
+    significance_level: float = 0.05
+    motion_threshold: float = 0.1
+    enable_block_approx: bool = True
+    enable_spatial_approx: bool = False
+    enable_token_merge: bool = False
+    fallback: str = "forecast"
+    policy: str = "step_forecast"
+    warmup_steps: int = 2
+    max_skip_steps: int = 0
+    ridge: float = 1e-2
+    calibration_lags: int = 3
+    token_merge_k: int = 4
+    token_merge_lambda: float = 0.5
+    num_stages: int = 1
+    merge_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        from .fallbacks import FALLBACKS
+        from .policies import POLICIES
+
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"FastCacheConfig.{name}={getattr(self, name)!r} is invalid: {why}")
+
+        for name in ("cache_ratio_threshold", "ridge", "token_merge_lambda"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise bad(name, "expected a finite number >= 0")
+        for name in ("significance_level",):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < 1.0:
+                raise bad(name, "expected a probability strictly between 0 and 1 (e.g. 0.05)")
+        v = self.motion_threshold
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            raise bad("motion_threshold", "expected a fraction in [0, 1)")
+        v = self.merge_ratio
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
+            raise bad("merge_ratio", "expected a fraction in (0, 1]")
+        for name in ("enable_block_approx", "enable_spatial_approx", "enable_token_merge"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "expected True or False")
+        for name, lo in (("warmup_steps", 0), ("max_skip_steps", 0), ("calibration_lags", 1),
+                         ("token_merge_k", 1), ("num_stages", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise bad(name, f"expected an integer >= {lo}")
+        if self.fallback not in FALLBACKS:
+            raise bad("fallback", f"choose one of {sorted(FALLBACKS)}")
+        if self.policy not in POLICIES:
+            raise bad("policy", f"choose one of {sorted(POLICIES)}")
+
+    def replace(self, **changes: Any) -> "FastCacheConfig":
+        """A copy with ``changes`` applied (validated). Unknown names raise ``ValueError``."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown FastCacheConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FastCacheConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown FastCacheConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    def structural_key(self) -> tuple[Any, ...]:
+        """The fields that shape the rewritten graph (a change forces re-capture)."""
+        return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in RUNTIME_FIELDS)

@@ -1,0 +1,15 @@
+"""Fallback registry: name → class.  Add a variant by adding a file and one entry here."""
+from .base import CalibrationStore, Fallback, StreamInfo
+from .forecast import ForecastFallback
+from .linear import LinearFallback
+from .residual import ResidualFallback
+from .residual_linear import ResidualLinearFallback
+
+FALLBACKS: dict[str, type[Fallback]] = {
+    "residual": ResidualFallback,
+    "residual_linear": ResidualLinearFallback,
+    "forecast": ForecastFallback,
+    "linear": LinearFallback,
+}
+
+__all__ = ["FALLBACKS", "CalibrationStore", "Fallback", "StreamInfo"]

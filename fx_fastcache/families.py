@@ -1,0 +1,118 @@
+"""Which modules of a model are its transformer blocks, and how their inputs map to outputs.
+
+Dispatch is by registry (class name → :class:`FamilySpec`) so no family needs an if/elif
+branch elsewhere.  A block list is described by its attribute path, the block-forward
+arguments that carry token *streams* (hidden states that the block updates residually) and,
+for each returned value, which input stream it continues (``None`` for values that are not
+streams).  Residual fallbacks pair each output with its input through this table, never by
+shape (Flux's text and image token counts can be equal).
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BlockListSpec:
+    """One ``nn.ModuleList`` of blocks inside the model."""
+
+    path: str
+    stream_inputs: tuple[str, ...] = ("hidden_states",)
+    outputs: tuple[str | None, ...] = ("hidden_states",)
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """A model family: its block lists (in execution order) and its timestep argument."""
+
+    name: str
+    block_lists: tuple[BlockListSpec, ...]
+    timestep_arg: str | None = "timestep"
+    stream_arg: str = "hidden_states"
+
+
+_JOINT = ("encoder_hidden_states", "hidden_states")
+
+FAMILIES: dict[str, FamilySpec] = {
+    "DiTTransformer2DModel": FamilySpec("dit", (BlockListSpec("transformer_blocks"),)),
+    "PixArtTransformer2DModel": FamilySpec("pixart", (BlockListSpec("transformer_blocks"),)),
+    "SD3Transformer2DModel": FamilySpec("sd3", (BlockListSpec("transformer_blocks", _JOINT, _JOINT),)),
+    "FluxTransformer2DModel": FamilySpec(
+        "flux",
+        (BlockListSpec("transformer_blocks", _JOINT, _JOINT), BlockListSpec("single_transformer_blocks", _JOINT, _JOINT)),
+    ),
+}
+
+
+def _get_path(model: nn.Module, path: str) -> nn.Module:
+    mod: nn.Module = model
+    for part in path.split("."):
+        if not hasattr(mod, part):
+            raise ValueError(
+                f"blocks={path!r}: {type(mod).__name__} has no attribute {part!r}; "
+                f"its children are {[n for n, _ in mod.named_children()]}"
+            )
+        mod = getattr(mod, part)
+    return mod
+
+
+def _first_arg(module: nn.Module) -> str:
+    params = [p for p in inspect.signature(module.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not params:
+        raise ValueError(f"block {type(module).__name__}.forward takes no positional argument to use as its stream")
+    return params[0].name
+
+
+def _generic_spec(model: nn.Module, paths: list[str]) -> FamilySpec:
+    lists = []
+    for path in paths:
+        ml = _get_path(model, path)
+        if not isinstance(ml, nn.ModuleList) or len(ml) == 0:
+            raise ValueError(f"blocks={path!r} is a {type(ml).__name__} of length "
+                             f"{len(ml) if hasattr(ml, '__len__') else '?'}; expected a non-empty nn.ModuleList")
+        arg = _first_arg(ml[0])
+        lists.append(BlockListSpec(path, (arg,), (arg,)))
+    sig = inspect.signature(model.forward).parameters
+    timestep = "timestep" if "timestep" in sig else None
+    stream = next(iter(sig)) if sig else "x"
+    return FamilySpec(f"custom:{type(model).__name__}", tuple(lists), timestep, stream)
+
+
+def resolve_family(model: nn.Module, blocks: str | list[str] | None = None) -> FamilySpec:
+    """The :class:`FamilySpec` for ``model``.
+
+    ``blocks`` (attribute path(s) of ``nn.ModuleList``\\ s) overrides discovery for models that
+    are not a registered diffusers family.
+    """
+    if blocks is not None:
+        return _generic_spec(model, [blocks] if isinstance(blocks, str) else list(blocks))
+    spec = FAMILIES.get(type(model).__name__)
+    if spec is not None:
+        return spec
+    lists = [name for name, child in model.named_children() if isinstance(child, nn.ModuleList) and len(child) > 0]
+    if len(lists) == 1:
+        logger.info("%s: using the ModuleList %r as its transformer blocks", type(model).__name__, lists[0])
+        return _generic_spec(model, lists)
+    found = "none" if not lists else f"several: {lists}"
+    raise ValueError(
+        f"cannot find the transformer blocks of {type(model).__name__}: it is not one of the supported "
+        f"families {sorted(FAMILIES)} and its direct children contain {found} non-empty nn.ModuleList; "
+        f"point the optimizer at them with optimize(model, blocks='attr.path') or blocks=['list_a', 'list_b']"
+    )
+
+
+def block_modules(model: nn.Module, spec: FamilySpec) -> list[tuple[str, nn.Module, BlockListSpec]]:
+    """All blocks in execution order as ``(qualified path, module, list spec)``."""
+    out = []
+    for bl in spec.block_lists:
+        ml = _get_path(model, bl.path)
+        for i, block in enumerate(ml):
+            out.append((f"{bl.path}.{i}", block, bl))
+    return out

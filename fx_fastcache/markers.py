@@ -1,0 +1,86 @@
+"""Identity marker ops that label a block's stream inputs and outputs in the exported graph.
+
+Why: after ``torch.export`` a block is an anonymous run of ATen nodes; ``nn_module_stack``
+tells which nodes belong to it but not which input is ``hidden_states`` and which output
+continues it.  During capture each block's ``forward`` is wrapped so that its stream
+arguments and return values pass through ``fastcache::mark(x, tag)``; the ``find_blocks``
+pass reads the tags and ``strip_markers`` removes them, leaving the graph as exported.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+
+from .families import FamilySpec, block_modules
+
+
+@torch.library.custom_op("fastcache::mark", mutates_args=())
+def mark(x: torch.Tensor, tag: str) -> torch.Tensor:
+    """Identity (a copy, as custom ops may not alias their inputs) carrying ``tag``."""
+    return x.clone()
+
+
+@mark.register_fake
+def _(x: torch.Tensor, tag: str) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+MARK = torch.ops.fastcache.mark.default
+
+
+def _wrap_block(block: nn.Module, index: int, stream_inputs: tuple[str, ...], outputs: tuple[str | None, ...]):
+    orig = block.forward
+    sig = inspect.signature(orig)
+
+    @functools.wraps(orig)
+    def forward(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        for name in stream_inputs:
+            v = bound.arguments.get(name)
+            if isinstance(v, torch.Tensor):
+                bound.arguments[name] = mark(v, f"in:{index}:{name}")
+        out = orig(*bound.args, **bound.kwargs)
+        if isinstance(out, torch.Tensor):
+            return mark(out, f"out:{index}:0")
+        if isinstance(out, tuple):
+            return tuple(mark(o, f"out:{index}:{k}") if isinstance(o, torch.Tensor) else o for k, o in enumerate(out))
+        raise TypeError(f"block {index} ({type(block).__name__}) returned {type(out).__name__}; "
+                        f"expected a tensor or a tuple of tensors")
+
+    return forward
+
+
+def _wrap_model(model: nn.Module, timestep_arg: str | None):
+    orig = model.forward
+    sig = inspect.signature(orig)
+
+    @functools.wraps(orig)
+    def forward(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        v = bound.arguments.get(timestep_arg) if timestep_arg else None
+        if isinstance(v, torch.Tensor):
+            bound.arguments[timestep_arg] = mark(v, "timestep")
+        return orig(*bound.args, **bound.kwargs)
+
+    return forward
+
+
+@contextlib.contextmanager
+def marked(model: nn.Module, spec: FamilySpec) -> Iterator[None]:
+    """Within the context, blocks and the timestep argument emit marker ops."""
+    patched: list[nn.Module] = []
+    try:
+        for index, (_, block, bl) in enumerate(block_modules(model, spec)):
+            block.forward = _wrap_block(block, index, bl.stream_inputs, bl.outputs)
+            patched.append(block)
+        model.forward = _wrap_model(model, spec.timestep_arg)
+        patched.append(model)
+        yield
+    finally:
+        for m in patched:
+            m.__dict__.pop("forward", None)

@@ -1,0 +1,59 @@
+"""The seed paper's per-block rule, made meaningful.
+
+Statistic: ``δ_l = ‖u_l − u_l(ref)‖_F / ‖u_l(ref)‖_F`` on the block's *modulated input*
+``u_l`` (so the timestep is visible and blocks decide individually), against ``u_l`` at the
+block's **last full computation** (accumulated drift, so consecutive skips cannot pile drift
+up unnoticed).  Test: the block is approximated iff every sample has
+
+    δ_l² / σ_l²  ≤  χ²_{ν_l, 1−α} / ν_l,       σ_l = cache_ratio_threshold · s_l
+
+i.e. a χ² test of "the input moved no more than noise of relative scale σ_l".  The paper uses
+``ν = N·D`` and ``s_l = 1``, which makes the bound ≈ 1.00x for any real N·D (vacuous).  Here
+calibration measures, per block, the typical step-to-step change ``s_l`` (normalised to mean
+1 over blocks, so ``cache_ratio_threshold`` keeps its meaning as a relative-change level) and
+the effective degrees of freedom ``ν_l = 2 E[δ²]² / Var[δ²]`` (method of moments for a scaled
+χ²): tokens are strongly correlated, ν is small, and ``significance_level`` then matters.
+Uncalibrated: ``s_l = 1, ν = N·D`` (the paper's test).
+"""
+from __future__ import annotations
+
+import torch
+from scipy.stats import chi2
+
+from .base import Decider, Policy, per_sample_norm
+
+
+class Chi2Decider(Decider):
+    def __init__(self, block: str, signal_shape, device, dtype, store, alpha: float) -> None:
+        super().__init__()
+        nd = 1
+        for s in signal_shape[1:]:
+            nd *= int(s)
+        self.register_buffer("u_ref", torch.zeros(signal_shape, dtype=dtype, device=device))
+        self.register_buffer("last_stat", torch.zeros(signal_shape[0], device=device))
+        self.register_buffer("scale", store.get(f"{block}.chi2.scale", (), lambda: torch.tensor(1.0, device=device)))
+        self.register_buffer("dof", store.get(f"{block}.chi2.dof", (), lambda: torch.tensor(float(nd), device=device)))
+        self.register_buffer("tau", torch.tensor(1.0, device=device))
+        self._persistent_state = ("scale", "dof", "tau")
+        self.refresh(alpha)
+
+    def refresh(self, alpha: float) -> None:
+        """Recompute the per-block bound from the calibrated scale and dof (host side, rare)."""
+        nu = max(float(self.dof), 1e-3)
+        self.tau.fill_(float(self.scale) * (chi2.ppf(1.0 - alpha, nu) / nu) ** 0.5)
+
+    def forward(self, step, new_gen, ok, threshold, t, u):
+        delta = per_sample_norm(u - self.u_ref) / per_sample_norm(self.u_ref).clamp_min(1e-12)
+        self.last_stat.copy_(delta)
+        pred = ok & (delta <= threshold * self.tau).all()
+        self.u_ref.copy_(torch.where(pred, self.u_ref, u))
+        return pred
+
+
+class Chi2Policy(Policy):
+    name = "chi2"
+    scope = "block"
+    signal = "probe"
+
+    def make_block_decider(self, index, block, signal_shape, device, dtype, store):
+        return Chi2Decider(block, signal_shape, device, dtype, store, self.config.significance_level)

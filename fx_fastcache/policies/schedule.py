@@ -1,0 +1,34 @@
+"""A precomputed skip schedule: ``table[step, block]`` (True = approximate).
+
+Decisions come from the table instead of a statistic, which makes runs deterministic and
+export possible.  Steps past the table's end compute in full.  Set the table with
+``fastcache.set_schedule(model, table)``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Decider, Policy
+
+MAX_STEPS = 1024
+
+
+class ScheduleDecider(Decider):
+    def __init__(self, block: str, device, store) -> None:
+        super().__init__()
+        self.register_buffer("column", store.get(f"{block}.schedule", (MAX_STEPS,),
+                                                 lambda: torch.zeros(MAX_STEPS, dtype=torch.bool, device=device)))
+        self._persistent_state = ("column",)
+
+    def forward(self, step, new_gen, ok, threshold, t, signal):
+        idx = step.clamp(0, MAX_STEPS - 1).to(torch.long)
+        return ok & self.column[idx]
+
+
+class SchedulePolicy(Policy):
+    name = "schedule"
+    scope = "block"
+    signal = None
+
+    def make_block_decider(self, index, block, signal_shape, device, dtype, store):
+        return ScheduleDecider(block, device, store)

@@ -1,0 +1,53 @@
+"""TeaCache: accumulate a rescaled relative L1 change of block 0's modulated input.
+
+Each step, ``rel = mean|u₀ − u₀(prev step)| / mean|u₀(prev step)|`` is rescaled by a polynomial
+``p(rel)`` (fitted on calibration runs to predict the relative change of the model output;
+identity when uncalibrated) and added to an accumulator.  While the accumulator stays below
+``cache_ratio_threshold`` the step is approximated; when it crosses, the step is computed and
+the accumulator resets.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Decider, Policy, per_sample_mean_abs
+
+POLY_DEGREE = 4
+
+
+class TeaCacheDecider(Decider):
+    def __init__(self, signal_shape, device, dtype, store) -> None:
+        super().__init__()
+        self.register_buffer("u_prev", torch.zeros(signal_shape, dtype=dtype, device=device))
+        self.register_buffer("acc", torch.tensor(0.0, device=device))
+        self.register_buffer("n", torch.tensor(0.0, device=device))
+        self.register_buffer("last_stat", torch.zeros(signal_shape[0], device=device))
+        ident = torch.zeros(POLY_DEGREE + 1, device=device)
+        ident[-2] = 1.0  # highest power first: p(x) = x
+        self.register_buffer("coeffs", store.get("teacache.coeffs", (POLY_DEGREE + 1,), lambda: ident))
+        self._persistent_state = ("coeffs",)
+
+    def forward(self, step, new_gen, ok, threshold, t, u):
+        n = torch.where(new_gen, torch.zeros_like(self.n), self.n)
+        rel = (per_sample_mean_abs(u - self.u_prev) / per_sample_mean_abs(self.u_prev).clamp_min(1e-12)).max()
+        self.last_stat.fill_(0.0)
+        self.last_stat.add_(rel)
+        scaled = torch.zeros_like(rel)
+        for c in self.coeffs.unbind(0):
+            scaled = scaled * rel + c
+        acc = torch.where(new_gen, torch.zeros_like(self.acc), self.acc) + scaled.abs()
+        pred = ok & (n >= 1) & (acc < threshold)
+        computed = ~pred
+        self.acc.copy_(torch.where(computed, torch.zeros_like(acc), acc))
+        self.u_prev.copy_(u)
+        self.n.copy_(n + computed.to(n.dtype))
+        return pred
+
+
+class TeaCachePolicy(Policy):
+    name = "teacache"
+    scope = "step"
+    signal = "probe"
+
+    def make_step_decider(self, signal_shape, device, dtype, store):
+        return TeaCacheDecider(signal_shape, device, dtype, store)

@@ -1,0 +1,49 @@
+"""The step clock: one call at the top of every captured graph.
+
+Why it exists: every decision depends on *where in the generation* a call is.  The clock turns
+the model's timestep input into a step counter that resets by itself when a new generation
+starts (the timestep goes back up), and it holds the run-time knobs (threshold, warm-up,
+enable, force-compute) as tensors so that changing them never recompiles.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class Clock(nn.Module):
+    _is_impure = True  # mutates its buffers: never dead-code-eliminated
+
+    def __init__(self, threshold: float, warmup_steps: int, enabled: bool, max_skip_steps: int) -> None:
+        super().__init__()
+        self.register_buffer("t_last", torch.tensor(float("-inf")))
+        self.register_buffer("step", torch.tensor(-1.0))
+        self.register_buffer("calls", torch.tensor(0.0))
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self.register_buffer("warmup", torch.tensor(float(warmup_steps)))
+        self.register_buffer("enabled", torch.tensor(1.0 if enabled else 0.0))
+        self.register_buffer("force", torch.tensor(0.0))
+        self.register_buffer("max_skip", torch.tensor(float(max_skip_steps)))
+
+    def forward(self, t: torch.Tensor | None):
+        """Returns ``(step, new_gen, ok, threshold, t_eff, max_skip)`` as 0-d tensors.
+
+        ``ok`` is the step-level permission to approximate (enabled, not forced, past warm-up);
+        ``t_eff`` is the scalar timestep (the negated call count for models without one).
+        """
+        if t is None:
+            t_eff = -self.calls
+        else:
+            t_eff = t.reshape(-1)[0].to(torch.float32)
+        new_gen = (t_eff > self.t_last) | (self.step < 0)
+        step = torch.where(new_gen, torch.zeros_like(self.step), self.step + 1)
+        self.step.copy_(step)
+        self.t_last.copy_(t_eff)
+        self.calls.add_(1.0)
+        ok = (self.enabled > 0) & (self.force <= 0) & (step >= self.warmup)
+        return step, new_gen, ok, self.threshold * 1.0, t_eff, self.max_skip * 1.0
+
+    def reset(self) -> None:
+        self.t_last.fill_(float("-inf"))
+        self.step.fill_(-1.0)
+        self.calls.zero_()

@@ -1,0 +1,68 @@
+"""Per-block guard: turns the policy's verdict into the ``torch.cond`` predicate and keeps the
+fallback's state and the statistics up to date after the block ran (or was approximated).
+
+Called twice per block from the graph: ``guard("decide", ...)`` before the ``cond`` and
+``guard("update", ...)`` after it.  One module per block keeps the graph readable in the
+diff tool (``fastcache_guard_3``) and keeps every buffer owned by exactly one module.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+class BlockGuard(nn.Module):
+    _is_impure = True  # mutates its buffers: never dead-code-eliminated
+
+    def __init__(self, index: int, name: str, fallback: nn.Module, decider: nn.Module | None,
+                 never_skip: bool = False) -> None:
+        super().__init__()
+        self.index = index
+        self.block_name = name
+        self.fallback = fallback
+        self.decider = decider
+        self.register_buffer("never_skip", torch.tensor(1.0 if never_skip else 0.0))
+        self.register_buffer("consecutive", torch.tensor(0.0))
+        self.register_buffer("skipped", torch.tensor(0.0))
+        self.register_buffer("evaluations", torch.tensor(0.0))
+        self._recorder: Any = None
+
+    def forward(self, op: str, *args: Any):
+        if op == "decide":
+            return self.decide(*args)
+        if op == "update":
+            return self.update(*args)
+        raise ValueError(f"BlockGuard op {op!r}; expected 'decide' or 'update'")
+
+    def decide(self, step, new_gen, ok, threshold, t, max_skip, signal, step_pred):
+        n = torch.where(new_gen, torch.zeros_like(self.fallback.n), self.fallback.n)
+        consecutive = torch.where(new_gen, torch.zeros_like(self.consecutive), self.consecutive)
+        ok = ok & (n >= self.fallback.min_computed) & (self.never_skip <= 0)
+        ok = ok & ((max_skip <= 0) | (consecutive < max_skip))
+        if self.decider is not None:
+            pred = self.decider(step, new_gen, ok, threshold, t, signal)
+        else:
+            pred = step_pred & ok
+        return pred
+
+    def update(self, pred, new_gen, t, n_streams: int, *ins_outs):
+        ins, outs = ins_outs[:n_streams], ins_outs[n_streams:]
+        computed = ~pred
+        self.fallback.update(computed, new_gen, t, ins, outs)
+        consecutive = torch.where(new_gen, torch.zeros_like(self.consecutive), self.consecutive)
+        self.consecutive.copy_(torch.where(pred, consecutive + 1, torch.zeros_like(consecutive)))
+        self.skipped.add_(pred.to(self.skipped.dtype))
+        self.evaluations.add_(1.0)
+        if self._recorder is not None:
+            self._recorder.record(self, t, ins, outs)
+        return pred
+
+    def reset(self) -> None:
+        self.consecutive.zero_()
+        self.skipped.zero_()
+        self.evaluations.zero_()
+        self.fallback.reset()
+        if self.decider is not None:
+            self.decider.reset()

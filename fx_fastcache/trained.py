@@ -1,0 +1,364 @@
+"""Small *trained* reference diffusion transformers (MNIST) and their sampler.
+
+Random-weight transformers have no real denoising dynamics, so the quality of a cached or
+approximated run measured on them means little. This module loads the small diffusers
+transformers trained for this project on 5,000 MNIST digits (rectified-flow objective,
+``v = eps - x0``) and samples them exactly like the reference training script does:
+
+* ``"dit-mnist"``: ``DiTTransformer2DModel``, class-conditional, vendored in
+  ``fx_fastcache/assets/dit-mnist``.
+* ``"pixart-mnist"``: ``PixArtTransformer2DModel`` conditioned through a class -> 4 "caption"
+  tokens table (``conditioning.safetensors``); not vendored, resolved at run time (see
+  :func:`resolve_model_dir`).
+
+Typical use::
+
+    tm = load_trained("dit-mnist")
+    images = sample(tm, classes=[0, 1, 2], seeds=[0, 1, 2], steps=20)
+    save_grid(images, "digits.png", nrow=3)
+
+:func:`sample` accepts ``model=``, a drop-in replacement for ``tm.model`` (for example an
+optimized / cached wrapper of it) that is called with exactly the same keyword arguments
+(:meth:`TrainedModel.call_kwargs`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "NULL_CLASS",
+    "NUM_CLASSES",
+    "TrainedModel",
+    "load_trained",
+    "resolve_model_dir",
+    "sample",
+    "save_grid",
+]
+
+NUM_CLASSES = 10
+#: Class label of the unconditional ("null") branch of classifier-free guidance.
+NULL_CLASS = NUM_CLASSES
+#: Environment variable naming a folder that contains ``pixart-mnist/`` (and possibly others).
+MODELS_ENV = "FX_FASTCACHE_MODELS"
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_ASSETS_DIR = _PACKAGE_DIR / "assets"
+_REPO_ROOT = _PACKAGE_DIR.parent
+_VENDORED = {"dit-mnist": _ASSETS_DIR / "dit-mnist"}
+_RUNTIME_RESOLVED = ("pixart-mnist",)
+_KINDS = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart"}
+
+Kind = Literal["dit", "pixart"]
+
+
+def _runtime_candidates(name: str) -> list[Path]:
+    """Folders searched, in order, for a model that is not vendored."""
+    candidates: list[Path] = []
+    env = os.environ.get(MODELS_ENV)
+    if env:
+        candidates.append(Path(env).expanduser() / name)
+    candidates.append(_REPO_ROOT.parent / "shared" / "models" / name)
+    candidates.append(Path("/work/shared/models") / name)
+    # de-duplicate while keeping order (the last two coincide for a checkout at /work/main)
+    seen: set[str] = set()
+    unique = []
+    for c in candidates:
+        key = str(c.resolve()) if c.exists() else str(c)
+        if key not in seen:
+            seen.add(key)
+            unique.append(c)
+    return unique
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """Return the diffusers model folder for a known model name or a path.
+
+    * ``"dit-mnist"``: the folder vendored in the package (``fx_fastcache/assets/dit-mnist``).
+    * ``"pixart-mnist"``: searched, in order, in ``$FX_FASTCACHE_MODELS/pixart-mnist``,
+      ``<repo root>/../shared/models/pixart-mnist`` and ``/work/shared/models/pixart-mnist``.
+    * anything else: a path to a diffusers model folder (it must contain ``config.json``).
+
+    Raises:
+        FileNotFoundError: the model was not found; the message lists every place looked at
+            and how to fix it.
+    """
+    name = str(name_or_path)
+    if name in _VENDORED:
+        folder = _VENDORED[name]
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"vendored model {name!r} is missing: no config.json in {folder} "
+                "(the package installation is incomplete; reinstall fx_fastcache)"
+            )
+        return folder
+    if name in _RUNTIME_RESOLVED:
+        candidates = _runtime_candidates(name)
+        for folder in candidates:
+            if (folder / "config.json").is_file():
+                logger.debug("resolved %s -> %s", name, folder)
+                return folder
+        looked = "\n".join(f"  - {c}" for c in candidates)
+        raise FileNotFoundError(
+            f"model {name!r} is not vendored in fx_fastcache and was not found; looked for "
+            f"a folder {name}/ containing config.json in:\n{looked}\n"
+            f"Fix: set the environment variable {MODELS_ENV} to a folder that contains "
+            f"{name}/ (e.g. export {MODELS_ENV}=/path/to/shared/models)."
+        )
+    folder = Path(name).expanduser()
+    if (folder / "config.json").is_file():
+        return folder
+    known = ", ".join(sorted([*_VENDORED, *_RUNTIME_RESOLVED]))
+    what = "folder without config.json" if folder.is_dir() else "no such folder"
+    raise FileNotFoundError(
+        f"model {name!r} not found: it is not a known name ({known}) and {folder} is not a "
+        f"diffusers model folder ({what}; expected {folder / 'config.json'}). "
+        f"Pass a known name, a path to a diffusers model folder, or set {MODELS_ENV} to a "
+        "folder that contains pixart-mnist/ for the non-vendored model."
+    )
+
+
+@dataclass
+class TrainedModel:
+    """A loaded reference transformer and what is needed to call it.
+
+    Attributes:
+        name: the name or path it was loaded from.
+        kind: ``"dit"`` (class labels) or ``"pixart"`` (caption tokens from ``conditioning``).
+        model: the diffusers transformer, in eval mode, with ``requires_grad`` False.
+        conditioning: for ``"pixart"``, the class -> caption-tokens table
+            (``conditioning.safetensors`` ``txt.weight``, shape (11, tokens * caption_dim)),
+            on the model's device and dtype; ``None`` for ``"dit"``.
+        path: the model folder.
+    """
+
+    name: str
+    kind: Kind
+    model: torch.nn.Module
+    conditioning: torch.Tensor | None = None
+    path: Path | None = None
+
+    @property
+    def config(self) -> Any:
+        """The diffusers config of :attr:`model`."""
+        return self.model.config  # type: ignore[attr-defined]
+
+    @property
+    def in_channels(self) -> int:
+        """Latent channels of the model input."""
+        return int(self.config.in_channels)
+
+    @property
+    def sample_size(self) -> int:
+        """Latent height (= width) of the model input."""
+        return int(self.config.sample_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the model parameters."""
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model parameters."""
+        return next(self.model.parameters()).device
+
+    def call_kwargs(
+        self, x: torch.Tensor, sigma: float | torch.Tensor, y: torch.Tensor
+    ) -> dict[str, Any]:
+        """Keyword arguments that call :attr:`model` on latents ``x`` at noise level ``sigma``.
+
+        Args:
+            x: latents (B, C, H, W).
+            sigma: noise level in [0, 1]; a scalar or a tensor of shape () or (B,).
+            y: class labels (B,) long, 0-9, or :data:`NULL_CLASS` (10) for unconditional.
+
+        Returns:
+            ``dict`` for ``model(**kwargs)[0]``: ``timestep`` is ``sigma * 1000`` as a float
+            tensor of shape (B,); DiT gets ``class_labels``, PixArt gets
+            ``encoder_hidden_states`` looked up in :attr:`conditioning` and
+            ``added_cond_kwargs={"resolution": None, "aspect_ratio": None}``.
+        """
+        b = x.shape[0]
+        s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        if s.ndim == 0:
+            s = s.expand(b)
+        timestep = s.to(torch.float32) * 1000
+        y = y.to(device=x.device, dtype=torch.long)
+        if self.kind == "dit":
+            return {
+                "hidden_states": x,
+                "timestep": timestep,
+                "class_labels": y,
+                "return_dict": False,
+            }
+        if self.kind == "pixart":
+            if self.conditioning is None:
+                raise ValueError(f"{self.name}: pixart model has no conditioning table")
+            dim = int(self.config.caption_channels)
+            txt = self.conditioning.to(device=x.device, dtype=x.dtype)[y].view(b, -1, dim)
+            return {
+                "hidden_states": x,
+                "encoder_hidden_states": txt,
+                "timestep": timestep,
+                "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+                "return_dict": False,
+            }
+        raise ValueError(f"unknown model kind {self.kind!r}")
+
+
+def load_trained(
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> TrainedModel:
+    """Load a reference transformer (``"dit-mnist"``, ``"pixart-mnist"`` or a folder path).
+
+    The kind is read from ``_class_name`` in the folder's ``config.json``
+    (``DiTTransformer2DModel`` -> ``"dit"``, ``PixArtTransformer2DModel`` -> ``"pixart"``).
+    Weights are stored in fp16 and cast to ``dtype``.
+    """
+    folder = resolve_model_dir(name_or_path)
+    with open(folder / "config.json", encoding="utf-8") as f:
+        class_name = json.load(f).get("_class_name")
+    kind = _KINDS.get(class_name)
+    if kind is None:
+        raise ValueError(
+            f"{folder}: unsupported transformer class {class_name!r} "
+            f"(supported: {', '.join(sorted(_KINDS))})"
+        )
+    import diffusers
+
+    cls = getattr(diffusers, class_name)
+    # without `accelerate`, diffusers would warn and fall back to this anyway
+    low_mem = importlib.util.find_spec("accelerate") is not None
+    model = cls.from_pretrained(str(folder), torch_dtype=dtype, low_cpu_mem_usage=low_mem)
+    model = model.to(device).eval()
+    model.requires_grad_(False)
+    conditioning = None
+    if kind == "pixart":
+        from safetensors.torch import load_file
+
+        table = folder / "conditioning.safetensors"
+        if not table.is_file():
+            raise FileNotFoundError(f"{folder}: pixart model without conditioning.safetensors")
+        conditioning = load_file(str(table))["txt.weight"].to(device=device, dtype=dtype)
+    logger.info("loaded %s (%s) from %s as %s on %s", name_or_path, kind, folder, dtype, device)
+    return TrainedModel(
+        name=str(name_or_path), kind=kind, model=model, conditioning=conditioning, path=folder
+    )
+
+
+def _initial_noise(
+    seeds: Sequence[int], shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """One CPU generator per image, so an image depends only on its own seed."""
+    noise = [
+        torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s)))
+        for s in seeds
+    ]
+    return torch.cat(noise).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def sample(
+    tm: TrainedModel,
+    classes: list[int] | torch.Tensor,
+    seeds: list[int],
+    steps: int = 20,
+    cfg: float = 2.0,
+    model: Callable[..., Any] | None = None,
+    progress: bool = False,
+    on_step: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Generate digits with the reference Euler rectified-flow sampler.
+
+    Euler from sigma = 1 to 0 on ``torch.linspace(1, 0, steps + 1)``; each step doubles the
+    batch as ``[cond, uncond]`` (null class 10), ``v = v_u + cfg * (v_c - v_u)`` and
+    ``x += (sigma_next - sigma) * v``; the result is clamped to [-1, 1]. This is the
+    reference script's ``sample``/``velocity`` except for the initial noise, drawn per image
+    from ``torch.Generator().manual_seed(seed)`` (shape (1, C, H, W), on the CPU) so that an
+    image depends only on its own seed, not on the batch it is generated in.
+
+    Args:
+        tm: the loaded model (see :func:`load_trained`).
+        classes: class label (0-9) of each image.
+        seeds: seed of each image (same length as ``classes``).
+        steps: number of Euler steps (model calls, each on a batch of 2B).
+        cfg: classifier-free guidance scale.
+        model: called instead of ``tm.model`` with the same keyword arguments
+            (:meth:`TrainedModel.call_kwargs`); output index ``[0]`` is the velocity.
+        progress: show a tqdm progress bar over the steps.
+        on_step: called with the step index ``i`` after step ``i`` is done.
+
+    Returns:
+        Images (B, C, H, W) in [-1, 1], float32, on the model's device.
+    """
+    y = torch.as_tensor(classes, dtype=torch.long).reshape(-1)
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != len(y):
+        raise ValueError(f"got {len(y)} classes but {len(seeds)} seeds")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) > NULL_CLASS):
+        raise ValueError(f"class labels must be in [0, {NULL_CLASS}], got {y.tolist()}")
+    fn = model if model is not None else tm.model
+    device, dtype = tm.device, tm.dtype
+    c, hw = tm.in_channels, tm.sample_size
+    y = y.to(device)
+    x = _initial_noise(seeds, (c, hw, hw), device, dtype)
+    sig = torch.linspace(1.0, 0.0, steps + 1, device=device)
+    iterator: Any = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, total=steps, desc=f"sampling {tm.name}", unit="step")
+    for i in iterator:
+        s = sig[i].expand(len(y))
+        xx = torch.cat([x, x])
+        yy = torch.cat([y, torch.full_like(y, NULL_CLASS)])
+        ss = torch.cat([s, s])
+        out = fn(**tm.call_kwargs(xx, ss, yy))[0]
+        if out.shape[1] != c:  # learned-sigma layouts: velocity is the first C channels
+            out = out[:, :c]
+        v_c, v_u = out.chunk(2)
+        v = v_u + cfg * (v_c - v_u)
+        x = x + (sig[i + 1] - sig[i]) * v
+        if on_step is not None:
+            on_step(i)
+    return x.clamp(-1, 1).float()
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int) -> None:
+    """Save images (B, C, H, W) in [-1, 1] as a PNG grid with ``nrow`` images per row.
+
+    Pixels are ``(x + 1) * 127.5`` truncated to uint8 (as the reference script does); an
+    incomplete last row is filled with black. C must be 1 (grayscale) or 3 (RGB).
+    """
+    from PIL import Image
+
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images (B, 1|3, H, W), got {tuple(images.shape)}")
+    if nrow < 1:
+        raise ValueError(f"nrow must be >= 1, got {nrow}")
+    b, c, h, w = images.shape
+    rows = max(1, -(-b // nrow))
+    cols = min(nrow, b) if b else 1
+    x = images.detach().float().cpu()
+    pad = torch.full((rows * cols - b, c, h, w), -1.0)
+    x = torch.cat([x, pad]).view(rows, cols, c, h, w)
+    x = x.permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c)
+    pix = ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+    img = Image.fromarray(pix[..., 0] if c == 1 else pix)  # uint8 (H, W) -> "L", (H, W, 3) -> "RGB"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG")

@@ -1,0 +1,159 @@
+"""Tiny random-weight models of every supported family, with matching example inputs.
+
+Used by the tests, the CLI (``--model tiny-dit`` ...) and the graph-diff tool.  Each entry
+builds the model from a config (no downloads) and produces keyword arguments for one call
+at a given timestep, so a sampling loop is ``for t in timesteps: model(**inputs(t))``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class TinyModel:
+    name: str
+    model: nn.Module
+    make_inputs: Callable[[float, int], dict]  # (timestep, batch) -> kwargs
+    output_index: int = 0
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def tiny_dit(seed: int = 0, layers: int = 2) -> TinyModel:
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                              num_layers=layers, sample_size=8, patch_size=2, num_embeds_ada_norm=1000).eval()
+
+    def inputs(t: float, batch: int = 2) -> dict:
+        g = _gen(seed + 1)
+        return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=g), timestep=torch.full((batch,), float(t)),
+                    class_labels=torch.arange(batch) % 10, return_dict=False)
+
+    return TinyModel("tiny-dit", m, inputs)
+
+
+def tiny_pixart(seed: int = 0, layers: int = 2) -> TinyModel:
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                 num_layers=layers, sample_size=8, patch_size=2, cross_attention_dim=16,
+                                 caption_channels=16, norm_type="ada_norm_single",
+                                 use_additional_conditions=False).eval()
+
+    def inputs(t: float, batch: int = 2) -> dict:
+        g = _gen(seed + 1)
+        return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=g),
+                    encoder_hidden_states=torch.randn(batch, 3, 16, generator=g),
+                    timestep=torch.full((batch,), float(t)),
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+
+    return TinyModel("tiny-pixart", m, inputs)
+
+
+def tiny_sd3(seed: int = 0, layers: int = 2) -> TinyModel:
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    m = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=layers, attention_head_dim=8,
+                              num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                              pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16).eval()
+
+    def inputs(t: float, batch: int = 2) -> dict:
+        g = _gen(seed + 1)
+        return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=g),
+                    encoder_hidden_states=torch.randn(batch, 5, 16, generator=g),
+                    pooled_projections=torch.randn(batch, 16, generator=g),
+                    timestep=torch.full((batch,), float(t)), return_dict=False)
+
+    return TinyModel("tiny-sd3", m, inputs)
+
+
+def tiny_flux(seed: int = 0, layers: int = 1, single_layers: int = 2) -> TinyModel:
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=layers, num_single_layers=single_layers,
+                               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                               pooled_projection_dim=16, axes_dims_rope=(2, 2, 4)).eval()
+
+    def inputs(t: float, batch: int = 2) -> dict:
+        g = _gen(seed + 1)
+        img_ids = torch.zeros(16, 3)
+        img_ids[:, 1] = torch.arange(16) // 4
+        img_ids[:, 2] = torch.arange(16) % 4
+        return dict(hidden_states=torch.randn(batch, 16, 8, generator=g),
+                    encoder_hidden_states=torch.randn(batch, 4, 16, generator=g),
+                    pooled_projections=torch.randn(batch, 16, generator=g),
+                    timestep=torch.full((batch,), float(t) / 1000.0), img_ids=img_ids, txt_ids=torch.zeros(4, 3),
+                    guidance=None, return_dict=False)
+
+    return TinyModel("tiny-flux", m, inputs)
+
+
+class CustomBlock(nn.Module):
+    """A minimal adaLN-style block: the timestep enters through a modulation."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.mod = nn.Linear(dim, 2 * dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.mod(temb).unsqueeze(1).chunk(2, dim=-1)
+        h = self.norm(x) * (1 + scale) + shift
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(h)))
+
+
+class CustomDiT(nn.Module):
+    """A user model that is no diffusers class: a ModuleList of blocks and a timestep."""
+
+    def __init__(self, dim: int = 16, layers: int = 3) -> None:
+        super().__init__()
+        self.proj_in = nn.Linear(4, dim)
+        self.temb = nn.Linear(1, dim)
+        self.blocks = nn.ModuleList([CustomBlock(dim) for _ in range(layers)])
+        self.proj_out = nn.Linear(dim, 4)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        temb = torch.nn.functional.silu(self.temb(timestep.view(-1, 1) / 1000.0))
+        h = self.proj_in(x)
+        for block in self.blocks:
+            h = block(h, temb)
+        return self.proj_out(h)
+
+
+def tiny_custom(seed: int = 0, layers: int = 3) -> TinyModel:
+    torch.manual_seed(seed)
+    m = CustomDiT(layers=layers).eval()
+
+    def inputs(t: float, batch: int = 2) -> dict:
+        g = _gen(seed + 1)
+        return dict(x=torch.randn(batch, 10, 4, generator=g), timestep=torch.full((batch,), float(t)))
+
+    return TinyModel("tiny-custom", m, inputs)
+
+
+TINY: dict[str, Callable[..., TinyModel]] = {
+    "tiny-dit": tiny_dit,
+    "tiny-pixart": tiny_pixart,
+    "tiny-sd3": tiny_sd3,
+    "tiny-flux": tiny_flux,
+    "tiny-custom": tiny_custom,
+}
+
+
+def make_tiny(name: str, **kwargs) -> TinyModel:
+    if name not in TINY:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(TINY)}")
+    return TINY[name](**kwargs)

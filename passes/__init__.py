@@ -1,0 +1,49 @@
+"""The FX pass pipeline: an explicit ordered list, one pass per file.
+
+Each pass is ``pass_fn(gm, ctx) -> None``, mutates ``gm`` in place and leaves it linted and
+recompiled.  :func:`run_pipeline` records, for every pass, the node names it added and removed
+and the graph code before and after (the graph-diff tool reads these).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch.fx as fx
+
+from .cleanup import cleanup
+from .context import BlockRegion, PassContext, PassResult
+from .find_blocks import find_blocks
+from .guard_blocks import guard_blocks
+from .hoist_probes import hoist_probes
+from .strip_markers import strip_markers
+
+logger = logging.getLogger(__name__)
+
+PassFn = Callable[[fx.GraphModule, PassContext], None]
+
+PIPELINE: list[tuple[str, PassFn]] = [
+    ("find_blocks", find_blocks),
+    ("strip_markers", strip_markers),
+    ("hoist_probes", hoist_probes),
+    ("guard_blocks", guard_blocks),
+    ("cleanup", cleanup),
+]
+
+
+def run_pipeline(gm: fx.GraphModule, ctx: PassContext, record: bool = False) -> list[PassResult]:
+    results: list[PassResult] = []
+    for name, fn in PIPELINE:
+        before = {n.name for n in gm.graph.nodes}
+        n_before = len(before)
+        code_before = gm.code if record else ""
+        fn(gm, ctx)
+        after = {n.name for n in gm.graph.nodes}
+        res = PassResult(name, n_before, len(after), sorted(after - before), sorted(before - after),
+                         code_before, gm.code if record else "")
+        logger.debug("%s: %d → %d nodes (+%d, -%d)", name, n_before, len(after), len(res.added), len(res.removed))
+        results.append(res)
+    return results
+
+
+__all__ = ["PIPELINE", "PassContext", "PassResult", "BlockRegion", "run_pipeline"]

@@ -1,0 +1,66 @@
+"""Shared state of one run of the pass pipeline, and the per-block regions it works on."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+import torch.nn as nn
+
+
+@dataclass
+class BlockRegion:
+    """One transformer block's run of nodes in the captured graph.
+
+    ``stream_inputs`` maps a stream name (block argument) to the node feeding it;
+    ``outputs`` lists ``(output index, stream name, node)`` for every live block output.
+    ``probe`` is the block's modulated input (input of its first linear layer on the hidden
+    states), or ``None`` if not needed/found.
+    """
+
+    index: int
+    name: str
+    nodes: list[fx.Node]
+    stream_inputs: dict[str, fx.Node] = field(default_factory=dict)
+    outputs: list[tuple[int, str, fx.Node]] = field(default_factory=list)
+    probe: fx.Node | None = None
+    hoisted: list[fx.Node] = field(default_factory=list)
+
+
+@dataclass
+class PassContext:
+    model: nn.Module
+    spec: Any  # FamilySpec
+    config: Any  # FastCacheConfig
+    policy: Any  # Policy instance
+    store: Any  # CalibrationStore
+    blocks: list[BlockRegion] = field(default_factory=list)
+    timestep: fx.Node | None = None
+    guards: list[str] = field(default_factory=list)
+    step_decider: str | None = None
+    clock: str | None = None
+    notes: dict[str, list[str]] = field(default_factory=dict)
+
+    def note(self, pass_name: str, text: str) -> None:
+        self.notes.setdefault(pass_name, []).append(text)
+
+
+@dataclass
+class PassResult:
+    name: str
+    nodes_before: int
+    nodes_after: int
+    added: list[str]
+    removed: list[str]
+    code_before: str
+    code_after: str
+
+
+def stack_paths(node: fx.Node) -> list[str]:
+    return [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+def finish(gm: fx.GraphModule) -> None:
+    """Every pass leaves the graph linted and recompiled."""
+    gm.graph.lint()
+    gm.recompile()

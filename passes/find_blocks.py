@@ -1,0 +1,55 @@
+"""find_blocks: locate every transformer block's region and label its streams.
+
+Regions come from ``nn_module_stack`` (the nodes executed inside the block module's call; the
+block path must match exactly, so DiT's later read of ``transformer_blocks[0].norm1`` outside
+block 0 is not part of it).  Stream roles come from the ``fastcache::mark`` tags placed at
+capture.  The pass only analyses; it changes no node.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch.fx as fx
+
+from fx_fastcache.families import block_modules
+from fx_fastcache.markers import MARK
+
+from .context import BlockRegion, PassContext, finish, stack_paths
+
+logger = logging.getLogger(__name__)
+
+
+def find_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
+    nodes = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    marks = [n for n in nodes if n.op == "call_function" and n.target is MARK]
+    tags = {n.args[1]: n for n in marks}
+    ctx.timestep = tags.get("timestep")
+    ctx.blocks = []
+    for index, (path, _, bl) in enumerate(block_modules(ctx.model, ctx.spec)):
+        region = [n for n in nodes if n.op == "call_function" and path in stack_paths(n)]
+        if not region:
+            raise RuntimeError(f"block {path} does not appear in the captured graph: is it called in forward()?")
+        first, last = position[region[0]], position[region[-1]]
+        members = set(region)
+        strays = [n.name for n in nodes[first:last + 1] if n not in members and n.op == "call_function"]
+        if strays:
+            raise RuntimeError(f"block {path} is not contiguous in the captured graph (interleaved nodes {strays[:5]})")
+        blk = BlockRegion(index=index, name=path, nodes=region)
+        for name in bl.stream_inputs:
+            m = tags.get(f"in:{index}:{name}")
+            if m is not None:
+                blk.stream_inputs[name] = m
+        for k, name in enumerate(bl.outputs):
+            m = tags.get(f"out:{index}:{k}")
+            if m is None or not m.users or name is None:
+                continue
+            if name not in blk.stream_inputs:
+                raise RuntimeError(f"block {path}: output {k} continues stream {name!r}, which is not a tensor input")
+            blk.outputs.append((k, name, m))
+        if not blk.outputs:
+            raise RuntimeError(f"block {path} has no live tensor output in the captured graph")
+        ctx.blocks.append(blk)
+    ctx.note("find_blocks", f"{len(ctx.blocks)} blocks, timestep input {'found' if ctx.timestep else 'absent'}")
+    logger.debug("find_blocks: %s", [(b.name, len(b.nodes)) for b in ctx.blocks])
+    finish(gm)

@@ -1,0 +1,222 @@
+"""guard_blocks: rewrite every block region into a guarded ``torch.cond``.
+
+For each block::
+
+    pred  = fastcache_guard_i("decide", step, new_gen, ok, threshold, t, max_skip, signal, step_pred)
+    outs  = cond(pred, fallback_branch_i, block_branch_i, [region inputs..., t, fallback state...])
+    fastcache_guard_i("update", pred, new_gen, t, n_streams, *stream_inputs, *outs)
+
+``block_branch_i`` is the region copied verbatim; ``fallback_branch_i`` calls the fallback's
+pure ``approx`` per stream.  Both return contiguous outputs (inductor requires equal strides).
+State updates happen *after* the cond, never inside a branch.  A clock call at the top turns
+the timestep into a step counter; a step policy's decider runs once, before block 0 (or after
+it, for First-Block-Cache), and every guard reads its verdict.  The HOP
+``torch.ops.higher_order.cond`` is used directly (the public ``torch.cond`` would wrap each
+eager call in a dynamo compile).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from fx_fastcache.fallbacks import FALLBACKS, StreamInfo
+from fx_fastcache.runtime import BlockGuard, Clock
+
+from .context import BlockRegion, PassContext, finish
+
+COND = torch.ops.higher_order.cond
+CLONE = torch.ops.aten.clone.default
+
+
+def _val(n: fx.Node):
+    return n.meta.get("val")
+
+
+def _is_contiguous(n: fx.Node) -> bool:
+    v = _val(n)
+    return isinstance(v, torch.Tensor) and v.is_contiguous()
+
+
+def _region_io(blk: BlockRegion) -> tuple[list[fx.Node], list[fx.Node]]:
+    members = set(blk.nodes)
+    inputs: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+    for n in blk.nodes:
+        for a in n.all_input_nodes:
+            if a not in members and a not in seen:
+                seen.add(a)
+                inputs.append(a)
+    for _, name, _ in blk.outputs:  # the fallback needs every stream input, even if the
+        src = blk.stream_inputs[name]  # remaining block reads it only through hoisted nodes
+        if src not in seen:
+            seen.add(src)
+            inputs.append(src)
+    escaping = [n for n in blk.nodes if any(u not in members for u in n.users)]
+    outs = [n for _, _, n in blk.outputs]
+    extra = [n.name for n in escaping if n not in outs]
+    if extra:
+        raise RuntimeError(f"block {blk.name}: nodes {extra} are used outside the block but are not block outputs")
+    return inputs, outs
+
+
+def _externalize_getitems(blk: BlockRegion) -> None:
+    """cond operands must be tensors: a tuple/list produced outside the block (Flux's rotary
+    ``(cos, sin)``, a hoisted ``chunk``) is unpacked before the block instead of inside it."""
+    members = set(blk.nodes)
+    first = blk.nodes[0]
+    moved = []
+    for n in blk.nodes:
+        if n.op == "call_function" and n.target is operator.getitem:
+            src = n.args[0]
+            if isinstance(src, fx.Node) and src not in members and not isinstance(_val(src), torch.Tensor):
+                moved.append(n)
+    for n in moved:
+        if n is not first:
+            first.prepend(n)
+    if moved:
+        blk.nodes = [n for n in blk.nodes if n not in set(moved)]
+        if moved[0] is first:  # `first` itself moved out: everything in `moved` precedes the rest already
+            pass
+
+
+def _register(gm: fx.GraphModule, name: str, mod: torch.nn.Module) -> str:
+    gm.add_submodule(name, mod)
+    return name
+
+
+def _contig(g: fx.Graph, n: fx.Node) -> fx.Node:
+    return g.call_function(CLONE, (n,), {"memory_format": torch.contiguous_format})
+
+
+def _block_branch(blk: BlockRegion, inputs: list[fx.Node], outs: list[fx.Node], n_extra: int) -> fx.GraphModule:
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i, n in enumerate(inputs):
+        p = g.placeholder(f"in_{i}_{n.name}")
+        p.meta = dict(n.meta)
+        env[n] = p
+    for j in range(n_extra):
+        g.placeholder(f"state_{j}")
+    for n in blk.nodes:
+        env[n] = g.node_copy(n, lambda a: env[a])
+    results = []
+    for o in outs:
+        r = env[o]
+        if o in inputs or not _is_contiguous(o):
+            r = _contig(g, r)
+        results.append(r)
+    g.output(tuple(results))
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+def _fallback_branch(fallback, inputs: list[fx.Node], blk: BlockRegion, n_state: list[int]) -> fx.GraphModule:
+    g = fx.Graph()
+    ph = [g.placeholder(f"in_{i}_{n.name}") for i, n in enumerate(inputs)]
+    t = g.placeholder("t")
+    state = [g.placeholder(f"state_{j}") for j in range(sum(n_state))]
+    results = []
+    offset = 0
+    for k, (_, name, _) in enumerate(blk.outputs):
+        x = ph[inputs.index(blk.stream_inputs[name])]
+        st = state[offset:offset + n_state[k]]
+        offset += n_state[k]
+        results.append(g.call_function(fallback.approx, (x, t, *st)))
+    g.output(tuple(results))
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+def _stream_infos(blk: BlockRegion) -> list[StreamInfo]:
+    infos = []
+    for _, name, out in blk.outputs:
+        vi, vo = _val(blk.stream_inputs[name]), _val(out)
+        infos.append(StreamInfo(name, tuple(vi.shape), tuple(vo.shape), vo.dtype, vo.device))
+    return infos
+
+
+def guard_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
+    cfg, policy = ctx.config, ctx.policy
+    g = gm.graph
+    first = ctx.blocks[0]
+    top = first.hoisted[0] if first.hoisted else first.nodes[0]
+
+    clock = Clock(cfg.cache_ratio_threshold, cfg.warmup_steps, cfg.enable_block_approx, cfg.max_skip_steps)
+    ctx.clock = _register(gm, "fastcache_clock", clock)
+    with g.inserting_before(top):
+        tick = g.call_module(ctx.clock, (ctx.timestep,))
+        step, new_gen, ok, thr, t, max_skip = (g.call_function(operator.getitem, (tick, i)) for i in range(6))
+
+    step_pred = None
+    hidden0 = None
+    step_decider = None
+    if policy.scope == "step":
+        if policy.anchor == "before_block0":
+            probe = first.probe
+            step_decider = policy.make_step_decider(tuple(_val(probe).shape), _val(probe).device, _val(probe).dtype, ctx.store)
+            ctx.step_decider = _register(gm, "fastcache_step", step_decider)
+            with g.inserting_before(first.nodes[0]):
+                step_pred = g.call_module(ctx.step_decider, (step, new_gen, ok, thr, t, probe))
+        else:
+            step_decider = None  # built after block 0, from its residual
+
+    fallback_cls = FALLBACKS[cfg.fallback]
+    for blk in ctx.blocks:
+        _externalize_getitems(blk)
+        inputs, outs = _region_io(blk)
+        streams = _stream_infos(blk)
+        device = streams[0].device
+        fallback = fallback_cls(blk.name, streams, ctx.store)
+        decider = None
+        if policy.scope == "block":
+            sig_shape = tuple(_val(blk.probe).shape) if blk.probe is not None else None
+            decider = policy.make_block_decider(blk.index, blk.name, sig_shape, device, streams[0].dtype, ctx.store)
+        guard = BlockGuard(blk.index, blk.name, fallback, decider, never_skip=policy.never_skip(blk.index))
+        gname = _register(gm, f"fastcache_guard_{blk.index}", guard)
+        ctx.guards.append(gname)
+        n_state = [len(fallback.state_names(k)) for k in range(len(streams))]
+        full = _register(gm, f"fastcache_block_{blk.index}", _block_branch(blk, inputs, outs, 1 + sum(n_state)))
+        cheap = _register(gm, f"fastcache_fallback_{blk.index}", _fallback_branch(fallback, inputs, blk, n_state))
+
+        anchor = blk.nodes[0]
+        with g.inserting_before(anchor):
+            operands = []
+            for n in inputs:
+                if n.op != "get_attr" and isinstance(_val(n), torch.Tensor) and not _is_contiguous(n):
+                    n = _contig(g, n)
+                operands.append(n)
+            operands.append(t)
+            for k in range(len(streams)):
+                for sname in fallback.state_names(k):
+                    operands.append(g.get_attr(f"{gname}.fallback.{sname}"))
+            signal = blk.probe if decider is not None else None
+            pred = g.call_module(gname, ("decide", step, new_gen, ok, thr, t, max_skip, signal, step_pred))
+            cond = g.call_function(COND, (pred, g.get_attr(cheap), g.get_attr(full), operands))
+            results = []
+            for j, o in enumerate(outs):
+                r = g.call_function(operator.getitem, (cond, j))
+                r.meta["val"] = _val(o)
+                results.append(r)
+            stream_ins = [blk.stream_inputs[name] for _, name, _ in blk.outputs]
+            update = g.call_module(gname, ("update", pred, new_gen, t, len(streams), *stream_ins, *results))
+        members = set(blk.nodes)
+        for o, r in zip(outs, results):
+            o.replace_all_uses_with(r, delete_user_cb=lambda u: u not in members and u is not update)
+            for later in ctx.blocks[blk.index + 1:]:  # later blocks read this output as their stream input
+                later.stream_inputs = {k: (r if v is o else v) for k, v in later.stream_inputs.items()}
+                if later.probe is o:
+                    later.probe = r
+        for n in reversed(blk.nodes):
+            g.erase_node(n)
+
+        if policy.scope == "step" and policy.anchor == "after_block0" and blk.index == 0:
+            hid = ctx.spec.stream_arg if ctx.spec.stream_arg in [s.name for s in streams] else streams[0].name
+            k = [s.name for s in streams].index(hid)
+            with g.inserting_after(update):
+                resid = g.call_function(torch.sub, (results[k], stream_ins[k]))
+                step_decider = policy.make_step_decider(streams[k].out_shape, device, streams[k].dtype, ctx.store)
+                ctx.step_decider = _register(gm, "fastcache_step", step_decider)
+                step_pred = g.call_module(ctx.step_decider, (step, new_gen, ok, thr, t, resid))
+        ctx.note("guard_blocks", f"{blk.name}: {len(blk.nodes)} nodes → cond({len(operands)} operands, "
+                                 f"{len(streams)} stream(s), fallback={cfg.fallback})")
+    finish(gm)

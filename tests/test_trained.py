@@ -1,0 +1,123 @@
+"""Tests of fx_fastcache.trained (model resolution, loading, the reference sampler)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fx_fastcache import trained
+from fx_fastcache.trained import TrainedModel, load_trained, resolve_model_dir, sample, save_grid
+
+
+@pytest.fixture(scope="module")
+def dit() -> TrainedModel:
+    return load_trained("dit-mnist")
+
+
+def _pixart_dir() -> Path | None:
+    try:
+        return resolve_model_dir("pixart-mnist")
+    except FileNotFoundError:
+        return None
+
+
+def test_resolve_vendored_dit() -> None:
+    folder = resolve_model_dir("dit-mnist")
+    assert (folder / "config.json").is_file()
+    assert folder.parent.name == "assets"
+    assert resolve_model_dir(str(folder)) == folder  # a path works too
+
+
+def test_resolve_missing_name_message() -> None:
+    with pytest.raises(FileNotFoundError) as e:
+        resolve_model_dir("no-such-model")
+    msg = str(e.value)
+    assert "no-such-model" in msg and "config.json" in msg and trained.MODELS_ENV in msg
+
+
+def test_resolve_missing_pixart_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(trained, "_runtime_candidates", lambda name: [tmp_path / name])
+    with pytest.raises(FileNotFoundError) as e:
+        resolve_model_dir("pixart-mnist")
+    msg = str(e.value)
+    assert "pixart-mnist" in msg and str(tmp_path) in msg and trained.MODELS_ENV in msg
+
+
+def test_resolve_pixart_env_var_first(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "pixart-mnist").mkdir()
+    (tmp_path / "pixart-mnist" / "config.json").write_text("{}")
+    monkeypatch.setenv(trained.MODELS_ENV, str(tmp_path))
+    assert resolve_model_dir("pixart-mnist") == tmp_path / "pixart-mnist"
+
+
+def test_load_dit(dit: TrainedModel) -> None:
+    assert dit.kind == "dit" and dit.conditioning is None
+    assert not dit.model.training
+    assert not any(p.requires_grad for p in dit.model.parameters())
+    assert dit.dtype == torch.float32 and dit.in_channels == 1 and dit.sample_size == 32
+    kw = dit.call_kwargs(torch.zeros(3, 1, 32, 32), 0.5, torch.tensor([1, 2, 10]))
+    assert set(kw) == {"hidden_states", "timestep", "class_labels", "return_dict"}
+    assert kw["timestep"].shape == (3,) and kw["timestep"].dtype == torch.float32
+    assert torch.all(kw["timestep"] == 500.0) and kw["return_dict"] is False
+
+
+def test_dit_sample_deterministic_and_per_seed(dit: TrainedModel) -> None:
+    a = sample(dit, [3, 7], [11, 12], steps=2)
+    b = sample(dit, torch.tensor([3, 7]), [11, 12], steps=2)
+    assert a.shape == (2, 1, 32, 32) and a.dtype == torch.float32
+    assert a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b)
+    single = sample(dit, [3], [11], steps=2)
+    assert torch.allclose(single[0], a[0], atol=1e-5)
+    assert not torch.allclose(a[0], a[1])
+
+
+def test_sample_drop_in_model_and_callbacks(dit: TrainedModel) -> None:
+    calls: list[int] = []
+    steps_seen: list[int] = []
+
+    def wrapper(**kwargs: object) -> object:
+        calls.append(kwargs["hidden_states"].shape[0])  # type: ignore[union-attr]
+        return dit.model(**kwargs)
+
+    ref = sample(dit, [1], [5], steps=2)
+    out = sample(dit, [1], [5], steps=2, model=wrapper, on_step=steps_seen.append)
+    assert calls == [2, 2]  # batched CFG doubles the batch
+    assert steps_seen == [0, 1]
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError):
+        sample(dit, [1, 2], [5], steps=2)
+
+
+def test_save_grid(tmp_path: Path) -> None:
+    imgs = torch.stack([torch.full((1, 32, 32), v) for v in (-1.0, 0.0, 1.0)])
+    path = tmp_path / "grid.png"
+    save_grid(imgs, path, nrow=2)
+    img = Image.open(path)
+    assert img.size == (64, 64) and img.mode == "L"
+    assert img.getpixel((0, 0)) == 0 and img.getpixel((40, 0)) == 127
+    assert img.getpixel((0, 40)) == 255 and img.getpixel((40, 40)) == 0  # padding
+
+
+def test_pixart_if_available() -> None:
+    if _pixart_dir() is None:
+        pytest.skip(f"pixart-mnist not found (set {trained.MODELS_ENV} to a folder containing pixart-mnist/)")
+    tm = load_trained("pixart-mnist")
+    assert tm.kind == "pixart" and tm.conditioning is not None
+    kw = tm.call_kwargs(torch.zeros(2, 1, 32, 32), torch.tensor([0.5, 0.5]), torch.tensor([0, 10]))
+    assert kw["encoder_hidden_states"].shape == (2, 4, 256)
+    assert kw["added_cond_kwargs"] == {"resolution": None, "aspect_ratio": None}
+    a = sample(tm, [4, 9], [0, 1], steps=2)
+    single = sample(tm, [4], [0], steps=2)
+    assert a.shape == (2, 1, 32, 32)
+    assert torch.allclose(single[0], a[0], atol=1e-5)
+
+
+def test_dit_generates_recognisable_digits(dit: TrainedModel) -> None:
+    from fx_fastcache.bench.metrics import class_accuracy
+
+    images = sample(dit, list(range(10)), list(range(100, 110)), steps=6)
+    assert class_accuracy(images, list(range(10))) >= 0.8
