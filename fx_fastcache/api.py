@@ -66,8 +66,8 @@ def set_schedule(opt: Any, table: torch.Tensor) -> None:
     from .policies.schedule import MAX_STEPS
 
     opt = _check(opt)
-    if opt.config.policy != "schedule":
-        raise ValueError(f"set_schedule needs policy='schedule', this model uses policy={opt.config.policy!r}; "
+    if opt.fastcache_config.policy != "schedule":
+        raise ValueError(f"set_schedule needs policy='schedule', this model uses policy={opt.fastcache_config.policy!r}; "
                          f"optimize(model, policy='schedule') or fastcache.configure(model, policy='schedule')")
     table = torch.as_tensor(table, dtype=torch.bool)
     names = [name for name, _, _ in _blocks(opt)]
@@ -102,19 +102,22 @@ def get_cache_statistics(opt: Any) -> dict[str, Any]:
         for g in e.guards:
             skipped[g.block_name] += float(g.skipped)
             evals[g.block_name] += float(g.evaluations)
+    from .runtime.routing import spatial_counts
+
+    static_tok, all_tok = spatial_counts([g for e in opt.entries() for g in e.guards])
     total_eval = sum(evals.values())
     total_skip = sum(skipped.values())
     per_block = [{"name": n, "evaluations": int(evals[n]), "approximated": int(skipped[n]),
                   "ratio": skipped[n] / evals[n] if evals[n] else 0.0} for n in names]
     return {
         "block_approx_ratio": total_skip / total_eval if total_eval else 0.0,
-        "spatial_approx_ratio": 0.0,
+        "spatial_approx_ratio": static_tok / all_tok if all_tok else 0.0,
         "block_evaluations": int(total_eval),
         "blocks_approximated": int(total_skip),
         "calls": int(steps),
         "per_block": per_block,
         "calibrated": opt.store.calibrated,
-        "policy": opt.config.policy,
-        "fallback": opt.config.fallback,
+        "policy": opt.fastcache_config.policy,
+        "fallback": opt.fastcache_config.fallback,
         "graphs": len(opt.entries()),
     }

@@ -127,7 +127,7 @@ def guard_count(guard) -> int:
 
 def fit(opt, rec: Recorder) -> dict[str, float]:
     """Solve the accumulated fits into ``opt.store``; returns a summary for logging."""
-    cfg = opt.config
+    cfg = opt.fastcache_config
     store = opt.store
     summary: dict[str, float] = {}
     for (block, stream), eq in rec.fits.items():
@@ -179,7 +179,7 @@ def calibrate(opt) -> Iterator[None]:
 
     if not isinstance(opt, FastCacheModule):
         raise TypeError(f"calibrate() expects the module returned by fastcache.optimize(), got {type(opt).__name__}")
-    rec = Recorder(opt.config.fallback, opt.config.calibration_lags)
+    rec = Recorder(opt.fastcache_config.fallback, opt.fastcache_config.calibration_lags)
     opt.reset()
     opt.set_force_compute(True)
     opt.set_recorder(_StepStatHook(rec, opt))
@@ -235,7 +235,7 @@ def save_calibration(opt, path: str | Path) -> None:
     if not opt.store.calibrated:
         raise RuntimeError("nothing to save: run `with fastcache.calibrate(model): ...` first")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in opt.store.tensors.items()}
-    meta = {"format": FORMAT, "fingerprint": model_fingerprint(opt.model), "config": opt.config.to_json(),
+    meta = {"format": FORMAT, "fingerprint": model_fingerprint(opt.model), "config": opt.fastcache_config.to_json(),
             "model_class": type(opt.model).__name__}
     save_file(tensors, str(path), metadata=meta)
 
@@ -256,9 +256,9 @@ def load_calibration(opt, path: str | Path) -> None:
                              f"fingerprint {meta.get('fingerprint')}); this model ({type(opt.model).__name__}) has "
                              f"fingerprint {fp}. Calibrate this model instead.")
         saved_cfg = json.loads(meta.get("config", "{}"))
-        if saved_cfg.get("fallback") not in (None, opt.config.fallback) and FALLBACKS[opt.config.fallback].fitted:
+        if saved_cfg.get("fallback") not in (None, opt.fastcache_config.fallback) and FALLBACKS[opt.fastcache_config.fallback].fitted:
             logger.warning("calibration file was fitted for fallback %r; this model uses %r",
-                           saved_cfg.get("fallback"), opt.config.fallback)
+                           saved_cfg.get("fallback"), opt.fastcache_config.fallback)
         for key in f.keys():
             val = f.get_tensor(key)
             cur = opt.store.tensors.get(key)

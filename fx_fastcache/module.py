@@ -76,7 +76,7 @@ class FastCacheModule(nn.Module):
             raise ValueError("this model is already optimized by fx-fastcache; pass the original model")
         self.model = model
         self.spec: FamilySpec = resolve_family(model, blocks)
-        self.config = config
+        self.fastcache_config = config
         self.backend = backend
         self.store = CalibrationStore()
         self.graphs = nn.ModuleDict()
@@ -162,6 +162,8 @@ class FastCacheModule(nn.Module):
         prev = self._entries.get(self._last_key) if self._last_key is not None else None
         if prev is None or key == self._last_key:
             return
+        if _tensor_shapes(prev.key[1]) == _tensor_shapes(key[1]):
+            return  # only non-tensor arguments or dtypes changed: not a shape change
         clock = prev.clock
         if float(clock.step) < 0:  # previous graph idle (reset or never ran)
             return
@@ -170,8 +172,8 @@ class FastCacheModule(nn.Module):
         if isinstance(t, torch.Tensor):
             t_new = float(t.reshape(-1)[0])
             t_prev = float(clock.t_last)
-            if t_new > t_prev:
-                return  # the timestep went back up: a new generation
+            if t_new >= t_prev:
+                return  # the timestep did not go down: not a continuation of that generation
         shape_prev = prev.key[1]
         raise ValueError(
             f"input shapes changed in the middle of a generation (step {int(clock.step)}): the previous call had "
@@ -202,7 +204,7 @@ class FastCacheModule(nn.Module):
         return self._entries.get(key) or self._capture(key, kw)
 
     def _capture(self, key: tuple, kw: dict[str, Any]) -> CapturedGraph:
-        cfg = self.config
+        cfg = self.fastcache_config
         logger.info("fx-fastcache: capturing %s (%d blocks) for %s", type(self.model).__name__,
                     sum(len(getattr(self.model, b.path)) if hasattr(self.model, b.path) else 0
                         for b in self.spec.block_lists), _shapes(key[1]))
@@ -237,7 +239,7 @@ class FastCacheModule(nn.Module):
         clock.force.fill_(1.0 if self._force_compute else 0.0)
         for d in entry.deciders():
             if hasattr(d, "refresh"):
-                d.refresh(self.config.significance_level)
+                d.refresh(self.fastcache_config.significance_level)
         for g in entry.guards:
             g._recorder = self._recorder
 
@@ -256,9 +258,9 @@ class FastCacheModule(nn.Module):
 
     def configure(self, **changes: Any) -> None:
         """Change config fields; run-time fields update buffers, others force a re-capture."""
-        new = self.config.replace(**changes)
+        new = self.fastcache_config.replace(**changes)
         structural = [k for k in changes if k not in RUNTIME_FIELDS]
-        self.config = new
+        self.fastcache_config = new
         if structural:
             logger.info("fx-fastcache: %s changed; graphs will be re-captured", structural)
             self.drop_graphs()
@@ -285,6 +287,10 @@ class FastCacheModule(nn.Module):
     def refresh_deciders(self) -> None:
         for e in self._entries.values():
             self._sync_entry(e)
+
+
+def _tensor_shapes(described: tuple) -> list:
+    return [d[1] for d in described if d[0] == "T"]
 
 
 def _shapes(described: tuple) -> str:

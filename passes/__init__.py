@@ -16,6 +16,8 @@ from .context import BlockRegion, PassContext, PassResult
 from .find_blocks import find_blocks
 from .guard_blocks import guard_blocks
 from .hoist_probes import hoist_probes
+from .merge_tokens import merge_tokens
+from .route_tokens import find_block_args, route_tokens
 from .strip_markers import strip_markers
 
 logger = logging.getLogger(__name__)
@@ -24,9 +26,12 @@ PassFn = Callable[[fx.GraphModule, PassContext], None]
 
 PIPELINE: list[tuple[str, PassFn]] = [
     ("find_blocks", find_blocks),
+    ("find_block_args", find_block_args),
     ("strip_markers", strip_markers),
     ("hoist_probes", hoist_probes),
     ("guard_blocks", guard_blocks),
+    ("route_tokens", route_tokens),
+    ("merge_tokens", merge_tokens),
     ("cleanup", cleanup),
 ]
 

@@ -40,6 +40,8 @@ class PassContext:
     step_decider: str | None = None
     clock: str | None = None
     notes: dict[str, list[str]] = field(default_factory=dict)
+    #: Analysis results later passes read (``"block_args"``: tag → node, from ``find_block_args``).
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def note(self, pass_name: str, text: str) -> None:
         self.notes.setdefault(pass_name, []).append(text)

@@ -34,7 +34,8 @@ class Clock(nn.Module):
         if t is None:
             t_eff = -self.calls
         else:
-            t_eff = t.reshape(-1)[0].to(torch.float32)
+            # a fresh tensor, not a view of the input: cond operands must not alias each other
+            t_eff = t.reshape(-1)[0].to(torch.float32) * 1.0
         new_gen = (t_eff > self.t_last) | (self.step < 0)
         step = torch.where(new_gen, torch.zeros_like(self.step), self.step + 1)
         self.step.copy_(step)

@@ -64,5 +64,8 @@ class BlockGuard(nn.Module):
         self.skipped.zero_()
         self.evaluations.zero_()
         self.fallback.reset()
+        router = getattr(self, "router", None)  # token routing state (passes/route_tokens.py)
+        if router is not None:
+            router.reset()
         if self.decider is not None:
             self.decider.reset()

@@ -1,0 +1,160 @@
+"""Motion-aware token routing: the run-time pieces that ``passes/route_tokens.py`` inserts.
+
+Why it exists: inside a block that *is* computed, most image tokens barely change between
+steps.  A :class:`TokenRouter` (one per block, owned by the block's guard) scores every token by
+its motion ``S_i = ||x_i - x_ref,i||²`` (block input now vs. at the token's last computation),
+picks a *fixed* number ``k`` of the most salient tokens per sample with ``torch.topk`` (static
+shapes: inductor compiles once) and, after the block ran, keeps the state: the reference input
+of the routed tokens and the block residual of every token.  Static tokens take the cached
+residual ``y = x + R``.  All decisions are tensors inside the graph (no ``.item()``).
+
+:class:`RoutedCall` is the block module re-exported for ``k`` tokens: it calls the original
+diffusers block with exactly the arguments the model used (recorded by ``markers.CALLS``), the
+image-token stream replaced by the gathered tokens.  Text/encoder tokens are never dropped.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[b, idx[b, j]]`` for ``x`` (B, N, D) and ``idx`` (B, k) → (B, k, D)."""
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def scatter_tokens(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``base`` with rows ``idx`` (per sample) replaced by ``src`` (out of place, contiguous)."""
+    return base.scatter(1, idx.unsqueeze(-1).expand(-1, -1, base.shape[-1]), src).contiguous()
+
+
+def gather_table(table: torch.Tensor, idx: torch.Tensor, offset: int) -> torch.Tensor:
+    """A per-position table shared by the batch (Flux rotary ``(L + N, d)``): keep the first
+    ``offset`` rows (text tokens) and gather the image rows with sample 0's indices (routing
+    uses batch-shared indices whenever such a table exists)."""
+    return torch.cat([table[:offset], table[offset:].index_select(0, idx[0])], dim=0)
+
+
+class TokenRouter(nn.Module):
+    """State and statistics of one block's token routing.
+
+    Buffers: ``x_ref`` (block input of each token at its last computation), ``resid`` (block
+    residual of each token), ``have`` (a reference exists in this generation), counters
+    ``static_tokens`` / ``total_tokens`` (tokens of computed blocks that took the cached
+    residual / all tokens of computed blocks).
+    """
+
+    _is_impure = True  # mutates its buffers: never dead-code-eliminated
+
+    def __init__(self, shape: tuple[int, ...], k: int, dtype: torch.dtype, device: torch.device,
+                 shared: bool = False) -> None:
+        super().__init__()
+        if len(shape) != 3:
+            raise ValueError(f"token routing needs a (batch, tokens, dim) stream, got shape {shape}")
+        b, n, _ = shape
+        if not 1 <= k <= n:
+            raise ValueError(f"routing capacity k={k} must be in [1, {n}] tokens")
+        self.k = k
+        self.n_tokens = n
+        self.shared = shared
+        self.register_buffer("x_ref", torch.zeros(shape, dtype=dtype, device=device))
+        self.register_buffer("resid", torch.zeros(shape, dtype=dtype, device=device))
+        self.register_buffer("have", torch.tensor(0.0, device=device))
+        self.register_buffer("static_tokens", torch.tensor(0.0, device=device))
+        self.register_buffer("total_tokens", torch.tensor(0.0, device=device))
+
+    def forward(self, op: str, *args: Any):
+        if op == "select":
+            return self.select(*args)
+        if op == "update":
+            return self.update(*args)
+        raise ValueError(f"TokenRouter op {op!r}; expected 'select' or 'update'")
+
+    def saliency(self, x: torch.Tensor) -> torch.Tensor:
+        """``||x_i - x_ref,i||²`` per sample and token, (B, N) in float32."""
+        return (x.float() - self.x_ref.float()).pow(2).sum(-1)
+
+    def select(self, step: torch.Tensor, new_gen: torch.Tensor, force: torch.Tensor, warmup: torch.Tensor,
+               x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(active, idx)``: route this step (a reference exists, past warm-up, not forced) and
+        the sorted indices (B, k) of the ``k`` most salient tokens of every sample."""
+        have = torch.where(new_gen, torch.zeros_like(self.have), self.have)
+        active = (have > 0) & (force <= 0) & (step >= warmup)
+        s = self.saliency(x)
+        if self.shared:
+            s = s.sum(0, keepdim=True)
+        idx = torch.topk(s, self.k, dim=1, sorted=False).indices
+        idx = torch.sort(idx, dim=1).values  # token order preserved: k == N is the identity
+        if self.shared:
+            idx = idx.expand(x.shape[0], -1)
+        return active, idx.contiguous()
+
+    def update(self, pred: torch.Tensor, new_gen: torch.Tensor, active: torch.Tensor, idx: torch.Tensor,
+               x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """After the block's cond: a computed block refreshes the residual of every token and the
+        reference input of the tokens it computed (all of them when not routing)."""
+        computed = ~pred
+        routed_ref = scatter_tokens(self.x_ref, idx, gather_tokens(x, idx))
+        new_ref = torch.where(active, routed_ref, x)
+        self.x_ref.copy_(torch.where(computed, new_ref, self.x_ref))
+        self.resid.copy_(torch.where(computed, y - x, self.resid))
+        have = torch.where(new_gen, torch.zeros_like(self.have), self.have)
+        self.have.copy_(torch.where(computed, torch.ones_like(have), have))
+        tokens = float(x.shape[0] * self.n_tokens)
+        static = float(x.shape[0] * (self.n_tokens - self.k))
+        c = computed.to(self.total_tokens.dtype)
+        self.total_tokens.add_(c * tokens)
+        self.static_tokens.add_(c * active.to(c.dtype) * static)
+        return pred
+
+    def reset(self) -> None:
+        self.x_ref.zero_()
+        self.resid.zero_()
+        self.have.zero_()
+        self.static_tokens.zero_()
+        self.total_tokens.zero_()
+
+
+class RoutedCall(nn.Module):
+    """Calls ``block`` as the model did, from flat tensors (the order of ``call``'s tensor
+    entries), returning the outputs ``out_index`` (block return positions) as a tuple."""
+
+    def __init__(self, block: nn.Module, call: list[tuple[str, str, Any]], out_index: list[int]) -> None:
+        super().__init__()
+        self.block = block
+        self.call = call
+        self.out_index = out_index
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        kwargs: dict[str, Any] = {}
+        pos = 0
+        for name, kind, value in self.call:
+            if kind == "tensor":
+                kwargs[name] = tensors[pos]
+                pos += 1
+            elif kind == "tensors":
+                kwargs[name] = tuple(tensors[pos:pos + len(value)])
+                pos += len(value)
+            else:
+                kwargs[name] = value
+        out = self.block(**kwargs)
+        if isinstance(out, torch.Tensor):
+            out = (out,)
+        return tuple(out[i] for i in self.out_index)
+
+
+def spatial_counts(guards: list[nn.Module]) -> tuple[float, float]:
+    """``(static tokens, tokens)`` of computed blocks over the routers of ``guards`` (host sync:
+    statistics only)."""
+    static = total = 0.0
+    for g in guards:
+        r = getattr(g, "router", None)
+        if isinstance(r, TokenRouter):
+            static += float(r.static_tokens)
+            total += float(r.total_tokens)
+    return static, total

@@ -1,0 +1,279 @@
+"""route_tokens: motion-aware token routing inside every computed block.
+
+Why this rewrite exists: ``guard_blocks`` decides per block whether to compute it at all; this
+pass makes a *computed* block cheaper by running it on only the ``k = ceil((1 -
+motion_threshold) · N)`` most salient image tokens of every sample.  The block branch
+``fastcache_block_i`` has the token count ``N`` baked into its reshapes, so it cannot run on
+``k`` tokens; instead the block *module* (``ctx.model``'s block, called with the arguments the
+model used, recorded at capture by ``markers.CALLS``) is exported again with ``k`` tokens.
+The guarded cond becomes::
+
+    active, idx = fastcache_guard_i.router("select", step, new_gen, force, warmup, x)
+    outs = cond(pred, fallback_i, compute_i, [operands..., active, idx, resid, block args...])
+        compute_i = cond(active, routed_i, block_i)      # routed_i: gather → block(k) → scatter
+    fastcache_guard_i.router("update", pred, new_gen, active, idx, x, outs[hidden])
+
+Static tokens take the cached residual ``x + R``.  Text/encoder streams (SD3, Flux) are passed
+whole and never dropped; a per-position table of the joint sequence (Flux's rotary ``cos``/
+``sin`` of shape ``(L + N, d)``) is gathered with the tokens, which needs one index set for the
+whole batch (Flux only); otherwise indices are per sample.  Routed tokens attend only to
+routed tokens (and to all text tokens); see docs/ROUTING.md.
+
+``find_block_args`` is the analysis half: it runs before ``strip_markers`` and records which
+graph node fed every tensor argument of every block (the ``arg:`` tags).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fx_fastcache.families import block_modules
+from fx_fastcache.markers import CALLS, MARK
+from fx_fastcache.runtime.routing import (RoutedCall, TokenRouter, gather_table, gather_tokens,
+                                          scatter_tokens)
+
+from .context import PassContext, finish
+
+logger = logging.getLogger(__name__)
+
+COND = torch.ops.higher_order.cond
+CLONE = torch.ops.aten.clone.default
+
+
+def needs_block_args(ctx: PassContext) -> bool:
+    return bool(ctx.config.enable_spatial_approx or ctx.config.enable_token_merge)
+
+
+def find_block_args(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Record ``tag -> producer node`` for every ``arg:`` marker (no-op unless routing/merging)."""
+    if not needs_block_args(ctx):
+        return
+
+    def real(n: fx.Node) -> fx.Node:
+        while n.op == "call_function" and n.target is MARK:
+            n = n.args[0]
+        return n
+
+    found = {n.args[1]: real(n) for n in gm.graph.nodes
+             if n.op == "call_function" and n.target is MARK and str(n.args[1]).startswith("arg:")}
+    ctx.extras["block_args"] = found
+    ctx.note("find_block_args", f"{len(found)} block arguments")
+
+
+def routing_capacity(motion_threshold: float, n: int) -> int:
+    """``k = ceil((1 - motion_threshold) · N)`` tokens routed through the block, in [1, N]."""
+    return max(1, min(n, math.ceil((1.0 - motion_threshold) * n - 1e-9)))
+
+
+def _val(n: fx.Node) -> Any:
+    return n.meta.get("val")
+
+
+def _example(v: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    if v.dtype.is_floating_point:
+        return torch.randn(shape, dtype=v.dtype, device=v.device)
+    return torch.zeros(shape, dtype=v.dtype, device=v.device)
+
+
+def _find_cond(gm: fx.GraphModule, gname: str) -> fx.Node:
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is COND:
+            p = n.args[0]
+            if isinstance(p, fx.Node) and p.op == "call_module" and p.target == gname:
+                return n
+    raise RuntimeError(f"route_tokens: no torch.cond guarded by {gname}; run guard_blocks first")
+
+
+def _find_update(gm: fx.GraphModule, gname: str) -> fx.Node:
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and n.target == gname and n.args[0] == "update":
+            return n
+    raise RuntimeError(f"route_tokens: no update call of {gname}")
+
+
+def add_placeholders(sub: fx.GraphModule, names: list[str]) -> None:
+    """Append unused placeholders (a cond's branches must all take the same operands)."""
+    g = sub.graph
+    last = [n for n in g.nodes if n.op == "placeholder"][-1]
+    for name in names:
+        with g.inserting_after(last):
+            last = g.placeholder(name)
+    sub.recompile()
+
+
+def _routed_branch(routed: torch.nn.Module, n_ops: int, pos: dict[str, int], arg_pos: list[int], roles: list[str],
+                   out_names: list[str], stream: str, text_len: int) -> fx.GraphModule:
+    """Operands: the compute branch's (``pos`` names active/idx/resid, ``arg_pos`` the block args)."""
+    g = fx.Graph()
+    ph = [g.placeholder(f"op_{i}") for i in range(n_ops)]
+    idx, resid = ph[pos["idx"]], ph[pos["resid"]]
+    args = [ph[p] for p in arg_pos]
+    x = args[roles.index("x")]
+    call_args = []
+    for a, role in zip(args, roles):
+        if role == "x" or role == "per_sample":
+            call_args.append(g.call_function(gather_tokens, (a, idx)))
+        elif role == "table":
+            call_args.append(g.call_function(gather_table, (a, idx, text_len)))
+        else:
+            call_args.append(a)
+    out = g.call_module("block", tuple(call_args))
+    results = []
+    for j, name in enumerate(out_names):
+        o = g.call_function(operator.getitem, (out, j))
+        if name == stream:
+            base = g.call_function(torch.add, (x, resid))
+            results.append(g.call_function(scatter_tokens, (base, idx, o)))
+        else:
+            results.append(g.call_function(CLONE, (o,), {"memory_format": torch.contiguous_format}))
+    g.output(tuple(results))
+    root = torch.nn.Module()
+    root.block = routed
+    return fx.GraphModule(root, g)
+
+
+def _compute_branch(full: fx.GraphModule, routed: fx.GraphModule, n_ops: int, active_pos: int,
+                    n_out: int) -> fx.GraphModule:
+    g = fx.Graph()
+    ph = [g.placeholder(f"op_{i}") for i in range(n_ops)]
+    c = g.call_function(COND, (ph[active_pos], g.get_attr("routed"), g.get_attr("full"), list(ph)))
+    g.output(tuple(g.call_function(operator.getitem, (c, j)) for j in range(n_out)))
+    root = torch.nn.Module()
+    root.routed = routed
+    root.full = full
+    return fx.GraphModule(root, g)
+
+
+def route_tokens(gm: fx.GraphModule, ctx: PassContext) -> None:
+    cfg = ctx.config
+    if not cfg.enable_spatial_approx:
+        return
+    g = gm.graph
+    stream = ctx.spec.stream_arg
+    found: dict[str, fx.Node] = ctx.extras.get("block_args", {})
+    mods = block_modules(ctx.model, ctx.spec)
+    live = set(g.nodes)
+    for blk in ctx.blocks:
+        path, block, _ = mods[blk.index]
+        call = CALLS.get(block)
+        if call is None:
+            raise RuntimeError(f"route_tokens: no recorded call of block {path}; was it captured with markers?")
+        if stream not in blk.stream_inputs:
+            raise ValueError(f"enable_spatial_approx: block {path} has no {stream!r} stream to route "
+                             f"(streams {sorted(blk.stream_inputs)}); disable token routing for this model")
+        x = blk.stream_inputs[stream]
+        xv = _val(x)
+        if xv is None or xv.ndim != 3:
+            raise ValueError(f"enable_spatial_approx: block {path}'s {stream!r} is not a (batch, tokens, dim) "
+                             f"tensor ({None if xv is None else tuple(xv.shape)}); token routing needs one")
+        b, n, _ = xv.shape
+        k = routing_capacity(cfg.motion_threshold, n)
+        text_len = 0
+        for name, node in blk.stream_inputs.items():
+            if name != stream and _val(node) is not None and _val(node).ndim == 3:
+                text_len += _val(node).shape[1]
+        # every tensor argument of the block call: its graph node and its role
+        nodes: list[fx.Node] = []
+        roles: list[str] = []
+        examples: list[torch.Tensor] = []
+        for name, kind, value in call:
+            if kind == "value":
+                continue
+            tags = [value] if kind == "tensor" else list(value)
+            for tag in tags:
+                if tag.startswith("in:"):
+                    node = blk.stream_inputs[tag.split(":", 2)[2]]
+                else:
+                    node = found.get(tag)
+                if node is None or node not in live:
+                    raise RuntimeError(f"route_tokens: block {path} argument {tag!r} has no live producer node")
+                v = _val(node)
+                if v is None and node.op == "get_attr":
+                    v = gm.get_parameter(node.target) if "." in node.target else getattr(gm, node.target)
+                if not isinstance(v, torch.Tensor):
+                    raise RuntimeError(f"route_tokens: block {path} argument {tag!r} has no tensor metadata")
+                shape = tuple(v.shape)
+                if node is x:
+                    role, shape = "x", (b, k) + shape[2:]
+                elif name in blk.stream_inputs:
+                    role = "pass"  # text/encoder tokens: never dropped
+                elif v.ndim == 2 and shape[0] == text_len + n and kind == "tensors":
+                    role, shape = "table", (text_len + k,) + shape[1:]
+                elif v.ndim >= 3 and shape[0] == b and shape[1] == n:  # (B, N, ...) per-token input
+                    role, shape = "per_sample", (b, k) + shape[2:]
+                else:
+                    role = "pass"
+                nodes.append(node)
+                roles.append(role)
+                examples.append(_example(v, shape))
+        shared = "table" in roles
+        out_index = [kk for kk, _, _ in blk.outputs]
+        out_names = [name for _, name, _ in blk.outputs]
+        was_training = block.training
+        block.eval()
+        try:
+            with torch.no_grad():
+                ep = torch.export.export(RoutedCall(block, call, out_index), tuple(examples), strict=False)
+        finally:
+            block.train(was_training)
+        routed_block = ep.module()
+
+        gname = ctx.guards[blk.index]
+        guard = gm.get_submodule(gname)
+        router = TokenRouter(tuple(xv.shape), k, xv.dtype, xv.device, shared=shared)
+        guard.router = router  # the guard owns the block's state: reset() and statistics find it there
+        cond = _find_cond(gm, gname)
+        update = _find_update(gm, gname)
+        pred = cond.args[0]
+        step, new_gen = pred.args[1], pred.args[2]
+        operands = list(cond.args[3])
+        n_outer = len(operands)
+        full = getattr(gm, cond.args[2].target)
+        fallback = getattr(gm, cond.args[1].target)
+        # operands: the outer ones, then active, idx, resid and the block args not already there
+        # (a tensor passed twice would alias itself inside the cond)
+        extra_nodes: list[fx.Node] = []
+        arg_pos: list[int] = []
+        for node in nodes:
+            if node in operands:
+                arg_pos.append(operands.index(node))
+            else:
+                if node not in extra_nodes:
+                    extra_nodes.append(node)
+                arg_pos.append(n_outer + 3 + extra_nodes.index(node))
+        pos = {"active": n_outer, "idx": n_outer + 1, "resid": n_outer + 2}
+        extra_names = ["active", "idx", "resid"] + [f"arg_{j}" for j in range(len(extra_nodes))]
+        n_ops = n_outer + len(extra_names)
+        add_placeholders(full, extra_names)
+        add_placeholders(fallback, extra_names)
+        routed = _routed_branch(routed_block, n_ops, pos, arg_pos, roles, out_names, stream, text_len)
+        compute = _compute_branch(full, routed, n_ops, n_outer, len(out_names))
+        cname = f"fastcache_compute_{blk.index}"
+        gm.add_submodule(cname, compute)
+        with g.inserting_before(cond):
+            force = g.get_attr(f"{ctx.clock}.force")
+            warmup = g.get_attr(f"{ctx.clock}.warmup")
+            sel = g.call_module(f"{gname}.router", ("select", step, new_gen, force, warmup, x))
+            active = g.call_function(operator.getitem, (sel, 0))
+            idx = g.call_function(operator.getitem, (sel, 1))
+            resid = g.get_attr(f"{gname}.router.resid")
+            new_false = g.get_attr(cname)
+            # an argument may be a view of an operand (DiT's ``timestep`` vs its ``unsqueeze``):
+            # cond operands must not alias each other, so small arguments are passed as copies
+            extra_ops = [n if n is x else g.call_function(CLONE, (n,), {"memory_format": torch.contiguous_format})
+                         for n in extra_nodes]
+        cond.args = (pred, cond.args[1], new_false, operands + [active, idx, resid] + extra_ops)
+        j = out_names.index(stream)
+        y = next(u for u in cond.users if u.op == "call_function" and u.target is operator.getitem
+                 and u.args[1] == j)
+        with g.inserting_after(update):
+            g.call_module(f"{gname}.router", ("update", pred, new_gen, active, idx, x, y))
+        ctx.note("route_tokens", f"{path}: {k}/{n} tokens routed ({'batch-shared' if shared else 'per-sample'} "
+                                 f"indices, roles {roles})")
+    g.eliminate_dead_code()
+    finish(gm)

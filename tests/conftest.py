@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny models of every family and a sampling-loop helper."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fx_fastcache.zoo import TINY, make_tiny
+
+FAMILIES = ["tiny-dit", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-custom"]
+TIMESTEPS = [1000.0, 900.0, 800.0, 700.0, 600.0, 500.0]
+
+
+def first(out):
+    """The sample tensor of a model output (tuple, dataclass or tensor)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, tuple):
+        return out[0]
+    return out.sample
+
+
+def run_loop(model, tm, timesteps=TIMESTEPS, batch: int = 2) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [first(model(**tm.make_inputs(t, batch))).clone() for t in timesteps]
+
+
+@pytest.fixture(params=FAMILIES, ids=FAMILIES)
+def tiny(request):
+    return make_tiny(request.param)
+
+
+assert set(FAMILIES) == set(TINY)

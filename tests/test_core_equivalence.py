@@ -1,0 +1,196 @@
+"""Approximation off ⇒ the optimized model equals the original; forced approximation ⇒ the
+output equals a hand computation of the fallback; statistics count what was approximated."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fx_fastcache as fastcache
+from fx_fastcache.families import block_modules
+from fx_fastcache.zoo import make_tiny
+
+from conftest import FAMILIES, TIMESTEPS, first, run_loop
+
+
+@pytest.mark.parametrize("policy", ["step_forecast", "chi2"])
+def test_disabled_equals_original_eager(tiny, policy):
+    ref = run_loop(tiny.model, tiny)
+    opt = fastcache.optimize(tiny.model, backend="eager", policy=policy, enable_block_approx=False)
+    out = run_loop(opt, tiny)
+    for r, o in zip(ref, out):
+        torch.testing.assert_close(o, r, atol=1e-5, rtol=0)
+    stats = fastcache.get_cache_statistics(opt)
+    assert stats["block_approx_ratio"] == 0.0
+    assert stats["block_evaluations"] == len(TIMESTEPS) * len(block_modules(tiny.model, opt.spec))
+
+
+def test_threshold_zero_never_approximates(tiny):
+    opt = fastcache.optimize(tiny.model, backend="eager", cache_ratio_threshold=0.0)
+    ref = run_loop(tiny.model, tiny)
+    out = run_loop(opt, tiny)
+    for r, o in zip(ref, out):
+        torch.testing.assert_close(o, r, atol=1e-5, rtol=0)
+    assert fastcache.get_cache_statistics(opt)["blocks_approximated"] == 0
+
+
+class _Recorder:
+    """Original model with forward hooks that record each block's stream residuals per call."""
+
+    def __init__(self, model, spec):
+        self.blocks = block_modules(model, spec)
+        self.res: list[dict[int, list[torch.Tensor]]] = []
+
+    def residuals(self, block, args, kwargs, out, bl):
+        import inspect
+
+        bound = inspect.signature(block.forward).bind(*args, **kwargs).arguments
+        outs = out if isinstance(out, tuple) else (out,)
+        return [None if o is None or name is None else (o - bound[name]) for o, name in zip(outs, bl.outputs)]
+
+
+def _patched_outputs(model, spec, fallback_for):
+    """Run the *original* model with every block replaced by ``fallback_for(index, inputs)``."""
+    import inspect
+
+    blocks = block_modules(model, spec)
+    originals = []
+    for i, (_, block, bl) in enumerate(blocks):
+        sig = inspect.signature(block.forward)
+
+        def fwd(*args, _i=i, _sig=sig, _bl=bl, **kwargs):
+            bound = _sig.bind(*args, **kwargs).arguments
+            return fallback_for(_i, bound, _bl)
+
+        originals.append(block)
+        block.forward = fwd
+    return originals
+
+
+def _capture_residuals(model, spec, kwargs):
+    import inspect
+
+    res: dict[int, list] = {}
+    hooks = []
+    for i, (_, block, bl) in enumerate(block_modules(model, spec)):
+        sig = inspect.signature(block.forward)
+
+        def hook(mod, args, kw, out, _i=i, _sig=sig, _bl=bl):
+            bound = _sig.bind(*args, **kw).arguments
+            outs = out if isinstance(out, tuple) else (out,)
+            res[_i] = [None if o is None else (o - bound[name]) for o, name in zip(outs, _bl.outputs)]
+
+        hooks.append(block.register_forward_hook(hook, with_kwargs=True))
+    with torch.no_grad():
+        model(**kwargs)
+    for h in hooks:
+        h.remove()
+    return res
+
+
+@pytest.mark.parametrize("fallback", ["residual", "forecast", "linear"])
+def test_forced_approximation_matches_hand_computation(tiny, fallback):
+    """Threshold above any change: after warm-up (2 steps) every block is approximated."""
+    opt = fastcache.optimize(tiny.model, backend="eager", policy="chi2", fallback=fallback,
+                             cache_ratio_threshold=1e6, warmup_steps=2)
+    ts = TIMESTEPS[:4]
+    out = run_loop(opt, tiny, ts)
+    stats = fastcache.get_cache_statistics(opt)
+    n_blocks = len(stats["per_block"])
+    assert stats["blocks_approximated"] == 2 * n_blocks  # steps 2 and 3, every block
+    assert all(b["approximated"] == 2 for b in stats["per_block"])
+
+    # hand computation with the original model: residuals of the two warm-up steps
+    r = [_capture_residuals(tiny.model, opt.spec, tiny.make_inputs(t, 2)) for t in ts[:2]]
+    spec = opt.spec
+    import inspect
+
+    for step in (2, 3):
+        t = ts[step]
+
+        def fallback_for(i, bound, bl):
+            outs = []
+            for k, name in enumerate(bl.outputs):
+                if r[1][i][k] is None:
+                    outs.append(None)
+                    continue
+                x = bound[name]
+                if fallback == "residual":
+                    y = x + r[1][i][k]
+                elif fallback == "forecast":
+                    slope = (t - ts[1]) / (ts[1] - ts[0])
+                    y = x + r[1][i][k] + slope * (r[1][i][k] - r[0][i][k])
+                else:  # uncalibrated linear: identity
+                    y = x
+                outs.append(y)
+            return outs[0] if len(outs) == 1 else tuple(outs)
+
+        blocks = block_modules(tiny.model, spec)
+        _patched_outputs(tiny.model, spec, fallback_for)
+        try:
+            with torch.no_grad():
+                hand = first(tiny.model(**tiny.make_inputs(t, 2)))
+        finally:
+            for _, block, _ in blocks:
+                block.__dict__.pop("forward", None)
+        torch.testing.assert_close(out[step], hand, atol=1e-4, rtol=1e-4)
+
+
+def test_return_dict_and_output_type():
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, backend="eager")
+    kw = tm.make_inputs(1000.0, 2)
+    kw["return_dict"] = True
+    ref = tm.model(**kw)
+    out = opt(**kw)
+    assert type(out) is type(ref)
+    torch.testing.assert_close(out.sample, ref.sample)
+    kw["return_dict"] = False
+    out = opt(**kw)
+    assert isinstance(out, tuple) and len(out) == 1
+    assert out[0].dtype == ref.sample.dtype and out[0].device == ref.sample.device
+    # attribute passthrough for pipelines
+    assert opt.config is tm.model.config
+    assert opt.dtype == torch.float32
+
+
+def test_positional_arguments_and_python_float_timestep():
+    tm = make_tiny("tiny-custom")
+    opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False)
+    kw = tm.make_inputs(500.0, 2)
+    ref = tm.model(kw["x"], kw["timestep"])
+    torch.testing.assert_close(opt(kw["x"], kw["timestep"]), ref)
+    torch.testing.assert_close(opt(kw["x"], timestep=500.0), tm.model(kw["x"], torch.full((1,), 500.0)))
+
+
+def test_batch_requires_every_sample_to_pass():
+    """chi2 per-block rule: a block is approximated only if every sample's drift passes."""
+    tm = make_tiny("tiny-custom")
+    opt = fastcache.optimize(tm.model, backend="eager", policy="chi2", fallback="residual", warmup_steps=1,
+                             cache_ratio_threshold=0.05)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 10, 4, generator=g)
+    with torch.no_grad():
+        opt(x, torch.full((2,), 1000.0))
+        x2 = x.clone()
+        x2[1] += 5.0 * torch.randn(10, 4, generator=g)  # sample 1 moves a lot, sample 0 not at all
+        opt(x2, torch.full((2,), 1000.0 - 1e-3))
+    assert fastcache.get_cache_statistics(opt)["blocks_approximated"] == 0
+    opt1 = fastcache.optimize(tm.model, backend="eager", policy="chi2", fallback="residual", warmup_steps=1,
+                              cache_ratio_threshold=0.05)
+    with torch.no_grad():
+        opt1(x[:1], torch.full((1,), 1000.0))
+        opt1(x2[:1], torch.full((1,), 1000.0 - 1e-3))
+    assert fastcache.get_cache_statistics(opt1)["blocks_approximated"] == 3  # sample 0 alone: all blocks skip
+
+
+def test_new_generation_resets_state_automatically():
+    tm = make_tiny("tiny-pixart")
+    opt = fastcache.optimize(tm.model, backend="eager", policy="chi2", cache_ratio_threshold=1e6, warmup_steps=2)
+    a = run_loop(opt, tm, TIMESTEPS[:3])
+    b = run_loop(opt, tm, TIMESTEPS[:3])  # timestep goes back up: warm-up again, same result
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+    ref = run_loop(tm.model, tm, TIMESTEPS[:2])
+    torch.testing.assert_close(b[0], ref[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(b[1], ref[1], atol=1e-5, rtol=0)
+    assert fastcache.get_cache_statistics(opt)["per_block"][0]["approximated"] == 2

@@ -1,0 +1,115 @@
+"""Bad input gets a clear error naming the offending value; state survives it."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fx_fastcache as fastcache
+from fx_fastcache import FastCacheConfig
+from fx_fastcache.zoo import make_tiny
+
+from conftest import first
+
+
+class NoBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class TwoLists(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.ModuleList([nn.Linear(4, 4)])
+        self.up = nn.ModuleList([nn.Linear(4, 4)])
+
+    def forward(self, x):
+        return self.up[0](self.down[0](x))
+
+
+def test_unsupported_model_names_what_was_found():
+    with pytest.raises(ValueError, match=r"NoBlocks.*none.*blocks='attr.path'"):
+        fastcache.optimize(NoBlocks())
+    with pytest.raises(ValueError, match=r"several: \['down', 'up'\]"):
+        fastcache.optimize(TwoLists())
+    opt = fastcache.optimize(TwoLists(), backend="eager", blocks=["down", "up"], enable_block_approx=False)
+    x = torch.randn(2, 3, 4)
+    torch.testing.assert_close(opt(x), opt.model(x))
+    with pytest.raises(ValueError, match="has no attribute 'nope'"):
+        fastcache.optimize(TwoLists(), blocks="nope")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        fastcache.optimize("not a model")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("cache_ratio_threshold", -0.1), ("cache_ratio_threshold", float("nan")), ("significance_level", 0.0),
+    ("significance_level", 1.5), ("motion_threshold", 1.0), ("fallback", "cubic"), ("policy", "magic"),
+    ("warmup_steps", -1), ("warmup_steps", 1.5), ("enable_block_approx", "yes"), ("merge_ratio", 0.0),
+], ids=lambda v: str(v))
+def test_invalid_config_values(field, value):
+    with pytest.raises(ValueError, match=rf"FastCacheConfig\.{field}="):
+        FastCacheConfig(**{field: value})
+
+
+def test_unknown_config_field_and_backend():
+    with pytest.raises(ValueError, match="unknown FastCacheConfig field"):
+        fastcache.optimize(make_tiny("tiny-custom").model, cache_ratio=0.1)
+    with pytest.raises(ValueError, match="backend='tensorrt'"):
+        fastcache.optimize(make_tiny("tiny-custom").model, backend="tensorrt")
+    with pytest.raises(ValueError, match="already optimized"):
+        fastcache.optimize(fastcache.optimize(make_tiny("tiny-custom").model))
+
+
+def test_shape_change_mid_generation_is_an_error_and_reset_recovers():
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, backend="eager", cache_ratio_threshold=0.0)
+    with torch.no_grad():
+        opt(**tm.make_inputs(1000.0, 2))
+        opt(**tm.make_inputs(900.0, 2))
+        with pytest.raises(ValueError, match=r"middle of a generation.*\(2, 4, 8, 8\).*\(3, 4, 8, 8\)"):
+            opt(**tm.make_inputs(800.0, 3))
+        # the failed call changed nothing: the generation continues, exactly
+        kw = tm.make_inputs(800.0, 2)
+        torch.testing.assert_close(first(opt(**kw)), first(tm.model(**kw)), atol=1e-5, rtol=0)
+        fastcache.reset(opt)
+        kw3 = tm.make_inputs(800.0, 3)  # after a reset another batch size is fine
+        torch.testing.assert_close(first(opt(**kw3)), first(tm.model(**kw3)), atol=1e-5, rtol=0)
+
+
+def test_new_generation_with_other_resolution_recaptures():
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, backend="eager", cache_ratio_threshold=0.0)
+    with torch.no_grad():
+        for t in (1000.0, 900.0):
+            opt(**tm.make_inputs(t, 2))
+        kw = tm.make_inputs(1000.0, 2)
+        kw["hidden_states"] = torch.randn(2, 4, 16, 16)  # 4x the tokens, new generation (t back up)
+        torch.testing.assert_close(first(opt(**kw)), first(tm.model(**kw)), atol=1e-5, rtol=0)
+    assert fastcache.get_cache_statistics(opt)["graphs"] == 2
+
+
+def test_wrong_dtype_and_device_are_named():
+    tm = make_tiny("tiny-pixart")
+    opt = fastcache.optimize(tm.model, backend="eager")
+    kw = tm.make_inputs(1000.0, 2)
+    kw["hidden_states"] = kw["hidden_states"].double()
+    with pytest.raises(TypeError, match=r"'hidden_states' has dtype torch.float64.*float32"):
+        opt(**kw)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        opt(**tm.make_inputs(1000.0, 2), bogus=1)
+
+
+def test_set_schedule_validates():
+    tm = make_tiny("tiny-custom")
+    opt = fastcache.optimize(tm.model, backend="eager")
+    with pytest.raises(ValueError, match="policy='schedule'"):
+        fastcache.set_schedule(opt, torch.zeros(4, 3, dtype=torch.bool))
+    opt = fastcache.optimize(tm.model, backend="eager", policy="schedule")
+    with pytest.raises(ValueError, match=r"shape \(4, 2\)"):
+        fastcache.set_schedule(opt, torch.zeros(4, 2, dtype=torch.bool))
+    with pytest.raises(TypeError, match="fastcache.optimize"):
+        fastcache.get_cache_statistics(tm.model)
