@@ -12,8 +12,10 @@ from .api import (calibrate, configure, get_cache_statistics, load_calibration, 
                   set_schedule)
 from .config import FastCacheConfig
 from .module import FastCacheModule
+from .pipelines import disable_fastcache, enable_fastcache
 
 __version__ = "0.1.0"
 
 __all__ = ["FastCacheConfig", "FastCacheModule", "optimize", "calibrate", "save_calibration", "load_calibration",
-           "get_cache_statistics", "reset", "configure", "set_schedule", "__version__"]
+           "get_cache_statistics", "reset", "configure", "set_schedule", "enable_fastcache",
+           "disable_fastcache", "__version__"]

@@ -57,7 +57,7 @@ class FastCacheConfig:
         merge_ratio: Fraction of tokens kept after merging (1.0 = no merging).
     """
 
-    cache_ratio_threshold: float = 0.08
+    cache_ratio_threshold: float = 0.07
     significance_level: float = 0.05
     motion_threshold: float = 0.1
     enable_block_approx: bool = True

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -32,6 +34,12 @@ def _(x: torch.Tensor, tag: str) -> torch.Tensor:
 
 MARK = torch.ops.fastcache.mark.default
 
+#: The last captured call of every block: ``block -> [(arg name, kind, value)]`` with kind
+#: ``"tensor"`` (value = its tag ``arg:{index}:{name}``), ``"tensors"`` (a tuple of tensors, value
+#: = their tags) or ``"value"`` (the Python value).  Token routing re-exports a block with fewer
+#: tokens and needs to call it exactly as the model did (``passes/route_tokens.py``).
+CALLS: "weakref.WeakKeyDictionary[nn.Module, list[tuple[str, str, Any]]]" = weakref.WeakKeyDictionary()
+
 
 def _wrap_block(block: nn.Module, index: int, stream_inputs: tuple[str, ...], outputs: tuple[str | None, ...]):
     orig = block.forward
@@ -40,10 +48,21 @@ def _wrap_block(block: nn.Module, index: int, stream_inputs: tuple[str, ...], ou
     @functools.wraps(orig)
     def forward(*args, **kwargs):
         bound = sig.bind(*args, **kwargs)
-        for name in stream_inputs:
-            v = bound.arguments.get(name)
-            if isinstance(v, torch.Tensor):
+        call: list[tuple[str, str, Any]] = []
+        for name, v in list(bound.arguments.items()):
+            if name in stream_inputs and isinstance(v, torch.Tensor):
                 bound.arguments[name] = mark(v, f"in:{index}:{name}")
+                call.append((name, "tensor", f"in:{index}:{name}"))
+            elif isinstance(v, torch.Tensor):
+                bound.arguments[name] = mark(v, f"arg:{index}:{name}")
+                call.append((name, "tensor", f"arg:{index}:{name}"))
+            elif isinstance(v, tuple) and v and all(isinstance(e, torch.Tensor) for e in v):
+                tags = tuple(f"arg:{index}:{name}.{j}" for j in range(len(v)))
+                bound.arguments[name] = tuple(mark(e, tag) for e, tag in zip(v, tags))
+                call.append((name, "tensors", tags))
+            else:
+                call.append((name, "value", v))
+        CALLS[block] = call
         out = orig(*bound.args, **bound.kwargs)
         if isinstance(out, torch.Tensor):
             return mark(out, f"out:{index}:0")

@@ -219,6 +219,9 @@ class FastCacheModule(nn.Module):
         ctx = PassContext(model=self.model, spec=self.spec, config=cfg, policy=POLICIES[cfg.policy](cfg),
                           store=self.store)
         results = run_pipeline(gm, ctx, record=self.record_passes)
+        for name, sub in gm.named_children():  # the passes create clock/guard buffers on the CPU
+            if name.startswith("fastcache_"):
+                sub.to(self.device)
         if self.backend == "inductor":
             run = torch.compile(gm, backend="inductor", fullgraph=True, dynamic=False)
         else:

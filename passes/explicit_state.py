@@ -241,7 +241,7 @@ def explicit_state(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule
     for i, gname in enumerate(ctx.guards):
         guard = getattr(new, gname)
         spec.blocks.append(guard.block_name)
-        names = mutable_state_names(guard.fallback, ctx.store)
+        names = mutable_state_names(getattr(gm, gname).fallback, ctx.store)  # the copy's buffers are not the store's
         phs = {}
         for name in names:
             st = StateTensor(guard.block_name, name, tuple(getattr(guard.fallback, name).shape),

@@ -212,7 +212,7 @@ def guard_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
         if policy.scope == "step" and policy.anchor == "after_block0" and blk.index == 0:
             hid = ctx.spec.stream_arg if ctx.spec.stream_arg in [s.name for s in streams] else streams[0].name
             k = [s.name for s in streams].index(hid)
-            with g.inserting_after(update):
+            with g.inserting_before(update.next):  # inserting_after would reverse the new nodes' order
                 resid = g.call_function(torch.sub, (results[k], stream_ins[k]))
                 step_decider = policy.make_step_decider(streams[k].out_shape, device, streams[k].dtype, ctx.store)
                 ctx.step_decider = _register(gm, "fastcache_step", step_decider)

@@ -29,7 +29,9 @@ def resolve_model(name: str, dtype: torch.dtype = torch.float32, device: str = "
 
     if name in TINY:
         tm = make_tiny(name)
-        tm.model.to(device=device, dtype=dtype)
+        p = next(tm.model.parameters())
+        if p.dtype != dtype or str(p.device) != str(torch.device(device)):
+            tm.model.to(device=device, dtype=dtype)
 
         def inputs(t: float, batch: int = 2, _f=tm.make_inputs) -> dict:
             kw = _f(t, batch)

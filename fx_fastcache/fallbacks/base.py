@@ -100,3 +100,32 @@ class Fallback(nn.Module):
 def keep_or(computed: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """``new`` where the block was computed, else ``old`` (in-graph, no sync)."""
     return torch.where(computed, new, old)
+
+
+def host_branch(pred: torch.Tensor) -> bool:
+    """True when ``pred`` is a plain eager CPU tensor.
+
+    Eager ``cond`` already evaluated the predicate on the host to pick its branch, so branching
+    on it again in Python costs no extra sync and saves the full-tensor ``torch.where`` of every
+    state update (≈ 10 % of an eager step on the trained DiT).  Traced, compiled and exported
+    graphs (FakeTensor / FunctionalTensor / proxies) and CUDA tensors keep the in-graph form.
+    """
+    return type(pred) is torch.Tensor and pred.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def assign(buf: torch.Tensor, computed: torch.Tensor, new: torch.Tensor) -> None:
+    """``buf ← new`` if the block was computed, else unchanged."""
+    if host_branch(computed):
+        if bool(computed):
+            buf.copy_(new)
+        return
+    buf.copy_(torch.where(computed, new, buf))
+
+
+def assign_residual(buf: torch.Tensor, computed: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> None:
+    """``buf ← y − x`` if the block was computed, else unchanged."""
+    if host_branch(computed):
+        if bool(computed):
+            torch.sub(y, x, out=buf)
+        return
+    buf.copy_(torch.where(computed, y - x, buf))

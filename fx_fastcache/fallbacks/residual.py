@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Fallback, StreamInfo, CalibrationStore, keep_or
+from .base import CalibrationStore, Fallback, StreamInfo, assign_residual
 
 
 def residual_approx(x: torch.Tensor, t: torch.Tensor, r_c: torch.Tensor) -> torch.Tensor:
@@ -25,8 +25,7 @@ class ResidualFallback(Fallback):
         return [f"r_c{k}"]
 
     def update_stream(self, k, computed, t, x, y) -> None:
-        r = getattr(self, f"r_c{k}")
-        r.copy_(keep_or(computed, y - x, r))
+        assign_residual(getattr(self, f"r_c{k}"), computed, y, x)
 
     def reset(self) -> None:
         super().reset()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import CalibrationStore, Fallback, StreamInfo, keep_or
+from .base import CalibrationStore, Fallback, StreamInfo, assign, assign_residual
 
 
 def residual_linear_approx(x, t, r_c, x_c, a, b):
@@ -32,9 +32,8 @@ class ResidualLinearFallback(Fallback):
         return [f"r_c{k}", f"x_c{k}", f"a{k}", f"b{k}"]
 
     def update_stream(self, k, computed, t, x, y) -> None:
-        r, xc = getattr(self, f"r_c{k}"), getattr(self, f"x_c{k}")
-        r.copy_(keep_or(computed, y - x, r))
-        xc.copy_(keep_or(computed, x, xc))
+        assign_residual(getattr(self, f"r_c{k}"), computed, y, x)
+        assign(getattr(self, f"x_c{k}"), computed, x)
 
     def reset(self) -> None:
         super().reset()

@@ -21,8 +21,10 @@ class ScheduleDecider(Decider):
         self._persistent_state = ("column",)
 
     def forward(self, step, new_gen, ok, threshold, t, signal):
-        idx = step.clamp(0, MAX_STEPS - 1).to(torch.long)
-        return ok & self.column[idx]
+        # index_select, not column[idx]: dynamo (torch 2.11) turns a 0-d tensor index into a
+        # data-dependent int and fails under fullgraph compile
+        idx = step.clamp(0, MAX_STEPS - 1).to(torch.long).reshape(1)
+        return ok & self.column.index_select(0, idx).reshape(())
 
 
 class SchedulePolicy(Policy):

@@ -43,6 +43,8 @@ class BlockGuard(nn.Module):
         ok = ok & ((max_skip <= 0) | (consecutive < max_skip))
         if self.decider is not None:
             pred = self.decider(step, new_gen, ok, threshold, t, signal)
+        elif step_pred is None:  # blocks before a step policy's anchor (First-Block-Cache's block 0) compute
+            pred = torch.zeros_like(ok)
         else:
             pred = step_pred & ok
         return pred

@@ -46,7 +46,7 @@ class TokenRouter(nn.Module):
     Buffers: ``x_ref`` (block input of each token at its last computation), ``resid`` (block
     residual of each token), ``have`` (a reference exists in this generation), counters
     ``static_tokens`` / ``total_tokens`` (tokens of computed blocks that took the cached
-    residual / all tokens of computed blocks).
+    residual / all tokens of computed blocks) and ``routed_calls`` (computations that routed).
     """
 
     _is_impure = True  # mutates its buffers: never dead-code-eliminated
@@ -67,6 +67,7 @@ class TokenRouter(nn.Module):
         self.register_buffer("have", torch.tensor(0.0, device=device))
         self.register_buffer("static_tokens", torch.tensor(0.0, device=device))
         self.register_buffer("total_tokens", torch.tensor(0.0, device=device))
+        self.register_buffer("routed_calls", torch.tensor(0.0, device=device))
 
     def forward(self, op: str, *args: Any):
         if op == "select":
@@ -110,6 +111,7 @@ class TokenRouter(nn.Module):
         c = computed.to(self.total_tokens.dtype)
         self.total_tokens.add_(c * tokens)
         self.static_tokens.add_(c * active.to(c.dtype) * static)
+        self.routed_calls.add_(c * active.to(c.dtype))
         return pred
 
     def reset(self) -> None:
@@ -118,17 +120,65 @@ class TokenRouter(nn.Module):
         self.have.zero_()
         self.static_tokens.zero_()
         self.total_tokens.zero_()
+        self.routed_calls.zero_()
+
+
+def _dit_context(block: nn.Module, kwargs: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+    return block.norm1(x, kwargs.get("timestep"), kwargs.get("class_labels"), hidden_dtype=x.dtype)[0]
+
+
+def _pixart_context(block: nn.Module, kwargs: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+    t = kwargs["timestep"]
+    shift, scale = (block.scale_shift_table[None] + t.reshape(x.shape[0], 6, -1)).chunk(6, dim=1)[:2]
+    return (block.norm1(x) * (1 + scale) + shift).squeeze(1)
+
+
+def attention_context_fn(block: nn.Module):
+    """For blocks whose self-attention input is computable for *all* tokens outside the block
+    (diffusers ``BasicTransformerBlock`` with adaLN-Zero (DiT) or adaLN-single (PixArt)), a
+    function ``(block, kwargs, x_full) -> normalised, modulated x_full``: routed tokens then use
+    every token's keys/values.  ``None`` otherwise (joint SD3/Flux blocks: routed tokens attend
+    to routed + text tokens)."""
+    if type(block).__name__ != "BasicTransformerBlock" or getattr(block, "pos_embed", None) is not None \
+            or getattr(block, "only_cross_attention", False):
+        return None
+    norm_type = getattr(block, "norm_type", None)
+    if norm_type == "ada_norm_zero":
+        return _dit_context
+    if norm_type == "ada_norm_single":
+        return _pixart_context
+    return None
+
+
+def call_with_context(block: nn.Module, kwargs: dict[str, Any], context: torch.Tensor | None):
+    """``block(**kwargs)``, its ``attn1`` reading keys/values from ``context`` when given."""
+    if context is None:
+        return block(**kwargs)
+    attn = block.attn1
+    orig = attn.forward
+
+    def forward(hidden_states, encoder_hidden_states=None, **kw):
+        return orig(hidden_states, encoder_hidden_states=context, **kw)
+
+    attn.forward = forward
+    try:
+        return block(**kwargs)
+    finally:
+        del attn.forward
 
 
 class RoutedCall(nn.Module):
     """Calls ``block`` as the model did, from flat tensors (the order of ``call``'s tensor
-    entries), returning the outputs ``out_index`` (block return positions) as a tuple."""
+    entries, then the full token stream when ``context_fn`` is set), returning the outputs
+    ``out_index`` (block return positions) as a tuple."""
 
-    def __init__(self, block: nn.Module, call: list[tuple[str, str, Any]], out_index: list[int]) -> None:
+    def __init__(self, block: nn.Module, call: list[tuple[str, str, Any]], out_index: list[int],
+                 context_fn=None) -> None:
         super().__init__()
         self.block = block
         self.call = call
         self.out_index = out_index
+        self.context_fn = context_fn
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         kwargs: dict[str, Any] = {}
@@ -142,7 +192,8 @@ class RoutedCall(nn.Module):
                 pos += len(value)
             else:
                 kwargs[name] = value
-        out = self.block(**kwargs)
+        context = self.context_fn(self.block, kwargs, tensors[pos]) if self.context_fn is not None else None
+        out = call_with_context(self.block, kwargs, context)
         if isinstance(out, torch.Tensor):
             out = (out,)
         return tuple(out[i] for i in self.out_index)

@@ -1,0 +1,90 @@
+"""Shared command line of the example scripts: build a pipeline, enable FastCache, run, report.
+
+Each ``examples/<family>.py`` only says how to load its pipeline from downloaded weights and
+which call arguments to use; ``--tiny`` swaps in the offline random-weight pipeline of the same
+family (``fx_fastcache.tiny_pipelines``), which is what CI runs.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import fx_fastcache as fastcache
+from fx_fastcache.tiny_pipelines import make_tiny_pipeline
+
+
+def parser(description: str, default_model: str, default_steps: int) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--tiny", action="store_true", help="tiny offline random-weight pipeline (no download, CPU)")
+    p.add_argument("--model-id", default=default_model, help="hub id or local folder of the pipeline")
+    p.add_argument("--steps", type=int, default=default_steps)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default=None, choices=["inductor", "eager"],
+                   help="default: inductor on CUDA, eager otherwise")
+    p.add_argument("--policy", default="step_forecast")
+    p.add_argument("--fallback", default="forecast")
+    p.add_argument("--threshold", type=float, default=0.08, help="cache_ratio_threshold")
+    p.add_argument("--compare", action="store_true", help="also run without FastCache and report the difference")
+    p.add_argument("--out", default=None, help="save the first image here (PNG)")
+    return p
+
+
+def run(args: argparse.Namespace, family: str, load: Callable[[argparse.Namespace, torch.device, torch.dtype], Any],
+        call_kwargs: Callable[[argparse.Namespace], dict[str, Any]], tiny_extra: dict[str, Any] | None = None) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if args.tiny:
+        tp = make_tiny_pipeline(family)
+        pipe = tp.pipe
+        kwargs = tp.call_kwargs(seed=args.seed, num_inference_steps=args.steps, **(tiny_extra or {}))
+    else:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        pipe = load(args, device, dtype)
+        pipe.set_progress_bar_config(disable=True)
+        kwargs = call_kwargs(args)
+        kwargs["num_inference_steps"] = args.steps
+        kwargs["generator"] = torch.Generator(device="cpu").manual_seed(args.seed)
+    backend = args.backend or ("inductor" if device.type == "cuda" else "eager")
+
+    reference = None
+    if args.compare:
+        t0 = time.perf_counter()
+        reference = pipe(**dict(kwargs, generator=torch.Generator().manual_seed(args.seed))).images
+        print(f"without FastCache: {time.perf_counter() - t0:.2f}s")
+
+    fastcache.enable_fastcache(pipe, backend=backend, policy=args.policy, fallback=args.fallback,
+                               cache_ratio_threshold=args.threshold)
+    t0 = time.perf_counter()
+    images = pipe(**dict(kwargs, generator=torch.Generator().manual_seed(args.seed))).images
+    elapsed = time.perf_counter() - t0
+    stats = fastcache.get_cache_statistics(pipe)
+    print(f"with FastCache ({backend}, first call includes capture): {elapsed:.2f}s; "
+          f"{stats['blocks_approximated']}/{stats['block_evaluations']} block evaluations approximated "
+          f"({stats['block_approx_ratio']:.0%}) over {stats['calls']} transformer calls")
+    if reference is not None:
+        import numpy as np
+
+        a, b = np.asarray(reference, dtype=np.float32), np.asarray(images, dtype=np.float32)
+        if a.max() > 1.5:  # PIL images
+            a, b = a / 255.0, b / 255.0
+        mse = float(((a - b) ** 2).mean())
+        psnr = float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+        print(f"PSNR vs. uncached: {psnr:.1f} dB")
+    if args.out:
+        _save(images, args.out)
+        print(f"saved {args.out}")
+    fastcache.disable_fastcache(pipe)
+    return 0
+
+
+def _save(images: Any, path: str) -> None:
+    import numpy as np
+    from PIL import Image
+
+    img = images[0]
+    if not isinstance(img, Image.Image):
+        img = Image.fromarray((np.clip(np.asarray(img), 0, 1) * 255).round().astype("uint8"))
+    img.save(path)

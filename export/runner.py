@@ -1,0 +1,122 @@
+"""Drive an exported model step by step from its schedule, carrying the state between calls.
+
+The exported graph is stateless: each call takes the model inputs, the current step's skip
+mask and the state tensors, and returns the outputs and the new state.  A runner keeps that
+state, counts steps (a new generation starts at the first call, after :meth:`reset`, or when
+the timestep goes up, exactly like the PyTorch clock) and feeds ``schedule.row(step)``.
+Backends only map a dict of numpy arrays to a dict of numpy arrays: onnxruntime here,
+TensorRT in :mod:`fx_fastcache.export.tensorrt`.
+
+A runner is called like the original model (``runner(**kwargs)`` returns a tuple whose first
+element is the output), so ``fx_fastcache.trained.sample(tm, ..., model=runner)`` samples
+with it.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from fx_fastcache.passes.explicit_state import ExplicitStateSpec
+
+from .schedule import Schedule
+
+logger = logging.getLogger(__name__)
+
+_NP = {"torch.float32": np.float32, "torch.float16": np.float16, "torch.int64": np.int64, "torch.bool": np.bool_,
+       "torch.int32": np.int32, "torch.float64": np.float64}
+
+
+class Backend(Protocol):
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class OrtBackend:
+    """onnxruntime session (CPU unless ``providers`` says otherwise)."""
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {k: v for k, v in feeds.items() if k in self.input_names}  # unused inputs are pruned
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+
+
+class ScheduleRunner:
+    """Runs a stateless exported model over a generation, step by step, from a schedule."""
+
+    def __init__(self, backend: Backend, spec: ExplicitStateSpec, schedule: Schedule) -> None:
+        if schedule.blocks != spec.blocks:
+            raise ValueError(f"schedule blocks {schedule.blocks[:3]}... ({len(schedule.blocks)}) do not match the "
+                             f"exported model's {spec.blocks[:3]}... ({len(spec.blocks)})")
+        self.backend = backend
+        self.spec = spec
+        self.schedule = schedule
+        self.timestep_input = "timestep" if "timestep" in spec.inputs else None
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new generation at the next call (state zero, step 0)."""
+        self.state = [s.zeros().numpy() for s in self.spec.state]
+        self.step = -1
+        self.t_last = float("inf")
+
+    def _to_np(self, name: str, v: Any) -> np.ndarray:
+        want = self.spec.input_shapes[name]
+        if isinstance(v, torch.Tensor):
+            v = v.detach().cpu().numpy()
+        a = np.asarray(v, dtype=_NP.get(self.spec.input_dtypes[name]))
+        if tuple(a.shape) != tuple(want):
+            raise ValueError(f"input {name!r} has shape {tuple(a.shape)} but the model was exported for {tuple(want)}; "
+                             f"export again with these shapes")
+        return a
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        if args:
+            raise TypeError("call the runner with keyword arguments, like the original model")
+        missing = [n for n in self.spec.inputs if n not in kwargs]
+        if missing:
+            raise TypeError(f"missing input(s) {missing}; the exported model takes {self.spec.inputs}")
+        feeds = {n: self._to_np(n, kwargs[n]) for n in self.spec.inputs}
+        outs = self.run_step(feeds)
+        return tuple(torch.from_numpy(np.ascontiguousarray(o)) for o in outs)
+
+    def run_step(self, feeds: dict[str, np.ndarray], skip: np.ndarray | None = None) -> list[np.ndarray]:
+        """One call: advance the step (or start a generation), run, keep the new state."""
+        t = float(feeds[self.timestep_input].reshape(-1)[0]) if self.timestep_input else None
+        if self.step < 0 or (t is not None and t > self.t_last):
+            self.state = [s.zeros().numpy() for s in self.spec.state]
+            self.step = 0
+        else:
+            self.step += 1
+        if t is not None:
+            self.t_last = t
+        mask = self.schedule.row(self.step).numpy() if skip is None else np.asarray(skip, dtype=np.bool_)
+        out = self.backend.run({**feeds, "skip": mask, **dict(zip((s.input_name for s in self.spec.state), self.state))})
+        self.state = [out[s.output_name] for s in self.spec.state]
+        return [out[n] for n in self.spec.outputs]
+
+
+class OnnxRunner(ScheduleRunner):
+    """:class:`ScheduleRunner` on onnxruntime for a file written by ``fx-fastcache export-onnx``.
+
+    ``schedule`` defaults to the one stored in the file; another one must match its blocks.
+    """
+
+    def __init__(self, path: str | Path, schedule: Schedule | None = None, providers: list[str] | None = None,
+                 threads: int = 0) -> None:
+        from .onnx import read_metadata
+
+        spec, stored = read_metadata(path)
+        self.path = Path(path)
+        super().__init__(OrtBackend(path, providers, threads), spec, schedule or stored)

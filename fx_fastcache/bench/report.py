@@ -1,0 +1,165 @@
+"""Writing a sweep's results: JSON, a Markdown table and the speed-quality frontier plot.
+
+The plot has two panels with PSNR (mean over the evaluation images) on y: against the
+fraction of block evaluations replaced, and against the measured wall-clock speedup.  Dashed
+lines show the targets (40 dB at 60 %, 35 dB at 70 %); worst-image PSNR is drawn as faint
+markers under each method's mean so a fragile seed stays visible.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["write_json", "markdown_table", "write_markdown", "plot_frontier", "pareto", "write_all", "merge"]
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(_clean(result), indent=1, sort_keys=False))
+
+
+def _f(x: Any, fmt: str) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    return format(x, fmt)
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    s = result["setup"]
+    lines = [
+        f"Model `{s['model']}`, {s['n_images']} images (seeds {s['eval_seeds'][0]}–{s['eval_seeds'][1]}), "
+        f"{s['steps']} steps, CFG {s['cfg']}, calibration seeds {s['calib_seeds'][0]}–{s['calib_seeds'][1]}, "
+        f"backend {s['backend']}, {s['threads']} threads, torch {s['torch']}. Uncached: class accuracy "
+        f"{s['uncached_class_accuracy']:.2f}, Fréchet distance {s['uncached_frechet']:.2f}. Timing: "
+        f"{s['timing_images']} images, uncached and cached interleaved, best of {s['timing_repeats']}.",
+        "",
+        "| method | thr | replaced | FLOPs saved | PSNR mean (worst) | SSIM mean (worst) | class acc | Fréchet "
+        "| s/img uncached | s/img cached | speedup | ideal | speedup/ideal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        lines.append(
+            f"| {r['method']} | {_f(r.get('threshold'), '.3g')} | {_f(100 * r['replaced_fraction'], '.1f')}% "
+            f"| {_f(100 * r['flops_saved'], '.1f')}% | {_f(r['psnr_mean'], '.2f')} ({_f(r['psnr_worst'], '.2f')}) "
+            f"| {_f(r['ssim_mean'], '.4f')} ({_f(r['ssim_worst'], '.4f')}) | {_f(r['class_accuracy'], '.2f')} "
+            f"| {_f(r['frechet'], '.2f')} | {_f(r.get('time_per_image_uncached_s'), '.3f')} "
+            f"| {_f(r.get('time_per_image_s'), '.3f')} | {_f(r.get('speedup'), '.2f')}× "
+            f"| {_f(r.get('ideal_speedup'), '.2f')}× | {_f(r.get('speedup_vs_ideal'), '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(result: dict[str, Any], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(markdown_table(result))
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The upper-right frontier of (fraction, quality) points, by increasing fraction."""
+    out: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if not out or y > out[-1][1]:
+            out.append((x, y))
+    return sorted(out)
+
+
+def plot_frontier(result: dict[str, Any], path: str | Path, title: str | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in result["runs"] if r["kind"] != "none"]
+    methods: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        methods.setdefault(r["method"], []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    cmap = plt.get_cmap("tab20")
+    markers = "osD^v<>pX*h"
+    for k, (name, rs) in enumerate(methods.items()):
+        rs = sorted(rs, key=lambda r: r["replaced_fraction"])
+        c, mk = cmap((2 * k) % 20 if k < 10 else (2 * k + 1) % 20), markers[k % len(markers)]
+        peer = rs[0]["kind"] in ("diffusers_fbc", "cache_dit")
+        ls = ":" if peer else "-"
+        x = [100 * r["replaced_fraction"] for r in rs]
+        y = [min(r["psnr_mean"], 60.0) for r in rs]
+        yw = [min(r["psnr_worst"], 60.0) for r in rs]
+        axes[0].plot(x, y, ls, marker=mk, color=c, label=name, lw=2.2 if k == 0 else 1.2)
+        axes[0].scatter(x, yw, marker=mk, color=c, alpha=0.25, s=18)
+        timed = [r for r in rs if r.get("speedup")]
+        if timed:
+            # markers only: single timing pairs on a shared machine are noisy, lines would zigzag
+            axes[1].scatter([r["speedup"] for r in timed], [min(r["psnr_mean"], 60.0) for r in timed], marker=mk,
+                            color=c, label=name)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.set_ylabel("PSNR vs uncached, dB (mean; faint: worst image)")
+    axes[0].set_xlabel("block evaluations replaced, %")
+    axes[1].set_xlabel("measured wall-clock speedup vs uncached (×), timed runs only")
+    axes[1].legend(fontsize=7, loc="lower left")
+    axes[0].plot([60, 60], [40, 60], "k--", lw=0.8)
+    axes[0].plot([70, 70], [35, 60], "k--", lw=0.8)
+    axes[0].annotate("targets", (60, 40), textcoords="offset points", xytext=(4, -12), fontsize=8)
+    axes[0].legend(fontsize=7, loc="lower left")
+    s = result["setup"]
+    fig.suptitle(title or f"{s['model']}: {s['n_images']} images, {s['steps']} steps, CFG {s['cfg']}")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_all(result: dict[str, Any], out_dir: str | Path, stem: str) -> dict[str, Path]:
+    """Write ``{stem}.json``, ``{stem}.md`` and ``{stem}.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
+    write_json(result, paths["json"])
+    write_markdown(result, paths["md"])
+    plot_frontier(result, paths["png"])
+    return paths
+
+
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several sweeps of the same model and settings (e.g. run in parallel).
+
+    The setup comes from the first complete result; runs are concatenated in order, and
+    duplicate ``none`` runs are dropped.  Partial results (``setup.partial``) contribute runs.
+    """
+    full = [r for r in results if not r["setup"].get("partial")]
+    if not full:
+        raise ValueError("merge() needs at least one complete result (with its setup)")
+    setup = dict(full[0]["setup"])
+    keys = ("model", "n_images", "steps", "cfg", "eval_seeds", "calib_seeds")
+    for r in full[1:]:
+        diff = [k for k in keys if r["setup"].get(k) != setup.get(k)]
+        if diff:
+            raise ValueError(f"cannot merge sweeps with different {diff}: {[r['setup'].get(k) for k in diff]} vs "
+                             f"{[setup.get(k) for k in diff]}")
+    for r in results:
+        if r["setup"].get("model") != setup["model"]:
+            raise ValueError(f"cannot merge results of {r['setup'].get('model')!r} into {setup['model']!r}")
+    runs: list[dict[str, Any]] = []
+    seen_none = False
+    for r in results:
+        for run in r["runs"]:
+            if run["kind"] == "none":
+                if seen_none:
+                    continue
+                seen_none = True
+            runs.append(run)
+    setup["merged_from"] = len(results)
+    return {"setup": setup, "runs": runs}

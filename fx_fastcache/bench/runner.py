@@ -1,0 +1,365 @@
+"""The speed/quality sweep: methods x thresholds on a trained model, measured side by side.
+
+Why it is built this way:
+
+* **Same inputs for every method.**  Every run generates the same evaluation images (classes
+  ``i % 10``, seeds ``eval_seed + i``) with the reference Euler/CFG sampler of
+  :mod:`fx_fastcache.trained`; fidelity is measured against the uncached images of the same
+  seeds.  Calibration uses other seeds (``calib_seed + i``, checked disjoint), so nothing is
+  fitted on the images it is judged on.
+* **Only the policy differs.**  ``none``, FastCache (policy x fallback), First-Block-Cache and
+  TeaCache all run through the same rewritten graph (:func:`fx_fastcache.optimize`), so the
+  overheads are the same and the comparison is of decisions and fallbacks.  The external
+  peers (diffusers' First-Block-Cache, cache-dit) run their own code on a copy of the model
+  (:mod:`fx_fastcache.bench.peers`).
+* **Timing is interleaved.**  The machine this runs on is shared; wall-clock per image is
+  measured on a small timing batch as uncached, cached, uncached, cached ... in one process and
+  the best of the repeats is kept, so a load spike hits both sides alike.  The ratio is
+  reported next to the ideal ``1 / (1 - fraction of FLOPs replaced)``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .metrics import (class_accuracy, classifier_features, frechet_distance, load_digit_classifier, psnr,
+                      real_digit_features, ssim)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Method", "parse_method", "parse_methods", "DEFAULT_METHODS", "DEFAULT_THRESHOLDS", "run_benchmark",
+           "block_flops"]
+
+PEERS = ("diffusers_fbc", "cache_dit")
+#: Policies whose named method implies a fallback (the classic methods).
+CLASSIC = {"first_block_cache": "residual", "teacache": "residual"}
+
+#: Threshold grids per policy / peer (chosen so that the fraction replaced spans ~30-80 %).
+DEFAULT_THRESHOLDS: dict[str, tuple[float, ...]] = {
+    "step_forecast": (0.05, 0.08, 0.11, 0.14),
+    "chi2": (0.3, 0.6, 1.0, 1.5),
+    "first_block_cache": (0.1, 0.2, 0.3, 0.4),
+    "teacache": (0.1, 0.2, 0.4, 0.8),
+    "diffusers_fbc": (0.1, 0.2, 0.3, 0.4),
+    "cache_dit": (0.16, 0.24, 0.32),
+    "schedule": (0.0,),
+}
+
+DEFAULT_METHODS = (
+    "none",
+    "step_forecast/forecast",
+    "step_forecast/residual",
+    "step_forecast/residual_linear",
+    "step_forecast/linear",
+    "chi2/residual_linear",
+    "chi2/forecast",
+    "first_block_cache",
+    "teacache",
+    "diffusers_fbc",
+)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method of the sweep.
+
+    ``kind`` is ``"none"``, ``"fastcache"`` (our graph with ``policy``/``fallback``) or a peer
+    (``"diffusers_fbc"``, ``"cache_dit"``).
+    """
+
+    name: str
+    kind: str
+    policy: str | None = None
+    fallback: str | None = None
+    thresholds: tuple[float, ...] = ()
+    warmup_steps: int = 2
+    max_skip_steps: int = 0
+
+    @property
+    def needs_calibration(self) -> bool:
+        from fx_fastcache.fallbacks import FALLBACKS
+
+        if self.kind != "fastcache":
+            return False
+        return FALLBACKS[self.fallback].fitted or self.policy in ("chi2", "teacache")
+
+
+def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method:
+    """Parse a method spec.
+
+    Forms: ``none``; ``diffusers_fbc``; ``cache_dit``; ``first_block_cache``; ``teacache``;
+    ``POLICY/FALLBACK`` (e.g. ``step_forecast/forecast``); any of the FastCache forms may end
+    with ``:warmup=W`` and/or ``:max_skip=M`` (e.g. ``step_forecast/forecast:warmup=3:max_skip=3``).
+    """
+    from fx_fastcache.fallbacks import FALLBACKS
+    from fx_fastcache.policies import POLICIES
+
+    parts = spec.strip().split(":")
+    head, opts = parts[0], parts[1:]
+    warmup: int | None = None
+    max_skip = 0
+    for o in opts:
+        key, _, val = o.partition("=")
+        if key not in ("warmup", "max_skip") or not val.isdigit():
+            raise ValueError(f"method {spec!r}: option {o!r} is not understood; use ':warmup=N' or ':max_skip=N'")
+        if key == "warmup":
+            warmup = int(val)
+        else:
+            max_skip = int(val)
+    thr = tuple(float(t) for t in thresholds) if thresholds else None
+    if head == "none":
+        return Method("none", "none")
+    if head in PEERS:
+        if opts:
+            raise ValueError(f"method {spec!r}: options apply only to FastCache methods")
+        return Method(head, head, thresholds=thr or DEFAULT_THRESHOLDS[head])
+    if head in CLASSIC:
+        policy, fallback = head, CLASSIC[head]
+        default_warmup = 0  # as the original methods: only the first step is forced
+    else:
+        policy, _, fallback = head.partition("/")
+        default_warmup = 2
+        if policy not in POLICIES or fallback not in FALLBACKS:
+            raise ValueError(
+                f"method {spec!r} is unknown; use none, {', '.join(PEERS)}, {', '.join(CLASSIC)} or POLICY/FALLBACK "
+                f"with POLICY in {sorted(POLICIES)} and FALLBACK in {sorted(FALLBACKS)}")
+    w = default_warmup if warmup is None else warmup
+    name = head if head in CLASSIC else f"fastcache[{policy}/{fallback}]"
+    if warmup is not None or max_skip:
+        name += f"(w{w},m{max_skip})"
+    return Method(name, "fastcache", policy, fallback, thr or DEFAULT_THRESHOLDS.get(policy, (0.1,)), w, max_skip)
+
+
+def parse_methods(specs: Sequence[str], thresholds: Sequence[float] | None = None) -> list[Method]:
+    out = [parse_method(s, thresholds) for s in specs if s.strip()]
+    if not out:
+        raise ValueError("no methods given")
+    return out
+
+
+def block_flops(tm, batch: int) -> tuple[float, list[float]]:
+    """FLOPs of one model call on ``batch`` rows (``FlopCounterMode``) and of each block."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fx_fastcache.trained import NULL_CLASS
+
+    x = torch.zeros(batch, tm.in_channels, tm.sample_size, tm.sample_size, dtype=tm.dtype, device=tm.device)
+    y = torch.full((batch,), NULL_CLASS, dtype=torch.long, device=tm.device)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        tm.model(**tm.call_kwargs(x, torch.tensor(0.5), y))
+    counts = fc.get_flop_counts()
+    root = type(tm.model).__name__
+    n = len(tm.model.transformer_blocks)
+    per_block = [float(sum(counts.get(f"{root}.transformer_blocks.{i}", {}).values())) for i in range(n)]
+    return float(fc.get_total_flops()), per_block
+
+
+@dataclass
+class _Setup:
+    tm: Any
+    classes: list[int]
+    seeds: list[int]
+    t_classes: list[int]
+    t_seeds: list[int]
+    c_classes: list[int]
+    c_seeds: list[int]
+    steps: int
+    cfg: float
+    ref: torch.Tensor
+    t_ref: list[float] = field(default_factory=list)
+
+
+def _sample(s: _Setup, model, classes, seeds, progress: bool = False) -> tuple[torch.Tensor, float]:
+    from fx_fastcache.trained import sample
+
+    t0 = time.perf_counter()
+    img = sample(s.tm, classes, seeds, steps=s.steps, cfg=s.cfg, model=model, progress=progress)
+    return img, time.perf_counter() - t0
+
+
+def _quality(s: _Setup, img: torch.Tensor) -> dict[str, float]:
+    p, q = psnr(img, s.ref), ssim(img, s.ref)
+    net = load_digit_classifier()
+    return {
+        "psnr_mean": float(p.mean()), "psnr_worst": float(p.min()),
+        "ssim_mean": float(q.mean()), "ssim_worst": float(q.min()),
+        "class_accuracy": class_accuracy(img, s.classes, net),
+        "frechet": (frechet_distance(classifier_features(img, net), real_digit_features()) if len(img) >= 2
+                    else None),
+        "worst_index": int(p.argmin()),
+    }
+
+
+def _flops_saved(skipped: Sequence[float], calls: float, total: float, per_block: Sequence[float]) -> float:
+    if not calls:
+        return 0.0
+    return float(sum(k * f for k, f in zip(skipped, per_block)) / (calls * total))
+
+
+def _batch_kwargs(tm, n_images: int) -> dict[str, Any]:
+    """Keyword inputs of one CFG call for ``n_images`` images (batch ``2 n``), for capturing."""
+    x = torch.zeros(2 * n_images, tm.in_channels, tm.sample_size, tm.sample_size, dtype=tm.dtype, device=tm.device)
+    y = torch.zeros(2 * n_images, dtype=torch.long, device=tm.device)
+    return tm.call_kwargs(x, torch.tensor(1.0), y)
+
+
+class _FastCacheRunner:
+    def __init__(self, s: _Setup, m: Method, backend: str) -> None:
+        import fx_fastcache as fastcache
+
+        self.fc = fastcache
+        self.m = m
+        self.opt = fastcache.optimize(s.tm.model, backend=backend, policy=m.policy, fallback=m.fallback,
+                                      warmup_steps=m.warmup_steps, max_skip_steps=m.max_skip_steps)
+        self.calib_s = 0.0
+        for n in {len(s.classes), len(s.t_classes)} - {0}:  # capture outside every timed run
+            self.opt.capture(**_batch_kwargs(s.tm, n))
+        if m.needs_calibration:
+            t0 = time.perf_counter()
+            with fastcache.calibrate(self.opt):
+                _sample(s, self.opt, s.c_classes, s.c_seeds)
+            self.calib_s = time.perf_counter() - t0
+
+    def prepare(self, threshold: float) -> Any:
+        self.fc.configure(self.opt, cache_ratio_threshold=float(threshold))
+        self.fc.reset(self.opt)
+        return self.opt
+
+    def stats(self) -> tuple[float, list[float], float]:
+        st = self.fc.get_cache_statistics(self.opt)
+        calls = st["calls"]
+        return st["block_approx_ratio"], [b["approximated"] for b in st["per_block"]], calls
+
+
+class _PeerRunner:
+    def __init__(self, s: _Setup, m: Method) -> None:
+        self.s, self.m = s, m
+        self.run = None
+        self.calib_s = 0.0
+
+    def prepare(self, threshold: float) -> Any:
+        from . import peers
+
+        if self.m.kind == "diffusers_fbc":
+            self.run = peers.diffusers_first_block_cache(self.s.tm.model, threshold)
+        else:
+            self.run = peers.cache_dit_dbcache(self.s.tm.model, threshold, self.s.steps)
+        return self.run.model
+
+    def stats(self) -> tuple[float, list[float], float]:
+        r = self.run
+        return r.replaced_fraction, [float(k) for k in r.per_block_skipped()], float(r.calls[0])
+
+
+def run_benchmark(
+    model: str = "dit-mnist",
+    methods: Sequence[str | Method] = DEFAULT_METHODS,
+    thresholds: Sequence[float] | None = None,
+    n_images: int = 16,
+    steps: int = 20,
+    cfg: float = 2.0,
+    eval_seed: int = 1000,
+    calib_images: int = 4,
+    calib_seed: int = 0,
+    backend: str = "eager",
+    timing_images: int = 4,
+    timing_repeats: int = 1,
+    on_run: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run the sweep and return ``{"setup": ..., "runs": [...]}`` (JSON-serialisable).
+
+    Args:
+        model: ``"dit-mnist"``, ``"pixart-mnist"`` or a diffusers model folder.
+        methods: method specs (see :func:`parse_method`) or :class:`Method` objects.
+        thresholds: one threshold grid for every non-``none`` method (default: per method).
+        n_images: evaluation images (classes ``i % 10``, seeds ``eval_seed + i``).
+        steps, cfg: sampler settings (Euler steps, classifier-free guidance scale).
+        calib_images, calib_seed: calibration generations use seeds ``calib_seed + i``,
+            which must not overlap the evaluation seeds.
+        backend: ``"eager"`` or ``"inductor"`` for the FastCache graphs.
+        timing_images: images of the interleaved timing batch (0 = skip timing).
+        timing_repeats: uncached/cached timing pairs per run (the fastest of each is kept).
+        on_run: called with each run's record as soon as it is done.
+        progress: tqdm bar over the steps of each generation.
+    """
+    from fx_fastcache.trained import load_trained
+
+    for name, v, lo in (("n_images", n_images, 1), ("steps", steps, 1), ("calib_images", calib_images, 1),
+                        ("timing_images", timing_images, 0), ("timing_repeats", timing_repeats, 1)):
+        if not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name}={v!r} is invalid: expected an integer >= {lo}")
+    seeds = [eval_seed + i for i in range(n_images)]
+    c_seeds = [calib_seed + i for i in range(calib_images)]
+    overlap = sorted(set(seeds) & set(c_seeds))
+    if overlap:
+        raise ValueError(f"calibration seeds {c_seeds[0]}..{c_seeds[-1]} overlap the evaluation seeds "
+                         f"{seeds[0]}..{seeds[-1]} (e.g. {overlap[:3]}); choose calib_seed/eval_seed further apart")
+    ms = [m if isinstance(m, Method) else parse_method(m, thresholds) for m in methods]
+    tm = load_trained(model)
+    classes = [i % 10 for i in range(n_images)]
+    t_n = min(timing_images, n_images)
+    s = _Setup(tm, classes, seeds, classes[:t_n], seeds[:t_n], [(3 * i + 7) % 10 for i in range(calib_images)],
+               c_seeds, steps, cfg, ref=torch.empty(0))
+    total_flops, per_block_flops = block_flops(tm, 2)
+    logger.info("bench %s: %d images, %d steps, cfg %.1f, %d methods", model, n_images, steps, cfg, len(ms))
+    s.ref, ref_s = _sample(s, None, classes, seeds, progress)
+    ref_q = _quality(s, s.ref)
+    setup = {
+        "model": model, "kind": tm.kind, "n_images": n_images, "steps": steps, "cfg": cfg,
+        "eval_seeds": [seeds[0], seeds[-1]], "calib_seeds": [c_seeds[0], c_seeds[-1]], "backend": backend,
+        "timing_images": t_n, "timing_repeats": timing_repeats, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "flops_per_call_2rows": total_flops, "flops_per_block_2rows": per_block_flops,
+        "blocks": len(per_block_flops), "uncached_generation_s": ref_s,
+        "uncached_class_accuracy": ref_q["class_accuracy"], "uncached_frechet": ref_q["frechet"],
+    }
+    runs: list[dict[str, Any]] = []
+    for m in ms:
+        if m.kind == "none":
+            rec = {"method": "none", "kind": "none", "threshold": None, "replaced_fraction": 0.0,
+                   "flops_saved": 0.0, **ref_q, "generation_s": ref_s}
+            if t_n:
+                _, t_u = _sample(s, None, s.t_classes, s.t_seeds)
+                rec.update(time_per_image_s=t_u / t_n, time_per_image_uncached_s=t_u / t_n, speedup=1.0,
+                           ideal_speedup=1.0, speedup_vs_ideal=1.0)
+            runs.append(rec)
+            if on_run:
+                on_run(rec)
+            continue
+        runner = _FastCacheRunner(s, m, backend) if m.kind == "fastcache" else _PeerRunner(s, m)
+        for thr in m.thresholds:
+            fn = runner.prepare(thr)
+            img, gen_s = _sample(s, fn, classes, seeds, progress)
+            frac, skipped, calls = runner.stats()
+            rec = {"method": m.name, "kind": m.kind, "policy": m.policy, "fallback": m.fallback,
+                   "threshold": float(thr), "warmup_steps": m.warmup_steps if m.kind == "fastcache" else None,
+                   "max_skip_steps": m.max_skip_steps if m.kind == "fastcache" else None,
+                   "replaced_fraction": frac,
+                   "flops_saved": _flops_saved(skipped, calls, total_flops, per_block_flops),
+                   "per_block_replaced": [k / calls if calls else 0.0 for k in skipped],
+                   "generation_s": gen_s, "calibration_s": runner.calib_s, **_quality(s, img)}
+            if t_n:
+                t_u, t_c, t_frac, t_saved = [], [], 0.0, 0.0
+                for _ in range(timing_repeats):
+                    t_u.append(_sample(s, None, s.t_classes, s.t_seeds)[1])
+                    fn = runner.prepare(thr)
+                    t_c.append(_sample(s, fn, s.t_classes, s.t_seeds)[1])
+                    t_frac, sk, calls = runner.stats()
+                    t_saved = _flops_saved(sk, calls, total_flops, per_block_flops)
+                tu, tc = min(t_u) / t_n, min(t_c) / t_n
+                ideal = 1.0 / max(1e-9, 1.0 - t_saved)
+                rec.update(time_per_image_s=tc, time_per_image_uncached_s=tu, speedup=tu / tc,
+                           timing_replaced_fraction=t_frac, timing_flops_saved=t_saved, ideal_speedup=ideal,
+                           speedup_vs_ideal=(tu / tc) / ideal)
+            runs.append(rec)
+            logger.info("%s thr=%.3g: %.0f%% replaced, PSNR %.1f (%.1f)", m.name, thr, 100 * frac,
+                        rec["psnr_mean"], rec["psnr_worst"])
+            if on_run:
+                on_run(rec)
+    return {"setup": setup, "runs": runs}
+

@@ -1,0 +1,244 @@
+"""FastCache for diffusers pipelines: ``enable_fastcache(pipe, **config)`` / ``disable_fastcache(pipe)``.
+
+Why the pieces below exist:
+
+* **Reset per pipeline call.**  Python looks ``pipe(...)`` up on the *type*, so an instance
+  attribute ``__call__`` would be ignored.  ``enable_fastcache`` swaps the pipeline's class for
+  a one-off subclass whose ``__call__`` resets the cache state and then runs the original
+  ``__call__``; ``disable_fastcache`` swaps the class back.  Statistics therefore describe the
+  most recent pipeline call.
+* **Two transformer calls per step.**  Flux with ``true_cfg_scale > 1`` and a negative prompt
+  calls the transformer twice per step with the *same* timestep, once inside
+  ``transformer.cache_context("cond")`` and once inside ``cache_context("uncond")``.  One
+  FastCache state would count each call as a step and mix the conditional and unconditional
+  caches.  :class:`PipelineFastCache` routes each named cache context to its own
+  :class:`FastCacheModule` ("twin") that wraps the *same* transformer and shares the
+  calibration store (fits and schedule tables), so every context has its own clock and its own
+  cached residuals.  Calls outside any context, or in the first context seen, use the main module.
+  No core change was needed: the pipeline already names its calls.
+* **Batched CFG** (DiT, PixArt, SD3 double the batch) needs nothing special: the batch is one
+  call per step, decisions are per step and cached tensors hold the whole batch.
+* **Step dispatch** (``schedule=table, step_dispatch="reduce-overhead"``): on GPU every in-graph
+  ``torch.cond`` costs a host sync and forbids CUDA graphs; with a schedule the host already knows
+  each step's pattern, so each context gets a :class:`~fx_fastcache.step_dispatch.StepDispatch`
+  whose host step counter restarts with every pipeline call (see docs/GPU.md for the numbers).
+* ``pipe.transformer.config`` stays the *diffusers* config (the FastCache config is
+  ``pipe.transformer.fastcache_config``): :class:`FastCacheModule` forwards unknown attributes.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .config import FastCacheConfig
+from .module import CapturedGraph, FastCacheModule
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["enable_fastcache", "disable_fastcache", "PipelineFastCache"]
+
+
+class PipelineFastCache(FastCacheModule):
+    """A :class:`FastCacheModule` for ``pipe.transformer``: one state per diffusers cache context."""
+
+    def __init__(self, model: nn.Module, config: FastCacheConfig, backend: str = "inductor",
+                 blocks: str | list[str] | None = None) -> None:
+        super().__init__(model, config, backend=backend, blocks=blocks)
+        object.__setattr__(self, "_twins", {})  # context name -> FastCacheModule (not submodules: same model)
+        object.__setattr__(self, "_primary_context", None)
+        object.__setattr__(self, "_active", None)
+        object.__setattr__(self, "_dispatch_mode", None)  # StepDispatch compile mode, None = in-graph guards
+        object.__setattr__(self, "_dispatchers", {})  # context name -> StepDispatch
+
+    # -- step dispatch ---------------------------------------------------------------------
+    def set_step_dispatch(self, compile_mode: str | None) -> None:
+        """Run the schedule through :class:`~fx_fastcache.step_dispatch.StepDispatch` (``None``: in-graph guards)."""
+        from .step_dispatch import COMPILE_MODES
+
+        if compile_mode is not None:
+            if self.fastcache_config.policy != "schedule":
+                raise ValueError(f"step dispatch needs policy='schedule', this pipeline uses "
+                                 f"policy={self.fastcache_config.policy!r}")
+            if compile_mode not in COMPILE_MODES:
+                raise ValueError(f"step_dispatch={compile_mode!r} is not supported; choose one of {COMPILE_MODES}")
+        object.__setattr__(self, "_dispatch_mode", compile_mode)
+        self._dispatchers.clear()
+
+    def _dispatcher(self, module: FastCacheModule):
+        from .step_dispatch import StepDispatch
+
+        key = str(self._active if module is not self else self._primary_context)
+        d = self._dispatchers.get(key)
+        if d is None:  # reads the table installed with fastcache.set_schedule(pipe, table)
+            d = StepDispatch(module, compile_mode=self._dispatch_mode)
+            self._dispatchers[key] = d
+        return d
+
+    # -- routing by cache context ----------------------------------------------------------
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:
+        """diffusers' ``CacheMixin.cache_context``: calls inside use the state of context ``name``."""
+        if self._primary_context is None:
+            object.__setattr__(self, "_primary_context", name)
+        prev = self._active
+        object.__setattr__(self, "_active", name)
+        try:
+            yield
+        finally:
+            object.__setattr__(self, "_active", prev)
+
+    def _target(self) -> FastCacheModule | None:
+        name = self._active
+        if name is None or name == self._primary_context:
+            return None
+        twin = self._twins.get(name)
+        if twin is None:
+            twin = FastCacheModule(self.model, self.fastcache_config, backend=self.backend, blocks=None)
+            twin.spec = self.spec
+            twin.store = self.store  # shared fits and schedule tables
+            twin._force_compute = self._force_compute
+            self._twins[name] = twin
+            logger.info("fx-fastcache: separate cache state for transformer calls in cache_context(%r)", name)
+        return twin
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        twin = self._target()
+        if self._dispatch_mode is not None:
+            return self._dispatcher(twin if twin is not None else self)(*args, **kwargs)
+        if twin is not None:
+            return twin(*args, **kwargs)
+        return super().forward(*args, **kwargs)
+
+    def contexts(self) -> dict[str, FastCacheModule]:
+        """The per-context modules (the primary context maps to ``self``)."""
+        out: dict[str, FastCacheModule] = {str(self._primary_context): self}
+        out.update(self._twins)
+        return out
+
+    # -- everything that walks the captured graphs also walks the twins' ------------------
+    def entries(self) -> list[CapturedGraph]:
+        out = super().entries()
+        for twin in self._twins.values():
+            out.extend(twin.entries())
+        return out
+
+    def reset(self) -> None:
+        super().reset()
+        for twin in self._twins.values():
+            twin.reset()
+        for d in self.__dict__.get("_dispatchers", {}).values():
+            d.reset_host()
+
+    def configure(self, **changes: Any) -> None:
+        super().configure(**changes)
+        for twin in self._twins.values():
+            twin.configure(**changes)
+
+    def set_force_compute(self, force: bool) -> None:
+        super().set_force_compute(force)
+        for twin in self._twins.values():
+            twin.set_force_compute(force)
+
+    def set_recorder(self, recorder: Any) -> None:
+        # calibration records the primary context only: the recorder keeps per-block histories
+        # across steps, which interleaved cond/uncond calls would corrupt
+        super().set_recorder(recorder)
+
+    def refresh_deciders(self) -> None:
+        super().refresh_deciders()
+        for twin in self._twins.values():
+            twin.refresh_deciders()
+
+    def drop_graphs(self) -> None:
+        super().drop_graphs()
+        self.__dict__.get("_dispatchers", {}).clear()
+        for twin in self.__dict__.get("_twins", {}).values():
+            twin.drop_graphs()
+
+
+def _wrapped_call(original: Any):
+    @functools.wraps(original)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        tr = getattr(self, "transformer", None)
+        if not isinstance(tr, PipelineFastCache):
+            raise RuntimeError("pipe.transformer is no longer the FastCache module installed by enable_fastcache; "
+                               "call fastcache.disable_fastcache(pipe) before replacing the transformer")
+        tr.reset()
+        return original(self, *args, **kwargs)
+
+    return __call__
+
+
+def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConfig | None = None,
+                     schedule: torch.Tensor | None = None, step_dispatch: str | None = None,
+                     **overrides: Any) -> PipelineFastCache:
+    """Optimize ``pipe.transformer`` in place; returns the installed module.
+
+    Args:
+        pipe: a diffusers pipeline with a ``transformer`` (DiT, PixArt-α/Σ, SD3, Flux, ...).
+        backend: ``"inductor"`` or ``"eager"`` (see :func:`fx_fastcache.optimize`).
+        config: a :class:`FastCacheConfig`; keyword ``overrides`` replace its fields.
+        schedule: a ``steps × blocks`` bool table (True = approximate); implies ``policy="schedule"``.
+        step_dispatch: with a schedule, decide on the host once per step and replay a graph
+            specialised for the step's pattern (:mod:`fx_fastcache.step_dispatch`):
+            ``"reduce-overhead"`` (CUDA graphs; the fast choice on GPU), ``"default"``,
+            ``"max-autotune"`` or ``"eager"``.  ``None`` keeps the in-graph ``torch.cond`` guards.
+
+    Afterwards ``pipe(...)`` resets the cache state at the start of every call,
+    ``fastcache.get_cache_statistics(pipe)`` reports the last call, and
+    ``fastcache.configure(pipe, ...)`` / ``set_schedule(pipe, ...)`` / ``calibrate(pipe.transformer)``
+    work as on an optimized model.
+    """
+    tr = getattr(pipe, "transformer", None)
+    if tr is None:
+        raise TypeError(f"{type(pipe).__name__} has no `transformer` component; enable_fastcache supports "
+                        f"transformer-based pipelines (DiT, PixArt, SD3, Flux); for a bare model use "
+                        f"fastcache.optimize")
+    if isinstance(tr, FastCacheModule) or getattr(type(pipe), "_fastcache_original_class", None) is not None:
+        raise ValueError(f"FastCache is already enabled on this {type(pipe).__name__}; "
+                         f"call fastcache.disable_fastcache(pipe) first to change the configuration")
+    if config is None:
+        config = FastCacheConfig()
+    elif not isinstance(config, FastCacheConfig):
+        raise TypeError(f"config must be a FastCacheConfig, got {type(config).__name__}")
+    if schedule is not None and "policy" not in overrides:
+        overrides["policy"] = "schedule"
+    if overrides:
+        config = config.replace(**overrides)
+    if step_dispatch is not None and schedule is None:
+        raise ValueError("step_dispatch needs schedule=<steps × blocks bool table>: the host must know every "
+                         "step's skip pattern in advance")
+    opt = PipelineFastCache(tr, config, backend=backend)
+    if schedule is not None:
+        from .api import set_schedule
+
+        set_schedule(opt, schedule)
+    opt.set_step_dispatch(step_dispatch)
+    cls = type(pipe)
+    sub = type(f"FastCache{cls.__name__}", (cls,),
+               {"__call__": _wrapped_call(cls.__call__), "_fastcache_original_class": cls,
+                "__module__": cls.__module__})
+    pipe.transformer = opt
+    pipe.__class__ = sub
+    logger.info("fx-fastcache: enabled on %s (policy=%s, fallback=%s, backend=%s)", cls.__name__, config.policy,
+                config.fallback, backend)
+    return opt
+
+
+def disable_fastcache(pipe: Any) -> nn.Module:
+    """Restore the original transformer and pipeline class; returns the original transformer."""
+    original_cls = getattr(type(pipe), "_fastcache_original_class", None)
+    tr = getattr(pipe, "transformer", None)
+    if original_cls is None or not isinstance(tr, FastCacheModule):
+        raise ValueError(f"FastCache is not enabled on this {type(pipe).__name__} (enable it with "
+                         f"fastcache.enable_fastcache(pipe))")
+    pipe.__class__ = original_cls
+    pipe.transformer = tr.model
+    return tr.model
+

@@ -1,0 +1,92 @@
+"""The benchmark: method parsing, bad input, result merging, and a smoke run of the CLI
+(2 steps, 2 images) that writes JSON, Markdown and the frontier plot."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fx_fastcache.bench import parse_method, pareto, run_benchmark
+from fx_fastcache.bench.report import merge
+
+
+@pytest.mark.parametrize("spec,policy,fallback,warmup,max_skip", [
+    ("step_forecast/forecast", "step_forecast", "forecast", 2, 0),
+    ("chi2/residual_linear:warmup=3", "chi2", "residual_linear", 3, 0),
+    ("step_forecast/forecast:warmup=1:max_skip=2", "step_forecast", "forecast", 1, 2),
+    ("first_block_cache", "first_block_cache", "residual", 0, 0),
+    ("teacache", "teacache", "residual", 0, 0),
+], ids=["default", "chi2-warmup", "options", "fbc", "teacache"])
+def test_parse_method(spec, policy, fallback, warmup, max_skip):
+    m = parse_method(spec)
+    assert (m.kind, m.policy, m.fallback, m.warmup_steps, m.max_skip_steps) == ("fastcache", policy, fallback, warmup,
+                                                                                max_skip)
+    assert m.thresholds
+    assert parse_method(spec, [0.5]).thresholds == (0.5,)
+
+
+def test_parse_peers_and_none():
+    assert parse_method("none").kind == "none"
+    assert parse_method("diffusers_fbc").kind == "diffusers_fbc"
+
+
+@pytest.mark.parametrize("spec,words", [
+    ("step_forecast/nope", ["step_forecast/nope", "FALLBACK"]),
+    ("magic", ["magic", "POLICY"]),
+    ("step_forecast/forecast:speed=2", ["speed=2", "warmup"]),
+    ("diffusers_fbc:warmup=2", ["only to FastCache"]),
+], ids=["bad-fallback", "bad-name", "bad-option", "peer-option"])
+def test_parse_method_errors_name_the_value(spec, words):
+    with pytest.raises(ValueError) as e:
+        parse_method(spec)
+    assert all(w in str(e.value) for w in words)
+
+
+def test_overlapping_calibration_seeds_are_refused():
+    with pytest.raises(ValueError, match="overlap"):
+        run_benchmark("dit-mnist", ["none"], n_images=4, eval_seed=10, calib_seed=12)
+
+
+def test_pareto_keeps_the_upper_frontier():
+    pts = [(0.2, 40.0), (0.5, 35.0), (0.5, 30.0), (0.6, 36.0), (0.7, 20.0)]
+    assert pareto(pts) == [(0.2, 40.0), (0.6, 36.0), (0.7, 20.0)]
+
+
+def test_merge_refuses_different_settings():
+    a = {"setup": {"model": "dit-mnist", "n_images": 16, "steps": 20, "cfg": 2.0, "eval_seeds": [0, 1],
+                   "calib_seeds": [5, 6]}, "runs": [{"kind": "none"}, {"kind": "fastcache"}]}
+    b = json.loads(json.dumps(a))
+    merged = merge([a, b])
+    assert [r["kind"] for r in merged["runs"]] == ["none", "fastcache", "fastcache"]  # one reference only
+    b["setup"]["steps"] = 10
+    with pytest.raises(ValueError, match="steps"):
+        merge([a, b])
+
+
+def test_bench_cli_smoke(tmp_path, capsys):
+    from fx_fastcache.cli.main import main
+
+    rc = main(["bench", "--model", "dit-mnist", "--images", "2", "--steps", "2", "--calib-images", "1",
+               "--timing-images", "1", "--methods", "none,step_forecast/forecast,diffusers_fbc",
+               "--thresholds", "0,1000", "--out", str(tmp_path), "--stem", "smoke"])
+    assert rc == 0
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"smoke.{ext}").stat().st_size > 0
+    assert not (tmp_path / "smoke.partial.json").exists()
+    res = json.loads((tmp_path / "smoke.json").read_text())
+    runs = {(r["method"], r["threshold"]): r for r in res["runs"]}
+    assert len(res["runs"]) == 5
+    none = runs[("none", None)]
+    assert none["psnr_mean"] == 100.0 and none["replaced_fraction"] == 0.0
+    exact = runs[("fastcache[step_forecast/forecast]", 0.0)]
+    assert exact["replaced_fraction"] == 0.0 and exact["psnr_mean"] == 100.0  # threshold 0: identical images
+    # with 2 steps and warm-up 2 nothing can be skipped, whatever the threshold
+    assert runs[("fastcache[step_forecast/forecast]", 1000.0)]["replaced_fraction"] == 0.0
+    # diffusers' FBC skips the second step's 11 later blocks at a huge threshold: 11 of 24 block evaluations
+    peer = runs[("diffusers_fbc", 1000.0)]
+    assert peer["replaced_fraction"] == pytest.approx(11 / 24)
+    assert 0 < peer["flops_saved"] < peer["replaced_fraction"]  # block 0 and the embedding/head still run
+    for r in res["runs"]:
+        assert r["time_per_image_s"] > 0 and r["speedup"] > 0
+    assert "| diffusers_fbc |" in (tmp_path / "smoke.md").read_text()
+    assert "wrote" in capsys.readouterr().out

@@ -1,0 +1,193 @@
+"""ONNX export with explicit state: checker-clean, one If per block, and onnxruntime driven by the
+runner reproduces the PyTorch model replaying the same schedule (dit-mnist and every family)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from fx_fastcache.bench.metrics import psnr  # noqa: E402
+from fx_fastcache.calibration import model_fingerprint  # noqa: E402
+from fx_fastcache.config import FastCacheConfig  # noqa: E402
+from fx_fastcache.export.onnx import export_onnx  # noqa: E402
+from fx_fastcache.export.runner import OnnxRunner  # noqa: E402
+from fx_fastcache.export.schedule import Schedule, optimize_with_schedule  # noqa: E402
+from fx_fastcache.families import block_modules, resolve_family  # noqa: E402
+from fx_fastcache.zoo import make_tiny  # noqa: E402
+
+TINY = ["tiny-dit", "tiny-pixart", "tiny-sd3", "tiny-flux"]
+
+
+def pattern_schedule(model, steps: int) -> Schedule:
+    """Step 0 computes; then rows alternate between all skipped, none, and a checkerboard."""
+    names = [n for n, _, _ in block_modules(model, resolve_family(model))]
+    rows = [[False] * len(names)]
+    for s in range(1, steps):
+        kind = s % 3
+        rows.append([True] * len(names) if kind == 1 else [False] * len(names) if kind == 0
+                    else [(s + j) % 2 == 0 for j in range(len(names))])
+    return Schedule(rows, names, model_fingerprint(model), FastCacheConfig().to_dict(), "test")
+
+
+def tiny_loop(model, tm, steps: int) -> list[torch.Tensor]:
+    """A small Euler-like loop: the latent evolves, so every step sees new inputs."""
+    ts = torch.linspace(1000.0, 0.0, steps + 1)[:-1].tolist()
+    kw0 = tm.make_inputs(ts[0], 2)
+    x = kw0["hidden_states"]
+    outs = []
+    for t in ts:
+        kw = tm.make_inputs(t, 2)
+        kw["hidden_states"] = x
+        y = model(**kw)[0]
+        outs.append(y.detach().clone())
+        x = x - 0.1 * y[..., : x.shape[1], :, :] if x.ndim == 4 else x - 0.1 * y
+    return outs
+
+
+def _check_graph(path, n_blocks):
+    m = onnx.load(str(path))
+    onnx.checker.check_model(m)
+    opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    assert opset >= 18
+    assert sum(n.op_type == "If" for n in m.graph.node) == n_blocks
+    ins = [i.name for i in m.graph.input]
+    outs = [o.name for o in m.graph.output]
+    assert "skip" in ins
+    assert any(n.startswith("state_in.") and n.endswith("r_c0") for n in ins)
+    assert len([n for n in outs if n.startswith("state_out.")]) > 0
+    return m
+
+
+@pytest.fixture(scope="module")
+def tiny_dit_export(tmp_path_factory):
+    tm = make_tiny("tiny-dit")
+    sched = pattern_schedule(tm.model, 6)
+    path = tmp_path_factory.mktemp("onnx") / "tiny-dit.onnx"
+    ex = export_onnx(tm.model, sched, tm.make_inputs(1000.0, 2), path)
+    return tm, sched, ex
+
+
+@pytest.mark.parametrize("name", TINY, ids=TINY)
+def test_runner_matches_pytorch_schedule(name, tiny_dit_export, tmp_path):
+    if name == "tiny-dit":
+        tm, sched, ex = tiny_dit_export
+    else:
+        tm = make_tiny(name)
+        sched = pattern_schedule(tm.model, 6)
+        ex = export_onnx(tm.model, sched, tm.make_inputs(1000.0, 2), tmp_path / f"{name}.onnx")
+    _check_graph(ex.path, len(sched.blocks))
+    if name == "tiny-pixart":  # its no-op squeeze.dim would make onnxruntime fail
+        assert ex.spec.dropped_squeezes == 1
+    ref = tiny_loop(optimize_with_schedule(tm.model, sched), tm, sched.steps)  # a fresh capture, not the exported one
+    got = tiny_loop(OnnxRunner(ex.path), tm, sched.steps)
+    for step, (r, g) in enumerate(zip(ref, got)):
+        err = float((r - g).abs().max())
+        assert err <= 1e-3, f"step {step} (skip row {sched.table[step]}): max abs error {err}"
+
+
+def test_dit_mnist_images_match(tmp_path):
+    from fx_fastcache.trained import load_trained, sample
+
+    tm = load_trained("dit-mnist")
+    steps = 5
+    sched = pattern_schedule(tm.model, steps)
+    classes, seeds = [3, 7], [0, 1]
+    opt = optimize_with_schedule(tm.model, sched)
+    ref = sample(tm, classes, seeds, steps=steps, model=opt)
+    kw = tm.call_kwargs(torch.zeros(4, 1, 32, 32), torch.ones(4), torch.tensor([3, 7, 10, 10]))
+    ex = export_onnx(opt, sched, kw, tmp_path / "dit.onnx")  # reuses opt's captured graph
+    _check_graph(ex.path, 12)
+    got = sample(tm, classes, seeds, steps=steps, model=OnnxRunner(ex.path))
+    err = float((ref - got).abs().max())
+    assert err <= 1e-3 or float(psnr(got, ref).min()) >= 60.0, f"max abs error {err}"
+
+
+def test_state_is_carried_not_frozen(tiny_dit_export):
+    """Skipped steps depend on the carried state: the same inputs with zeroed state give another output."""
+    tm, sched, ex = tiny_dit_export
+    assert sched.table[1] == [True, True]  # step 1 skips every block
+    carried = tiny_loop(OnnxRunner(ex.path), tm, 3)
+    t1 = torch.linspace(1000.0, 0.0, 4)[1].item()  # tiny_loop's second timestep for 3 steps
+    kw = tm.make_inputs(t1, 2)
+    kw["hidden_states"] = tm.make_inputs(1000.0, 2)["hidden_states"] - 0.1 * carried[0][:, :4]
+    outs = {}
+    for zero in (False, True):
+        r = OnnxRunner(ex.path)
+        tiny_loop(r, tm, 1)  # step 0, same inputs as the carried run
+        if zero:
+            r.state = [np.zeros_like(s) for s in r.state]
+        outs[zero] = r(**kw)[0]
+    torch.testing.assert_close(outs[False], carried[1], atol=1e-6, rtol=0)  # same inputs reproduce step 1
+    assert float((outs[True] - carried[1]).abs().max()) > 1e-3
+
+
+def test_if_conditions_are_scalar_bool_and_branches_agree(tiny_dit_export):
+    """What TensorRT's conditional layer needs: 0-d bool condition, branches with equal output types/shapes."""
+    _, _, ex = tiny_dit_export
+    m = onnx.shape_inference.infer_shapes(onnx.load(str(ex.path)))
+    info = {v.name: v.type.tensor_type for v in [*m.graph.value_info, *m.graph.input, *m.graph.output]}
+    ifs = [n for n in m.graph.node if n.op_type == "If"]
+    assert ifs
+    for n in ifs:
+        cond = info[n.input[0]]
+        assert cond.elem_type == onnx.TensorProto.BOOL and len(cond.shape.dim) == 0
+        then_b = next(a.g for a in n.attribute if a.name == "then_branch")
+        else_b = next(a.g for a in n.attribute if a.name == "else_branch")
+        assert len(then_b.output) == len(else_b.output) == len(n.output)
+        for a, b in zip(then_b.output, else_b.output):
+            ta, tb = a.type.tensor_type, b.type.tensor_type
+            assert ta.elem_type == tb.elem_type
+            assert [d.dim_value for d in ta.shape.dim] == [d.dim_value for d in tb.shape.dim]
+
+
+def test_runner_rejects_mismatches(tiny_dit_export):
+    tm, sched, ex = tiny_dit_export
+    other = Schedule([[False] * 3], ["a", "b", "c"], sched.fingerprint, sched.config)
+    with pytest.raises(ValueError, match="do not match"):
+        OnnxRunner(ex.path, schedule=other)
+    runner = OnnxRunner(ex.path)
+    with pytest.raises(ValueError, match="exported for"):
+        runner(**tm.make_inputs(1000.0, 3))
+    with pytest.raises(TypeError, match="missing input"):
+        runner(hidden_states=torch.zeros(2, 4, 8, 8))
+
+
+def test_cli_export_onnx(tmp_path, tiny_dit_export, capsys):
+    from fx_fastcache.cli.main import main
+
+    _, sched, _ = tiny_dit_export
+    s = tmp_path / "S.json"
+    sched.save(s)
+    out = tmp_path / "M.onnx"
+    assert main(["export-onnx", "--model", "tiny-dit", "--schedule", str(s), "--out", str(out), "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert "2 blocks as If" in text and "verify" in text
+    worst = float(text.split("max |onnxruntime - PyTorch| = ")[1].split()[0])
+    assert worst <= 1e-3
+    _check_graph(out, 2)
+
+
+def test_calibration_constants_are_kept_and_only_state_is_carried(tmp_path):
+    """residual_linear: fitted A, b stay constants in the graph (not zeroed state inputs)."""
+    tm = make_tiny("tiny-dit")
+    base = pattern_schedule(tm.model, 5)
+    sched = Schedule(base.table, base.blocks, base.fingerprint, {**base.config, "fallback": "residual_linear"})
+    opt = optimize_with_schedule(tm.model, sched)
+    opt.capture(**tm.make_inputs(1000.0, 2))
+    g = torch.Generator().manual_seed(0)
+    fitted = [k for k in opt.store.tensors if k.endswith((".A", ".b"))]
+    assert fitted
+    for k in fitted:
+        v = opt.store.tensors[k]
+        v.copy_(0.1 * torch.randn(v.shape, generator=g))  # stands in for a calibration fit
+    ex = export_onnx(opt, sched, tm.make_inputs(1000.0, 2), tmp_path / "rl.onnx")
+    assert {s.name for s in ex.spec.state} == {"n", "r_c0", "x_c0"}
+    opt.reset()
+    ref = tiny_loop(opt, tm, sched.steps)
+    got = tiny_loop(OnnxRunner(ex.path), tm, sched.steps)
+    for r, o in zip(ref, got):
+        assert float((r - o).abs().max()) <= 1e-3

@@ -1,0 +1,229 @@
+"""Tests of the diffusers pipeline integration, step dispatch, the examples and the real-size benchmark's CPU mode.
+
+Every pipeline is a tiny offline one (``fx_fastcache.tiny_pipelines``) on the eager backend.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.fx as fx
+
+import fx_fastcache as fastcache
+from fx_fastcache.pipelines import PipelineFastCache
+from fx_fastcache.step_dispatch import COND, StepDispatch, specialise
+from fx_fastcache.tiny_pipelines import make_tiny_pipeline
+from fx_fastcache.zoo import make_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 5
+WARMUP = 2
+# name -> (tiny pipeline, extra call kwargs, transformer calls per step, blocks per call)
+CASES = {
+    "dit": ("dit", {}, 1, 2),
+    "pixart-sigma": ("pixart-sigma", {}, 1, 2),
+    "sd3": ("sd3", {}, 1, 2),
+    "flux-true-cfg": ("flux", {"negative_prompt": "blurry", "true_cfg_scale": 2.0}, 2, 3),
+}
+
+
+def _images(pipe, tp, extra) -> np.ndarray:
+    return np.asarray(pipe(**tp.call_kwargs(seed=0, num_inference_steps=STEPS, **extra)).images)
+
+
+@pytest.fixture(scope="module", params=list(CASES), ids=list(CASES))
+def case(request):
+    """A pipeline, its uncached output, and FastCache enabled with approximation off."""
+    family, extra, calls, blocks = CASES[request.param]
+    tp = make_tiny_pipeline(family)
+    original_cls, original_tr = type(tp.pipe), tp.pipe.transformer
+    reference = _images(tp.pipe, tp, extra)
+    fastcache.enable_fastcache(tp.pipe, backend="eager", enable_block_approx=False, warmup_steps=WARMUP)
+    cached = _images(tp.pipe, tp, extra)
+    return dict(tp=tp, extra=extra, calls=calls, blocks=blocks, reference=reference, cached=cached,
+                original_cls=original_cls, original_tr=original_tr)
+
+
+def test_output_matches_uncached_without_approximation(case) -> None:
+    np.testing.assert_array_equal(case["cached"], case["reference"])
+
+
+def test_transformer_config_is_the_models(case) -> None:
+    tr = case["tp"].pipe.transformer
+    assert isinstance(tr, PipelineFastCache)
+    assert tr.config is case["original_tr"].config  # what the pipeline reads (in_channels, ...)
+    assert tr.fastcache_config.enable_block_approx is False
+
+
+def test_statistics_count_forced_skips_and_reset_per_call(case) -> None:
+    tp, extra = case["tp"], case["extra"]
+    fastcache.configure(tp.pipe, enable_block_approx=True, cache_ratio_threshold=1e6)  # approximate all it may
+    try:
+        for _ in range(2):  # the second call must report the same: state resets at every pipeline call
+            images = _images(tp.pipe, tp, extra)
+            stats = fastcache.get_cache_statistics(tp.pipe)
+            assert stats["calls"] == STEPS * case["calls"]
+            assert stats["block_evaluations"] == STEPS * case["calls"] * case["blocks"]
+            # every context computes its warm-up steps, then skips every block: the count proves that a
+            # second call per step (Flux true CFG) neither advanced the step nor shared the cached state
+            assert stats["blocks_approximated"] == (STEPS - WARMUP) * case["calls"] * case["blocks"]
+        assert np.isfinite(images).all()
+        assert not np.array_equal(images, case["reference"])
+    finally:
+        fastcache.configure(tp.pipe, enable_block_approx=False, cache_ratio_threshold=0.08)
+
+
+def test_disable_restores_pipeline(case) -> None:
+    tp = case["tp"]
+    restored = fastcache.disable_fastcache(tp.pipe)
+    assert restored is case["original_tr"] and tp.pipe.transformer is case["original_tr"]
+    assert type(tp.pipe) is case["original_cls"]
+    np.testing.assert_array_equal(_images(tp.pipe, tp, case["extra"]), case["reference"])
+
+
+def test_flux_true_cfg_uses_one_state_per_cache_context() -> None:
+    tp = make_tiny_pipeline("flux")
+    tr = fastcache.enable_fastcache(tp.pipe, backend="eager")
+    tp.pipe(**tp.call_kwargs(num_inference_steps=3, negative_prompt="blurry", true_cfg_scale=2.0))
+    contexts = tr.contexts()
+    assert sorted(contexts) == ["cond", "uncond"]
+    for module in contexts.values():
+        (entry,) = module.entries() if module is not tr else module._entries.values()
+        assert float(entry.clock.calls) == 3 and float(entry.clock.step) == 2
+    assert contexts["uncond"].store is tr.store
+
+
+def test_enable_twice_and_disable_unenabled_raise() -> None:
+    tp = make_tiny_pipeline("dit")
+    with pytest.raises(ValueError, match="not enabled"):
+        fastcache.disable_fastcache(tp.pipe)
+    fastcache.enable_fastcache(tp.pipe, backend="eager")
+    with pytest.raises(ValueError, match="already enabled"):
+        fastcache.enable_fastcache(tp.pipe, backend="eager")
+    fastcache.disable_fastcache(tp.pipe)
+
+
+def test_enable_on_object_without_transformer_names_it() -> None:
+    class NoTransformer:
+        unet = None
+
+    with pytest.raises(TypeError, match="NoTransformer has no `transformer`"):
+        fastcache.enable_fastcache(NoTransformer())
+
+
+# -- step dispatch ------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_step_dispatch_matches_in_graph_schedule(name: str) -> None:
+    tm = make_tiny(name)
+    n_blocks = 2 if name == "tiny-sd3" else 3
+    table = torch.zeros(7, n_blocks, dtype=torch.bool)
+    table[2::2, ::2] = True
+    table[3::2, 1::2] = True
+    ref = fastcache.optimize(tm.model, backend="eager", policy="schedule", fallback="residual_linear")
+    fastcache.set_schedule(ref, table)
+    opt = fastcache.optimize(tm.model, backend="eager", policy="schedule", fallback="residual_linear")
+    fastcache.set_schedule(opt, table)
+    disp = StepDispatch(opt, compile_mode="eager")  # table read back from set_schedule
+    for t in torch.linspace(999, 20, 7).tolist():
+        a = ref(**tm.make_inputs(t, 2))[0]
+        b = disp(**tm.make_inputs(t, 2))[0]
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    sa, sb = fastcache.get_cache_statistics(ref), fastcache.get_cache_statistics(opt)
+    assert sb["blocks_approximated"] == sa["blocks_approximated"] == int(table[2:].sum())
+    assert len(disp.patterns) == 3  # full, even blocks, odd blocks
+
+
+def test_specialised_graph_has_no_cond() -> None:
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, backend="eager", policy="schedule", fallback="residual")
+    entry = opt.capture(**tm.make_inputs(900, 2))
+    assert any(n.target is COND for n in entry.gm.graph.nodes)
+    gm = specialise(entry.gm, (True, False))
+    assert isinstance(gm, fx.GraphModule)
+    assert not any(n.target is COND for n in gm.graph.nodes)
+    called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert "fastcache_fallback_0" in called and "fastcache_block_1" in called
+    assert "fastcache_block_0" not in called and "fastcache_fallback_1" not in called
+    assert gm.fastcache_guard_0 is entry.gm.fastcache_guard_0  # state is shared, not copied
+
+
+def test_step_dispatch_rejects_other_policies() -> None:
+    opt = fastcache.optimize(make_tiny("tiny-dit").model, backend="eager", policy="chi2")
+    with pytest.raises(ValueError, match="policy='schedule'"):
+        StepDispatch(opt, torch.zeros(3, 2, dtype=torch.bool), compile_mode="eager")
+
+
+# -- examples and the benchmark's CPU mode ----------------------------------------------------
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(f"_example_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(path.parent))
+    return mod
+
+
+@pytest.mark.parametrize("script, extra", [("dit.py", []), ("pixart_sigma.py", []), ("sd3.py", []),
+                                           ("flux.py", ["--true-cfg", "2"])],
+                         ids=["dit", "pixart-sigma", "sd3", "flux-true-cfg"])
+def test_example_runs_tiny(script: str, extra: list[str], capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    mod = _load(ROOT / "examples" / script)
+    out_png = tmp_path / "out.png"
+    assert mod.main(["--tiny", "--steps", "3", "--threshold", "1e6", "--out", str(out_png)] + extra) == 0
+    text = capsys.readouterr().out
+    assert "block evaluations approximated" in text and out_png.is_file()
+
+
+def test_realsize_benchmark_small_cpu(capsys: pytest.CaptureFixture) -> None:
+    mod = _load(ROOT / "benchmarks" / "realsize.py")
+    rc = mod.main(["--small", "--models", "pixart", "--compile", "eager", "--steps", "2", "--repeats", "1",
+                   "--iters", "1"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for kind in ("cond", "dispatch"):
+        assert "| pixart | 4 |" in text and f"| {kind} | 0.5 |" in text
+
+
+def test_pipeline_step_dispatch_matches_in_graph_schedule() -> None:
+    table = torch.zeros(STEPS, 2, dtype=torch.bool)
+    table[2:, 0] = True
+    table[3:, 1] = True
+    outs, stats = [], []
+    for dispatch in (None, "eager"):
+        tp = make_tiny_pipeline("pixart-sigma")
+        fastcache.enable_fastcache(tp.pipe, backend="eager", fallback="residual", schedule=table,
+                                   step_dispatch=dispatch)
+        for _ in range(2):  # the host step counter restarts with every pipeline call
+            outs.append(_images(tp.pipe, tp, {}))
+            stats.append(fastcache.get_cache_statistics(tp.pipe)["blocks_approximated"])
+    assert stats == [int(table.sum())] * 4
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+
+
+def test_step_dispatch_needs_a_schedule() -> None:
+    tp = make_tiny_pipeline("dit")
+    with pytest.raises(ValueError, match="step_dispatch needs schedule"):
+        fastcache.enable_fastcache(tp.pipe, backend="eager", step_dispatch="eager")
+
+
+def test_step_dispatch_inductor_matches_eager() -> None:
+    """The specialised copies compile with fullgraph (no cond left) and keep the numerics."""
+    tm = make_tiny("tiny-dit", layers=2)
+    table = torch.zeros(5, 2, dtype=torch.bool)
+    table[2:, 0] = True
+    outs = []
+    for mode in ("eager", "default"):
+        opt = fastcache.optimize(tm.model, backend="eager", policy="schedule", fallback="residual")
+        disp = StepDispatch(opt, table, compile_mode=mode)
+        outs.append([disp(**tm.make_inputs(t, 2))[0] for t in torch.linspace(999, 20, 5).tolist()])
+        assert fastcache.get_cache_statistics(opt)["blocks_approximated"] == 3
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,200 @@
+"""Motion-aware token routing (enable_spatial_approx): equivalence, a Python reference of the
+routing rule on every family, per-sample indices, statistics and one inductor compile."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import fx_fastcache as fastcache
+from fx_fastcache.families import block_modules
+from fx_fastcache.passes.route_tokens import routing_capacity
+from fx_fastcache.runtime.routing import TokenRouter, attention_context_fn, gather_tokens
+from fx_fastcache.zoo import make_tiny
+
+FAMILIES = ["tiny-dit", "tiny-pixart", "tiny-sd3", "tiny-flux"]
+TIMES = [900.0, 800.0, 700.0, 600.0]
+
+
+@pytest.fixture(scope="module")
+def tinies():
+    return {name: make_tiny(name) for name in FAMILIES}
+
+
+def _t(name: str, t: float) -> float:
+    return t / 1000.0 if name == "tiny-flux" else t
+
+
+def _run(opt, tm, name, times=TIMES, batch=2):
+    outs = []
+    for t in times:
+        out = opt(**tm.make_inputs(_t(name, t), batch))
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+def _routers(opt):
+    return [g.router for e in opt.entries() for g in e.guards]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_full_capacity_is_identical_to_no_routing(tinies, name):
+    """With block skipping on (every other step skipped), so computed and skipped blocks mix."""
+    tm = tinies[name]
+    skip = dict(cache_ratio_threshold=0.5, max_skip_steps=1)
+    ref = fastcache.optimize(tm.model, backend="eager", **skip)
+    opt = fastcache.optimize(tm.model, backend="eager", enable_spatial_approx=True, motion_threshold=0.0, **skip)
+    for a, b in zip(_run(ref, tm, name), _run(opt, tm, name)):
+        assert torch.equal(a, b)
+    routers = _routers(opt)
+    assert routers and all(r.k == r.n_tokens for r in routers)
+    assert sum(float(r.routed_calls) for r in routers) > 0  # the routed branch did run
+    assert fastcache.get_cache_statistics(opt)["spatial_approx_ratio"] == 0.0
+
+
+def _call(orig, block, bound, x_full):
+    """``orig(*bound)``; DiT/PixArt blocks: self-attention keys/values from all tokens ``x_full``
+    (what the routed graph does for these families)."""
+    fn = attention_context_fn(block)
+    if fn is None:
+        return orig(*bound.args, **bound.kwargs)
+    context = fn(block, bound.arguments, x_full)
+    attn = block.attn1
+    a_orig = attn.forward
+    attn.forward = lambda h, encoder_hidden_states=None, **kw: a_orig(h, encoder_hidden_states=context, **kw)
+    try:
+        return orig(*bound.args, **bound.kwargs)
+    finally:
+        attn.__dict__.pop("forward", None)
+
+
+def _reference(tm, name, k: int, warmup: int, times=TIMES, batch=2):
+    """The routing rule in plain Python: each block, from step ``warmup`` on, runs on the k tokens
+    whose input moved most since their last computation; the others reuse their last residual."""
+    model = tm.model
+    opt = fastcache.optimize(model, backend="eager")
+    spec = opt.spec
+    state: dict[str, dict] = {}
+    step = {"i": 0}
+    patched = []
+
+    def wrap(path, block, bl):
+        orig = block.forward
+        sig = inspect.signature(orig)
+        hid = bl.outputs.index("hidden_states")
+
+        def forward(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            x = bound.arguments["hidden_states"]
+            st = state.get(path)
+            if st is None or step["i"] < warmup:
+                out = orig(*bound.args, **bound.kwargs)
+                y = out if isinstance(out, torch.Tensor) else out[hid]
+                state[path] = {"x_ref": x.clone(), "resid": y - x}
+                return out
+            s = (x - st["x_ref"]).pow(2).sum(-1)
+            rot = bound.arguments.get("image_rotary_emb")
+            if rot is not None:  # Flux: one index set for the batch (rotary table is shared)
+                s = s.sum(0, keepdim=True)
+            idx = torch.sort(torch.topk(s, k, dim=1).indices, dim=1).values.expand(x.shape[0], -1)
+            bound.arguments["hidden_states"] = gather_tokens(x, idx)
+            if rot is not None:
+                L = bound.arguments["encoder_hidden_states"].shape[1]
+                bound.arguments["image_rotary_emb"] = tuple(torch.cat([r[:L], r[L:][idx[0]]]) for r in rot)
+            out = _call(orig, block, bound, x)
+            yk = out if isinstance(out, torch.Tensor) else out[hid]
+            e = idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+            y = (x + st["resid"]).scatter(1, e, yk)
+            st["x_ref"] = st["x_ref"].scatter(1, e, torch.gather(x, 1, e))
+            st["resid"] = y - x
+            if isinstance(out, torch.Tensor):
+                return y
+            return tuple(y if j == hid else o for j, o in enumerate(out))
+
+        block.forward = forward
+        patched.append(block)
+
+    for path, block, bl in block_modules(model, spec):
+        wrap(path, block, bl)
+    outs = []
+    try:
+        with torch.no_grad():
+            for i, t in enumerate(times):
+                step["i"] = i
+                out = model(**tm.make_inputs(_t(name, t), batch))
+                outs.append(out[0] if isinstance(out, tuple) else out)
+    finally:
+        for b in patched:
+            b.__dict__.pop("forward", None)
+    return outs
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_routing_matches_python_reference(tinies, name):
+    tm = tinies[name]
+    opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False, enable_spatial_approx=True,
+                             motion_threshold=0.5, warmup_steps=2)
+    got = _run(opt, tm, name)
+    n = _routers(opt)[0].n_tokens
+    want = _reference(tm, name, routing_capacity(0.5, n), warmup=2)
+    for step, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=f"step {step}")
+    full = _run(fastcache.optimize(tm.model, backend="eager", enable_block_approx=False), tm, name)
+    assert not torch.allclose(got[-1], full[-1], atol=1e-4)  # routing did change something
+    stats = fastcache.get_cache_statistics(opt)
+    # 4 steps, 2 of them warm-up: 2 routed steps × (N - k)/N static tokens
+    assert stats["spatial_approx_ratio"] == pytest.approx(2 / 4 * (n - routing_capacity(0.5, n)) / n)
+    fastcache.reset(opt)
+    assert fastcache.get_cache_statistics(opt)["spatial_approx_ratio"] == 0.0
+
+
+def test_indices_are_per_sample_and_most_salient():
+    r = TokenRouter((2, 6, 3), k=2, dtype=torch.float32, device=torch.device("cpu"))
+    x = torch.zeros(2, 6, 3)
+    x[0, 4] = 3.0
+    x[0, 1] = 2.0
+    x[1, 0] = 5.0
+    x[1, 5] = 1.0
+    r.have.fill_(1.0)
+    active, idx = r.select(torch.tensor(3.0), torch.tensor(False), torch.tensor(0.0), torch.tensor(2.0), x)
+    assert bool(active)
+    assert idx.tolist() == [[1, 4], [0, 5]]
+    active, _ = r.select(torch.tensor(3.0), torch.tensor(True), torch.tensor(0.0), torch.tensor(2.0), x)
+    assert not bool(active)  # a new generation has no reference yet: compute every token
+
+
+@pytest.mark.parametrize("threshold,n,k", [(0.0, 256, 256), (0.5, 256, 128), (0.75, 16, 4), (0.99, 16, 1)])
+def test_capacity(threshold, n, k):
+    assert routing_capacity(threshold, n) == k
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """One inductor compile of a 1-block tiny-dit with routing and merging on, over two generations
+    (block skipping on, every other step skipped, so computed and skipped blocks mix)."""
+    tm = make_tiny("tiny-dit", layers=1)
+    counters.clear()
+    kw = dict(enable_spatial_approx=True, motion_threshold=0.5, enable_token_merge=True, merge_ratio=0.5,
+              cache_ratio_threshold=0.5, max_skip_steps=1)
+    opt = fastcache.optimize(tm.model, backend="inductor", **kw)
+    ref = fastcache.optimize(tm.model, backend="eager", **kw)
+    times = TIMES + [500.0, 400.0]
+    got = _run(opt, tm, "tiny-dit", times) + _run(opt, tm, "tiny-dit", times)
+    want = _run(ref, tm, "tiny-dit", times) + _run(ref, tm, "tiny-dit", times)
+    return opt, got, want, {k: dict(v) for k, v in counters.items()}
+
+
+def test_compiled_routing_has_no_graph_breaks_or_recompiles(compiled):
+    opt, got, want, c = compiled
+    assert sum(c.get("graph_break", {}).values()) == 0
+    assert c["stats"]["unique_graphs"] == 1
+    assert sum(c.get("recompiles", {}).values()) == 0
+    assert fastcache.get_cache_statistics(opt)["spatial_approx_ratio"] > 0
+
+
+def test_compiled_routing_matches_eager(compiled):
+    _, got, want, _ = compiled
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,120 @@
+"""Skip schedules: recording from a deciding policy, replay reproduces the run, JSON, errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fx_fastcache as fastcache
+from fx_fastcache.calibration import model_fingerprint
+from fx_fastcache.export.schedule import (Schedule, apply_schedule, optimize_with_schedule, record_schedule)
+from fx_fastcache.zoo import make_tiny
+
+from conftest import first
+
+STEPS = [1000.0 - 100.0 * i for i in range(8)]
+
+
+def _loop(model, tm, outs):
+    x = tm.make_inputs(STEPS[0], 2)["hidden_states"]
+    for t in STEPS:
+        kw = tm.make_inputs(t, 2)
+        kw["hidden_states"] = x
+        y = first(model(**kw))
+        outs.append(y.clone())
+        x = x - 0.05 * y[:, : x.shape[1]]
+    return outs
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, backend="eager", cache_ratio_threshold=0.5, warmup_steps=1)
+    outs: list[torch.Tensor] = []
+    sched = record_schedule(opt, lambda: _loop(opt, tm, outs), model_name="tiny-dit")
+    return tm, sched, outs, fastcache.get_cache_statistics(opt)
+
+
+def test_recorded_table_shape_and_content(recorded):
+    tm, sched, _, stats = recorded
+    assert sched.steps == len(STEPS)
+    assert sched.blocks == ["transformer_blocks.0", "transformer_blocks.1"]
+    assert not any(sched.table[0])
+    assert sum(map(sum, sched.table)) == stats["blocks_approximated"] > 0
+    assert sched.fingerprint == model_fingerprint(tm.model)
+    assert sched.config["policy"] == "step_forecast"
+
+
+def test_replay_reproduces_recorded_run(recorded):
+    tm, sched, ref, _ = recorded
+    opt = optimize_with_schedule(tm.model, sched)
+    out = _loop(opt, tm, [])
+    for r, o in zip(ref, out):
+        torch.testing.assert_close(o, r, atol=1e-6, rtol=0)
+    stats = fastcache.get_cache_statistics(opt)
+    assert stats["policy"] == "schedule"
+    assert stats["blocks_approximated"] == sum(map(sum, sched.table))
+
+
+def test_apply_schedule_switches_an_optimized_model(recorded):
+    tm, sched, ref, _ = recorded
+    opt = fastcache.optimize(tm.model, backend="eager")
+    apply_schedule(opt, sched)
+    assert opt.fastcache_config.policy == "schedule"
+    out = _loop(opt, tm, [])
+    torch.testing.assert_close(out[-1], ref[-1], atol=1e-6, rtol=0)
+
+
+def test_steps_beyond_table_compute_in_full(recorded):
+    tm, sched, _, _ = recorded
+    short = Schedule(sched.table[:2], sched.blocks, sched.fingerprint, sched.config)
+    opt = optimize_with_schedule(tm.model, short)
+    _loop(opt, tm, [])
+    per_block = fastcache.get_cache_statistics(opt)["blocks_approximated"]
+    assert per_block == sum(map(sum, short.table))
+
+
+def test_json_round_trip(recorded, tmp_path):
+    _, sched, _, _ = recorded
+    p = tmp_path / "s.json"
+    sched.save(p)
+    d = json.loads(p.read_text())
+    assert d["steps"] == sched.steps and len(d["table"]) == sched.steps and len(d["table"][0]) == len(d["blocks"])
+    back = Schedule.load(p)
+    assert back.table == sched.table and back.blocks == sched.blocks and back.fingerprint == sched.fingerprint
+
+
+def test_wrong_model_is_rejected(recorded):
+    _, sched, _, _ = recorded
+    other = make_tiny("tiny-dit", seed=3)
+    with pytest.raises(ValueError, match="fingerprint"):
+        optimize_with_schedule(other.model, sched)
+    deeper = make_tiny("tiny-dit", layers=3)
+    with pytest.raises(ValueError, match="blocks"):
+        optimize_with_schedule(deeper.model, sched)
+
+
+def test_invalid_schedules_are_rejected(recorded, tmp_path):
+    _, sched, _, _ = recorded
+    with pytest.raises(ValueError, match="step 0"):
+        Schedule([[True, False]], sched.blocks, sched.fingerprint, sched.config)
+    with pytest.raises(ValueError, match="row 1 has 1 entries"):
+        Schedule([[False, False], [True]], sched.blocks, sched.fingerprint, sched.config)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="not an fx-fastcache schedule"):
+        Schedule.load(bad)
+    with pytest.raises(FileNotFoundError, match="fx-fastcache schedule"):
+        Schedule.load(tmp_path / "missing.json")
+
+
+def test_cli_schedule_writes_a_loadable_file(tmp_path, capsys):
+    from fx_fastcache.cli.main import main
+
+    out = tmp_path / "S.json"
+    assert main(["schedule", "--model", "tiny-sd3", "--out", str(out), "--steps", "5", "--generations", "1",
+                 "--batch", "2", "--threshold", "0.5"]) == 0
+    s = Schedule.load(out)
+    assert s.steps == 5 and s.blocks == ["transformer_blocks.0", "transformer_blocks.1"]
+    assert "5 steps x 2 blocks" in capsys.readouterr().out
