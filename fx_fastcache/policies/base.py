@@ -52,6 +52,14 @@ def per_sample_mean_abs(x: torch.Tensor) -> torch.Tensor:
 class Decider(nn.Module):
     _is_impure = True  # mutates its buffers: never dead-code-eliminated
 
+    def computed_count(self, new_gen: torch.Tensor) -> torch.Tensor:
+        """Full computations seen in this generation (the ``n`` buffer, zero on a new one)."""
+        return torch.where(new_gen, torch.zeros_like(self.n), self.n)
+
+    def count_computed(self, n: torch.Tensor, pred: torch.Tensor) -> None:
+        """``n ← n + 1`` if this step was computed (``pred`` False)."""
+        self.n.copy_(n + (~pred).to(n.dtype))
+
     def reset(self) -> None:
         for name, buf in self.named_buffers(recurse=False):
             if name in getattr(self, "_persistent_state", ()):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from scipy.stats import chi2
 
+from ..fallbacks.base import assign
 from .base import Decider, Policy, per_sample_norm
 
 
@@ -46,7 +47,7 @@ class Chi2Decider(Decider):
         delta = per_sample_norm(u - self.u_ref) / per_sample_norm(self.u_ref).clamp_min(1e-12)
         self.last_stat.copy_(delta)
         pred = ok & (delta <= threshold * self.tau).all()
-        self.u_ref.copy_(torch.where(pred, self.u_ref, u))
+        assign(self.u_ref, ~pred, u)
         return pred
 
 

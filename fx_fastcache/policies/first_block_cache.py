@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..fallbacks.base import assign
 from .base import Decider, Policy
 
 
@@ -24,13 +25,13 @@ class FirstBlockCacheDecider(Decider):
         self.register_buffer("last_stat", torch.zeros(signal_shape[0], device=device))
 
     def forward(self, step, new_gen, ok, threshold, t, r):
-        n = torch.where(new_gen, torch.zeros_like(self.n), self.n)
+        n = self.computed_count(new_gen)
         rel = (r - self.r_ref).float().abs().mean() / self.r_ref.float().abs().mean().clamp_min(1e-12)
         self.last_stat.copy_(rel.expand_as(self.last_stat))
         pred = ok & (n >= 1) & (rel <= threshold)
         computed = ~pred
-        self.r_ref.copy_(torch.where(computed, r, self.r_ref))
-        self.n.copy_(n + computed.to(n.dtype))
+        assign(self.r_ref, computed, r)
+        self.count_computed(n, pred)
         return pred
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..fallbacks.base import assign
 from .base import Decider, Policy, per_sample_norm
 
 
@@ -27,7 +28,7 @@ class StepForecastDecider(Decider):
         self.register_buffer("last_stat", torch.zeros(signal_shape[0], device=device))
 
     def forward(self, step, new_gen, ok, threshold, t, u):
-        n = torch.where(new_gen, torch.zeros_like(self.n), self.n)
+        n = self.computed_count(new_gen)
         valid = (n >= 2) & (self.t_c != self.t_p)
         denom = torch.where(valid, self.t_c - self.t_p, torch.ones_like(self.t_c))
         slope = torch.where(valid, (t - self.t_c) / denom, torch.zeros_like(t)).to(u.dtype)
@@ -36,11 +37,11 @@ class StepForecastDecider(Decider):
         self.last_stat.copy_(d)
         pred = ok & valid & (d <= threshold).all()
         computed = ~pred
-        self.u_p.copy_(torch.where(computed, self.u_c, self.u_p))
-        self.u_c.copy_(torch.where(computed, u, self.u_c))
-        self.t_p.copy_(torch.where(computed, self.t_c, self.t_p))
-        self.t_c.copy_(torch.where(computed, t, self.t_c))
-        self.n.copy_(n + computed.to(n.dtype))
+        assign(self.u_p, computed, self.u_c)
+        assign(self.u_c, computed, u)
+        assign(self.t_p, computed, self.t_c)
+        assign(self.t_c, computed, t)
+        self.count_computed(n, pred)
         return pred
 
 

@@ -28,7 +28,7 @@ class TeaCacheDecider(Decider):
         self._persistent_state = ("coeffs",)
 
     def forward(self, step, new_gen, ok, threshold, t, u):
-        n = torch.where(new_gen, torch.zeros_like(self.n), self.n)
+        n = self.computed_count(new_gen)
         rel = (per_sample_mean_abs(u - self.u_prev) / per_sample_mean_abs(self.u_prev).clamp_min(1e-12)).max()
         self.last_stat.fill_(0.0)
         self.last_stat.add_(rel)
@@ -40,7 +40,7 @@ class TeaCacheDecider(Decider):
         computed = ~pred
         self.acc.copy_(torch.where(computed, torch.zeros_like(acc), acc))
         self.u_prev.copy_(u)
-        self.n.copy_(n + computed.to(n.dtype))
+        self.count_computed(n, pred)
         return pred
 
 
