@@ -27,12 +27,7 @@ def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfi
         blocks: attribute path(s) of the block ModuleList(s) for models that are not a known family.
         example_inputs: keyword inputs to capture eagerly now instead of at the first call.
     """
-    if config is None:
-        config = FastCacheConfig()
-    elif not isinstance(config, FastCacheConfig):
-        raise TypeError(f"config must be a FastCacheConfig, got {type(config).__name__}")
-    if overrides:
-        config = config.replace(**overrides)
+    config = FastCacheConfig.resolve(config, **overrides)
     opt = FastCacheModule(model, config, backend=backend, blocks=blocks)
     if example_inputs is not None:
         if not isinstance(example_inputs, dict):

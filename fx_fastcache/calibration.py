@@ -87,7 +87,7 @@ class Recorder:
             self.fits[key] = NormalEquations(d_in, d_out)
         return self.fits[key]
 
-    def record(self, guard, t: torch.Tensor, ins, outs) -> None:
+    def record(self, guard, t: torch.Tensor, ins, outs, is_last: bool) -> None:
         block = guard.block_name
         t_now = float(t)
         new_gen = block not in self.t_last or t_now > self.t_last[block]
@@ -110,7 +110,7 @@ class Recorder:
         decider = guard.decider
         if decider is not None and hasattr(decider, "last_stat") and not new_gen:
             self.stats[block].extend(decider.last_stat.detach().float().cpu().tolist())
-        if guard.index == guard_count(guard) - 1:
+        if is_last:
             y = outs[-1].detach().float()
             if self._tea_prev_out is not None and not new_gen and self._tea_prev_out.shape == y.shape:
                 rel = ((y - self._tea_prev_out).abs().mean() / self._tea_prev_out.abs().mean().clamp_min(1e-12))
@@ -119,10 +119,6 @@ class Recorder:
 
     def record_step_stat(self, value: float) -> None:
         self.tea_in.append(value)
-
-
-def guard_count(guard) -> int:
-    return getattr(guard, "_n_blocks", guard.index + 1)
 
 
 def fit(opt, rec: Recorder) -> dict[str, float]:
@@ -209,13 +205,13 @@ class _StepStatHook:
 
     def record(self, guard, t, ins, outs) -> None:
         entry = next((e for e in self.opt.entries() if any(g is guard for g in e.guards)), None)
+        is_last = entry is not None and guard is entry.guards[-1]
         if entry is not None:
-            guard._n_blocks = len(entry.guards)
             if guard.index == 0 and entry.step_decider is not None and hasattr(entry.step_decider, "last_stat"):
                 new_gen = guard.block_name not in self.rec.t_last or float(t) > self.rec.t_last[guard.block_name]
                 if not new_gen:
                     self.rec.record_step_stat(float(entry.step_decider.last_stat.max()))
-        self.rec.record(guard, t, ins, outs)
+        self.rec.record(guard, t, ins, outs, is_last)
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

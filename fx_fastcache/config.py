@@ -130,6 +130,15 @@ class FastCacheConfig:
             raise ValueError(f"unknown FastCacheConfig field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**d)
 
+    @classmethod
+    def resolve(cls, config: "FastCacheConfig | None", **overrides: Any) -> "FastCacheConfig":
+        """``config`` (default: ``FastCacheConfig()``) with keyword ``overrides`` applied."""
+        if config is None:
+            config = cls()
+        elif not isinstance(config, cls):
+            raise TypeError(f"config must be a FastCacheConfig, got {type(config).__name__}")
+        return config.replace(**overrides) if overrides else config
+
     def structural_key(self) -> tuple[Any, ...]:
         """The fields that shape the rewritten graph (a change forces re-capture)."""
         return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in RUNTIME_FIELDS)

@@ -20,7 +20,7 @@ from fx_fastcache.passes import PassContext, PassResult, run_pipeline
 
 from .config import RUNTIME_FIELDS, FastCacheConfig
 from .fallbacks import FALLBACKS, CalibrationStore
-from .families import FamilySpec, resolve_family
+from .families import FamilySpec, block_modules, resolve_family
 from .markers import marked
 from .policies import POLICIES
 
@@ -206,8 +206,7 @@ class FastCacheModule(nn.Module):
     def _capture(self, key: tuple, kw: dict[str, Any]) -> CapturedGraph:
         cfg = self.fastcache_config
         logger.info("fx-fastcache: capturing %s (%d blocks) for %s", type(self.model).__name__,
-                    sum(len(getattr(self.model, b.path)) if hasattr(self.model, b.path) else 0
-                        for b in self.spec.block_lists), _shapes(key[1]))
+                    len(block_modules(self.model, self.spec)), _shapes(key[1]))
         was_training = self.model.training
         self.model.eval()
         try:

@@ -203,14 +203,9 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
     if isinstance(tr, FastCacheModule) or getattr(type(pipe), "_fastcache_original_class", None) is not None:
         raise ValueError(f"FastCache is already enabled on this {type(pipe).__name__}; "
                          f"call fastcache.disable_fastcache(pipe) first to change the configuration")
-    if config is None:
-        config = FastCacheConfig()
-    elif not isinstance(config, FastCacheConfig):
-        raise TypeError(f"config must be a FastCacheConfig, got {type(config).__name__}")
     if schedule is not None and "policy" not in overrides:
         overrides["policy"] = "schedule"
-    if overrides:
-        config = config.replace(**overrides)
+    config = FastCacheConfig.resolve(config, **overrides)
     if step_dispatch is not None and schedule is None:
         raise ValueError("step_dispatch needs schedule=<steps × blocks bool table>: the host must know every "
                          "step's skip pattern in advance")

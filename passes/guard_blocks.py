@@ -77,8 +77,6 @@ def _externalize_getitems(blk: BlockRegion) -> None:
             first.prepend(n)
     if moved:
         blk.nodes = [n for n in blk.nodes if n not in set(moved)]
-        if moved[0] is first:  # `first` itself moved out: everything in `moved` precedes the rest already
-            pass
 
 
 def _register(gm: fx.GraphModule, name: str, mod: torch.nn.Module) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fx_fastcache.runtime.routing import attention_context_fn
 from fx_fastcache.zoo import TINY, make_tiny
 
 FAMILIES = ["tiny-dit", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-custom"]
@@ -22,6 +23,22 @@ def first(out):
 def run_loop(model, tm, timesteps=TIMESTEPS, batch: int = 2) -> list[torch.Tensor]:
     with torch.no_grad():
         return [first(model(**tm.make_inputs(t, batch))).clone() for t in timesteps]
+
+
+def call_with_full_context(orig, block, bound, x_full):
+    """``orig(*bound)``; DiT/PixArt blocks: self-attention keys/values from all tokens ``x_full``
+    (what the routed graph does for these families)."""
+    fn = attention_context_fn(block)
+    if fn is None:
+        return orig(*bound.args, **bound.kwargs)
+    context = fn(block, bound.arguments, x_full)
+    attn = block.attn1
+    a_orig = attn.forward
+    attn.forward = lambda h, encoder_hidden_states=None, **kw: a_orig(h, encoder_hidden_states=context, **kw)
+    try:
+        return orig(*bound.args, **bound.kwargs)
+    finally:
+        attn.__dict__.pop("forward", None)
 
 
 @pytest.fixture(params=FAMILIES, ids=FAMILIES)

@@ -11,8 +11,9 @@ import torch
 import fx_fastcache as fastcache
 from fx_fastcache.families import block_modules
 from fx_fastcache.runtime.merging import importance, merge_tokens, stage_sizes, unpool
-from fx_fastcache.runtime.routing import attention_context_fn
 from fx_fastcache.zoo import make_tiny
+
+from conftest import call_with_full_context
 
 TIMES = [900.0, 800.0, 700.0, 600.0]
 
@@ -62,22 +63,6 @@ def test_merge_ratio_one_is_identical(name):
         assert torch.equal(ref(**kw)[0], opt(**kw)[0])
 
 
-def _call(orig, block, bound, x_full):
-    """``orig(*bound)``; DiT/PixArt blocks: self-attention keys/values from all tokens ``x_full``
-    (what the routed graph does for these families)."""
-    fn = attention_context_fn(block)
-    if fn is None:
-        return orig(*bound.args, **bound.kwargs)
-    context = fn(block, bound.arguments, x_full)
-    attn = block.attn1
-    a_orig = attn.forward
-    attn.forward = lambda h, encoder_hidden_states=None, **kw: a_orig(h, encoder_hidden_states=context, **kw)
-    try:
-        return orig(*bound.args, **bound.kwargs)
-    finally:
-        attn.__dict__.pop("forward", None)
-
-
 def _reference(tm, ratio: float, stages: int, k_nn: int, lam: float, warmup: int = 2):
     """Merging in plain Python: from step ``warmup`` on, every block runs on the merged tokens
     and each token gets its cluster's residual."""
@@ -97,7 +82,7 @@ def _reference(tm, ratio: float, stages: int, k_nn: int, lam: float, warmup: int
                 merged, assign = merge_tokens(x, st["x_ref"], stage_sizes(x.shape[1], ratio, stages), k_nn, lam)
                 bound.arguments["hidden_states"] = merged
             if st is not None and step["i"] >= warmup:
-                out = _call(_orig, _block, bound, x)
+                out = call_with_full_context(_orig, _block, bound, x)
             else:
                 out = _orig(*bound.args, **bound.kwargs)
             y = out if isinstance(out, torch.Tensor) else out[_hid]

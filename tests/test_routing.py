@@ -11,8 +11,10 @@ from torch._dynamo.utils import counters
 import fx_fastcache as fastcache
 from fx_fastcache.families import block_modules
 from fx_fastcache.passes.route_tokens import routing_capacity
-from fx_fastcache.runtime.routing import TokenRouter, attention_context_fn, gather_tokens
+from fx_fastcache.runtime.routing import TokenRouter, gather_tokens
 from fx_fastcache.zoo import make_tiny
+
+from conftest import call_with_full_context
 
 FAMILIES = ["tiny-dit", "tiny-pixart", "tiny-sd3", "tiny-flux"]
 TIMES = [900.0, 800.0, 700.0, 600.0]
@@ -54,22 +56,6 @@ def test_full_capacity_is_identical_to_no_routing(tinies, name):
     assert fastcache.get_cache_statistics(opt)["spatial_approx_ratio"] == 0.0
 
 
-def _call(orig, block, bound, x_full):
-    """``orig(*bound)``; DiT/PixArt blocks: self-attention keys/values from all tokens ``x_full``
-    (what the routed graph does for these families)."""
-    fn = attention_context_fn(block)
-    if fn is None:
-        return orig(*bound.args, **bound.kwargs)
-    context = fn(block, bound.arguments, x_full)
-    attn = block.attn1
-    a_orig = attn.forward
-    attn.forward = lambda h, encoder_hidden_states=None, **kw: a_orig(h, encoder_hidden_states=context, **kw)
-    try:
-        return orig(*bound.args, **bound.kwargs)
-    finally:
-        attn.__dict__.pop("forward", None)
-
-
 def _reference(tm, name, k: int, warmup: int, times=TIMES, batch=2):
     """The routing rule in plain Python: each block, from step ``warmup`` on, runs on the k tokens
     whose input moved most since their last computation; the others reuse their last residual."""
@@ -103,7 +89,7 @@ def _reference(tm, name, k: int, warmup: int, times=TIMES, batch=2):
             if rot is not None:
                 L = bound.arguments["encoder_hidden_states"].shape[1]
                 bound.arguments["image_rotary_emb"] = tuple(torch.cat([r[:L], r[L:][idx[0]]]) for r in rot)
-            out = _call(orig, block, bound, x)
+            out = call_with_full_context(orig, block, bound, x)
             yk = out if isinstance(out, torch.Tensor) else out[hid]
             e = idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
             y = (x + st["resid"]).scatter(1, e, yk)

@@ -27,6 +27,7 @@ class BlockGuard(nn.Module):
         self.register_buffer("consecutive", torch.tensor(0.0))
         self.register_buffer("skipped", torch.tensor(0.0))
         self.register_buffer("evaluations", torch.tensor(0.0))
+        self.router: nn.Module | None = None  # token routing state, set by passes/route_tokens.py
         self._recorder: Any = None
 
     def forward(self, op: str, *args: Any):
@@ -66,8 +67,7 @@ class BlockGuard(nn.Module):
         self.skipped.zero_()
         self.evaluations.zero_()
         self.fallback.reset()
-        router = getattr(self, "router", None)  # token routing state (passes/route_tokens.py)
-        if router is not None:
-            router.reset()
+        if self.router is not None:
+            self.router.reset()
         if self.decider is not None:
             self.decider.reset()

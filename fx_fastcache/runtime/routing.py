@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..fallbacks.base import assign, assign_residual
+
 logger = logging.getLogger(__name__)
 
 
@@ -102,8 +104,8 @@ class TokenRouter(nn.Module):
         computed = ~pred
         routed_ref = scatter_tokens(self.x_ref, idx, gather_tokens(x, idx))
         new_ref = torch.where(active, routed_ref, x)
-        self.x_ref.copy_(torch.where(computed, new_ref, self.x_ref))
-        self.resid.copy_(torch.where(computed, y - x, self.resid))
+        assign(self.x_ref, computed, new_ref)
+        assign_residual(self.resid, computed, y, x)
         have = torch.where(new_gen, torch.zeros_like(self.have), self.have)
         self.have.copy_(torch.where(computed, torch.ones_like(have), have))
         tokens = float(x.shape[0] * self.n_tokens)
@@ -204,7 +206,7 @@ def spatial_counts(guards: list[nn.Module]) -> tuple[float, float]:
     statistics only)."""
     static = total = 0.0
     for g in guards:
-        r = getattr(g, "router", None)
+        r = g.router
         if isinstance(r, TokenRouter):
             static += float(r.static_tokens)
             total += float(r.total_tokens)
