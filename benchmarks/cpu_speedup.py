@@ -2,7 +2,9 @@
 
 For each backend (eager, inductor) the uncached model and the FastCache model generate the same
 images (trained DiT, batched CFG); runs are interleaved and the best of ``--repeats`` is kept.
-Prints the fraction of block evaluations replaced, the speedup and the ideal speedup
+``--backends dispatch`` runs the step-level policy through :class:`StepDispatch` (the decision
+read once per step, then a copy compiled for that step's pattern) against ``torch.compile`` of
+the original: on CPU it answers whether leaving the in-graph ``cond`` pays.  Prints the fraction of block evaluations replaced, the speedup and the ideal speedup
 1 / (1 - fraction) so their ratio can be read directly.
 
     python benchmarks/cpu_speedup.py --model dit-mnist --images 8 --thresholds 0.07 0.09
@@ -16,6 +18,7 @@ import torch
 
 import fx_fastcache as fastcache
 from fx_fastcache.bench.metrics import psnr
+from fx_fastcache.step_dispatch import StepDispatch
 from fx_fastcache.trained import load_trained, sample
 
 
@@ -25,7 +28,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.07, 0.09])
-    ap.add_argument("--backends", nargs="+", default=["eager", "inductor"])
+    ap.add_argument("--backends", nargs="+", default=["eager", "inductor"], choices=["eager", "inductor", "dispatch"],
+                    help="dispatch: StepDispatch(decide='device', compile_mode='default') against torch.compile")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     args = ap.parse_args()
@@ -40,13 +44,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for backend in args.backends:
         base = tm.model if backend == "eager" else torch.compile(tm.model, fullgraph=False)
-        opt = fastcache.optimize(tm.model, backend=backend)
+        opt = fastcache.optimize(tm.model, backend="eager" if backend == "dispatch" else backend)
+        call = StepDispatch(opt, compile_mode="default") if backend == "dispatch" else opt
 
         def run(model):
             return sample(tm, classes, seeds, steps=args.steps, model=model)
 
         ref = run(base)  # warm-up / compile
-        run(opt)
+        run(call)
         for thr in args.thresholds:
             fastcache.configure(opt, cache_ratio_threshold=thr)
             t_base, t_opt = float("inf"), float("inf")
@@ -56,7 +61,7 @@ def main() -> None:
                 t_base = min(t_base, time.perf_counter() - t0)
                 fastcache.reset(opt)
                 t0 = time.perf_counter()
-                out = run(opt)
+                out = run(call)
                 t_opt = min(t_opt, time.perf_counter() - t0)
             frac = fastcache.get_cache_statistics(opt)["block_approx_ratio"]
             p = psnr(out, ref)

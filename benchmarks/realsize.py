@@ -9,6 +9,9 @@ Measured side by side in one process, per model:
 * ``dispatch``: :class:`fx_fastcache.step_dispatch.StepDispatch` on the same rewritten graph:
   the host picks the step's skip pattern and replays a copy specialised for it (no cond,
   ``torch.compile(mode="reduce-overhead")`` = CUDA graphs);
+* ``dispatch-sync``: the same, but the pattern is computed in a compiled prefix graph and read
+  back once per step (``decide="device"``), as the data-dependent step policies need; the
+  difference to ``dispatch`` is the price of that sync and of the cut;
 * one bare block of each kind compiled alone, and the fallback's cheap branch alone.
 
 Schedules: after ``--warmup`` full steps every step replaces the same set of blocks: every
@@ -41,6 +44,7 @@ from fx_fastcache.families import block_modules
 from fx_fastcache.step_dispatch import StepDispatch
 
 FALLBACK_FRACTION = 0.04  # the cheap-branch cost used for its ceiling
+KINDS = ("cond", "dispatch", "dispatch_sync")
 
 
 @dataclass
@@ -250,22 +254,36 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
 
     # -- the rewritten graph (one export shared by the cond and dispatch measurements)
     t0 = time.perf_counter()
-    opt = fastcache.optimize(m, backend="eager" if args.compile == "eager" or args.no_cond else "inductor",
+    opt = fastcache.optimize(m, backend="eager" if args.compile == "eager" or "cond" not in args.modes else "inductor",
                              policy="schedule", fallback=args.fallback, warmup_steps=args.warmup)
     opt.capture(**kw)
     log(f"[{name}] export + passes {time.perf_counter() - t0:.0f}s")
     warm, steps = args.warmup, args.steps
     ratios = [0.0] + args.ratios
 
-    disp = StepDispatch(opt, table_for(n, 0.0, warm, steps), compile_mode=args.dispatch_compile)
-    res["dispatch_ms"] = {}
-    for r in ratios:
-        disp.set_table(table_for(n, r, warm, steps))
-        t0 = time.perf_counter()
-        res["dispatch_ms"][r] = time_schedule(lambda k: disp(**k), disp.reset, setup, warm, steps, device,
-                                              args.repeats)
-        log(f"[{name}] dispatch r={r:.1f}: {res['dispatch_ms'][r]:.2f} ms/step ({time.perf_counter() - t0:.0f}s)")
-    if not args.no_cond:
+    disp = dev = None
+    if "dispatch" in args.modes:
+        disp = StepDispatch(opt, table_for(n, 0.0, warm, steps), compile_mode=args.dispatch_compile)
+        res["dispatch_ms"] = {}
+        for r in ratios:
+            disp.set_table(table_for(n, r, warm, steps))
+            t0 = time.perf_counter()
+            res["dispatch_ms"][r] = time_schedule(lambda k: disp(**k), disp.reset, setup, warm, steps, device,
+                                                  args.repeats)
+            log(f"[{name}] dispatch r={r:.1f}: {res['dispatch_ms'][r]:.2f} ms/step ({time.perf_counter() - t0:.0f}s)")
+    if "dispatch_sync" in args.modes:
+        # the same schedule, but the pattern is read from the graph each step (one sync), as a
+        # data-dependent step policy (step_forecast, teacache, first_block_cache) does it
+        dev = StepDispatch(opt, compile_mode=args.dispatch_compile, decide="device")
+        res["dispatch_sync_ms"] = {}
+        for r in ratios:
+            fastcache.set_schedule(opt, table_for(n, r, warm, steps))
+            t0 = time.perf_counter()
+            res["dispatch_sync_ms"][r] = time_schedule(lambda k: dev(**k), dev.reset, setup, warm, steps, device,
+                                                       args.repeats)
+            log(f"[{name}] dispatch-sync r={r:.1f}: {res['dispatch_sync_ms'][r]:.2f} ms/step "
+                f"({time.perf_counter() - t0:.0f}s)")
+    if "cond" in args.modes:
         try:
             res["cond_ms"] = {}
             for r in ratios:
@@ -285,7 +303,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
     # -- derived
     base_ms = res["base_ms"]
     derived: dict[str, Any] = {}
-    for kind in ("cond", "dispatch"):
+    for kind in KINDS:
         tab = res.get(f"{kind}_ms")
         if not tab:
             continue
@@ -307,7 +325,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
     res["cudagraph_counters"] = {k: dict(v) for k, v in counters.items() if "cudagraph" in k.lower()}
     res["inductor_counters"] = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k.lower()}
     torch._dynamo.utils.counters.clear()
-    del disp, opt, base
+    del disp, dev, opt, base
     return res
 
 
@@ -316,7 +334,7 @@ def report(results: list[dict[str, Any]], out: Callable[[str], None]) -> None:
         "of ceiling | of measured ceiling | guard/block | cheap/block |")
     out("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for res in results:
-        for kind in ("cond", "dispatch"):
+        for kind in KINDS:
             tab = res.get(f"{kind}_ms")
             if not tab:
                 continue
@@ -328,7 +346,7 @@ def report(results: list[dict[str, Any]], out: Callable[[str], None]) -> None:
                 guard = f"{d['guard_overhead_per_block_frac'] * 100:.1f}%" if r == 0 else ""
                 cheap = f"{row['cheap_branch_frac'] * 100:.1f}%" if row else ""
                 out(f"| {res['model']} | {res['blocks']} | {res['block_avg_ms']:.3f} | {res['base_eager_ms']:.2f} | "
-                    f"{res['base_ms']:.2f} | {kind} | {r:.1f} | {ms:.2f} | {f('speedup')}× | "
+                    f"{res['base_ms']:.2f} | {kind.replace('_', '-')} | {r:.1f} | {ms:.2f} | {f('speedup')}× | "
                     f"{f('of_ceiling', '{:.0%}')} | {f('of_measured_ceiling', '{:.0%}')} | {guard} | {cheap} |")
 
 
@@ -340,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="mode of the baseline and bare-block compiles (default: reduce-overhead on CUDA, eager on CPU)")
     p.add_argument("--dispatch-compile", default=None, choices=["reduce-overhead", "default", "eager"],
                    help="mode of the specialised step graphs (default: same as --compile)")
-    p.add_argument("--no-cond", action="store_true", help="skip the in-graph torch.cond measurement")
+    p.add_argument("--modes", nargs="+", default=list(KINDS), choices=list(KINDS),
+                   help="what to time on the rewritten graph (default: all)")
+    p.add_argument("--no-cond", action="store_true", help="same as leaving cond out of --modes")
     p.add_argument("--fallback", default="residual_linear")
     p.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.7])
     p.add_argument("--warmup", type=int, default=2)
@@ -350,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--keep-going", action="store_true", help="report a failing model's traceback and go on")
     args = p.parse_args(argv)
+    if args.no_cond:
+        args.modes = [m for m in args.modes if m != "cond"]
     cuda = torch.cuda.is_available()
     args.small = args.small or not cuda
     device = torch.device("cuda" if cuda else "cpu")

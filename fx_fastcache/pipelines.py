@@ -18,10 +18,11 @@ Why the pieces below exist:
   No core change was needed: the pipeline already names its calls.
 * **Batched CFG** (DiT, PixArt, SD3 double the batch) needs nothing special: the batch is one
   call per step, decisions are per step and cached tensors hold the whole batch.
-* **Step dispatch** (``schedule=table, step_dispatch="reduce-overhead"``): on GPU every in-graph
-  ``torch.cond`` costs a host sync and forbids CUDA graphs; with a schedule the host already knows
-  each step's pattern, so each context gets a :class:`~fx_fastcache.step_dispatch.StepDispatch`
-  whose host step counter restarts with every pipeline call (see docs/GPU.md for the numbers).
+* **Step dispatch** (``step_dispatch="reduce-overhead"``): on GPU every in-graph ``torch.cond``
+  costs a host sync and forbids CUDA graphs; with a schedule the host already knows each step's
+  pattern, and a step-level policy's decision is read once per step, so each context gets a
+  :class:`~fx_fastcache.step_dispatch.StepDispatch` (reset with every pipeline call) that
+  replays graphs specialised per pattern (see docs/GPU.md for the numbers).
 * ``pipe.transformer.config`` stays the *diffusers* config (the FastCache config is
   ``pipe.transformer.fastcache_config``): :class:`FastCacheModule` forwards unknown attributes.
 """
@@ -59,12 +60,10 @@ class PipelineFastCache(FastCacheModule):
     # -- step dispatch ---------------------------------------------------------------------
     def set_step_dispatch(self, compile_mode: str | None) -> None:
         """Run the schedule through :class:`~fx_fastcache.step_dispatch.StepDispatch` (``None``: in-graph guards)."""
-        from .step_dispatch import COMPILE_MODES
+        from .step_dispatch import COMPILE_MODES, dispatch_decide_mode
 
         if compile_mode is not None:
-            if self.fastcache_config.policy != "schedule":
-                raise ValueError(f"step dispatch needs policy='schedule', this pipeline uses "
-                                 f"policy={self.fastcache_config.policy!r}")
+            dispatch_decide_mode(self.fastcache_config)  # per-block policies cannot dispatch per step
             if compile_mode not in COMPILE_MODES:
                 raise ValueError(f"step_dispatch={compile_mode!r} is not supported; choose one of {COMPILE_MODES}")
         object.__setattr__(self, "_dispatch_mode", compile_mode)
@@ -185,10 +184,12 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
         backend: ``"inductor"`` or ``"eager"`` (see :func:`fx_fastcache.optimize`).
         config: a :class:`FastCacheConfig`; keyword ``overrides`` replace its fields.
         schedule: a ``steps × blocks`` bool table (True = approximate); implies ``policy="schedule"``.
-        step_dispatch: with a schedule, decide on the host once per step and replay a graph
-            specialised for the step's pattern (:mod:`fx_fastcache.step_dispatch`):
-            ``"reduce-overhead"`` (CUDA graphs; the fast choice on GPU), ``"default"``,
-            ``"max-autotune"`` or ``"eager"``.  ``None`` keeps the in-graph ``torch.cond`` guards.
+        step_dispatch: learn each step's skip pattern once and replay a graph specialised for
+            it (:mod:`fx_fastcache.step_dispatch`): with a schedule on the host (no sync), with a
+            step-level policy (``step_forecast``, ``teacache``, ``first_block_cache``) by reading
+            the in-graph decision once per step.  ``"reduce-overhead"`` (CUDA graphs; the fast
+            choice on GPU), ``"default"``, ``"max-autotune"`` or ``"eager"``.  ``None`` keeps the
+            in-graph ``torch.cond`` guards (the fast choice on CPU, and the only one for ``chi2``).
 
     Afterwards ``pipe(...)`` resets the cache state at the start of every call,
     ``fastcache.get_cache_statistics(pipe)`` reports the last call, and
@@ -206,9 +207,6 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
     if schedule is not None and "policy" not in overrides:
         overrides["policy"] = "schedule"
     config = FastCacheConfig.resolve(config, **overrides)
-    if step_dispatch is not None and schedule is None:
-        raise ValueError("step_dispatch needs schedule=<steps × blocks bool table>: the host must know every "
-                         "step's skip pattern in advance")
     opt = PipelineFastCache(tr, config, backend=backend)
     if schedule is not None:
         from .api import set_schedule

@@ -1,27 +1,33 @@
-"""Step-level dispatch: decide on the host once per step, replay a graph specialised for that step.
+"""Step-level dispatch: learn each step's skip pattern once, replay a graph specialised for it.
 
 Why this exists: on CUDA, inductor lowers every ``torch.cond`` to ``if pred.item():`` (a
 device-to-host sync per guarded block, no CPU/GPU overlap), and CUDA graphs are skipped for
-graphs that contain ``cond``.  For a *fixed schedule* nothing needs the device to decide: the
-skip pattern of every step is known on the host.  :class:`StepDispatch` therefore
+graphs that contain ``cond``.  But a schedule or a step-level policy fixes the pattern of the
+whole step at once, so :class:`StepDispatch`
 
-1. takes the rewritten graph of a :class:`~fx_fastcache.module.FastCacheModule` (``policy="schedule"``),
+1. takes the rewritten graph of a :class:`~fx_fastcache.module.FastCacheModule`,
 2. for each distinct skip pattern (a tuple of bools, one per block) builds a *specialised*
    copy in which every ``cond`` is replaced by a direct call of the chosen branch (the block or
    the fallback) and the guard's predicate by a constant, so the graph has no ``cond`` at all,
 3. compiles each copy with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) and, per
-   call, picks the copy for the current step from a host-side step counter: no sync at all.
+   call, picks the copy for the current step:
+
+   * ``decide="host"`` (``policy="schedule"``): from a host-side step counter and the table, no
+     sync at all.  The host mirrors the guard's static conditions (warm-up, enable/force
+     switches, "computed at least once since the generation began", ``max_skip_steps``), so a
+     dispatched run computes exactly what the in-graph schedule policy computes.  The host
+     counter cannot see a new generation without reading the timestep (a sync), so call
+     :meth:`StepDispatch.reset` before each generation (``enable_fastcache`` does it at every
+     pipeline call).
+   * ``decide="device"`` (``step_forecast``, ``teacache``, ``first_block_cache``, ``schedule``):
+     the graph is split at its decisions (:mod:`fx_fastcache.decision_split`); a compiled
+     prefix decides in the graph, the host reads the decisions with one sync per step, and the
+     suffix copy for that pattern runs.  New generations are detected in the graph, as without
+     dispatch.
 
 The copies share the original graph's submodules (clock, guards, fallback state buffers), so
 cached residuals, statistics and calibration tensors are the same objects whichever copy runs,
-and ``fastcache.get_cache_statistics(dispatch.opt)`` keeps working.  The host mirrors the
-guard's static conditions (warm-up, enable/force switches, "computed at least once since the
-generation began", ``max_skip_steps``), so a dispatched run computes exactly what the in-graph
-schedule policy computes.
-
-The host step counter cannot see a new generation without reading the timestep (a sync), so
-call :meth:`StepDispatch.reset` before each generation (``enable_fastcache(pipe,
-step_dispatch=True)`` does it at every pipeline call).
+and ``fastcache.get_cache_statistics(dispatch.opt)`` keeps working.
 """
 from __future__ import annotations
 
@@ -34,20 +40,15 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
+from .decision_split import guard_index, resolve_conds
 from .module import CapturedGraph, FastCacheModule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StepDispatch", "specialise", "COMPILE_MODES"]
+__all__ = ["StepDispatch", "specialise", "dispatch_decide_mode", "COMPILE_MODES", "DECIDE_MODES"]
 
 COND = torch.ops.higher_order.cond
 COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "eager")
-
-
-def _guard_index(node: fx.Node) -> int:
-    if node.op != "call_module" or not str(node.target).startswith("fastcache_guard_"):
-        raise RuntimeError(f"cond predicate {node.name} is not a guard call; cannot specialise this graph")
-    return int(str(node.target).rsplit("_", 1)[1])
 
 
 def specialise(gm: fx.GraphModule, pattern: tuple[bool, ...]) -> fx.GraphModule:
@@ -56,31 +57,16 @@ def specialise(gm: fx.GraphModule, pattern: tuple[bool, ...]) -> fx.GraphModule:
     The copy shares ``gm``'s submodules and buffers (state), it only has a different graph.
     """
     graph = copy.deepcopy(gm.graph)  # keeps the pytree codegen (keyword / nested inputs) of ep.module()
-    conds = [n for n in graph.nodes if n.op == "call_function" and n.target is COND]
-    if not conds:
+    preds = [n.args[0] for n in graph.nodes if n.op == "call_function" and n.target is COND]
+    if not preds:
         raise RuntimeError("the graph has no guarded blocks (torch.cond); nothing to specialise")
-    for cond in conds:
-        pred, cheap, full, operands = cond.args
-        i = _guard_index(pred)
+    choose = {}
+    for pred in preds:
+        i = guard_index(pred)
         if i >= len(pattern):
             raise ValueError(f"skip pattern has {len(pattern)} entries but the graph guards block {i}")
-        skip = bool(pattern[i])
-        branch = cheap if skip else full
-        val = next((o.meta.get("val") for o in operands if isinstance(o, fx.Node)
-                    and isinstance(o.meta.get("val"), torch.Tensor)), None)
-        device = val.device if val is not None else torch.device("cpu")
-        with graph.inserting_before(cond):
-            call = graph.call_module(branch.target, tuple(operands))
-            const = graph.call_function(torch.full, ((), skip), {"dtype": torch.bool, "device": device})
-        cond.replace_all_uses_with(call)
-        for user in list(pred.users):  # the guard's "update" reads the predicate
-            user.replace_input_with(pred, const)
-        graph.erase_node(cond)
-        for n in (cheap, full):
-            if n.op == "get_attr" and not n.users:
-                graph.erase_node(n)
-        if not pred.users:  # the "decide" call only reads state: drop it
-            graph.erase_node(pred)
+        choose[pred] = bool(pattern[i])
+    resolve_conds(graph, choose)
     new = fx.GraphModule(gm, graph)
     for attr in ("_in_spec", "_out_spec", "range_constraints", "equality_constraints"):
         if hasattr(gm, attr) and not hasattr(new, attr):
@@ -90,31 +76,67 @@ def specialise(gm: fx.GraphModule, pattern: tuple[bool, ...]) -> fx.GraphModule:
     return new
 
 
+DECIDE_MODES = ("auto", "host", "device")
+
+
+def dispatch_decide_mode(config: Any, decide: str = "auto") -> str:
+    """Where :class:`StepDispatch` reads each step's pattern for this config (``"host"`` or ``"device"``).
+
+    ``"host"``: the schedule policy's table, mirrored on the host (no sync at all).
+    ``"device"``: the step-level policies' in-graph decision, read once per step (one sync).
+    Raises ``ValueError`` for per-block policies, which decide inside the step.
+    """
+    from .policies import POLICIES
+
+    if decide not in DECIDE_MODES:
+        raise ValueError(f"decide={decide!r} is not supported; choose one of {DECIDE_MODES}")
+    policy = config.policy
+    if decide == "auto":
+        decide = "host" if policy == "schedule" else "device"
+    if decide == "host" and policy != "schedule":
+        raise ValueError(f"decide='host' needs policy='schedule' (decisions known in advance); this model uses "
+                         f"policy={policy!r}: use decide='device' (one sync per step) or a schedule")
+    if decide == "device" and policy != "schedule" and POLICIES[policy].scope != "step":
+        step_policies = sorted(k for k, v in POLICIES.items() if v.scope == "step")
+        raise ValueError(f"step dispatch needs one decision per step, but policy={policy!r} decides each block "
+                         f"from that block's input inside the step; use one of {step_policies} or "
+                         f"policy='schedule', or keep the in-graph guards (no step dispatch)")
+    return decide
+
+
 class StepDispatch(nn.Module):
-    """Per-step host dispatch to specialised, optionally CUDA-graphed, copies of ``opt``'s graph.
+    """Per-step dispatch to specialised, optionally CUDA-graphed, copies of ``opt``'s graph.
+
+    Two ways to learn the step's skip pattern (``decide``):
+
+    * ``"host"`` (``policy="schedule"``): from the table, on the host; no device sync at all.
+    * ``"device"`` (step-level policies: ``step_forecast``, ``teacache``, ``first_block_cache``,
+      and ``schedule``): the graph is split at its decisions
+      (:mod:`fx_fastcache.decision_split`); a compiled *prefix* computes them, the host reads
+      them in one sync, and the *suffix* specialised for that pattern runs.
+    * ``"auto"``: ``"host"`` for schedules, ``"device"`` otherwise.
 
     Args:
-        opt: a model from ``fastcache.optimize(model, policy="schedule", ...)`` (any backend;
-            the specialised copies are compiled here according to ``compile_mode``).
-        table: ``steps × blocks`` bool skip table (True = approximate).  ``None`` reads the table
-            installed with ``fastcache.set_schedule(opt, table)`` (one device read, here).
+        opt: a model from ``fastcache.optimize(model, ...)`` (any backend; the copies are
+            compiled here according to ``compile_mode``).
+        table: ``steps × blocks`` bool skip table (True = approximate), schedule policy only.
+            ``None`` reads the table installed with ``fastcache.set_schedule(opt, table)``.
         compile_mode: ``"reduce-overhead"`` (inductor + CUDA graphs), ``"default"``,
             ``"max-autotune"`` or ``"eager"`` (no compile; for CPU tests).
         clone_outputs: copy outputs out of the CUDA-graph pool (a later replay overwrites them).
+        decide: ``"auto"``, ``"host"`` or ``"device"`` (above).
     """
 
     def __init__(self, opt: FastCacheModule, table: torch.Tensor | None = None,
-                 compile_mode: str = "reduce-overhead", clone_outputs: bool | None = None) -> None:
+                 compile_mode: str = "reduce-overhead", clone_outputs: bool | None = None,
+                 decide: str = "auto") -> None:
         super().__init__()
         if not isinstance(opt, FastCacheModule):
             raise TypeError(f"StepDispatch expects the module returned by fastcache.optimize(), "
                             f"got {type(opt).__name__}")
-        if opt.fastcache_config.policy != "schedule":
-            raise ValueError(f"StepDispatch needs policy='schedule' (decisions known on the host); this model uses "
-                             f"policy={opt.fastcache_config.policy!r}: optimize(model, policy='schedule') and "
-                             f"set a table")
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode={compile_mode!r} is not supported; choose one of {COMPILE_MODES}")
+        self.decide = dispatch_decide_mode(opt.fastcache_config, decide)
         self.opt = opt
         self.compile_mode = compile_mode
         self.clone_outputs = (compile_mode == "reduce-overhead") if clone_outputs is None else clone_outputs
@@ -123,12 +145,27 @@ class StepDispatch(nn.Module):
         self.block_names = [name for name, _, _ in _blocks(opt)]
         self._table: list[tuple[bool, ...]] = []
         self._variants: dict[tuple, Any] = {}
-        self.set_table(table)
+        self._splits: dict[tuple, Any] = {}
+        #: Skip pattern of every step since the last reset (host tuples; for inspection and tests).
+        self.history: list[tuple[bool, ...]] = []
+        if self.decide == "host":
+            self.set_table(table)
+        elif table is not None:
+            self.set_table(table)
         self.reset()
 
     # -- schedule ---------------------------------------------------------------------------
     def set_table(self, table: torch.Tensor | None) -> None:
         """Install a new ``steps × blocks`` table (specialised copies are kept and reused)."""
+        if self.decide == "device":  # the graph reads it: install it there
+            if self.opt.fastcache_config.policy != "schedule":
+                raise ValueError(f"a skip table needs policy='schedule'; this model uses "
+                                 f"policy={self.opt.fastcache_config.policy!r}")
+            if table is not None:
+                from .api import set_schedule
+
+                set_schedule(self.opt, table)
+            return
         n = len(self.block_names)
         if table is None:
             cols = [self.opt.store.tensors.get(f"{name}.schedule") for name in self.block_names]
@@ -145,7 +182,11 @@ class StepDispatch(nn.Module):
 
     @property
     def patterns(self) -> list[tuple[bool, ...]]:
-        return list(dict.fromkeys(self._table))
+        """The distinct patterns of the host table (``decide="host"``), or those seen so far
+        (``decide="device"``)."""
+        if self.decide == "host":
+            return list(dict.fromkeys(self._table))
+        return list(dict.fromkeys(self.history))
 
     def reset(self) -> None:
         """Start a new generation (host step counter and the in-graph state)."""
@@ -157,6 +198,7 @@ class StepDispatch(nn.Module):
         self.step = 0
         self._n = [0] * len(self.block_names)
         self._consecutive = [0] * len(self.block_names)
+        self.history = []
 
     def pattern_for_step(self, step: int) -> tuple[bool, ...]:
         """The host mirror of ``BlockGuard.decide`` for the schedule policy."""
@@ -176,31 +218,59 @@ class StepDispatch(nn.Module):
             out.append(bool(ok))
         return tuple(out)
 
-    # -- calls ------------------------------------------------------------------------------
+    # -- compiled pieces --------------------------------------------------------------------
+    def _compile(self, gm: fx.GraphModule) -> Any:
+        if self.compile_mode == "eager":
+            return gm
+        return torch.compile(gm, mode=self.compile_mode, fullgraph=True, dynamic=False)
+
     def _variant(self, entry: CapturedGraph, pattern: tuple[bool, ...]) -> Any:
         key = (entry.key, pattern)
         got = self._variants.get(key)
         fn = got[1] if got is not None and got[0] is entry.gm else None  # re-captured graph: rebuild
         if fn is None:
-            gm = specialise(entry.gm, pattern)
-            if self.compile_mode == "eager":
-                fn = gm
+            if self.decide == "host":
+                gm = specialise(entry.gm, pattern)
             else:
-                fn = torch.compile(gm, mode=self.compile_mode, fullgraph=True, dynamic=False)
+                gm = self._split(entry)[0].suffix(pattern)
+            fn = self._compile(gm)
             self._variants[key] = (entry.gm, fn)
-            logger.info("fx-fastcache: step dispatch variant %d (%d/%d blocks approximated, %s)", len(self._variants),
-                        sum(pattern), len(pattern), self.compile_mode)
+            logger.info("fx-fastcache: step dispatch variant %d (%d/%d blocks approximated, %s, decide=%s)",
+                        len(self._variants), sum(pattern), len(pattern), self.compile_mode, self.decide)
         return fn
+
+    def _split(self, entry: CapturedGraph) -> tuple[Any, Any]:
+        """(``DecisionSplit``, compiled prefix) of a captured graph, built once."""
+        from .decision_split import split_at_decisions
+
+        got = self._splits.get(entry.key)
+        if got is None or got[0] is not entry.gm:
+            split = split_at_decisions(entry.gm, self.opt.fastcache_config.policy)
+            got = (entry.gm, split, self._compile(split.prefix))
+            self._splits[entry.key] = got
+            logger.info("fx-fastcache: step dispatch split the graph: %d decided blocks, %d values cross the cut",
+                        len(split.decided_blocks), len(split.prefix.graph.find_nodes(op="output")[0].args[0]) - 1)
+        return got[1], got[2]
 
     def warmup(self, *args: Any, **kwargs: Any) -> None:
         """Capture and compile every pattern of the table for these inputs (runs each once, then resets)."""
         kw = self.opt._bind(args, kwargs)
         entry = self.opt.capture(**kw)
-        for p in [(False,) * len(self.block_names)] + self.patterns:
-            with torch.no_grad():
-                self._variant(entry, p)(**kw)
+        if self.decide == "device":
+            split, prefix = self._split(entry)
+            flat = split.flatten(kw)
+            for p in {split.pattern([v] * len(split.decided_blocks)) for v in (False, True)}:
+                with torch.no_grad():
+                    self.reset()
+                    _, *live = prefix(*flat)
+                    self._variant(entry, p)(*flat, *live)
+        else:
+            for p in [(False,) * len(self.block_names)] + self.patterns:
+                with torch.no_grad():
+                    self._variant(entry, p)(**kw)
         self.reset()
 
+    # -- calls ------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         opt = self.opt
         kw = opt._bind(args, kwargs)
@@ -208,13 +278,20 @@ class StepDispatch(nn.Module):
         key = opt._key(kw)
         entry = opt._entries.get(key) or opt.capture(**kw)
         opt._last_key = key
-        pattern = self.pattern_for_step(self.step)
-        fn = self._variant(entry, pattern)
         with torch.no_grad():
-            out = fn(**kw)
+            if self.decide == "host":
+                pattern = self.pattern_for_step(self.step)
+                out = self._variant(entry, pattern)(**kw)
+            else:
+                split, prefix = self._split(entry)
+                flat = split.flatten(kw)
+                decisions, *live = prefix(*flat)
+                pattern = split.pattern(decisions.tolist())  # the step's one device-to-host read
+                out = split.unflatten(self._variant(entry, pattern)(*flat, *live))
         for i, skip in enumerate(pattern):
             self._n[i] += 0 if skip else 1
             self._consecutive[i] = self._consecutive[i] + 1 if skip else 0
+        self.history.append(pattern)
         self.step += 1
         if self.clone_outputs:
             out = pytree.tree_map_only(torch.Tensor, lambda t: t.clone(), out)

@@ -88,7 +88,7 @@ class Fallback(nn.Module):
         for k, (x, y) in enumerate(zip(ins, outs)):
             self.update_stream(k, computed, t, x, y)
         n = torch.where(new_gen, torch.zeros_like(self.n), self.n)
-        self.n.copy_(n + computed.to(n.dtype))
+        self.n.copy_(n + as_count(computed, n.dtype))
 
     def reset(self) -> None:
         self.n.zero_()
@@ -102,6 +102,16 @@ def keep_or(computed: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> tor
     return torch.where(computed, new, old)
 
 
+#: A "computed" flag: a 0-d bool tensor (decided in the graph) or a plain ``bool`` (fixed when a
+#: step-dispatch copy was specialised, so the state update compiles without any select).
+Flag = torch.Tensor | bool
+
+
+def as_count(flag: Flag, dtype: torch.dtype) -> torch.Tensor | float:
+    """``flag`` as 1/0 in ``dtype`` (a Python float for a static flag)."""
+    return float(flag) if isinstance(flag, bool) else flag.to(dtype)
+
+
 def host_branch(pred: torch.Tensor) -> bool:
     """True when ``pred`` is a plain eager CPU tensor.
 
@@ -113,8 +123,12 @@ def host_branch(pred: torch.Tensor) -> bool:
     return type(pred) is torch.Tensor and pred.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-def assign(buf: torch.Tensor, computed: torch.Tensor, new: torch.Tensor) -> None:
+def assign(buf: torch.Tensor, computed: Flag, new: torch.Tensor) -> None:
     """``buf ← new`` if the block was computed, else unchanged."""
+    if isinstance(computed, bool):
+        if computed:
+            buf.copy_(new)
+        return
     if host_branch(computed):
         if bool(computed):
             buf.copy_(new)
@@ -122,8 +136,28 @@ def assign(buf: torch.Tensor, computed: torch.Tensor, new: torch.Tensor) -> None
     buf.copy_(torch.where(computed, new, buf))
 
 
-def assign_residual(buf: torch.Tensor, computed: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> None:
+def shift(dst: torch.Tensor, computed: Flag, src: torch.Tensor) -> None:
+    """``dst ← src`` if the block was computed, where ``src`` is a state buffer that is itself
+    overwritten later in the same call (``r_p ← r_c`` before ``r_c ← y − x``).
+
+    With a static ``True`` flag this is *not* a plain ``dst.copy_(src)``: inductor (torch 2.13,
+    CPU) miscompiles "copy buffer a into buffer b, then overwrite a" and stores the *new* ``a`` in
+    ``b`` (also with a ``clone`` in between; tests/test_step_dispatch.py has the repro).  A select
+    on a constant predicate keeps the read of the old value.
+    """
+    if isinstance(computed, bool):
+        if computed:
+            dst.copy_(torch.where(torch.ones((), dtype=torch.bool, device=dst.device), src, dst))
+        return
+    assign(dst, computed, src)
+
+
+def assign_residual(buf: torch.Tensor, computed: Flag, y: torch.Tensor, x: torch.Tensor) -> None:
     """``buf ← y − x`` if the block was computed, else unchanged."""
+    if isinstance(computed, bool):
+        if computed:
+            torch.sub(y, x, out=buf)
+        return
     if host_branch(computed):
         if bool(computed):
             torch.sub(y, x, out=buf)

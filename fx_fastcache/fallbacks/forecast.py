@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import CalibrationStore, Fallback, StreamInfo, assign, assign_residual
+from .base import CalibrationStore, Fallback, StreamInfo, as_count, assign, assign_residual, shift
 
 
 def forecast_approx(x, t, r_c, r_p, t_c, t_p, n):
@@ -36,12 +36,12 @@ class ForecastFallback(Fallback):
     def update(self, computed, new_gen, t, ins, outs) -> None:
         for k, (x, y) in enumerate(zip(ins, outs)):
             r_c, r_p = getattr(self, f"r_c{k}"), getattr(self, f"r_p{k}")
-            assign(r_p, computed, r_c)
+            shift(r_p, computed, r_c)
             assign_residual(r_c, computed, y, x)
-        assign(self.t_p, computed, self.t_c)
+        shift(self.t_p, computed, self.t_c)
         assign(self.t_c, computed, t)
         n = torch.where(new_gen, torch.zeros_like(self.n), self.n)
-        self.n.copy_(n + computed.to(n.dtype))
+        self.n.copy_(n + as_count(computed, n.dtype))
 
     def reset(self) -> None:
         super().reset()

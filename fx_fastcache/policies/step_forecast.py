@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..fallbacks.base import assign
+from ..fallbacks.base import assign, shift
 from .base import Decider, Policy, per_sample_norm
 
 
@@ -37,9 +37,9 @@ class StepForecastDecider(Decider):
         self.last_stat.copy_(d)
         pred = ok & valid & (d <= threshold).all()
         computed = ~pred
-        assign(self.u_p, computed, self.u_c)
+        shift(self.u_p, computed, self.u_c)
         assign(self.u_c, computed, u)
-        assign(self.t_p, computed, self.t_c)
+        shift(self.t_p, computed, self.t_c)
         assign(self.t_c, computed, t)
         self.count_computed(n, pred)
         return pred

@@ -51,12 +51,22 @@ class BlockGuard(nn.Module):
         return pred
 
     def update(self, pred, new_gen, t, n_streams: int, *ins_outs):
+        """``pred`` is the cond's predicate, or a plain ``bool`` in a step-dispatch copy
+        (``step_dispatch.specialise``): then the fallback's state update is a straight copy (or
+        nothing) instead of a full-tensor select."""
         ins, outs = ins_outs[:n_streams], ins_outs[n_streams:]
-        computed = ~pred
+        computed = (not pred) if isinstance(pred, bool) else ~pred
         self.fallback.update(computed, new_gen, t, ins, outs)
-        consecutive = torch.where(new_gen, torch.zeros_like(self.consecutive), self.consecutive)
-        self.consecutive.copy_(torch.where(pred, consecutive + 1, torch.zeros_like(consecutive)))
-        self.skipped.add_(pred.to(self.skipped.dtype))
+        if isinstance(pred, bool):
+            if pred:
+                consecutive = torch.where(new_gen, torch.zeros_like(self.consecutive), self.consecutive)
+                self.consecutive.copy_(consecutive + 1)
+            else:
+                self.consecutive.zero_()
+        else:
+            consecutive = torch.where(new_gen, torch.zeros_like(self.consecutive), self.consecutive)
+            self.consecutive.copy_(torch.where(pred, consecutive + 1, torch.zeros_like(consecutive)))
+        self.skipped.add_(float(pred) if isinstance(pred, bool) else pred.to(self.skipped.dtype))
         self.evaluations.add_(1.0)
         if self._recorder is not None:
             self._recorder.record(self, t, ins, outs)

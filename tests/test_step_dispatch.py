@@ -1,0 +1,209 @@
+"""Step dispatch with decisions read from the device (one sync per step) and the specialised
+state updates: every family × every step-level policy equals the in-graph guards exactly."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch._dynamo.utils as dynamo_utils
+import torch.fx as fx
+from conftest import FAMILIES
+
+import fx_fastcache as fastcache
+from fx_fastcache.api import _blocks
+from fx_fastcache.decision_split import COND, is_decide, split_at_decisions
+from fx_fastcache.fallbacks.base import shift
+from fx_fastcache.step_dispatch import StepDispatch, specialise
+from fx_fastcache.tiny_pipelines import make_tiny_pipeline
+from fx_fastcache.zoo import make_tiny
+
+STEPS = torch.linspace(999, 20, 10).tolist()
+STEP_POLICIES = ["step_forecast", "teacache", "first_block_cache", "schedule"]
+THRESHOLD = {"first_block_cache": 0.5}  # tiny random blocks: block 0's residual moves a lot
+
+
+def _pair(tm, policy: str, fallback: str = "residual", **kw):
+    """Two identically configured models: in-graph guards (reference) and one for dispatch."""
+    cfg = dict(policy=policy, fallback=fallback, cache_ratio_threshold=THRESHOLD.get(policy, 0.1), **kw)
+    ref, opt = (fastcache.optimize(tm.model, backend="eager", **cfg) for _ in range(2))
+    if policy == "schedule":
+        n = len(_blocks(ref))
+        table = torch.zeros(len(STEPS), n, dtype=torch.bool)
+        table[2::2, ::2] = True
+        table[3::2] = True
+        for m in (ref, opt):
+            fastcache.set_schedule(m, table)
+    return ref, opt
+
+
+def _approximated(m) -> int:
+    return fastcache.get_cache_statistics(m)["blocks_approximated"]
+
+
+@pytest.mark.parametrize("policy", STEP_POLICIES)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_device_decisions_match_in_graph_guards(name: str, policy: str) -> None:
+    tm = make_tiny(name)
+    ref, opt = _pair(tm, policy)
+    disp = StepDispatch(opt, compile_mode="eager", decide="device")
+    per_step = []
+    with torch.no_grad():
+        for t in STEPS:
+            before = _approximated(ref)
+            a = ref(**tm.make_inputs(t, 2))[tm.output_index]
+            per_step.append(_approximated(ref) - before)
+            b = disp(**tm.make_inputs(t, 2))[tm.output_index]
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert [sum(p) for p in disp.history] == per_step  # the host saw exactly the in-graph decisions
+    assert _approximated(opt) == _approximated(ref) > 0
+
+
+def test_step_forecast_decisions_vary_and_still_match() -> None:
+    """A threshold where some steps compute and some skip: the dispatch follows step by step."""
+    tm = make_tiny("tiny-dit")
+    ref, opt = _pair(tm, "step_forecast", warmup_steps=2)
+    disp = StepDispatch(opt, compile_mode="eager")
+    assert disp.decide == "device"
+    with torch.no_grad():
+        for t in STEPS:
+            torch.testing.assert_close(disp(**tm.make_inputs(t, 2))[0], ref(**tm.make_inputs(t, 2))[0],
+                                       rtol=0, atol=0)
+    counts = [sum(p) for p in disp.history]
+    assert 0 in counts[2:] and 2 in counts[2:], counts
+
+
+def test_split_prefix_holds_decisions_and_no_blocks() -> None:
+    tm = make_tiny("tiny-pixart")
+    opt = fastcache.optimize(tm.model, backend="eager", policy="step_forecast")
+    entry = opt.capture(**tm.make_inputs(900, 2))
+    split = split_at_decisions(entry.gm, "step_forecast")
+    pre = split.prefix.graph
+    assert not any(n.target is COND for n in pre.nodes)
+    assert sum(is_decide(n) for n in pre.nodes) == 2 and split.decided_blocks == [0, 1]
+    called = {str(n.target) for n in pre.nodes if n.op == "call_module"}
+    assert {"fastcache_clock", "fastcache_step"} <= called
+    assert not any(c.startswith("fastcache_block_") for c in called)
+    suffix = split.suffix((True, False))
+    called = [str(n.target) for n in suffix.graph.nodes if n.op == "call_module"]
+    assert "fastcache_fallback_0" in called and "fastcache_block_1" in called
+    assert "fastcache_clock" not in called and "fastcache_step" not in called  # state updated once, in the prefix
+
+
+def test_first_block_cache_prefix_computes_block0() -> None:
+    tm = make_tiny("tiny-flux")
+    opt = fastcache.optimize(tm.model, backend="eager", policy="first_block_cache")
+    split = split_at_decisions(opt.capture(**tm.make_inputs(0.9, 2)).gm, "first_block_cache")
+    called = {str(n.target) for n in split.prefix.graph.nodes if n.op == "call_module"}
+    assert "fastcache_block_0" in called and split.decided_blocks == [1, 2]
+    assert split.pattern([True, True]) == (False, True, True)
+
+
+def test_specialised_update_gets_a_plain_bool() -> None:
+    """Dispatch copies update state with a straight copy (or nothing): no full-tensor select."""
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, backend="eager", policy="schedule", fallback="residual_linear")
+    gm = specialise(opt.capture(**tm.make_inputs(900, 2)).gm, (True, False))
+    updates = [n for n in gm.graph.nodes if n.op == "call_module" and n.args and n.args[0] == "update"]
+    assert [n.args[1] for n in updates] == [True, False]
+    assert all(type(n.args[1]) is bool for n in updates)
+
+
+def test_per_block_policy_is_refused_with_the_reason() -> None:
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, backend="eager", policy="chi2")
+    with pytest.raises(ValueError, match=r"policy='chi2' decides each block .*'step_forecast'"):
+        StepDispatch(opt, compile_mode="eager")
+    with pytest.raises(ValueError, match="decide='host' needs policy='schedule'"):
+        StepDispatch(fastcache.optimize(tm.model, backend="eager"), compile_mode="eager", decide="host")
+    with pytest.raises(ValueError, match="decide='sometimes' is not supported"):
+        StepDispatch(opt, compile_mode="eager", decide="sometimes")
+
+
+@pytest.fixture(scope="module")
+def compiled_forecast():
+    """step_forecast + forecast fallback (the defaults) through inductor-compiled dispatch pieces."""
+    tm = make_tiny("tiny-dit")
+    ref, opt = _pair(tm, "step_forecast", fallback="forecast")
+    disp = StepDispatch(opt, compile_mode="default")
+    dynamo_utils.counters.clear()
+    pairs = []
+    with torch.no_grad():
+        for t in STEPS:
+            pairs.append((disp(**tm.make_inputs(t, 2))[0], ref(**tm.make_inputs(t, 2))[0]))
+    return dict(ref=ref, opt=opt, disp=disp, pairs=pairs, graph_breaks=dict(dynamo_utils.counters["graph_break"]),
+                graphs=dynamo_utils.counters["stats"]["unique_graphs"])
+
+
+def test_device_decisions_compile_fullgraph(compiled_forecast) -> None:
+    """Inductor: the prefix and one suffix per pattern, no graph break, numerics of eager
+    (this also guards the forecast fallback's ``shift`` against the inductor copy bug)."""
+    c = compiled_forecast
+    for a, b in c["pairs"]:
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert not c["graph_breaks"]
+    assert c["graphs"] == 1 + len(set(c["disp"].history))
+    assert _approximated(c["opt"]) == _approximated(c["ref"]) > 0
+
+
+def test_shift_keeps_the_old_value_under_inductor() -> None:
+    """``b ← a`` then ``a ← new`` in one compiled graph: ``b`` must get the old ``a``."""
+
+    class State(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("a", torch.zeros(4))
+            self.register_buffer("b", torch.zeros(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = x + self.a
+            shift(self.b, True, self.a)
+            self.a.copy_(x * 2)
+            return y
+
+    m = State()
+    f = torch.compile(m, fullgraph=True)
+    with torch.no_grad():
+        for i in (1.0, 2.0, 3.0):
+            f(torch.full((4,), i))
+    assert m.a.tolist() == [6.0] * 4 and m.b.tolist() == [4.0] * 4
+
+
+def test_pipeline_dispatch_with_default_policy_matches_in_graph() -> None:
+    outs, stats = [], []
+    for dispatch in (None, "eager"):
+        tp = make_tiny_pipeline("pixart-sigma")
+        fastcache.enable_fastcache(tp.pipe, backend="eager", cache_ratio_threshold=0.5, step_dispatch=dispatch)
+        for _ in range(2):  # state resets with every pipeline call
+            outs.append(np.asarray(tp.pipe(**tp.call_kwargs(seed=0, num_inference_steps=6)).images))
+            stats.append(fastcache.get_cache_statistics(tp.pipe)["blocks_approximated"])
+    assert stats[0] > 0 and len(set(stats)) == 1, stats
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+
+
+def test_pipeline_dispatch_refuses_chi2() -> None:
+    tp = make_tiny_pipeline("dit")
+    with pytest.raises(ValueError, match="policy='chi2' decides each block"):
+        fastcache.enable_fastcache(tp.pipe, backend="eager", policy="chi2", step_dispatch="eager")
+
+
+def test_split_needs_guards() -> None:
+    g = fx.symbolic_trace(torch.nn.Linear(2, 2))
+    with pytest.raises(RuntimeError, match="no guarded blocks"):
+        split_at_decisions(g)
+
+
+@pytest.mark.parametrize("policy", ["step_forecast", "first_block_cache"])
+def test_device_warmup_builds_the_patterns_used_later(policy: str) -> None:
+    tm = make_tiny("tiny-flux")
+    ref, opt = _pair(tm, policy)
+    disp = StepDispatch(opt, compile_mode="eager")
+    disp.warmup(**tm.make_inputs(STEPS[0], 2))
+    built = set(disp._variants)
+    assert len(built) == 2 and _approximated(opt) == 0  # warm-up leaves no state behind
+    with torch.no_grad():
+        for t in STEPS:
+            torch.testing.assert_close(disp(**tm.make_inputs(t, 2))[0], ref(**tm.make_inputs(t, 2))[0],
+                                       rtol=0, atol=0)
+    assert set(disp._variants) == built  # nothing new was specialised after the warm-up
+    assert len(disp.patterns) == 2
