@@ -28,6 +28,9 @@ def parser(description: str, default_model: str, default_steps: int) -> argparse
     p.add_argument("--policy", default="step_forecast")
     p.add_argument("--fallback", default="forecast")
     p.add_argument("--threshold", type=float, default=0.08, help="cache_ratio_threshold")
+    p.add_argument("--step-dispatch", default="auto", choices=["auto", "none", "reduce-overhead", "default", "eager"],
+                   help="replay per-pattern graphs chosen once per step (docs/GPU.md); auto: reduce-overhead on "
+                        "CUDA for step-level policies, none otherwise")
     p.add_argument("--compare", action="store_true", help="also run without FastCache and report the difference")
     p.add_argument("--out", default=None, help="save the first image here (PNG)")
     return p
@@ -47,7 +50,12 @@ def run(args: argparse.Namespace, family: str, load: Callable[[argparse.Namespac
         kwargs = call_kwargs(args)
         kwargs["num_inference_steps"] = args.steps
         kwargs["generator"] = torch.Generator(device="cpu").manual_seed(args.seed)
-    backend = args.backend or ("inductor" if device.type == "cuda" else "eager")
+    dispatch = args.step_dispatch
+    if dispatch == "auto":
+        dispatch = "reduce-overhead" if device.type == "cuda" and args.policy != "chi2" else "none"
+    dispatch = None if dispatch == "none" else dispatch
+    # with step dispatch the per-pattern graphs are compiled by the dispatcher: capture eagerly
+    backend = args.backend or ("inductor" if device.type == "cuda" and dispatch is None else "eager")
 
     reference = None
     if args.compare:
@@ -56,12 +64,13 @@ def run(args: argparse.Namespace, family: str, load: Callable[[argparse.Namespac
         print(f"without FastCache: {time.perf_counter() - t0:.2f}s")
 
     fastcache.enable_fastcache(pipe, backend=backend, policy=args.policy, fallback=args.fallback,
-                               cache_ratio_threshold=args.threshold)
+                               cache_ratio_threshold=args.threshold, step_dispatch=dispatch)
     t0 = time.perf_counter()
     images = pipe(**dict(kwargs, generator=torch.Generator().manual_seed(args.seed))).images
     elapsed = time.perf_counter() - t0
     stats = fastcache.get_cache_statistics(pipe)
-    print(f"with FastCache ({backend}, first call includes capture): {elapsed:.2f}s; "
+    mode = backend if dispatch is None else f"step dispatch, {dispatch}"
+    print(f"with FastCache ({mode}, first call includes capture): {elapsed:.2f}s; "
           f"{stats['blocks_approximated']}/{stats['block_evaluations']} block evaluations approximated "
           f"({stats['block_approx_ratio']:.0%}) over {stats['calls']} transformer calls")
     if reference is not None:

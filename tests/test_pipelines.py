@@ -165,8 +165,9 @@ def _load(path: Path):
 
 
 @pytest.mark.parametrize("script, extra", [("dit.py", []), ("pixart_sigma.py", []), ("sd3.py", []),
-                                           ("flux.py", ["--true-cfg", "2"])],
-                         ids=["dit", "pixart-sigma", "sd3", "flux-true-cfg"])
+                                           ("flux.py", ["--true-cfg", "2"]),
+                                           ("flux.py", ["--true-cfg", "2", "--step-dispatch", "eager"])],
+                         ids=["dit", "pixart-sigma", "sd3", "flux-true-cfg", "flux-true-cfg-step-dispatch"])
 def test_example_runs_tiny(script: str, extra: list[str], capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     mod = _load(ROOT / "examples" / script)
     out_png = tmp_path / "out.png"
