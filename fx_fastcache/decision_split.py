@@ -35,6 +35,8 @@ import torch.fx as fx
 import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 
+from .runtime.pin import unpin
+
 COND = torch.ops.higher_order.cond
 
 __all__ = ["DecisionSplit", "split_at_decisions", "is_decide", "resolve_conds"]
@@ -162,6 +164,7 @@ def _always_computes(gm: fx.GraphModule, decide: fx.Node) -> bool:
 def split_at_decisions(gm: fx.GraphModule, policy: str = "?") -> DecisionSplit:
     """Cut ``gm`` (a FastCache-rewritten graph) into a deciding prefix and a computing suffix."""
     graph = copy.deepcopy(gm.graph)
+    unpin(graph)  # no cond will be compiled: layout pins would only cost copies
     n_blocks = sum(1 for n in graph.nodes if n.op == "call_function" and n.target is COND)
     if n_blocks == 0:
         raise RuntimeError("the graph has no guarded blocks (torch.cond); nothing to split")

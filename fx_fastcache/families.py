@@ -47,6 +47,16 @@ FAMILIES: dict[str, FamilySpec] = {
         "flux",
         (BlockListSpec("transformer_blocks", _JOINT, _JOINT), BlockListSpec("single_transformer_blocks", _JOINT, _JOINT)),
     ),
+    # video DiTs: the same block contract, tokens over (frames × height × width)
+    "CogVideoXTransformer3DModel": FamilySpec(
+        "cogvideox", (BlockListSpec("transformer_blocks", _JOINT, ("hidden_states", "encoder_hidden_states")),)),
+    "LTXVideoTransformer3DModel": FamilySpec("ltx-video", (BlockListSpec("transformer_blocks"),)),
+    "WanTransformer3DModel": FamilySpec("wan", (BlockListSpec("blocks"),)),
+    "HunyuanVideoTransformer3DModel": FamilySpec(
+        "hunyuan-video",
+        (BlockListSpec("transformer_blocks", _JOINT, ("hidden_states", "encoder_hidden_states")),
+         BlockListSpec("single_transformer_blocks", _JOINT, ("hidden_states", "encoder_hidden_states"))),
+    ),
 }
 
 

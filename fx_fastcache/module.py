@@ -216,7 +216,7 @@ class FastCacheModule(nn.Module):
             self.model.train(was_training)
         gm = ep.module()
         ctx = PassContext(model=self.model, spec=self.spec, config=cfg, policy=POLICIES[cfg.policy](cfg),
-                          store=self.store)
+                          store=self.store, backend=self.backend)
         results = run_pipeline(gm, ctx, record=self.record_passes)
         for name, sub in gm.named_children():  # the passes create clock/guard buffers on the CPU
             if name.startswith("fastcache_"):

@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from .decision_split import guard_index, resolve_conds
+from .runtime.pin import unpin
 from .module import CapturedGraph, FastCacheModule
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def specialise(gm: fx.GraphModule, pattern: tuple[bool, ...]) -> fx.GraphModule:
     The copy shares ``gm``'s submodules and buffers (state), it only has a different graph.
     """
     graph = copy.deepcopy(gm.graph)  # keeps the pytree codegen (keyword / nested inputs) of ep.module()
+    unpin(graph)  # no cond left to compile: layout pins would only cost copies
     preds = [n.args[0] for n in graph.nodes if n.op == "call_function" and n.target is COND]
     if not preds:
         raise RuntimeError("the graph has no guarded blocks (torch.cond); nothing to specialise")

@@ -99,6 +99,78 @@ def tiny_flux(seed: int = 0, layers: int = 1, single_layers: int = 2) -> TinyMod
     return TinyModel("tiny-flux", m, inputs)
 
 
+def tiny_cogvideox(seed: int = 0, layers: int = 2) -> TinyModel:
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                    num_layers=layers, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
+                                    text_embed_dim=16, time_embed_dim=16, max_text_seq_length=4).eval()
+
+    def inputs(t: float, batch: int = 2) -> dict:
+        g = _gen(seed + 1)
+        return dict(hidden_states=torch.randn(batch, 2, 4, 8, 8, generator=g),  # (B, frames, C, H, W)
+                    encoder_hidden_states=torch.randn(batch, 4, 16, generator=g),
+                    timestep=torch.full((batch,), int(t), dtype=torch.long), return_dict=False)
+
+    return TinyModel("tiny-cogvideox", m, inputs)
+
+
+def tiny_ltx_video(seed: int = 0, layers: int = 2) -> TinyModel:
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
+                                   attention_head_dim=8, cross_attention_dim=16, num_layers=layers,
+                                   caption_channels=16).eval()
+
+    def inputs(t: float, batch: int = 2) -> dict:
+        g = _gen(seed + 1)
+        return dict(hidden_states=torch.randn(batch, 2 * 4 * 4, 8, generator=g),  # packed (frames·H·W) tokens
+                    encoder_hidden_states=torch.randn(batch, 4, 16, generator=g),
+                    timestep=torch.full((batch,), float(t)), encoder_attention_mask=torch.ones(batch, 4),
+                    num_frames=2, height=4, width=4, return_dict=False)
+
+    return TinyModel("tiny-ltx-video", m, inputs)
+
+
+def tiny_wan(seed: int = 0, layers: int = 2) -> TinyModel:
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                              out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=layers,
+                              rope_max_seq_len=32).eval()
+
+    def inputs(t: float, batch: int = 2) -> dict:
+        g = _gen(seed + 1)
+        return dict(hidden_states=torch.randn(batch, 4, 2, 8, 8, generator=g),  # (B, C, frames, H, W)
+                    encoder_hidden_states=torch.randn(batch, 4, 16, generator=g),
+                    timestep=torch.full((batch,), float(t)), return_dict=False)
+
+    return TinyModel("tiny-wan", m, inputs)
+
+
+def tiny_hunyuan_video(seed: int = 0, layers: int = 1, single_layers: int = 2) -> TinyModel:
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                       num_layers=layers, num_single_layers=single_layers, num_refiner_layers=1,
+                                       patch_size=2, patch_size_t=1, text_embed_dim=16, pooled_projection_dim=8,
+                                       rope_axes_dim=(2, 2, 4)).eval()
+
+    def inputs(t: float, batch: int = 2) -> dict:
+        g = _gen(seed + 1)
+        return dict(hidden_states=torch.randn(batch, 4, 2, 8, 8, generator=g),  # (B, C, frames, H, W)
+                    timestep=torch.full((batch,), float(t)),
+                    encoder_hidden_states=torch.randn(batch, 4, 16, generator=g),
+                    encoder_attention_mask=torch.ones(batch, 4), pooled_projections=torch.randn(batch, 8, generator=g),
+                    guidance=torch.full((batch,), 6000.0), return_dict=False)
+
+    return TinyModel("tiny-hunyuan-video", m, inputs)
+
+
 class CustomBlock(nn.Module):
     """A minimal adaLN-style block: the timestep enters through a modulation."""
 
@@ -150,6 +222,10 @@ TINY: dict[str, Callable[..., TinyModel]] = {
     "tiny-sd3": tiny_sd3,
     "tiny-flux": tiny_flux,
     "tiny-custom": tiny_custom,
+    "tiny-cogvideox": tiny_cogvideox,
+    "tiny-ltx-video": tiny_ltx_video,
+    "tiny-wan": tiny_wan,
+    "tiny-hunyuan-video": tiny_hunyuan_video,
 }
 
 

@@ -17,6 +17,7 @@ from .find_blocks import find_blocks
 from .guard_blocks import guard_blocks
 from .hoist_probes import hoist_probes
 from .merge_tokens import merge_tokens
+from .pin_cond_operands import pin_cond_operands
 from .route_tokens import find_block_args, route_tokens
 from .strip_markers import strip_markers
 
@@ -32,6 +33,7 @@ PIPELINE: list[tuple[str, PassFn]] = [
     ("guard_blocks", guard_blocks),
     ("route_tokens", route_tokens),
     ("merge_tokens", merge_tokens),
+    ("pin_cond_operands", pin_cond_operands),
     ("cleanup", cleanup),
 ]
 

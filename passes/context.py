@@ -42,6 +42,8 @@ class PassContext:
     notes: dict[str, list[str]] = field(default_factory=dict)
     #: Analysis results later passes read (``"block_args"``: tag → node, from ``find_block_args``).
     extras: dict[str, Any] = field(default_factory=dict)
+    #: What will run the graph (``"inductor"`` or ``"eager"``); backend-specific passes read it.
+    backend: str = "eager"
 
     def note(self, pass_name: str, text: str) -> None:
         self.notes.setdefault(pass_name, []).append(text)

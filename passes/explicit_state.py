@@ -31,6 +31,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fx_fastcache.runtime.pin import unpin
+
 from .context import PassContext
 
 logger = logging.getLogger(__name__)
@@ -193,6 +195,7 @@ def explicit_state(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule
                          f"timestep to drive the fallbacks")
     new = copy.deepcopy(gm)
     g = new.graph
+    unpin(g)  # inductor-only layout barriers: not an ONNX op, and eager/onnxruntime do not need them
     g._codegen = fx.graph.CodeGen()  # flat positional signature (no pytree in/out specs)
     nodes = list(g.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]

@@ -85,7 +85,9 @@ def _register(gm: fx.GraphModule, name: str, mod: torch.nn.Module) -> str:
 
 
 def _contig(g: fx.Graph, n: fx.Node) -> fx.Node:
-    return g.call_function(CLONE, (n,), {"memory_format": torch.contiguous_format})
+    c = g.call_function(CLONE, (n,), {"memory_format": torch.contiguous_format})
+    c.meta["val"] = _val(n).contiguous()  # later passes (pin_cond_operands) read operand metadata
+    return c
 
 
 def _block_branch(blk: BlockRegion, inputs: list[fx.Node], outs: list[fx.Node], n_extra: int) -> fx.GraphModule:

@@ -7,7 +7,8 @@ import torch
 from fx_fastcache.runtime.routing import attention_context_fn
 from fx_fastcache.zoo import TINY, make_tiny
 
-FAMILIES = ["tiny-dit", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-custom"]
+FAMILIES = ["tiny-dit", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-custom",
+            "tiny-cogvideox", "tiny-ltx-video", "tiny-wan", "tiny-hunyuan-video"]  # the last four: video DiTs
 TIMESTEPS = [1000.0, 900.0, 800.0, 700.0, 600.0, 500.0]
 
 

@@ -2,6 +2,8 @@
 over a 30-step generation and across threshold changes between generations."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -11,7 +13,7 @@ from fx_fastcache.zoo import make_tiny
 
 from conftest import first
 
-COMPILED = ["tiny-dit", "tiny-flux", "tiny-custom"]  # flux: two block lists, joint streams
+COMPILED = ["tiny-dit", "tiny-flux", "tiny-custom", "tiny-hunyuan-video"]  # flux, hunyuan: two block lists, joint streams
 STEPS30 = [1000.0 - i * (1000.0 / 30) for i in range(30)]
 
 
@@ -62,3 +64,26 @@ def test_inductor_forced_approximation_matches_eager(compiled):
             torch.testing.assert_close(first(opt(**kw)), first(eager(**kw)), atol=1e-4, rtol=1e-4)
     assert fastcache.get_cache_statistics(opt)["blocks_approximated"] == \
         fastcache.get_cache_statistics(eager)["blocks_approximated"] > 0
+
+
+def test_cond_operands_are_pinned_only_for_inductor_and_unpinned_without_cond() -> None:
+    """Computed cond operands get a fixed-layout pin with inductor (HunyuanVideo's transposed
+    patch embedding otherwise breaks the compiled branch); copies without cond drop the pins."""
+    from fx_fastcache.decision_split import split_at_decisions
+    from fx_fastcache.runtime.pin import PIN
+    from fx_fastcache.step_dispatch import specialise
+
+    tm = make_tiny("tiny-hunyuan-video")
+    kw = tm.make_inputs(900.0, 2)
+    eager = fastcache.optimize(tm.model, backend="eager").capture(**kw).gm
+    assert not any(n.target is PIN for n in eager.graph.nodes)
+    gm = fastcache.optimize(tm.model, backend="inductor").capture(**kw).gm
+    pins = [n for n in gm.graph.nodes if n.target is PIN]
+    assert pins and all(n.args[0].op not in ("placeholder", "get_attr") for n in pins)
+    entry = fastcache.optimize(tm.model, backend="inductor", policy="schedule").capture(**kw)
+    stateless, _ = importlib.import_module("fx_fastcache.passes.explicit_state").explicit_state(entry.gm, entry.ctx)
+    assert not any(n.target is PIN for n in stateless.graph.nodes)  # ONNX export has no such op
+    assert not any(n.target is PIN for n in specialise(gm, (True,) * 3).graph.nodes)
+    split = split_at_decisions(gm, "step_forecast")
+    assert not any(n.target is PIN for n in split.prefix.graph.nodes)
+    assert not any(n.target is PIN for n in split.suffix((False,) * 3).graph.nodes)
