@@ -1,7 +1,8 @@
 """Model resolution shared by the CLI subcommands (``--model NAME``).
 
 NAME is a shipped trained model (``dit-mnist``, ``pixart-mnist``), a tiny random-weight family
-model (``tiny-dit``, ``tiny-pixart``, ``tiny-sd3``, ``tiny-flux``, ``tiny-custom``) or the path
+model (``tiny-dit``, ``tiny-pixart``, ``tiny-sd3``, ``tiny-flux``, ``tiny-custom``, the video
+``tiny-cogvideox``, ``tiny-ltx-video``, ``tiny-wan``, ``tiny-hunyuan-video``) or the path
 of a diffusers model folder (a DiT or PixArt checkpoint trained like the MNIST models).
 """
 from __future__ import annotations
