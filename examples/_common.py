@@ -60,13 +60,13 @@ def run(args: argparse.Namespace, family: str, load: Callable[[argparse.Namespac
     reference = None
     if args.compare:
         t0 = time.perf_counter()
-        reference = pipe(**dict(kwargs, generator=torch.Generator().manual_seed(args.seed))).images
+        reference = _frames(pipe(**dict(kwargs, generator=torch.Generator().manual_seed(args.seed))))
         print(f"without FastCache: {time.perf_counter() - t0:.2f}s")
 
     fastcache.enable_fastcache(pipe, backend=backend, policy=args.policy, fallback=args.fallback,
                                cache_ratio_threshold=args.threshold, step_dispatch=dispatch)
     t0 = time.perf_counter()
-    images = pipe(**dict(kwargs, generator=torch.Generator().manual_seed(args.seed))).images
+    images = _frames(pipe(**dict(kwargs, generator=torch.Generator().manual_seed(args.seed))))
     elapsed = time.perf_counter() - t0
     stats = fastcache.get_cache_statistics(pipe)
     mode = backend if dispatch is None else f"step dispatch, {dispatch}"
@@ -89,11 +89,19 @@ def run(args: argparse.Namespace, family: str, load: Callable[[argparse.Namespac
     return 0
 
 
+def _frames(out: Any) -> Any:
+    """Images of an image pipeline, or the videos (frames) of a video pipeline."""
+    return out.frames if hasattr(out, "frames") else out.images
+
+
 def _save(images: Any, path: str) -> None:
+    """Save the first image (of a video: its first frame) as a PNG."""
     import numpy as np
     from PIL import Image
 
     img = images[0]
+    if not isinstance(img, Image.Image) and np.asarray(img).ndim == 4:  # (frames, H, W, C)
+        img = np.asarray(img)[0]
     if not isinstance(img, Image.Image):
         img = Image.fromarray((np.clip(np.asarray(img), 0, 1) * 255).round().astype("uint8"))
     img.save(path)

@@ -146,11 +146,35 @@ def tiny_flux_pipeline(seed: int = 0, layers: int = 1, single_layers: int = 2) -
                                            height=8, width=8, max_sequence_length=16, output_type="np"))
 
 
+def tiny_wan_pipeline(seed: int = 0, layers: int = 2) -> TinyPipeline:
+    """Wan 2.1 text-to-video: CFG as two transformer calls per step in ``cache_context("cond")`` /
+    ``("uncond")``; a 3-D VAE (8× spatial, 4× temporal) and a UMT5 encoder from config."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from .zoo import tiny_wan
+
+    tr = tiny_wan(seed=seed, layers=layers).model
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                           latents_std=[1.0] * 4).eval()
+    te = UMT5EncoderModel(UMT5Config(vocab_size=1000, d_model=16, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
+                                     relative_attention_num_buckets=8)).eval()
+    pipe = WanPipeline(tokenizer=tiny_tokenizer(16), text_encoder=te, transformer=tr, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    return TinyPipeline("wan", pipe, dict(prompt="a cat on the moon", negative_prompt="blurry", height=64, width=64,
+                                          num_frames=5, num_inference_steps=6, guidance_scale=5.0,
+                                          max_sequence_length=16, output_type="np"))
+
+
 TINY_PIPELINES: dict[str, Callable[..., TinyPipeline]] = {
     "dit": tiny_dit_pipeline,
     "pixart-sigma": tiny_pixart_sigma_pipeline,
     "sd3": tiny_sd3_pipeline,
     "flux": tiny_flux_pipeline,
+    "wan": tiny_wan_pipeline,
 }
 
 

@@ -28,11 +28,13 @@ CASES = {
     "pixart-sigma": ("pixart-sigma", {}, 1, 2),
     "sd3": ("sd3", {}, 1, 2),
     "flux-true-cfg": ("flux", {"negative_prompt": "blurry", "true_cfg_scale": 2.0}, 2, 3),
+    "wan-video": ("wan", {}, 2, 2),  # CFG as two calls per step, in cache contexts "cond" / "uncond"
 }
 
 
 def _images(pipe, tp, extra) -> np.ndarray:
-    return np.asarray(pipe(**tp.call_kwargs(seed=0, num_inference_steps=STEPS, **extra)).images)
+    out = pipe(**tp.call_kwargs(seed=0, num_inference_steps=STEPS, **extra))
+    return np.asarray(out.frames if hasattr(out, "frames") else out.images)  # video pipelines return frames
 
 
 @pytest.fixture(scope="module", params=list(CASES), ids=list(CASES))
@@ -166,8 +168,9 @@ def _load(path: Path):
 
 @pytest.mark.parametrize("script, extra", [("dit.py", []), ("pixart_sigma.py", []), ("sd3.py", []),
                                            ("flux.py", ["--true-cfg", "2"]),
-                                           ("flux.py", ["--true-cfg", "2", "--step-dispatch", "eager"])],
-                         ids=["dit", "pixart-sigma", "sd3", "flux-true-cfg", "flux-true-cfg-step-dispatch"])
+                                           ("flux.py", ["--true-cfg", "2", "--step-dispatch", "eager"]),
+                                           ("wan.py", [])],
+                         ids=["dit", "pixart-sigma", "sd3", "flux-true-cfg", "flux-true-cfg-step-dispatch", "wan"])
 def test_example_runs_tiny(script: str, extra: list[str], capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     mod = _load(ROOT / "examples" / script)
     out_png = tmp_path / "out.png"
