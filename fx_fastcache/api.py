@@ -16,7 +16,7 @@ __all__ = ["optimize", "calibrate", "save_calibration", "load_calibration", "get
 
 def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfig | None = None,
              blocks: str | list[str] | None = None, example_inputs: dict[str, Any] | None = None,
-             **overrides: Any) -> FastCacheModule:
+             step_dispatch: str | None = None, **overrides: Any) -> FastCacheModule:
     """Rewrite ``model`` so every transformer block is a guarded conditional with a fallback.
 
     Args:
@@ -26,9 +26,17 @@ def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfi
         config: a :class:`FastCacheConfig`; keyword ``overrides`` replace its fields.
         blocks: attribute path(s) of the block ModuleList(s) for models that are not a known family.
         example_inputs: keyword inputs to capture eagerly now instead of at the first call.
+        step_dispatch: run each step through a graph specialised for its skip pattern, learned
+            once per step (:mod:`fx_fastcache.step_dispatch`; the fast path on GPU, where every
+            in-graph ``cond`` costs a sync and disables CUDA graphs): ``"reduce-overhead"``
+            (CUDA graphs), ``"default"``, ``"max-autotune"`` or ``"eager"``.  The copies are
+            compiled by the dispatcher, so pair it with ``backend="eager"`` to skip the unused
+            compile of the guarded graph.  Step-level policies and schedules only.  With a
+            schedule call ``fastcache.reset(opt)`` before each generation.
     """
     config = FastCacheConfig.resolve(config, **overrides)
     opt = FastCacheModule(model, config, backend=backend, blocks=blocks)
+    opt.set_step_dispatch(step_dispatch)
     if example_inputs is not None:
         if not isinstance(example_inputs, dict):
             raise TypeError("example_inputs must be a dict of the model's keyword arguments")

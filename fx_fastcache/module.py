@@ -87,6 +87,10 @@ class FastCacheModule(nn.Module):
         self._force_compute = False
         self._warned_uncalibrated = False
         self.record_passes = False
+        # step dispatch (fx_fastcache.step_dispatch): compile mode, None = in-graph guards; one
+        # StepDispatch per state (pipelines: per cache context), a plain dict (not submodules)
+        self._dispatch_mode: str | None = None
+        self._dispatchers: dict[str, Any] = {}
         if not any(True for _ in model.parameters()):
             raise ValueError(f"{type(model).__name__} has no parameters; nothing to optimize")
 
@@ -120,6 +124,34 @@ class FastCacheModule(nn.Module):
         self._entries.clear()
         self.graphs = nn.ModuleDict()
         self._last_key = None
+        self.__dict__.get("_dispatchers", {}).clear()
+
+    # -- step dispatch --------------------------------------------------------------------
+    def set_step_dispatch(self, compile_mode: str | None) -> None:
+        """Run calls through :class:`~fx_fastcache.step_dispatch.StepDispatch` (``None``: in-graph guards).
+
+        ``compile_mode`` is ``"reduce-overhead"`` (CUDA graphs; the fast choice on GPU),
+        ``"default"``, ``"max-autotune"`` or ``"eager"``.  Schedules are dispatched from the host;
+        step-level policies read their decision once per step; per-block policies raise.
+        """
+        from .step_dispatch import COMPILE_MODES, dispatch_decide_mode
+
+        if compile_mode is not None:
+            dispatch_decide_mode(self.fastcache_config)  # per-block policies cannot dispatch per step
+            if compile_mode not in COMPILE_MODES:
+                raise ValueError(f"step_dispatch={compile_mode!r} is not supported; choose one of {COMPILE_MODES}")
+        self._dispatch_mode = compile_mode
+        self._dispatchers.clear()
+
+    def _dispatcher(self, module: FastCacheModule, key: str = "") -> Any:
+        """The StepDispatch running ``module`` (``self`` or a pipeline context's twin), built once."""
+        from .step_dispatch import StepDispatch
+
+        d = self._dispatchers.get(key)
+        if d is None:  # a schedule table is read from the store (fastcache.set_schedule)
+            d = StepDispatch(module, compile_mode=self._dispatch_mode)
+            self._dispatchers[key] = d
+        return d
 
     # -- calls ----------------------------------------------------------------------------
     def _bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -182,6 +214,8 @@ class FastCacheModule(nn.Module):
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._dispatch_mode is not None:
+            return self._dispatcher(self)(*args, **kwargs)
         kw = self._bind(args, kwargs)
         self._check_inputs(kw)
         key = self._key(kw)
@@ -257,10 +291,16 @@ class FastCacheModule(nn.Module):
             if e.step_decider is not None:
                 e.step_decider.reset()
         self._last_key = None
+        for d in self.__dict__.get("_dispatchers", {}).values():
+            d.reset_host()  # a schedule's host step counter cannot see a new generation by itself
 
     def configure(self, **changes: Any) -> None:
         """Change config fields; run-time fields update buffers, others force a re-capture."""
         new = self.fastcache_config.replace(**changes)
+        if self._dispatch_mode is not None and "policy" in changes:
+            from .step_dispatch import dispatch_decide_mode
+
+            dispatch_decide_mode(new)  # step dispatch is on: the new policy must decide per step
         structural = [k for k in changes if k not in RUNTIME_FIELDS]
         self.fastcache_config = new
         if structural:

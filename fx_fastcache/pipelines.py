@@ -54,30 +54,10 @@ class PipelineFastCache(FastCacheModule):
         object.__setattr__(self, "_twins", {})  # context name -> FastCacheModule (not submodules: same model)
         object.__setattr__(self, "_primary_context", None)
         object.__setattr__(self, "_active", None)
-        object.__setattr__(self, "_dispatch_mode", None)  # StepDispatch compile mode, None = in-graph guards
-        object.__setattr__(self, "_dispatchers", {})  # context name -> StepDispatch
 
     # -- step dispatch ---------------------------------------------------------------------
-    def set_step_dispatch(self, compile_mode: str | None) -> None:
-        """Run the schedule through :class:`~fx_fastcache.step_dispatch.StepDispatch` (``None``: in-graph guards)."""
-        from .step_dispatch import COMPILE_MODES, dispatch_decide_mode
-
-        if compile_mode is not None:
-            dispatch_decide_mode(self.fastcache_config)  # per-block policies cannot dispatch per step
-            if compile_mode not in COMPILE_MODES:
-                raise ValueError(f"step_dispatch={compile_mode!r} is not supported; choose one of {COMPILE_MODES}")
-        object.__setattr__(self, "_dispatch_mode", compile_mode)
-        self._dispatchers.clear()
-
-    def _dispatcher(self, module: FastCacheModule):
-        from .step_dispatch import StepDispatch
-
-        key = str(self._active if module is not self else self._primary_context)
-        d = self._dispatchers.get(key)
-        if d is None:  # reads the table installed with fastcache.set_schedule(pipe, table)
-            d = StepDispatch(module, compile_mode=self._dispatch_mode)
-            self._dispatchers[key] = d
-        return d
+    def _context_key(self, module: FastCacheModule) -> str:
+        return str(self._active if module is not self else self._primary_context)
 
     # -- routing by cache context ----------------------------------------------------------
     @contextlib.contextmanager
@@ -109,7 +89,8 @@ class PipelineFastCache(FastCacheModule):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         twin = self._target()
         if self._dispatch_mode is not None:
-            return self._dispatcher(twin if twin is not None else self)(*args, **kwargs)
+            module = twin if twin is not None else self
+            return self._dispatcher(module, self._context_key(module))(*args, **kwargs)
         if twin is not None:
             return twin(*args, **kwargs)
         return super().forward(*args, **kwargs)
@@ -131,8 +112,6 @@ class PipelineFastCache(FastCacheModule):
         super().reset()
         for twin in self._twins.values():
             twin.reset()
-        for d in self.__dict__.get("_dispatchers", {}).values():
-            d.reset_host()
 
     def configure(self, **changes: Any) -> None:
         super().configure(**changes)

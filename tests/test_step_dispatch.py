@@ -223,3 +223,30 @@ def test_device_decisions_with_token_routing_and_merging(extra: dict) -> None:
     if "enable_spatial_approx" in extra:  # tokens were really routed, and counted the same way
         ratio = fastcache.get_cache_statistics(opt)["spatial_approx_ratio"]
         assert ratio == fastcache.get_cache_statistics(ref)["spatial_approx_ratio"] > 0
+
+
+def test_optimize_with_step_dispatch_keeps_the_api() -> None:
+    """``optimize(..., step_dispatch=...)``: same outputs and statistics as the in-graph guards,
+    and reset / configure / get_cache_statistics work on the returned module."""
+    tm = make_tiny("tiny-sd3")
+    ref = fastcache.optimize(tm.model, backend="eager", cache_ratio_threshold=0.1)
+    opt = fastcache.optimize(tm.model, backend="eager", cache_ratio_threshold=0.1, step_dispatch="eager")
+    for _ in range(2):  # a second generation: the in-graph clock sees the timestep go back up
+        with torch.no_grad():
+            for t in STEPS:
+                torch.testing.assert_close(opt(**tm.make_inputs(t, 2))[0], ref(**tm.make_inputs(t, 2))[0],
+                                           rtol=0, atol=0)
+        assert _approximated(opt) == _approximated(ref) > 0
+    fastcache.configure(opt, cache_ratio_threshold=0.0)
+    fastcache.configure(ref, cache_ratio_threshold=0.0)
+    fastcache.reset(opt)
+    with torch.no_grad():
+        for t in STEPS[:3]:
+            opt(**tm.make_inputs(t, 2))
+    assert _approximated(opt) == 0
+    with pytest.raises(ValueError, match="policy='chi2' decides each block"):
+        fastcache.configure(opt, policy="chi2")
+    with pytest.raises(ValueError, match="policy='chi2' decides each block"):
+        fastcache.optimize(tm.model, policy="chi2", step_dispatch="eager")
+    with pytest.raises(ValueError, match="step_dispatch='fast' is not supported"):
+        fastcache.optimize(tm.model, step_dispatch="fast")
