@@ -25,6 +25,10 @@ class BlockListSpec:
     path: str
     stream_inputs: tuple[str, ...] = ("hidden_states",)
     outputs: tuple[str | None, ...] = ("hidden_states",)
+    #: Token order of the joint (image + text) sequence that attention masks of the blocks cover:
+    #: ``"image_first"`` (HunyuanVideo) lets token routing gather such a mask; ``None``: the
+    #: blocks take no joint mask (routing refuses one it cannot place).
+    joint_mask_order: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,9 @@ FAMILIES: dict[str, FamilySpec] = {
     "WanTransformer3DModel": FamilySpec("wan", (BlockListSpec("blocks"),)),
     "HunyuanVideoTransformer3DModel": FamilySpec(
         "hunyuan-video",
-        (BlockListSpec("transformer_blocks", _JOINT, ("hidden_states", "encoder_hidden_states")),
-         BlockListSpec("single_transformer_blocks", _JOINT, ("hidden_states", "encoder_hidden_states"))),
+        (BlockListSpec("transformer_blocks", _JOINT, ("hidden_states", "encoder_hidden_states"), "image_first"),
+         BlockListSpec("single_transformer_blocks", _JOINT, ("hidden_states", "encoder_hidden_states"),
+                       "image_first")),
     ),
 }
 

@@ -37,8 +37,8 @@ from fx_fastcache.families import block_modules
 from fx_fastcache.markers import CALLS, MARK
 from fx_fastcache.runtime.merging import merge_tokens as merge_fn
 from fx_fastcache.runtime.merging import stage_sizes, unpool
-from fx_fastcache.runtime.routing import (RoutedCall, TokenRouter, attention_context_fn, gather_table,
-                                          gather_tokens, scatter_tokens)
+from fx_fastcache.runtime.routing import (RoutedCall, TokenRouter, attention_context_fn, gather_joint_mask,
+                                          gather_table, gather_tokens, scatter_tokens)
 
 from .context import PassContext, finish
 
@@ -157,7 +157,8 @@ def _inline(g: fx.Graph, sub: fx.GraphModule, args: list[fx.Node]) -> list[fx.No
 
 
 def _routed_branch(routed: torch.nn.Module, n_ops: int, pos: dict[str, int], arg_pos: list[int], roles: list[str],
-                   out_names: list[str], stream: str, text_len: int, merge: MergeSpec | None) -> fx.GraphModule:
+                   out_names: list[str], stream: str, text_len: int, merge: MergeSpec | None,
+                   n_img: int = 0) -> fx.GraphModule:
     """Operands: the compute branch's (``pos`` names active/idx/resid, ``arg_pos`` the block args)."""
     g = fx.Graph()
     ph = [g.placeholder(f"op_{i}") for i in range(n_ops)]
@@ -179,8 +180,10 @@ def _routed_branch(routed: torch.nn.Module, n_ops: int, pos: dict[str, int], arg
                 call_args.append(xg)
         elif role == "per_sample":
             call_args.append(g.call_function(gather_tokens, (a, idx)))
-        elif role == "table":
-            call_args.append(g.call_function(gather_table, (a, idx, text_len)))
+        elif role == "joint_mask":
+            call_args.append(g.call_function(gather_joint_mask, (a, idx, n_img)))
+        elif role.startswith("table:"):  # "table:<rows kept whole>"
+            call_args.append(g.call_function(gather_table, (a, idx, int(role.split(":")[1]))))
         else:
             call_args.append(a)
     outs = _inline(g, routed, call_args)
@@ -229,7 +232,7 @@ def reduce_blocks(gm: fx.GraphModule, ctx: PassContext, route: bool, merge: bool
     mods = block_modules(ctx.model, ctx.spec)
     live = set(g.nodes)
     for blk in ctx.blocks:
-        path, block, _ = mods[blk.index]
+        path, block, bl_spec = mods[blk.index]
         call = CALLS.get(block)
         if call is None:
             raise RuntimeError(f"route_tokens: no recorded call of block {path}; was it captured with markers?")
@@ -278,10 +281,19 @@ def reduce_blocks(gm: fx.GraphModule, ctx: PassContext, route: bool, merge: bool
                     role, shape = "x", (b, m) + shape[2:]
                 elif name in blk.stream_inputs:
                     role = "pass"  # text/encoder tokens: never dropped
-                elif v.ndim == 2 and shape[0] == text_len + n and kind == "tensors":
-                    role, shape = "table", (text_len + k,) + shape[1:]
-                elif v.ndim >= 3 and shape[0] == b and shape[1] == n:  # (B, N, ...) per-token input
+                elif v.ndim == 2 and shape[0] == text_len + n and kind == "tensors":  # Flux: text + image rows
+                    role, shape = f"table:{text_len}", (text_len + k,) + shape[1:]
+                elif v.ndim == 2 and shape[0] == n and kind == "tensors":  # HunyuanVideo: image rows only
+                    role, shape = "table:0", (k,) + shape[1:]
+                elif v.ndim >= 3 and shape[0] in (b, 1) and shape[1] == n:  # (B or 1, N, ...) per-token input
                     role, shape = "per_sample", (b, k) + shape[2:]
+                elif text_len and v.ndim >= 2 and shape[-1] == n + text_len and shape[0] in (b, 1):
+                    if bl_spec.joint_mask_order != "image_first":  # a mask over the joint sequence
+                        raise ValueError(f"enable_spatial_approx: block {path} takes {tag!r} of shape {shape}, a mask "
+                                         f"over its {n} image + {text_len} text tokens, and the token order of that "
+                                         f"sequence is not known for {type(ctx.model).__name__}; token routing "
+                                         f"cannot place it. Disable enable_spatial_approx for this model")
+                    role, shape = "joint_mask", (b,) + shape[1:-1] + (k + text_len,)
                 else:
                     role = "pass"
                 nodes.append(node)
@@ -292,8 +304,8 @@ def reduce_blocks(gm: fx.GraphModule, ctx: PassContext, route: bool, merge: bool
             nodes.append(x)
             roles.append("full")
             examples.append(_example(xv, tuple(xv.shape)))
-        shared = "table" in roles
-        if mspec is not None and ("table" in roles or "per_sample" in roles):
+        shared = any(r.startswith("table:") for r in roles)
+        if mspec is not None and (shared or "per_sample" in roles or "joint_mask" in roles):
             raise ValueError(f"enable_token_merge: block {path} takes a per-token input besides its tokens (roles "
                              f"{roles}, e.g. Flux's rotary table); merging cannot pool it. Use "
                              f"enable_spatial_approx without enable_token_merge for this model")
@@ -340,7 +352,7 @@ def reduce_blocks(gm: fx.GraphModule, ctx: PassContext, route: bool, merge: bool
         n_ops = n_outer + len(extra_names)
         add_placeholders(full, extra_names)
         add_placeholders(fallback, extra_names)
-        routed = _routed_branch(routed_block, n_ops, pos, arg_pos, roles, out_names, stream, text_len, mspec)
+        routed = _routed_branch(routed_block, n_ops, pos, arg_pos, roles, out_names, stream, text_len, mspec, n)
         compute = _compute_branch(full, routed, n_ops, n_outer, len(out_names))
         cname = f"fastcache_compute_{blk.index}"
         gm.add_submodule(cname, compute)

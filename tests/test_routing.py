@@ -17,12 +17,14 @@ from fx_fastcache.zoo import make_tiny
 from conftest import call_with_full_context
 
 FAMILIES = ["tiny-dit", "tiny-pixart", "tiny-sd3", "tiny-flux"]
+# video DiTs: per-sample rotary tables (Wan), image-only rotary + joint mask (HunyuanVideo), 3-D text-first (CogVideoX)
+VIDEO = ["tiny-cogvideox", "tiny-ltx-video", "tiny-wan", "tiny-hunyuan-video"]
 TIMES = [900.0, 800.0, 700.0, 600.0]
 
 
 @pytest.fixture(scope="module")
 def tinies():
-    return {name: make_tiny(name) for name in FAMILIES}
+    return {name: make_tiny(name) for name in FAMILIES + VIDEO}
 
 
 def _t(name: str, t: float) -> float:
@@ -41,7 +43,7 @@ def _routers(opt):
     return [g.router for e in opt.entries() for g in e.guards]
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", FAMILIES + VIDEO)
 def test_full_capacity_is_identical_to_no_routing(tinies, name):
     """With block skipping on (every other step skipped), so computed and skipped blocks mix."""
     tm = tinies[name]
@@ -184,3 +186,36 @@ def test_compiled_routing_matches_eager(compiled):
     _, got, want, _ = compiled
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", VIDEO)
+def test_video_routing_runs_below_capacity(tinies, name):
+    """k < N on the video DiTs: rotary tables and joint masks are gathered with the tokens (a
+    missing gather fails with a shape error), and half of the tokens of computed blocks are static."""
+    tm = tinies[name]
+    opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False, enable_spatial_approx=True,
+                             motion_threshold=0.5, warmup_steps=2)
+    ref = _run(fastcache.optimize(tm.model, backend="eager", enable_block_approx=False), tm, name)
+    got = _run(opt, tm, name)
+    torch.testing.assert_close(got[1], ref[1])  # warm-up steps compute every token
+    assert all(torch.isfinite(g).all() for g in got) and not torch.equal(got[-1], ref[-1])
+    stats = fastcache.get_cache_statistics(opt)
+    assert stats["spatial_approx_ratio"] == pytest.approx(0.5 * (len(TIMES) - 2) / len(TIMES), abs=0.05)
+
+
+def test_joint_mask_without_known_order_is_refused() -> None:
+    """A mask over image + text tokens whose order the family spec does not give: a clear error."""
+    import dataclasses
+
+    from fx_fastcache.families import FAMILIES as SPECS
+
+    tm = make_tiny("tiny-hunyuan-video")
+    spec = SPECS["HunyuanVideoTransformer3DModel"]
+    SPECS["HunyuanVideoTransformer3DModel"] = dataclasses.replace(
+        spec, block_lists=tuple(dataclasses.replace(b, joint_mask_order=None) for b in spec.block_lists))
+    try:
+        opt = fastcache.optimize(tm.model, backend="eager", enable_spatial_approx=True)
+        with pytest.raises(ValueError, match="token order of that sequence is not known"):
+            opt(**tm.make_inputs(900.0, 2))
+    finally:
+        SPECS["HunyuanVideoTransformer3DModel"] = spec

@@ -26,13 +26,31 @@ logger = logging.getLogger(__name__)
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x[b, idx[b, j]]`` for ``x`` (B, N, D) and ``idx`` (B, k) → (B, k, D)."""
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """``x[b, idx[b, j]]`` for ``x`` (B, N, ...) and ``idx`` (B, k) → (B, k, ...).
+
+    ``x`` may also be a per-token table shared by the batch, ``(1, N, ...)`` (Wan's and
+    HunyuanVideo's rotary tables): every sample then gets its own rows of it.
+    """
+    if x.shape[0] == 1 and idx.shape[0] != 1:
+        x = x.expand(idx.shape[0], *x.shape[1:])
+    index = idx.reshape(*idx.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, index)
 
 
 def scatter_tokens(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """``base`` with rows ``idx`` (per sample) replaced by ``src`` (out of place, contiguous)."""
     return base.scatter(1, idx.unsqueeze(-1).expand(-1, -1, base.shape[-1]), src).contiguous()
+
+
+def gather_joint_mask(mask: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """An attention mask over the joint sequence ``[image tokens (n), text tokens]`` (last dim),
+    ``(B or 1, ..., n + L)``: the routed image positions of each sample, then every text position."""
+    b, k = idx.shape
+    if mask.shape[0] == 1 and b != 1:
+        mask = mask.expand(b, *mask.shape[1:])
+    img, rest = mask[..., :n], mask[..., n:]
+    index = idx.reshape(b, *([1] * (img.ndim - 2)), k).expand(*img.shape[:-1], k)
+    return torch.cat([torch.gather(img, -1, index), rest], dim=-1)
 
 
 def gather_table(table: torch.Tensor, idx: torch.Tensor, offset: int) -> torch.Tensor:
