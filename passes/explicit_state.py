@@ -14,7 +14,10 @@ constant and silently drops the updates.  This pass builds a copy in which
   ``state_in.<block>.<name>`` and its updated value an explicit output
   ``state_out.<block>.<name>``; calibration constants (``A``, ``b``) stay constants;
 * no-op ``aten.squeeze.dim`` nodes (squeezing a dimension whose size is not 1) are dropped:
-  onnxruntime rejects the ``Squeeze`` they export to (seen on PixArt).
+  onnxruntime rejects the ``Squeeze`` they export to (seen on PixArt);
+* ``masked_fill`` on a bool tensor becomes ``logical_and``/``logical_or``: it exports to a
+  bool ``Where``, which onnxruntime's CPU provider does not implement (HunyuanVideo builds its
+  attention mask that way).
 
 The signature is flat: the model's tensor inputs (in call order), then ``skip``, then the
 state inputs; outputs are the model's tensor outputs, then the new state.  The result is
@@ -72,6 +75,7 @@ class ExplicitStateSpec:
     blocks: list[str]
     state: list[StateTensor] = field(default_factory=list)
     dropped_squeezes: int = 0
+    rewritten_bool_fills: int = 0
 
     @property
     def input_names(self) -> list[str]:
@@ -128,6 +132,38 @@ def mutable_state_names(fallback: nn.Module, store) -> list[str]:
     """Buffers of ``fallback`` that its update writes: all but the shared calibration constants."""
     constants = {id(v) for v in store.tensors.values()}
     return [n for n, b in fallback.named_buffers(recurse=False) if id(b) not in constants]
+
+
+def rewrite_bool_masked_fills(gm: fx.GraphModule) -> int:
+    """``masked_fill(x, m, v)`` with bool ``x`` → ``x & ~m`` (v false) or ``x | m`` (v true), in
+    ``gm`` and its subgraphs; returns how many were rewritten."""
+    count = 0
+    aten = torch.ops.aten
+    for mod in gm.modules():
+        if not isinstance(mod, fx.GraphModule):
+            continue
+        g = mod.graph
+        for n in list(g.nodes):
+            if n.op != "call_function" or n.target is not aten.masked_fill.Scalar:
+                continue
+            x, mask, value = n.args[:3]
+            val = x.meta.get("val") if isinstance(x, fx.Node) else None
+            if val is None or val.dtype != torch.bool:
+                continue
+            with g.inserting_before(n):
+                if bool(value):
+                    new = g.call_function(aten.logical_or.default, (x, mask))
+                else:
+                    keep = g.call_function(aten.logical_not.default, (mask,))
+                    new = g.call_function(aten.logical_and.default, (x, keep))
+            new.meta = dict(n.meta)
+            n.replace_all_uses_with(new)
+            g.erase_node(n)
+            count += 1
+        if count:
+            g.lint()
+            mod.recompile()
+    return count
 
 
 def drop_noop_squeezes(gm: fx.GraphModule) -> int:
@@ -302,6 +338,7 @@ def explicit_state(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule
     g.lint()
     new.recompile()
     spec.dropped_squeezes = drop_noop_squeezes(new)
+    spec.rewritten_bool_fills = rewrite_bool_masked_fills(new)
     for name in (ctx.clock, ctx.step_decider, *ctx.guards):
         if name and hasattr(new, name):
             used = any(n.op in ("get_attr", "call_module") and isinstance(n.target, str)
