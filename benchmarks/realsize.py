@@ -1,4 +1,4 @@
-"""Real-size speed of FastCache on PixArt-Σ, SD3-medium and FLUX.1-dev configurations (random weights).
+"""Real-size speed of FastCache on PixArt-Σ, SD3-medium and FLUX.1-dev configurations (random weights; also Wan2.1-1.3B).
 
 Measured side by side in one process, per model:
 
@@ -73,7 +73,7 @@ def build(name: str, small: bool, device: torch.device, dtype: torch.dtype) -> S
 
 
 def _build(name: str, small: bool, device: torch.device, dtype: torch.dtype, g: torch.Generator) -> Setup:
-    from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+    from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel
 
     with torch.device(device):
         if name == "pixart":
@@ -121,8 +121,20 @@ def _build(name: str, small: bool, device: torch.device, dtype: torch.dtype, g: 
                       txt_ids=torch.zeros(text, 3, device=device), guidance=torch.full((1,), 3.5, device=device),
                       return_dict=False)
             kinds = {"transformer_blocks": layers, "single_transformer_blocks": single}
+        elif name == "wan":  # Wan2.1-T2V-1.3B, 480×832, 33 frames: 9 × 30 × 52 = 14040 video tokens
+            layers, heads, hd, ffn, frames, hh, ww, text = ((2, 2, 16, 64, 2, 8, 8, 8) if small
+                                                             else (30, 12, 128, 8960, 9, 60, 104, 512))
+            tdim, fdim = (32, 16) if small else (4096, 256)
+            m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=hd,
+                                      in_channels=16, out_channels=16, text_dim=tdim, freq_dim=fdim, ffn_dim=ffn,
+                                      num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                      eps=1e-6, rope_max_seq_len=1024)
+            kw = dict(hidden_states=_randn(1, 16, frames, hh, ww, device=device, dtype=dtype, g=g),
+                      encoder_hidden_states=_randn(1, text, tdim, device=device, dtype=dtype, g=g),
+                      timestep=torch.full((1,), 500.0, device=device), return_dict=False)
+            kinds = {"blocks": layers}
         else:
-            raise ValueError(f"unknown model {name!r}; choose pixart, sd3 or flux")
+            raise ValueError(f"unknown model {name!r}; choose pixart, sd3, flux or wan")
     m = m.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return Setup(name, m, kw, kinds)
 
@@ -352,7 +364,8 @@ def report(results: list[dict[str, Any]], out: Callable[[str], None]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", default=["pixart", "sd3", "flux"], choices=["pixart", "sd3", "flux"])
+    p.add_argument("--models", nargs="+", default=["pixart", "sd3", "flux"], choices=["pixart", "sd3", "flux", "wan"],
+                   help="wan (Wan2.1-T2V-1.3B, a video DiT) is not in the issue's table: opt in")
     p.add_argument("--small", action="store_true", help="reduced sizes (CPU / CI); implied without CUDA")
     p.add_argument("--compile", default=None, choices=["reduce-overhead", "default", "eager"],
                    help="mode of the baseline and bare-block compiles (default: reduce-overhead on CUDA, eager on CPU)")
