@@ -273,37 +273,32 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
     warm, steps = args.warmup, args.steps
     ratios = [0.0] + args.ratios
 
-    disp = dev = None
-    if "dispatch" in args.modes:
-        disp = StepDispatch(opt, table_for(n, 0.0, warm, steps), compile_mode=args.dispatch_compile)
-        res["dispatch_ms"] = {}
+    def sweep(kind: str, call: Callable[[dict], Any], reset: Callable[[], None],
+              install: Callable[[torch.Tensor], None]) -> None:
+        """Time ``call`` on every ratio's schedule table (installed with ``install``)."""
+        res[f"{kind}_ms"] = {}
         for r in ratios:
-            disp.set_table(table_for(n, r, warm, steps))
+            install(table_for(n, r, warm, steps))
             t0 = time.perf_counter()
-            res["dispatch_ms"][r] = time_schedule(lambda k: disp(**k), disp.reset, setup, warm, steps, device,
-                                                  args.repeats)
-            log(f"[{name}] dispatch r={r:.1f}: {res['dispatch_ms'][r]:.2f} ms/step ({time.perf_counter() - t0:.0f}s)")
+            res[f"{kind}_ms"][r] = time_schedule(call, reset, setup, warm, steps, device, args.repeats)
+            log(f"[{name}] {kind.replace('_', '-')} r={r:.1f}: {res[f'{kind}_ms'][r]:.2f} ms/step "
+                f"({time.perf_counter() - t0:.0f}s)")
+
+    def install_in_graph(table: torch.Tensor) -> None:
+        fastcache.set_schedule(opt, table)
+
+    disp = dev = None
+    if "dispatch" in args.modes:  # the host reads the pattern from the table: no sync
+        disp = StepDispatch(opt, table_for(n, 0.0, warm, steps), compile_mode=args.dispatch_compile)
+        sweep("dispatch", lambda k: disp(**k), disp.reset, disp.set_table)
     if "dispatch_sync" in args.modes:
         # the same schedule, but the pattern is read from the graph each step (one sync), as a
         # data-dependent step policy (step_forecast, teacache, first_block_cache) does it
         dev = StepDispatch(opt, compile_mode=args.dispatch_compile, decide="device")
-        res["dispatch_sync_ms"] = {}
-        for r in ratios:
-            fastcache.set_schedule(opt, table_for(n, r, warm, steps))
-            t0 = time.perf_counter()
-            res["dispatch_sync_ms"][r] = time_schedule(lambda k: dev(**k), dev.reset, setup, warm, steps, device,
-                                                       args.repeats)
-            log(f"[{name}] dispatch-sync r={r:.1f}: {res['dispatch_sync_ms'][r]:.2f} ms/step "
-                f"({time.perf_counter() - t0:.0f}s)")
+        sweep("dispatch_sync", lambda k: dev(**k), dev.reset, install_in_graph)
     if "cond" in args.modes:
         try:
-            res["cond_ms"] = {}
-            for r in ratios:
-                fastcache.set_schedule(opt, table_for(n, r, warm, steps))
-                t0 = time.perf_counter()
-                res["cond_ms"][r] = time_schedule(lambda k: opt(**k), opt.reset, setup, warm, steps, device,
-                                                  args.repeats)
-                log(f"[{name}] cond r={r:.1f}: {res['cond_ms'][r]:.2f} ms/step ({time.perf_counter() - t0:.0f}s)")
+            sweep("cond", lambda k: opt(**k), opt.reset, install_in_graph)
         except Exception:
             if not args.keep_going:
                 raise
