@@ -168,13 +168,15 @@ def test_shift_keeps_the_old_value_under_inductor() -> None:
     assert m.a.tolist() == [6.0] * 4 and m.b.tolist() == [4.0] * 4
 
 
-def test_pipeline_dispatch_with_default_policy_matches_in_graph() -> None:
+@pytest.mark.parametrize("family", ["pixart-sigma", "wan"])  # wan: two cache contexts per step
+def test_pipeline_dispatch_with_default_policy_matches_in_graph(family: str) -> None:
     outs, stats = [], []
     for dispatch in (None, "eager"):
-        tp = make_tiny_pipeline("pixart-sigma")
+        tp = make_tiny_pipeline(family)
         fastcache.enable_fastcache(tp.pipe, backend="eager", cache_ratio_threshold=0.5, step_dispatch=dispatch)
         for _ in range(2):  # state resets with every pipeline call
-            outs.append(np.asarray(tp.pipe(**tp.call_kwargs(seed=0, num_inference_steps=6)).images))
+            out = tp.pipe(**tp.call_kwargs(seed=0, num_inference_steps=6))
+            outs.append(np.asarray(out.frames if hasattr(out, "frames") else out.images))
             stats.append(fastcache.get_cache_statistics(tp.pipe)["blocks_approximated"])
     assert stats[0] > 0 and len(set(stats)) == 1, stats
     for o in outs[1:]:
