@@ -278,6 +278,7 @@ class StepDispatch(nn.Module):
         kw = opt._bind(args, kwargs)
         opt._check_inputs(kw)
         key = opt._key(kw)
+        opt._check_generation(key, kw)  # as without dispatch: no shape change inside a generation
         entry = opt._entries.get(key) or opt.capture(**kw)
         opt._last_key = key
         with torch.no_grad():

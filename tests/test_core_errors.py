@@ -64,9 +64,10 @@ def test_unknown_config_field_and_backend():
         fastcache.optimize(fastcache.optimize(make_tiny("tiny-custom").model))
 
 
-def test_shape_change_mid_generation_is_an_error_and_reset_recovers():
+@pytest.mark.parametrize("step_dispatch", [None, "eager"], ids=["in-graph", "step-dispatch"])
+def test_shape_change_mid_generation_is_an_error_and_reset_recovers(step_dispatch):
     tm = make_tiny("tiny-dit")
-    opt = fastcache.optimize(tm.model, backend="eager", cache_ratio_threshold=0.0)
+    opt = fastcache.optimize(tm.model, backend="eager", cache_ratio_threshold=0.0, step_dispatch=step_dispatch)
     with torch.no_grad():
         opt(**tm.make_inputs(1000.0, 2))
         opt(**tm.make_inputs(900.0, 2))
