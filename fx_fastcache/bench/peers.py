@@ -108,8 +108,9 @@ def cache_dit_dbcache(model: nn.Module, threshold: float, steps: int, warmup_ste
         import cache_dit
         from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern
     except ImportError as e:
-        raise ImportError("method 'cache_dit' needs the cache-dit package: `pip install \"fx-fastcache[peers]\"` or `pip install cache-dit` "
-                          "(it leaves torch and diffusers as they are); or drop it from --methods") from e
+        raise ImportError("method 'cache_dit' needs the cache-dit package: `pip install \"fx-fastcache[peers]\"` "
+                          "or `pip install cache-dit` (it leaves torch and diffusers as they are); or drop it from "
+                          "--methods") from e
     m = copy.deepcopy(model)
     blocks = _blocks(m)
     run = PeerRun(m, computed=[0] * len(blocks))
