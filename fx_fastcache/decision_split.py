@@ -188,14 +188,12 @@ def split_at_decisions(gm: fx.GraphModule, policy: str = "?") -> DecisionSplit:
                          f"dispatch)")
 
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    order = {n: i for i, n in enumerate(graph.nodes)}
     body = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
     in_prefix = [n for n in body if n in prefix_nodes]
     in_suffix = [n for n in body if n not in prefix_nodes]
     decide_set = set(decides)
-    live = [n for n in in_prefix if n.op != "get_attr" and n not in decide_set
+    live = [n for n in in_prefix if n.op != "get_attr" and n not in decide_set  # in graph order
             and any(u not in prefix_nodes for u in n.users)]
-    live.sort(key=order.__getitem__)
 
     # -- prefix: flat inputs -> (stacked decisions, *live)
     pre = fx.Graph()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import deque
 from typing import Any
 
 import torch
@@ -50,6 +51,7 @@ __all__ = ["StepDispatch", "specialise", "dispatch_decide_mode", "COMPILE_MODES"
 
 COND = torch.ops.higher_order.cond
 COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "eager")
+HISTORY_STEPS = 4096
 
 
 def specialise(gm: fx.GraphModule, pattern: tuple[bool, ...]) -> fx.GraphModule:
@@ -148,8 +150,9 @@ class StepDispatch(nn.Module):
         self._table: list[tuple[bool, ...]] = []
         self._variants: dict[tuple, Any] = {}
         self._splits: dict[tuple, Any] = {}
-        #: Skip pattern of every step since the last reset (host tuples; for inspection and tests).
-        self.history: list[tuple[bool, ...]] = []
+        #: Skip pattern of the latest steps since the last reset (host tuples; for inspection and
+        #: tests).  Bounded: with device decisions a long-running caller may never reset.
+        self.history: deque[tuple[bool, ...]] = deque(maxlen=HISTORY_STEPS)
         if self.decide == "host":
             self.set_table(table)
         elif table is not None:
@@ -200,7 +203,7 @@ class StepDispatch(nn.Module):
         self.step = 0
         self._n = [0] * len(self.block_names)
         self._consecutive = [0] * len(self.block_names)
-        self.history = []
+        self.history.clear()
 
     def pattern_for_step(self, step: int) -> tuple[bool, ...]:
         """The host mirror of ``BlockGuard.decide`` for the schedule policy."""
@@ -291,9 +294,10 @@ class StepDispatch(nn.Module):
                 decisions, *live = prefix(*flat)
                 pattern = split.pattern(decisions.tolist())  # the step's one device-to-host read
                 out = split.unflatten(self._variant(entry, pattern)(*flat, *live))
-        for i, skip in enumerate(pattern):
-            self._n[i] += 0 if skip else 1
-            self._consecutive[i] = self._consecutive[i] + 1 if skip else 0
+        if self.decide == "host":  # the host mirror of the guards' counters (pattern_for_step)
+            for i, skip in enumerate(pattern):
+                self._n[i] += 0 if skip else 1
+                self._consecutive[i] = self._consecutive[i] + 1 if skip else 0
         self.history.append(pattern)
         self.step += 1
         if self.clone_outputs:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -134,65 +135,69 @@ def mutable_state_names(fallback: nn.Module, store) -> list[str]:
     return [n for n, b in fallback.named_buffers(recurse=False) if id(b) not in constants]
 
 
-def rewrite_bool_masked_fills(gm: fx.GraphModule) -> int:
-    """``masked_fill(x, m, v)`` with bool ``x`` → ``x & ~m`` (v false) or ``x | m`` (v true), in
-    ``gm`` and its subgraphs; returns how many were rewritten."""
+def _rewrite_nodes(gm: fx.GraphModule, rewrite: Callable[[fx.Graph, fx.Node], bool]) -> int:
+    """Apply ``rewrite(graph, node)`` (True = it replaced the node) to every node of ``gm`` and of
+    its subgraphs (cond branches); lint and recompile the graphs it changed; return the count."""
     count = 0
-    aten = torch.ops.aten
     for mod in gm.modules():
         if not isinstance(mod, fx.GraphModule):
             continue
-        g = mod.graph
-        for n in list(g.nodes):
-            if n.op != "call_function" or n.target is not aten.masked_fill.Scalar:
-                continue
-            x, mask, value = n.args[:3]
-            val = x.meta.get("val") if isinstance(x, fx.Node) else None
-            if val is None or val.dtype != torch.bool:
-                continue
-            with g.inserting_before(n):
-                if bool(value):
-                    new = g.call_function(aten.logical_or.default, (x, mask))
-                else:
-                    keep = g.call_function(aten.logical_not.default, (mask,))
-                    new = g.call_function(aten.logical_and.default, (x, keep))
-            new.meta = dict(n.meta)
-            n.replace_all_uses_with(new)
-            g.erase_node(n)
-            count += 1
-        if count:
-            g.lint()
+        changed = sum(rewrite(mod.graph, n) for n in list(mod.graph.nodes))
+        if changed:
+            mod.graph.lint()
             mod.recompile()
+        count += changed
     return count
+
+
+def _bool_masked_fill(g: fx.Graph, n: fx.Node) -> bool:
+    """``masked_fill(x, m, v)`` with bool ``x`` → ``x & ~m`` (v false) or ``x | m`` (v true)."""
+    aten = torch.ops.aten
+    if n.op != "call_function" or n.target is not aten.masked_fill.Scalar:
+        return False
+    x, mask, value = n.args[:3]
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if val is None or val.dtype != torch.bool:
+        return False
+    with g.inserting_before(n):
+        if bool(value):
+            new = g.call_function(aten.logical_or.default, (x, mask))
+        else:
+            keep = g.call_function(aten.logical_not.default, (mask,))
+            new = g.call_function(aten.logical_and.default, (x, keep))
+    new.meta = dict(n.meta)
+    n.replace_all_uses_with(new)
+    g.erase_node(n)
+    return True
+
+
+def _noop_squeeze(g: fx.Graph, n: fx.Node) -> bool:
+    """Drop a ``squeeze.dim(s)`` that squeezes no size-1 dimension."""
+    if n.op != "call_function" or n.target not in SQUEEZE_OPS:
+        return False
+    src = n.args[0]
+    vin = src.meta.get("val") if isinstance(src, fx.Node) else None
+    vout = n.meta.get("val")
+    if vin is None and vout is None:
+        return False
+    shape = tuple((vin if vin is not None else vout).shape)
+    dims = n.args[1] if len(n.args) > 1 else []
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not shape or any(shape[d] == 1 for d in dims):
+        return False
+    n.replace_all_uses_with(src)
+    g.erase_node(n)
+    return True
+
+
+def rewrite_bool_masked_fills(gm: fx.GraphModule) -> int:
+    """Rewrite bool ``masked_fill`` into logical ops in ``gm`` and its subgraphs; returns how many."""
+    return _rewrite_nodes(gm, _bool_masked_fill)
 
 
 def drop_noop_squeezes(gm: fx.GraphModule) -> int:
     """Remove ``squeeze.dim(s)`` nodes that squeeze no size-1 dimension, in ``gm`` and its subgraphs."""
-    removed = 0
-    for mod in gm.modules():
-        if not isinstance(mod, fx.GraphModule):
-            continue
-        changed = False
-        for n in list(mod.graph.nodes):
-            if n.op != "call_function" or n.target not in SQUEEZE_OPS:
-                continue
-            src = n.args[0]
-            vin = src.meta.get("val") if isinstance(src, fx.Node) else None
-            vout = n.meta.get("val")
-            if vin is None and vout is None:
-                continue
-            shape = tuple((vin if vin is not None else vout).shape)
-            dims = n.args[1] if len(n.args) > 1 else []
-            dims = [dims] if isinstance(dims, int) else list(dims)
-            if shape and all(shape[d] != 1 for d in dims):
-                n.replace_all_uses_with(src)
-                mod.graph.erase_node(n)
-                removed += 1
-                changed = True
-        if changed:
-            mod.graph.lint()
-            mod.recompile()
-    return removed
+    return _rewrite_nodes(gm, _noop_squeeze)
 
 
 def _dedupe_cond_operands(g: fx.Graph) -> None:

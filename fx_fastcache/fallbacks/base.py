@@ -97,14 +97,21 @@ class Fallback(nn.Module):
         return torch.zeros(shape, dtype=s.dtype, device=s.device)
 
 
-def keep_or(computed: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """``new`` where the block was computed, else ``old`` (in-graph, no sync)."""
-    return torch.where(computed, new, old)
-
-
 #: A "computed" flag: a 0-d bool tensor (decided in the graph) or a plain ``bool`` (fixed when a
 #: step-dispatch copy was specialised, so the state update compiles without any select).
 Flag = torch.Tensor | bool
+
+
+def keep_or(flag: Flag, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` where ``flag`` holds, else ``old`` (in-graph select, or chosen here for a static flag)."""
+    if isinstance(flag, bool):
+        return new if flag else old
+    return torch.where(flag, new, old)
+
+
+def negate(flag: Flag) -> Flag:
+    """``not flag`` for either kind of flag."""
+    return (not flag) if isinstance(flag, bool) else ~flag
 
 
 def as_count(flag: Flag, dtype: torch.dtype) -> torch.Tensor | float:

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..fallbacks.base import as_count, keep_or, negate
+
 
 class BlockGuard(nn.Module):
     _is_impure = True  # mutates its buffers: never dead-code-eliminated
@@ -55,18 +57,10 @@ class BlockGuard(nn.Module):
         (``step_dispatch.specialise``): then the fallback's state update is a straight copy (or
         nothing) instead of a full-tensor select."""
         ins, outs = ins_outs[:n_streams], ins_outs[n_streams:]
-        computed = (not pred) if isinstance(pred, bool) else ~pred
-        self.fallback.update(computed, new_gen, t, ins, outs)
-        if isinstance(pred, bool):
-            if pred:
-                consecutive = torch.where(new_gen, torch.zeros_like(self.consecutive), self.consecutive)
-                self.consecutive.copy_(consecutive + 1)
-            else:
-                self.consecutive.zero_()
-        else:
-            consecutive = torch.where(new_gen, torch.zeros_like(self.consecutive), self.consecutive)
-            self.consecutive.copy_(torch.where(pred, consecutive + 1, torch.zeros_like(consecutive)))
-        self.skipped.add_(float(pred) if isinstance(pred, bool) else pred.to(self.skipped.dtype))
+        self.fallback.update(negate(pred), new_gen, t, ins, outs)
+        consecutive = torch.where(new_gen, torch.zeros_like(self.consecutive), self.consecutive)
+        self.consecutive.copy_(keep_or(pred, consecutive + 1, torch.zeros_like(consecutive)))
+        self.skipped.add_(as_count(pred, self.skipped.dtype))
         self.evaluations.add_(1.0)
         if self._recorder is not None:
             self._recorder.record(self, t, ins, outs)

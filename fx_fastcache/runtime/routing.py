@@ -25,14 +25,18 @@ from ..fallbacks.base import assign, assign_residual
 logger = logging.getLogger(__name__)
 
 
+def _batch_of(x: torch.Tensor, b: int) -> torch.Tensor:
+    """``x`` with batch ``b``: a batch-shared ``(1, ...)`` tensor is expanded (a view)."""
+    return x.expand(b, *x.shape[1:]) if x.shape[0] == 1 and b != 1 else x
+
+
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``x[b, idx[b, j]]`` for ``x`` (B, N, ...) and ``idx`` (B, k) → (B, k, ...).
 
     ``x`` may also be a per-token table shared by the batch, ``(1, N, ...)`` (Wan's and
     HunyuanVideo's rotary tables): every sample then gets its own rows of it.
     """
-    if x.shape[0] == 1 and idx.shape[0] != 1:
-        x = x.expand(idx.shape[0], *x.shape[1:])
+    x = _batch_of(x, idx.shape[0])
     index = idx.reshape(*idx.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:])
     return torch.gather(x, 1, index)
 
@@ -46,8 +50,7 @@ def gather_joint_mask(mask: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Te
     """An attention mask over the joint sequence ``[image tokens (n), text tokens]`` (last dim),
     ``(B or 1, ..., n + L)``: the routed image positions of each sample, then every text position."""
     b, k = idx.shape
-    if mask.shape[0] == 1 and b != 1:
-        mask = mask.expand(b, *mask.shape[1:])
+    mask = _batch_of(mask, b)
     img, rest = mask[..., :n], mask[..., n:]
     index = idx.reshape(b, *([1] * (img.ndim - 2)), k).expand(*img.shape[:-1], k)
     return torch.cat([torch.gather(img, -1, index), rest], dim=-1)
