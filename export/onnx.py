@@ -23,7 +23,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from fx_fastcache.module import FastCacheModule
 from fx_fastcache.passes.explicit_state import ExplicitStateSpec, explicit_state
+from fx_fastcache.policies import POLICIES
+
+from .onnx_fixes import drop_noop_squeezes, rewrite_bool_masked_fills
 
 from .schedule import Schedule, apply_schedule, optimize_with_schedule
 
@@ -49,9 +53,7 @@ def stateless_module(model: nn.Module, schedule: Schedule, example_inputs: dict[
     ``model`` is the original model, or one returned by ``optimize``: one that already replays
     ``schedule`` reuses its captured graph for these input shapes (its own graphs are not modified).
     """
-    from fx_fastcache.module import FastCacheModule
-
-    if isinstance(model, FastCacheModule) and model.fastcache_config.policy == "schedule":
+    if isinstance(model, FastCacheModule) and POLICIES[model.fastcache_config.policy].exportable:
         apply_schedule(model, schedule)  # checks model and blocks, installs the table
         cfg = model.fastcache_config
         if cfg.enable_spatial_approx or cfg.enable_token_merge:
@@ -63,7 +65,10 @@ def stateless_module(model: nn.Module, schedule: Schedule, example_inputs: dict[
         opt = optimize_with_schedule(base, schedule, backend="eager", enable_spatial_approx=False,
                                      enable_token_merge=False)
     entry = opt.capture(**example_inputs)
-    return explicit_state(entry.gm, entry.ctx)
+    gm, spec = explicit_state(entry.gm, entry.ctx)
+    spec.dropped_squeezes = drop_noop_squeezes(gm)
+    spec.rewritten_bool_fills = rewrite_bool_masked_fills(gm)
+    return gm, spec
 
 
 def export_onnx(model: nn.Module, schedule: Schedule, example_inputs: dict[str, Any], path: str | Path,

@@ -3,7 +3,7 @@
 The exported graph is stateless: each call takes the model inputs, the current step's skip
 mask and the state tensors, and returns the outputs and the new state.  A runner keeps that
 state, counts steps (a new generation starts at the first call, after :meth:`reset`, or when
-the timestep goes up, exactly like the PyTorch clock) and feeds ``schedule.row(step)``.
+the timestep goes up: the rule of :mod:`fx_fastcache.runtime.generation`) and feeds ``schedule.row(step)``.
 Backends only map a dict of numpy arrays to a dict of numpy arrays: onnxruntime here,
 TensorRT in :mod:`fx_fastcache.export.tensorrt`.
 
@@ -21,7 +21,9 @@ import numpy as np
 import torch
 
 from fx_fastcache.passes.explicit_state import ExplicitStateSpec
+from fx_fastcache.runtime.generation import starts_generation_host
 
+from .onnx import read_metadata
 from .schedule import Schedule
 
 logger = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ class ScheduleRunner:
         """Start a new generation at the next call (state zero, step 0)."""
         self.state = [s.zeros().numpy() for s in self.spec.state]
         self.step = -1
-        self.t_last = float("inf")
+        self.t_last: float | None = None
 
     def _to_np(self, name: str, v: Any) -> np.ndarray:
         want = self.spec.input_shapes[name]
@@ -94,7 +96,7 @@ class ScheduleRunner:
     def run_step(self, feeds: dict[str, np.ndarray], skip: np.ndarray | None = None) -> list[np.ndarray]:
         """One call: advance the step (or start a generation), run, keep the new state."""
         t = float(feeds[self.timestep_input].reshape(-1)[0]) if self.timestep_input else None
-        if self.step < 0 or (t is not None and t > self.t_last):
+        if starts_generation_host(t, self.t_last if self.step >= 0 else None):
             self.state = [s.zeros().numpy() for s in self.spec.state]
             self.step = 0
         else:
@@ -115,8 +117,6 @@ class OnnxRunner(ScheduleRunner):
 
     def __init__(self, path: str | Path, schedule: Schedule | None = None, providers: list[str] | None = None,
                  threads: int = 0) -> None:
-        from .onnx import read_metadata
-
         spec, stored = read_metadata(path)
         self.path = Path(path)
         super().__init__(OrtBackend(path, providers, threads), spec, schedule or stored)

@@ -24,6 +24,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+import fx_fastcache as fastcache
+from fx_fastcache.calibration import model_fingerprint
+from fx_fastcache.config import FastCacheConfig
+from fx_fastcache.families import block_modules, resolve_family
+from fx_fastcache.module import FastCacheModule
+from fx_fastcache.policies import POLICIES
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "fx-fastcache/schedule/1"
@@ -118,15 +125,11 @@ class Schedule:
 
 
 def _block_names(opt) -> list[str]:
-    from fx_fastcache.families import block_modules
-
-    return [name for name, _, _ in block_modules(opt.model, opt.spec)]
+    return opt.block_names()
 
 
 def check_compatible(schedule: Schedule, model: nn.Module, block_names: list[str]) -> None:
     """Raise ``ValueError`` if ``schedule`` was recorded on another model or block layout."""
-    from fx_fastcache.calibration import model_fingerprint
-
     if schedule.blocks != block_names:
         raise ValueError(f"schedule has blocks {schedule.blocks[:3]}... ({len(schedule.blocks)}) but "
                          f"{type(model).__name__} has {block_names[:3]}... ({len(block_names)}); "
@@ -140,16 +143,11 @@ def check_compatible(schedule: Schedule, model: nn.Module, block_names: list[str
 
 def replay_config(schedule: Schedule):
     """The config a replay uses: the recorded one with ``policy="schedule"`` and no warm-up or skip cap."""
-    from fx_fastcache.config import FastCacheConfig
-
     return FastCacheConfig.from_dict(schedule.config).replace(policy="schedule", warmup_steps=0, max_skip_steps=0)
 
 
 def optimize_with_schedule(model: nn.Module, schedule: Schedule, backend: str = "eager", **overrides: Any):
     """``optimize(model)`` whose decisions come from ``schedule`` (checked against the model)."""
-    import fx_fastcache as fastcache
-    from fx_fastcache.families import block_modules, resolve_family
-
     spec = resolve_family(model)
     check_compatible(schedule, model, [n for n, _, _ in block_modules(model, spec)])
     opt = fastcache.optimize(model, backend=backend, config=replay_config(schedule).replace(**overrides))
@@ -159,8 +157,6 @@ def optimize_with_schedule(model: nn.Module, schedule: Schedule, backend: str = 
 
 def apply_schedule(opt, schedule: Schedule) -> None:
     """Install ``schedule`` on an optimized model (switching it to ``policy="schedule"``)."""
-    import fx_fastcache as fastcache
-
     check_compatible(schedule, opt.model, _block_names(opt))
     cfg = replay_config(schedule)
     changes = {k: v for k, v in cfg.to_dict().items() if getattr(opt.fastcache_config, k) != v}
@@ -179,7 +175,7 @@ class _StepRecorder:
         self.runs: list[dict[int, list[bool]]] = []
 
     def __call__(self, module, args, kwargs, output) -> None:
-        entry = self.opt._entries[self.opt._last_key]
+        entry = self.opt.last_entry()
         step = int(entry.clock.step)
         now = [float(g.skipped) for g in entry.guards]
         prev = self.prev.get(id(entry), [0.0] * len(now))
@@ -198,11 +194,10 @@ def record_schedule(opt, run: Callable[[], Any], generations: int = 1, model_nam
     ``run`` must run one whole generation.  A block is skipped at a step in the schedule when
     at least ``min_votes`` of the recorded generations skipped it there.
     """
-    from fx_fastcache.api import _check
-    from fx_fastcache.calibration import model_fingerprint
-
-    opt = _check(opt)
-    if opt.fastcache_config.policy == "schedule":
+    opt = opt if isinstance(opt, FastCacheModule) else getattr(opt, "transformer", opt)  # a pipeline
+    if not isinstance(opt, FastCacheModule):
+        raise TypeError(f"record_schedule expects the module returned by fastcache.optimize(), got {type(opt).__name__}")
+    if POLICIES[opt.fastcache_config.policy].host_decidable:
         raise ValueError("record_schedule needs a deciding policy (e.g. policy='step_forecast'); this model replays "
                          "a schedule already")
     names = _block_names(opt)
@@ -240,8 +235,6 @@ def record_for_model(resolved, steps: int = 20, generations: int = 2, batch: int
     batch of ``2 * batch``); tiny random models run their inputs over ``steps`` timesteps
     from 1000 down to 0.
     """
-    import fx_fastcache as fastcache
-
     opt = fastcache.optimize(resolved.model, backend="eager", config=config, **overrides)
     if calibration is not None:
         fastcache.load_calibration(opt, calibration)

@@ -12,14 +12,20 @@ missing and how to get it.  See docs/EXPORT.md for what has and has not been run
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from fx_fastcache.passes.explicit_state import ExplicitStateSpec
+
+from .onnx import read_metadata
 from .runner import ScheduleRunner
+from .schedule import Schedule
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +41,6 @@ class TensorRTUnavailable(RuntimeError):
 
 def missing_requirements() -> list[str]:
     """Human-readable reasons TensorRT cannot run here (empty when it can)."""
-    import importlib.util
-
-    import torch
-
     missing = []
     if importlib.util.find_spec("tensorrt") is None:
         missing.append(f"the Python package 'tensorrt' is not installed: {INSTALL_TRT}")
@@ -76,8 +78,6 @@ def build_engine(onnx_path: str | Path, out: str | Path, fp16: bool = False, bf1
     """
     require_tensorrt()
     import tensorrt as trt
-
-    from .onnx import read_metadata
 
     if fp16 and bf16:
         raise ValueError("choose one of --fp16 and --bf16")
@@ -128,7 +128,6 @@ class TrtBackend:
     def __init__(self, plan: str | Path) -> None:
         require_tensorrt()
         import tensorrt as trt
-        import torch
 
         self.torch = torch
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -150,7 +149,7 @@ class TrtBackend:
             bufs[n] = t
         for n in self.outputs:
             shape = tuple(self.context.get_tensor_shape(n))
-            dtype = torch.from_numpy(np.zeros((), dtype=_trt_np(self.engine.get_tensor_dtype(n)))).dtype
+            dtype = torch.from_numpy(np.zeros((), dtype=_trt_np(self.engine.get_tensor_dtype(n), n))).dtype
             bufs[n] = torch.empty(shape, dtype=dtype, device="cuda")
         for n, t in bufs.items():
             self.context.set_tensor_address(n, t.data_ptr())
@@ -160,21 +159,23 @@ class TrtBackend:
         return {n: bufs[n].cpu().numpy() for n in self.outputs}
 
 
-def _trt_np(dtype) -> type:
+def _trt_np(dtype, name: str = "?") -> type:
+    """The numpy dtype of a TensorRT I/O tensor; a dtype numpy cannot hold (bf16, fp8) raises instead of
+    being read as float32."""
     import tensorrt as trt
 
-    return {trt.float32: np.float32, trt.float16: np.float16, trt.bool: np.bool_, trt.int64: np.int64,
-            trt.int32: np.int32}.get(dtype, np.float32)
+    known = {trt.float32: np.float32, trt.float16: np.float16, trt.bool: np.bool_, trt.int64: np.int64,
+             trt.int32: np.int32}
+    if dtype not in known:
+        raise TypeError(f"TensorRT engine output {name!r} has dtype {dtype}, which the runner cannot return as a "
+                        f"numpy array; build the engine with fp32 or fp16 outputs (export-trt without --bf16)")
+    return known[dtype]
 
 
 class TensorRTRunner(ScheduleRunner):
     """:class:`ScheduleRunner` on a TensorRT engine written by ``fx-fastcache export-trt``."""
 
     def __init__(self, plan: str | Path, schedule=None) -> None:
-        from fx_fastcache.passes.explicit_state import ExplicitStateSpec
-
-        from .schedule import Schedule
-
         side = Path(str(plan) + ".json")
         if not side.is_file():
             raise FileNotFoundError(f"{side} (written next to the engine by `fx-fastcache export-trt`) is missing")

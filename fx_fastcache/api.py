@@ -1,14 +1,23 @@
 """The public functions: ``optimize``, ``calibrate``, ``reset``, ``configure``, statistics."""
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .calibration import calibrate, load_calibration, save_calibration
+from .calibration import Recorder, model_fingerprint, read_calibration_file, write_calibration_file
 from .config import FastCacheConfig
+from .fallbacks import FALLBACKS
 from .module import FastCacheModule
+from .policies import POLICIES
+from .runtime.routing import spatial_counts
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["optimize", "calibrate", "save_calibration", "load_calibration", "get_cache_statistics", "reset",
            "configure", "set_schedule"]
@@ -66,37 +75,13 @@ def configure(opt: Any, **changes: Any) -> None:
 
 def set_schedule(opt: Any, table: torch.Tensor) -> None:
     """Install a steps × blocks boolean skip table for ``policy="schedule"``."""
-    from .policies.schedule import MAX_STEPS
-
-    opt = _check(opt)
-    if opt.fastcache_config.policy != "schedule":
-        raise ValueError(f"set_schedule needs policy='schedule', this model uses policy={opt.fastcache_config.policy!r}; "
-                         f"optimize(model, policy='schedule') or fastcache.configure(model, policy='schedule')")
-    table = torch.as_tensor(table, dtype=torch.bool)
-    names = [name for name, _, _ in _blocks(opt)]
-    if table.ndim != 2 or table.shape[1] != len(names) or table.shape[0] > MAX_STEPS:
-        raise ValueError(f"schedule table has shape {tuple(table.shape)}; expected (steps<= {MAX_STEPS}, "
-                         f"{len(names)} blocks)")
-    for j, name in enumerate(names):
-        col = torch.zeros(MAX_STEPS, dtype=torch.bool, device=opt.device)
-        col[: table.shape[0]] = table[:, j].to(opt.device)
-        cur = opt.store.tensors.get(f"{name}.schedule")
-        if cur is None:
-            opt.store.tensors[f"{name}.schedule"] = col
-        else:
-            cur.copy_(col)
-
-
-def _blocks(opt: FastCacheModule):
-    from .families import block_modules
-
-    return block_modules(opt.model, opt.spec)
+    _check(opt).install_schedule(table)
 
 
 def get_cache_statistics(opt: Any) -> dict[str, Any]:
     """Counters read from device (this is the only place they are synchronised)."""
     opt = _check(opt)
-    names = [name for name, _, _ in _blocks(opt)]
+    names = opt.block_names()
     skipped = {n: 0.0 for n in names}
     evals = {n: 0.0 for n in names}
     steps = 0.0
@@ -105,8 +90,6 @@ def get_cache_statistics(opt: Any) -> dict[str, Any]:
         for g in e.guards:
             skipped[g.block_name] += float(g.skipped)
             evals[g.block_name] += float(g.evaluations)
-    from .runtime.routing import spatial_counts
-
     static_tok, all_tok = spatial_counts([g for e in opt.entries() for g in e.guards])
     total_eval = sum(evals.values())
     total_skip = sum(skipped.values())
@@ -124,3 +107,66 @@ def get_cache_statistics(opt: Any) -> dict[str, Any]:
         "fallback": opt.fastcache_config.fallback,
         "graphs": len(opt.entries()),
     }
+
+
+@contextlib.contextmanager
+def calibrate(opt: Any) -> Iterator[None]:
+    """Full compute inside; records block I/O; fits the fallback's and the policy's parameters on exit.
+
+    What is recorded and fitted belongs to the configured fallback and policy
+    (``Fallback.calibrator`` / ``Policy.calibrator``, see :mod:`fx_fastcache.calibration`).
+    """
+    if not isinstance(opt, FastCacheModule):
+        raise TypeError(f"calibrate() expects the module returned by fastcache.optimize(), got {type(opt).__name__}")
+    cfg = opt.fastcache_config
+    calibrators = [c for c in (FALLBACKS[cfg.fallback].calibrator(cfg), POLICIES[cfg.policy].calibrator(cfg))
+                   if c is not None]
+    rec = Recorder(calibrators, opt.entries)
+    opt.reset()
+    opt.set_force_compute(True)
+    opt.set_recorder(rec)
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        opt.set_recorder(None)
+        opt.set_force_compute(False)
+        opt.reset()
+    if ok:
+        if rec.steps == 0:
+            raise RuntimeError("calibrate(): the model was not called inside the `with` block; run a few sampling loops")
+        summary = rec.fit(opt.store, opt.dtype, cfg)
+        opt.store.meta["fingerprint"] = model_fingerprint(opt.model)
+        opt.refresh_deciders()
+        logger.info("fx-fastcache: calibrated on %d steps (%d fits)", rec.steps, len(summary))
+
+
+def save_calibration(opt: Any, path: str | Path) -> None:
+    """Save the fitted tensors with the model's fingerprint and the config (safetensors)."""
+    opt = _check(opt)
+    write_calibration_file(opt.store, path, opt.model, opt.fastcache_config)
+
+
+def load_calibration(opt: Any, path: str | Path) -> None:
+    """Load a calibration file fitted on this model (same fingerprint); every error names the file."""
+    opt = _check(opt)
+    saved_cfg, tensors = read_calibration_file(path, opt.model)
+    fallback = opt.fastcache_config.fallback
+    if saved_cfg.get("fallback") not in (None, fallback) and FALLBACKS[fallback].fitted:
+        logger.warning("calibration file %s was fitted for fallback %r; this model uses %r", path,
+                       saved_cfg.get("fallback"), fallback)
+    for key, val in tensors.items():  # check every shape before changing anything
+        cur = opt.store.tensors.get(key)
+        if cur is not None and cur.shape != val.shape:
+            raise ValueError(f"calibration file {str(path)!r}: tensor {key!r} has shape {tuple(val.shape)}, this "
+                             f"model needs {tuple(cur.shape)}; calibrate this model with this configuration")
+    for key, val in tensors.items():
+        cur = opt.store.tensors.get(key)
+        if cur is None:
+            opt.store.tensors[key] = val.to(opt.device, opt.dtype if val.is_floating_point() else val.dtype)
+        else:
+            cur.copy_(val.to(cur.device, cur.dtype))
+    opt.store.calibrated = True
+    opt.store.meta["fingerprint"] = model_fingerprint(opt.model)
+    opt.refresh_deciders()

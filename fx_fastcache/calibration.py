@@ -1,45 +1,86 @@
-"""Calibration: record block inputs/outputs during full-compute runs and fit the fallbacks.
+"""Calibration: record block inputs/outputs during full-compute runs; the fits belong to their owners.
 
 Inside ``with fastcache.calibrate(model):`` every block computes in full and the eager graph
-runs with a recorder attached to each guard.  The recorder never keeps whole runs in memory:
-per block and stream it holds the last ``calibration_lags`` steps and accumulates the normal
-equations (XᵀX, XᵀY in float64) of the fits, so memory is bounded by the model size.
+runs with a :class:`Recorder` attached to each guard.  The recorder is generic: for every guard
+call it builds one :class:`Observation` (block, timestep, the graph's own new-generation flag,
+stream inputs/outputs, the step decider's statistic) and hands it to the *calibrators* of the
+configured fallback and policy.  Each fallback or policy that fits something owns a
+:class:`Calibrator` (``Fallback.calibrator(config)`` / ``Policy.calibrator(config)``), its
+store keys and its closed-form fit, in its own file; nothing here knows a policy or fallback
+by name.  Calibrators keep bounded memory (normal equations, short histories), never whole runs.
 
-Fits (closed form, ``torch.linalg.solve`` with ridge λ·mean(diag XᵀX)):
-
-* ``residual_linear``: ΔR ≈ Δx Aᵀ + b over pairs of steps 1..lags apart (Δ = now − then),
-  i.e. how a block's residual moves when its input moves;
-* ``linear`` (paper's form): y ≈ x Wᵀ + b over all steps;
-* ``chi2`` policy: per block, the typical step-to-step relative change of the probe (scale
-  normalised to mean 1) and the effective χ² degrees of freedom ν = 2E[δ²]²/Var[δ²];
-* ``teacache`` policy: a degree-4 polynomial from block 0's relative input change to the
-  relative change of the last block's output.
-
-The fitted tensors live in the model's :class:`CalibrationStore` and are saved with
-safetensors together with a fingerprint of the model.
+The fitted tensors live in the model's :class:`~fx_fastcache.runtime.store.CalibrationStore` and
+are saved with safetensors together with a fingerprint of the model.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
-from .fallbacks import FALLBACKS
+from .runtime.store import CalibrationStore
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["Calibrator", "Observation", "Recorder", "NormalEquations", "StreamFits", "store_put", "token_rows",
+           "model_fingerprint",
+           "write_calibration_file", "read_calibration_file", "FORMAT"]
 
 FORMAT = "fx-fastcache/calibration/1"
 MAX_ROWS = 4096  # token rows per step used in the fits
 
 
+@dataclass
+class Observation:
+    """One guard call during calibration (every block computes).
+
+    ``new_gen``: this call started a new generation (the clock's flag, so the rule is the graph's);
+    ``step_stat``: the step decider's statistic of this step (block 0 of a continuing generation
+    only, else ``None``); ``is_last``: the last guarded block of the graph.
+    """
+
+    guard: Any  # BlockGuard
+    t: float
+    new_gen: bool
+    ins: tuple
+    outs: tuple
+    is_last: bool
+    step_stat: float | None
+
+    @property
+    def block(self) -> str:
+        return self.guard.block_name
+
+
+class Calibrator:
+    """What one fallback or policy learns from calibration runs (one instance per calibration)."""
+
+    def observe(self, obs: Observation) -> None:
+        raise NotImplementedError
+
+    def fit(self, store: CalibrationStore, dtype: torch.dtype, config: Any) -> dict[str, float]:
+        """Write the fitted tensors into ``store`` (in place where they exist); returns a summary."""
+        raise NotImplementedError
+
+
+def store_put(store: CalibrationStore, key: str, value: torch.Tensor) -> None:
+    """Set ``store[key]``: in place if present (graphs hold the same tensor as a buffer), else new."""
+    cur = store.tensors.get(key)
+    if cur is None:
+        store.tensors[key] = value
+    else:
+        cur.copy_(value.to(cur.device, cur.dtype))
+
+
 class NormalEquations:
+    """``XᵀX`` and ``XᵀY`` (float64, with a bias column) of a ridge least-squares fit."""
+
     def __init__(self, d_in: int, d_out: int) -> None:
         self.xtx = torch.zeros(d_in + 1, d_in + 1, dtype=torch.float64)
         self.xty = torch.zeros(d_in + 1, d_out, dtype=torch.float64)
@@ -52,6 +93,7 @@ class NormalEquations:
         self.rows += x.shape[0]
 
     def solve(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W, b)`` with ``y ≈ x Wᵀ + b``, ridge ``λ = ridge · mean(diag XᵀX)`` (bias unregularised)."""
         d = self.xtx.shape[0] - 1
         lam = ridge * float(self.xtx.diagonal()[:d].mean().clamp_min(1e-12))
         reg = torch.eye(d + 1, dtype=torch.float64) * lam
@@ -60,158 +102,91 @@ class NormalEquations:
         return theta[:d].T.contiguous(), theta[d].contiguous()
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
+def token_rows(t: torch.Tensor) -> torch.Tensor:
+    """At most ``MAX_ROWS`` evenly strided token rows of ``t`` as float32 on the CPU."""
     flat = t.detach().reshape(-1, t.shape[-1]).to("cpu", torch.float32)
     stride = max(1, flat.shape[0] // MAX_ROWS)
     return flat[::stride]
 
 
-class Recorder:
-    """Called by every guard after its block ran (eager graph, calibration only)."""
+class StreamFits(Calibrator):
+    """Per-block, per-stream ridge fits on token rows: the base of the fitted fallbacks' calibrators.
 
-    def __init__(self, fallback: str, lags: int) -> None:
-        self.fallback = fallback
+    A subclass says which ``(x, y)`` row pairs a step contributes (:meth:`samples`, given the
+    block's last ``lags`` steps of this generation) and under which store keys the solution
+    ``(W, b)`` goes (:meth:`keys`).
+    """
+
+    def __init__(self, lags: int) -> None:
         self.lags = lags
-        self.history: dict[tuple[str, int], deque] = defaultdict(lambda: deque(maxlen=lags))
+        self.history: dict[tuple[str, int], deque] = defaultdict(lambda: deque(maxlen=self.lags))
         self.fits: dict[tuple[str, str], NormalEquations] = {}
-        self.t_last: dict[str, float] = {}
-        self.stats: dict[str, list[float]] = defaultdict(list)
-        self.tea_in: list[float] = []
-        self.tea_out: list[float] = []
-        self._tea_prev_out: torch.Tensor | None = None
+
+    def samples(self, xr: torch.Tensor, yr: torch.Tensor, history: deque) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def keys(self, block: str, stream: str) -> tuple[str, str]:
+        raise NotImplementedError
+
+    def observe(self, obs: Observation) -> None:
+        streams = obs.guard.fallback.streams
+        for k, (x, y) in enumerate(zip(obs.ins, obs.outs)):
+            hist = self.history[(obs.block, k)]
+            if obs.new_gen:
+                hist.clear()
+            xr, yr = token_rows(x), token_rows(y)
+            for xs, ys in self.samples(xr, yr, hist):
+                key = (obs.block, streams[k].name)
+                if key not in self.fits:
+                    self.fits[key] = NormalEquations(xs.shape[1], ys.shape[1])
+                self.fits[key].add(xs, ys)
+            hist.append((xr, yr))
+
+    def fit(self, store: CalibrationStore, dtype: torch.dtype, config: Any) -> dict[str, float]:
+        summary: dict[str, float] = {}
+        for (block, stream), eq in self.fits.items():
+            if eq.rows == 0:
+                continue
+            w_key, b_key = self.keys(block, stream)
+            w, b = eq.solve(config.ridge)
+            store_put(store, w_key, w.to(dtype))
+            store_put(store, b_key, b.to(dtype))
+            summary[f"{w_key}.rows"] = eq.rows
+        return summary
+
+
+class Recorder:
+    """Called by every guard after its block ran (eager graph, calibration only).
+
+    ``entries`` returns the captured graphs (to find a guard's graph: its last block and its step
+    decider); ``calibrators`` receive every observation.
+    """
+
+    def __init__(self, calibrators: list[Calibrator], entries: Any) -> None:
+        self.calibrators = calibrators
+        self.entries = entries
         self.steps = 0
 
-    def _eq(self, block: str, stream: str, d_in: int, d_out: int) -> NormalEquations:
-        key = (block, stream)
-        if key not in self.fits:
-            self.fits[key] = NormalEquations(d_in, d_out)
-        return self.fits[key]
-
-    def record(self, guard, t: torch.Tensor, ins, outs, is_last: bool) -> None:
-        block = guard.block_name
-        t_now = float(t)
-        new_gen = block not in self.t_last or t_now > self.t_last[block]
-        self.t_last[block] = t_now
-        streams = guard.fallback.streams
+    def record(self, guard, new_gen, t, ins, outs) -> None:
+        entry = next((e for e in self.entries() if any(g is guard for g in e.guards)), None)
+        is_last = entry is not None and guard is entry.guards[-1]
+        new_gen = bool(new_gen)
+        stat = None
         if guard.index == 0:
             self.steps += 1
-        for k, (x, y) in enumerate(zip(ins, outs)):
-            hist = self.history[(block, k)]
-            if new_gen:
-                hist.clear()
-            xr, yr = _rows(x), _rows(y)
-            if self.fallback == "residual_linear":
-                eq = self._eq(block, streams[k].name, xr.shape[1], yr.shape[1])
-                for xp, yp in hist:
-                    eq.add(xr - xp, (yr - xr) - (yp - xp))
-            elif self.fallback == "linear":
-                self._eq(block, streams[k].name, xr.shape[1], yr.shape[1]).add(xr, yr)
-            hist.append((xr, yr))
-        decider = guard.decider
-        if decider is not None and hasattr(decider, "last_stat") and not new_gen:
-            self.stats[block].extend(decider.last_stat.detach().float().cpu().tolist())
-        if is_last:
-            y = outs[-1].detach().float()
-            if self._tea_prev_out is not None and not new_gen and self._tea_prev_out.shape == y.shape:
-                rel = ((y - self._tea_prev_out).abs().mean() / self._tea_prev_out.abs().mean().clamp_min(1e-12))
-                self.tea_out.append(float(rel))
-            self._tea_prev_out = y
+            decider = entry.step_decider if entry is not None else None
+            if not new_gen and decider is not None and hasattr(decider, "last_stat"):
+                stat = float(decider.last_stat.max())
+        obs = Observation(guard, float(t), new_gen, tuple(ins), tuple(outs), is_last, stat)
+        for c in self.calibrators:
+            c.observe(obs)
 
-    def record_step_stat(self, value: float) -> None:
-        self.tea_in.append(value)
-
-
-def fit(opt, rec: Recorder) -> dict[str, float]:
-    """Solve the accumulated fits into ``opt.store``; returns a summary for logging."""
-    cfg = opt.fastcache_config
-    store = opt.store
-    summary: dict[str, float] = {}
-    for (block, stream), eq in rec.fits.items():
-        if eq.rows == 0:
-            continue
-        a, b = eq.solve(cfg.ridge)
-        name = "A" if cfg.fallback == "residual_linear" else "W"
-        key = f"{block}.{stream}.{cfg.fallback}"
-        for suffix, val in ((name, a), ("b", b)):
-            t = store.tensors.get(f"{key}.{suffix}")
-            if t is None:
-                store.tensors[f"{key}.{suffix}"] = val.to(opt.dtype)
-            else:
-                t.copy_(val.to(t.dtype))
-        summary[f"{key}.rows"] = eq.rows
-    if rec.stats:
-        typical = {b: float(np.median(v)) for b, v in rec.stats.items() if v}
-        mean_typical = float(np.mean(list(typical.values()))) if typical else 1.0
-        for block, values in rec.stats.items():
-            if not values:
-                continue
-            d2 = np.square(np.asarray(values, dtype=np.float64))
-            var = float(d2.var())
-            nu = 2.0 * float(d2.mean()) ** 2 / var if var > 0 else 1e6
-            nu = float(np.clip(nu, 1.0, 1e6))
-            for suffix, val in (("scale", typical[block] / max(mean_typical, 1e-12)), ("dof", nu)):
-                t = store.tensors.get(f"{block}.chi2.{suffix}")
-                if t is not None:
-                    t.fill_(val)
-                else:
-                    store.tensors[f"{block}.chi2.{suffix}"] = torch.tensor(val)
-    if len(rec.tea_in) >= 6 and len(rec.tea_out) >= 6:
-        n = min(len(rec.tea_in), len(rec.tea_out))
-        coeffs = np.polyfit(np.asarray(rec.tea_in[:n]), np.asarray(rec.tea_out[:n]), 4)
-        t = store.tensors.get("teacache.coeffs")
-        val = torch.tensor(coeffs, dtype=torch.float32)
-        if t is not None:
-            t.copy_(val)
-        else:
-            store.tensors["teacache.coeffs"] = val
-    store.calibrated = True
-    return summary
-
-
-@contextlib.contextmanager
-def calibrate(opt) -> Iterator[None]:
-    """Full compute inside; records block I/O; fits fallback and policy parameters on exit."""
-    from .module import FastCacheModule
-
-    if not isinstance(opt, FastCacheModule):
-        raise TypeError(f"calibrate() expects the module returned by fastcache.optimize(), got {type(opt).__name__}")
-    rec = Recorder(opt.fastcache_config.fallback, opt.fastcache_config.calibration_lags)
-    opt.reset()
-    opt.set_force_compute(True)
-    opt.set_recorder(_StepStatHook(rec, opt))
-    ok = False
-    try:
-        yield
-        ok = True
-    finally:
-        opt.set_recorder(None)
-        opt.set_force_compute(False)
-        opt.reset()
-    if ok:
-        if rec.steps == 0:
-            raise RuntimeError("calibrate(): the model was not called inside the `with` block; run a few sampling loops")
-        summary = fit(opt, rec)
-        opt.store.meta["fingerprint"] = model_fingerprint(opt.model)
-        opt.refresh_deciders()
-        logger.info("fx-fastcache: calibrated on %d steps (%d fits)", rec.steps, len(summary))
-
-
-class _StepStatHook:
-    """Forwards guard records to the recorder and taps the step decider's statistic."""
-
-    def __init__(self, rec: Recorder, opt) -> None:
-        self.rec = rec
-        self.opt = opt
-
-    def record(self, guard, t, ins, outs) -> None:
-        entry = next((e for e in self.opt.entries() if any(g is guard for g in e.guards)), None)
-        is_last = entry is not None and guard is entry.guards[-1]
-        if entry is not None:
-            if guard.index == 0 and entry.step_decider is not None and hasattr(entry.step_decider, "last_stat"):
-                new_gen = guard.block_name not in self.rec.t_last or float(t) > self.rec.t_last[guard.block_name]
-                if not new_gen:
-                    self.rec.record_step_stat(float(entry.step_decider.last_stat.max()))
-        self.rec.record(guard, t, ins, outs, is_last)
+    def fit(self, store: CalibrationStore, dtype: torch.dtype, config: Any) -> dict[str, float]:
+        summary: dict[str, float] = {}
+        for c in self.calibrators:
+            summary.update(c.fit(store, dtype, config))
+        store.calibrated = True
+        return summary
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -225,46 +200,41 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:32]
 
 
-def save_calibration(opt, path: str | Path) -> None:
+def write_calibration_file(store: CalibrationStore, path: str | Path, model: torch.nn.Module, config: Any) -> None:
     from safetensors.torch import save_file
 
-    if not opt.store.calibrated:
+    if not store.calibrated:
         raise RuntimeError("nothing to save: run `with fastcache.calibrate(model): ...` first")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in opt.store.tensors.items()}
-    meta = {"format": FORMAT, "fingerprint": model_fingerprint(opt.model), "config": opt.fastcache_config.to_json(),
-            "model_class": type(opt.model).__name__}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in store.tensors.items()}
+    meta = {"format": FORMAT, "fingerprint": model_fingerprint(model), "config": config.to_json(),
+            "model_class": type(model).__name__}
     save_file(tensors, str(path), metadata=meta)
 
 
-def load_calibration(opt, path: str | Path) -> None:
+def read_calibration_file(path: str | Path, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(saved config dict, tensors)`` of a calibration file fitted on ``model``; every error names the file."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"calibration file {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as f:
+    try:
+        f = safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own error types for a corrupt header
+        raise ValueError(f"{str(path)!r} is not a readable safetensors calibration file ({e}); write it with "
+                         f"fastcache.save_calibration") from None
+    with f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise ValueError(f"{str(path)!r} is not an fx-fastcache calibration file (format {meta.get('format')!r})")
-        fp = model_fingerprint(opt.model)
+        fp = model_fingerprint(model)
         if meta.get("fingerprint") != fp:
             raise ValueError(f"calibration file {str(path)!r} was fitted on another model ({meta.get('model_class')}, "
-                             f"fingerprint {meta.get('fingerprint')}); this model ({type(opt.model).__name__}) has "
+                             f"fingerprint {meta.get('fingerprint')}); this model ({type(model).__name__}) has "
                              f"fingerprint {fp}. Calibrate this model instead.")
-        saved_cfg = json.loads(meta.get("config", "{}"))
-        if saved_cfg.get("fallback") not in (None, opt.fastcache_config.fallback) and FALLBACKS[opt.fastcache_config.fallback].fitted:
-            logger.warning("calibration file was fitted for fallback %r; this model uses %r",
-                           saved_cfg.get("fallback"), opt.fastcache_config.fallback)
-        for key in f.keys():
-            val = f.get_tensor(key)
-            cur = opt.store.tensors.get(key)
-            if cur is None:
-                opt.store.tensors[key] = val.to(opt.device, opt.dtype if val.is_floating_point() else val.dtype)
-            else:
-                if cur.shape != val.shape:
-                    raise ValueError(f"calibration tensor {key!r} has shape {tuple(val.shape)}, model needs "
-                                     f"{tuple(cur.shape)}")
-                cur.copy_(val.to(cur.device, cur.dtype))
-    opt.store.calibrated = True
-    opt.store.meta["fingerprint"] = fp
-    opt.refresh_deciders()
+        try:
+            saved_cfg = json.loads(meta.get("config", "{}"))
+        except json.JSONDecodeError:
+            raise ValueError(f"calibration file {str(path)!r} has a corrupt config entry in its metadata") from None
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    return saved_cfg, tensors

@@ -11,8 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from .fallbacks import FALLBACKS
+from .policies import POLICIES
 
 #: Fields whose change only updates tensor buffers inside the captured graph.
 RUNTIME_FIELDS = frozenset(
@@ -75,9 +78,6 @@ class FastCacheConfig:
     merge_ratio: float = 1.0
 
     def __post_init__(self) -> None:
-        from .fallbacks import FALLBACKS
-        from .policies import POLICIES
-
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"FastCacheConfig.{name}={getattr(self, name)!r} is invalid: {why}")
 

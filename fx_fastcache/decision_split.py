@@ -35,20 +35,11 @@ import torch.fx as fx
 import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 
+from . import graph_protocol as gp
+from .graph_protocol import is_cond, is_decide
 from .runtime.pin import unpin
 
-COND = torch.ops.higher_order.cond
-
-__all__ = ["DecisionSplit", "split_at_decisions", "is_decide", "resolve_conds"]
-
-
-def is_decide(node: fx.Node) -> bool:
-    return (node.op == "call_module" and str(node.target).startswith("fastcache_guard_")
-            and not str(node.target).endswith(".router") and bool(node.args) and node.args[0] == "decide")
-
-
-def _is_update_of(node: fx.Node, guard: str) -> bool:
-    return node.op == "call_module" and node.target == guard and bool(node.args) and node.args[0] == "update"
+__all__ = ["DecisionSplit", "split_at_decisions", "resolve_conds", "guard_index"]
 
 
 def _device_of(operands: Any) -> torch.device:
@@ -64,7 +55,7 @@ def resolve_conds(graph: fx.Graph, choose: dict[fx.Node, bool]) -> None:
     chosen branch (``True`` = the fallback).  The guard's own ``update`` receives the choice as a
     plain ``bool``; other readers of the predicate (the token router) a constant tensor.
     Predicate nodes left without readers are erased."""
-    for cond in [n for n in graph.nodes if n.op == "call_function" and n.target is COND]:
+    for cond in gp.conds(graph):
         pred, cheap, full, operands = cond.args
         if pred not in choose:
             continue
@@ -74,11 +65,11 @@ def resolve_conds(graph: fx.Graph, choose: dict[fx.Node, bool]) -> None:
             const = graph.call_function(torch.full, ((), skip),
                                         {"dtype": torch.bool, "device": _device_of(operands)})
         cond.replace_all_uses_with(call)
-        guard = str(cheap.target).replace("fastcache_fallback_", "fastcache_guard_")
+        guard = gp.guard_of_cond(cond)
         for user in list(pred.users):
             if user is cond:
                 continue
-            user.replace_input_with(pred, skip if _is_update_of(user, guard) else const)
+            user.replace_input_with(pred, skip if gp.is_update(user, guard) else const)
         graph.erase_node(cond)
         for n in (cheap, full):
             if n.op == "get_attr" and not n.users:
@@ -91,9 +82,9 @@ def resolve_conds(graph: fx.Graph, choose: dict[fx.Node, bool]) -> None:
 
 def guard_index(node: fx.Node) -> int:
     """Block index of a guard call or of a suffix's ``fastcache_pred_<i>`` placeholder."""
-    name = str(node.target)
-    if name.startswith("fastcache_guard_") or name.startswith("fastcache_pred_"):
-        return int(name.rsplit("_", 1)[1])
+    i = gp.index_of(node.target)
+    if i is not None:
+        return i
     raise RuntimeError(f"cond predicate {node.name} is not a guard decision; cannot specialise this graph")
 
 
@@ -131,7 +122,7 @@ class DecisionSplit:
     def suffix(self, pattern: tuple[bool, ...]) -> fx.GraphModule:
         graph = copy.deepcopy(self.suffix_template)
         preds = {n: bool(pattern[guard_index(n)]) for n in graph.nodes
-                 if n.op == "placeholder" and str(n.target).startswith("fastcache_pred_")}
+                 if n.op == "placeholder" and gp.index_of(n.target) is not None}
         resolve_conds(graph, preds)
         left = [n.name for n in preds if n in graph.nodes]
         if left:
@@ -158,14 +149,14 @@ def _always_computes(gm: fx.GraphModule, decide: fx.Node) -> bool:
     """A guard whose decision is constant False: no decider and no step verdict yet (the blocks
     before First-Block-Cache's anchor)."""
     guard = getattr(gm, str(decide.target))
-    return guard.decider is None and decide.args[8] is None
+    return guard.decider is None and gp.decide_args(decide).step_pred is None
 
 
 def split_at_decisions(gm: fx.GraphModule, policy: str = "?") -> DecisionSplit:
     """Cut ``gm`` (a FastCache-rewritten graph) into a deciding prefix and a computing suffix."""
     graph = copy.deepcopy(gm.graph)
     unpin(graph)  # no cond will be compiled: layout pins would only cost copies
-    n_blocks = sum(1 for n in graph.nodes if n.op == "call_function" and n.target is COND)
+    n_blocks = len(gp.conds(graph))
     if n_blocks == 0:
         raise RuntimeError("the graph has no guarded blocks (torch.cond); nothing to split")
     # blocks that always compute (before a step policy's anchor) become plain calls first
@@ -179,7 +170,7 @@ def split_at_decisions(gm: fx.GraphModule, policy: str = "?") -> DecisionSplit:
     for n in list(prefix_nodes):  # tuple outputs: their getitems are free, keep them beside the tuple
         prefix_nodes.update(u for u in n.users if u.op == "call_function" and u.target is operator.getitem
                             and u.args[0] is n)
-    late = [n.name for n in prefix_nodes if n.op == "call_function" and n.target is COND]
+    late = [n.name for n in prefix_nodes if is_cond(n)]
     if late:
         raise ValueError(f"policy={policy!r} decides each block from that block's input, which exists only after "
                          f"the previous blocks ran ({len(late)} guarded block(s) precede a decision); one decision "
@@ -219,7 +210,7 @@ def split_at_decisions(gm: fx.GraphModule, policy: str = "?") -> DecisionSplit:
         env[n] = suf.placeholder(f"live_{n.name}")
         env[n].meta = dict(n.meta)
     for d in decides:
-        env[d] = suf.placeholder(f"fastcache_pred_{guard_index(d)}")
+        env[d] = suf.placeholder(gp.pred_placeholder_name(guard_index(d)))
     for n in in_prefix:  # parameters / buffers the suffix reads: fetch again, do not pass
         if n.op == "get_attr" and any(u not in prefix_nodes for u in n.users):
             env[n] = suf.node_copy(n, env.__getitem__)

@@ -24,9 +24,11 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from . import graph_protocol as gp
+from .api import optimize
+
 logger = logging.getLogger(__name__)
 
-COND = torch.ops.higher_order.cond
 _SKIP_OPS = {"_assert_tensor_metadata"}
 
 
@@ -97,13 +99,11 @@ def _users_desc(n: fx.Node) -> list[str]:
 def build_report(model: nn.Module, example_inputs: dict[str, Any], config=None, name: str = "",
                  **overrides: Any) -> GraphReport:
     """Capture ``model`` on ``example_inputs`` (eager) and describe the rewrite."""
-    import fx_fastcache as fastcache
-
-    opt = fastcache.optimize(model, backend="eager", config=config, **overrides)
+    opt = optimize(model, backend="eager", config=config, **overrides)
     opt.record_passes = True
     entry = opt.capture(**example_inputs)
     gm, ctx = entry.gm, entry.ctx
-    conds = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is COND]
+    conds = gp.conds(gm.graph)
     by_branch = {}
     for c in conds:
         true_b, false_b = c.args[1], c.args[2]
@@ -112,7 +112,7 @@ def build_report(model: nn.Module, example_inputs: dict[str, Any], config=None, 
     for i, blk in enumerate(ctx.blocks):
         gname = ctx.guards[i] if i < len(ctx.guards) else ""
         guard = getattr(gm, gname, None) if gname else None
-        full_name = f"fastcache_block_{blk.index}"
+        full_name = gp.block_branch_name(blk.index)
         full = getattr(gm, full_name, None)
         cond, cheap_name = by_branch.get(full_name, (None, None))
         cheap = getattr(gm, cheap_name, None) if cheap_name else None
@@ -179,7 +179,7 @@ def format_text(r: GraphReport) -> str:
         lines.append(f"      original : {b.original_nodes} nodes ({b.hoisted} hoisted for the probe); ops: {_hist(b.ops)}")
         if b.rewritten:
             lines.append(f"      guard    : {b.guard}  decider: {b.decider}")
-            lines.append(f"      cond     : {b.cond} = cond(pred, fastcache_fallback_{b.index}, fastcache_block_{b.index}, "
+            lines.append(f"      cond     : {b.cond} = cond(pred, {gp.fallback_branch_name(b.index)}, {gp.block_branch_name(b.index)}, "
                          f"{b.operands} operands)")
             lines.append(f"      fallback : {b.fallback}  state: {_names(b.state, 8)}")
             lines.append(f"      streams  : {', '.join(b.outputs)}")
@@ -244,8 +244,8 @@ def format_html(r: GraphReport) -> str:
                      f"{'cond(' + e(b.cond) + ')' if b.rewritten else 'unchanged'}</summary>"
                      f"<p>ops: {e(_hist(b.ops, 20))}</p><p>state: {e(_names(b.state, 20))}</p>"
                      f"<p>routing: {'<br>'.join(e(x) for x in b.routing) or '-'}</p>"
-                     f"<details><summary>block branch fastcache_block_{b.index}</summary><pre>{e(b.block_code)}</pre></details>"
-                     f"<details><summary>fallback branch fastcache_fallback_{b.index}</summary><pre>{e(b.fallback_code)}</pre>"
+                     f"<details><summary>block branch {gp.block_branch_name(b.index)}</summary><pre>{e(b.block_code)}</pre></details>"
+                     f"<details><summary>fallback branch {gp.fallback_branch_name(b.index)}</summary><pre>{e(b.fallback_code)}</pre>"
                      f"</details></details>")
     parts.append("<h2>Graph before / after each pass</h2>")
     for p in r.passes:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -19,10 +19,13 @@ import torch.utils._pytree as pytree
 from fx_fastcache.passes import PassContext, PassResult, run_pipeline
 
 from .config import RUNTIME_FIELDS, FastCacheConfig
-from .fallbacks import FALLBACKS, CalibrationStore
+from .fallbacks import FALLBACKS
 from .families import FamilySpec, block_modules, resolve_family
 from .markers import marked
 from .policies import POLICIES
+from .runtime.generation import starts_generation_host
+from .runtime.store import CalibrationStore
+from .step_dispatch import COMPILE_MODES, StepDispatch, dispatch_decide_mode
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,13 @@ class CapturedGraph:
         if self.step_decider is not None:
             out.append(self.step_decider)
         return out
+
+
+class PreparedCall(NamedTuple):
+    """A call's keyword inputs (bound to the model's signature) and the captured graph that runs them."""
+
+    kw: dict[str, Any]
+    entry: CapturedGraph
 
 
 def _describe(v: Any) -> Any:
@@ -134,8 +144,6 @@ class FastCacheModule(nn.Module):
         ``"default"``, ``"max-autotune"`` or ``"eager"``.  Schedules are dispatched from the host;
         step-level policies read their decision once per step; per-block policies raise.
         """
-        from .step_dispatch import COMPILE_MODES, dispatch_decide_mode
-
         if compile_mode is not None:
             dispatch_decide_mode(self.fastcache_config)  # per-block policies cannot dispatch per step
             if compile_mode not in COMPILE_MODES:
@@ -145,8 +153,6 @@ class FastCacheModule(nn.Module):
 
     def _dispatcher(self, module: FastCacheModule, key: str = "") -> Any:
         """The StepDispatch running ``module`` (``self`` or a pipeline context's twin), built once."""
-        from .step_dispatch import StepDispatch
-
         d = self._dispatchers.get(key)
         if d is None:  # a schedule table is read from the store (fastcache.set_schedule)
             d = StepDispatch(module, compile_mode=self._dispatch_mode)
@@ -203,9 +209,8 @@ class FastCacheModule(nn.Module):
         t = kw.get(ts) if ts else None
         if isinstance(t, torch.Tensor):
             t_new = float(t.reshape(-1)[0])
-            t_prev = float(clock.t_last)
-            if t_new >= t_prev:
-                return  # the timestep did not go down: not a continuation of that generation
+            if t_new == float(clock.t_last) or starts_generation_host(t_new, float(clock.t_last)):
+                return  # not a continuation of that generation
         shape_prev = prev.key[1]
         raise ValueError(
             f"input shapes changed in the middle of a generation (step {int(clock.step)}): the previous call had "
@@ -213,9 +218,9 @@ class FastCacheModule(nn.Module):
             f"within a generation. Call fastcache.reset(model) before starting a new generation with other shapes."
         )
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._dispatch_mode is not None:
-            return self._dispatcher(self)(*args, **kwargs)
+    def prepare_call(self, args: tuple, kwargs: dict[str, Any]) -> PreparedCall:
+        """Bind and check a call's inputs and pick (or capture) its graph: the preamble of every call,
+        with or without step dispatch.  A shape change inside a generation raises here."""
         kw = self._bind(args, kwargs)
         self._check_inputs(kw)
         key = self._key(kw)
@@ -224,6 +229,16 @@ class FastCacheModule(nn.Module):
         if entry is None:
             entry = self._capture(key, kw)
         self._last_key = key
+        return PreparedCall(kw, entry)
+
+    def last_entry(self) -> CapturedGraph | None:
+        """The graph that ran the latest call (``None`` before the first call or after a reset)."""
+        return self._entries.get(self._last_key) if self._last_key is not None else None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._dispatch_mode is not None:
+            return self._dispatcher(self)(*args, **kwargs)
+        kw, entry = self.prepare_call(args, kwargs)
         with torch.no_grad():
             if self._recorder is not None:
                 return entry.gm(**kw)
@@ -263,10 +278,10 @@ class FastCacheModule(nn.Module):
         self._entries[key] = entry
         self.graphs[f"g{len(self.graphs)}"] = gm
         self._sync_entry(entry)
-        if FALLBACKS[cfg.fallback].fitted and not self.store.calibrated and not self._warned_uncalibrated:
+        fallback = FALLBACKS[cfg.fallback]
+        if fallback.fitted and not self.store.calibrated and not self._warned_uncalibrated:
             logger.warning("fx-fastcache: fallback %r is uncalibrated (%s); run `with fastcache.calibrate(model): ...` "
-                           "on a few generations to fit it and improve quality", cfg.fallback,
-                           "plain residual reuse" if cfg.fallback == "residual_linear" else "identity map")
+                           "on a few generations to fit it and improve quality", cfg.fallback, fallback.uncalibrated)
             self._warned_uncalibrated = True
         return entry
 
@@ -298,8 +313,6 @@ class FastCacheModule(nn.Module):
         """Change config fields; run-time fields update buffers, others force a re-capture."""
         new = self.fastcache_config.replace(**changes)
         if self._dispatch_mode is not None and "policy" in changes:
-            from .step_dispatch import dispatch_decide_mode
-
             dispatch_decide_mode(new)  # step dispatch is on: the new policy must decide per step
         structural = [k for k in changes if k not in RUNTIME_FIELDS]
         self.fastcache_config = new
@@ -314,6 +327,30 @@ class FastCacheModule(nn.Module):
             c.enabled.fill_(1.0 if new.enable_block_approx else 0.0)
             c.max_skip.fill_(float(new.max_skip_steps))
             self._sync_entry(e)
+
+    # -- blocks and schedules -------------------------------------------------------------
+    def block_names(self) -> list[str]:
+        """The guarded blocks' module paths, in execution order."""
+        return [name for name, _, _ in block_modules(self.model, self.spec)]
+
+    def install_schedule(self, table: Any) -> None:
+        """Install a ``steps × blocks`` bool skip table (see ``fastcache.set_schedule``)."""
+        policy = POLICIES[self.fastcache_config.policy]
+        if not policy.host_decidable:
+            tables = sorted(k for k, v in POLICIES.items() if v.host_decidable)
+            raise ValueError(f"set_schedule needs a policy that replays a table ({tables}), this model uses "
+                             f"policy={policy.name!r}; optimize(model, policy='schedule') or "
+                             f"fastcache.configure(model, policy='schedule')")
+        policy.install_table(self.store, self.block_names(), table, self.device)
+
+    def installed_schedule(self) -> torch.Tensor | None:
+        """The installed table, trimmed after its last skipping step (``None``: none installed)."""
+        return POLICIES[self.fastcache_config.policy].read_table(self.store, self.block_names())
+
+    @property
+    def force_compute(self) -> bool:
+        """Inside ``fastcache.calibrate``: every block computes."""
+        return self._force_compute
 
     def set_force_compute(self, force: bool) -> None:
         self._force_compute = force

@@ -188,9 +188,7 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
     config = FastCacheConfig.resolve(config, **overrides)
     opt = PipelineFastCache(tr, config, backend=backend)
     if schedule is not None:
-        from .api import set_schedule
-
-        set_schedule(opt, schedule)
+        opt.install_schedule(schedule)
     opt.set_step_dispatch(step_dispatch)
     cls = type(pipe)
     sub = type(f"FastCache{cls.__name__}", (cls,),

@@ -41,15 +41,16 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from .decision_split import guard_index, resolve_conds
+from . import graph_protocol as gp
+from .decision_split import guard_index, resolve_conds, split_at_decisions
+from .fallbacks import FALLBACKS
+from .policies import POLICIES
 from .runtime.pin import unpin
-from .module import CapturedGraph, FastCacheModule
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["StepDispatch", "specialise", "dispatch_decide_mode", "COMPILE_MODES", "DECIDE_MODES"]
 
-COND = torch.ops.higher_order.cond
 COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "eager")
 HISTORY_STEPS = 4096
 
@@ -61,7 +62,7 @@ def specialise(gm: fx.GraphModule, pattern: tuple[bool, ...]) -> fx.GraphModule:
     """
     graph = copy.deepcopy(gm.graph)  # keeps the pytree codegen (keyword / nested inputs) of ep.module()
     unpin(graph)  # no cond left to compile: layout pins would only cost copies
-    preds = [n.args[0] for n in graph.nodes if n.op == "call_function" and n.target is COND]
+    preds = [n.args[0] for n in gp.conds(graph)]
     if not preds:
         raise RuntimeError("the graph has no guarded blocks (torch.cond); nothing to specialise")
     choose = {}
@@ -86,21 +87,20 @@ DECIDE_MODES = ("auto", "host", "device")
 def dispatch_decide_mode(config: Any, decide: str = "auto") -> str:
     """Where :class:`StepDispatch` reads each step's pattern for this config (``"host"`` or ``"device"``).
 
-    ``"host"``: the schedule policy's table, mirrored on the host (no sync at all).
+    ``"host"``: a table-driven policy's table, mirrored on the host (no sync at all).
     ``"device"``: the step-level policies' in-graph decision, read once per step (one sync).
     Raises ``ValueError`` for per-block policies, which decide inside the step.
     """
-    from .policies import POLICIES
-
     if decide not in DECIDE_MODES:
         raise ValueError(f"decide={decide!r} is not supported; choose one of {DECIDE_MODES}")
     policy = config.policy
+    cls = POLICIES[policy]
     if decide == "auto":
-        decide = "host" if policy == "schedule" else "device"
-    if decide == "host" and policy != "schedule":
+        decide = "host" if cls.host_decidable else "device"
+    if decide == "host" and not cls.host_decidable:
         raise ValueError(f"decide='host' needs policy='schedule' (decisions known in advance); this model uses "
                          f"policy={policy!r}: use decide='device' (one sync per step) or a schedule")
-    if decide == "device" and policy != "schedule" and POLICIES[policy].scope != "step":
+    if decide == "device" and not cls.decides_per_step():
         step_policies = sorted(k for k, v in POLICIES.items() if v.scope == "step")
         raise ValueError(f"step dispatch needs one decision per step, but policy={policy!r} decides each block "
                          f"from that block's input inside the step; use one of {step_policies} or "
@@ -131,11 +131,11 @@ class StepDispatch(nn.Module):
         decide: ``"auto"``, ``"host"`` or ``"device"`` (above).
     """
 
-    def __init__(self, opt: FastCacheModule, table: torch.Tensor | None = None,
+    def __init__(self, opt: Any, table: torch.Tensor | None = None,
                  compile_mode: str = "reduce-overhead", clone_outputs: bool | None = None,
                  decide: str = "auto") -> None:
         super().__init__()
-        if not isinstance(opt, FastCacheModule):
+        if not callable(getattr(opt, "prepare_call", None)):  # duck-typed: this layer does not import module.py
             raise TypeError(f"StepDispatch expects the module returned by fastcache.optimize(), "
                             f"got {type(opt).__name__}")
         if compile_mode not in COMPILE_MODES:
@@ -144,9 +144,7 @@ class StepDispatch(nn.Module):
         self.opt = opt
         self.compile_mode = compile_mode
         self.clone_outputs = (compile_mode == "reduce-overhead") if clone_outputs is None else clone_outputs
-        from .api import _blocks
-
-        self.block_names = [name for name, _, _ in _blocks(opt)]
+        self.block_names = opt.block_names()
         self._table: list[tuple[bool, ...]] = []
         self._variants: dict[tuple, Any] = {}
         self._splits: dict[tuple, Any] = {}
@@ -163,23 +161,18 @@ class StepDispatch(nn.Module):
     def set_table(self, table: torch.Tensor | None) -> None:
         """Install a new ``steps × blocks`` table (specialised copies are kept and reused)."""
         if self.decide == "device":  # the graph reads it: install it there
-            if self.opt.fastcache_config.policy != "schedule":
+            if not POLICIES[self.opt.fastcache_config.policy].host_decidable:
                 raise ValueError(f"a skip table needs policy='schedule'; this model uses "
                                  f"policy={self.opt.fastcache_config.policy!r}")
             if table is not None:
-                from .api import set_schedule
-
-                set_schedule(self.opt, table)
+                self.opt.install_schedule(table)
             return
         n = len(self.block_names)
         if table is None:
-            cols = [self.opt.store.tensors.get(f"{name}.schedule") for name in self.block_names]
-            if any(c is None for c in cols):
+            table = self.opt.installed_schedule()
+            if table is None:
                 raise ValueError("no schedule installed: pass table=... or call fastcache.set_schedule(opt, table) "
                                  "first")
-            table = torch.stack([c.detach().cpu() for c in cols], dim=1)
-            nz = table.any(dim=1).nonzero()
-            table = table[: int(nz.max()) + 1] if len(nz) else table[:1]
         table = torch.as_tensor(table, dtype=torch.bool).cpu()
         if table.ndim != 2 or table.shape[1] != n:
             raise ValueError(f"schedule table has shape {tuple(table.shape)}; expected (steps, {n} blocks)")
@@ -209,11 +202,9 @@ class StepDispatch(nn.Module):
         """The host mirror of ``BlockGuard.decide`` for the schedule policy."""
         cfg = self.opt.fastcache_config
         n = len(self.block_names)
-        if step >= len(self._table) or not cfg.enable_block_approx or self.opt._force_compute \
+        if step >= len(self._table) or not cfg.enable_block_approx or self.opt.force_compute \
                 or step < cfg.warmup_steps:
             return (False,) * n
-        from .fallbacks import FALLBACKS
-
         min_computed = FALLBACKS[cfg.fallback].min_computed
         row = self._table[step]
         out = []
@@ -229,7 +220,7 @@ class StepDispatch(nn.Module):
             return gm
         return torch.compile(gm, mode=self.compile_mode, fullgraph=True, dynamic=False)
 
-    def _variant(self, entry: CapturedGraph, pattern: tuple[bool, ...]) -> Any:
+    def _variant(self, entry: Any, pattern: tuple[bool, ...]) -> Any:
         key = (entry.key, pattern)
         got = self._variants.get(key)
         fn = got[1] if got is not None and got[0] is entry.gm else None  # re-captured graph: rebuild
@@ -244,10 +235,8 @@ class StepDispatch(nn.Module):
                         len(self._variants), sum(pattern), len(pattern), self.compile_mode, self.decide)
         return fn
 
-    def _split(self, entry: CapturedGraph) -> tuple[Any, Any]:
+    def _split(self, entry: Any) -> tuple[Any, Any]:
         """(``DecisionSplit``, compiled prefix) of a captured graph, built once."""
-        from .decision_split import split_at_decisions
-
         got = self._splits.get(entry.key)
         if got is None or got[0] is not entry.gm:
             split = split_at_decisions(entry.gm, self.opt.fastcache_config.policy)
@@ -259,8 +248,7 @@ class StepDispatch(nn.Module):
 
     def warmup(self, *args: Any, **kwargs: Any) -> None:
         """Capture and compile every pattern of the table for these inputs (runs each once, then resets)."""
-        kw = self.opt._bind(args, kwargs)
-        entry = self.opt.capture(**kw)
+        kw, entry = self.opt.prepare_call(args, kwargs)
         if self.decide == "device":
             split, prefix = self._split(entry)
             flat = split.flatten(kw)
@@ -277,13 +265,7 @@ class StepDispatch(nn.Module):
 
     # -- calls ------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        opt = self.opt
-        kw = opt._bind(args, kwargs)
-        opt._check_inputs(kw)
-        key = opt._key(kw)
-        opt._check_generation(key, kw)  # as without dispatch: no shape change inside a generation
-        entry = opt._entries.get(key) or opt.capture(**kw)
-        opt._last_key = key
+        kw, entry = self.opt.prepare_call(args, kwargs)  # as without dispatch: no shape change inside a generation
         with torch.no_grad():
             if self.decide == "host":
                 pattern = self.pattern_for_step(self.step)

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .zoo import tiny_wan
+
 logger = logging.getLogger(__name__)
 
 WORDS = ("a photo of an astronaut riding horse cat dog on the moon red blue green small large "
@@ -151,8 +153,6 @@ def tiny_wan_pipeline(seed: int = 0, layers: int = 2) -> TinyPipeline:
     ``("uncond")``; a 3-D VAE (8× spatial, 4× temporal) and a UMT5 encoder from config."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
-
-    from .zoo import tiny_wan
 
     tr = tiny_wan(seed=seed, layers=layers).model
     torch.manual_seed(seed)

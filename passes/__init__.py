@@ -18,7 +18,8 @@ from .guard_blocks import guard_blocks
 from .hoist_probes import hoist_probes
 from .merge_tokens import merge_tokens
 from .pin_cond_operands import pin_cond_operands
-from .route_tokens import find_block_args, route_tokens
+from .find_block_args import find_block_args
+from .route_tokens import route_tokens
 from .strip_markers import strip_markers
 
 logger = logging.getLogger(__name__)

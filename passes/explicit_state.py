@@ -13,11 +13,9 @@ constant and silently drops the updates.  This pass builds a copy in which
   timesteps of the last computations, computed counts) becomes an explicit input
   ``state_in.<block>.<name>`` and its updated value an explicit output
   ``state_out.<block>.<name>``; calibration constants (``A``, ``b``) stay constants;
-* no-op ``aten.squeeze.dim`` nodes (squeezing a dimension whose size is not 1) are dropped:
-  onnxruntime rejects the ``Squeeze`` they export to (seen on PixArt);
-* ``masked_fill`` on a bool tensor becomes ``logical_and``/``logical_or``: it exports to a
-  bool ``Where``, which onnxruntime's CPU provider does not implement (HunyuanVideo builds its
-  attention mask that way).
+
+Runtime-specific node rewrites (what onnxruntime cannot run) are not done here: see
+:mod:`fx_fastcache.export.onnx_fixes`.
 
 The signature is flat: the model's tensor inputs (in call order), then ``skip``, then the
 state inputs; outputs are the model's tensor outputs, then the new state.  The result is
@@ -28,20 +26,18 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fx_fastcache import graph_protocol as gp
 from fx_fastcache.runtime.pin import unpin
 
 from .context import PassContext
 
 logger = logging.getLogger(__name__)
-
-SQUEEZE_OPS = (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims)
 
 
 @dataclass
@@ -135,87 +131,19 @@ def mutable_state_names(fallback: nn.Module, store) -> list[str]:
     return [n for n, b in fallback.named_buffers(recurse=False) if id(b) not in constants]
 
 
-def _rewrite_nodes(gm: fx.GraphModule, rewrite: Callable[[fx.Graph, fx.Node], bool]) -> int:
-    """Apply ``rewrite(graph, node)`` (True = it replaced the node) to every node of ``gm`` and of
-    its subgraphs (cond branches); lint and recompile the graphs it changed; return the count."""
-    count = 0
-    for mod in gm.modules():
-        if not isinstance(mod, fx.GraphModule):
-            continue
-        changed = sum(rewrite(mod.graph, n) for n in list(mod.graph.nodes))
-        if changed:
-            mod.graph.lint()
-            mod.recompile()
-        count += changed
-    return count
-
-
-def _bool_masked_fill(g: fx.Graph, n: fx.Node) -> bool:
-    """``masked_fill(x, m, v)`` with bool ``x`` → ``x & ~m`` (v false) or ``x | m`` (v true)."""
-    aten = torch.ops.aten
-    if n.op != "call_function" or n.target is not aten.masked_fill.Scalar:
-        return False
-    x, mask, value = n.args[:3]
-    val = x.meta.get("val") if isinstance(x, fx.Node) else None
-    if val is None or val.dtype != torch.bool:
-        return False
-    with g.inserting_before(n):
-        if bool(value):
-            new = g.call_function(aten.logical_or.default, (x, mask))
-        else:
-            keep = g.call_function(aten.logical_not.default, (mask,))
-            new = g.call_function(aten.logical_and.default, (x, keep))
-    new.meta = dict(n.meta)
-    n.replace_all_uses_with(new)
-    g.erase_node(n)
-    return True
-
-
-def _noop_squeeze(g: fx.Graph, n: fx.Node) -> bool:
-    """Drop a ``squeeze.dim(s)`` that squeezes no size-1 dimension."""
-    if n.op != "call_function" or n.target not in SQUEEZE_OPS:
-        return False
-    src = n.args[0]
-    vin = src.meta.get("val") if isinstance(src, fx.Node) else None
-    vout = n.meta.get("val")
-    if vin is None and vout is None:
-        return False
-    shape = tuple((vin if vin is not None else vout).shape)
-    dims = n.args[1] if len(n.args) > 1 else []
-    dims = [dims] if isinstance(dims, int) else list(dims)
-    if not shape or any(shape[d] == 1 for d in dims):
-        return False
-    n.replace_all_uses_with(src)
-    g.erase_node(n)
-    return True
-
-
-def rewrite_bool_masked_fills(gm: fx.GraphModule) -> int:
-    """Rewrite bool ``masked_fill`` into logical ops in ``gm`` and its subgraphs; returns how many."""
-    return _rewrite_nodes(gm, _bool_masked_fill)
-
-
-def drop_noop_squeezes(gm: fx.GraphModule) -> int:
-    """Remove ``squeeze.dim(s)`` nodes that squeeze no size-1 dimension, in ``gm`` and its subgraphs."""
-    return _rewrite_nodes(gm, _noop_squeeze)
-
-
 def _dedupe_cond_operands(g: fx.Graph) -> None:
     """Pass a repeated cond operand (Flux's shared ``t_c`` for both streams) as a copy.
 
     ``torch.export`` names a branch's placeholders after the outer operands; the same node
     twice gives a branch signature with a duplicate argument (``SyntaxError``).
     """
-    cond = torch.ops.higher_order.cond
-    for n in list(g.nodes):
-        if n.op != "call_function" or n.target is not cond:
-            continue
+    for n in gp.conds(g):
         ops = list(n.args[3])
         seen: set[fx.Node] = set()
         for j, a in enumerate(ops):
             if isinstance(a, fx.Node) and a in seen:
                 with g.inserting_before(n):
-                    c = g.call_function(torch.ops.aten.clone.default, (a,))
+                    c = g.call_function(gp.CLONE, (a,))
                 c.meta["val"] = a.meta.get("val")
                 ops[j] = c
             elif isinstance(a, fx.Node):
@@ -263,16 +191,16 @@ def explicit_state(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule
     skip.meta["val"] = torch.zeros(len(ctx.guards), dtype=torch.bool)
 
     clock = next(n for n in g.nodes if n.op == "call_module" and n.target == ctx.clock)
-    ts = clock.args[0]
+    ts = clock.args[0]  # the clock's only input: the model's timestep
     with g.inserting_before(clock):
         t0 = g.call_function(torch.ops.aten.select.int, (g.call_function(torch.ops.aten.reshape.default, (ts, [-1])), 0, 0))
         t_eff = g.call_function(torch.ops.aten._to_copy.default, (t0,), {"dtype": torch.float32})
         new_gen = g.call_function(torch.ops.aten.full.default, ([], False), {"dtype": torch.bool})
     for u in list(clock.users):
-        idx = u.args[1]
-        if idx == 4:
+        field_name = gp.tick_field(u)
+        if field_name == "t":
             u.replace_all_uses_with(t_eff)
-        elif idx == 1:
+        elif field_name == "new_gen":
             u.replace_all_uses_with(new_gen)
 
     spec = ExplicitStateSpec(inputs=[p.name for p in inputs],
@@ -303,9 +231,8 @@ def explicit_state(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule
                 if leaf in phs:
                     n.replace_all_uses_with(phs[leaf])
                     g.erase_node(n)
-        calls = [n for n in g.nodes if n.op == "call_module" and n.target == gname]
-        decide = [n for n in calls if n.args[0] == "decide"]
-        update = [n for n in calls if n.args[0] == "update"]
+        decide = [n for n in g.nodes if gp.is_decide(n, gname)]
+        update = [n for n in g.nodes if gp.is_update(n, gname)]
         if len(decide) != 1 or len(update) != 1:
             raise RuntimeError(f"{gname}: expected one decide and one update call, found {len(decide)}/{len(update)}")
         with g.inserting_before(decide[0]):
@@ -313,12 +240,14 @@ def explicit_state(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule
         pred.meta["val"] = torch.zeros((), dtype=torch.bool)
         decide[0].replace_all_uses_with(pred)
         g.erase_node(decide[0])
-        upd_name = f"fastcache_state_update_{i}"
+        upd_name = gp.state_update_name(i)
         new.add_module(upd_name, StateUpdate(guard.fallback, names))
         u = update[0]
-        _, upred, ugen, ut, n_streams, *ins_outs = u.args
+        ua = gp.update_args(u)
+        upred = ua.pred
         with g.inserting_before(u):
-            call = g.call_module(upd_name, (upred, ugen, ut, n_streams, *ins_outs, *(phs[n] for n in names)))
+            call = g.call_module(upd_name, (ua.pred, ua.new_gen, ua.t, len(ua.ins), *ua.ins, *ua.outs,
+                                            *(phs[n] for n in names)))
             for j, name in enumerate(names):
                 r = g.call_function(operator.getitem, (call, j))
                 r.meta["val"] = phs[name].meta["val"]
@@ -334,7 +263,7 @@ def explicit_state(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule
                 g.erase_node(n)
     for u in list(clock.users):
         if u.users:
-            raise RuntimeError(f"clock output {u.args[1]} still used by {[x.name for x in u.users]}")
+            raise RuntimeError(f"clock output {gp.tick_field(u)!r} still used by {[x.name for x in u.users]}")
         g.erase_node(u)
     g.erase_node(clock)
     out_node.args = (tuple(flat_out) + tuple(state_out),)
@@ -342,8 +271,6 @@ def explicit_state(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule
     g.eliminate_dead_code()
     g.lint()
     new.recompile()
-    spec.dropped_squeezes = drop_noop_squeezes(new)
-    spec.rewritten_bool_fills = rewrite_bool_masked_fills(new)
     for name in (ctx.clock, ctx.step_decider, *ctx.guards):
         if name and hasattr(new, name):
             used = any(n.op in ("get_attr", "call_module") and isinstance(n.target, str)
@@ -351,6 +278,5 @@ def explicit_state(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule
             if not used:
                 delattr(new, name)
     new.recompile()
-    logger.info("explicit_state: %d blocks, %d state tensors, %d no-op squeezes dropped", len(spec.blocks),
-                len(spec.state), spec.dropped_squeezes)
+    logger.info("explicit_state: %d blocks, %d state tensors", len(spec.blocks), len(spec.state))
     return new, spec

@@ -2,9 +2,11 @@
 
 For each block::
 
-    pred  = fastcache_guard_i("decide", step, new_gen, ok, threshold, t, max_skip, signal, step_pred)
+    pred  = fastcache_guard_i("decide", *DecideArgs(step, new_gen, ok, threshold, t, max_skip, signal, step_pred))
     outs  = cond(pred, fallback_branch_i, block_branch_i, [region inputs..., t, fallback state...])
-    fastcache_guard_i("update", pred, new_gen, t, n_streams, *stream_inputs, *outs)
+    fastcache_guard_i("update", *UpdateArgs(pred, new_gen, t, stream_inputs, outs))
+
+(the calls are built by :mod:`fx_fastcache.graph_protocol`, which every reader of them uses too).
 
 ``block_branch_i`` is the region copied verbatim; ``fallback_branch_i`` calls the fallback's
 pure ``approx`` per stream.  Both return contiguous outputs (inductor requires equal strides).
@@ -21,22 +23,13 @@ import operator
 import torch
 import torch.fx as fx
 
+from fx_fastcache import graph_protocol as gp
 from fx_fastcache.fallbacks import FALLBACKS, StreamInfo
+from fx_fastcache.graph_protocol import COND, DecideArgs, UpdateArgs, contiguous_copy, is_contiguous
+from fx_fastcache.graph_protocol import val as _val
 from fx_fastcache.runtime import BlockGuard, Clock
 
 from .context import BlockRegion, PassContext, finish
-
-COND = torch.ops.higher_order.cond
-CLONE = torch.ops.aten.clone.default
-
-
-def _val(n: fx.Node):
-    return n.meta.get("val")
-
-
-def _is_contiguous(n: fx.Node) -> bool:
-    v = _val(n)
-    return isinstance(v, torch.Tensor) and v.is_contiguous()
 
 
 def _region_io(blk: BlockRegion) -> tuple[list[fx.Node], list[fx.Node]]:
@@ -84,12 +77,6 @@ def _register(gm: fx.GraphModule, name: str, mod: torch.nn.Module) -> str:
     return name
 
 
-def _contig(g: fx.Graph, n: fx.Node) -> fx.Node:
-    c = g.call_function(CLONE, (n,), {"memory_format": torch.contiguous_format})
-    c.meta["val"] = _val(n).contiguous()  # later passes (pin_cond_operands) read operand metadata
-    return c
-
-
 def _block_branch(blk: BlockRegion, inputs: list[fx.Node], outs: list[fx.Node], n_extra: int) -> fx.GraphModule:
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -104,8 +91,8 @@ def _block_branch(blk: BlockRegion, inputs: list[fx.Node], outs: list[fx.Node], 
     results = []
     for o in outs:
         r = env[o]
-        if o in inputs or not _is_contiguous(o):
-            r = _contig(g, r)
+        if o in inputs or not is_contiguous(o):
+            r = contiguous_copy(g, r)
         results.append(r)
     g.output(tuple(results))
     return fx.GraphModule(torch.nn.Module(), g)
@@ -142,19 +129,17 @@ def guard_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
     top = first.hoisted[0] if first.hoisted else first.nodes[0]
 
     clock = Clock(cfg.cache_ratio_threshold, cfg.warmup_steps, cfg.enable_block_approx, cfg.max_skip_steps)
-    ctx.clock = _register(gm, "fastcache_clock", clock)
+    ctx.clock = _register(gm, gp.CLOCK, clock)
     with g.inserting_before(top):
-        tick = g.call_module(ctx.clock, (ctx.timestep,))
-        step, new_gen, ok, thr, t, max_skip = (g.call_function(operator.getitem, (tick, i)) for i in range(6))
+        step, new_gen, ok, thr, t, max_skip = gp.emit_clock(g, ctx.timestep)
 
     step_pred = None
-    hidden0 = None
     step_decider = None
     if policy.scope == "step":
         if policy.anchor == "before_block0":
             probe = first.probe
             step_decider = policy.make_step_decider(tuple(_val(probe).shape), _val(probe).device, _val(probe).dtype, ctx.store)
-            ctx.step_decider = _register(gm, "fastcache_step", step_decider)
+            ctx.step_decider = _register(gm, gp.STEP_DECIDER, step_decider)
             with g.inserting_before(first.nodes[0]):
                 step_pred = g.call_module(ctx.step_decider, (step, new_gen, ok, thr, t, probe))
         else:
@@ -172,25 +157,25 @@ def guard_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
             sig_shape = tuple(_val(blk.probe).shape) if blk.probe is not None else None
             decider = policy.make_block_decider(blk.index, blk.name, sig_shape, device, streams[0].dtype, ctx.store)
         guard = BlockGuard(blk.index, blk.name, fallback, decider, never_skip=policy.never_skip(blk.index))
-        gname = _register(gm, f"fastcache_guard_{blk.index}", guard)
+        gname = _register(gm, gp.guard_name(blk.index), guard)
         ctx.guards.append(gname)
         n_state = [len(fallback.state_names(k)) for k in range(len(streams))]
-        full = _register(gm, f"fastcache_block_{blk.index}", _block_branch(blk, inputs, outs, 1 + sum(n_state)))
-        cheap = _register(gm, f"fastcache_fallback_{blk.index}", _fallback_branch(fallback, inputs, blk, n_state))
+        full = _register(gm, gp.block_branch_name(blk.index), _block_branch(blk, inputs, outs, 1 + sum(n_state)))
+        cheap = _register(gm, gp.fallback_branch_name(blk.index), _fallback_branch(fallback, inputs, blk, n_state))
 
         anchor = blk.nodes[0]
         with g.inserting_before(anchor):
             operands = []
             for n in inputs:
-                if n.op != "get_attr" and isinstance(_val(n), torch.Tensor) and not _is_contiguous(n):
-                    n = _contig(g, n)
+                if n.op != "get_attr" and isinstance(_val(n), torch.Tensor) and not is_contiguous(n):
+                    n = contiguous_copy(g, n)
                 operands.append(n)
             operands.append(t)
             for k in range(len(streams)):
                 for sname in fallback.state_names(k):
                     operands.append(g.get_attr(f"{gname}.fallback.{sname}"))
             signal = blk.probe if decider is not None else None
-            pred = g.call_module(gname, ("decide", step, new_gen, ok, thr, t, max_skip, signal, step_pred))
+            pred = gp.emit_decide(g, gname, DecideArgs(step, new_gen, ok, thr, t, max_skip, signal, step_pred))
             cond = g.call_function(COND, (pred, g.get_attr(cheap), g.get_attr(full), operands))
             results = []
             for j, o in enumerate(outs):
@@ -198,7 +183,7 @@ def guard_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
                 r.meta["val"] = _val(o)
                 results.append(r)
             stream_ins = [blk.stream_inputs[name] for _, name, _ in blk.outputs]
-            update = g.call_module(gname, ("update", pred, new_gen, t, len(streams), *stream_ins, *results))
+            update = gp.emit_update(g, gname, UpdateArgs(pred, new_gen, t, tuple(stream_ins), tuple(results)))
         members = set(blk.nodes)
         for o, r in zip(outs, results):
             o.replace_all_uses_with(r, delete_user_cb=lambda u: u not in members and u is not update)
@@ -215,7 +200,7 @@ def guard_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
             with g.inserting_before(update.next):  # inserting_after would reverse the new nodes' order
                 resid = g.call_function(torch.sub, (results[k], stream_ins[k]))
                 step_decider = policy.make_step_decider(streams[k].out_shape, device, streams[k].dtype, ctx.store)
-                ctx.step_decider = _register(gm, "fastcache_step", step_decider)
+                ctx.step_decider = _register(gm, gp.STEP_DECIDER, step_decider)
                 step_pred = g.call_module(ctx.step_decider, (step, new_gen, ok, thr, t, resid))
         ctx.note("guard_blocks", f"{blk.name}: {len(blk.nodes)} nodes → cond({len(operands)} operands, "
                                  f"{len(streams)} stream(s), fallback={cfg.fallback})")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from .context import PassContext
-from .route_tokens import reduce_blocks
+from .token_reduction import reduce_blocks
 
 
 def merge_tokens(gm: fx.GraphModule, ctx: PassContext) -> None:

@@ -14,12 +14,10 @@ import operator
 import torch
 import torch.fx as fx
 
+from fx_fastcache.graph_protocol import CLONE, conds, is_cond
 from fx_fastcache.runtime.pin import PIN
 
 from .context import PassContext, finish
-
-COND = torch.ops.higher_order.cond
-CLONE = torch.ops.aten.clone.default
 
 
 def _fixed_layout(n: fx.Node) -> bool:
@@ -27,7 +25,7 @@ def _fixed_layout(n: fx.Node) -> bool:
         return True
     if n.op == "call_function" and n.target is operator.getitem:  # an output of another cond
         src = n.args[0]
-        return isinstance(src, fx.Node) and src.op == "call_function" and src.target is COND
+        return isinstance(src, fx.Node) and is_cond(src)
     return n.op == "call_function" and n.target is PIN
 
 
@@ -37,14 +35,14 @@ def pin_cond_operands(gm: fx.GraphModule, ctx: PassContext) -> None:
         return
     g = gm.graph
     pins: dict[fx.Node, fx.Node] = {}
-    for cond in [n for n in g.nodes if n.op == "call_function" and n.target is COND]:
+    for cond in conds(g):
         operands = list(cond.args[3])
         for j, o in enumerate(operands):
             val = o.meta.get("val") if isinstance(o, fx.Node) else None
             if not isinstance(val, torch.Tensor) or val.ndim < 2 or _fixed_layout(o):
                 continue
             p = pins.get(o)
-            if p is None and o.target is CLONE and all(u.target is COND for u in o.users):
+            if p is None and o.target is CLONE and all(is_cond(u) for u in o.users):
                 o.target, o.kwargs = PIN, {}  # guard_blocks' contiguous copy: make it the pin itself
                 pins[o] = p = o
             if p is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from fx_fastcache.graph_protocol import strip_identity
 from fx_fastcache.markers import MARK
 
 from .context import PassContext, finish
@@ -14,9 +15,7 @@ from .context import PassContext, finish
 
 def strip_markers(gm: fx.GraphModule, ctx: PassContext) -> None:
     def real(n: fx.Node) -> fx.Node:
-        while n.op == "call_function" and n.target is MARK:
-            n = n.args[0]
-        return n
+        return strip_identity(n, MARK)
 
     if ctx.timestep is not None:
         ctx.timestep = real(ctx.timestep)

@@ -11,8 +11,9 @@ from conftest import FAMILIES
 
 import fx_fastcache as fastcache
 from fx_fastcache.api import _blocks
-from fx_fastcache.decision_split import COND, is_decide, split_at_decisions
-from fx_fastcache.fallbacks.base import shift
+from fx_fastcache.decision_split import split_at_decisions
+from fx_fastcache.graph_protocol import COND, is_decide
+from fx_fastcache.runtime.state_ops import shift
 from fx_fastcache.step_dispatch import StepDispatch, specialise
 from fx_fastcache.tiny_pipelines import make_tiny_pipeline
 from fx_fastcache.zoo import make_tiny

@@ -1,5 +1,6 @@
 """Fallback registry: name → class.  Add a variant by adding a file and one entry here."""
-from .base import CalibrationStore, Fallback, StreamInfo
+from ..runtime.store import CalibrationStore
+from .base import Fallback, StreamInfo
 from .forecast import ForecastFallback
 from .linear import LinearFallback
 from .residual import ResidualFallback

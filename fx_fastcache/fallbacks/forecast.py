@@ -3,19 +3,19 @@
 ``y = x + R(t_c) + (t − t_c) · (R(t_c) − R(t_p)) / (t_c − t_p)`` from the block's last two
 full computations at timesteps ``t_c`` and ``t_p``.  With a single computation so far it is
 plain residual reuse.  Measured with the step-level forecast policy: 4–6 dB above reuse at
-60 % replaced on the trained DiTs (`shared/notes/fidelity-baselines.md`).
+60 % replaced on the trained DiTs (docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
 import torch
 
-from .base import CalibrationStore, Fallback, StreamInfo, as_count, assign, assign_residual, shift
+from ..runtime.state_ops import assign, assign_residual, forecast_slope, shift
+from ..runtime.store import CalibrationStore
+from .base import Fallback, StreamInfo
 
 
 def forecast_approx(x, t, r_c, r_p, t_c, t_p, n):
-    valid = (n >= 2) & (t_c != t_p)
-    denom = torch.where(valid, t_c - t_p, torch.ones_like(t_c))
-    slope = torch.where(valid, (t - t_c) / denom, torch.zeros_like(t_c)).to(r_c.dtype)
+    slope = forecast_slope(t, t_c, t_p, n >= 2).to(r_c.dtype)
     return x + r_c + slope * (r_c - r_p)
 
 
@@ -33,15 +33,14 @@ class ForecastFallback(Fallback):
     def state_names(self, k: int) -> list[str]:
         return [f"r_c{k}", f"r_p{k}", "t_c", "t_p", "n"]
 
-    def update(self, computed, new_gen, t, ins, outs) -> None:
-        for k, (x, y) in enumerate(zip(ins, outs)):
-            r_c, r_p = getattr(self, f"r_c{k}"), getattr(self, f"r_p{k}")
-            shift(r_p, computed, r_c)
-            assign_residual(r_c, computed, y, x)
+    def update_stream(self, k, computed, t, x, y) -> None:
+        r_c, r_p = getattr(self, f"r_c{k}"), getattr(self, f"r_p{k}")
+        shift(r_p, computed, r_c)
+        assign_residual(r_c, computed, y, x)
+
+    def update_shared(self, computed, t) -> None:
         shift(self.t_p, computed, self.t_c)
         assign(self.t_c, computed, t)
-        n = torch.where(new_gen, torch.zeros_like(self.n), self.n)
-        self.n.copy_(n + as_count(computed, n.dtype))
 
     def reset(self) -> None:
         super().reset()

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import CalibrationStore, Fallback, StreamInfo, assign_residual
+from ..runtime.state_ops import assign_residual
+from ..runtime.store import CalibrationStore
+from .base import Fallback, StreamInfo
 
 
 def residual_approx(x: torch.Tensor, t: torch.Tensor, r_c: torch.Tensor) -> torch.Tensor:

@@ -12,22 +12,56 @@ on ``pred``.  ``signal`` is what the policy looks at:
   the hidden states, e.g. ``attn1.to_q``), which sees the timestep through adaLN;
 * ``"residual0"``: block 0's residual (output − input), available after block 0 ran;
 * ``None``: nothing (precomputed schedules).
+
+A policy also declares what it can do (class attributes below), so that no code outside
+``policies/`` tests a policy by name: step dispatch, export and the benchmark read these.
+Adding a policy is one file here plus one line in ``policies/__init__.py``.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from ..calibration import Calibrator
+
 
 class Policy:
     name: str = ""
-    scope: str = "block"  # "block" | "step"
+    #: ``"step"``: one decision per step for every block after the anchor; ``"block"``: per block.
+    scope: str = "block"
     signal: str | None = "probe"
     #: Where a step policy decides: "before_block0" or "after_block0".
     anchor: str = "before_block0"
+    #: Decisions come from a table known before the step (``fastcache.set_schedule``): step dispatch
+    #: reads them on the host without a sync.
+    host_decidable: bool = False
+    #: Decisions can be fed to an exported (stateless) graph as its ``skip`` input (ONNX/TensorRT).
+    exportable: bool = False
+    #: Calibration fits what the decisions depend on (uncalibrated: a default scale).
+    needs_calibration: bool = False
 
     def __init__(self, config) -> None:
         self.config = config
+
+    @classmethod
+    def decides_per_step(cls) -> bool:
+        """One decision per step, readable before the blocks run (step dispatch can use it)."""
+        return cls.scope == "step" or cls.host_decidable
+
+    @staticmethod
+    def install_table(store, blocks: list[str], table: torch.Tensor, device: torch.device) -> None:
+        """Install a ``steps × blocks`` decision table (``host_decidable`` policies only)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def read_table(store, blocks: list[str]) -> torch.Tensor | None:
+        """The installed decision table, or ``None`` (``host_decidable`` policies only)."""
+        raise NotImplementedError
+
+    @classmethod
+    def calibrator(cls, config) -> Calibrator | None:
+        """What calibration records and fits for this policy (``None``: nothing)."""
+        return None
 
     def make_step_decider(self, signal_shape: tuple[int, ...], device, dtype, store) -> nn.Module | None:
         return None

@@ -17,11 +17,48 @@ Uncalibrated: ``s_l = 1, ν = N·D`` (the paper's test).
 """
 from __future__ import annotations
 
+from collections import defaultdict
+
+import numpy as np
 import torch
 from scipy.stats import chi2
 
-from ..fallbacks.base import assign
+from ..calibration import Calibrator, Observation, store_put
+from ..runtime.state_ops import assign
 from .base import Decider, Policy, per_sample_norm
+
+
+def store_keys(block: str) -> tuple[str, str]:
+    """The calibration store keys of a block's ``(scale, dof)``."""
+    return f"{block}.chi2.scale", f"{block}.chi2.dof"
+
+
+class Chi2Calibrator(Calibrator):
+    """Per block: the typical step-to-step relative change of the probe, normalised to mean 1 over
+    blocks (``scale``), and the effective χ² degrees of freedom ``ν = 2E[δ²]²/Var[δ²]``."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, list[float]] = defaultdict(list)
+
+    def observe(self, obs: Observation) -> None:
+        decider = obs.guard.decider
+        if decider is not None and hasattr(decider, "last_stat") and not obs.new_gen:
+            self.stats[obs.block].extend(decider.last_stat.detach().float().cpu().tolist())
+
+    def fit(self, store, dtype, config) -> dict[str, float]:
+        typical = {b: float(np.median(v)) for b, v in self.stats.items() if v}
+        mean_typical = float(np.mean(list(typical.values()))) if typical else 1.0
+        for block, values in self.stats.items():
+            if not values:
+                continue
+            d2 = np.square(np.asarray(values, dtype=np.float64))
+            var = float(d2.var())
+            nu = 2.0 * float(d2.mean()) ** 2 / var if var > 0 else 1e6
+            nu = float(np.clip(nu, 1.0, 1e6))
+            scale_key, dof_key = store_keys(block)
+            store_put(store, scale_key, torch.tensor(typical[block] / max(mean_typical, 1e-12)))
+            store_put(store, dof_key, torch.tensor(nu))
+        return {"chi2.blocks": float(len(typical))}
 
 
 class Chi2Decider(Decider):
@@ -32,8 +69,9 @@ class Chi2Decider(Decider):
             nd *= int(s)
         self.register_buffer("u_ref", torch.zeros(signal_shape, dtype=dtype, device=device))
         self.register_buffer("last_stat", torch.zeros(signal_shape[0], device=device))
-        self.register_buffer("scale", store.get(f"{block}.chi2.scale", (), lambda: torch.tensor(1.0, device=device)))
-        self.register_buffer("dof", store.get(f"{block}.chi2.dof", (), lambda: torch.tensor(float(nd), device=device)))
+        scale_key, dof_key = store_keys(block)
+        self.register_buffer("scale", store.get(scale_key, (), lambda: torch.tensor(1.0, device=device)))
+        self.register_buffer("dof", store.get(dof_key, (), lambda: torch.tensor(float(nd), device=device)))
         self.register_buffer("tau", torch.tensor(1.0, device=device))
         self._persistent_state = ("scale", "dof", "tau")
         self.refresh(alpha)
@@ -55,6 +93,11 @@ class Chi2Policy(Policy):
     name = "chi2"
     scope = "block"
     signal = "probe"
+    needs_calibration = True
+
+    @classmethod
+    def calibrator(cls, config) -> Chi2Calibrator:
+        return Chi2Calibrator()
 
     def make_block_decider(self, index, block, signal_shape, device, dtype, store):
         return Chi2Decider(block, signal_shape, device, dtype, store, self.config.significance_level)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..fallbacks.base import assign
+from ..runtime.state_ops import assign
 from .base import Decider, Policy
 
 

@@ -13,10 +13,41 @@ from .base import Decider, Policy
 MAX_STEPS = 1024
 
 
+def store_key(block: str) -> str:
+    """The calibration store key of a block's schedule column (``MAX_STEPS`` bools)."""
+    return f"{block}.schedule"
+
+
+def install_table(store, blocks: list[str], table: torch.Tensor, device: torch.device) -> None:
+    """Write a ``steps × blocks`` bool table into ``store`` (in place: captured graphs read the same tensors)."""
+    table = torch.as_tensor(table, dtype=torch.bool)
+    if table.ndim != 2 or table.shape[1] != len(blocks) or table.shape[0] > MAX_STEPS:
+        raise ValueError(f"schedule table has shape {tuple(table.shape)}; expected (steps<= {MAX_STEPS}, "
+                         f"{len(blocks)} blocks)")
+    for j, name in enumerate(blocks):
+        col = torch.zeros(MAX_STEPS, dtype=torch.bool, device=device)
+        col[: table.shape[0]] = table[:, j].to(device)
+        cur = store.tensors.get(store_key(name))
+        if cur is None:
+            store.tensors[store_key(name)] = col
+        else:
+            cur.copy_(col)
+
+
+def read_table(store, blocks: list[str]) -> torch.Tensor | None:
+    """The installed table, trimmed after its last skipping step (``None``: none installed)."""
+    cols = [store.tensors.get(store_key(name)) for name in blocks]
+    if any(c is None for c in cols):
+        return None
+    table = torch.stack([c.detach().cpu() for c in cols], dim=1)
+    nz = table.any(dim=1).nonzero()
+    return table[: int(nz.max()) + 1] if len(nz) else table[:1]
+
+
 class ScheduleDecider(Decider):
     def __init__(self, block: str, device, store) -> None:
         super().__init__()
-        self.register_buffer("column", store.get(f"{block}.schedule", (MAX_STEPS,),
+        self.register_buffer("column", store.get(store_key(block), (MAX_STEPS,),
                                                  lambda: torch.zeros(MAX_STEPS, dtype=torch.bool, device=device)))
         self._persistent_state = ("column",)
 
@@ -31,6 +62,16 @@ class SchedulePolicy(Policy):
     name = "schedule"
     scope = "block"
     signal = None
+    host_decidable = True
+    exportable = True
+
+    @staticmethod
+    def install_table(store, blocks, table, device) -> None:
+        install_table(store, blocks, table, device)
+
+    @staticmethod
+    def read_table(store, blocks):
+        return read_table(store, blocks)
 
     def make_block_decider(self, index, block, signal_shape, device, dtype, store):
         return ScheduleDecider(block, device, store)

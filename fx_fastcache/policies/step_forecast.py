@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..fallbacks.base import assign, shift
+from ..runtime.state_ops import assign, forecast_slope, shift
 from .base import Decider, Policy, per_sample_norm
 
 
@@ -30,8 +30,7 @@ class StepForecastDecider(Decider):
     def forward(self, step, new_gen, ok, threshold, t, u):
         n = self.computed_count(new_gen)
         valid = (n >= 2) & (self.t_c != self.t_p)
-        denom = torch.where(valid, self.t_c - self.t_p, torch.ones_like(self.t_c))
-        slope = torch.where(valid, (t - self.t_c) / denom, torch.zeros_like(t)).to(u.dtype)
+        slope = forecast_slope(t, self.t_c, self.t_p, valid).to(u.dtype)
         u_hat = self.u_c + slope * (self.u_c - self.u_p)
         d = per_sample_norm(u - u_hat) / per_sample_norm(u).clamp_min(1e-12)
         self.last_stat.copy_(d)

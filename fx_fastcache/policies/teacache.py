@@ -8,11 +8,43 @@ the accumulator resets.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from ..calibration import Calibrator, Observation, store_put
 from .base import Decider, Policy, per_sample_mean_abs
 
 POLY_DEGREE = 4
+#: The calibration store key of the rescaling polynomial (highest power first).
+COEFFS_KEY = "teacache.coeffs"
+
+
+class TeaCacheCalibrator(Calibrator):
+    """Pairs (block 0's relative input change, the relative change of the last block's output) of
+    consecutive steps; fits the degree-4 polynomial from the first to the second."""
+
+    def __init__(self) -> None:
+        self.rel_in: list[float] = []
+        self.rel_out: list[float] = []
+        self._prev_out: torch.Tensor | None = None
+
+    def observe(self, obs: Observation) -> None:
+        if obs.step_stat is not None:
+            self.rel_in.append(obs.step_stat)
+        if obs.is_last:
+            y = obs.outs[-1].detach().float()
+            prev = self._prev_out
+            if prev is not None and not obs.new_gen and prev.shape == y.shape:
+                self.rel_out.append(float((y - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)))
+            self._prev_out = y
+
+    def fit(self, store, dtype, config) -> dict[str, float]:
+        n = min(len(self.rel_in), len(self.rel_out))
+        if n < 6:
+            return {}
+        coeffs = np.polyfit(np.asarray(self.rel_in[:n]), np.asarray(self.rel_out[:n]), POLY_DEGREE)
+        store_put(store, COEFFS_KEY, torch.tensor(coeffs, dtype=torch.float32))
+        return {"teacache.pairs": float(n)}
 
 
 class TeaCacheDecider(Decider):
@@ -24,7 +56,7 @@ class TeaCacheDecider(Decider):
         self.register_buffer("last_stat", torch.zeros(signal_shape[0], device=device))
         ident = torch.zeros(POLY_DEGREE + 1, device=device)
         ident[-2] = 1.0  # highest power first: p(x) = x
-        self.register_buffer("coeffs", store.get("teacache.coeffs", (POLY_DEGREE + 1,), lambda: ident))
+        self.register_buffer("coeffs", store.get(COEFFS_KEY, (POLY_DEGREE + 1,), lambda: ident))
         self._persistent_state = ("coeffs",)
 
     def forward(self, step, new_gen, ok, threshold, t, u):
@@ -48,6 +80,11 @@ class TeaCachePolicy(Policy):
     name = "teacache"
     scope = "step"
     signal = "probe"
+    needs_calibration = True
+
+    @classmethod
+    def calibrator(cls, config) -> TeaCacheCalibrator:
+        return TeaCacheCalibrator()
 
     def make_step_decider(self, signal_shape, device, dtype, store):
         return TeaCacheDecider(signal_shape, device, dtype, store)

@@ -2,13 +2,16 @@
 
 Why it exists: every decision depends on *where in the generation* a call is.  The clock turns
 the model's timestep input into a step counter that resets by itself when a new generation
-starts (the timestep goes back up), and it holds the run-time knobs (threshold, warm-up,
+starts (:mod:`fx_fastcache.runtime.generation` holds the rule), and it holds the run-time knobs (threshold, warm-up,
 enable, force-compute) as tensors so that changing them never recompiles.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
+from ..graph_protocol import Tick
+from .generation import starts_generation
 
 
 class Clock(nn.Module):
@@ -26,7 +29,7 @@ class Clock(nn.Module):
         self.register_buffer("max_skip", torch.tensor(float(max_skip_steps)))
 
     def forward(self, t: torch.Tensor | None):
-        """Returns ``(step, new_gen, ok, threshold, t_eff, max_skip)`` as 0-d tensors.
+        """Returns a :class:`~fx_fastcache.graph_protocol.Tick` of 0-d tensors.
 
         ``ok`` is the step-level permission to approximate (enabled, not forced, past warm-up);
         ``t_eff`` is the scalar timestep (the negated call count for models without one).
@@ -36,13 +39,13 @@ class Clock(nn.Module):
         else:
             # a fresh tensor, not a view of the input: cond operands must not alias each other
             t_eff = t.reshape(-1)[0].to(torch.float32) * 1.0
-        new_gen = (t_eff > self.t_last) | (self.step < 0)
+        new_gen = starts_generation(t_eff, self.t_last, self.step)
         step = torch.where(new_gen, torch.zeros_like(self.step), self.step + 1)
         self.step.copy_(step)
         self.t_last.copy_(t_eff)
         self.calls.add_(1.0)
         ok = (self.enabled > 0) & (self.force <= 0) & (step >= self.warmup)
-        return step, new_gen, ok, self.threshold * 1.0, t_eff, self.max_skip * 1.0
+        return Tick(step, new_gen, ok, self.threshold * 1.0, t_eff, self.max_skip * 1.0)
 
     def reset(self) -> None:
         self.t_last.fill_(float("-inf"))

@@ -1,8 +1,8 @@
 """Per-block guard: turns the policy's verdict into the ``torch.cond`` predicate and keeps the
 fallback's state and the statistics up to date after the block ran (or was approximated).
 
-Called twice per block from the graph: ``guard("decide", ...)`` before the ``cond`` and
-``guard("update", ...)`` after it.  One module per block keeps the graph readable in the
+Called twice per block from the graph: ``guard("decide", *DecideArgs)`` before the ``cond`` and
+``guard("update", *UpdateArgs)`` after it (built and read only by :mod:`fx_fastcache.graph_protocol`).  One module per block keeps the graph readable in the
 diff tool (``fastcache_guard_3``) and keeps every buffer owned by exactly one module.
 """
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..fallbacks.base import as_count, keep_or, negate
+from ..graph_protocol import DECIDE, UPDATE
+from .state_ops import as_count, keep_or, negate
 
 
 class BlockGuard(nn.Module):
@@ -33,11 +34,11 @@ class BlockGuard(nn.Module):
         self._recorder: Any = None
 
     def forward(self, op: str, *args: Any):
-        if op == "decide":
+        if op == DECIDE:
             return self.decide(*args)
-        if op == "update":
+        if op == UPDATE:
             return self.update(*args)
-        raise ValueError(f"BlockGuard op {op!r}; expected 'decide' or 'update'")
+        raise ValueError(f"BlockGuard op {op!r}; expected {DECIDE!r} or {UPDATE!r}")
 
     def decide(self, step, new_gen, ok, threshold, t, max_skip, signal, step_pred):
         n = torch.where(new_gen, torch.zeros_like(self.fallback.n), self.fallback.n)
@@ -63,7 +64,7 @@ class BlockGuard(nn.Module):
         self.skipped.add_(as_count(pred, self.skipped.dtype))
         self.evaluations.add_(1.0)
         if self._recorder is not None:
-            self._recorder.record(self, t, ins, outs)
+            self._recorder.record(self, new_gen, t, ins, outs)
         return pred
 
     def reset(self) -> None:

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..fallbacks.base import assign, assign_residual
+from ..graph_protocol import SELECT, UPDATE
+from .state_ops import assign, assign_residual
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +94,11 @@ class TokenRouter(nn.Module):
         self.register_buffer("routed_calls", torch.tensor(0.0, device=device))
 
     def forward(self, op: str, *args: Any):
-        if op == "select":
+        if op == SELECT:
             return self.select(*args)
-        if op == "update":
+        if op == UPDATE:
             return self.update(*args)
-        raise ValueError(f"TokenRouter op {op!r}; expected 'select' or 'update'")
+        raise ValueError(f"TokenRouter op {op!r}; expected {SELECT!r} or {UPDATE!r}")
 
     def saliency(self, x: torch.Tensor) -> torch.Tensor:
         """``||x_i - x_ref,i||²`` per sample and token, (B, N) in float32."""

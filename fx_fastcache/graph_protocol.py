@@ -1,0 +1,258 @@
+"""The graph protocol: how FastCache's nodes in a rewritten graph are named, built and read.
+
+Why this module exists: the passes write these nodes (``guard_blocks``, ``route_tokens``) and
+several readers take them apart again (step dispatch, the decision split, ONNX export, the graph
+diff).  Writers and readers meet here only: node names are built and parsed by the functions
+below, the guard's and the router's calls are built from and read back into ``NamedTuple``\\ s
+(never by position), and the FX helpers every pass needs (``COND``, metadata, contiguous copies)
+are defined once.  Nothing here imports the rest of the package.
+
+The calls, as they appear in a rewritten graph::
+
+    tick  = fastcache_clock(timestep)                    # Tick(step, new_gen, ok, threshold, t, max_skip)
+    pred  = fastcache_guard_i("decide", *DecideArgs)
+    outs  = cond(pred, fastcache_fallback_i, fastcache_block_i, operands)
+    _     = fastcache_guard_i("update", *UpdateArgs)      # state updates after the cond
+    sel   = fastcache_guard_i.router("select", ...)       # token routing (RouterSelect)
+    _     = fastcache_guard_i.router("update", ...)
+"""
+from __future__ import annotations
+
+import operator
+import re
+from typing import Any, NamedTuple
+
+import torch
+import torch.fx as fx
+
+__all__ = [
+    "COND", "CLONE", "CLOCK", "STEP_DECIDER", "DECIDE", "UPDATE", "SELECT", "Tick", "DecideArgs", "UpdateArgs",
+    "RouterSelect", "guard_name", "block_branch_name", "fallback_branch_name", "compute_branch_name",
+    "pred_placeholder_name", "state_update_name", "router_name", "index_of", "val", "is_tensor", "is_contiguous",
+    "contiguous_copy", "is_cond", "conds", "emit_clock", "emit_decide", "emit_update", "is_decide", "is_update",
+    "decide_args", "update_args", "emit_router_select", "emit_router_update", "find_cond", "find_update",
+    "tick_field", "guard_of_cond", "strip_identity",
+]
+
+COND = torch.ops.higher_order.cond
+CLONE = torch.ops.aten.clone.default
+
+# -- names ---------------------------------------------------------------------------------
+CLOCK = "fastcache_clock"
+STEP_DECIDER = "fastcache_step"
+_GUARD, _BLOCK, _FALLBACK, _COMPUTE, _PRED, _STATE = (
+    "fastcache_guard_", "fastcache_block_", "fastcache_fallback_", "fastcache_compute_", "fastcache_pred_",
+    "fastcache_state_update_")
+_INDEXED = re.compile(r"^fastcache_(guard|block|fallback|compute|pred|state_update)_(\d+)$")
+
+
+def guard_name(i: int) -> str:
+    return f"{_GUARD}{i}"
+
+
+def block_branch_name(i: int) -> str:
+    return f"{_BLOCK}{i}"
+
+
+def fallback_branch_name(i: int) -> str:
+    return f"{_FALLBACK}{i}"
+
+
+def compute_branch_name(i: int) -> str:
+    return f"{_COMPUTE}{i}"
+
+
+def pred_placeholder_name(i: int) -> str:
+    return f"{_PRED}{i}"
+
+
+def state_update_name(i: int) -> str:
+    return f"{_STATE}{i}"
+
+
+def router_name(guard: str) -> str:
+    return f"{guard}.router"
+
+
+def index_of(name: Any) -> int | None:
+    """The block index of any indexed FastCache name (``fastcache_guard_3`` → 3), else ``None``."""
+    m = _INDEXED.match(str(name))
+    return int(m.group(2)) if m else None
+
+
+# -- FX helpers ------------------------------------------------------------------------------
+def val(n: Any) -> Any:
+    """The example value (``meta["val"]``) of a node, ``None`` for non-nodes."""
+    return n.meta.get("val") if isinstance(n, fx.Node) else None
+
+
+def is_tensor(n: Any) -> bool:
+    return isinstance(val(n), torch.Tensor)
+
+
+def is_contiguous(n: fx.Node) -> bool:
+    v = val(n)
+    return isinstance(v, torch.Tensor) and v.is_contiguous()
+
+
+def contiguous_copy(g: fx.Graph, n: fx.Node) -> fx.Node:
+    """``clone(n, memory_format=contiguous)`` with its metadata (later passes read operand shapes)."""
+    c = g.call_function(CLONE, (n,), {"memory_format": torch.contiguous_format})
+    v = val(n)
+    if isinstance(v, torch.Tensor):
+        c.meta["val"] = v.contiguous()
+    return c
+
+
+def is_cond(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target is COND
+
+
+def conds(graph: fx.Graph) -> list[fx.Node]:
+    return [n for n in graph.nodes if is_cond(n)]
+
+
+def strip_identity(n: fx.Node, op: Any) -> fx.Node:
+    """Follow ``n`` back through chained calls of the identity op ``op`` (capture markers)."""
+    while n.op == "call_function" and n.target is op:
+        n = n.args[0]
+    return n
+
+
+# -- the clock -------------------------------------------------------------------------------
+class Tick(NamedTuple):
+    """What the clock returns at the top of every graph (all 0-d tensors)."""
+
+    step: Any
+    new_gen: Any
+    ok: Any
+    threshold: Any
+    t: Any
+    max_skip: Any
+
+
+def emit_clock(g: fx.Graph, timestep: fx.Node | None) -> Tick:
+    """Insert the clock call at the current insertion point; returns its outputs as ``getitem`` nodes."""
+    tick = g.call_module(CLOCK, (timestep,))
+    return Tick(*(g.call_function(operator.getitem, (tick, i)) for i in range(len(Tick._fields))))
+
+
+def tick_field(node: fx.Node) -> str | None:
+    """For a ``getitem`` of the clock's output, the :class:`Tick` field it reads."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        src = node.args[0]
+        if isinstance(src, fx.Node) and src.op == "call_module" and src.target == CLOCK:
+            return Tick._fields[node.args[1]]
+    return None
+
+
+# -- the guard -------------------------------------------------------------------------------
+DECIDE = "decide"
+UPDATE = "update"
+SELECT = "select"
+
+
+class DecideArgs(NamedTuple):
+    """The guard's ``decide`` inputs: the clock's outputs, the per-block signal (the block's probe for
+    per-block policies, else ``None``) and the step decider's verdict (``None``: no step policy yet)."""
+
+    step: Any
+    new_gen: Any
+    ok: Any
+    threshold: Any
+    t: Any
+    max_skip: Any
+    signal: Any
+    step_pred: Any
+
+
+class UpdateArgs(NamedTuple):
+    """The guard's ``update`` inputs: the cond's predicate (or a plain bool in a specialised copy),
+    the generation flag, the timestep and each stream's input and output."""
+
+    pred: Any
+    new_gen: Any
+    t: Any
+    ins: tuple
+    outs: tuple
+
+
+def emit_decide(g: fx.Graph, guard: str, args: DecideArgs) -> fx.Node:
+    return g.call_module(guard, (DECIDE, *args))
+
+
+def emit_update(g: fx.Graph, guard: str, args: UpdateArgs) -> fx.Node:
+    return g.call_module(guard, (UPDATE, args.pred, args.new_gen, args.t, len(args.ins), *args.ins, *args.outs))
+
+
+def _is_call(n: fx.Node, op: str, guard: str | None) -> bool:
+    if n.op != "call_module" or not n.args or n.args[0] != op:
+        return False
+    target = str(n.target)
+    return target == guard if guard is not None else index_of(target) is not None and target.startswith(_GUARD)
+
+
+def is_decide(n: fx.Node, guard: str | None = None) -> bool:
+    """A guard's ``decide`` call (of ``guard`` if given)."""
+    return _is_call(n, DECIDE, guard)
+
+
+def is_update(n: fx.Node, guard: str | None = None) -> bool:
+    """A guard's ``update`` call (of ``guard`` if given; routers' updates are not guard updates)."""
+    return _is_call(n, UPDATE, guard)
+
+
+def decide_args(n: fx.Node) -> DecideArgs:
+    if not is_decide(n):
+        raise RuntimeError(f"{n.name} is not a guard decision")
+    return DecideArgs(*n.args[1:])
+
+
+def update_args(n: fx.Node) -> UpdateArgs:
+    if not is_update(n):
+        raise RuntimeError(f"{n.name} is not a guard update")
+    pred, new_gen, t, n_streams, *rest = n.args[1:]
+    return UpdateArgs(pred, new_gen, t, tuple(rest[:n_streams]), tuple(rest[n_streams:]))
+
+
+def find_cond(graph: fx.Graph, guard: str) -> fx.Node:
+    """The ``cond`` whose predicate is ``guard``'s decision."""
+    for n in conds(graph):
+        p = n.args[0]
+        if isinstance(p, fx.Node) and is_decide(p, guard):
+            return n
+    raise RuntimeError(f"no torch.cond guarded by {guard}; run guard_blocks first")
+
+
+def find_update(graph: fx.Graph, guard: str) -> fx.Node:
+    for n in graph.nodes:
+        if is_update(n, guard):
+            return n
+    raise RuntimeError(f"no update call of {guard}")
+
+
+def guard_of_cond(cond: fx.Node) -> str:
+    """The guard module name of a ``cond`` (from its cheap branch's name)."""
+    i = index_of(getattr(cond.args[1], "target", ""))
+    if i is None:
+        raise RuntimeError(f"{cond.name} is not a FastCache guarded block")
+    return guard_name(i)
+
+
+# -- the token router ------------------------------------------------------------------------
+class RouterSelect(NamedTuple):
+    """The router's ``select`` outputs: route this step, and the routed token indices (B, k)."""
+
+    active: Any
+    idx: Any
+
+
+def emit_router_select(g: fx.Graph, guard: str, step: Any, new_gen: Any, force: Any, warmup: Any,
+                       x: Any) -> RouterSelect:
+    sel = g.call_module(router_name(guard), (SELECT, step, new_gen, force, warmup, x))
+    return RouterSelect(*(g.call_function(operator.getitem, (sel, i)) for i in range(len(RouterSelect._fields))))
+
+
+def emit_router_update(g: fx.Graph, guard: str, pred: Any, new_gen: Any, active: Any, idx: Any, x: Any,
+                       y: Any) -> fx.Node:
+    return g.call_module(router_name(guard), (UPDATE, pred, new_gen, active, idx, x, y))
