@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .runtime.store import CalibrationStore
 
@@ -201,8 +203,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def write_calibration_file(store: CalibrationStore, path: str | Path, model: torch.nn.Module, config: Any) -> None:
-    from safetensors.torch import save_file
-
     if not store.calibrated:
         raise RuntimeError("nothing to save: run `with fastcache.calibrate(model): ...` first")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in store.tensors.items()}
@@ -213,8 +213,6 @@ def write_calibration_file(store: CalibrationStore, path: str | Path, model: tor
 
 def read_calibration_file(path: str | Path, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(saved config dict, tensors)`` of a calibration file fitted on ``model``; every error names the file."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"calibration file {str(path)!r} does not exist")

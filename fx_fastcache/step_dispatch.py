@@ -186,6 +186,11 @@ class StepDispatch(nn.Module):
             return list(dict.fromkeys(self._table))
         return list(dict.fromkeys(self.history))
 
+    @property
+    def compiled_patterns(self) -> list[tuple[bool, ...]]:
+        """The skip patterns that have a compiled copy (built on first use or by :meth:`warmup`)."""
+        return list(dict.fromkeys(pattern for _, pattern in self._variants))
+
     def reset(self) -> None:
         """Start a new generation (host step counter and the in-graph state)."""
         self.reset_host()

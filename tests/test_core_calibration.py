@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import fx_fastcache as fastcache
+from fx_fastcache.fallbacks.linear import store_keys as linear_keys
+from fx_fastcache.policies.chi2 import store_keys as chi2_keys
 from fx_fastcache.zoo import make_tiny
 
 from conftest import first
@@ -63,7 +65,7 @@ def test_fitted_linear_correction_reduces_fallback_error():
 def test_paper_linear_map_is_fitted():
     tm = make_tiny("tiny-custom")
     opt = _calibrated("linear", tm)
-    w = [v for k, v in opt.store.tensors.items() if k.endswith(".linear.W")]
+    w = [opt.store.tensors[linear_keys(b, opt.spec.stream_arg)[0]] for b in opt.block_names()]
     assert len(w) == 3 and not torch.allclose(w[0], torch.eye(w[0].shape[0]))
 
 
@@ -106,8 +108,8 @@ def test_chi2_calibration_sets_per_block_scales_and_dof():
         with torch.no_grad():
             for t in TS:
                 opt(**_drift_inputs(tm, t))
-    scales = [float(v) for k, v in opt.store.tensors.items() if k.endswith("chi2.scale")]
-    dofs = [float(v) for k, v in opt.store.tensors.items() if k.endswith("chi2.dof")]
+    scales = [float(opt.store.tensors[chi2_keys(b)[0]]) for b in opt.block_names()]
+    dofs = [float(opt.store.tensors[chi2_keys(b)[1]]) for b in opt.block_names()]
     assert len(scales) == 3 and abs(sum(scales) / 3 - 1.0) < 1e-5 and len(set(scales)) == 3
     assert all(1.0 <= d < 10 * 16 for d in dofs)  # far below N·D: tokens are correlated
     taus = [float(g.decider.tau) for g in opt.entries()[0].guards]

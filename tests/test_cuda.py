@@ -9,7 +9,6 @@ import torch
 import torch._dynamo.utils as dynamo_utils
 
 import fx_fastcache as fastcache
-from fx_fastcache.api import _blocks
 from fx_fastcache.step_dispatch import StepDispatch
 from fx_fastcache.zoo import make_tiny
 
@@ -34,7 +33,7 @@ def test_dispatch_replays_cuda_graphs_and_matches_in_graph(policy: str, fallback
     ref, opt = (fastcache.optimize(tm.model, backend="eager", policy=policy, fallback=fallback,
                                    cache_ratio_threshold=thr) for _ in range(2))
     if policy == "schedule":
-        table = torch.zeros(len(STEPS), len(_blocks(ref)), dtype=torch.bool)
+        table = torch.zeros(len(STEPS), len(ref.block_names()), dtype=torch.bool)
         table[2:, ::2] = True
         for m in (ref, opt):
             fastcache.set_schedule(m, table)

@@ -10,7 +10,6 @@ import torch.fx as fx
 from conftest import FAMILIES
 
 import fx_fastcache as fastcache
-from fx_fastcache.api import _blocks
 from fx_fastcache.decision_split import split_at_decisions
 from fx_fastcache.graph_protocol import COND, is_decide
 from fx_fastcache.runtime.state_ops import shift
@@ -28,7 +27,7 @@ def _pair(tm, policy: str, fallback: str = "residual", **kw):
     cfg = dict(policy=policy, fallback=fallback, cache_ratio_threshold=THRESHOLD.get(policy, 0.1), **kw)
     ref, opt = (fastcache.optimize(tm.model, backend="eager", **cfg) for _ in range(2))
     if policy == "schedule":
-        n = len(_blocks(ref))
+        n = len(ref.block_names())
         table = torch.zeros(len(STEPS), n, dtype=torch.bool)
         table[2::2, ::2] = True
         table[3::2] = True
@@ -202,13 +201,13 @@ def test_device_warmup_builds_the_patterns_used_later(policy: str) -> None:
     ref, opt = _pair(tm, policy)
     disp = StepDispatch(opt, compile_mode="eager")
     disp.warmup(**tm.make_inputs(STEPS[0], 2))
-    built = set(disp._variants)
+    built = set(disp.compiled_patterns)
     assert len(built) == 2 and _approximated(opt) == 0  # warm-up leaves no state behind
     with torch.no_grad():
         for t in STEPS:
             torch.testing.assert_close(disp(**tm.make_inputs(t, 2))[0], ref(**tm.make_inputs(t, 2))[0],
                                        rtol=0, atol=0)
-    assert set(disp._variants) == built  # nothing new was specialised after the warm-up
+    assert set(disp.compiled_patterns) == built  # nothing new was specialised after the warm-up
     assert len(disp.patterns) == 2
 
 
