@@ -9,7 +9,7 @@ are defined once.  Nothing here imports the rest of the package.
 
 The calls, as they appear in a rewritten graph::
 
-    tick  = fastcache_clock(timestep)                    # Tick(step, new_gen, ok, threshold, t, max_skip)
+    tick  = fastcache_clock(timestep, latents)           # Tick(step, new_gen, ok, threshold, t, max_skip)
     pred  = fastcache_guard_i("decide", *DecideArgs)
     outs  = cond(pred, fastcache_fallback_i, fastcache_block_i, operands)
     _     = fastcache_guard_i("update", *UpdateArgs)      # state updates after the cond
@@ -131,9 +131,9 @@ class Tick(NamedTuple):
     max_skip: Any
 
 
-def emit_clock(g: fx.Graph, timestep: fx.Node | None) -> Tick:
+def emit_clock(g: fx.Graph, timestep: fx.Node | None, stream: fx.Node | None = None) -> Tick:
     """Insert the clock call at the current insertion point; returns its outputs as ``getitem`` nodes."""
-    tick = g.call_module(CLOCK, (timestep,))
+    tick = g.call_module(CLOCK, (timestep, stream))
     return Tick(*(g.call_function(operator.getitem, (tick, i)) for i in range(len(Tick._fields))))
 
 

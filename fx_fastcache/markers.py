@@ -74,7 +74,7 @@ def _wrap_block(block: nn.Module, index: int, stream_inputs: tuple[str, ...], ou
     return forward
 
 
-def _wrap_model(model: nn.Module, timestep_arg: str | None):
+def _wrap_model(model: nn.Module, timestep_arg: str | None, stream_arg: str | None = None):
     orig = model.forward
     sig = inspect.signature(orig)
 
@@ -84,6 +84,9 @@ def _wrap_model(model: nn.Module, timestep_arg: str | None):
         v = bound.arguments.get(timestep_arg) if timestep_arg else None
         if isinstance(v, torch.Tensor):
             bound.arguments[timestep_arg] = mark(v, "timestep")
+        x = bound.arguments.get(stream_arg) if stream_arg else None
+        if isinstance(x, torch.Tensor) and x.is_floating_point():  # the model's input (latents): the clock
+            bound.arguments[stream_arg] = mark(x, "stream")      # compares it with the previous call's
         return orig(*bound.args, **bound.kwargs)
 
     return forward
@@ -97,7 +100,7 @@ def marked(model: nn.Module, spec: FamilySpec) -> Iterator[None]:
         for index, (_, block, bl) in enumerate(block_modules(model, spec)):
             block.forward = _wrap_block(block, index, bl.stream_inputs, bl.outputs)
             patched.append(block)
-        model.forward = _wrap_model(model, spec.timestep_arg)
+        model.forward = _wrap_model(model, spec.timestep_arg, spec.stream_arg)
         patched.append(model)
         yield
     finally:

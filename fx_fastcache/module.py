@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -30,6 +31,11 @@ from .step_dispatch import COMPILE_MODES, StepDispatch, dispatch_decide_mode
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("inductor", "eager")
+#: torch.export and the pass pipeline touch process-wide state (dynamo, fake tensor modes, the
+#: marker patches of the model): captures run one at a time, whatever module they belong to.
+_CAPTURE_LOCK = threading.RLock()
+#: Calls after which a graph checks once whether every call started a new generation.
+GENERATION_CHECK_CALLS = 4
 
 
 @dataclass
@@ -96,6 +102,9 @@ class FastCacheModule(nn.Module):
         self._recorder: Any = None
         self._force_compute = False
         self._warned_uncalibrated = False
+        self._warned_no_grad = False
+        self._call_lock = threading.RLock()  # one call at a time: the cache state is one generation's
+        self._calls: dict[tuple, int] = {}  # host-side call count per graph (for the one-time generation check)
         self.record_passes = False
         # step dispatch (fx_fastcache.step_dispatch): compile mode, None = in-graph guards; one
         # StepDispatch per state (pipelines: per cache context), a plain dict (not submodules)
@@ -129,9 +138,43 @@ class FastCacheModule(nn.Module):
             self.store.tensors[k] = fn(v)
         return self
 
+    # -- copies, pickling and state dicts: the captured graphs are a cache, not state -----------
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle/deepcopy without the captured graphs (compiled code cannot be copied); the copy
+        re-captures at its first call and starts with empty cache state."""
+        state = dict(self.__dict__)
+        state["_modules"] = {k: (nn.ModuleDict() if k == "graphs" else v) for k, v in self._modules.items()}
+        state["_entries"] = {}
+        state["_dispatchers"] = {}
+        state["_calls"] = {}
+        state["_last_key"] = None
+        state["_recorder"] = None
+        state.pop("_call_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._call_lock = threading.RLock()
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The wrapped model's state dict (same keys as the original model's; no captured graphs or
+        cache state), so it loads into the original model and ``save_pretrained`` works."""
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load into the wrapped model; the captured graphs are dropped (the next call re-captures).
+        Calibration fitted on the old weights no longer matches them: calibrate again."""
+        result = self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+        self.drop_graphs()
+        if self.store.calibrated:
+            logger.warning("fx-fastcache: new weights loaded; the calibration was fitted on the old ones, "
+                           "calibrate again (fastcache.calibrate)")
+        return result
+
     def drop_graphs(self) -> None:
         """Forget every captured graph (the next call re-captures)."""
         self._entries.clear()
+        self.__dict__.get("_calls", {}).clear()
         self.graphs = nn.ModuleDict()
         self._last_key = None
         self.__dict__.get("_dispatchers", {}).clear()
@@ -223,26 +266,64 @@ class FastCacheModule(nn.Module):
         with or without step dispatch.  A shape change inside a generation raises here."""
         kw = self._bind(args, kwargs)
         self._check_inputs(kw)
+        self._check_grad(kw)
         key = self._key(kw)
         self._check_generation(key, kw)
         entry = self._entries.get(key)
         if entry is None:
-            entry = self._capture(key, kw)
+            # inference_mode(False): buffers the capture creates must not be inference tensors, or a
+            # later call outside inference mode could not update them in place
+            with _CAPTURE_LOCK, torch.inference_mode(False):  # a concurrent first call may have captured it
+                entry = self._entries.get(key) or self._capture(key, kw)
         self._last_key = key
+        n = self._calls.get(key, 0) + 1
+        self._calls[key] = n
+        if n == GENERATION_CHECK_CALLS + 1:
+            self._check_generations(entry, n - 1)
         return PreparedCall(kw, entry)
+
+    def _check_generations(self, entry: CapturedGraph, calls: int) -> None:
+        """Once per graph (one host read): warn if every call so far started a new generation, which
+        means nothing is ever approximated."""
+        clock = entry.clock
+        if float(clock.generations) >= calls and float(clock.calls) >= calls:
+            logger.warning(
+                "fx-fastcache: each of the first %d calls started a new generation, so no block can be "
+                "approximated. A generation is a run of calls whose timestep goes down and whose input "
+                "changes by less than its own norm per call (fx_fastcache.runtime.generation). Check that the "
+                "timesteps decrease, are finite, and that classifier-free guidance is one batched call per step "
+                "(or uses diffusers' cache_context per branch).", calls)
+
+    def _check_grad(self, kw: dict[str, Any]) -> None:
+        """The optimized model is inference-only: inputs that require grad are refused; a call with
+        grad mode on (and parameters that require grad) warns once that its output has no gradient."""
+        if not torch.is_grad_enabled():
+            return
+        needs = [k for k, v in pytree.tree_flatten_with_path(kw)[0] if isinstance(v, torch.Tensor) and v.requires_grad]
+        if needs:
+            names = [pytree.keystr(p) for p in needs]
+            raise RuntimeError(f"inputs {names} require grad, but fx-fastcache is inference-only (its graph "
+                               f"skips blocks and updates caches in place): call the original model to train, "
+                               f"or detach the inputs / call under torch.no_grad()")
+        if not self._warned_no_grad and any(p.requires_grad for p in self.model.parameters()):
+            logger.warning("fx-fastcache: called with gradients enabled; the optimized model is inference-only "
+                           "and its outputs carry no gradient (call it under torch.no_grad() or "
+                           "torch.inference_mode() to silence this)")
+            self._warned_no_grad = True
 
     def last_entry(self) -> CapturedGraph | None:
         """The graph that ran the latest call (``None`` before the first call or after a reset)."""
         return self._entries.get(self._last_key) if self._last_key is not None else None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._dispatch_mode is not None:
-            return self._dispatcher(self)(*args, **kwargs)
-        kw, entry = self.prepare_call(args, kwargs)
-        with torch.no_grad():
-            if self._recorder is not None:
-                return entry.gm(**kw)
-            return entry.run(**kw)
+        with self._call_lock:  # calls from several threads run one after another
+            if self._dispatch_mode is not None:
+                return self._dispatcher(self)(*args, **kwargs)
+            kw, entry = self.prepare_call(args, kwargs)
+            with torch.no_grad():
+                if self._recorder is not None:
+                    return entry.gm(**kw)
+                return entry.run(**kw)
 
     # -- capture --------------------------------------------------------------------------
     def capture(self, *args: Any, **kwargs: Any) -> CapturedGraph:
@@ -250,7 +331,8 @@ class FastCacheModule(nn.Module):
         kw = self._bind(args, kwargs)
         self._check_inputs(kw)
         key = self._key(kw)
-        return self._entries.get(key) or self._capture(key, kw)
+        with _CAPTURE_LOCK, torch.inference_mode(False):
+            return self._entries.get(key) or self._capture(key, kw)
 
     def _capture(self, key: tuple, kw: dict[str, Any]) -> CapturedGraph:
         cfg = self.fastcache_config

@@ -36,6 +36,8 @@ class PassContext:
     store: Any  # CalibrationStore
     blocks: list[BlockRegion] = field(default_factory=list)
     timestep: fx.Node | None = None
+    #: The model's stream input (its latents), read by the clock's new-generation rule.
+    stream_input: fx.Node | None = None
     guards: list[str] = field(default_factory=list)
     step_decider: str | None = None
     clock: str | None = None

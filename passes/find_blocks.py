@@ -25,6 +25,7 @@ def find_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
     marks = [n for n in nodes if n.op == "call_function" and n.target is MARK]
     tags = {n.args[1]: n for n in marks}
     ctx.timestep = tags.get("timestep")
+    ctx.stream_input = tags.get("stream")
     ctx.blocks = []
     for index, (path, _, bl) in enumerate(block_modules(ctx.model, ctx.spec)):
         region = [n for n in nodes if n.op == "call_function" and path in stack_paths(n)]

@@ -128,10 +128,14 @@ def guard_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
     first = ctx.blocks[0]
     top = first.hoisted[0] if first.hoisted else first.nodes[0]
 
-    clock = Clock(cfg.cache_ratio_threshold, cfg.warmup_steps, cfg.enable_block_approx, cfg.max_skip_steps)
+    sv = _val(ctx.stream_input) if ctx.stream_input is not None else None
+    clock = Clock(cfg.cache_ratio_threshold, cfg.warmup_steps, cfg.enable_block_approx, cfg.max_skip_steps,
+                  stream_shape=tuple(sv.shape) if isinstance(sv, torch.Tensor) else None,
+                  stream_dtype=sv.dtype if isinstance(sv, torch.Tensor) else None)
     ctx.clock = _register(gm, gp.CLOCK, clock)
     with g.inserting_before(top):
-        step, new_gen, ok, thr, t, max_skip = gp.emit_clock(g, ctx.timestep)
+        step, new_gen, ok, thr, t, max_skip = gp.emit_clock(
+            g, ctx.timestep, ctx.stream_input if clock.watches_input else None)
 
     step_pred = None
     step_decider = None

@@ -19,6 +19,8 @@ def strip_markers(gm: fx.GraphModule, ctx: PassContext) -> None:
 
     if ctx.timestep is not None:
         ctx.timestep = real(ctx.timestep)
+    if ctx.stream_input is not None:
+        ctx.stream_input = real(ctx.stream_input)
     for blk in ctx.blocks:
         blk.stream_inputs = {k: real(v) for k, v in blk.stream_inputs.items()}
         blk.outputs = [(k, name, real(n)) for k, name, n in blk.outputs]

@@ -15,7 +15,8 @@ import torch.fx as fx
 
 import fx_fastcache as fastcache
 from fx_fastcache.pipelines import PipelineFastCache
-from fx_fastcache.step_dispatch import COND, StepDispatch, specialise
+from fx_fastcache.graph_protocol import COND
+from fx_fastcache.step_dispatch import StepDispatch, specialise
 from fx_fastcache.tiny_pipelines import make_tiny_pipeline
 from fx_fastcache.zoo import make_tiny
 

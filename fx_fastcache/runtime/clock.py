@@ -2,8 +2,8 @@
 
 Why it exists: every decision depends on *where in the generation* a call is.  The clock turns
 the model's timestep input into a step counter that resets by itself when a new generation
-starts (:mod:`fx_fastcache.runtime.generation` holds the rule), and it holds the run-time knobs (threshold, warm-up,
-enable, force-compute) as tensors so that changing them never recompiles.
+starts (:mod:`fx_fastcache.runtime.generation` holds the rule), and it holds the run-time knobs
+(threshold, warm-up, enable, force-compute) as tensors so that changing them never recompiles.
 """
 from __future__ import annotations
 
@@ -11,24 +11,30 @@ import torch
 import torch.nn as nn
 
 from ..graph_protocol import Tick
-from .generation import starts_generation
+from .generation import input_jumped, starts_generation
 
 
 class Clock(nn.Module):
     _is_impure = True  # mutates its buffers: never dead-code-eliminated
 
-    def __init__(self, threshold: float, warmup_steps: int, enabled: bool, max_skip_steps: int) -> None:
+    def __init__(self, threshold: float, warmup_steps: int, enabled: bool, max_skip_steps: int,
+                 stream_shape: tuple[int, ...] | None = None, stream_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.register_buffer("t_last", torch.tensor(float("-inf")))
         self.register_buffer("step", torch.tensor(-1.0))
         self.register_buffer("calls", torch.tensor(0.0))
+        self.register_buffer("generations", torch.tensor(0.0))
         self.register_buffer("threshold", torch.tensor(float(threshold)))
         self.register_buffer("warmup", torch.tensor(float(warmup_steps)))
         self.register_buffer("enabled", torch.tensor(1.0 if enabled else 0.0))
         self.register_buffer("force", torch.tensor(0.0))
         self.register_buffer("max_skip", torch.tensor(float(max_skip_steps)))
+        #: The model's input at the previous call (``None``: the model has no floating stream input).
+        self.watches_input = stream_shape is not None
+        if self.watches_input:
+            self.register_buffer("x_last", torch.zeros(stream_shape, dtype=stream_dtype))
 
-    def forward(self, t: torch.Tensor | None):
+    def forward(self, t: torch.Tensor | None, x: torch.Tensor | None = None):
         """Returns a :class:`~fx_fastcache.graph_protocol.Tick` of 0-d tensors.
 
         ``ok`` is the step-level permission to approximate (enabled, not forced, past warm-up);
@@ -40,10 +46,14 @@ class Clock(nn.Module):
             # a fresh tensor, not a view of the input: cond operands must not alias each other
             t_eff = t.reshape(-1)[0].to(torch.float32) * 1.0
         new_gen = starts_generation(t_eff, self.t_last, self.step)
+        if x is not None:
+            new_gen = new_gen | input_jumped(x, self.x_last)
+            self.x_last.copy_(x)
         step = torch.where(new_gen, torch.zeros_like(self.step), self.step + 1)
         self.step.copy_(step)
         self.t_last.copy_(t_eff)
         self.calls.add_(1.0)
+        self.generations.add_(new_gen.to(self.generations.dtype))
         ok = (self.enabled > 0) & (self.force <= 0) & (step >= self.warmup)
         return Tick(step, new_gen, ok, self.threshold * 1.0, t_eff, self.max_skip * 1.0)
 
@@ -51,3 +61,6 @@ class Clock(nn.Module):
         self.t_last.fill_(float("-inf"))
         self.step.fill_(-1.0)
         self.calls.zero_()
+        self.generations.zero_()
+        if self.watches_input:
+            self.x_last.zero_()

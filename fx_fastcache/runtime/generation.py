@@ -1,15 +1,22 @@
 """What starts a new generation: the one rule, in the graph and on the host.
 
-Why it exists: every cached tensor belongs to one generation (one sampling loop).  Samplers walk
-the timestep *down*, so a call starts a new generation when
+Why it exists: every cached tensor belongs to one generation (one sampling loop), and a cache
+carried into the wrong generation gives a silently wrong image.  A call starts a new generation when
 
-1. nothing ran since the state was created or reset (``fastcache.reset``, a pipeline call), or
-2. its timestep is above the previous call's (a new sampling loop started from the top), or
-3. its timestep is not finite (NaN or inf: no forecast in ``t`` can hold across it).
+1. nothing ran since the state was created or reset (``fastcache.reset``, each pipeline call), or
+2. its timestep is above the previous call's (samplers walk the timestep down, so a new loop
+   starts from the top), or
+3. its timestep is not finite (NaN or inf: no forecast in ``t`` can hold across it), or
+4. the model's input jumped: ``‖x − x_prev‖ > INPUT_JUMP · ‖x_prev‖`` over the whole input.  A
+   sampler moves its latents by ``Δσ · v`` per step (≈ 1.3 Δσ of their norm for rectified flow:
+   under 0.7 even for 2-step samplers), while fresh noise against a partly denoised latent
+   differs by more than the latent's own norm (≈ 1.5–1.7×).  This is what catches a generation
+   that was aborted mid-way and followed by one starting at a *lower* timestep (img2img, a
+   shorter schedule), which the timestep alone would take for a continuation.
 
-The clock applies the rule in the graph (:func:`starts_generation`); the ONNX runner and the
-shape-change check of :class:`~fx_fastcache.module.FastCacheModule` apply the same rule to host
-floats (:func:`starts_generation_host`).  Calibration reads the graph's own flag.
+The clock applies the rule in the graph (:func:`starts_generation`, :func:`input_jumped`); the
+ONNX runner and the shape-change check of :class:`~fx_fastcache.module.FastCacheModule` apply
+rules 1–3 to host floats (:func:`starts_generation_host`); calibration reads the graph's flag.
 """
 from __future__ import annotations
 
@@ -17,15 +24,24 @@ import math
 
 import torch
 
+#: Rule 4's bound on the relative change of the model's input between two calls of one generation.
+INPUT_JUMP = 1.0
+
 
 def starts_generation(t: torch.Tensor, t_last: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """In-graph rule: ``t`` is this call's scalar timestep, ``t_last`` the previous call's (−inf after
-    a reset) and ``step`` the previous call's step (< 0 after a reset).  A 0-d bool tensor."""
+    """Rules 1–3 in the graph: ``t`` is this call's scalar timestep, ``t_last`` the previous call's
+    (−inf after a reset) and ``step`` the previous call's step (< 0 after a reset)."""
     return (t > t_last) | (step < 0) | ~torch.isfinite(t)
 
 
+def input_jumped(x: torch.Tensor, x_last: torch.Tensor) -> torch.Tensor:
+    """Rule 4 in the graph: a 0-d bool, ``‖x − x_last‖ > INPUT_JUMP · ‖x_last‖`` (float32 norms)."""
+    xf, lf = x.float(), x_last.float()
+    return (xf - lf).norm() > INPUT_JUMP * lf.norm()
+
+
 def starts_generation_host(t: float | None, t_last: float | None) -> bool:
-    """The same rule on host floats (``t_last`` ``None``: nothing ran since the last reset)."""
+    """Rules 1–3 on host floats (``t_last`` ``None``: nothing ran since the last reset)."""
     if t_last is None:
         return True
     if t is None:

@@ -1,0 +1,169 @@
+"""Bad inputs and faults, one test per class: each gets the right behaviour or an error naming the
+value and the fix, and the model works afterwards (a new generation equals a fresh model's)."""
+from __future__ import annotations
+
+import copy
+import logging
+import pickle
+import threading
+
+import pytest
+import torch
+
+import fx_fastcache as fastcache
+from fx_fastcache.zoo import make_tiny
+
+from conftest import TIMESTEPS, first, run_loop
+
+CFG = dict(backend="eager", cache_ratio_threshold=10.0, fallback="forecast")  # skips whatever it may
+
+
+def _noise(tm, seed: int, t: float) -> dict:
+    kw = tm.make_inputs(t, 2)
+    kw["hidden_states"] = torch.randn(kw["hidden_states"].shape, generator=torch.Generator().manual_seed(seed))
+    return kw
+
+
+def _generation(model, tm, seed: int, timesteps) -> list[torch.Tensor]:
+    """A sampling loop whose latents drift a little per step, as a sampler's do."""
+    outs = []
+    with torch.no_grad():
+        kw = _noise(tm, seed, timesteps[0])
+        for t in timesteps:
+            kw["timestep"] = torch.full_like(kw["timestep"], t)
+            out = first(model(**kw)).clone()
+            kw["hidden_states"] = kw["hidden_states"] - 0.05 * out[:, : kw["hidden_states"].shape[1]]
+            outs.append(out)
+    return outs
+
+
+def _assert_works_like_a_fresh_model(opt, tm) -> None:
+    fastcache.reset(opt)
+    fresh = fastcache.optimize(tm.model, **CFG)
+    for a, b in zip(_generation(opt, tm, 5, TIMESTEPS), _generation(fresh, tm, 5, TIMESTEPS)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# -- new generations ---------------------------------------------------------------------------
+def test_aborted_generation_then_one_at_a_lower_timestep_starts_fresh():
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, **CFG)
+    _generation(opt, tm, 1, [1000.0, 900.0, 800.0, 700.0, 600.0])  # the sampler dies here
+    later = [500.0, 400.0, 300.0, 200.0, 100.0]
+    got = _generation(opt, tm, 2, later)  # a new generation from fresh noise, timestep still going down
+    fresh = fastcache.optimize(tm.model, **CFG)
+    want = _generation(fresh, tm, 2, later)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert fastcache.get_cache_statistics(opt)["blocks_approximated"] > 0  # it still approximates
+
+
+def test_every_call_a_new_generation_warns_once(caplog):
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, **CFG)
+    with caplog.at_level(logging.WARNING, logger="fx_fastcache"):
+        run_loop(opt, tm, [100.0, 200.0, 300.0, 400.0, 500.0, 600.0, 700.0])  # timesteps going up
+    warnings = [r for r in caplog.records if "started a new generation" in r.getMessage()]
+    assert len(warnings) == 1 and "timesteps decrease" in warnings[0].getMessage()
+    assert fastcache.get_cache_statistics(opt)["blocks_approximated"] == 0
+    _assert_works_like_a_fresh_model(opt, tm)
+
+
+def test_nan_timestep_starts_a_new_generation():
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, **CFG)
+    run_loop(opt, tm, TIMESTEPS[:4])
+    with torch.no_grad():
+        opt(**tm.make_inputs(float("nan"), 2))
+    (entry,) = opt.entries()
+    assert float(entry.clock.step) == 0
+    _assert_works_like_a_fresh_model(opt, tm)
+
+
+# -- threads -------------------------------------------------------------------------------------
+def test_concurrent_first_calls_capture_once_and_both_succeed():
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False)
+    kw = tm.make_inputs(1000.0, 2)
+    results, errors = [], []
+    barrier = threading.Barrier(2)
+
+    def call():
+        try:
+            barrier.wait()
+            with torch.no_grad():
+                results.append(first(opt(**kw)))
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    assert not errors, errors
+    assert len(results) == 2 and len(opt.entries()) == 1
+    with torch.no_grad():
+        ref = first(tm.model(**kw))
+    for r in results:
+        torch.testing.assert_close(r, ref, rtol=0, atol=0)
+
+
+# -- copies, pickles, state dicts ---------------------------------------------------------------
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copy_after_capture_works_and_starts_with_empty_cache(how):
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, **CFG)
+    _generation(opt, tm, 1, TIMESTEPS)
+    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    assert twin.entries() == [] and twin.model is not tm.model
+    fresh = fastcache.optimize(copy.deepcopy(tm.model), **CFG)
+    for a, b in zip(_generation(twin, tm, 5, TIMESTEPS), _generation(fresh, tm, 5, TIMESTEPS)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _assert_works_like_a_fresh_model(opt, tm)  # the original is untouched
+
+
+def test_state_dict_loads_strictly_into_the_original_model():
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, **CFG)
+    _generation(opt, tm, 1, TIMESTEPS[:3])
+    sd = opt.state_dict()
+    assert set(sd) == set(tm.model.state_dict())
+    other = make_tiny("tiny-dit", seed=1).model
+    other.load_state_dict(sd, strict=True)
+    opt.load_state_dict(other.state_dict())  # and back: the graphs are dropped and re-captured
+    assert opt.entries() == []
+    _assert_works_like_a_fresh_model(opt, tm)
+
+
+# -- gradients and torch modes --------------------------------------------------------------------
+def test_inputs_that_require_grad_are_refused_by_name():
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, **CFG)
+    kw = tm.make_inputs(1000.0, 2)
+    kw["hidden_states"].requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"hidden_states.*require grad.*torch.no_grad"):
+        opt(**kw)
+    _assert_works_like_a_fresh_model(opt, tm)
+
+
+def test_grad_mode_without_grad_inputs_warns_once(caplog):
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, **CFG)
+    with caplog.at_level(logging.WARNING, logger="fx_fastcache"):
+        outs = [first(opt(**tm.make_inputs(t, 2))) for t in TIMESTEPS[:2]]  # grad mode on
+    assert not any(o.requires_grad for o in outs)
+    assert sum("inference-only" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_first_call_in_inference_mode_then_normal_calls():
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, **CFG)
+    with torch.inference_mode():
+        a = first(opt(**tm.make_inputs(TIMESTEPS[0], 2))).clone()
+    with torch.no_grad():
+        b = [first(opt(**tm.make_inputs(t, 2))) for t in TIMESTEPS[1:]]
+    assert torch.isfinite(a).all() and all(torch.isfinite(x).all() for x in b)
+    with torch.inference_mode():  # and back
+        first(opt(**tm.make_inputs(TIMESTEPS[0], 2)))
+    _assert_works_like_a_fresh_model(opt, tm)
