@@ -109,13 +109,24 @@ def read_metadata(path: str | Path) -> tuple[ExplicitStateSpec, Schedule]:
     """The spec and schedule stored in an ONNX file written by :func:`export_onnx`."""
     import onnx
 
-    m = onnx.load(str(path), load_external_data=False)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"ONNX file {str(path)!r} does not exist; write one with `fx-fastcache export-onnx`")
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises protobuf's DecodeError and others for a damaged file
+        raise ValueError(f"{str(path)!r} is not a readable ONNX file ({type(e).__name__}: {e})") from None
     props = {p.key: p.value for p in m.metadata_props}
-    if SPEC_KEY not in props:
-        raise ValueError(f"{str(path)!r} has no {SPEC_KEY} metadata: it was not written by "
+    missing = [k for k in (SPEC_KEY, SCHEDULE_KEY) if k not in props]
+    if missing:
+        raise ValueError(f"{str(path)!r} has no {missing} metadata: it was not written by "
                          f"`fx-fastcache export-onnx`")
-    return ExplicitStateSpec.from_dict(json.loads(props[SPEC_KEY])), Schedule.from_dict(
-        json.loads(props[SCHEDULE_KEY]), source=f"{path} metadata")
+    try:
+        spec = ExplicitStateSpec.from_dict(json.loads(props[SPEC_KEY]))
+        schedule_dict = json.loads(props[SCHEDULE_KEY])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{str(path)!r}: its fx-fastcache metadata is damaged ({type(e).__name__}: {e}); "
+                         f"export the model again") from None
+    return spec, Schedule.from_dict(schedule_dict, source=f"{path} metadata")
 
 
 __all__ = ["export_onnx", "stateless_module", "read_metadata", "OnnxExport", "apply_schedule"]

@@ -152,10 +152,13 @@ def load_calibration(opt: Any, path: str | Path) -> None:
     """Load a calibration file fitted on this model (same fingerprint); every error names the file."""
     opt = _check(opt)
     saved_cfg, tensors = read_calibration_file(path, opt.model)
-    fallback = opt.fastcache_config.fallback
-    if saved_cfg.get("fallback") not in (None, fallback) and FALLBACKS[fallback].fitted:
-        logger.warning("calibration file %s was fitted for fallback %r; this model uses %r", path,
-                       saved_cfg.get("fallback"), fallback)
+    cfg = opt.fastcache_config
+    for name, registry, needs in (("fallback", FALLBACKS, "fitted"), ("policy", POLICIES, "needs_calibration")):
+        saved, mine = saved_cfg.get(name), getattr(cfg, name)
+        if saved not in (None, mine) and getattr(registry[mine], needs):
+            raise ValueError(f"calibration file {str(path)!r} was fitted for {name}={saved!r}, this model uses "
+                             f"{name}={mine!r}, whose fit it does not contain; calibrate with {name}={mine!r} or "
+                             f"configure {name}={saved!r}")
     for key, val in tensors.items():  # check every shape before changing anything
         cur = opt.store.tensors.get(key)
         if cur is not None and cur.shape != val.shape:

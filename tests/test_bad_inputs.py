@@ -167,3 +167,37 @@ def test_first_call_in_inference_mode_then_normal_calls():
     with torch.inference_mode():  # and back
         first(opt(**tm.make_inputs(TIMESTEPS[0], 2)))
     _assert_works_like_a_fresh_model(opt, tm)
+
+
+# -- files -----------------------------------------------------------------------------------------
+def test_calibration_file_for_another_fitted_fallback_is_refused(tmp_path):
+    tm = make_tiny("tiny-custom")
+    opt = fastcache.optimize(tm.model, backend="eager", fallback="residual_linear", policy="schedule")
+    with fastcache.calibrate(opt):
+        run_loop(opt, tm)
+    path = tmp_path / "calib.safetensors"
+    fastcache.save_calibration(opt, path)
+    other = fastcache.optimize(tm.model, backend="eager", fallback="linear", policy="schedule")
+    with pytest.raises(ValueError, match=r"calib.safetensors.*fallback='residual_linear'.*fallback='linear'"):
+        fastcache.load_calibration(other, path)
+    assert not other.store.calibrated
+
+
+@pytest.mark.parametrize("content", [b"", b"not a safetensors file at all"])
+def test_damaged_calibration_file_names_the_file(tmp_path, content):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(content)
+    opt = fastcache.optimize(make_tiny("tiny-custom").model, backend="eager")
+    with pytest.raises(ValueError, match="broken.safetensors"):
+        fastcache.load_calibration(opt, path)
+
+
+def test_damaged_onnx_file_names_the_file(tmp_path):
+    from fx_fastcache.export.onnx import read_metadata
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"\x08\x07garbage")
+    with pytest.raises(ValueError, match="model.onnx"):
+        read_metadata(path)
+    with pytest.raises(FileNotFoundError, match="missing.onnx"):
+        read_metadata(tmp_path / "missing.onnx")
