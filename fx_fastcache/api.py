@@ -72,11 +72,10 @@ def set_schedule(opt: Any, table: torch.Tensor) -> None:
     if opt.fastcache_config.policy != "schedule":
         raise ValueError(f"set_schedule needs policy='schedule', this model uses policy={opt.fastcache_config.policy!r}; "
                          f"optimize(model, policy='schedule') or fastcache.configure(model, policy='schedule')")
-    table = torch.as_tensor(table, dtype=torch.bool)
     names = [name for name, _, _ in _blocks(opt)]
-    if table.ndim != 2 or table.shape[1] != len(names) or table.shape[0] > MAX_STEPS:
-        raise ValueError(f"schedule table has shape {tuple(table.shape)}; expected (steps<= {MAX_STEPS}, "
-                         f"{len(names)} blocks)")
+    from .schedule_table import check_schedule_table  # strict: numbers/None are not coerced to booleans
+
+    table = check_schedule_table(table, n_blocks=len(names), max_steps=MAX_STEPS)
     for j, name in enumerate(names):
         col = torch.zeros(MAX_STEPS, dtype=torch.bool, device=opt.device)
         col[: table.shape[0]] = table[:, j].to(opt.device)
