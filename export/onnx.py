@@ -82,8 +82,11 @@ def export_onnx(model: nn.Module, schedule: Schedule, example_inputs: dict[str, 
                  spec.initial_state(example_inputs[spec.inputs[0]].device))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    prog = torch.onnx.export(gm, args, dynamo=True, input_names=spec.input_names, output_names=spec.output_names,
-                             opset_version=opset, verbose=False)
+    from fx_fastcache.quiet import library_noise_silenced
+
+    with library_noise_silenced():  # the exporter's "torchvision is not installed. Skipping ..." notices
+        prog = torch.onnx.export(gm, args, dynamo=True, input_names=spec.input_names,
+                                 output_names=spec.output_names, opset_version=opset, verbose=False)
     if prog is None:
         raise RuntimeError("torch.onnx.export returned nothing; the dynamo exporter (onnxscript) is required: "
                            "pip install onnxscript")

@@ -104,10 +104,10 @@ def tiny_pixart_sigma_pipeline(seed: int = 0, layers: int = 2) -> TinyPipeline:
     pipe = PixArtSigmaPipeline(tokenizer=tiny_tokenizer(), text_encoder=_t5(32, seed), vae=_vae(4, seed=seed),
                                transformer=tr, scheduler=DPMSolverMultistepScheduler())
     pipe.set_progress_bar_config(disable=True)
-    return TinyPipeline("pixart-sigma", pipe, dict(prompt="a photo of an astronaut riding a horse",
-                                                   negative_prompt="blurry", num_inference_steps=6,
-                                                   guidance_scale=4.5, use_resolution_binning=False,
-                                                   clean_caption=False, max_sequence_length=16, output_type="np"))
+    return TinyPipeline("pixart", pipe, dict(prompt="a photo of an astronaut riding a horse",
+                                             negative_prompt="blurry", num_inference_steps=6,
+                                             guidance_scale=4.5, use_resolution_binning=False,
+                                             clean_caption=False, max_sequence_length=16, output_type="np"))
 
 
 def tiny_sd3_pipeline(seed: int = 0, layers: int = 2) -> TinyPipeline:
@@ -169,17 +169,23 @@ def tiny_wan_pipeline(seed: int = 0, layers: int = 2) -> TinyPipeline:
                                           max_sequence_length=16, output_type="np"))
 
 
+#: one name per family, as in ``examples/<name>.py`` and the CLI's ``tiny-<name>`` models
 TINY_PIPELINES: dict[str, Callable[..., TinyPipeline]] = {
     "dit": tiny_dit_pipeline,
-    "pixart-sigma": tiny_pixart_sigma_pipeline,
+    "pixart": tiny_pixart_sigma_pipeline,
     "sd3": tiny_sd3_pipeline,
     "flux": tiny_flux_pipeline,
     "wan": tiny_wan_pipeline,
 }
 
 
+#: former names, still accepted
+ALIASES = {"pixart-sigma": "pixart"}
+
+
 def make_tiny_pipeline(name: str, **kwargs: Any) -> TinyPipeline:
     """Build the tiny pipeline ``name`` (one of :data:`TINY_PIPELINES`)."""
+    name = ALIASES.get(name, name)
     if name not in TINY_PIPELINES:
         raise ValueError(f"unknown tiny pipeline {name!r}; choose one of {sorted(TINY_PIPELINES)}")
     return TINY_PIPELINES[name](**kwargs)

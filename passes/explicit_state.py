@@ -234,7 +234,10 @@ def explicit_state(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule
     if ctx.timestep is None:
         raise ValueError(f"{type(ctx.model).__name__} has no timestep input: export with explicit state needs the "
                          f"timestep to drive the fallbacks")
-    new = copy.deepcopy(gm)
+    from fx_fastcache.quiet import library_noise_silenced
+
+    with library_noise_silenced():  # deepcopy of the pytree specs: torch's LeafSpec FutureWarning
+        new = copy.deepcopy(gm)
     g = new.graph
     unpin(g)  # inductor-only layout barriers: not an ONNX op, and eager/onnxruntime do not need them
     g._codegen = fx.graph.CodeGen()  # flat positional signature (no pytree in/out specs)

@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import difflib
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,11 +65,12 @@ def model_names() -> list[str]:
     return [*TRAINED, *TINY]
 
 
-def check_model_name(name: str, option: str = "--model", allowed: tuple[str, ...] | None = None) -> None:
+def check_model_name(name: str, option: str = "--model", allowed: tuple[str, ...] | None = None,
+                     why_not: str = "this command does not take that model") -> None:
     """Raise :class:`CLIError` unless ``name`` is a known model name or a diffusers model folder.
 
-    ``allowed`` restricts the known names (``bench`` takes trained models only); the message
-    lists what exists and how to pass a folder.
+    ``allowed`` restricts the known names (``bench`` takes trained models only; ``why_not`` says
+    why); the message lists what exists and how to pass a folder.
     """
     names = list(allowed) if allowed is not None else model_names()
     if name in names:
@@ -81,7 +81,7 @@ def check_model_name(name: str, option: str = "--model", allowed: tuple[str, ...
     if folder.is_dir():
         what = f"{option} {name!r}: the folder has no config.json, so it is not a diffusers model folder"
     elif name in model_names():
-        what = f"{option} {name!r}: this command does not take that model"
+        what = f"{option} {name!r}: {why_not}"
     else:
         what = f"{option} {name!r}: model not found"
     close = difflib.get_close_matches(name, names, n=1)
@@ -157,17 +157,9 @@ def stage_bar(stages: list[str], enabled: bool) -> Iterator[Callable[[str], None
         bar.close()
 
 
-@contextlib.contextmanager
-def quiet_library_warnings() -> Iterator[None]:
-    """Silence warnings a CLI user cannot act on, only around the calls that raise them.
+def quiet_library_warnings():
+    """Silence warnings a CLI user cannot act on, only around the calls that raise them
+    (see :mod:`fx_fastcache.quiet`)."""
+    from fx_fastcache.quiet import library_noise_silenced
 
-    They come from our own use of torch/diffusers internals (``torch.export`` and
-    ``torch.onnx`` FutureWarnings/deprecations about APIs we call, diffusers' notice that
-    torchvision is missing, transformers' notices), not from anything the user passed.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|diffusers|transformers)(\.|$)")
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(torch|diffusers|transformers)(\.|$)")
-        warnings.filterwarnings("ignore", message=r".*torchvision is not installed.*")
-        warnings.filterwarnings("ignore", message=r".*[Tt]orchvision.*not (installed|available).*")
-        yield
+    return library_noise_silenced()
