@@ -84,14 +84,19 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str]) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # bad arguments (one line already printed, status 2) or --help (0)
+        return e.code if isinstance(e.code, int) else USAGE_ERROR
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.command:
         parser.print_help()
         return USAGE_ERROR
     if getattr(args, "_missing", None):
-        parser.error(f"subcommand {args.command!r} is not available in this build ({args._missing} missing)")
+        print(f"fx-fastcache: error: subcommand {args.command!r} is not available in this build "
+              f"({args._missing} missing)", file=sys.stderr)
+        return USAGE_ERROR
     prog = f"fx-fastcache {args.command}"
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
