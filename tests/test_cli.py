@@ -117,8 +117,9 @@ def test_schedule_argument_errors(extra, needle, tmp_path, capsys):
     (["bench", "--model", "pixart"], "did you mean 'pixart-mnist'"),
     (["bench", "--methods", "bogus"], "'bogus'"),
     (["bench", "--images", "0"], "--images"),
+    (["bench", "--images", "1"], "--images 1"),
     (["bench", "--thresholds", "a,b"], "'a,b'"),
-], ids=["tiny-model", "typo", "unknown-method", "zero-images", "thresholds"])
+], ids=["tiny-model", "typo", "unknown-method", "zero-images", "one-image", "thresholds"])
 def test_bench_argument_errors(argv, needle, capsys):
     line = _one_line_error(capsys, argv)
     assert line.startswith("fx-fastcache bench") and needle in line

@@ -177,6 +177,7 @@ def test_example_runs_tiny(script: str, extra: list[str], capsys: pytest.Capture
     assert mod.main(["--tiny", "--steps", "3", "--threshold", "1e6", "--out", str(out_png)] + extra) == 0
     text = capsys.readouterr().out
     assert "block evaluations approximated" in text and out_png.is_file()
+    assert "checks the plumbing" in text and "fx-fastcache demo" in text  # --tiny says what it is
 
 
 def test_realsize_benchmark_small_cpu(capsys: pytest.CaptureFixture) -> None:

@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(e.g. step_forecast/forecast), optionally with :warmup=N:max_skip=N (default: %(default)s)")
     p.add_argument("--thresholds", type=_floats, default=None,
                    help="comma-separated threshold grid used for every method (default: a grid per method)")
-    p.add_argument("--images", type=positive_int, default=16, help="evaluation images (default 16)")
+    p.add_argument("--images", type=positive_int, default=16, help="evaluation images, at least 2 (default 16)")
     p.add_argument("--steps", type=positive_int, default=20, help="Euler steps (default 20)")
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (default 2.0)")
     p.add_argument("--eval-seed", type=int, default=1000, help="first evaluation seed (default 1000)")
@@ -67,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
         methods = parse_methods(args.methods.split(","), args.thresholds)
     except ValueError as e:
         raise CLIError(f"--methods {args.methods!r}: {e}") from None
+    if args.images < 2:
+        raise CLIError(f"--images {args.images}: the Fréchet distance needs at least 2 evaluation images; "
+                       f"pass --images 2 or more (default 16)")
     check_model_name(str(args.model), allowed=TRAINED,
                      why_not="bench measures quality, which needs a trained model (tiny-* models have random "
                              "weights; use them with diff, schedule or export-onnx)")

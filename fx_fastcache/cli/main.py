@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from fx_fastcache.cli.common import CLIError
 
-    types: list[type[BaseException]] = [CLIError, ValueError, OSError, ImportError, KeyError]
+    types: list[type[BaseException]] = [CLIError, ValueError, OSError, ImportError]
     try:
         from fx_fastcache.export.tensorrt import TensorRTUnavailable
 
@@ -113,8 +113,7 @@ def main(argv: list[str]) -> int:
     except _user_error_types() as e:
         if args.debug:
             traceback.print_exc()
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"{prog}: error: {one_line(msg)}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return USAGE_ERROR
     except Exception as e:  # a bug: still one line unless --debug
         if args.debug:
