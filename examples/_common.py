@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 import fx_fastcache as fastcache
+from fx_fastcache.quiet import library_noise_silenced
 from fx_fastcache.tiny_pipelines import make_tiny_pipeline
 
 
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace, family: str, load: Callable[[argparse.Namespac
         kwargs = tp.call_kwargs(seed=args.seed, num_inference_steps=args.steps, **(tiny_extra or {}))
     else:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        pipe = load(args, device, dtype)
+        with library_noise_silenced():  # notices about parts of transformers the pipeline does not use
+            pipe = load(args, device, dtype)
         pipe.set_progress_bar_config(disable=True)
         kwargs = call_kwargs(args)
         kwargs["num_inference_steps"] = args.steps

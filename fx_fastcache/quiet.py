@@ -3,7 +3,8 @@
 Why: ``torch.export``/``torch.onnx`` print notices a user of this library cannot act on (a
 pytree ``LeafSpec`` FutureWarning raised while we copy exported programs, "torchvision is not
 installed. Skipping torchvision::nms" from the ONNX exporter's op registry, which needs no
-torchvision here).  They are filtered only inside :func:`library_noise_silenced`, by message
+torchvision here; transformers' "`CLIPImageProcessor` requires torchvision (not installed)"
+when a diffusers pipeline module is imported, for an image processor that is never used).  They are filtered only inside :func:`library_noise_silenced`, by message
 and origin, never globally: the same warnings raised by the user's own code stay visible.
 """
 from __future__ import annotations
@@ -24,6 +25,8 @@ _TORCH_MODULES = r"(torch|torchvision|onnxscript)(\.|$)"
 #: loggers that print the same kind of notices (torch's own logging, not the warnings module)
 _LOGGERS: tuple[tuple[str, str], ...] = (
     ("torch.onnx._internal.exporter._registration", "torchvision is not installed"),
+    # importing diffusers' SD3/Flux pipelines touches image processors they do not use here
+    ("transformers.utils.import_utils", "requires torchvision (not installed)"),
 )
 
 

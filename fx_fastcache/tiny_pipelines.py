@@ -185,7 +185,10 @@ ALIASES = {"pixart-sigma": "pixart"}
 
 def make_tiny_pipeline(name: str, **kwargs: Any) -> TinyPipeline:
     """Build the tiny pipeline ``name`` (one of :data:`TINY_PIPELINES`)."""
+    from .quiet import library_noise_silenced
+
     name = ALIASES.get(name, name)
     if name not in TINY_PIPELINES:
         raise ValueError(f"unknown tiny pipeline {name!r}; choose one of {sorted(TINY_PIPELINES)}")
-    return TINY_PIPELINES[name](**kwargs)
+    with library_noise_silenced():  # transformers' torchvision notices on importing the pipeline classes
+        return TINY_PIPELINES[name](**kwargs)
