@@ -48,6 +48,8 @@ class Schedule:
     config: dict[str, Any]
     model: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    #: where it was read from (``schedule file 'S.json'``), for error messages; not saved
+    source: str = field(default="schedule", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         from fx_fastcache.schedule_table import check_schedule_table
@@ -125,7 +127,7 @@ class Schedule:
         try:
             check_schedule_table(d["table"], n_blocks=len(blocks), max_steps=MAX_STEPS, source=f"{source}: 'table'")
             s = cls(table=d["table"], blocks=list(blocks), fingerprint=d["fingerprint"], config=dict(config),
-                    model=str(d.get("model", "")), meta=dict(meta))
+                    model=str(d.get("model", "")), meta=dict(meta), source=source)
         except TypeError as e:  # a wrong value in a file is a ValueError of that file
             raise ValueError(str(e)) from None
         except ValueError as e:
@@ -170,12 +172,12 @@ def check_compatible(schedule: Schedule, model: nn.Module, block_names: list[str
     from fx_fastcache.calibration import model_fingerprint
 
     if schedule.blocks != block_names:
-        raise ValueError(f"schedule has blocks {schedule.blocks[:3]}... ({len(schedule.blocks)}) but "
+        raise ValueError(f"{schedule.source} has blocks {schedule.blocks[:3]}... ({len(schedule.blocks)}) but "
                          f"{type(model).__name__} has {block_names[:3]}... ({len(block_names)}); "
                          f"record a schedule for this model")
     fp = model_fingerprint(model)
     if schedule.fingerprint != fp:
-        raise ValueError(f"schedule was recorded on another model (fingerprint {schedule.fingerprint}, "
+        raise ValueError(f"{schedule.source} was recorded on another model (fingerprint {schedule.fingerprint}, "
                          f"model {schedule.model!r}); this {type(model).__name__} has fingerprint {fp}. "
                          f"Record a schedule for this model with `fx-fastcache schedule`")
 

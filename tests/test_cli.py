@@ -58,6 +58,14 @@ def test_export_onnx_schedule_with_numbers_names_file_and_value(tmp_path, capsys
     assert path in line and "row 1, column 0 is 1 (int)" in line
 
 
+def test_export_onnx_schedule_of_another_model_names_the_file(tmp_path, capsys):
+    path = _schedule_file(tmp_path)  # blocks of tiny-dit, fingerprint "x"
+    line = _one_line_error(capsys, ["export-onnx", "--model", "tiny-dit", "--schedule", path,
+                                    "--out", str(tmp_path / "M.onnx")])
+    assert path in line and "recorded on another model" in line and "fx-fastcache schedule" in line
+    assert not (tmp_path / "M.onnx").exists()
+
+
 def test_export_onnx_old_opset(tmp_path, capsys):
     line = _one_line_error(capsys, ["export-onnx", "--model", "tiny-dit", "--schedule", _schedule_file(tmp_path),
                                     "--out", str(tmp_path / "M.onnx"), "--opset", "13"])
