@@ -92,7 +92,8 @@ def tiny_dit_pipeline(seed: int = 0, layers: int = 2) -> TinyPipeline:
                                           output_type="np"))
 
 
-def tiny_pixart_sigma_pipeline(seed: int = 0, layers: int = 2) -> TinyPipeline:
+def tiny_pixart_pipeline(seed: int = 0, layers: int = 2) -> TinyPipeline:
+    """PixArt-Σ (``PixArtSigmaPipeline``) with a random 2-block transformer and T5."""
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
 
     torch.manual_seed(seed)
@@ -172,7 +173,7 @@ def tiny_wan_pipeline(seed: int = 0, layers: int = 2) -> TinyPipeline:
 #: one name per family, as in ``examples/<name>.py`` and the CLI's ``tiny-<name>`` models
 TINY_PIPELINES: dict[str, Callable[..., TinyPipeline]] = {
     "dit": tiny_dit_pipeline,
-    "pixart": tiny_pixart_sigma_pipeline,
+    "pixart": tiny_pixart_pipeline,
     "sd3": tiny_sd3_pipeline,
     "flux": tiny_flux_pipeline,
     "wan": tiny_wan_pipeline,
@@ -181,6 +182,7 @@ TINY_PIPELINES: dict[str, Callable[..., TinyPipeline]] = {
 
 #: former names, still accepted
 ALIASES = {"pixart-sigma": "pixart"}
+tiny_pixart_sigma_pipeline = tiny_pixart_pipeline
 
 
 def make_tiny_pipeline(name: str, **kwargs: Any) -> TinyPipeline:
