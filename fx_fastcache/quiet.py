@@ -1,11 +1,13 @@
 """Silence, around one call, the warnings that our own use of torch internals causes.
 
-Why: ``torch.export``/``torch.onnx`` print notices a user of this library cannot act on (a
-pytree ``LeafSpec`` FutureWarning raised while we copy exported programs, "torchvision is not
-installed. Skipping torchvision::nms" from the ONNX exporter's op registry, which needs no
-torchvision here; transformers' "`CLIPImageProcessor` requires torchvision (not installed)"
-when a diffusers pipeline module is imported, for an image processor that is never used).  They are filtered only inside :func:`library_noise_silenced`, by message
-and origin, never globally: the same warnings raised by the user's own code stay visible.
+Why: ``torch.export``/``torch.onnx`` and transformers print notices a user of this library
+cannot act on: a pytree ``LeafSpec`` FutureWarning raised while we copy exported programs;
+"torchvision is not installed. Skipping torchvision::nms" from the ONNX exporter's op
+registry, which needs no torchvision here; transformers' "`CLIPImageProcessor` requires
+torchvision (not installed)" when a diffusers pipeline module is imported, for an image
+processor that is never used.  They are filtered only inside :func:`library_noise_silenced`,
+by message and origin, never globally: the same warnings raised by the user's own code
+outside these calls stay visible.
 """
 from __future__ import annotations
 
