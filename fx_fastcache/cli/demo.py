@@ -22,9 +22,9 @@ BACKEND_HELP = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="fastcache_demo.png", help="grid PNG to write (default ./fastcache_demo.png)")
     p.add_argument("--images", type=positive_int, default=6,
-                   help="digits per row (default 6: classes 0..5; the default demo took 2 minutes of CPU time, "
-                        "114 s user + 6 s system, measured with /usr/bin/time on 2 cores; its wall time was 6 "
-                        "minutes on a shared, loaded machine)")
+                   help="digits per row (default 6: classes 0..5; the default demo took 2.0-2.2 minutes of CPU "
+                        "time, measured with /usr/bin/time on 2 cores; its wall time was 6 minutes on a shared, "
+                        "loaded machine)")
     p.add_argument("--steps", type=positive_int, default=20, help="Euler steps (default 20)")
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (default 2.0)")
     p.add_argument("--seed", type=int, default=100, help="first seed of the shown digits (default 100)")
