@@ -2,7 +2,8 @@
 
 Each ``examples/<family>.py`` only says how to load its pipeline from downloaded weights and
 which call arguments to use; ``--tiny`` swaps in the offline random-weight pipeline of the same
-family (``fx_fastcache.tiny_pipelines``), which is what CI runs.
+family (``fx_fastcache.tiny_pipelines``, same family names: dit, pixart, sd3, flux, wan), which
+is what CI runs.  ``--tiny`` checks the plumbing, not quality (random weights, tiny images).
 """
 from __future__ import annotations
 
@@ -14,12 +15,21 @@ from typing import Any
 import torch
 
 import fx_fastcache as fastcache
+from fx_fastcache.quiet import library_noise_silenced
 from fx_fastcache.tiny_pipelines import make_tiny_pipeline
+
+
+TINY_NOTE = ("--tiny: a tiny pipeline with random weights, so its images are noise and few blocks are approximated. "
+             "This checks the plumbing (capture, guards, pipeline hooks, statistics), not quality; to see what "
+             "FastCache does to images run `fx-fastcache demo` (trained DiT) or "
+             "`fx-fastcache bench --model pixart-mnist` (trained PixArt).")
 
 
 def parser(description: str, default_model: str, default_steps: int) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--tiny", action="store_true", help="tiny offline random-weight pipeline (no download, CPU)")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny offline random-weight pipeline (no download, CPU): checks the plumbing, not image "
+                        "quality; for quality run `fx-fastcache demo` or `fx-fastcache bench --model pixart-mnist`")
     p.add_argument("--model-id", default=default_model, help="hub id or local folder of the pipeline")
     p.add_argument("--steps", type=int, default=default_steps)
     p.add_argument("--seed", type=int, default=0)
@@ -40,12 +50,14 @@ def run(args: argparse.Namespace, family: str, load: Callable[[argparse.Namespac
         call_kwargs: Callable[[argparse.Namespace], dict[str, Any]], tiny_extra: dict[str, Any] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if args.tiny:
+        print(TINY_NOTE)
         tp = make_tiny_pipeline(family)
         pipe = tp.pipe
         kwargs = tp.call_kwargs(seed=args.seed, num_inference_steps=args.steps, **(tiny_extra or {}))
     else:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        pipe = load(args, device, dtype)
+        with library_noise_silenced():  # notices about parts of transformers the pipeline does not use
+            pipe = load(args, device, dtype)
         pipe.set_progress_bar_config(disable=True)
         kwargs = call_kwargs(args)
         kwargs["num_inference_steps"] = args.steps

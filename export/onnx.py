@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from fx_fastcache.passes.explicit_state import ExplicitStateSpec, explicit_state
 
 from fx_fastcache.module import FastCacheModule
-from fx_fastcache.passes.explicit_state import ExplicitStateSpec, explicit_state
 from fx_fastcache.policies import POLICIES
+from fx_fastcache.quiet import library_noise_silenced
 
 from .onnx_fixes import drop_noop_squeezes, rewrite_bool_masked_fills
-
 from .schedule import Schedule, apply_schedule, optimize_with_schedule
 
 logger = logging.getLogger(__name__)
@@ -87,8 +87,10 @@ def export_onnx(model: nn.Module, schedule: Schedule, example_inputs: dict[str, 
                  spec.initial_state(example_inputs[spec.inputs[0]].device))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    prog = torch.onnx.export(gm, args, dynamo=True, input_names=spec.input_names, output_names=spec.output_names,
-                             opset_version=opset, verbose=False)
+
+    with library_noise_silenced():  # the exporter's "torchvision is not installed. Skipping ..." notices
+        prog = torch.onnx.export(gm, args, dynamo=True, input_names=spec.input_names,
+                                 output_names=spec.output_names, opset_version=opset, verbose=False)
     if prog is None:
         raise RuntimeError("torch.onnx.export returned nothing; the dynamo exporter (onnxscript) is required: "
                            "pip install onnxscript")

@@ -30,6 +30,9 @@ from fx_fastcache.config import FastCacheConfig
 from fx_fastcache.families import block_modules, resolve_family
 from fx_fastcache.module import FastCacheModule
 from fx_fastcache.policies import POLICIES
+from fx_fastcache.policies.schedule import MAX_STEPS
+from fx_fastcache.schedule_table import check_schedule_table
+from fx_fastcache.trained import sample
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +58,12 @@ class Schedule:
     config: dict[str, Any]
     model: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    #: where it was read from (``schedule file 'S.json'``), for error messages; not saved
+    source: str = field(default="schedule", compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.table = [[bool(v) for v in row] for row in self.table]
-        if not self.table:
-            raise ValueError("schedule table is empty: record at least one step")
-        for i, row in enumerate(self.table):
-            if len(row) != len(self.blocks):
-                raise ValueError(f"schedule row {i} has {len(row)} entries but there are {len(self.blocks)} blocks")
+        # strict: 0/1, 0.3 or None in a table are errors, never coerced to booleans
+        self.table = check_schedule_table(self.table, n_blocks=len(self.blocks), max_steps=MAX_STEPS).tolist()
         skipped0 = [b for b, v in zip(self.blocks, self.table[0]) if v]
         if skipped0:
             raise ValueError(f"schedule skips {skipped0} at step 0, before they ever computed (nothing cached to "
@@ -99,29 +100,67 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "schedule") -> "Schedule":
+        """Build a schedule from its JSON form; every error names ``source`` and what is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source} holds a JSON {_json_kind(d)} at the top level; an fx-fastcache schedule is "
+                             f"an object with format {FORMAT!r}, written by `fx-fastcache schedule`")
         if d.get("format") != FORMAT:
             raise ValueError(f"{source} is not an fx-fastcache schedule (format {d.get('format')!r}, "
                              f"expected {FORMAT!r}); write one with `fx-fastcache schedule`")
         missing = [k for k in ("table", "blocks", "fingerprint", "config", "steps") if k not in d]
         if missing:
-            raise ValueError(f"{source} lacks the field(s) {missing}")
-        s = cls(table=d["table"], blocks=list(d["blocks"]), fingerprint=str(d["fingerprint"]), config=dict(d["config"]),
-                model=str(d.get("model", "")), meta=dict(d.get("meta", {})))
-        if s.steps != int(d["steps"]):
-            raise ValueError(f"{source}: 'steps' is {d['steps']} but the table has {s.steps} rows")
+            raise ValueError(f"{source} lacks the field(s) {missing}; write it with `fx-fastcache schedule`")
+        blocks, steps, config = d["blocks"], d["steps"], d["config"]
+        if not isinstance(blocks, list) or not all(isinstance(b, str) for b in blocks):
+            raise ValueError(f"{source}: 'blocks' must be a list of block names (strings), got {blocks!r}")
+        if not isinstance(steps, int) or isinstance(steps, bool):
+            raise ValueError(f"{source}: 'steps' must be an integer, got {steps!r}")
+        if not isinstance(d["fingerprint"], str):
+            raise ValueError(f"{source}: 'fingerprint' must be a string, got {d['fingerprint']!r}")
+        if not isinstance(config, dict):
+            raise ValueError(f"{source}: 'config' must be an object of FastCacheConfig fields, got {config!r}")
+        meta = d.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ValueError(f"{source}: 'meta' must be an object, got {meta!r}")
+        try:
+            FastCacheConfig.from_dict(config)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: 'config' is not a valid FastCacheConfig: {e}") from None
+        try:
+            check_schedule_table(d["table"], n_blocks=len(blocks), max_steps=MAX_STEPS, source=f"{source}: 'table'")
+            s = cls(table=d["table"], blocks=list(blocks), fingerprint=d["fingerprint"], config=dict(config),
+                    model=str(d.get("model", "")), meta=dict(meta), source=source)
+        except TypeError as e:  # a wrong value in a file is a ValueError of that file
+            raise ValueError(str(e)) from None
+        except ValueError as e:
+            msg = str(e)
+            raise ValueError(msg if msg.startswith(source) else f"{source}: {msg}") from None
+        if s.steps != steps:
+            raise ValueError(f"{source}: 'steps' is {steps} but the table has {s.steps} rows")
         return s
 
     @classmethod
     def load(cls, path: str | Path) -> "Schedule":
+        """Read a schedule JSON file; a missing, unreadable or malformed file raises naming it."""
         p = Path(path)
+        if p.is_dir():
+            raise IsADirectoryError(f"schedule file {str(p)!r} is a folder; pass the JSON file written by "
+                                    f"`fx-fastcache schedule --out FILE`")
         if not p.is_file():
             raise FileNotFoundError(f"schedule file {str(p)!r} does not exist; record one with "
                                     f"`fx-fastcache schedule --model NAME --out {p}`")
         try:
             d = json.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"schedule file {str(p)!r} is not UTF-8 text (a JSON file): {e}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"schedule file {str(p)!r} is not valid JSON: {e}") from None
         return cls.from_dict(d, source=f"schedule file {str(p)!r}")
+
+
+def _json_kind(v: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(v), type(v).__name__)
 
 
 def _block_names(opt) -> list[str]:
@@ -131,12 +170,12 @@ def _block_names(opt) -> list[str]:
 def check_compatible(schedule: Schedule, model: nn.Module, block_names: list[str]) -> None:
     """Raise ``ValueError`` if ``schedule`` was recorded on another model or block layout."""
     if schedule.blocks != block_names:
-        raise ValueError(f"schedule has blocks {schedule.blocks[:3]}... ({len(schedule.blocks)}) but "
+        raise ValueError(f"{schedule.source} has blocks {schedule.blocks[:3]}... ({len(schedule.blocks)}) but "
                          f"{type(model).__name__} has {block_names[:3]}... ({len(block_names)}); "
                          f"record a schedule for this model")
     fp = model_fingerprint(model)
     if schedule.fingerprint != fp:
-        raise ValueError(f"schedule was recorded on another model (fingerprint {schedule.fingerprint}, "
+        raise ValueError(f"{schedule.source} was recorded on another model (fingerprint {schedule.fingerprint}, "
                          f"model {schedule.model!r}); this {type(model).__name__} has fingerprint {fp}. "
                          f"Record a schedule for this model with `fx-fastcache schedule`")
 
@@ -228,19 +267,24 @@ def record_schedule(opt, run: Callable[[], Any], generations: int = 1, model_nam
 
 
 def record_for_model(resolved, steps: int = 20, generations: int = 2, batch: int = 4, config=None,
-                     calibration: str | Path | None = None, **overrides: Any) -> Schedule:
+                     calibration: str | Path | None = None, progress: bool = False, **overrides: Any) -> Schedule:
     """Record a schedule for a :class:`fx_fastcache.cli.common.ResolvedModel`.
 
     Trained models sample with their own Euler sampler (``fx_fastcache.trained.sample``, CFG
     batch of ``2 * batch``); tiny random models run their inputs over ``steps`` timesteps
-    from 1000 down to 0.
+    from 1000 down to 0.  ``progress`` shows a tqdm bar (stderr) over the recorded model calls.
     """
+    if not 1 <= steps <= MAX_STEPS:  # fail before recording, not after minutes of sampling
+        raise ValueError(f"steps={steps}: a schedule holds 1 to {MAX_STEPS} steps")
     opt = fastcache.optimize(resolved.model, backend="eager", config=config, **overrides)
     if calibration is not None:
         fastcache.load_calibration(opt, calibration)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=generations * steps, desc="recording schedule", unit="step", disable=not progress)
+    hook = opt.register_forward_hook(lambda *_: bar.update(1))
     gen = {"i": 0}
     if resolved.trained is not None:
-        from fx_fastcache.trained import sample
 
         def run() -> None:
             k = gen["i"]
@@ -257,4 +301,8 @@ def record_for_model(resolved, steps: int = 20, generations: int = 2, batch: int
                 opt(**resolved.make_inputs(t, batch))
 
         meta = {"sampler": "timesteps linspace(1000, 0)", "batch": batch, "steps": steps, "timesteps": ts}
-    return record_schedule(opt, run, generations=generations, model_name=resolved.name, meta=meta)
+    try:
+        return record_schedule(opt, run, generations=generations, model_name=resolved.name, meta=meta)
+    finally:
+        hook.remove()
+        bar.close()

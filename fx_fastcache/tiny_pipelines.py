@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .quiet import library_noise_silenced
 from .zoo import tiny_wan
 
 logger = logging.getLogger(__name__)
@@ -94,8 +95,13 @@ def tiny_dit_pipeline(seed: int = 0, layers: int = 2) -> TinyPipeline:
                                           output_type="np"))
 
 
-def tiny_pixart_sigma_pipeline(seed: int = 0, layers: int = 2) -> TinyPipeline:
-    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+def tiny_pixart_pipeline(seed: int = 0, layers: int = 2) -> TinyPipeline:
+    """PixArt-Σ (``PixArtSigmaPipeline``) with a random 2-block transformer and T5."""
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        PixArtSigmaPipeline,
+        PixArtTransformer2DModel,
+    )
 
     torch.manual_seed(seed)
     tr = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
@@ -106,14 +112,18 @@ def tiny_pixart_sigma_pipeline(seed: int = 0, layers: int = 2) -> TinyPipeline:
     pipe = PixArtSigmaPipeline(tokenizer=tiny_tokenizer(), text_encoder=_t5(32, seed), vae=_vae(4, seed=seed),
                                transformer=tr, scheduler=DPMSolverMultistepScheduler())
     pipe.set_progress_bar_config(disable=True)
-    return TinyPipeline("pixart-sigma", pipe, dict(prompt="a photo of an astronaut riding a horse",
-                                                   negative_prompt="blurry", num_inference_steps=6,
-                                                   guidance_scale=4.5, use_resolution_binning=False,
-                                                   clean_caption=False, max_sequence_length=16, output_type="np"))
+    return TinyPipeline("pixart", pipe, dict(prompt="a photo of an astronaut riding a horse",
+                                             negative_prompt="blurry", num_inference_steps=6,
+                                             guidance_scale=4.5, use_resolution_binning=False,
+                                             clean_caption=False, max_sequence_length=16, output_type="np"))
 
 
 def tiny_sd3_pipeline(seed: int = 0, layers: int = 2) -> TinyPipeline:
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
     torch.manual_seed(seed)
     # joint_attention_dim must hold the two CLIP hidden states side by side (32 + 32); T5 is left out
@@ -133,7 +143,11 @@ def tiny_sd3_pipeline(seed: int = 0, layers: int = 2) -> TinyPipeline:
 
 
 def tiny_flux_pipeline(seed: int = 0, layers: int = 1, single_layers: int = 2) -> TinyPipeline:
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
 
     torch.manual_seed(seed)
     tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=layers, num_single_layers=single_layers,
@@ -169,17 +183,26 @@ def tiny_wan_pipeline(seed: int = 0, layers: int = 2) -> TinyPipeline:
                                           max_sequence_length=16, output_type="np"))
 
 
+#: one name per family, as in ``examples/<name>.py`` and the CLI's ``tiny-<name>`` models
 TINY_PIPELINES: dict[str, Callable[..., TinyPipeline]] = {
     "dit": tiny_dit_pipeline,
-    "pixart-sigma": tiny_pixart_sigma_pipeline,
+    "pixart": tiny_pixart_pipeline,
     "sd3": tiny_sd3_pipeline,
     "flux": tiny_flux_pipeline,
     "wan": tiny_wan_pipeline,
 }
 
 
+#: former names, still accepted
+ALIASES = {"pixart-sigma": "pixart"}
+tiny_pixart_sigma_pipeline = tiny_pixart_pipeline
+
+
 def make_tiny_pipeline(name: str, **kwargs: Any) -> TinyPipeline:
     """Build the tiny pipeline ``name`` (one of :data:`TINY_PIPELINES`)."""
+
+    name = ALIASES.get(name, name)
     if name not in TINY_PIPELINES:
         raise ValueError(f"unknown tiny pipeline {name!r}; choose one of {sorted(TINY_PIPELINES)}")
-    return TINY_PIPELINES[name](**kwargs)
+    with library_noise_silenced():  # transformers' torchvision notices on importing the pipeline classes
+        return TINY_PIPELINES[name](**kwargs)

@@ -8,8 +8,10 @@ transformers trained for this project on 5,000 MNIST digits (rectified-flow obje
 * ``"dit-mnist"``: ``DiTTransformer2DModel``, class-conditional, vendored in
   ``fx_fastcache/assets/dit-mnist``.
 * ``"pixart-mnist"``: ``PixArtTransformer2DModel`` conditioned through a class -> 4 "caption"
-  tokens table (``conditioning.safetensors``); not vendored, resolved at run time (see
-  :func:`resolve_model_dir`).
+  tokens table (``conditioning.safetensors``), vendored in ``fx_fastcache/assets/pixart-mnist``.
+
+Both ship with the package (package data); other checkpoints trained the same way load from a
+folder path, or by name from ``$FX_FASTCACHE_MODELS/<name>`` (see :func:`resolve_model_dir`).
 
 Typical use::
 
@@ -49,49 +51,30 @@ __all__ = [
 NUM_CLASSES = 10
 #: Class label of the unconditional ("null") branch of classifier-free guidance.
 NULL_CLASS = NUM_CLASSES
-#: Environment variable naming a folder that contains ``pixart-mnist/`` (and possibly others).
+#: Environment variable naming a folder of extra model folders (``$FX_FASTCACHE_MODELS/<name>/config.json``).
 MODELS_ENV = "FX_FASTCACHE_MODELS"
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
-_ASSETS_DIR = _PACKAGE_DIR / "assets"
-_REPO_ROOT = _PACKAGE_DIR.parent
-_VENDORED = {"dit-mnist": _ASSETS_DIR / "dit-mnist"}
-_RUNTIME_RESOLVED = ("pixart-mnist",)
+_ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+_VENDORED = {"dit-mnist": _ASSETS_DIR / "dit-mnist", "pixart-mnist": _ASSETS_DIR / "pixart-mnist"}
 _KINDS = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart"}
 
 Kind = Literal["dit", "pixart"]
 
 
-def _runtime_candidates(name: str) -> list[Path]:
-    """Folders searched, in order, for a model that is not vendored."""
-    candidates: list[Path] = []
-    env = os.environ.get(MODELS_ENV)
-    if env:
-        candidates.append(Path(env).expanduser() / name)
-    candidates.append(_REPO_ROOT.parent / "shared" / "models" / name)
-    candidates.append(Path("/work/shared/models") / name)
-    # de-duplicate while keeping order (the last two coincide for a checkout at /work/main)
-    seen: set[str] = set()
-    unique = []
-    for c in candidates:
-        key = str(c.resolve()) if c.exists() else str(c)
-        if key not in seen:
-            seen.add(key)
-            unique.append(c)
-    return unique
-
-
 def resolve_model_dir(name_or_path: str) -> Path:
     """Return the diffusers model folder for a known model name or a path.
 
-    * ``"dit-mnist"``: the folder vendored in the package (``fx_fastcache/assets/dit-mnist``).
-    * ``"pixart-mnist"``: searched, in order, in ``$FX_FASTCACHE_MODELS/pixart-mnist``,
-      ``<repo root>/../shared/models/pixart-mnist`` and ``/work/shared/models/pixart-mnist``.
-    * anything else: a path to a diffusers model folder (it must contain ``config.json``).
+    * ``"dit-mnist"``, ``"pixart-mnist"``: the folders vendored in the package
+      (``fx_fastcache/assets/<name>``).
+    * a path to a diffusers model folder (it must contain ``config.json``).
+    * another name: ``$FX_FASTCACHE_MODELS/<name>`` when that environment variable is set.
+
+    No other place is searched (in particular no machine path): data comes from the package,
+    the argument or the environment variable.
 
     Raises:
-        FileNotFoundError: the model was not found; the message lists every place looked at
-            and how to fix it.
+        FileNotFoundError: the model was not found; the message names the value, what was
+            looked at and how to fix it.
     """
     name = str(name_or_path)
     if name in _VENDORED:
@@ -99,32 +82,26 @@ def resolve_model_dir(name_or_path: str) -> Path:
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(
                 f"vendored model {name!r} is missing: no config.json in {folder} "
-                "(the package installation is incomplete; reinstall fx_fastcache)"
+                "(the package installation is incomplete; reinstall fx-fastcache)"
             )
         return folder
-    if name in _RUNTIME_RESOLVED:
-        candidates = _runtime_candidates(name)
-        for folder in candidates:
-            if (folder / "config.json").is_file():
-                logger.debug("resolved %s -> %s", name, folder)
-                return folder
-        looked = "\n".join(f"  - {c}" for c in candidates)
-        raise FileNotFoundError(
-            f"model {name!r} is not vendored in fx_fastcache and was not found; looked for "
-            f"a folder {name}/ containing config.json in:\n{looked}\n"
-            f"Fix: set the environment variable {MODELS_ENV} to a folder that contains "
-            f"{name}/ (e.g. export {MODELS_ENV}=/path/to/shared/models)."
-        )
     folder = Path(name).expanduser()
     if (folder / "config.json").is_file():
         return folder
-    known = ", ".join(sorted([*_VENDORED, *_RUNTIME_RESOLVED]))
-    what = "folder without config.json" if folder.is_dir() else "no such folder"
+    env = os.environ.get(MODELS_ENV)
+    looked = [str(folder)]
+    if env and not folder.is_absolute():
+        candidate = Path(env).expanduser() / name
+        if (candidate / "config.json").is_file():
+            logger.debug("resolved %s -> %s via $%s", name, candidate, MODELS_ENV)
+            return candidate
+        looked.append(str(candidate))
+    known = ", ".join(_VENDORED)
+    what = "a folder without config.json" if folder.is_dir() else "no such folder"
     raise FileNotFoundError(
-        f"model {name!r} not found: it is not a known name ({known}) and {folder} is not a "
-        f"diffusers model folder ({what}; expected {folder / 'config.json'}). "
-        f"Pass a known name, a path to a diffusers model folder, or set {MODELS_ENV} to a "
-        "folder that contains pixart-mnist/ for the non-vendored model."
+        f"model {name!r} not found: it is not a shipped model ({known}) and {' nor '.join(looked)} is not "
+        f"a diffusers model folder ({what}). Pass a shipped name, the path of a folder containing config.json, "
+        f"or set {MODELS_ENV} to a folder that contains {name}/."
     )
 
 
@@ -280,6 +257,7 @@ def sample(
     model: Callable[..., Any] | None = None,
     progress: bool = False,
     on_step: Callable[[int], None] | None = None,
+    desc: str | None = None,
 ) -> torch.Tensor:
     """Generate digits with the reference Euler rectified-flow sampler.
 
@@ -298,8 +276,9 @@ def sample(
         cfg: classifier-free guidance scale.
         model: called instead of ``tm.model`` with the same keyword arguments
             (:meth:`TrainedModel.call_kwargs`); output index ``[0]`` is the velocity.
-        progress: show a tqdm progress bar over the steps.
+        progress: show a tqdm progress bar (stderr) over the steps.
         on_step: called with the step index ``i`` after step ``i`` is done.
+        desc: label of the progress bar (default ``"sampling <name>"``).
 
     Returns:
         Images (B, C, H, W) in [-1, 1], float32, on the model's device.
@@ -322,7 +301,7 @@ def sample(
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, total=steps, desc=f"sampling {tm.name}", unit="step")
+        iterator = tqdm(iterator, total=steps, desc=desc or f"sampling {tm.name}", unit="step")
     for i in iterator:
         s = sig[i].expand(len(y))
         xx = torch.cat([x, x])

@@ -33,6 +33,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fx_fastcache import graph_protocol as gp
+from fx_fastcache.quiet import library_noise_silenced
 from fx_fastcache.runtime.pin import unpin
 
 from .context import PassContext
@@ -162,7 +163,9 @@ def explicit_state(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule
     if ctx.timestep is None:
         raise ValueError(f"{type(ctx.model).__name__} has no timestep input: export with explicit state needs the "
                          f"timestep to drive the fallbacks")
-    new = copy.deepcopy(gm)
+
+    with library_noise_silenced():  # deepcopy of the pytree specs: torch's LeafSpec FutureWarning
+        new = copy.deepcopy(gm)
     g = new.graph
     unpin(g)  # inductor-only layout barriers: not an ONNX op, and eager/onnxruntime do not need them
     g._codegen = fx.graph.CodeGen()  # flat positional signature (no pytree in/out specs)

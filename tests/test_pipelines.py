@@ -26,7 +26,7 @@ WARMUP = 2
 # name -> (tiny pipeline, extra call kwargs, transformer calls per step, blocks per call)
 CASES = {
     "dit": ("dit", {}, 1, 2),
-    "pixart-sigma": ("pixart-sigma", {}, 1, 2),
+    "pixart": ("pixart", {}, 1, 2),
     "sd3": ("sd3", {}, 1, 2),
     "flux-true-cfg": ("flux", {"negative_prompt": "blurry", "true_cfg_scale": 2.0}, 2, 3),
     "wan-video": ("wan", {}, 2, 2),  # CFG as two calls per step, in cache contexts "cond" / "uncond"
@@ -167,17 +167,18 @@ def _load(path: Path):
     return mod
 
 
-@pytest.mark.parametrize("script, extra", [("dit.py", []), ("pixart_sigma.py", []), ("sd3.py", []),
+@pytest.mark.parametrize("script, extra", [("dit.py", []), ("pixart.py", []), ("sd3.py", []),
                                            ("flux.py", ["--true-cfg", "2"]),
                                            ("flux.py", ["--true-cfg", "2", "--step-dispatch", "eager"]),
                                            ("wan.py", [])],
-                         ids=["dit", "pixart-sigma", "sd3", "flux-true-cfg", "flux-true-cfg-step-dispatch", "wan"])
+                         ids=["dit", "pixart", "sd3", "flux-true-cfg", "flux-true-cfg-step-dispatch", "wan"])
 def test_example_runs_tiny(script: str, extra: list[str], capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     mod = _load(ROOT / "examples" / script)
     out_png = tmp_path / "out.png"
     assert mod.main(["--tiny", "--steps", "3", "--threshold", "1e6", "--out", str(out_png)] + extra) == 0
     text = capsys.readouterr().out
     assert "block evaluations approximated" in text and out_png.is_file()
+    assert "checks the plumbing" in text and "fx-fastcache demo" in text  # --tiny says what it is
 
 
 def test_realsize_benchmark_small_cpu(capsys: pytest.CaptureFixture) -> None:
@@ -196,7 +197,7 @@ def test_pipeline_step_dispatch_matches_in_graph_schedule() -> None:
     table[3:, 1] = True
     outs, stats = [], []
     for dispatch in (None, "eager"):
-        tp = make_tiny_pipeline("pixart-sigma")
+        tp = make_tiny_pipeline("pixart")
         fastcache.enable_fastcache(tp.pipe, backend="eager", fallback="residual", schedule=table,
                                    step_dispatch=dispatch)
         for _ in range(2):  # the host step counter restarts with every pipeline call

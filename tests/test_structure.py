@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"fx_fastcache": "fx_fastcache", "passes": "fx_fastcache.passes", "export": "fx_fastcache.export"}
 #: Layers, lowest first: a module may import its own layer or lower ones only.
 LAYERS = [
-    ("protocol", ["fx_fastcache.graph_protocol"]),
+    ("protocol", ["fx_fastcache.graph_protocol", "fx_fastcache.schedule_table", "fx_fastcache.quiet"]),
     ("runtime", ["fx_fastcache.runtime", "fx_fastcache.policies", "fx_fastcache.fallbacks",
                  "fx_fastcache.calibration", "fx_fastcache.config", "fx_fastcache.families", "fx_fastcache.markers",
                  "fx_fastcache.zoo"]),

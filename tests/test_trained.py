@@ -17,13 +17,6 @@ def dit() -> TrainedModel:
     return load_trained("dit-mnist")
 
 
-def _pixart_dir() -> Path | None:
-    try:
-        return resolve_model_dir("pixart-mnist")
-    except FileNotFoundError:
-        return None
-
-
 def test_resolve_vendored_dit() -> None:
     folder = resolve_model_dir("dit-mnist")
     assert (folder / "config.json").is_file()
@@ -38,19 +31,24 @@ def test_resolve_missing_name_message() -> None:
     assert "no-such-model" in msg and "config.json" in msg and trained.MODELS_ENV in msg
 
 
-def test_resolve_missing_pixart_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(trained, "_runtime_candidates", lambda name: [tmp_path / name])
-    with pytest.raises(FileNotFoundError) as e:
-        resolve_model_dir("pixart-mnist")
-    msg = str(e.value)
-    assert "pixart-mnist" in msg and str(tmp_path) in msg and trained.MODELS_ENV in msg
+def test_resolve_vendored_pixart_without_shared_folders(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """pixart-mnist ships with the package: no environment variable, cwd or HOME is needed."""
+    monkeypatch.delenv(trained.MODELS_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    folder = resolve_model_dir("pixart-mnist")
+    assert folder.parent.name == "assets" and (folder / "conditioning.safetensors").is_file()
 
 
-def test_resolve_pixart_env_var_first(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    (tmp_path / "pixart-mnist").mkdir()
-    (tmp_path / "pixart-mnist" / "config.json").write_text("{}")
+def test_resolve_other_name_from_env_var(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "my-dit").mkdir()
+    (tmp_path / "my-dit" / "config.json").write_text("{}")
     monkeypatch.setenv(trained.MODELS_ENV, str(tmp_path))
-    assert resolve_model_dir("pixart-mnist") == tmp_path / "pixart-mnist"
+    assert resolve_model_dir("my-dit") == tmp_path / "my-dit"
+    monkeypatch.setenv(trained.MODELS_ENV, str(tmp_path / "elsewhere"))
+    with pytest.raises(FileNotFoundError) as e:
+        resolve_model_dir("my-dit")
+    assert "'my-dit'" in str(e.value) and str(tmp_path / "elsewhere" / "my-dit") in str(e.value)
 
 
 def test_load_dit(dit: TrainedModel) -> None:
@@ -102,9 +100,7 @@ def test_save_grid(tmp_path: Path) -> None:
     assert img.getpixel((0, 40)) == 255 and img.getpixel((40, 40)) == 0  # padding
 
 
-def test_pixart_if_available() -> None:
-    if _pixart_dir() is None:
-        pytest.skip(f"pixart-mnist not found (set {trained.MODELS_ENV} to a folder containing pixart-mnist/)")
+def test_load_vendored_pixart() -> None:
     tm = load_trained("pixart-mnist")
     assert tm.kind == "pixart" and tm.conditioning is not None
     kw = tm.call_kwargs(torch.zeros(2, 1, 32, 32), torch.tensor([0.5, 0.5]), torch.tensor([0, 10]))

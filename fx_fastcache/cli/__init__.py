@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import sys
 
+from .main import main as _main
+
 
 def main(argv: list[str] | None = None) -> int:
-    from .main import main as _main
 
     return _main(sys.argv[1:] if argv is None else argv)

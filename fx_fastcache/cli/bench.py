@@ -10,6 +10,19 @@ import logging
 import time
 from pathlib import Path
 
+from fx_fastcache.bench import parse_methods, run_benchmark, write_all
+from fx_fastcache.bench.report import markdown_table, write_json
+from fx_fastcache.bench.runner import DEFAULT_METHODS
+from fx_fastcache.cli.common import (
+    TRAINED,
+    CLIError,
+    check_model_name,
+    non_negative_int,
+    positive_int,
+    quiet_library_warnings,
+    show_progress,
+)
+
 logger = logging.getLogger(__name__)
 
 
@@ -24,46 +37,54 @@ def _floats(text: str) -> list[float]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from fx_fastcache.bench.runner import DEFAULT_METHODS
 
-    p.add_argument("--model", default="dit-mnist", help="dit-mnist | pixart-mnist | PATH of a diffusers DiT/PixArt folder")
+    p.add_argument("--model", default="dit-mnist",
+                   help="dit-mnist | pixart-mnist | PATH of a diffusers DiT/PixArt folder (trained models only: "
+                        "quality on random tiny-* models means nothing)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma-separated: none, diffusers_fbc, cache_dit, first_block_cache, teacache, POLICY/FALLBACK "
                         "(e.g. step_forecast/forecast), optionally with :warmup=N:max_skip=N (default: %(default)s)")
     p.add_argument("--thresholds", type=_floats, default=None,
                    help="comma-separated threshold grid used for every method (default: a grid per method)")
-    p.add_argument("--images", type=int, default=16, help="evaluation images (default 16)")
-    p.add_argument("--steps", type=int, default=20, help="Euler steps (default 20)")
+    p.add_argument("--images", type=positive_int, default=16, help="evaluation images, at least 2 (default 16)")
+    p.add_argument("--steps", type=positive_int, default=20, help="Euler steps (default 20)")
     p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (default 2.0)")
     p.add_argument("--eval-seed", type=int, default=1000, help="first evaluation seed (default 1000)")
-    p.add_argument("--calib-images", type=int, default=4, help="calibration generations' images (default 4)")
+    p.add_argument("--calib-images", type=positive_int, default=4, help="calibration generations' images (default 4)")
     p.add_argument("--calib-seed", type=int, default=0, help="first calibration seed, disjoint from evaluation (default 0)")
     p.add_argument("--backend", choices=("eager", "inductor"), default="eager",
                    help="backend of the FastCache graphs (default eager: an inductor compile of the 12-block DiT took "
                         "about 2 minutes on 2 shared cores, more than a small sweep)")
-    p.add_argument("--timing-images", type=int, default=4,
+    p.add_argument("--timing-images", type=non_negative_int, default=4,
                    help="images of the interleaved uncached/cached timing batch; 0 skips timing (default 4)")
-    p.add_argument("--timing-repeats", type=int, default=1, help="timing pairs per run, best kept (default 1)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--timing-repeats", type=positive_int, default=1, help="timing pairs per run, best kept (default 1)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
     p.add_argument("--stem", default=None, help="file name stem (default bench-<model>)")
-    p.add_argument("--progress", action="store_true", help="tqdm bar over the steps of each generation")
+    p.add_argument("--progress", action="store_true",
+                   help="tqdm bar (stderr) over the steps of each generation even when stderr is not a terminal")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from fx_fastcache.bench import parse_methods, run_benchmark, write_all
-    from fx_fastcache.bench.report import markdown_table, write_json
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads {args.threads}: expected an integer >= 1")
-        torch.set_num_threads(args.threads)
     try:
         methods = parse_methods(args.methods.split(","), args.thresholds)
     except ValueError as e:
-        raise SystemExit(f"fx-fastcache bench: {e}") from None
+        raise CLIError(f"--methods {args.methods!r}: {e}") from None
+    if args.images < 2:
+        raise CLIError(f"--images {args.images}: the Fréchet distance needs at least 2 evaluation images; "
+                       f"pass --images 2 or more (default 16)")
+    check_model_name(str(args.model), allowed=TRAINED,
+                     why_not="bench measures quality, which needs a trained model (tiny-* models have random "
+                             "weights; use them with diff, schedule or export-onnx)")
+    if Path(args.out).is_file():
+        raise CLIError(f"--out {args.out!r} is a file; pass a folder for the JSON, Markdown and PNG outputs")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    progress = args.progress or show_progress(args.no_progress)
     stem = args.stem or f"bench-{Path(str(args.model)).name}"
     t0 = time.perf_counter()
     done: list[dict] = []
@@ -79,10 +100,11 @@ def run(args: argparse.Namespace) -> int:
               f"  SSIM {rec['ssim_mean']:.4f}" + (f"  speedup {sp:.2f}x (ideal {rec['ideal_speedup']:.2f}x)" if sp else ""),
               flush=True)
 
-    result = run_benchmark(model=args.model, methods=methods, n_images=args.images, steps=args.steps, cfg=args.cfg,
-                           eval_seed=args.eval_seed, calib_images=args.calib_images, calib_seed=args.calib_seed,
-                           backend=args.backend, timing_images=args.timing_images, timing_repeats=args.timing_repeats,
-                           on_run=on_run, progress=args.progress)
+    with quiet_library_warnings():
+        result = run_benchmark(model=args.model, methods=methods, n_images=args.images, steps=args.steps,
+                               cfg=args.cfg, eval_seed=args.eval_seed, calib_images=args.calib_images,
+                               calib_seed=args.calib_seed, backend=args.backend, timing_images=args.timing_images,
+                               timing_repeats=args.timing_repeats, on_run=on_run, progress=progress)
     result["setup"]["wall_s"] = time.perf_counter() - t0
     paths = write_all(result, args.out, stem)
     partial.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""Model resolution shared by the CLI subcommands (``--model NAME``).
+"""What the CLI subcommands share: model resolution (``--model NAME``), argument types, user errors.
 
 NAME is a shipped trained model (``dit-mnist``, ``pixart-mnist``), a tiny random-weight family
 model (``tiny-dit``, ``tiny-pixart``, ``tiny-sd3``, ``tiny-flux``, ``tiny-custom``, the video
@@ -7,13 +7,90 @@ of a diffusers model folder (a DiT or PixArt checkpoint trained like the MNIST m
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import argparse
+import contextlib
+import difflib
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from fx_fastcache.quiet import library_noise_silenced
+from fx_fastcache.trained import load_trained
+from fx_fastcache.zoo import TINY, make_tiny
+
 TRAINED = ("dit-mnist", "pixart-mnist")
+
+
+class CLIError(Exception):
+    """A user error: ``fx-fastcache`` prints its message as one line and exits with status 2."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--batch 0`` is an error, not "the default")."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (v >= 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
+
+
+def model_names() -> list[str]:
+    """Every model name ``--model`` accepts (besides a path): trained, then tiny ones."""
+
+    return [*TRAINED, *TINY]
+
+
+def check_model_name(name: str, option: str = "--model", allowed: tuple[str, ...] | None = None,
+                     why_not: str = "this command does not take that model") -> None:
+    """Raise :class:`CLIError` unless ``name`` is a known model name or a diffusers model folder.
+
+    ``allowed`` restricts the known names (``bench`` takes trained models only; ``why_not`` says
+    why); the message lists what exists and how to pass a folder.
+    """
+    names = list(allowed) if allowed is not None else model_names()
+    if name in names:
+        return
+    folder = Path(name).expanduser()
+    if (folder / "config.json").is_file():
+        return
+    if folder.is_dir():
+        what = f"{option} {name!r}: the folder has no config.json, so it is not a diffusers model folder"
+    elif name in model_names():
+        what = f"{option} {name!r}: {why_not}"
+    else:
+        what = f"{option} {name!r}: model not found"
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise CLIError(f"{what}{hint}; known models: {', '.join(names)}; or pass the path of a diffusers "
+                   f"model folder (containing config.json)")
 
 
 @dataclass
@@ -26,8 +103,9 @@ class ResolvedModel:
 
 
 def resolve_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> ResolvedModel:
-    from fx_fastcache.zoo import TINY, make_tiny
+    """Load ``name`` (checked first with :func:`check_model_name`, so a typo fails at once)."""
 
+    check_model_name(name)
     if name in TINY:
         tm = make_tiny(name)
         p = next(tm.model.parameters())
@@ -40,7 +118,6 @@ def resolve_model(name: str, dtype: torch.dtype = torch.float32, device: str = "
                         else v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
 
         return ResolvedModel(name, tm.model, inputs)
-    from fx_fastcache.trained import load_trained
 
     tr = load_trained(name, dtype=dtype, device=device)
 
@@ -51,3 +128,38 @@ def resolve_model(name: str, dtype: torch.dtype = torch.float32, device: str = "
         return tr.call_kwargs(x, torch.tensor(t / 1000.0), y)
 
     return ResolvedModel(tr.name, tr.model, trained_inputs, tr)
+
+
+def show_progress(disabled: bool = False) -> bool:
+    """Progress bars go to stderr, and only when it is a terminal (logs stay clean)."""
+    return not disabled and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def stage_bar(stages: list[str], enabled: bool) -> Iterator[Callable[[str], None]]:
+    """A tqdm bar over named stages of a long command; ``advance(name)`` starts the next one."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(stages), disable=not enabled, file=sys.stderr, unit="stage",
+               bar_format="{desc} [{n_fmt}/{total_fmt} stages, {elapsed}]")
+    state = {"started": False}
+
+    def advance(name: str) -> None:
+        if state["started"]:
+            bar.update(1)
+        state["started"] = True
+        bar.set_description_str(name)
+
+    try:
+        yield advance
+        if state["started"]:
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+def quiet_library_warnings():
+    """Silence warnings a CLI user cannot act on, only around the calls that raise them
+    (see :mod:`fx_fastcache.quiet`)."""
+
+    return library_noise_silenced()

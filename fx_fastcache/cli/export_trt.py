@@ -5,11 +5,12 @@ Fails at once (before reading anything) when ``tensorrt`` or a CUDA device is mi
 from __future__ import annotations
 
 import argparse
-import sys
+
+from fx_fastcache.cli.common import CLIError
+from fx_fastcache.export.tensorrt import ProfileRange, build_engine, require_tensorrt
 
 
 def _range(text: str):
-    from fx_fastcache.export.tensorrt import ProfileRange
 
     parts = text.split(":")
     try:
@@ -40,17 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from fx_fastcache.export.tensorrt import TensorRTUnavailable, build_engine, require_tensorrt
 
-    try:
-        require_tensorrt()
-    except TensorRTUnavailable as e:
-        print(f"fx-fastcache export-trt: {e}", file=sys.stderr)
-        return 2
+    if args.workspace <= 0:
+        raise CLIError(f"--workspace {args.workspace}: expected a positive number of GiB (default 4)")
+    require_tensorrt()  # TensorRTUnavailable: one line naming what is missing, exit 2
     if not Path(args.onnx).is_file():
-        print(f"fx-fastcache export-trt: ONNX file {args.onnx!r} does not exist; write it with "
-              f"`fx-fastcache export-onnx`", file=sys.stderr)
-        return 2
+        raise CLIError(f"ONNX file {args.onnx!r} does not exist; write it with `fx-fastcache export-onnx`")
     out = build_engine(args.onnx, args.out, fp16=args.fp16, bf16=args.bf16, workspace_gib=args.workspace,
                        batch=args.batch, tokens=args.tokens)
     print(f"wrote {out} and {out}.json")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..schedule_table import check_schedule_table
 from .base import Decider, Policy
 
 MAX_STEPS = 1024
@@ -20,10 +21,7 @@ def store_key(block: str) -> str:
 
 def install_table(store, blocks: list[str], table: torch.Tensor, device: torch.device) -> None:
     """Write a ``steps × blocks`` bool table into ``store`` (in place: captured graphs read the same tensors)."""
-    table = torch.as_tensor(table, dtype=torch.bool)
-    if table.ndim != 2 or table.shape[1] != len(blocks) or table.shape[0] > MAX_STEPS:
-        raise ValueError(f"schedule table has shape {tuple(table.shape)}; expected (steps<= {MAX_STEPS}, "
-                         f"{len(blocks)} blocks)")
+    table = check_schedule_table(table, n_blocks=len(blocks), max_steps=MAX_STEPS)  # strict: no coercion to bool
     for j, name in enumerate(blocks):
         col = torch.zeros(MAX_STEPS, dtype=torch.bool, device=device)
         col[: table.shape[0]] = table[:, j].to(device)

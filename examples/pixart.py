@@ -1,8 +1,8 @@
 """FastCache on a PixArt-Σ text-to-image pipeline.
 
-    python examples/pixart_sigma.py               # PixArt-alpha/PixArt-Sigma-XL-2-1024-MS (downloaded weights), CUDA
-    python examples/pixart_sigma.py --prompt "a red fox in the snow" --compare --out pixart.png
-    python examples/pixart_sigma.py --tiny        # tiny offline pipeline (CI)
+    python examples/pixart.py               # PixArt-alpha/PixArt-Sigma-XL-2-1024-MS (downloaded weights), CUDA
+    python examples/pixart.py --prompt "a red fox in the snow" --compare --out pixart.png
+    python examples/pixart.py --tiny        # tiny offline pipeline (CI)
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p = _common.parser(__doc__.splitlines()[0], "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", 20)
     p.add_argument("--prompt", default=PROMPT)
     args = p.parse_args(argv)
-    return _common.run(args, "pixart-sigma", load, call_kwargs)
+    return _common.run(args, "pixart", load, call_kwargs)
 
 
 if __name__ == "__main__":
