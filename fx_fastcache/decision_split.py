@@ -25,7 +25,6 @@ after block ``i − 1`` ran: they cannot be split and get a ``ValueError`` namin
 """
 from __future__ import annotations
 
-import copy
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +36,7 @@ import torch.utils._pytree as pytree
 
 from . import graph_protocol as gp
 from .graph_protocol import is_cond, is_decide
+from .quiet import quiet_deepcopy
 from .runtime.pin import unpin
 
 __all__ = ["DecisionSplit", "split_at_decisions", "resolve_conds", "guard_index"]
@@ -120,7 +120,7 @@ class DecisionSplit:
         return tuple(pat)
 
     def suffix(self, pattern: tuple[bool, ...]) -> fx.GraphModule:
-        graph = copy.deepcopy(self.suffix_template)
+        graph = quiet_deepcopy(self.suffix_template)
         preds = {n: bool(pattern[guard_index(n)]) for n in graph.nodes
                  if n.op == "placeholder" and gp.index_of(n.target) is not None}
         resolve_conds(graph, preds)
@@ -154,7 +154,7 @@ def _always_computes(gm: fx.GraphModule, decide: fx.Node) -> bool:
 
 def split_at_decisions(gm: fx.GraphModule, policy: str = "?") -> DecisionSplit:
     """Cut ``gm`` (a FastCache-rewritten graph) into a deciding prefix and a computing suffix."""
-    graph = copy.deepcopy(gm.graph)
+    graph = quiet_deepcopy(gm.graph)
     unpin(graph)  # no cond will be compiled: layout pins would only cost copies
     n_blocks = len(gp.conds(graph))
     if n_blocks == 0:

@@ -12,11 +12,12 @@ outside these calls stay visible.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import warnings
 from collections.abc import Iterator
 
-__all__ = ["library_noise_silenced"]
+__all__ = ["library_noise_silenced", "quiet_deepcopy"]
 
 #: (category, message regex) of warnings caused by torch internals we call, not by the user
 _WARNINGS: tuple[tuple[type[Warning], str], ...] = (
@@ -62,3 +63,9 @@ def library_noise_silenced() -> Iterator[None]:
         finally:
             for name, f in filters:
                 logging.getLogger(name).removeFilter(f)
+
+
+def quiet_deepcopy(obj):
+    """``copy.deepcopy(obj)`` without the pytree ``LeafSpec`` FutureWarning of copying exported graphs."""
+    with library_noise_silenced():
+        return copy.deepcopy(obj)

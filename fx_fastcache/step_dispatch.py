@@ -31,7 +31,6 @@ and ``fastcache.get_cache_statistics(dispatch.opt)`` keeps working.
 """
 from __future__ import annotations
 
-import copy
 import logging
 from collections import deque
 from typing import Any
@@ -45,6 +44,7 @@ from . import graph_protocol as gp
 from .decision_split import guard_index, resolve_conds, split_at_decisions
 from .fallbacks import FALLBACKS
 from .policies import POLICIES
+from .quiet import quiet_deepcopy
 from .runtime.pin import unpin
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def specialise(gm: fx.GraphModule, pattern: tuple[bool, ...]) -> fx.GraphModule:
 
     The copy shares ``gm``'s submodules and buffers (state), it only has a different graph.
     """
-    graph = copy.deepcopy(gm.graph)  # keeps the pytree codegen (keyword / nested inputs) of ep.module()
+    graph = quiet_deepcopy(gm.graph)  # keeps the pytree codegen (keyword / nested inputs) of ep.module()
     unpin(graph)  # no cond left to compile: layout pins would only cost copies
     preds = [n.args[0] for n in gp.conds(graph)]
     if not preds:
