@@ -63,6 +63,7 @@ def test_merge_refuses_different_settings():
         merge([a, b])
 
 
+@pytest.mark.slow
 def test_bench_cli_smoke(tmp_path, capsys):
     from fx_fastcache.cli.main import main
 

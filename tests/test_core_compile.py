@@ -13,6 +13,8 @@ from fx_fastcache.zoo import make_tiny
 
 from conftest import first
 
+pytestmark = pytest.mark.slow  # inductor compiles
+
 COMPILED = ["tiny-dit", "tiny-flux", "tiny-custom", "tiny-hunyuan-video"]  # flux, hunyuan: two block lists, joint streams
 STEPS30 = [1000.0 - i * (1000.0 / 30) for i in range(30)]
 

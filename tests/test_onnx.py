@@ -93,6 +93,7 @@ def test_runner_matches_pytorch_schedule(name, tiny_dit_export, tmp_path):
         assert err <= 1e-3, f"step {step} (skip row {sched.table[step]}): max abs error {err}"
 
 
+@pytest.mark.slow
 def test_dit_mnist_images_match(tmp_path):
     from fx_fastcache.trained import load_trained, sample
 

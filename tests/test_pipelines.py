@@ -181,6 +181,7 @@ def test_example_runs_tiny(script: str, extra: list[str], capsys: pytest.Capture
     assert "checks the plumbing" in text and "fx-fastcache demo" in text  # --tiny says what it is
 
 
+@pytest.mark.slow
 def test_realsize_benchmark_small_cpu(capsys: pytest.CaptureFixture) -> None:
     mod = _load(ROOT / "benchmarks" / "realsize.py")
     rc = mod.main(["--small", "--models", "pixart", "--compile", "eager", "--steps", "2", "--repeats", "1",
@@ -208,6 +209,7 @@ def test_pipeline_step_dispatch_matches_in_graph_schedule() -> None:
         np.testing.assert_array_equal(o, outs[0])
 
 
+@pytest.mark.slow
 def test_step_dispatch_inductor_matches_eager() -> None:
     """The specialised copies compile with fullgraph (no cond left) and keep the numerics."""
     tm = make_tiny("tiny-dit", layers=2)

@@ -174,6 +174,7 @@ def compiled():
     return opt, got, want, {k: dict(v) for k, v in counters.items()}
 
 
+@pytest.mark.slow
 def test_compiled_routing_has_no_graph_breaks_or_recompiles(compiled):
     opt, got, want, c = compiled
     assert sum(c.get("graph_break", {}).values()) == 0

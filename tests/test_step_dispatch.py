@@ -134,6 +134,7 @@ def compiled_forecast():
                 graphs=dynamo_utils.counters["stats"]["unique_graphs"])
 
 
+@pytest.mark.slow
 def test_device_decisions_compile_fullgraph(compiled_forecast) -> None:
     """Inductor: the prefix and one suffix per pattern, no graph break, numerics of eager
     (this also guards the forecast fallback's ``shift`` against the inductor copy bug)."""
@@ -145,6 +146,7 @@ def test_device_decisions_compile_fullgraph(compiled_forecast) -> None:
     assert _approximated(c["opt"]) == _approximated(c["ref"]) > 0
 
 
+@pytest.mark.slow
 def test_shift_keeps_the_old_value_under_inductor() -> None:
     """``b ← a`` then ``a ← new`` in one compiled graph: ``b`` must get the old ``a``."""
 
