@@ -29,11 +29,14 @@ class Policy:
     def __init__(self, config) -> None:
         self.config = config
 
-    def make_step_decider(self, signal_shape: tuple[int, ...], device, dtype, store) -> nn.Module | None:
+    # ``group``: the process group the tokens are split over (context parallelism) or ``None``;
+    # a decider sums its statistic's sums over it (``runtime/distributed.py``).
+    def make_step_decider(self, signal_shape: tuple[int, ...], device, dtype, store,
+                          group=None) -> nn.Module | None:
         return None
 
     def make_block_decider(self, index: int, block: str, signal_shape: tuple[int, ...] | None, device, dtype,
-                           store) -> nn.Module | None:
+                           store, group=None) -> nn.Module | None:
         return None
 
     def never_skip(self, index: int) -> bool:

@@ -32,5 +32,5 @@ class SchedulePolicy(Policy):
     scope = "block"
     signal = None
 
-    def make_block_decider(self, index, block, signal_shape, device, dtype, store):
+    def make_block_decider(self, index, block, signal_shape, device, dtype, store, group=None):
         return ScheduleDecider(block, device, store)

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from .base import Decider, Policy, per_sample_mean_abs
+from ..runtime.distributed import mean_abs_ratio
+from .base import Decider, Policy
 
 POLY_DEGREE = 4
 
 
 class TeaCacheDecider(Decider):
-    def __init__(self, signal_shape, device, dtype, store) -> None:
+    def __init__(self, signal_shape, device, dtype, store, group=None) -> None:
         super().__init__()
+        self.group = group
         self.register_buffer("u_prev", torch.zeros(signal_shape, dtype=dtype, device=device))
         self.register_buffer("acc", torch.tensor(0.0, device=device))
         self.register_buffer("n", torch.tensor(0.0, device=device))
@@ -29,7 +31,7 @@ class TeaCacheDecider(Decider):
 
     def forward(self, step, new_gen, ok, threshold, t, u):
         n = self.computed_count(new_gen)
-        rel = (per_sample_mean_abs(u - self.u_prev) / per_sample_mean_abs(self.u_prev).clamp_min(1e-12)).max()
+        rel = mean_abs_ratio(u - self.u_prev, self.u_prev, self.group).max()  # over every rank's tokens
         self.last_stat.fill_(0.0)
         self.last_stat.add_(rel)
         scaled = torch.zeros_like(rel)
@@ -49,5 +51,5 @@ class TeaCachePolicy(Policy):
     scope = "step"
     signal = "probe"
 
-    def make_step_decider(self, signal_shape, device, dtype, store):
-        return TeaCacheDecider(signal_shape, device, dtype, store)
+    def make_step_decider(self, signal_shape, device, dtype, store, group=None):
+        return TeaCacheDecider(signal_shape, device, dtype, store, group)
