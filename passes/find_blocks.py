@@ -28,7 +28,8 @@ def _trim_hook_nodes(region: list[fx.Node], index: int) -> list[fx.Node]:
     before the block's first input marker or after its last output marker belong to a hook:
     they stay in the graph, outside the region, and run whether the block is computed or not.
     """
-    ins = [i for i, n in enumerate(region) if n.target is MARK and str(n.args[1]).startswith((f"in:{index}:", f"arg:{index}:"))]
+    ins = [i for i, n in enumerate(region)
+           if n.target is MARK and str(n.args[1]).startswith((f"in:{index}:", f"arg:{index}:"))]
     outs = [i for i, n in enumerate(region) if n.target is MARK and str(n.args[1]).startswith(f"out:{index}:")]
     lo = ins[0] if ins else 0
     hi = outs[-1] + 1 if outs else len(region)

@@ -153,8 +153,8 @@ def guard_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
     if policy.scope == "step":
         if policy.anchor == "before_block0":
             probe = first.probe
-            step_decider = policy.make_step_decider(tuple(_val(probe).shape), _val(probe).device, _val(probe).dtype, ctx.store,
-                                                   group=ctx.process_group)
+            step_decider = policy.make_step_decider(tuple(_val(probe).shape), _val(probe).device, _val(probe).dtype,
+                                                   ctx.store, group=ctx.process_group)
             ctx.step_decider = _register(gm, "fastcache_step", step_decider)
             with g.inserting_before(first.nodes[0]):
                 step_pred = g.call_module(ctx.step_decider, (step, new_gen, ok, thr, t, probe))

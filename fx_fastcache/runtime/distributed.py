@@ -36,10 +36,6 @@ def _sq(x: torch.Tensor) -> torch.Tensor:
     return x.float().flatten(1).square().sum(dim=1)
 
 
-def _abs(x: torch.Tensor) -> torch.Tensor:
-    return x.float().flatten(1).abs().sum(dim=1)
-
-
 def norm_ratio(num: torch.Tensor, den: torch.Tensor, group: Any) -> torch.Tensor:
     """Per sample (dim 0) ``‖num‖_F / ‖den‖_F`` in float32, over the tokens of every rank."""
     if group is None:
@@ -48,20 +44,28 @@ def norm_ratio(num: torch.Tensor, den: torch.Tensor, group: Any) -> torch.Tensor
     return s[0].sqrt() / s[1].sqrt().clamp_min(1e-12)
 
 
+def _global_means(parts: list[torch.Tensor], count: torch.Tensor, group: Any) -> torch.Tensor:
+    """``parts`` (local sums) divided by the global element count, in one all-reduce."""
+    s = all_reduce_sum(torch.stack([*parts, count]), group)
+    return s[:-1] / s[-1]
+
+
 def mean_abs_ratio(num: torch.Tensor, den: torch.Tensor, group: Any) -> torch.Tensor:
-    """Per sample ``mean|num| / mean|den|`` (``num`` and ``den`` have the same shape), over every rank."""
+    """Per sample ``mean|num| / mean|den|`` (same shapes), over the tokens of every rank."""
     if group is None:
         return num.float().flatten(1).abs().mean(dim=1) / den.float().flatten(1).abs().mean(dim=1).clamp_min(1e-12)
-    s = all_reduce_sum(torch.stack([_abs(num), _abs(den)]), group)  # equal counts cancel in the ratio
-    return s[0] / s[1].clamp_min(1e-12)
+    a, b = num.float().flatten(1).abs(), den.float().flatten(1).abs()
+    m = _global_means([a.sum(dim=1), b.sum(dim=1)], torch.full_like(a[:, 0], a.shape[1]), group)
+    return m[0] / m[1].clamp_min(1e-12)
 
 
 def total_mean_abs_ratio(num: torch.Tensor, den: torch.Tensor, group: Any) -> torch.Tensor:
     """``mean|num| / mean|den|`` over the whole tensor (all samples), over every rank; a 0-d tensor."""
     if group is None:
         return num.float().abs().mean() / den.float().abs().mean().clamp_min(1e-12)
-    s = all_reduce_sum(torch.stack([num.float().abs().sum(), den.float().abs().sum()]), group)
-    return s[0] / s[1].clamp_min(1e-12)
+    a, b = num.float().abs(), den.float().abs()
+    m = _global_means([a.sum(), b.sum()], torch.tensor(float(a.numel()), device=a.device), group)
+    return m[0] / m[1].clamp_min(1e-12)
 
 
 # -- the model's process group --------------------------------------------------------------------

@@ -1,0 +1,204 @@
+"""FastCache on diffusers context parallelism, with real collectives: 2 CPU processes, gloo.
+
+One spawn runs every case (tiny Flux and Wan, Ulysses and ring, 10 Euler steps) and each rank
+saves what it saw; the tests below compare the ranks with each other and with a single-process
+run of the same model.  Thresholds are chosen where the statistic computed on one rank's tokens
+alone would take a different decision on each rank (checked, not assumed): without the
+all-reduce the ranks would diverge in the blocks' collectives and hang.  ``init_process_group``
+has a 30 s timeout, so a regression fails instead of hanging.
+
+CPU only: ``fx_fastcache.cpu_parallel.patch_diffusers_for_cpu`` (diffusers divides by the
+accelerator count; ring attention needs the log-sum-exp, see that module).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+
+WORLD = 2
+STEPS = 10
+
+# (name, family, context-parallel mode, config).  Thresholds were picked from the per-rank local
+# statistics (see test_thresholds_straddle_the_local_statistics).
+CASES = [
+    ("flux-ulysses-step_forecast", "flux", "ulysses", dict(policy="step_forecast", cache_ratio_threshold=0.112)),
+    ("flux-ring-chi2", "flux", "ring", dict(policy="chi2", fallback="residual", cache_ratio_threshold=0.3)),
+    ("wan-ulysses-step_forecast", "wan", "ulysses", dict(policy="step_forecast", cache_ratio_threshold=0.1245,
+                                                         warmup_steps=3)),
+    ("wan-ring-first_block_cache", "wan", "ring", dict(policy="first_block_cache", fallback="residual",
+                                                       cache_ratio_threshold=0.0597)),
+]
+#: Cases whose local statistics must straddle the threshold (step-level policies: one statistic per step;
+#: measured: Flux step 2 local maxima 0.1093 / 0.1143 vs 0.1096 in one process, Wan step 3 0.1236 / 0.1254
+#: vs 0.1262, Wan First-Block-Cache step 2 0.0589 / 0.0600 vs 0.0594).
+STRADDLE = ("flux-ulysses-step_forecast", "wan-ulysses-step_forecast", "wan-ring-first_block_cache")
+
+
+def _tiny(family: str):
+    from fx_fastcache.zoo import tiny_flux, tiny_wan
+
+    return tiny_flux() if family == "flux" else tiny_wan()
+
+
+def _euler(model, tm, steps: int = STEPS):
+    """``steps`` Euler steps of a flow-matching sampler; returns (x, per-step skip counts, per-step stats)."""
+    import fx_fastcache as fastcache
+
+    kw = tm.make_inputs(1000.0)
+    x = kw["hidden_states"]
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    pattern, stats = [], []
+    for i in range(steps):
+        before = fastcache.get_cache_statistics(model)["blocks_approximated"] if hasattr(model, "entries") else 0
+        v = model(**dict(kw, hidden_states=x, timestep=tm.make_inputs(float(sigmas[i]) * 1000.0)["timestep"]))[0]
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+        if hasattr(model, "entries"):
+            pattern.append(fastcache.get_cache_statistics(model)["blocks_approximated"] - before)
+            stats.append([d.last_stat.clone() for e in model.entries() for d in e.deciders()])
+    return x, pattern, stats
+
+
+def _worker(rank: int, port: int, outdir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))
+    try:
+        _run_cases(rank, outdir)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_cases(rank: int, outdir: str) -> None:
+    import torch.distributed as dist
+    from diffusers import ContextParallelConfig
+
+    import fx_fastcache as fastcache
+    from fx_fastcache.cpu_parallel import patch_diffusers_for_cpu
+
+    patch_diffusers_for_cpu()
+    alone = [dist.new_group([r]) for r in range(WORLD)][rank]  # this rank only: local statistics
+    res: dict = {}
+    for name, family, mode, cfg in CASES:
+        tm = _tiny(family)
+        model = tm.model
+        base = {"backend": "eager", "warmup_steps": 2, **cfg}
+        ref, ref_pat, ref_stats = _euler(fastcache.optimize(model, **base), tm)
+        late = None
+        if name == "wan-ulysses-step_forecast":  # optimize, capture, then enable parallelism
+            late = fastcache.optimize(model, **base)
+            late(**tm.make_inputs(1000.0))
+        model.enable_parallelism(config=ContextParallelConfig(**{f"{mode}_degree": WORLD}))
+        local = None
+        if name in STRADDLE:  # the statistic on this rank's tokens only, along the all-computed trajectory
+            probe = fastcache.optimize(model, process_group=alone, **dict(base, enable_block_approx=False))
+            _, _, local = _euler(probe, tm)
+        opt = fastcache.optimize(model, **base)
+        out, pat, stats = _euler(opt, tm)
+        r = dict(ref=ref, ref_pattern=ref_pat, ref_stats=ref_stats, out=out, pattern=pat, stats=stats,
+                 local=local, statistics=fastcache.get_cache_statistics(opt), threshold=cfg["cache_ratio_threshold"],
+                 warmup=base["warmup_steps"])
+        if late is not None:
+            r["late_out"], r["late_pattern"], _ = _euler(late, tm)
+        if name == "flux-ulysses-step_forecast":  # a structural re-capture keeps the split
+            fastcache.configure(opt, fallback="residual")
+            r["configured_out"], r["configured_pattern"], _ = _euler(opt, tm)
+            single = _tiny(family)
+            r["configured_ref"], r["configured_ref_pattern"], _ = _euler(
+                fastcache.optimize(single.model, **dict(base, fallback="residual")), single)
+            for bad in (dict(enable_spatial_approx=True), dict(enable_token_merge=True, merge_ratio=0.5)):
+                try:
+                    fastcache.optimize(model, **dict(base, **bad))
+                    r.setdefault("errors", []).append(None)
+                except ValueError as e:
+                    r.setdefault("errors", []).append(str(e))
+        res[name] = r
+    torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    pytest.importorskip("diffusers")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    outdir = str(tmp_path_factory.mktemp("cp"))
+    mp.spawn(_worker, args=(_free_port(), outdir), nprocs=WORLD, join=True)
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+def test_every_rank_takes_the_single_process_decisions(ranks, case):
+    ref = ranks[0][case]
+    assert any(ref["ref_pattern"]), f"{case}: the single-process run skipped nothing; the case tests nothing"
+    assert len(set(ref["ref_pattern"][ref["warmup"]:])) > 1, f"{case}: the single-process run took one decision " \
+                                                              f"after warm-up {ref['ref_pattern']}; the case tests little"
+    for r, res in enumerate(ranks):
+        c = res[case]
+        assert c["pattern"] == c["ref_pattern"], f"{case}: rank {r} skipped {c['pattern']}, single process " \
+                                                 f"{c['ref_pattern']}"
+        assert _max_err(c["out"], c["ref"]) < 1e-5, f"{case}: rank {r} output differs from the single process"
+        for step, (a, b) in enumerate(zip(c["stats"], c["ref_stats"])):
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=f"{case}: rank {r} step {step} statistic")
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+def test_statistics_identical_on_every_rank(ranks, case):
+    first = ranks[0][case]
+    for r, res in enumerate(ranks[1:], 1):
+        assert res[case]["statistics"] == first["statistics"], f"{case}: get_cache_statistics differs on rank {r}"
+        for a, b in zip(res[case]["stats"], first["stats"]):
+            for x, y in zip(a, b):
+                assert torch.equal(x, y), f"{case}: decision statistics differ between rank 0 and rank {r}"
+
+
+@pytest.mark.parametrize("case", STRADDLE)
+def test_thresholds_straddle_the_local_statistics(ranks, case):
+    """On some step before the first skip, the local statistics of the ranks fall on different sides of
+    the threshold: a decision per rank would disagree there (and deadlock)."""
+    thr = ranks[0][case]["threshold"]
+    pattern = ranks[0][case]["ref_pattern"]
+    first_skip = next((i for i, p in enumerate(pattern) if p), len(pattern) - 1)
+    local = [res[case]["local"] for res in ranks]
+    straddles = [s for s in range(ranks[0][case]["warmup"], first_skip + 1)
+                 if len({bool((loc[s][0] <= thr).all()) for loc in local}) > 1]
+    seen = [[loc[s][0].tolist() for s in range(first_skip + 1)] for loc in local]
+    assert straddles, f"{case}: local statistics {seen} do not straddle threshold {thr} before step {first_skip}"
+
+
+def test_structural_configure_keeps_the_split(ranks):
+    for r, res in enumerate(ranks):
+        c = res["flux-ulysses-step_forecast"]
+        assert c["configured_out"].shape == c["configured_ref"].shape
+        assert c["configured_pattern"] == c["configured_ref_pattern"]
+        assert _max_err(c["configured_out"], c["configured_ref"]) < 1e-5, f"rank {r}"
+
+
+def test_parallelism_enabled_after_capture_recaptures(ranks):
+    for r, res in enumerate(ranks):
+        c = res["wan-ulysses-step_forecast"]
+        assert c["late_pattern"] == c["ref_pattern"], f"rank {r}"
+        assert _max_err(c["late_out"], c["ref"]) < 1e-5, f"rank {r}"
+
+
+def test_token_routing_and_merging_raise_under_context_parallelism(ranks):
+    for res in ranks:
+        errors = res["flux-ulysses-step_forecast"]["errors"]
+        assert all(e is not None and "context parallelism" in e for e in errors), errors
