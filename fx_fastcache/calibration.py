@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .fallbacks import FALLBACKS
+from .runtime.distributed import total_mean_abs_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +70,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 class Recorder:
     """Called by every guard after its block ran (eager graph, calibration only)."""
 
-    def __init__(self, fallback: str, lags: int) -> None:
+    def __init__(self, fallback: str, lags: int, group=None) -> None:
         self.fallback = fallback
         self.lags = lags
+        self.group = group  # context parallelism: sums are summed over the ranks (see fit)
         self.history: dict[tuple[str, int], deque] = defaultdict(lambda: deque(maxlen=lags))
         self.fits: dict[tuple[str, str], NormalEquations] = {}
         self.t_last: dict[str, float] = {}
@@ -113,7 +115,7 @@ class Recorder:
         if is_last:
             y = outs[-1].detach().float()
             if self._tea_prev_out is not None and not new_gen and self._tea_prev_out.shape == y.shape:
-                rel = ((y - self._tea_prev_out).abs().mean() / self._tea_prev_out.abs().mean().clamp_min(1e-12))
+                rel = total_mean_abs_ratio(y - self._tea_prev_out, self._tea_prev_out, self.group)
                 self.tea_out.append(float(rel))
             self._tea_prev_out = y
 
@@ -126,6 +128,8 @@ def fit(opt, rec: Recorder) -> dict[str, float]:
     cfg = opt.fastcache_config
     store = opt.store
     summary: dict[str, float] = {}
+    if rec.group is not None:
+        _sum_over_ranks(rec, opt.device)
     for (block, stream), eq in rec.fits.items():
         if eq.rows == 0:
             continue
@@ -168,6 +172,24 @@ def fit(opt, rec: Recorder) -> dict[str, float]:
     return summary
 
 
+def _sum_over_ranks(rec: Recorder, device: torch.device) -> None:
+    """Context parallelism: each rank saw its own tokens; sum the normal equations over the ranks so that
+    every rank solves the same fit (that of all tokens).  The policy statistics the recorder keeps were
+    already summed inside the graph."""
+    import torch.distributed as dist
+
+    for key in sorted(rec.fits):
+        eq = rec.fits[key]
+        flat = torch.cat([eq.xtx.flatten(), eq.xty.flatten(), torch.tensor([float(eq.rows)], dtype=torch.float64)])
+        flat = flat.to(device)  # NCCL reduces device tensors only
+        dist.all_reduce(flat, group=rec.group)
+        flat = flat.cpu()
+        n1, n2 = eq.xtx.numel(), eq.xty.numel()
+        eq.xtx = flat[:n1].reshape(eq.xtx.shape)
+        eq.xty = flat[n1:n1 + n2].reshape(eq.xty.shape)
+        eq.rows = int(flat[-1])
+
+
 @contextlib.contextmanager
 def calibrate(opt) -> Iterator[None]:
     """Full compute inside; records block I/O; fits fallback and policy parameters on exit."""
@@ -175,7 +197,7 @@ def calibrate(opt) -> Iterator[None]:
 
     if not isinstance(opt, FastCacheModule):
         raise TypeError(f"calibrate() expects the module returned by fastcache.optimize(), got {type(opt).__name__}")
-    rec = Recorder(opt.fastcache_config.fallback, opt.fastcache_config.calibration_lags)
+    rec = Recorder(opt.fastcache_config.fallback, opt.fastcache_config.calibration_lags, opt.process_group())
     opt.reset()
     opt.set_force_compute(True)
     opt.set_recorder(_StepStatHook(rec, opt))
