@@ -327,6 +327,7 @@ class FastCacheModule(nn.Module):
 
             dispatch_decide_mode(new)  # step dispatch is on: the new policy must decide per step
         structural = [k for k in changes if k not in RUNTIME_FIELDS]
+        _check_parallel(new, self.process_group())  # routing/merging under context parallelism: raise now
         self.fastcache_config = new
         if structural:
             logger.info("fx-fastcache: %s changed; graphs will be re-captured", structural)
@@ -358,15 +359,14 @@ class FastCacheModule(nn.Module):
 
 def _check_parallel(cfg: FastCacheConfig, group: Any) -> None:
     """Token routing and merging re-run a block on a per-rank subset of its tokens: not with context parallelism."""
-    if group is None:
+    on = [k for k in ("enable_spatial_approx", "enable_token_merge") if getattr(cfg, k)]
+    if group is None or not on or (on == ["enable_token_merge"] and cfg.merge_ratio >= 1.0):  # ratio 1: no merge
         return
-    on = [f"{k}=True" for k in ("enable_spatial_approx", "enable_token_merge") if getattr(cfg, k)]
-    if on and not (on == ["enable_token_merge=True"] and cfg.merge_ratio >= 1.0):
-        raise ValueError(
-            f"{', '.join(on)} is not supported with context parallelism: token routing/merging re-runs each block "
-            f"on a subset of the tokens chosen per rank, but the block's attention exchanges tokens between ranks, "
-            f"which needs every rank to hold an equal share of one full sequence. Set "
-            f"{', '.join(k.split('=')[0] + '=False' for k in on)}, or run without context parallelism.")
+    raise ValueError(
+        f"{' and '.join(k + '=True' for k in on)}: not supported with context parallelism. Token routing/merging "
+        f"re-runs each block on a subset of the tokens chosen per rank, but the block's attention exchanges tokens "
+        f"between ranks, which needs every rank to hold an equal share of one full sequence. Set "
+        f"{', '.join(k + '=False' for k in on)}, or run without context parallelism.")
 
 
 def _tensor_shapes(described: tuple) -> list:

@@ -280,6 +280,7 @@ class StepDispatch(nn.Module):
         opt = self.opt
         kw = opt._bind(args, kwargs)
         opt._check_inputs(kw)
+        opt._check_parallel_setup()  # parallelism enabled after a capture: re-capture
         key = opt._key(kw)
         opt._check_generation(key, kw)  # as without dispatch: no shape change inside a generation
         entry = opt._entries.get(key) or opt.capture(**kw)

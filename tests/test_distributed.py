@@ -268,3 +268,64 @@ def test_example_context_parallel_tiny(tmp_path):
     assert "block evaluations approximated" in done.stdout
     assert "identical on every rank" in done.stdout, done.stdout
     assert (tmp_path / "wan.png").is_file()
+
+
+# -- single process: diffusers hooks survive capture --------------------------------------------
+def _hooked_custom():
+    """Tiny custom DiT whose block 1 has a diffusers pre-forward hook doubling its input (a stand-in for
+    context parallelism's split at a block's boundary) and whose model has a post-forward hook."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    from fx_fastcache.zoo import tiny_custom
+
+    class Double(ModelHook):
+        def pre_forward(self, module, x, temb):
+            return (x * 2.0, temb), {}
+
+    class Shift(ModelHook):
+        def post_forward(self, module, output):
+            return output + 1.0
+
+    tm = tiny_custom()
+    HookRegistry.check_if_exists_or_initialize(tm.model.blocks[1]).register_hook(Double(), "double")
+    HookRegistry.check_if_exists_or_initialize(tm.model).register_hook(Shift(), "shift")
+    return tm
+
+
+def test_capture_keeps_diffusers_hooks_and_leaves_boundary_nodes_outside_the_block():
+    import fx_fastcache as fastcache
+
+    tm = _hooked_custom()
+    model = tm.model
+    hooked_forwards = (model.__dict__["forward"], model.blocks[1].__dict__["forward"])
+    eager = [model(**tm.make_inputs(t)) for t in (900.0, 800.0, 700.0)]
+    opt = fastcache.optimize(model, backend="eager", cache_ratio_threshold=0.0)
+    outs = [opt(**tm.make_inputs(t)) for t in (900.0, 800.0, 700.0)]
+    for a, b in zip(outs, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (model.__dict__["forward"], model.blocks[1].__dict__["forward"]) == hooked_forwards
+    torch.testing.assert_close(model(**tm.make_inputs(900.0)), eager[0], rtol=0, atol=0)
+    # the hook's doubling runs in the main graph, before block 1's guarded cond, not inside the block
+    gm = opt.entries()[0].gm
+
+    def doubles(g):
+        return [n for n in g.nodes if n.target is torch.ops.aten.mul.Tensor and isinstance(n.args[1], float)
+                and n.args[1] == 2.0]
+
+    assert not doubles(gm.fastcache_block_1.graph), "the pre-forward hook's nodes were captured inside block 1"
+    assert len(doubles(gm.graph)) == 1
+    fastcache.configure(opt, fallback="residual")  # a structural re-capture keeps the hooks too
+    torch.testing.assert_close(opt(**tm.make_inputs(900.0)), eager[0], rtol=0, atol=0)
+    assert model.blocks[1].__dict__["forward"] is hooked_forwards[1]
+
+
+def test_process_group_none_adds_no_collective():
+    import fx_fastcache as fastcache
+    from fx_fastcache.zoo import tiny_custom
+
+    tm = tiny_custom()
+    for policy in ("step_forecast", "chi2", "teacache", "first_block_cache"):
+        opt = fastcache.optimize(tm.model, backend="eager", policy=policy, fallback="residual")
+        opt(**tm.make_inputs(900.0))
+        assert opt.process_group() is None
+        assert all(getattr(d, "group", None) is None for e in opt.entries() for d in e.deciders()), policy
