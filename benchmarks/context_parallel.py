@@ -75,6 +75,8 @@ def main() -> int:
     p.add_argument("--config", choices=["tiny", "mid"], default="tiny")
     p.add_argument("--threshold", type=float, default=0.112)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--backend", choices=["eager", "inductor"], default="eager",
+                   help="backend of the context-parallel Euler run (the timing and the reference stay eager)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default: 30 tiny, 6 mid)")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -131,7 +133,7 @@ def main() -> int:
     ar_time = statistics.median(ar)
 
     # -- the decisions and the output against the single process
-    opt = fastcache.optimize(model, cache_ratio_threshold=args.threshold, **kw)
+    opt = fastcache.optimize(model, cache_ratio_threshold=args.threshold, **dict(kw, backend=args.backend))
     out, pattern = euler(opt, make_inputs, args.steps)
     err = float((out - ref).abs().max())
     every = [None] * world
@@ -145,10 +147,10 @@ def main() -> int:
     say(f"| {step_with * 1e3:.2f} ms | {step_without * 1e3:.2f} ms | {(step_with - step_without) * 1e3:+.2f} ms | "
         f"{ar_time * 1e6:.0f} us | {ar_time / step_with:.2%} |")
     frac = sum(ref_pattern) / (n_blocks * args.steps)
-    say(f"\nthreshold {args.threshold}, {args.steps} Euler steps: single process skips {ref_pattern} "
+    say(f"\nthreshold {args.threshold}, {args.steps} Euler steps: single process (eager) skips {ref_pattern} "
         f"({frac:.0%} of block evaluations)")
     for r, (pat, e) in enumerate(every):
-        say(f"rank {r}: skips {pat} ({sum(pat) / (n_blocks * args.steps):.0%}), "
+        say(f"rank {r} ({args.backend}): skips {pat} ({sum(pat) / (n_blocks * args.steps):.0%}), "
             f"{'same' if pat == ref_pattern else 'DIFFERENT'} pattern, max |output - single process| = {e:.2e}")
     dist.destroy_process_group()
     return 0

@@ -50,7 +50,8 @@ def _tiny(family: str):
 
 
 def _euler(model, tm, steps: int = STEPS):
-    """``steps`` Euler steps of a flow-matching sampler; returns (x, per-step skip counts, per-step stats)."""
+    """``steps`` Euler steps of a flow-matching sampler with an optimized ``model``; returns (x, per-step
+    counts of approximated blocks, per-step decider statistics)."""
     import fx_fastcache as fastcache
 
     kw = tm.make_inputs(1000.0)
@@ -58,12 +59,11 @@ def _euler(model, tm, steps: int = STEPS):
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
     pattern, stats = [], []
     for i in range(steps):
-        before = fastcache.get_cache_statistics(model)["blocks_approximated"] if hasattr(model, "entries") else 0
+        before = fastcache.get_cache_statistics(model)["blocks_approximated"]
         v = model(**dict(kw, hidden_states=x, timestep=tm.make_inputs(float(sigmas[i]) * 1000.0)["timestep"]))[0]
         x = x + (sigmas[i + 1] - sigmas[i]) * v
-        if hasattr(model, "entries"):
-            pattern.append(fastcache.get_cache_statistics(model)["blocks_approximated"] - before)
-            stats.append([d.last_stat.clone() for e in model.entries() for d in e.deciders()])
+        pattern.append(fastcache.get_cache_statistics(model)["blocks_approximated"] - before)
+        stats.append([d.last_stat.clone() for e in model.entries() for d in e.deciders()])
     return x, pattern, stats
 
 
@@ -123,7 +123,7 @@ def _run_cases(rank: int, outdir: str) -> None:
                 except ValueError as e:
                     r.setdefault("errors", []).append(str(e))
         res[name] = r
-    res["calibration"] = _calibration_case()
+    res["calibration"] = _calibration_case(os.path.join(outdir, f"calibration{rank}.safetensors"))
     torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
 
 
@@ -135,19 +135,26 @@ def _calibrated(model, tm, cfg):
         _euler(opt, tm)
     store = {k: v.clone() for k, v in opt.store.tensors.items()}
     out, pattern, _ = _euler(opt, tm)
-    return dict(store=store, out=out, pattern=pattern)
+    return opt, dict(store=store, out=out, pattern=pattern)
 
 
-def _calibration_case() -> dict:
+def _calibration_case(path: str) -> dict:
     """Calibrate under context parallelism: fits and TeaCache's polynomial come from every rank's tokens."""
     from diffusers import ContextParallelConfig
 
+    import fx_fastcache as fastcache
+
     cfg = dict(policy="teacache", fallback="residual_linear", cache_ratio_threshold=CALIBRATED_THRESHOLD)
     tm = _tiny("flux")
-    single = _calibrated(tm.model, tm, cfg)
+    single_opt, single = _calibrated(tm.model, tm, cfg)
     tm = _tiny("flux")
     tm.model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
-    return dict(single=single, cp=_calibrated(tm.model, tm, cfg))
+    _, cp = _calibrated(tm.model, tm, cfg)
+    # a file calibrated in one process loads on a context-parallel model (same weights, same fingerprint)
+    fastcache.save_calibration(single_opt, path)
+    loaded = fastcache.optimize(tm.model, backend="eager", **cfg)
+    fastcache.load_calibration(loaded, path)
+    return dict(single=single, cp=cp, loaded={k: v.clone() for k, v in loaded.store.tensors.items()})
 
 
 def _free_port() -> int:
@@ -252,6 +259,9 @@ def test_calibration_under_context_parallelism_fits_every_rank_alike(ranks):
             torch.testing.assert_close(v, single["store"][k], rtol=1e-4, atol=1e-5, msg=f"rank {r}: fit {k}")
         assert cp["pattern"] == single["pattern"] and any(single["pattern"]), (cp["pattern"], single["pattern"])
         assert _max_err(cp["out"], single["out"]) < 1e-5
+        loaded = res["calibration"]["loaded"]
+        assert sorted(loaded) == sorted(single["store"])
+        assert all(torch.equal(loaded[k], single["store"][k]) for k in loaded), "a saved calibration loads unchanged"
 
 
 @pytest.mark.slow
