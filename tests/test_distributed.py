@@ -93,7 +93,8 @@ def _run_cases(rank: int, outdir: str) -> None:
         tm = _tiny(family)
         model = tm.model
         base = {"backend": "eager", "warmup_steps": 2, **cfg}
-        ref, ref_pat, ref_stats = _euler(fastcache.optimize(model, **base), tm)
+        ref_opt = fastcache.optimize(model, **base)
+        ref, ref_pat, ref_stats = _euler(ref_opt, tm)
         late = None
         if name == "wan-ulysses-step_forecast":  # optimize, capture, then enable parallelism
             late = fastcache.optimize(model, **base)
@@ -106,7 +107,8 @@ def _run_cases(rank: int, outdir: str) -> None:
         opt = fastcache.optimize(model, **base)
         out, pat, stats = _euler(opt, tm)
         r = dict(ref=ref, ref_pattern=ref_pat, ref_stats=ref_stats, out=out, pattern=pat, stats=stats,
-                 local=local, statistics=fastcache.get_cache_statistics(opt), threshold=cfg["cache_ratio_threshold"],
+                 local=local, statistics=fastcache.get_cache_statistics(opt),
+                 ref_statistics=fastcache.get_cache_statistics(ref_opt), threshold=cfg["cache_ratio_threshold"],
                  warmup=base["warmup_steps"])
         if late is not None:
             r["late_out"], r["late_pattern"], _ = _euler(late, tm)
@@ -204,8 +206,9 @@ def test_every_rank_takes_the_single_process_decisions(ranks, case):
 
 
 @pytest.mark.parametrize("case", [c[0] for c in CASES])
-def test_statistics_identical_on_every_rank(ranks, case):
+def test_statistics_identical_on_every_rank_and_to_the_single_process(ranks, case):
     first = ranks[0][case]
+    assert first["statistics"] == first["ref_statistics"], f"{case}: statistics differ from the single process"
     for r, res in enumerate(ranks[1:], 1):
         assert res[case]["statistics"] == first["statistics"], f"{case}: get_cache_statistics differs on rank {r}"
         for a, b in zip(res[case]["stats"], first["stats"]):
