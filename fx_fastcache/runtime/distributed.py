@@ -70,11 +70,6 @@ def total_mean_abs_ratio(num: torch.Tensor, den: torch.Tensor, group: Any) -> to
 
 # -- the model's process group --------------------------------------------------------------------
 
-def _cp_config(model: nn.Module) -> Any:
-    pc = getattr(model, "_parallel_config", None)  # set by diffusers' enable_parallelism
-    return getattr(pc, "context_parallel_config", None) if pc is not None else None
-
-
 def process_group_of(model: nn.Module) -> Any:
     """The process group over which ``model``'s tokens are split, or ``None``.
 
@@ -82,7 +77,8 @@ def process_group_of(model: nn.Module) -> Any:
     mesh (``ContextParallelConfig._flattened_mesh``), so that is the group the sums run over.
     Tensor parallelism alone keeps every token on every rank: no group is needed.
     """
-    cp = _cp_config(model)
+    pc = getattr(model, "_parallel_config", None)  # set by diffusers' enable_parallelism
+    cp = getattr(pc, "context_parallel_config", None)
     if cp is None:
         return None
     mesh = getattr(cp, "_flattened_mesh", None)
@@ -104,7 +100,3 @@ def parallel_signature(model: nn.Module) -> int | None:
     """
     pc = getattr(model, "_parallel_config", None)
     return None if pc is None else id(pc)
-
-
-def uses_context_parallel(model: nn.Module) -> bool:
-    return _cp_config(model) is not None
