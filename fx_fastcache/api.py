@@ -33,12 +33,12 @@ def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfi
             compiled by the dispatcher, so pair it with ``backend="eager"`` to skip the unused
             compile of the guarded graph.  Step-level policies and schedules only.  With a
             schedule call ``fastcache.reset(opt)`` before each generation.
-        process_group: the ``torch.distributed`` group the model's tokens are split over, for
-            sequence parallelism set up by hand.  Default: the group of diffusers' context
-            parallelism (``model.enable_parallelism``), read from the model at capture, or none.
-            With a group every decision statistic is summed over its ranks inside the graph (one
-            small all-reduce per decision), so all ranks take the same decisions
-            (docs/MULTI_DEVICE.md).
+        process_group: the ``torch.distributed`` group (or 1-D ``DeviceMesh``) the model's tokens
+            are split over, for sequence parallelism set up by hand.  Default: the group of
+            diffusers' context parallelism (``model.enable_parallelism``), read from the model at
+            capture, or none.  With a group every decision statistic is summed over its ranks
+            inside the graph (one small all-reduce per decision), so all ranks take the same
+            decisions (docs/MULTI_DEVICE.md).
     """
     config = FastCacheConfig.resolve(config, **overrides)
     opt = FastCacheModule(model, config, backend=backend, blocks=blocks, process_group=process_group)

@@ -23,7 +23,7 @@ from .fallbacks import FALLBACKS, CalibrationStore
 from .families import FamilySpec, block_modules, resolve_family
 from .markers import marked
 from .policies import POLICIES
-from .runtime.distributed import parallel_signature, process_group_of
+from .runtime.distributed import as_process_group, parallel_signature, process_group_of
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class FastCacheModule(nn.Module):
             raise ValueError(f"{type(model).__name__} has no parameters; nothing to optimize")
         # context parallelism (docs/MULTI_DEVICE.md): the group the deciders sum over, given by the
         # user or read from the model's diffusers parallel config at every capture
-        self._process_group = process_group
+        self._process_group = as_process_group(process_group)
         self._parallel_sig: int | None = None  # parallel_signature(model) when the graphs were captured
         _check_parallel(config, self.process_group())
 

@@ -126,6 +126,11 @@ def _run_cases(rank: int, outdir: str) -> None:
                         r.setdefault("errors", []).append(None)
                     except ValueError as e:
                         r.setdefault("errors", []).append(str(e))
+            try:
+                fastcache.optimize(model, process_group=rank)
+                r["type_error"] = None
+            except TypeError as e:
+                r["type_error"] = str(e)
         res[name] = r
     res["calibration"] = _calibration_case(os.path.join(outdir, f"calibration{rank}.safetensors"))
     torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
@@ -195,8 +200,8 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_every_rank_takes_the_single_process_decisions(ranks, case):
     ref = ranks[0][case]
     assert any(ref["ref_pattern"]), f"{case}: the single-process run skipped nothing; the case tests nothing"
-    assert len(set(ref["ref_pattern"][ref["warmup"]:])) > 1, f"{case}: the single-process run took one decision " \
-                                                              f"after warm-up {ref['ref_pattern']}; the case tests little"
+    assert len(set(ref["ref_pattern"][ref["warmup"]:])) > 1, \
+        f"{case}: the single-process run took one decision after warm-up {ref['ref_pattern']}; it tests little"
     for r, res in enumerate(ranks):
         c = res[case]
         assert c["pattern"] == c["ref_pattern"], f"{case}: rank {r} skipped {c['pattern']}, single process " \
@@ -345,3 +350,15 @@ def test_process_group_none_adds_no_collective():
         opt(**tm.make_inputs(900.0))
         assert opt.process_group() is None
         assert all(getattr(d, "group", None) is None for e in opt.entries() for d in e.deciders()), policy
+
+
+def test_bad_process_group_is_a_clear_error(ranks):
+    for res in ranks:
+        assert "ProcessGroup" in (res["flux-ulysses-step_forecast"]["type_error"] or "")
+    import fx_fastcache as fastcache
+    from fx_fastcache.zoo import tiny_custom
+
+    tm = tiny_custom()
+    if torch.distributed.is_available() and not torch.distributed.is_initialized():
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            fastcache.optimize(tm.model, backend="eager", process_group=object())

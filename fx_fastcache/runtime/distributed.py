@@ -70,6 +70,28 @@ def total_mean_abs_ratio(num: torch.Tensor, den: torch.Tensor, group: Any) -> to
 
 # -- the model's process group --------------------------------------------------------------------
 
+def as_process_group(group: Any) -> Any:
+    """A user's ``process_group=`` as a ``ProcessGroup`` (a 1-D ``DeviceMesh`` gives its group)."""
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("process_group= needs torch.distributed: call torch.distributed.init_process_group() "
+                           "first (torchrun sets up rank and world size)")
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(f"process_group= got a {group.ndim}-D DeviceMesh; pass the 1-D mesh (or its group) the "
+                             f"tokens are split over, e.g. mesh['cp'] or mesh['ring', 'ulysses']._flatten()")
+        return group.get_group()
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"process_group= must be a torch.distributed ProcessGroup or a 1-D DeviceMesh, got "
+                        f"{type(group).__name__}; e.g. torch.distributed.new_group(ranks) or dist.group.WORLD")
+    return group
+
+
 def process_group_of(model: nn.Module) -> Any:
     """The process group over which ``model``'s tokens are split, or ``None``.
 
