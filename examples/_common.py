@@ -43,12 +43,54 @@ def parser(description: str, default_model: str, default_steps: int) -> argparse
                         "CUDA for step-level policies, none otherwise")
     p.add_argument("--compare", action="store_true", help="also run without FastCache and report the difference")
     p.add_argument("--out", default=None, help="save the first image here (PNG)")
+    p.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                   help="split the sequence over N processes with diffusers' context parallelism; launch with "
+                        "`torchrun --nproc-per-node N` (docs/MULTI_DEVICE.md)")
+    p.add_argument("--cp-mode", default="ulysses", choices=["ulysses", "ring"],
+                   help="context-parallel attention: ulysses (all-to-all) or ring")
     return p
+
+
+def setup_context_parallel(args: argparse.Namespace, device: torch.device) -> tuple[torch.device, bool]:
+    """Join the ``torchrun`` process group for ``--context-parallel N``; returns (device, is rank 0)."""
+    import os
+
+    import torch.distributed as dist
+
+    if args.context_parallel <= 1:
+        return device, True
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != args.context_parallel:
+        raise SystemExit(f"--context-parallel {args.context_parallel} needs {args.context_parallel} processes, this "
+                         f"run has {world}: launch with `torchrun --nproc-per-node {args.context_parallel} "
+                         f"examples/...`")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:  # CPU (tests, --tiny): diffusers needs two workarounds there, see fx_fastcache/cpu_parallel.py
+        from fx_fastcache.cpu_parallel import patch_diffusers_for_cpu
+
+        patch_diffusers_for_cpu()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank() == 0
+
+
+def enable_context_parallel(args: argparse.Namespace, pipe: Any) -> None:
+    """diffusers' context parallelism on ``pipe.transformer`` (every rank runs the same pipeline call)."""
+    if args.context_parallel <= 1:
+        return
+    from diffusers import ContextParallelConfig
+
+    config = ContextParallelConfig(**{f"{args.cp_mode}_degree": args.context_parallel})
+    pipe.transformer.enable_parallelism(config=config)
 
 
 def run(args: argparse.Namespace, family: str, load: Callable[[argparse.Namespace, torch.device, torch.dtype], Any],
         call_kwargs: Callable[[argparse.Namespace], dict[str, Any]], tiny_extra: dict[str, Any] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    device, main_rank = setup_context_parallel(args, device)
+    say = print if main_rank else (lambda *a, **k: None)
     if args.tiny:
         print(TINY_NOTE)
         tp = make_tiny_pipeline(family)
@@ -62,6 +104,7 @@ def run(args: argparse.Namespace, family: str, load: Callable[[argparse.Namespac
         kwargs = call_kwargs(args)
         kwargs["num_inference_steps"] = args.steps
         kwargs["generator"] = torch.Generator(device="cpu").manual_seed(args.seed)
+    enable_context_parallel(args, pipe)  # before or after enable_fastcache: both work
     dispatch = args.step_dispatch
     if dispatch == "auto":
         dispatch = "reduce-overhead" if device.type == "cuda" and args.policy != "chi2" else "none"
@@ -73,7 +116,7 @@ def run(args: argparse.Namespace, family: str, load: Callable[[argparse.Namespac
     if args.compare:
         t0 = time.perf_counter()
         reference = _frames(pipe(**dict(kwargs, generator=torch.Generator().manual_seed(args.seed))))
-        print(f"without FastCache: {time.perf_counter() - t0:.2f}s")
+        say(f"without FastCache: {time.perf_counter() - t0:.2f}s")
 
     fastcache.enable_fastcache(pipe, backend=backend, policy=args.policy, fallback=args.fallback,
                                cache_ratio_threshold=args.threshold, step_dispatch=dispatch)
@@ -82,9 +125,16 @@ def run(args: argparse.Namespace, family: str, load: Callable[[argparse.Namespac
     elapsed = time.perf_counter() - t0
     stats = fastcache.get_cache_statistics(pipe)
     mode = backend if dispatch is None else f"step dispatch, {dispatch}"
-    print(f"with FastCache ({mode}, first call includes capture): {elapsed:.2f}s; "
-          f"{stats['blocks_approximated']}/{stats['block_evaluations']} block evaluations approximated "
-          f"({stats['block_approx_ratio']:.0%}) over {stats['calls']} transformer calls")
+    say(f"with FastCache ({mode}, first call includes capture): {elapsed:.2f}s; "
+        f"{stats['blocks_approximated']}/{stats['block_evaluations']} block evaluations approximated "
+        f"({stats['block_approx_ratio']:.0%}) over {stats['calls']} transformer calls")
+    if args.context_parallel > 1:
+        import torch.distributed as dist
+
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, [b["approximated"] for b in stats["per_block"]])
+        say(f"context parallel ({args.cp_mode}, {len(every)} ranks): per-block skips "
+            f"{'identical on every rank' if all(e == every[0] for e in every) else f'DIFFER between ranks: {every}'}")
     if reference is not None:
         import numpy as np
 
@@ -93,11 +143,15 @@ def run(args: argparse.Namespace, family: str, load: Callable[[argparse.Namespac
             a, b = a / 255.0, b / 255.0
         mse = float(((a - b) ** 2).mean())
         psnr = float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
-        print(f"PSNR vs. uncached: {psnr:.1f} dB")
-    if args.out:
+        say(f"PSNR vs. uncached: {psnr:.1f} dB")
+    if args.out and main_rank:
         _save(images, args.out)
-        print(f"saved {args.out}")
+        say(f"saved {args.out}")
     fastcache.disable_fastcache(pipe)
+    if args.context_parallel > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
 
 

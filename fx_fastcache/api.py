@@ -25,7 +25,7 @@ __all__ = ["optimize", "calibrate", "save_calibration", "load_calibration", "get
 
 def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfig | None = None,
              blocks: str | list[str] | None = None, example_inputs: dict[str, Any] | None = None,
-             step_dispatch: str | None = None, **overrides: Any) -> FastCacheModule:
+             step_dispatch: str | None = None, process_group: Any = None, **overrides: Any) -> FastCacheModule:
     """Rewrite ``model`` so every transformer block is a guarded conditional with a fallback.
 
     Args:
@@ -42,9 +42,15 @@ def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfi
             compiled by the dispatcher, so pair it with ``backend="eager"`` to skip the unused
             compile of the guarded graph.  Step-level policies and schedules only.  With a
             schedule call ``fastcache.reset(opt)`` before each generation.
+        process_group: the ``torch.distributed`` group (or 1-D ``DeviceMesh``) the model's tokens
+            are split over, for sequence parallelism set up by hand.  Default: the group of
+            diffusers' context parallelism (``model.enable_parallelism``), read from the model at
+            capture, or none.  With a group every decision statistic is summed over its ranks
+            inside the graph (one small all-reduce per decision), so all ranks take the same
+            decisions (docs/MULTI_DEVICE.md).
     """
     config = FastCacheConfig.resolve(config, **overrides)
-    opt = FastCacheModule(model, config, backend=backend, blocks=blocks)
+    opt = FastCacheModule(model, config, backend=backend, blocks=blocks, process_group=process_group)
     opt.set_step_dispatch(step_dispatch)
     if example_inputs is not None:
         if not isinstance(example_inputs, dict):
@@ -121,7 +127,7 @@ def calibrate(opt: Any) -> Iterator[None]:
     cfg = opt.fastcache_config
     calibrators = [c for c in (FALLBACKS[cfg.fallback].calibrator(cfg), POLICIES[cfg.policy].calibrator(cfg))
                    if c is not None]
-    rec = Recorder(calibrators, opt.entries)
+    rec = Recorder(calibrators, opt.entries, group=opt.process_group(), device=opt.device)
     opt.reset()
     opt.set_force_compute(True)
     opt.set_recorder(rec)

@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .runtime.distributed import all_reduce_sum
 from .runtime.store import CalibrationStore
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,15 @@ class Observation:
 
 
 class Calibrator:
-    """What one fallback or policy learns from calibration runs (one instance per calibration)."""
+    """What one fallback or policy learns from calibration runs (one instance per calibration).
+
+    Under context parallelism every rank sees its own tokens: the :class:`Recorder` sets ``group``
+    (and the ``device`` collectives run on), and a calibrator sums what it accumulates over it so
+    that every rank fits the same tensors.
+    """
+
+    group: Any = None
+    device: torch.device = torch.device("cpu")
 
     def observe(self, obs: Observation) -> None:
         raise NotImplementedError
@@ -93,6 +102,15 @@ class NormalEquations:
         self.xtx += x.T @ x
         self.xty += x.T @ y.double()
         self.rows += x.shape[0]
+
+    def sum_over(self, group: Any, device: torch.device) -> None:
+        """Context parallelism: sum ``XᵀX``, ``XᵀY`` and the row count over the ranks (the fit of all tokens)."""
+        flat = torch.cat([self.xtx.flatten(), self.xty.flatten(), torch.tensor([float(self.rows)], dtype=torch.float64)])
+        flat = all_reduce_sum(flat.to(device), group).cpu()  # NCCL reduces device tensors only
+        n1, n2 = self.xtx.numel(), self.xty.numel()
+        self.xtx = flat[:n1].reshape(self.xtx.shape)
+        self.xty = flat[n1:n1 + n2].reshape(self.xty.shape)
+        self.rows = int(flat[-1])
 
     def solve(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W, b)`` with ``y ≈ x Wᵀ + b``, ridge ``λ = ridge · mean(diag XᵀX)`` (bias unregularised)."""
@@ -145,6 +163,9 @@ class StreamFits(Calibrator):
             hist.append((xr, yr))
 
     def fit(self, store: CalibrationStore, dtype: torch.dtype, config: Any) -> dict[str, float]:
+        if self.group is not None:
+            for key in sorted(self.fits):  # the same order on every rank
+                self.fits[key].sum_over(self.group, self.device)
         summary: dict[str, float] = {}
         for (block, stream), eq in self.fits.items():
             if eq.rows == 0:
@@ -164,10 +185,14 @@ class Recorder:
     decider); ``calibrators`` receive every observation.
     """
 
-    def __init__(self, calibrators: list[Calibrator], entries: Any) -> None:
+    def __init__(self, calibrators: list[Calibrator], entries: Any, group: Any = None,
+                 device: torch.device | None = None) -> None:
         self.calibrators = calibrators
         self.entries = entries
         self.steps = 0
+        for c in calibrators:
+            c.group = group
+            c.device = device if device is not None else torch.device("cpu")
 
     def record(self, guard, new_gen, t, ins, outs) -> None:
         entry = next((e for e in self.entries() if any(g is guard for g in e.guards)), None)

@@ -41,8 +41,8 @@ MARK = torch.ops.fastcache.mark.default
 CALLS: "weakref.WeakKeyDictionary[nn.Module, list[tuple[str, str, Any]]]" = weakref.WeakKeyDictionary()
 
 
-def _wrap_block(block: nn.Module, index: int, stream_inputs: tuple[str, ...], outputs: tuple[str | None, ...]):
-    orig = block.forward
+def _wrap_block(block: nn.Module, orig: Any, index: int, stream_inputs: tuple[str, ...],
+                outputs: tuple[str | None, ...]):
     sig = inspect.signature(orig)
 
     @functools.wraps(orig)
@@ -92,17 +92,54 @@ def _wrap_model(model: nn.Module, timestep_arg: str | None, stream_arg: str | No
     return forward
 
 
+def _innermost(module: nn.Module) -> tuple[Any, str] | None:
+    """Where the module's own forward sits inside a diffusers hook chain, if it has one.
+
+    diffusers (``HookRegistry``: context parallelism, group offloading, layerwise casting)
+    replaces the instance ``forward`` with a chain whose innermost link is
+    ``module._diffusers_hook._fn_refs[0].forward`` (``.original_forward`` when that hook brings
+    its own ``new_forward``).  Returns ``(holder, attribute)`` of that link.
+    """
+    registry = module.__dict__.get("_diffusers_hook")
+    refs = getattr(registry, "_fn_refs", None)
+    if not refs:
+        return None
+    ref = refs[0]
+    attr = "original_forward" if getattr(ref, "original_forward", None) is not None else "forward"
+    return ref, attr
+
+
 @contextlib.contextmanager
 def marked(model: nn.Module, spec: FamilySpec) -> Iterator[None]:
-    """Within the context, blocks and the timestep argument emit marker ops."""
-    patched: list[nn.Module] = []
+    """Within the context, blocks and the timestep argument emit marker ops.
+
+    Why the care with hooks: diffusers installs its hooks (context parallelism's split/gather,
+    offloading, casting) as the instance ``forward``.  Block markers go *inside* the hook chain
+    (around the block's own forward), so what a hook adds at a block's boundary (Wan's sequence
+    split in ``blocks.0``'s pre-forward hook) stays outside the marked region; the timestep
+    marker goes *outside* the model's chain, so the clock reads the timestep every rank was
+    given.  Whatever was there before is put back on exit, hooks included.
+    """
+    restore: list[tuple[Any, str, bool, Any]] = []  # (holder, attribute, was in __dict__, old value)
+
+    def patch(holder: Any, attr: str, value: Any) -> None:
+        d = holder.__dict__
+        restore.append((holder, attr, attr in d, d.get(attr)))
+        setattr(holder, attr, value)
+
     try:
         for index, (_, block, bl) in enumerate(block_modules(model, spec)):
-            block.forward = _wrap_block(block, index, bl.stream_inputs, bl.outputs)
-            patched.append(block)
-        model.forward = _wrap_model(model, spec.timestep_arg, spec.stream_arg)
-        patched.append(model)
+            inner = _innermost(block)
+            if inner is None:
+                patch(block, "forward", _wrap_block(block, block.forward, index, bl.stream_inputs, bl.outputs))
+            else:
+                holder, attr = inner
+                patch(holder, attr, _wrap_block(block, getattr(holder, attr), index, bl.stream_inputs, bl.outputs))
+        patch(model, "forward", _wrap_model(model, spec.timestep_arg, spec.stream_arg))
         yield
     finally:
-        for m in patched:
-            m.__dict__.pop("forward", None)
+        for holder, attr, had, old in reversed(restore):
+            if had:
+                holder.__dict__[attr] = old
+            else:
+                holder.__dict__.pop(attr, None)

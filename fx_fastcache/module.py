@@ -24,6 +24,7 @@ from .fallbacks import FALLBACKS
 from .families import FamilySpec, block_modules, resolve_family
 from .markers import marked
 from .policies import POLICIES
+from .runtime.distributed import as_process_group, parallel_signature, process_group_of
 from .runtime.generation import starts_generation_host
 from .runtime.store import CalibrationStore
 from .step_dispatch import COMPILE_MODES, StepDispatch, dispatch_decide_mode
@@ -82,7 +83,7 @@ class FastCacheModule(nn.Module):
     """The optimized model: same forward signature and outputs as the original."""
 
     def __init__(self, model: nn.Module, config: FastCacheConfig, backend: str = "inductor",
-                 blocks: str | list[str] | None = None) -> None:
+                 blocks: str | list[str] | None = None, process_group: Any = None) -> None:
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not supported; choose one of {BACKENDS}")
@@ -112,6 +113,11 @@ class FastCacheModule(nn.Module):
         self._dispatchers: dict[str, Any] = {}
         if not any(True for _ in model.parameters()):
             raise ValueError(f"{type(model).__name__} has no parameters; nothing to optimize")
+        # context parallelism (docs/MULTI_DEVICE.md): the group the deciders sum over, given by the
+        # user or read from the model's diffusers parallel config at every capture
+        self._process_group = as_process_group(process_group)
+        self._parallel_sig: int | None = None  # parallel_signature(model) when the graphs were captured
+        _check_parallel(config, self.process_group())
 
     # -- attribute passthrough so pipelines can read .config, .dtype, ... -------------------
     def __getattr__(self, name: str) -> Any:
@@ -149,6 +155,7 @@ class FastCacheModule(nn.Module):
         state["_calls"] = {}
         state["_last_key"] = None
         state["_recorder"] = None
+        state["_process_group"] = None  # a process group belongs to its process; the copy reads the model's
         state.pop("_call_lock", None)
         return state
 
@@ -267,6 +274,7 @@ class FastCacheModule(nn.Module):
         kw = self._bind(args, kwargs)
         self._check_inputs(kw)
         self._check_grad(kw)
+        self._check_parallel_setup()
         key = self._key(kw)
         self._check_generation(key, kw)
         entry = self._entries.get(key)
@@ -293,6 +301,20 @@ class FastCacheModule(nn.Module):
                 "changes by less than its own norm per call (fx_fastcache.runtime.generation). Check that the "
                 "timesteps decrease, are finite, and that classifier-free guidance is one batched call per step "
                 "(or uses diffusers' cache_context per branch).", calls)
+
+    # -- context parallelism ---------------------------------------------------------------
+    def process_group(self) -> Any:
+        """The group every decision is summed over: ``optimize(process_group=)``, else the group of
+        the model's diffusers context parallelism, else ``None`` (one device)."""
+        return self._process_group if self._process_group is not None else process_group_of(self.model)
+
+    def _check_parallel_setup(self) -> None:
+        """Parallelism enabled (or changed) after a capture: the graphs hold neither the split nor the
+        collectives, so they are dropped and the next call re-captures (a host ``getattr``, no sync)."""
+        if self._entries and parallel_signature(self.model) != self._parallel_sig:
+            logger.warning("fx-fastcache: %s's parallel config changed since the graphs were captured "
+                           "(enable_parallelism after the first call); re-capturing", type(self.model).__name__)
+            self.drop_graphs()
 
     def _check_grad(self, kw: dict[str, Any]) -> None:
         """The optimized model is inference-only: inputs that require grad are refused; a call with
@@ -330,12 +352,15 @@ class FastCacheModule(nn.Module):
         """Capture (export + rewrite + compile) for these example inputs without running them."""
         kw = self._bind(args, kwargs)
         self._check_inputs(kw)
+        self._check_parallel_setup()
         key = self._key(kw)
         with _CAPTURE_LOCK, torch.inference_mode(False):
             return self._entries.get(key) or self._capture(key, kw)
 
     def _capture(self, key: tuple, kw: dict[str, Any]) -> CapturedGraph:
         cfg = self.fastcache_config
+        group = self.process_group()
+        _check_parallel(cfg, group)
         logger.info("fx-fastcache: capturing %s (%d blocks) for %s", type(self.model).__name__,
                     len(block_modules(self.model, self.spec)), _shapes(key[1]))
         was_training = self.model.training
@@ -347,7 +372,7 @@ class FastCacheModule(nn.Module):
             self.model.train(was_training)
         gm = ep.module()
         ctx = PassContext(model=self.model, spec=self.spec, config=cfg, policy=POLICIES[cfg.policy](cfg),
-                          store=self.store, backend=self.backend)
+                          store=self.store, backend=self.backend, process_group=group)
         results = run_pipeline(gm, ctx, record=self.record_passes)
         for name, sub in gm.named_children():  # the passes create clock/guard buffers on the CPU
             if name.startswith("fastcache_"):
@@ -358,6 +383,7 @@ class FastCacheModule(nn.Module):
             run = gm
         entry = CapturedGraph(key, gm, run, ctx, results)
         self._entries[key] = entry
+        self._parallel_sig = parallel_signature(self.model)
         self.graphs[f"g{len(self.graphs)}"] = gm
         self._sync_entry(entry)
         fallback = FALLBACKS[cfg.fallback]
@@ -397,6 +423,7 @@ class FastCacheModule(nn.Module):
         if self._dispatch_mode is not None and "policy" in changes:
             dispatch_decide_mode(new)  # step dispatch is on: the new policy must decide per step
         structural = [k for k in changes if k not in RUNTIME_FIELDS]
+        _check_parallel(new, self.process_group())  # routing/merging under context parallelism: raise now
         self.fastcache_config = new
         if structural:
             logger.info("fx-fastcache: %s changed; graphs will be re-captured", structural)
@@ -448,6 +475,18 @@ class FastCacheModule(nn.Module):
     def refresh_deciders(self) -> None:
         for e in self._entries.values():
             self._sync_entry(e)
+
+
+def _check_parallel(cfg: FastCacheConfig, group: Any) -> None:
+    """Token routing and merging re-run a block on a per-rank subset of its tokens: not with context parallelism."""
+    on = [k for k in ("enable_spatial_approx", "enable_token_merge") if getattr(cfg, k)]
+    if group is None or not on or (on == ["enable_token_merge"] and cfg.merge_ratio >= 1.0):  # ratio 1: no merge
+        return
+    raise ValueError(
+        f"{' and '.join(k + '=True' for k in on)}: not supported with context parallelism. Token routing/merging "
+        f"re-runs each block on a subset of the tokens chosen per rank, but the block's attention exchanges tokens "
+        f"between ranks, which needs every rank to hold an equal share of one full sequence. Set "
+        f"{', '.join(k + '=False' for k in on)}, or run without context parallelism.")
 
 
 def _tensor_shapes(described: tuple) -> list:

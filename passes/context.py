@@ -46,6 +46,9 @@ class PassContext:
     extras: dict[str, Any] = field(default_factory=dict)
     #: What will run the graph (``"inductor"`` or ``"eager"``); backend-specific passes read it.
     backend: str = "eager"
+    #: Process group the tokens are split over (context parallelism), ``None`` on one device;
+    #: deciders sum their statistic over it (``runtime/distributed.py``).
+    process_group: Any = None
 
     def note(self, pass_name: str, text: str) -> None:
         self.notes.setdefault(pass_name, []).append(text)

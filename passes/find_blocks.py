@@ -19,6 +19,23 @@ from .context import BlockRegion, PassContext, finish, stack_paths
 logger = logging.getLogger(__name__)
 
 
+def _trim_hook_nodes(region: list[fx.Node], index: int) -> list[fx.Node]:
+    """Drop what a diffusers hook ran at the block's boundary from its region.
+
+    Why: hooks run inside the block module's call, so their nodes carry the block's
+    ``nn_module_stack`` (Wan's context-parallel plan splits the sequence in ``blocks.0``'s
+    pre-forward hook).  The markers sit inside the hook chain (``markers.marked``), so nodes
+    before the block's first input marker or after its last output marker belong to a hook:
+    they stay in the graph, outside the region, and run whether the block is computed or not.
+    """
+    ins = [i for i, n in enumerate(region)
+           if n.target is MARK and str(n.args[1]).startswith((f"in:{index}:", f"arg:{index}:"))]
+    outs = [i for i, n in enumerate(region) if n.target is MARK and str(n.args[1]).startswith(f"out:{index}:")]
+    lo = ins[0] if ins else 0
+    hi = outs[-1] + 1 if outs else len(region)
+    return region[lo:hi]
+
+
 def find_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
     nodes = list(gm.graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
@@ -31,6 +48,7 @@ def find_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
         region = [n for n in nodes if n.op == "call_function" and path in stack_paths(n)]
         if not region:
             raise RuntimeError(f"block {path} does not appear in the captured graph: is it called in forward()?")
+        region = _trim_hook_nodes(region, index)
         first, last = position[region[0]], position[region[-1]]
         members = set(region)
         strays = [n.name for n in nodes[first:last + 1] if n not in members and n.op == "call_function"]

@@ -142,7 +142,8 @@ def guard_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
     if policy.scope == "step":
         if policy.anchor == "before_block0":
             probe = first.probe
-            step_decider = policy.make_step_decider(tuple(_val(probe).shape), _val(probe).device, _val(probe).dtype, ctx.store)
+            step_decider = policy.make_step_decider(tuple(_val(probe).shape), _val(probe).device, _val(probe).dtype,
+                                                   ctx.store, group=ctx.process_group)
             ctx.step_decider = _register(gm, gp.STEP_DECIDER, step_decider)
             with g.inserting_before(first.nodes[0]):
                 step_pred = g.call_module(ctx.step_decider, (step, new_gen, ok, thr, t, probe))
@@ -159,7 +160,8 @@ def guard_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
         decider = None
         if policy.scope == "block":
             sig_shape = tuple(_val(blk.probe).shape) if blk.probe is not None else None
-            decider = policy.make_block_decider(blk.index, blk.name, sig_shape, device, streams[0].dtype, ctx.store)
+            decider = policy.make_block_decider(blk.index, blk.name, sig_shape, device, streams[0].dtype, ctx.store,
+                                                group=ctx.process_group)
         guard = BlockGuard(blk.index, blk.name, fallback, decider, never_skip=policy.never_skip(blk.index))
         gname = _register(gm, gp.guard_name(blk.index), guard)
         ctx.guards.append(gname)
@@ -203,7 +205,8 @@ def guard_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
             k = [s.name for s in streams].index(hid)
             with g.inserting_before(update.next):  # inserting_after would reverse the new nodes' order
                 resid = g.call_function(torch.sub, (results[k], stream_ins[k]))
-                step_decider = policy.make_step_decider(streams[k].out_shape, device, streams[k].dtype, ctx.store)
+                step_decider = policy.make_step_decider(streams[k].out_shape, device, streams[k].dtype, ctx.store,
+                                                        group=ctx.process_group)
                 ctx.step_decider = _register(gm, gp.STEP_DECIDER, step_decider)
                 step_pred = g.call_module(ctx.step_decider, (step, new_gen, ok, thr, t, resid))
         ctx.note("guard_blocks", f"{blk.name}: {len(blk.nodes)} nodes → cond({len(operands)} operands, "

@@ -63,24 +63,18 @@ class Policy:
         """What calibration records and fits for this policy (``None``: nothing)."""
         return None
 
-    def make_step_decider(self, signal_shape: tuple[int, ...], device, dtype, store) -> nn.Module | None:
+    # ``group``: the process group the tokens are split over (context parallelism) or ``None``;
+    # a decider sums its statistic's sums over it (``runtime/distributed.py``).
+    def make_step_decider(self, signal_shape: tuple[int, ...], device, dtype, store,
+                          group=None) -> nn.Module | None:
         return None
 
     def make_block_decider(self, index: int, block: str, signal_shape: tuple[int, ...] | None, device, dtype,
-                           store) -> nn.Module | None:
+                           store, group=None) -> nn.Module | None:
         return None
 
     def never_skip(self, index: int) -> bool:
         return False
-
-
-def per_sample_norm(x: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm of each sample (dim 0) in float32."""
-    return x.float().flatten(1).norm(dim=1)
-
-
-def per_sample_mean_abs(x: torch.Tensor) -> torch.Tensor:
-    return x.float().flatten(1).abs().mean(dim=1)
 
 
 class Decider(nn.Module):

@@ -21,11 +21,13 @@ from collections import defaultdict
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from scipy.stats import chi2
 
 from ..calibration import Calibrator, Observation, store_put
 from ..runtime.state_ops import assign
-from .base import Decider, Policy, per_sample_norm
+from ..runtime.distributed import norm_ratio
+from .base import Decider, Policy
 
 
 def store_keys(block: str) -> tuple[str, str]:
@@ -62,11 +64,14 @@ class Chi2Calibrator(Calibrator):
 
 
 class Chi2Decider(Decider):
-    def __init__(self, block: str, signal_shape, device, dtype, store, alpha: float) -> None:
+    def __init__(self, block: str, signal_shape, device, dtype, store, alpha: float, group=None) -> None:
         super().__init__()
+        self.group = group
         nd = 1
         for s in signal_shape[1:]:
             nd *= int(s)
+        if group is not None:  # the uncalibrated ν = N·D counts the tokens of every rank
+            nd *= dist.get_world_size(group)
         self.register_buffer("u_ref", torch.zeros(signal_shape, dtype=dtype, device=device))
         self.register_buffer("last_stat", torch.zeros(signal_shape[0], device=device))
         scale_key, dof_key = store_keys(block)
@@ -82,7 +87,7 @@ class Chi2Decider(Decider):
         self.tau.fill_(float(self.scale) * (chi2.ppf(1.0 - alpha, nu) / nu) ** 0.5)
 
     def forward(self, step, new_gen, ok, threshold, t, u):
-        delta = per_sample_norm(u - self.u_ref) / per_sample_norm(self.u_ref).clamp_min(1e-12)
+        delta = norm_ratio(u - self.u_ref, self.u_ref, self.group)  # over every rank's tokens
         self.last_stat.copy_(delta)
         pred = ok & (delta <= threshold * self.tau).all()
         assign(self.u_ref, ~pred, u)
@@ -99,5 +104,5 @@ class Chi2Policy(Policy):
     def calibrator(cls, config) -> Chi2Calibrator:
         return Chi2Calibrator()
 
-    def make_block_decider(self, index, block, signal_shape, device, dtype, store):
-        return Chi2Decider(block, signal_shape, device, dtype, store, self.config.significance_level)
+    def make_block_decider(self, index, block, signal_shape, device, dtype, store, group=None):
+        return Chi2Decider(block, signal_shape, device, dtype, store, self.config.significance_level, group)

@@ -13,20 +13,22 @@ from __future__ import annotations
 
 import torch
 
+from ..runtime.distributed import total_mean_abs_ratio
 from ..runtime.state_ops import assign
 from .base import Decider, Policy
 
 
 class FirstBlockCacheDecider(Decider):
-    def __init__(self, signal_shape, device, dtype) -> None:
+    def __init__(self, signal_shape, device, dtype, group=None) -> None:
         super().__init__()
+        self.group = group
         self.register_buffer("r_ref", torch.zeros(signal_shape, dtype=dtype, device=device))
         self.register_buffer("n", torch.tensor(0.0, device=device))
         self.register_buffer("last_stat", torch.zeros(signal_shape[0], device=device))
 
     def forward(self, step, new_gen, ok, threshold, t, r):
         n = self.computed_count(new_gen)
-        rel = (r - self.r_ref).float().abs().mean() / self.r_ref.float().abs().mean().clamp_min(1e-12)
+        rel = total_mean_abs_ratio(r - self.r_ref, self.r_ref, self.group)  # over every rank's tokens
         self.last_stat.copy_(rel.expand_as(self.last_stat))
         pred = ok & (n >= 1) & (rel <= threshold)
         computed = ~pred
@@ -41,8 +43,8 @@ class FirstBlockCachePolicy(Policy):
     signal = "residual0"
     anchor = "after_block0"
 
-    def make_step_decider(self, signal_shape, device, dtype, store):
-        return FirstBlockCacheDecider(signal_shape, device, dtype)
+    def make_step_decider(self, signal_shape, device, dtype, store, group=None):
+        return FirstBlockCacheDecider(signal_shape, device, dtype, group)
 
     def never_skip(self, index: int) -> bool:
         return index == 0

@@ -71,5 +71,5 @@ class SchedulePolicy(Policy):
     def read_table(store, blocks):
         return read_table(store, blocks)
 
-    def make_block_decider(self, index, block, signal_shape, device, dtype, store):
+    def make_block_decider(self, index, block, signal_shape, device, dtype, store, group=None):
         return ScheduleDecider(block, device, store)

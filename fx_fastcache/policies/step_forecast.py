@@ -14,12 +14,14 @@ from __future__ import annotations
 import torch
 
 from ..runtime.state_ops import assign, forecast_slope, shift
-from .base import Decider, Policy, per_sample_norm
+from ..runtime.distributed import norm_ratio
+from .base import Decider, Policy
 
 
 class StepForecastDecider(Decider):
-    def __init__(self, signal_shape, device, dtype) -> None:
+    def __init__(self, signal_shape, device, dtype, group=None) -> None:
         super().__init__()
+        self.group = group
         self.register_buffer("u_c", torch.zeros(signal_shape, dtype=dtype, device=device))
         self.register_buffer("u_p", torch.zeros(signal_shape, dtype=dtype, device=device))
         self.register_buffer("t_c", torch.tensor(0.0, device=device))
@@ -32,7 +34,7 @@ class StepForecastDecider(Decider):
         valid = (n >= 2) & (self.t_c != self.t_p)
         slope = forecast_slope(t, self.t_c, self.t_p, valid).to(u.dtype)
         u_hat = self.u_c + slope * (self.u_c - self.u_p)
-        d = per_sample_norm(u - u_hat) / per_sample_norm(u).clamp_min(1e-12)
+        d = norm_ratio(u - u_hat, u, self.group)  # over every rank's tokens
         self.last_stat.copy_(d)
         pred = ok & valid & (d <= threshold).all()
         computed = ~pred
@@ -49,5 +51,5 @@ class StepForecastPolicy(Policy):
     scope = "step"
     signal = "probe"
 
-    def make_step_decider(self, signal_shape, device, dtype, store):
-        return StepForecastDecider(signal_shape, device, dtype)
+    def make_step_decider(self, signal_shape, device, dtype, store, group=None):
+        return StepForecastDecider(signal_shape, device, dtype, group)

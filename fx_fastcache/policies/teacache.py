@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from ..calibration import Calibrator, Observation, store_put
-from .base import Decider, Policy, per_sample_mean_abs
+from ..runtime.distributed import mean_abs_ratio, total_mean_abs_ratio
+from .base import Decider, Policy
 
 POLY_DEGREE = 4
 #: The calibration store key of the rescaling polynomial (highest power first).
@@ -35,7 +36,7 @@ class TeaCacheCalibrator(Calibrator):
             y = obs.outs[-1].detach().float()
             prev = self._prev_out
             if prev is not None and not obs.new_gen and prev.shape == y.shape:
-                self.rel_out.append(float((y - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)))
+                self.rel_out.append(float(total_mean_abs_ratio(y - prev, prev, self.group)))  # every rank's tokens
             self._prev_out = y
 
     def fit(self, store, dtype, config) -> dict[str, float]:
@@ -48,8 +49,9 @@ class TeaCacheCalibrator(Calibrator):
 
 
 class TeaCacheDecider(Decider):
-    def __init__(self, signal_shape, device, dtype, store) -> None:
+    def __init__(self, signal_shape, device, dtype, store, group=None) -> None:
         super().__init__()
+        self.group = group
         self.register_buffer("u_prev", torch.zeros(signal_shape, dtype=dtype, device=device))
         self.register_buffer("acc", torch.tensor(0.0, device=device))
         self.register_buffer("n", torch.tensor(0.0, device=device))
@@ -61,7 +63,7 @@ class TeaCacheDecider(Decider):
 
     def forward(self, step, new_gen, ok, threshold, t, u):
         n = self.computed_count(new_gen)
-        rel = (per_sample_mean_abs(u - self.u_prev) / per_sample_mean_abs(self.u_prev).clamp_min(1e-12)).max()
+        rel = mean_abs_ratio(u - self.u_prev, self.u_prev, self.group).max()  # over every rank's tokens
         self.last_stat.fill_(0.0)
         self.last_stat.add_(rel)
         scaled = torch.zeros_like(rel)
@@ -86,5 +88,5 @@ class TeaCachePolicy(Policy):
     def calibrator(cls, config) -> TeaCacheCalibrator:
         return TeaCacheCalibrator()
 
-    def make_step_decider(self, signal_shape, device, dtype, store):
-        return TeaCacheDecider(signal_shape, device, dtype, store)
+    def make_step_decider(self, signal_shape, device, dtype, store, group=None):
+        return TeaCacheDecider(signal_shape, device, dtype, store, group)
