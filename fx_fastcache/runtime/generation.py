@@ -7,12 +7,14 @@ carried into the wrong generation gives a silently wrong image.  A call starts a
 2. its timestep is above the previous call's (samplers walk the timestep down, so a new loop
    starts from the top), or
 3. its timestep is not finite (NaN or inf: no forecast in ``t`` can hold across it), or
-4. the model's input jumped: ``‖x − x_prev‖ > INPUT_JUMP · ‖x_prev‖`` over the whole input.  A
-   sampler moves its latents by ``Δσ · v`` per step (≈ 1.3 Δσ of their norm for rectified flow:
-   under 0.7 even for 2-step samplers), while fresh noise against a partly denoised latent
-   differs by more than the latent's own norm (≈ 1.5–1.7×).  This is what catches a generation
-   that was aborted mid-way and followed by one starting at a *lower* timestep (img2img, a
-   shorter schedule), which the timestep alone would take for a continuation.
+4. the model's input jumped: ``‖x − x_prev‖ > max(‖x‖, ‖x_prev‖)`` over the whole input, i.e.
+   the two inputs are nearly unrelated (cosine below ``min/(2·max)`` of their norms, at most 0.5).
+   A sampler moves its latents by ``Δσ · v`` per step: consecutive inputs stay aligned (cosine
+   0.91 on the trained MNIST DiT even with 4 steps, ≥ 0.99 on tiny SD3/Flux/Wan pipelines, and
+   0.91 on a random-weight PixArt whose latents grow 5× per step), while fresh noise against a
+   partly denoised latent has a cosine near 0 and differs by 1.2–1.4× the larger norm.  This is
+   what catches a generation aborted mid-way and followed by one starting at a *lower* timestep
+   (img2img, a shorter schedule), which the timestep alone would take for a continuation.
 
 The clock applies the rule in the graph (:func:`starts_generation`, :func:`input_jumped`); the
 ONNX runner and the shape-change check of :class:`~fx_fastcache.module.FastCacheModule` apply
@@ -24,7 +26,7 @@ import math
 
 import torch
 
-#: Rule 4's bound on the relative change of the model's input between two calls of one generation.
+#: Rule 4's bound on ``‖x − x_prev‖ / max(‖x‖, ‖x_prev‖)`` between two calls of one generation.
 INPUT_JUMP = 1.0
 
 
@@ -35,9 +37,9 @@ def starts_generation(t: torch.Tensor, t_last: torch.Tensor, step: torch.Tensor)
 
 
 def input_jumped(x: torch.Tensor, x_last: torch.Tensor) -> torch.Tensor:
-    """Rule 4 in the graph: a 0-d bool, ``‖x − x_last‖ > INPUT_JUMP · ‖x_last‖`` (float32 norms)."""
+    """Rule 4 in the graph: a 0-d bool, ``‖x − x_last‖ > INPUT_JUMP · max(‖x‖, ‖x_last‖)`` (float32)."""
     xf, lf = x.float(), x_last.float()
-    return (xf - lf).norm() > INPUT_JUMP * lf.norm()
+    return (xf - lf).norm() > INPUT_JUMP * torch.maximum(xf.norm(), lf.norm())
 
 
 def starts_generation_host(t: float | None, t_last: float | None) -> bool:
