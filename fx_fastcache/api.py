@@ -103,8 +103,9 @@ def get_cache_statistics(opt: Any) -> dict[str, Any]:
     for e in opt.entries():
         steps += float(e.clock.calls)
         for g in e.guards:
-            skipped[g.block_name] += float(g.skipped)
-            evals[g.block_name] += float(g.evaluations)
+            for name in g.blocks:  # a guarded span: each of its blocks counts
+                skipped[name] += float(g.skipped)
+                evals[name] += float(g.evaluations)
     from .runtime.routing import spatial_counts
 
     static_tok, all_tok = spatial_counts([g for e in opt.entries() for g in e.guards])
