@@ -1,6 +1,7 @@
 """The public functions: ``optimize``, ``calibrate``, ``reset``, ``configure``, statistics."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -9,6 +10,8 @@ import torch.nn as nn
 from .calibration import calibrate, load_calibration, save_calibration
 from .config import FastCacheConfig
 from .module import FastCacheModule
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["optimize", "calibrate", "save_calibration", "load_calibration", "get_cache_statistics", "reset",
            "configure", "set_schedule"]
@@ -85,6 +88,22 @@ def set_schedule(opt: Any, table: torch.Tensor) -> None:
             opt.store.tensors[f"{name}.schedule"] = col
         else:
             cur.copy_(col)
+    _recapture_split_spans(opt, table)
+
+
+def _recapture_split_spans(opt: FastCacheModule, table: torch.Tensor) -> None:
+    """Guarded spans (``passes/group_spans.py``) of a schedule follow the table installed at
+    capture; a new table whose columns differ inside a captured span drops the graphs, so the
+    next call re-captures with spans that fit it."""
+    for e in opt.entries():
+        for g in e.guards:
+            first = g.index
+            cols = table[:, first:first + len(g.blocks)]
+            if len(g.blocks) > 1 and not bool((cols == cols[:, :1]).all()):
+                logger.info("fx-fastcache: the new schedule splits the guarded span %s; graphs will be re-captured",
+                            g.block_name)
+                opt.drop_graphs()
+                return
 
 
 def _blocks(opt: FastCacheModule):

@@ -26,6 +26,7 @@ after block ``i − 1`` ran: they cannot be split and get a ``ValueError`` namin
 from __future__ import annotations
 
 import copy
+import dataclasses
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -113,6 +114,8 @@ class DecisionSplit:
     n_blocks: int
     in_spec: Any
     out_spec: Any
+    #: First block index of a guarded span → every block index of it (``passes/group_spans.py``).
+    span_of: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     def flatten(self, kw: dict[str, Any]) -> list[Any]:
         return list(fx_pytree.tree_flatten_spec(((), kw), self.in_spec))
@@ -125,7 +128,8 @@ class DecisionSplit:
     def pattern(self, decisions: list[bool]) -> tuple[bool, ...]:
         pat = [False] * self.n_blocks
         for i, d in zip(self.decided_blocks, decisions):
-            pat[i] = bool(d)
+            for j in self.span_of.get(i, (i,)):  # a guarded span: every block takes its decision
+                pat[j] = bool(d)
         return tuple(pat)
 
     def suffix(self, pattern: tuple[bool, ...]) -> fx.GraphModule:
@@ -165,7 +169,8 @@ def split_at_decisions(gm: fx.GraphModule, policy: str = "?") -> DecisionSplit:
     """Cut ``gm`` (a FastCache-rewritten graph) into a deciding prefix and a computing suffix."""
     graph = copy.deepcopy(gm.graph)
     unpin(graph)  # no cond will be compiled: layout pins would only cost copies
-    n_blocks = sum(1 for n in graph.nodes if n.op == "call_function" and n.target is COND)
+    span_of = guard_spans(gm)
+    n_blocks = sum(len(v) for v in span_of.values())
     if n_blocks == 0:
         raise RuntimeError("the graph has no guarded blocks (torch.cond); nothing to split")
     # blocks that always compute (before a step policy's anchor) become plain calls first
@@ -233,4 +238,19 @@ def split_at_decisions(gm: fx.GraphModule, policy: str = "?") -> DecisionSplit:
         raise RuntimeError("split_at_decisions needs a graph from torch.export (its pytree input spec)")
     return DecisionSplit(root=gm, prefix=prefix, suffix_template=suf,
                          decided_blocks=[guard_index(d) for d in decides], n_blocks=n_blocks,
-                         in_spec=info.in_spec, out_spec=info.out_spec)
+                         in_spec=info.in_spec, out_spec=info.out_spec, span_of=span_of)
+
+
+def guard_spans(gm: fx.GraphModule) -> dict[int, tuple[int, ...]]:
+    """Guard index (its first block) → block indices it covers, for every guarded ``cond`` of ``gm``.
+
+    A per-block guard covers its own block; a guarded span (``passes/group_spans.py``) covers
+    consecutive blocks, so skip patterns stay one entry per block."""
+    out: dict[int, tuple[int, ...]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is COND:
+            name = str(n.args[1].target).replace("fastcache_fallback_", "fastcache_guard_")
+            i = int(name.rsplit("_", 1)[1])
+            guard = getattr(gm, name, None)
+            out[i] = tuple(range(i, i + len(getattr(guard, "blocks", (None,)))))
+    return out
