@@ -18,13 +18,13 @@ def generate(tm, span: str, policy: str, fallback: str, backend: str = "eager", 
     """A multi-step loop whose latent evolves; returns (outputs, per-step per-block decisions, module)."""
     opt = fastcache.optimize(tm.model, backend=backend, policy=policy, fallback=fallback, span=span,
                              cache_ratio_threshold=0.5, warmup_steps=2)
-    kw = tm.make_inputs(steps[0], 2)
-    x = kw["hidden_states"]
+    arg = opt.spec.stream_arg
+    x = tm.make_inputs(steps[0], 2)[arg]
     outs, decisions, prev = [], [], None
     with torch.no_grad():
         for t in steps:
             kw = tm.make_inputs(t, 2)
-            kw["hidden_states"] = x
+            kw[arg] = x
             y = first(opt(**kw)).clone()
             outs.append(y)
             if y.shape == x.shape:
