@@ -19,7 +19,7 @@ __all__ = ["optimize", "calibrate", "save_calibration", "load_calibration", "get
 
 def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfig | None = None,
              blocks: str | list[str] | None = None, example_inputs: dict[str, Any] | None = None,
-             step_dispatch: str | None = None, **overrides: Any) -> FastCacheModule:
+             step_dispatch: str | None = "auto", **overrides: Any) -> FastCacheModule:
     """Rewrite ``model`` so every transformer block is a guarded conditional with a fallback.
 
     Args:
@@ -35,11 +35,15 @@ def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfi
             (CUDA graphs), ``"default"``, ``"max-autotune"`` or ``"eager"``.  The copies are
             compiled by the dispatcher, so pair it with ``backend="eager"`` to skip the unused
             compile of the guarded graph.  Step-level policies and schedules only.  With a
-            schedule call ``fastcache.reset(opt)`` before each generation.
+            schedule call ``fastcache.reset(opt)`` before each generation.  ``"auto"`` (default):
+            ``"reduce-overhead"`` for a CUDA model with a step-level policy or a schedule, else
+            ``None`` (in-graph guards); the rule is :mod:`fx_fastcache.auto_mode`, logged at INFO.
     """
     config = FastCacheConfig.resolve(config, **overrides)
     opt = FastCacheModule(model, config, backend=backend, blocks=blocks)
-    opt.set_step_dispatch(step_dispatch)
+    from .auto_mode import resolve_step_dispatch
+
+    opt.set_step_dispatch(resolve_step_dispatch(model, config, step_dispatch))
     if example_inputs is not None:
         if not isinstance(example_inputs, dict):
             raise TypeError("example_inputs must be a dict of the model's keyword arguments")

@@ -144,7 +144,7 @@ def _wrapped_call(original: Any):
 
 
 def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConfig | None = None,
-                     schedule: torch.Tensor | None = None, step_dispatch: str | None = None,
+                     schedule: torch.Tensor | None = None, step_dispatch: str | None = "auto",
                      **overrides: Any) -> PipelineFastCache:
     """Optimize ``pipe.transformer`` in place; returns the installed module.
 
@@ -159,6 +159,8 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
             the in-graph decision once per step.  ``"reduce-overhead"`` (CUDA graphs; the fast
             choice on GPU), ``"default"``, ``"max-autotune"`` or ``"eager"``.  ``None`` keeps the
             in-graph ``torch.cond`` guards (the fast choice on CPU, and the only one for ``chi2``).
+            ``"auto"`` (default): ``"reduce-overhead"`` on CUDA for step-level policies and
+            schedules, else ``None`` (:mod:`fx_fastcache.auto_mode`; the choice is logged).
 
     Afterwards ``pipe(...)`` resets the cache state at the start of every call,
     ``fastcache.get_cache_statistics(pipe)`` reports the last call, and
@@ -181,7 +183,9 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
         from .api import set_schedule
 
         set_schedule(opt, schedule)
-    opt.set_step_dispatch(step_dispatch)
+    from .auto_mode import resolve_step_dispatch
+
+    opt.set_step_dispatch(resolve_step_dispatch(tr, config, step_dispatch))
     cls = type(pipe)
     sub = type(f"FastCache{cls.__name__}", (cls,),
                {"__call__": _wrapped_call(cls.__call__), "_fastcache_original_class": cls,
