@@ -13,10 +13,12 @@ Three measurements, printed as one Markdown table per section:
    times the real block count (every block of a list holds the same state), plus the rest.
    "activations" = state bytes / one hidden-state activation (batch × tokens × width × dtype).
 2. **diffusers' caches** (First-Block-Cache, MagCache, TaylorSeer; ``diffusers.hooks``): run
-   for ``--steps`` steps at reduced size on CPU (same family, small width/tokens), every tensor
-   their hooks hold is collected (deduplicated by storage), classified by shape as an image-token
-   activation, a text-token activation or image+text, and scaled to the real config's
-   activation sizes.  Weights and the model's own buffers are excluded.
+   for ``--steps`` steps at reduced size on CPU (same family, small width/tokens, at a small
+   depth and at twice it), every tensor their hooks hold is collected (deduplicated by storage),
+   classified by shape as an image-token activation, a text-token activation or image+text,
+   extrapolated linearly to the real depth and scaled to the real config's activation sizes.
+   Weights and the model's own buffers are excluded.  (cache-dit's DBCache is not included:
+   it is an optional extra.)
 3. **CPU peak memory** (``ru_maxrss`` of a fresh process) of a reduced-size PixArt generation:
    uncached vs ``optimize(backend="eager")`` with ``span="auto"`` and ``span="block"``.
 
@@ -239,10 +241,25 @@ def _hook_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def peer_state(cfg: Config, peer: str, steps: int) -> dict[str, Any]:
+    """A peer's held state scaled to the real config: measured at the small depth and at twice
+    it, extrapolated linearly in depth (per-module caches such as TaylorSeer's grow with it),
+    and scaled from the small to the real activation sizes."""
+    small = SMALL[cfg.family]
+    one = _peer_state_at(cfg, peer, steps, small)
+    two = _peer_state_at(cfg, peer, steps, {**small, "layers": 2 * small["layers"],
+                                            **({"single": 2 * small["single"]} if "single" in small else {})})
+    k = cfg.dims["layers"] / small["layers"]  # real depth in units of the small depth
+    out = {key: one[key] + (two[key] - one[key]) * (k - 1.0) for key in ("bytes", "activations", "image_acts",
+                                                                          "text_acts")}
+    out.update(tensors=one["tensors"], tensors_at_2x_depth=two["tensors"], depth_scale=k,
+               other_bytes_small=one["other_bytes_small"])
+    return out
+
+
+def _peer_state_at(cfg: Config, peer: str, steps: int, small: dict[str, Any]) -> dict[str, Any]:
     from diffusers.hooks import (FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig, apply_first_block_cache,
                                  apply_mag_cache, apply_taylorseer_cache)
 
-    small = SMALL[cfg.family]
     model, kw = build(cfg.family, small, torch.device("cpu"), torch.float32)
     if peer == "first_block_cache":
         apply_first_block_cache(model, FirstBlockCacheConfig(threshold=0.05))
