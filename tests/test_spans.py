@@ -159,3 +159,49 @@ def test_inductor_spans_no_graph_breaks_no_recompiles():
     assert dec == dec_ref and any(any(d) for d in dec)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+class _TwoLists(torch.nn.Module):
+    """Two block lists with a layer between them (``mid`` reads the first list's output), and a
+    timestep-only value computed between them (``temb2``, independent of the blocks)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        from fx_fastcache.zoo import CustomBlock
+
+        self.proj_in = torch.nn.Linear(4, dim)
+        self.temb = torch.nn.Linear(1, dim)
+        self.first = torch.nn.ModuleList([CustomBlock(dim) for _ in range(2)])
+        self.mid = torch.nn.Linear(dim, dim)
+        self.second = torch.nn.ModuleList([CustomBlock(dim) for _ in range(2)])
+        self.proj_out = torch.nn.Linear(dim, 4)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, mid: bool = True) -> torch.Tensor:
+        temb = torch.nn.functional.silu(self.temb(timestep.view(-1, 1) / 1000.0))
+        h = self.proj_in(x)
+        for block in self.first:
+            h = block(h, temb)
+        temb2 = temb * 2.0
+        if mid:
+            h = self.mid(h)
+        for block in self.second:
+            h = block(h, temb2)
+        return self.proj_out(h)
+
+
+@pytest.mark.parametrize("mid", [True, False])
+def test_two_block_lists_share_a_span_only_if_nothing_reads_between(mid):
+    torch.manual_seed(0)
+    model = _TwoLists().eval()
+    x = torch.randn(2, 10, 4)
+    outs = {}
+    for span in ("auto", "block"):
+        opt = fastcache.optimize(model, backend="eager", blocks=["first", "second"], span=span,
+                                 cache_ratio_threshold=0.5, warmup_steps=2)
+        outs[span] = [opt(x=x, timestep=torch.full((2,), t), mid=mid).clone() for t in STEPS]
+        guards = opt.entries()[0].guards
+        if span == "auto":
+            assert [len(g.blocks) for g in guards] == ([2, 2] if mid else [4])
+            assert fastcache.get_cache_statistics(opt)["blocks_approximated"] > 0
+    for a, b in zip(outs["auto"], outs["block"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
