@@ -116,7 +116,8 @@ def build(family: str, d: dict[str, Any], device: torch.device, dtype: torch.dty
                                                                                        "aspect_ratio": None},
                           return_dict=False)
             elif family == "sd3":
-                m = SD3Transformer2DModel(sample_size=d["size"], patch_size=2, in_channels=16, num_layers=lay(d["layers"]),
+                m = SD3Transformer2DModel(sample_size=d["size"], patch_size=2, in_channels=16,
+                                          num_layers=lay(d["layers"]),
                                           attention_head_dim=d["hd"], num_attention_heads=d["heads"],
                                           joint_attention_dim=d["joint"], caption_projection_dim=d["heads"] * d["hd"],
                                           pooled_projection_dim=d["pooled"], out_channels=16,

@@ -60,7 +60,8 @@ def main() -> None:
               f"guards block {res['block'][3]} auto {res['auto'][3]}")
         (sb, fb), (sa, fa) = (skipped_call_time(tm, s, args.repeats) for s in ("block", "auto"))
         print(f"{name}: fully skipped call {1e3 * sb:.2f} ms (block) vs {1e3 * sa:.2f} ms (auto) = {sb / sa:.2f}x; "
-              f"computed call {1e3 * fb:.1f} / {1e3 * fa:.1f} ms; skipped/computed block {sb / fb:.3f} auto {sa / fa:.3f}")
+              f"computed call {1e3 * fb:.1f} / {1e3 * fa:.1f} ms; "
+              f"skipped/computed block {sb / fb:.3f} auto {sa / fa:.3f}")
 
 
 if __name__ == "__main__":

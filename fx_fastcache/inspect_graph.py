@@ -283,8 +283,10 @@ def format_html(r: GraphReport) -> str:
                      f"{'cond(' + e(b.cond) + ')' if b.rewritten else 'unchanged'}</summary>"
                      f"<p>ops: {e(_hist(b.ops, 20))}</p><p>state: {e(_names(b.state, 20))}</p>"
                      f"<p>routing: {'<br>'.join(e(x) for x in b.routing) or '-'}</p>"
-                     f"<details><summary>block branch {e(b.guard.replace('guard', 'block'))}</summary><pre>{e(b.block_code)}</pre></details>"
-                     f"<details><summary>fallback branch {e(b.guard.replace('guard', 'fallback'))}</summary><pre>{e(b.fallback_code)}</pre>"
+                     f"<details><summary>block branch {e(b.guard.replace('guard', 'block'))}</summary>"
+                     f"<pre>{e(b.block_code)}</pre></details>"
+                     f"<details><summary>fallback branch {e(b.guard.replace('guard', 'fallback'))}</summary>"
+                     f"<pre>{e(b.fallback_code)}</pre>"
                      f"</details></details>")
     parts.append("<h2>Graph before / after each pass</h2>")
     for p in r.passes:

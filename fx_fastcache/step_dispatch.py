@@ -72,7 +72,8 @@ def specialise(gm: fx.GraphModule, pattern: tuple[bool, ...]) -> fx.GraphModule:
         if members[-1] >= len(pattern):
             raise ValueError(f"skip pattern has {len(pattern)} entries but the graph guards block {members[-1]}")
         if len({bool(pattern[j]) for j in members}) > 1:  # one cond guards the whole span
-            raise ValueError(f"skip pattern {tuple(pattern)} splits the guarded span of blocks {members[0]}..{members[-1]}; "
+            raise ValueError(f"skip pattern {tuple(pattern)} splits the guarded span of blocks "
+                             f"{members[0]}..{members[-1]}; "
                              f"install the table before the graph is captured (fastcache.set_schedule re-captures) "
                              f"or optimize with span='block'")
         choose[pred] = bool(pattern[i])
