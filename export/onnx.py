@@ -5,8 +5,10 @@ step counter) in buffers it updates in place; ONNX would freeze them into consta
 the updates without a word.  Here the graph is captured with ``policy="schedule"``, turned
 stateless by :func:`fx_fastcache.passes.explicit_state.explicit_state` (skip mask and every
 fallback state tensor become inputs, the new state becomes outputs) and exported with the
-dynamo exporter.  Each block is one ONNX ``If`` on ``skip[i]`` (a 0-d bool, as TensorRT's
-conditional layer requires; both branches return the same shapes and dtypes).
+dynamo exporter.  Each guarded span (one block, or consecutive blocks with equal schedule
+columns: ``passes/group_spans.py``) is one ONNX ``If`` on ``skip[i]``, ``i`` its first block (a
+0-d bool, as TensorRT's conditional layer requires; both branches return the same shapes and
+dtypes).
 
 The ONNX file carries, in ``metadata_props``, the input/output/state layout
 (``fx_fastcache.spec``) and the schedule (``fx_fastcache.schedule``), so
@@ -101,9 +103,11 @@ def export_onnx(model: nn.Module, schedule: Schedule, example_inputs: dict[str, 
     m = onnx.load(str(path))
     n_if = sum(1 for n in m.graph.node if n.op_type == "If")
     got = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if n_if != len(spec.blocks):
-        raise RuntimeError(f"exported graph has {n_if} If nodes for {len(spec.blocks)} blocks")
-    logger.info("exported %s: %d blocks as If, %d state tensors, opset %d", path, n_if, len(spec.state), got)
+    if n_if != len(spec.guarded):
+        raise RuntimeError(f"exported graph has {n_if} If nodes for {len(spec.guarded)} guarded spans "
+                           f"({len(spec.blocks)} blocks)")
+    logger.info("exported %s: %d blocks in %d If, %d state tensors, opset %d", path, len(spec.blocks), n_if,
+                len(spec.state), got)
     return OnnxExport(path, spec, schedule, got, n_if)
 
 

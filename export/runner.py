@@ -61,6 +61,11 @@ class ScheduleRunner:
         if schedule.blocks != spec.blocks:
             raise ValueError(f"schedule blocks {schedule.blocks[:3]}... ({len(schedule.blocks)}) do not match the "
                              f"exported model's {spec.blocks[:3]}... ({len(spec.blocks)})")
+        for span in spec.guarded:  # one If per span: its blocks must share the schedule's column
+            cols = {tuple(row[j] for row in schedule.table) for j in span}
+            if len(cols) > 1:
+                raise ValueError(f"the schedule skips blocks {span[0]}..{span[-1]} at different steps, but the model "
+                                 f"was exported with them as one guarded span; export again with this schedule")
         self.backend = backend
         self.spec = spec
         self.schedule = schedule

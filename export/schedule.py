@@ -216,7 +216,7 @@ class _StepRecorder:
     def __call__(self, module, args, kwargs, output) -> None:
         entry = self.opt.last_entry()
         step = int(entry.clock.step)
-        now = [float(g.skipped) for g in entry.guards]
+        now = [float(g.skipped) for g in entry.guards for _ in g.blocks]  # a guarded span: per block
         prev = self.prev.get(id(entry), [0.0] * len(now))
         self.prev[id(entry)] = now
         row = [b > a for a, b in zip(prev, now)]

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .calibration import Recorder, model_fingerprint, read_calibration_file, write_calibration_file
 from .config import FastCacheConfig
+from .auto_mode import resolve_step_dispatch
 from .fallbacks import FALLBACKS
 from .module import FastCacheModule
 from .policies import POLICIES
@@ -25,7 +26,7 @@ __all__ = ["optimize", "calibrate", "save_calibration", "load_calibration", "get
 
 def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfig | None = None,
              blocks: str | list[str] | None = None, example_inputs: dict[str, Any] | None = None,
-             step_dispatch: str | None = None, process_group: Any = None, **overrides: Any) -> FastCacheModule:
+             step_dispatch: str | None = "auto", process_group: Any = None, **overrides: Any) -> FastCacheModule:
     """Rewrite ``model`` so every transformer block is a guarded conditional with a fallback.
 
     Args:
@@ -41,7 +42,9 @@ def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfi
             (CUDA graphs), ``"default"``, ``"max-autotune"`` or ``"eager"``.  The copies are
             compiled by the dispatcher, so pair it with ``backend="eager"`` to skip the unused
             compile of the guarded graph.  Step-level policies and schedules only.  With a
-            schedule call ``fastcache.reset(opt)`` before each generation.
+            schedule call ``fastcache.reset(opt)`` before each generation.  ``"auto"`` (default):
+            ``"reduce-overhead"`` for a CUDA model with a step-level policy or a schedule, else
+            ``None`` (in-graph guards); the rule is :mod:`fx_fastcache.auto_mode`, logged at INFO.
         process_group: the ``torch.distributed`` group (or 1-D ``DeviceMesh``) the model's tokens
             are split over, for sequence parallelism set up by hand.  Default: the group of
             diffusers' context parallelism (``model.enable_parallelism``), read from the model at
@@ -51,7 +54,7 @@ def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfi
     """
     config = FastCacheConfig.resolve(config, **overrides)
     opt = FastCacheModule(model, config, backend=backend, blocks=blocks, process_group=process_group)
-    opt.set_step_dispatch(step_dispatch)
+    opt.set_step_dispatch(resolve_step_dispatch(model, config, step_dispatch))
     if example_inputs is not None:
         if not isinstance(example_inputs, dict):
             raise TypeError("example_inputs must be a dict of the model's keyword arguments")
@@ -94,8 +97,9 @@ def get_cache_statistics(opt: Any) -> dict[str, Any]:
     for e in opt.entries():
         steps += float(e.clock.calls)
         for g in e.guards:
-            skipped[g.block_name] += float(g.skipped)
-            evals[g.block_name] += float(g.evaluations)
+            for name in g.blocks:  # a guarded span: each of its blocks counts
+                skipped[name] += float(g.skipped)
+                evals[name] += float(g.evaluations)
     static_tok, all_tok = spatial_counts([g for e in opt.entries() for g in e.guards])
     total_eval = sum(evals.values())
     total_skip = sum(skipped.values())

@@ -58,6 +58,10 @@ class FastCacheConfig:
         token_merge_lambda: λ weighting temporal saliency in token importance.
         num_stages: Stages of the token-merging pyramid.
         merge_ratio: Fraction of tokens kept after merging (1.0 = no merging).
+        span: How blocks are guarded: ``"auto"`` (consecutive blocks that always share their
+            decision form one span = one ``cond``, with the fallback state at the span boundary;
+            see ``passes/group_spans.py``) or ``"block"`` (one guard and one state per block).
+            Fitted fallbacks and token routing/merging always use ``"block"``.
     """
 
     cache_ratio_threshold: float = 0.07
@@ -76,6 +80,7 @@ class FastCacheConfig:
     token_merge_lambda: float = 0.5
     num_stages: int = 1
     merge_ratio: float = 1.0
+    span: str = "auto"
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -103,6 +108,8 @@ class FastCacheConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise bad(name, f"expected an integer >= {lo}")
+        if self.span not in ("auto", "block"):
+            raise bad("span", "choose 'auto' (guarded spans) or 'block' (one guard per block)")
         if self.fallback not in FALLBACKS:
             raise bad("fallback", f"choose one of {sorted(FALLBACKS)}")
         if self.policy not in POLICIES:

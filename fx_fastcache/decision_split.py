@@ -25,6 +25,7 @@ after block ``i − 1`` ran: they cannot be split and get a ``ValueError`` namin
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +105,8 @@ class DecisionSplit:
     n_blocks: int
     in_spec: Any
     out_spec: Any
+    #: First block index of a guarded span → every block index of it (``passes/group_spans.py``).
+    span_of: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     def flatten(self, kw: dict[str, Any]) -> list[Any]:
         return list(fx_pytree.tree_flatten_spec(((), kw), self.in_spec))
@@ -116,7 +119,8 @@ class DecisionSplit:
     def pattern(self, decisions: list[bool]) -> tuple[bool, ...]:
         pat = [False] * self.n_blocks
         for i, d in zip(self.decided_blocks, decisions):
-            pat[i] = bool(d)
+            for j in self.span_of.get(i, (i,)):  # a guarded span: every block takes its decision
+                pat[j] = bool(d)
         return tuple(pat)
 
     def suffix(self, pattern: tuple[bool, ...]) -> fx.GraphModule:
@@ -156,7 +160,8 @@ def split_at_decisions(gm: fx.GraphModule, policy: str = "?") -> DecisionSplit:
     """Cut ``gm`` (a FastCache-rewritten graph) into a deciding prefix and a computing suffix."""
     graph = quiet_deepcopy(gm.graph)
     unpin(graph)  # no cond will be compiled: layout pins would only cost copies
-    n_blocks = len(gp.conds(graph))
+    span_of = guard_spans(gm)
+    n_blocks = sum(len(v) for v in span_of.values())
     if n_blocks == 0:
         raise RuntimeError("the graph has no guarded blocks (torch.cond); nothing to split")
     # blocks that always compute (before a step policy's anchor) become plain calls first
@@ -224,4 +229,18 @@ def split_at_decisions(gm: fx.GraphModule, policy: str = "?") -> DecisionSplit:
         raise RuntimeError("split_at_decisions needs a graph from torch.export (its pytree input spec)")
     return DecisionSplit(root=gm, prefix=prefix, suffix_template=suf,
                          decided_blocks=[guard_index(d) for d in decides], n_blocks=n_blocks,
-                         in_spec=info.in_spec, out_spec=info.out_spec)
+                         in_spec=info.in_spec, out_spec=info.out_spec, span_of=span_of)
+
+
+def guard_spans(gm: fx.GraphModule) -> dict[int, tuple[int, ...]]:
+    """Guard index (its first block) → block indices it covers, for every guarded ``cond`` of ``gm``.
+
+    A per-block guard covers its own block; a guarded span (``passes/group_spans.py``) covers
+    consecutive blocks, so skip patterns stay one entry per block."""
+    out: dict[int, tuple[int, ...]] = {}
+    for n in gp.conds(gm.graph):
+        name = gp.guard_of_cond(n)
+        i = gp.index_of(name)
+        guard = getattr(gm, name, None)
+        out[i] = tuple(range(i, i + len(getattr(guard, "blocks", (None,)))))
+    return out

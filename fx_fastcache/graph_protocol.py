@@ -28,7 +28,7 @@ import torch.fx as fx
 __all__ = [
     "COND", "CLONE", "CLOCK", "STEP_DECIDER", "DECIDE", "UPDATE", "SELECT", "Tick", "DecideArgs", "UpdateArgs",
     "RouterSelect", "guard_name", "block_branch_name", "fallback_branch_name", "compute_branch_name",
-    "pred_placeholder_name", "state_update_name", "router_name", "index_of", "val", "is_tensor", "is_contiguous",
+    "pred_placeholder_name", "state_update_name", "router_name", "is_state_module", "is_fastcache_module", "index_of", "val", "is_tensor", "is_contiguous",
     "contiguous_copy", "is_cond", "conds", "emit_clock", "emit_decide", "emit_update", "is_decide", "is_update",
     "decide_args", "update_args", "emit_router_select", "emit_router_update", "find_cond", "find_update",
     "tick_field", "guard_of_cond", "strip_identity",
@@ -68,6 +68,17 @@ def pred_placeholder_name(i: int) -> str:
 
 def state_update_name(i: int) -> str:
     return f"{_STATE}{i}"
+
+
+def is_state_module(name: str) -> bool:
+    """Whether a submodule path of a rewritten graph holds run-time state (clock, step decider, guards)."""
+    top = name.split(".", 1)[0]
+    return top in (CLOCK, STEP_DECIDER) or (top.startswith(_GUARD) and index_of(top) is not None)
+
+
+def is_fastcache_module(name: str) -> bool:
+    """Whether a submodule of a rewritten graph was inserted by the passes (``fastcache_*``)."""
+    return name.startswith("fastcache_")
 
 
 def router_name(guard: str) -> str:

@@ -67,6 +67,22 @@ class BlockReport:
     routing: list[str]
     block_code: str
     fallback_code: str
+    #: The guarded span this block belongs to (``passes/group_spans.py``; its own name if alone).
+    span: str = ""
+
+
+@dataclass
+class SpanReport:
+    """One guarded span: one ``cond`` over consecutive blocks (a single block with ``span="block"``)."""
+
+    index: int
+    name: str
+    blocks: list[str]
+    guard: str
+    cond: str
+    operands: int
+    state: list[str]
+    outputs: list[str]
 
 
 @dataclass
@@ -80,6 +96,7 @@ class GraphReport:
     notes: dict[str, list[str]]
     graph_code: str
     extra: dict[str, Any] = field(default_factory=dict)
+    spans: list[SpanReport] = field(default_factory=list)
 
     def pass_names(self) -> list[str]:
         return [p.name for p in self.passes]
@@ -109,7 +126,9 @@ def build_report(model: nn.Module, example_inputs: dict[str, Any], config=None, 
         true_b, false_b = c.args[1], c.args[2]
         by_branch[getattr(false_b, "target", None)] = (c, getattr(true_b, "target", None))
     blocks = []
-    for i, blk in enumerate(ctx.blocks):
+    spans = []
+    originals = {b.index: b for b in ctx.extras.get("block_regions", ctx.blocks)}
+    for i, blk in enumerate(ctx.blocks):  # guarded spans (one per block with span="block")
         gname = ctx.guards[i] if i < len(ctx.guards) else ""
         guard = getattr(gm, gname, None) if gname else None
         full_name = gp.block_branch_name(blk.index)
@@ -132,21 +151,29 @@ def build_report(model: nn.Module, example_inputs: dict[str, Any], config=None, 
         router = getattr(guard, "router", None) if guard is not None else None
         if router is not None:
             routing.append(f"token router: {type(router).__name__}")
-        blocks.append(BlockReport(
-            index=blk.index, name=blk.name, original_nodes=len(region) + len(blk.hoisted),
-            ops=ops_histogram(region) + ops_histogram(blk.hoisted), hoisted=len(blk.hoisted),
-            rewritten=cond is not None and cheap is not None,
-            guard=gname, decider=type(guard.decider).__name__ if guard is not None and guard.decider is not None
-            else (f"step decider {ctx.step_decider}" if ctx.step_decider else "none"),
-            fallback=type(fb).__name__ if fb is not None else "none", state=state,
-            cond=cond.name if cond is not None else "", operands=len(cond.args[3]) if cond is not None else 0,
-            outputs=[f"{name}" for _, name, _ in blk.outputs], routing=routing,
-            block_code=full.code.strip() if full is not None else "", fallback_code=cheap.code.strip() if cheap else ""))
+        spans.append(SpanReport(index=blk.index, name=blk.name, blocks=list(blk.block_names), guard=gname,
+                                cond=cond.name if cond is not None else "",
+                                operands=len(cond.args[3]) if cond is not None else 0, state=state,
+                                outputs=[name for _, name, _ in blk.outputs]))
+        for bi, bname in (blk.members or [(blk.index, blk.name)]):
+            own = originals.get(bi, blk) if len(blk.block_names) > 1 else blk
+            nodes = region if own is blk else [n for n in own.nodes if n.op == "call_function"]
+            blocks.append(BlockReport(
+                index=bi, name=bname, original_nodes=len(nodes) + len(own.hoisted),
+                ops=ops_histogram(nodes) + ops_histogram(own.hoisted), hoisted=len(own.hoisted),
+                rewritten=cond is not None and cheap is not None,
+                guard=gname, decider=type(guard.decider).__name__ if guard is not None and guard.decider is not None
+                else (f"step decider {ctx.step_decider}" if ctx.step_decider else "none"),
+                fallback=type(fb).__name__ if fb is not None else "none", state=state,
+                cond=cond.name if cond is not None else "", operands=len(cond.args[3]) if cond is not None else 0,
+                outputs=[name for _, name, _ in own.outputs], routing=routing,
+                block_code=full.code.strip() if full is not None else "",
+                fallback_code=cheap.code.strip() if cheap else "", span=blk.name))
     cfg = opt.fastcache_config
     return GraphReport(model=name or type(model).__name__, model_class=type(model).__name__, policy=cfg.policy,
                        fallback_name=cfg.fallback, blocks=blocks, passes=list(entry.passes), notes=dict(ctx.notes),
                        graph_code=gm.code.strip(),
-                       extra={"nodes_final": len(gm.graph.nodes), "conds": len(conds)})
+                       extra={"nodes_final": len(gm.graph.nodes), "conds": len(conds)}, spans=spans)
 
 
 def _hist(c: Counter, top: int = 8) -> str:
@@ -172,14 +199,21 @@ def format_text(r: GraphReport) -> str:
             lines.append(f"      {note}")
         if len(r.notes.get(p.name, [])) > 3:
             lines.append(f"      … {len(r.notes[p.name]) - 3} more notes")
+    if r.spans:
+        lines += ["", f"Guarded spans ({len(r.spans)} cond for {len(r.blocks)} blocks):"]
+        for sp in r.spans:
+            lines.append(f"  span {sp.guard or sp.name}: {len(sp.blocks)} block(s) {_names(sp.blocks, 6)} -> "
+                         f"cond {sp.cond or '-'} ({sp.operands} operands); streams {', '.join(sp.outputs)}; "
+                         f"state {_names(sp.state, 6)}")
     lines += ["", "Blocks:"]
     for b in r.blocks:
         status = "REWRITTEN" if b.rewritten else "NOT rewritten"
-        lines.append(f"  [{b.index}] {b.name}: {status}")
+        lines.append(f"  [{b.index}] {b.name}: {status}" + (f" (in span {b.span})" if b.span and b.span != b.name else ""))
         lines.append(f"      original : {b.original_nodes} nodes ({b.hoisted} hoisted for the probe); ops: {_hist(b.ops)}")
         if b.rewritten:
             lines.append(f"      guard    : {b.guard}  decider: {b.decider}")
-            lines.append(f"      cond     : {b.cond} = cond(pred, {gp.fallback_branch_name(b.index)}, {gp.block_branch_name(b.index)}, "
+            k = gp.index_of(b.guard) if b.guard else b.index
+            lines.append(f"      cond     : {b.cond} = cond(pred, {gp.fallback_branch_name(k)}, {gp.block_branch_name(k)}, "
                          f"{b.operands} operands)")
             lines.append(f"      fallback : {b.fallback}  state: {_names(b.state, 8)}")
             lines.append(f"      streams  : {', '.join(b.outputs)}")
@@ -238,14 +272,21 @@ def format_html(r: GraphReport) -> str:
         parts.append(f"<tr><td>{b.index}</td><td>{e(b.name)}</td><td>{st}</td><td>{b.original_nodes}</td>"
                      f"<td>{e(_hist(b.ops, 5))}</td><td>{e(b.guard)} / {e(b.decider)}</td><td>{e(b.fallback)}</td>"
                      f"<td>{b.operands}</td></tr>")
+    parts.append("</table><h2>Guarded spans</h2><table><tr><th>guard</th><th>blocks</th><th>cond</th>"
+                 "<th>operands</th><th>streams</th><th>state</th></tr>")
+    for sp in r.spans:
+        parts.append(f"<tr><td>{e(sp.guard)}</td><td>{e(_names(sp.blocks, 60))}</td><td>{e(sp.cond)}</td>"
+                     f"<td>{sp.operands}</td><td>{e(', '.join(sp.outputs))}</td><td>{e(_names(sp.state, 20))}</td></tr>")
     parts.append("</table><h2>Per-block code</h2>")
     for b in r.blocks:
         parts.append(f"<details><summary>[{b.index}] {e(b.name)}: {b.original_nodes} nodes → "
                      f"{'cond(' + e(b.cond) + ')' if b.rewritten else 'unchanged'}</summary>"
                      f"<p>ops: {e(_hist(b.ops, 20))}</p><p>state: {e(_names(b.state, 20))}</p>"
                      f"<p>routing: {'<br>'.join(e(x) for x in b.routing) or '-'}</p>"
-                     f"<details><summary>block branch {gp.block_branch_name(b.index)}</summary><pre>{e(b.block_code)}</pre></details>"
-                     f"<details><summary>fallback branch {gp.fallback_branch_name(b.index)}</summary><pre>{e(b.fallback_code)}</pre>"
+                     f"<details><summary>block branch {gp.block_branch_name(gp.index_of(b.guard) if b.guard else b.index)}</summary>"
+                     f"<pre>{e(b.block_code)}</pre></details>"
+                     f"<details><summary>fallback branch {gp.fallback_branch_name(gp.index_of(b.guard) if b.guard else b.index)}</summary>"
+                     f"<pre>{e(b.fallback_code)}</pre>"
                      f"</details></details>")
     parts.append("<h2>Graph before / after each pass</h2>")
     for p in r.passes:

@@ -19,6 +19,7 @@ import torch.utils._pytree as pytree
 
 from fx_fastcache.passes import PassContext, PassResult, run_pipeline
 
+from . import graph_protocol as gp
 from .config import RUNTIME_FIELDS, FastCacheConfig
 from .fallbacks import FALLBACKS
 from .families import FamilySpec, block_modules, resolve_family
@@ -49,7 +50,7 @@ class CapturedGraph:
 
     @property
     def clock(self):
-        return getattr(self.gm, "fastcache_clock")
+        return getattr(self.gm, gp.CLOCK)
 
     @property
     def guards(self) -> list:
@@ -375,7 +376,7 @@ class FastCacheModule(nn.Module):
                           store=self.store, backend=self.backend, process_group=group)
         results = run_pipeline(gm, ctx, record=self.record_passes)
         for name, sub in gm.named_children():  # the passes create clock/guard buffers on the CPU
-            if name.startswith("fastcache_"):
+            if gp.is_fastcache_module(name):
                 sub.to(self.device)
         if self.backend == "inductor":
             run = torch.compile(gm, backend="inductor", fullgraph=True, dynamic=False)
@@ -451,6 +452,21 @@ class FastCacheModule(nn.Module):
                              f"policy={policy.name!r}; optimize(model, policy='schedule') or "
                              f"fastcache.configure(model, policy='schedule')")
         policy.install_table(self.store, self.block_names(), table, self.device)
+        self._recapture_split_spans()
+
+    def _recapture_split_spans(self) -> None:
+        """Guarded spans (``passes/group_spans.py``) of a schedule follow the table installed at
+        capture; a new table whose columns differ inside a captured span drops the graphs, so the
+        next call re-captures with spans that fit it."""
+        table = self.installed_schedule()
+        for e in self.entries():
+            for g in e.guards:
+                cols = table[:, g.index:g.index + len(g.blocks)] if table is not None else None
+                if len(g.blocks) > 1 and cols is not None and not bool((cols == cols[:, :1]).all()):
+                    logger.info("fx-fastcache: the new schedule splits the guarded span %s; graphs will be "
+                                "re-captured", g.block_name)
+                    self.drop_graphs()
+                    return
 
     def installed_schedule(self) -> torch.Tensor | None:
         """The installed table, trimmed after its last skipping step (``None``: none installed)."""

@@ -8,14 +8,14 @@ Why the pieces below exist:
   ``__call__``; ``disable_fastcache`` swaps the class back.  Statistics therefore describe the
   most recent pipeline call.
 * **Two transformer calls per step.**  Flux with ``true_cfg_scale > 1`` and a negative prompt
-  calls the transformer twice per step with the *same* timestep, once inside
+  (and Wan's CFG) calls the transformer twice per step with the *same* timestep, once inside
   ``transformer.cache_context("cond")`` and once inside ``cache_context("uncond")``.  One
   FastCache state would count each call as a step and mix the conditional and unconditional
-  caches.  :class:`PipelineFastCache` routes each named cache context to its own
-  :class:`FastCacheModule` ("twin") that wraps the *same* transformer and shares the
-  calibration store (fits and schedule tables), so every context has its own clock and its own
-  cached residuals.  Calls outside any context, or in the first context seen, use the main module.
-  No core change was needed: the pipeline already names its calls.
+  caches.  :class:`PipelineFastCache` keeps *one* captured graph per input signature (one
+  export, one compile) and gives each named cache context its own run-time state (clock,
+  cached residuals, decider state), swapped into the graph's buffers in place when the context
+  changes (:mod:`fx_fastcache.context_state`).  Calls outside any context use the first
+  context seen.  No core change was needed: the pipeline already names its calls.
 * **Batched CFG** (DiT, PixArt, SD3 double the batch) needs nothing special: the batch is one
   call per step, decisions are per step and cached tensors hold the whole batch.
 * **Step dispatch** (``step_dispatch="reduce-overhead"``): on GPU every in-graph ``torch.cond``
@@ -38,7 +38,9 @@ import torch
 import torch.nn as nn
 
 from .config import FastCacheConfig
-from .module import CapturedGraph, FastCacheModule
+from .auto_mode import resolve_step_dispatch
+from .context_state import ContextStates
+from .module import FastCacheModule
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +48,14 @@ __all__ = ["enable_fastcache", "disable_fastcache", "PipelineFastCache"]
 
 
 class PipelineFastCache(FastCacheModule):
-    """A :class:`FastCacheModule` for ``pipe.transformer``: one state per diffusers cache context."""
+    """A :class:`FastCacheModule` for ``pipe.transformer``: one graph, one state per diffusers cache context."""
 
     def __init__(self, model: nn.Module, config: FastCacheConfig, backend: str = "inductor",
                  blocks: str | list[str] | None = None) -> None:
         super().__init__(model, config, backend=backend, blocks=blocks)
-        object.__setattr__(self, "_twins", {})  # context name -> FastCacheModule (not submodules: same model)
         object.__setattr__(self, "_primary_context", None)
         object.__setattr__(self, "_active", None)
-
-    # -- step dispatch ---------------------------------------------------------------------
-    def _context_key(self, module: FastCacheModule) -> str:
-        return str(self._active if module is not self else self._primary_context)
+        object.__setattr__(self, "_states", ContextStates())  # per-context state banks (not submodules)
 
     # -- routing by cache context ----------------------------------------------------------
     @contextlib.contextmanager
@@ -72,72 +70,65 @@ class PipelineFastCache(FastCacheModule):
         finally:
             object.__setattr__(self, "_active", prev)
 
-    def _target(self) -> FastCacheModule | None:
+    def _context_name(self) -> str:
+        """The running context (calls outside any context use the first context seen)."""
         name = self._active
-        if name is None or name == self._primary_context:
-            return None
-        twin = self._twins.get(name)
-        if twin is None:
-            twin = FastCacheModule(self.model, self.fastcache_config, backend=self.backend, blocks=None)
-            twin.spec = self.spec
-            twin.store = self.store  # shared fits and schedule tables
-            twin._force_compute = self._force_compute
-            self._twins[name] = twin
-            logger.info("fx-fastcache: separate cache state for transformer calls in cache_context(%r)", name)
-        return twin
+        return str(self._primary_context if name is None else name)
+
+    def _context_key(self, module: FastCacheModule) -> str:
+        return self._context_name()
+
+    def _dispatcher(self, module: FastCacheModule, key: str = "") -> Any:
+        """One StepDispatch per context (host step counters), sharing the compiled variants."""
+        d = self._dispatchers.get(key)
+        if d is None:
+            other = next(iter(self._dispatchers.values()), None)
+            if other is None:
+                return super()._dispatcher(module, key)
+            # a later context joins mid-generation: its StepDispatch must not reset the shared
+            # graph's state (the other contexts' banks, the statistics) as a new one does
+            object.__setattr__(self, "reset", lambda: None)
+            try:
+                d = super()._dispatcher(module, key)
+            finally:
+                del self.__dict__["reset"]
+            d._variants, d._splits = other._variants, other._splits
+        return d
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        twin = self._target()
-        if self._dispatch_mode is not None:
-            module = twin if twin is not None else self
-            return self._dispatcher(module, self._context_key(module))(*args, **kwargs)
-        if twin is not None:
-            return twin(*args, **kwargs)
-        return super().forward(*args, **kwargs)
+        name = self._context_name()
+        if self._states.live is not None and name != self._states.live:
+            logger.debug("fx-fastcache: cache context %r -> %r", self._states.live, name)
+        self._states.activate(name, self.entries(), self.store)
+        # calibration records the primary context only: the recorder keeps per-block histories
+        # across steps, which interleaved cond/uncond calls would corrupt
+        muted = self._recorder if name != str(self._primary_context) else None
+        if muted is not None:
+            self.set_recorder(None)
+        try:
+            if self._dispatch_mode is not None:
+                return self._dispatcher(self, name)(*args, **kwargs)
+            return super().forward(*args, **kwargs)
+        finally:
+            if muted is not None:
+                self.set_recorder(muted)
 
-    def contexts(self) -> dict[str, FastCacheModule]:
-        """The per-context modules (the primary context maps to ``self``)."""
-        out: dict[str, FastCacheModule] = {str(self._primary_context): self}
-        out.update(self._twins)
-        return out
-
-    # -- everything that walks the captured graphs also walks the twins' ------------------
-    def entries(self) -> list[CapturedGraph]:
-        out = super().entries()
-        for twin in self._twins.values():
-            out.extend(twin.entries())
-        return out
+    def contexts(self) -> dict[str, dict[tuple, dict[str, torch.Tensor]]]:
+        """Per cache context: its state tensors per captured graph (the live ones or its bank)."""
+        names = dict.fromkeys([str(self._primary_context), *self._states.banks])
+        if self._states.live is not None:
+            names[self._states.live] = None
+        return {n: self._states.state(n, self.entries(), self.store) for n in names}
 
     def reset(self) -> None:
         super().reset()
-        for twin in self._twins.values():
-            twin.reset()
-
-    def configure(self, **changes: Any) -> None:
-        super().configure(**changes)
-        for twin in self._twins.values():
-            twin.configure(**changes)
-
-    def set_force_compute(self, force: bool) -> None:
-        super().set_force_compute(force)
-        for twin in self._twins.values():
-            twin.set_force_compute(force)
-
-    def set_recorder(self, recorder: Any) -> None:
-        # calibration records the primary context only: the recorder keeps per-block histories
-        # across steps, which interleaved cond/uncond calls would corrupt
-        super().set_recorder(recorder)
-
-    def refresh_deciders(self) -> None:
-        super().refresh_deciders()
-        for twin in self._twins.values():
-            twin.refresh_deciders()
+        if "_states" in self.__dict__:
+            self._states.clear()  # every context starts fresh at its next call
 
     def drop_graphs(self) -> None:
         super().drop_graphs()
-        self.__dict__.get("_dispatchers", {}).clear()
-        for twin in self.__dict__.get("_twins", {}).values():
-            twin.drop_graphs()
+        if "_states" in self.__dict__:
+            self._states.clear()
 
 
 def _wrapped_call(original: Any):
@@ -154,7 +145,7 @@ def _wrapped_call(original: Any):
 
 
 def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConfig | None = None,
-                     schedule: torch.Tensor | None = None, step_dispatch: str | None = None,
+                     schedule: torch.Tensor | None = None, step_dispatch: str | None = "auto",
                      **overrides: Any) -> PipelineFastCache:
     """Optimize ``pipe.transformer`` in place; returns the installed module.
 
@@ -169,6 +160,8 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
             the in-graph decision once per step.  ``"reduce-overhead"`` (CUDA graphs; the fast
             choice on GPU), ``"default"``, ``"max-autotune"`` or ``"eager"``.  ``None`` keeps the
             in-graph ``torch.cond`` guards (the fast choice on CPU, and the only one for ``chi2``).
+            ``"auto"`` (default): ``"reduce-overhead"`` on CUDA for step-level policies and
+            schedules, else ``None`` (:mod:`fx_fastcache.auto_mode`; the choice is logged).
 
     Afterwards ``pipe(...)`` resets the cache state at the start of every call,
     ``fastcache.get_cache_statistics(pipe)`` reports the last call, and
@@ -189,7 +182,7 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
     opt = PipelineFastCache(tr, config, backend=backend)
     if schedule is not None:
         opt.install_schedule(schedule)
-    opt.set_step_dispatch(step_dispatch)
+    opt.set_step_dispatch(resolve_step_dispatch(tr, config, step_dispatch))
     cls = type(pipe)
     sub = type(f"FastCache{cls.__name__}", (cls,),
                {"__call__": _wrapped_call(cls.__call__), "_fastcache_original_class": cls,

@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from . import graph_protocol as gp
-from .decision_split import guard_index, resolve_conds, split_at_decisions
+from .decision_split import guard_index, guard_spans, resolve_conds, split_at_decisions
 from .fallbacks import FALLBACKS
 from .policies import POLICIES
 from .quiet import quiet_deepcopy
@@ -66,10 +66,17 @@ def specialise(gm: fx.GraphModule, pattern: tuple[bool, ...]) -> fx.GraphModule:
     if not preds:
         raise RuntimeError("the graph has no guarded blocks (torch.cond); nothing to specialise")
     choose = {}
+    spans = guard_spans(gm)
     for pred in preds:
         i = guard_index(pred)
-        if i >= len(pattern):
-            raise ValueError(f"skip pattern has {len(pattern)} entries but the graph guards block {i}")
+        members = spans.get(i, (i,))
+        if members[-1] >= len(pattern):
+            raise ValueError(f"skip pattern has {len(pattern)} entries but the graph guards block {members[-1]}")
+        if len({bool(pattern[j]) for j in members}) > 1:  # one cond guards the whole span
+            raise ValueError(f"skip pattern {tuple(pattern)} splits the guarded span of blocks "
+                             f"{members[0]}..{members[-1]}; "
+                             f"install the table before the graph is captured (fastcache.set_schedule re-captures) "
+                             f"or optimize with span='block'")
         choose[pred] = bool(pattern[i])
     resolve_conds(graph, choose)
     new = fx.GraphModule(gm, graph)

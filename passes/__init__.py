@@ -14,6 +14,7 @@ import torch.fx as fx
 from .cleanup import cleanup
 from .context import BlockRegion, PassContext, PassResult
 from .find_blocks import find_blocks
+from .group_spans import group_spans
 from .guard_blocks import guard_blocks
 from .hoist_probes import hoist_probes
 from .merge_tokens import merge_tokens
@@ -31,6 +32,7 @@ PIPELINE: list[tuple[str, PassFn]] = [
     ("find_block_args", find_block_args),
     ("strip_markers", strip_markers),
     ("hoist_probes", hoist_probes),
+    ("group_spans", group_spans),
     ("guard_blocks", guard_blocks),
     ("route_tokens", route_tokens),
     ("merge_tokens", merge_tokens),

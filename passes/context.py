@@ -25,6 +25,13 @@ class BlockRegion:
     outputs: list[tuple[int, str, fx.Node]] = field(default_factory=list)
     probe: fx.Node | None = None
     hoisted: list[fx.Node] = field(default_factory=list)
+    #: ``(index, name)`` of the blocks inside this region: just this block, or every block of a
+    #: guarded span (``passes/group_spans.py``).  Empty until ``group_spans`` ran.
+    members: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def block_names(self) -> list[str]:
+        return [name for _, name in self.members] or [self.name]
 
 
 @dataclass

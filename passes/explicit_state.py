@@ -72,6 +72,9 @@ class ExplicitStateSpec:
     outputs: list[str]  # the model's tensor outputs
     blocks: list[str]
     state: list[StateTensor] = field(default_factory=list)
+    #: Block indices of each guarded ``If`` (a span: several consecutive blocks, which must share
+    #: their schedule column); empty: one ``If`` per block.  ``skip`` has one entry per block.
+    spans: list[list[int]] = field(default_factory=list)
     dropped_squeezes: int = 0
     rewritten_bool_fills: int = 0
 
@@ -90,13 +93,19 @@ class ExplicitStateSpec:
         return {"inputs": self.inputs, "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
                 "input_dtypes": self.input_dtypes, "outputs": self.outputs, "blocks": self.blocks,
                 "state": [{"block": s.block, "name": s.name, "shape": list(s.shape), "dtype": s.dtype}
-                          for s in self.state]}
+                          for s in self.state], "spans": self.spans}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExplicitStateSpec":
         return cls(inputs=list(d["inputs"]), input_shapes={k: tuple(v) for k, v in d["input_shapes"].items()},
                    input_dtypes=dict(d["input_dtypes"]), outputs=list(d["outputs"]), blocks=list(d["blocks"]),
-                   state=[StateTensor(s["block"], s["name"], tuple(s["shape"]), s["dtype"]) for s in d["state"]])
+                   state=[StateTensor(s["block"], s["name"], tuple(s["shape"]), s["dtype"]) for s in d["state"]],
+                   spans=[list(x) for x in d.get("spans", [])])
+
+    @property
+    def guarded(self) -> list[list[int]]:
+        """Block indices per ``If``: the spans, or one per block."""
+        return self.spans or [[i] for i in range(len(self.blocks))]
 
 
 class StateUpdate(nn.Module):
@@ -191,7 +200,8 @@ def explicit_state(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule
     last_ph = inputs[-1]
     with g.inserting_after(last_ph):
         skip = g.placeholder("skip")
-    skip.meta["val"] = torch.zeros(len(ctx.guards), dtype=torch.bool)
+    n_blocks = sum(len(getattr(gm, gname).blocks) for gname in ctx.guards)
+    skip.meta["val"] = torch.zeros(n_blocks, dtype=torch.bool)  # one per block; a span reads its first
 
     clock = next(n for n in g.nodes if n.op == "call_module" and n.target == ctx.clock)
     ts = clock.args[0]  # the clock's only input: the model's timestep
@@ -215,7 +225,8 @@ def explicit_state(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule
     prev = skip
     for i, gname in enumerate(ctx.guards):
         guard = getattr(new, gname)
-        spec.blocks.append(guard.block_name)
+        spec.blocks.extend(guard.blocks)
+        spec.spans.append(list(range(guard.index, guard.index + len(guard.blocks))))
         names = mutable_state_names(getattr(gm, gname).fallback, ctx.store)  # the copy's buffers are not the store's
         phs = {}
         for name in names:
@@ -239,7 +250,7 @@ def explicit_state(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule
         if len(decide) != 1 or len(update) != 1:
             raise RuntimeError(f"{gname}: expected one decide and one update call, found {len(decide)}/{len(update)}")
         with g.inserting_before(decide[0]):
-            pred = g.call_function(torch.ops.aten.select.int, (skip, 0, i))
+            pred = g.call_function(torch.ops.aten.select.int, (skip, 0, guard.index))
         pred.meta["val"] = torch.zeros((), dtype=torch.bool)
         decide[0].replace_all_uses_with(pred)
         g.erase_node(decide[0])

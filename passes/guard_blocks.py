@@ -160,9 +160,10 @@ def guard_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
         decider = None
         if policy.scope == "block":
             sig_shape = tuple(_val(blk.probe).shape) if blk.probe is not None else None
-            decider = policy.make_block_decider(blk.index, blk.name, sig_shape, device, streams[0].dtype, ctx.store,
-                                                group=ctx.process_group)
+            decider = policy.make_block_decider(blk.index, blk.block_names[0], sig_shape, device, streams[0].dtype,
+                                                ctx.store, group=ctx.process_group)
         guard = BlockGuard(blk.index, blk.name, fallback, decider, never_skip=policy.never_skip(blk.index))
+        guard.blocks = tuple(blk.block_names)  # a span's blocks (passes/group_spans.py); statistics count each
         gname = _register(gm, gp.guard_name(blk.index), guard)
         ctx.guards.append(gname)
         n_state = [len(fallback.state_names(k)) for k in range(len(streams))]

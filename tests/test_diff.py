@@ -14,7 +14,20 @@ BLOCKS = ["transformer_blocks.0", "single_transformer_blocks.0", "single_transfo
 @pytest.fixture(scope="module")
 def report():
     tm = make_tiny("tiny-flux")
-    return build_report(tm.model, tm.make_inputs(1000.0, 2), name="tiny-flux")
+    return build_report(tm.model, tm.make_inputs(1000.0, 2), name="tiny-flux", span="block")
+
+
+def test_spans_show_their_blocks():
+    """span="auto" (default): Flux's joint and single blocks form one guarded span; each block is
+    still reported, inside it."""
+    tm = make_tiny("tiny-flux")
+    r = build_report(tm.model, tm.make_inputs(1000.0, 2), name="tiny-flux")
+    assert len(r.spans) == 1 and r.spans[0].blocks == BLOCKS and r.extra["conds"] == 1
+    assert [b.name for b in r.blocks] == BLOCKS and all(b.rewritten and b.span == r.spans[0].name for b in r.blocks)
+    assert r.blocks[1].ops["linear"] > 0  # per-block op histograms survive the merge
+    text = format_text(r)
+    assert "Guarded spans (1 cond for 3 blocks)" in text and "(in span transformer_blocks.0..single" in text
+    assert "Guarded spans" in format_html(r)
 
 
 def test_every_block_is_reported_as_rewritten(report):
@@ -75,7 +88,7 @@ def test_cli_diff_text_html_and_pass(tmp_path, capsys):
     assert "[0] transformer_blocks.0: REWRITTEN" in text and "[1] transformer_blocks.1: REWRITTEN" in text
     out = tmp_path / "d.html"
     assert main(["diff", "tiny-dit", "--format", "html", "--out", str(out)]) == 0
-    assert "fastcache_block_1" in out.read_text()
+    assert "fastcache_block_0" in out.read_text() and "Guarded spans" in out.read_text()  # one span: blocks 0..1
     assert main(["diff", "tiny-dit", "--pass", "hoist_probes"]) == 0
     assert "before hoist_probes" in capsys.readouterr().out
     assert main(["diff", "tiny-dit", "--pass", "bogus"]) == 2

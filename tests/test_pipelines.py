@@ -23,6 +23,7 @@ from fx_fastcache.zoo import make_tiny
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
 WARMUP = 2
+WARMUP_DEFAULT = fastcache.FastCacheConfig().warmup_steps
 # name -> (tiny pipeline, extra call kwargs, transformer calls per step, blocks per call)
 CASES = {
     "dit": ("dit", {}, 1, 2),
@@ -94,10 +95,45 @@ def test_flux_true_cfg_uses_one_state_per_cache_context() -> None:
     tp.pipe(**tp.call_kwargs(num_inference_steps=3, negative_prompt="blurry", true_cfg_scale=2.0))
     contexts = tr.contexts()
     assert sorted(contexts) == ["cond", "uncond"]
-    for module in contexts.values():
-        entry = module.last_entry()
-        assert float(entry.clock.calls) == 3 and float(entry.clock.step) == 2
-    assert contexts["uncond"].store is tr.store
+    (entry,) = tr.entries()  # one graph for both contexts
+    assert float(entry.clock.calls) == 6  # calls are counted over every context
+    for state in contexts.values():
+        (bufs,) = state.values()
+        assert float(bufs["fastcache_clock.step"]) == 2  # but each context has its own step clock
+    r_c = [state[entry.key]["fastcache_guard_0.fallback.r_c0"] for state in contexts.values()]
+    assert r_c[0] is not r_c[1] and not torch.equal(r_c[0], r_c[1])  # and its own cached residuals
+
+
+@pytest.mark.parametrize("family,extra", [("flux", {"negative_prompt": "blurry", "true_cfg_scale": 2.0}),
+                                          ("wan", {})], ids=["flux-true-cfg", "wan"])
+def test_one_export_and_one_compile_for_two_cache_contexts(family, extra, monkeypatch) -> None:
+    """Cache contexts swap state, not graphs: one torch.export and one compiled graph per pipeline."""
+    tp = make_tiny_pipeline(family)
+    reference = _images(tp.pipe, tp, extra)
+    exports, compiles = [], []
+    real_export = torch.export.export
+
+    def counting_export(*a, **k):
+        exports.append(1)
+        return real_export(*a, **k)
+
+    def counting_compile(fn, *a, **k):  # the compiled graph is counted, then run eagerly
+        compiles.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch.export, "export", counting_export)
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    tr = fastcache.enable_fastcache(tp.pipe, backend="inductor", enable_block_approx=False)
+    for _ in range(2):
+        out = _images(tp.pipe, tp, extra)
+    assert len(exports) == 1 and len(compiles) == 1 and len(tr.entries()) == 1
+    assert sorted(tr.contexts()) == ["cond", "uncond"] and tr._states.swaps >= 2 * STEPS
+    np.testing.assert_array_equal(out, reference)  # approximation off: exactly the uncached pipeline
+    fastcache.configure(tp.pipe, enable_block_approx=True, cache_ratio_threshold=1e6)
+    _images(tp.pipe, tp, extra)
+    stats = fastcache.get_cache_statistics(tp.pipe)
+    assert stats["blocks_approximated"] == (STEPS - WARMUP_DEFAULT) * 2 * len(stats["per_block"])
+    assert len(exports) == 1 and len(compiles) == 1
 
 
 def test_enable_twice_and_disable_unenabled_raise() -> None:

@@ -48,7 +48,7 @@ def test_full_capacity_is_identical_to_no_routing(tinies, name):
     """With block skipping on (every other step skipped), so computed and skipped blocks mix."""
     tm = tinies[name]
     skip = dict(cache_ratio_threshold=0.5, max_skip_steps=1)
-    ref = fastcache.optimize(tm.model, backend="eager", **skip)
+    ref = fastcache.optimize(tm.model, backend="eager", span="block", **skip)  # routing guards per block
     opt = fastcache.optimize(tm.model, backend="eager", enable_spatial_approx=True, motion_threshold=0.0, **skip)
     for a, b in zip(_run(ref, tm, name), _run(opt, tm, name)):
         assert torch.equal(a, b)

@@ -74,7 +74,7 @@ def test_step_forecast_decisions_vary_and_still_match() -> None:
 
 def test_split_prefix_holds_decisions_and_no_blocks() -> None:
     tm = make_tiny("tiny-pixart")
-    opt = fastcache.optimize(tm.model, backend="eager", policy="step_forecast")
+    opt = fastcache.optimize(tm.model, backend="eager", policy="step_forecast", span="block")
     entry = opt.capture(**tm.make_inputs(900, 2))
     split = split_at_decisions(entry.gm, "step_forecast")
     pre = split.prefix.graph
@@ -91,11 +91,15 @@ def test_split_prefix_holds_decisions_and_no_blocks() -> None:
 
 def test_first_block_cache_prefix_computes_block0() -> None:
     tm = make_tiny("tiny-flux")
-    opt = fastcache.optimize(tm.model, backend="eager", policy="first_block_cache")
+    opt = fastcache.optimize(tm.model, backend="eager", policy="first_block_cache", span="block")
     split = split_at_decisions(opt.capture(**tm.make_inputs(0.9, 2)).gm, "first_block_cache")
     called = {str(n.target) for n in split.prefix.graph.nodes if n.op == "call_module"}
     assert "fastcache_block_0" in called and split.decided_blocks == [1, 2]
     assert split.pattern([True, True]) == (False, True, True)
+    # guarded spans: blocks 1..2 are one span, one decision, patterns stay per block
+    opt = fastcache.optimize(tm.model, backend="eager", policy="first_block_cache")
+    split = split_at_decisions(opt.capture(**tm.make_inputs(0.9, 2)).gm, "first_block_cache")
+    assert split.decided_blocks == [1] and split.pattern([True]) == (False, True, True)
 
 
 def test_specialised_update_gets_a_plain_bool() -> None:

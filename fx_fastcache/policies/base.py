@@ -76,6 +76,16 @@ class Policy:
     def never_skip(self, index: int) -> bool:
         return False
 
+    def span_groups(self, block_names: list[str], store) -> list[list[int]]:
+        """Runs of consecutive blocks that always share this policy's decision (``span="auto"``,
+        ``passes/group_spans.py``).  A step-level policy: one span of the blocks after its anchor
+        (First-Block-Cache's block 0 alone, as it always computes); a per-block policy: one per block."""
+        n = len(block_names)
+        if self.scope == "step":
+            lead = 1 if self.anchor == "after_block0" else 0
+            return [[i] for i in range(min(lead, n))] + ([list(range(lead, n))] if n > lead else [])
+        return [[i] for i in range(n)]
+
 
 class Decider(nn.Module):
     _is_impure = True  # mutates its buffers: never dead-code-eliminated

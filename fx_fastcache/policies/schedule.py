@@ -73,3 +73,18 @@ class SchedulePolicy(Policy):
 
     def make_block_decider(self, index, block, signal_shape, device, dtype, store, group=None):
         return ScheduleDecider(block, device, store)
+
+    def span_groups(self, block_names, store):
+        """Consecutive blocks whose table columns are equal, read from the table installed at
+        capture; no table yet: one span per block.  ``fastcache.set_schedule`` re-captures when
+        a new table splits a span of an existing graph (``span_conflicts``)."""
+        cols = [store.tensors.get(f"{name}.schedule") for name in block_names]
+        if not block_names or any(c is None for c in cols):
+            return [[i] for i in range(len(block_names))]
+        groups = [[0]]
+        for i in range(1, len(cols)):
+            if torch.equal(cols[i], cols[groups[-1][0]]):
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups

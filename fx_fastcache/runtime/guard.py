@@ -24,6 +24,8 @@ class BlockGuard(nn.Module):
         super().__init__()
         self.index = index
         self.block_name = name
+        #: Names of the blocks this guard covers: ``(name,)``, or every block of a guarded span.
+        self.blocks: tuple[str, ...] = (name,)
         self.fallback = fallback
         self.decider = decider
         self.register_buffer("never_skip", torch.tensor(1.0 if never_skip else 0.0))
