@@ -1,4 +1,4 @@
-"""Token routing (enable_spatial_approx): cost of one block and of a whole generation, and quality.
+"""Token routing (enable_token_routing): cost of one block and of a whole generation, and quality.
 
 Measured side by side in one process, per trained model (dit-mnist, pixart-mnist):
 
@@ -289,13 +289,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_generation:
             configs: dict[str, dict] = {"all blocks": dict(enable_block_approx=False)}
             for frac in args.fractions:
-                configs[f"route {int(frac * 100)}%"] = dict(enable_block_approx=False, enable_spatial_approx=True,
+                configs[f"route {int(frac * 100)}%"] = dict(enable_block_approx=False, enable_token_routing=True,
                                                            motion_threshold=1.0 - frac)
             for thr in args.skip_thresholds:
                 configs[f"skip thr={thr}"] = dict(cache_ratio_threshold=thr)
                 for frac in args.fractions[1:]:
                     configs[f"skip thr={thr} + route {int(frac * 100)}%"] = dict(
-                        cache_ratio_threshold=thr, enable_spatial_approx=True, motion_threshold=1.0 - frac)
+                        cache_ratio_threshold=thr, enable_token_routing=True, motion_threshold=1.0 - frac)
             print(f"{name}: generation, {args.images} images × {args.steps} steps, {args.backend}", flush=True)
             entry["generation"] = bench_generation(tm, configs, args.backend, args.images, args.steps,
                                                    args.gen_repeats)

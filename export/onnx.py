@@ -58,13 +58,13 @@ def stateless_module(model: nn.Module, schedule: Schedule, example_inputs: dict[
     if isinstance(model, FastCacheModule) and POLICIES[model.fastcache_config.policy].exportable:
         apply_schedule(model, schedule)  # checks model and blocks, installs the table
         cfg = model.fastcache_config
-        if cfg.enable_spatial_approx or cfg.enable_token_merge:
-            raise ValueError("export supports block skipping only; optimize with enable_spatial_approx=False and "
+        if cfg.enable_token_routing or cfg.enable_token_merge:
+            raise ValueError("export supports block skipping only; optimize with enable_token_routing=False and "
                              "enable_token_merge=False")
         opt = model
     else:
         base = model.model if isinstance(model, FastCacheModule) else model
-        opt = optimize_with_schedule(base, schedule, backend="eager", enable_spatial_approx=False,
+        opt = optimize_with_schedule(base, schedule, backend="eager", enable_token_routing=False,
                                      enable_token_merge=False)
     entry = opt.capture(**example_inputs)
     gm, spec = explicit_state(entry.gm, entry.ctx)

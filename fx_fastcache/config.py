@@ -11,11 +11,31 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from .fallbacks import FALLBACKS
 from .policies import POLICIES
+
+#: Former field names → current ones (still accepted, with a ``DeprecationWarning``; files written
+#: before the rename keep loading).
+RENAMED = {"enable_spatial_approx": "enable_token_routing"}
+
+
+def _renamed(d: dict[str, Any]) -> dict[str, Any]:
+    old = [k for k in d if k in RENAMED]
+    if not old:
+        return d
+    d = dict(d)
+    for k in old:
+        new = RENAMED[k]
+        if new in d:
+            raise ValueError(f"FastCacheConfig: both {k!r} (its former name) and {new!r} given; pass only {new!r}")
+        warnings.warn(f"FastCacheConfig field {k!r} is now {new!r}", DeprecationWarning, stacklevel=3)
+        d[new] = d.pop(k)
+    return d
+
 
 #: Fields whose change only updates tensor buffers inside the captured graph.
 RUNTIME_FIELDS = frozenset(
@@ -38,7 +58,7 @@ class FastCacheConfig:
             (fraction of tokens treated as static).  In [0, 1).
         enable_block_approx: Master switch for block approximation; ``False`` computes every
             block in full (the rewritten graph is still used).
-        enable_spatial_approx: Motion-aware token routing inside computed blocks.
+        enable_token_routing: Motion-aware token routing inside computed blocks.
         enable_token_merge: Spatial-temporal token merging.
         fallback: What replaces a skipped block: ``"residual_linear"`` (cached residual plus a
             ridge-fitted linear correction of the input change), ``"residual"`` (cached residual
@@ -68,7 +88,7 @@ class FastCacheConfig:
     significance_level: float = 0.05
     motion_threshold: float = 0.1
     enable_block_approx: bool = True
-    enable_spatial_approx: bool = False
+    enable_token_routing: bool = False
     enable_token_merge: bool = False
     fallback: str = "forecast"
     policy: str = "step_forecast"
@@ -100,7 +120,7 @@ class FastCacheConfig:
         v = self.merge_ratio
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
             raise bad("merge_ratio", "expected a fraction in (0, 1]")
-        for name in ("enable_block_approx", "enable_spatial_approx", "enable_token_merge"):
+        for name in ("enable_block_approx", "enable_token_routing", "enable_token_merge"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "expected True or False")
         for name, lo in (("warmup_steps", 0), ("max_skip_steps", 0), ("calibration_lags", 1),
@@ -117,6 +137,7 @@ class FastCacheConfig:
 
     def replace(self, **changes: Any) -> "FastCacheConfig":
         """A copy with ``changes`` applied (validated). Unknown names raise ``ValueError``."""
+        changes = _renamed(changes)
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - known)
         if unknown:
@@ -131,6 +152,7 @@ class FastCacheConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FastCacheConfig":
+        d = _renamed(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -495,7 +495,7 @@ class FastCacheModule(nn.Module):
 
 def _check_parallel(cfg: FastCacheConfig, group: Any) -> None:
     """Token routing and merging re-run a block on a per-rank subset of its tokens: not with context parallelism."""
-    on = [k for k in ("enable_spatial_approx", "enable_token_merge") if getattr(cfg, k)]
+    on = [k for k in ("enable_token_routing", "enable_token_merge") if getattr(cfg, k)]
     if group is None or not on or (on == ["enable_token_merge"] and cfg.merge_ratio >= 1.0):  # ratio 1: no merge
         return
     raise ValueError(

@@ -17,7 +17,7 @@ from .context import PassContext
 
 
 def needs_block_args(ctx: PassContext) -> bool:
-    return bool(ctx.config.enable_spatial_approx or ctx.config.enable_token_merge)
+    return bool(ctx.config.enable_token_routing or ctx.config.enable_token_merge)
 
 
 def find_block_args(gm: fx.GraphModule, ctx: PassContext) -> None:

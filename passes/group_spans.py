@@ -21,7 +21,7 @@ Which blocks share a span (``FastCacheConfig.span``):
   - fitted per-block fallbacks (``residual_linear``, ``linear``): their maps are fitted per
     block on that block's input/output; the composition of per-block affine maps is not what a
     single fit of the run would give, and calibration files are keyed per block;
-  - token routing / merging (``enable_spatial_approx``, ``enable_token_merge``): the computed
+  - token routing / merging (``enable_token_routing``, ``enable_token_merge``): the computed
     branch is re-exported from *one* block module for fewer tokens (``passes/route_tokens.py``),
     and its static/dynamic token split is decided per block.
 
@@ -54,8 +54,8 @@ def forced_block_reason(config) -> str | None:
     """Why ``span="auto"`` must use one span per block for ``config`` (``None``: it need not)."""
     if FALLBACKS[config.fallback].fitted:
         return f"fallback={config.fallback!r} is fitted per block"
-    if config.enable_spatial_approx:
-        return "token routing (enable_spatial_approx) runs per block"
+    if config.enable_token_routing:
+        return "token routing (enable_token_routing) runs per block"
     if config.enable_token_merge and config.merge_ratio < 1.0:
         return "token merging (enable_token_merge) runs per block"
     return None

@@ -35,6 +35,6 @@ __all__ = ["route_tokens", "routing_capacity"]
 def route_tokens(gm: fx.GraphModule, ctx: PassContext) -> None:
     """Token routing (and merging of the routed tokens when ``enable_token_merge`` is also on)."""
     cfg = ctx.config
-    if not cfg.enable_spatial_approx:
+    if not cfg.enable_token_routing:
         return
     reduce_blocks(gm, ctx, route=True, merge=cfg.enable_token_merge and cfg.merge_ratio < 1.0, pass_name="route_tokens")

@@ -184,10 +184,10 @@ def argument_role(node: fx.Node, v: torch.Tensor, name: str, kind: str, tag: str
         return "per_sample", (b, k) + shape[2:]
     if text_len and v.ndim >= 2 and shape[-1] == n + text_len and shape[0] in (b, 1):
         if joint_mask_order != "image_first":  # a mask over the joint sequence
-            raise ValueError(f"enable_spatial_approx: block {path} takes {tag!r} of shape {shape}, a mask "
+            raise ValueError(f"enable_token_routing: block {path} takes {tag!r} of shape {shape}, a mask "
                              f"over its {n} image + {text_len} text tokens, and the token order of that "
                              f"sequence is not known for {model_name}; token routing "
-                             f"cannot place it. Disable enable_spatial_approx for this model")
+                             f"cannot place it. Disable enable_token_routing for this model")
         return "joint_mask", (b,) + shape[1:-1] + (k + text_len,)
     return "pass", shape
 
@@ -206,12 +206,12 @@ def reduce_blocks(gm: fx.GraphModule, ctx: PassContext, route: bool, merge: bool
         if call is None:
             raise RuntimeError(f"route_tokens: no recorded call of block {path}; was it captured with markers?")
         if stream not in blk.stream_inputs:
-            raise ValueError(f"enable_spatial_approx: block {path} has no {stream!r} stream to route "
+            raise ValueError(f"enable_token_routing: block {path} has no {stream!r} stream to route "
                              f"(streams {sorted(blk.stream_inputs)}); disable token routing for this model")
         x = blk.stream_inputs[stream]
         xv = _val(x)
         if xv is None or xv.ndim != 3:
-            raise ValueError(f"enable_spatial_approx: block {path}'s {stream!r} is not a (batch, tokens, dim) "
+            raise ValueError(f"enable_token_routing: block {path}'s {stream!r} is not a (batch, tokens, dim) "
                              f"tensor ({None if xv is None else tuple(xv.shape)}); token routing needs one")
         b, n, _ = xv.shape
         k = routing_capacity(cfg.motion_threshold, n) if route else n
@@ -259,7 +259,7 @@ def reduce_blocks(gm: fx.GraphModule, ctx: PassContext, route: bool, merge: bool
         if mspec is not None and (shared or "per_sample" in roles or "joint_mask" in roles):
             raise ValueError(f"enable_token_merge: block {path} takes a per-token input besides its tokens (roles "
                              f"{roles}, e.g. Flux's rotary table); merging cannot pool it. Use "
-                             f"enable_spatial_approx without enable_token_merge for this model")
+                             f"enable_token_routing without enable_token_merge for this model")
         out_index = [kk for kk, _, _ in blk.outputs]
         out_names = [name for _, name, _ in blk.outputs]
         was_training = block.training

@@ -19,7 +19,7 @@ def test_rule(policy, expected):
     cfg = fastcache.FastCacheConfig(policy=policy)
     assert choose_step_dispatch(True, cfg)[0] == expected
     assert choose_step_dispatch(False, cfg)[0] is None
-    assert choose_step_dispatch(True, cfg.replace(enable_spatial_approx=True))[0] is None
+    assert choose_step_dispatch(True, cfg.replace(enable_token_routing=True))[0] is None
 
 
 def test_optimize_on_cuda_picks_step_dispatch_and_logs_why(monkeypatch, caplog):

@@ -114,3 +114,13 @@ def test_set_schedule_validates():
         fastcache.set_schedule(opt, torch.zeros(4, 2, dtype=torch.bool))
     with pytest.raises(TypeError, match="fastcache.optimize"):
         fastcache.get_cache_statistics(tm.model)
+
+
+def test_former_field_name_still_works_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="'enable_spatial_approx' is now 'enable_token_routing'"):
+        cfg = FastCacheConfig().replace(enable_spatial_approx=True)
+    assert cfg.enable_token_routing
+    with pytest.warns(DeprecationWarning):
+        assert FastCacheConfig.from_dict({"enable_spatial_approx": True}).enable_token_routing
+    with pytest.raises(ValueError, match="pass only 'enable_token_routing'"):
+        FastCacheConfig().replace(enable_spatial_approx=True, enable_token_routing=False)

@@ -118,7 +118,7 @@ def _run_cases(rank: int, outdir: str) -> None:
             single = _tiny(family)
             r["configured_ref"], r["configured_ref_pattern"], _ = _euler(
                 fastcache.optimize(single.model, **dict(base, fallback="residual")), single)
-            for bad in (dict(enable_spatial_approx=True), dict(enable_token_merge=True, merge_ratio=0.5)):
+            for bad in (dict(enable_token_routing=True), dict(enable_token_merge=True, merge_ratio=0.5)):
                 for make in (lambda: fastcache.optimize(model, **dict(base, **bad)),
                              lambda: fastcache.configure(opt, **bad)):
                     try:

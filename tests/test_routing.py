@@ -1,4 +1,4 @@
-"""Motion-aware token routing (enable_spatial_approx): equivalence, a Python reference of the
+"""Motion-aware token routing (enable_token_routing): equivalence, a Python reference of the
 routing rule on every family, per-sample indices, statistics and one inductor compile."""
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_full_capacity_is_identical_to_no_routing(tinies, name):
     tm = tinies[name]
     skip = dict(cache_ratio_threshold=0.5, max_skip_steps=1)
     ref = fastcache.optimize(tm.model, backend="eager", span="block", **skip)  # routing guards per block
-    opt = fastcache.optimize(tm.model, backend="eager", enable_spatial_approx=True, motion_threshold=0.0, **skip)
+    opt = fastcache.optimize(tm.model, backend="eager", enable_token_routing=True, motion_threshold=0.0, **skip)
     for a, b in zip(_run(ref, tm, name), _run(opt, tm, name)):
         assert torch.equal(a, b)
     routers = _routers(opt)
@@ -122,7 +122,7 @@ def _reference(tm, name, k: int, warmup: int, times=TIMES, batch=2):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_routing_matches_python_reference(tinies, name):
     tm = tinies[name]
-    opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False, enable_spatial_approx=True,
+    opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False, enable_token_routing=True,
                              motion_threshold=0.5, warmup_steps=2)
     got = _run(opt, tm, name)
     n = _routers(opt)[0].n_tokens
@@ -164,7 +164,7 @@ def compiled():
     (block skipping on, every other step skipped, so computed and skipped blocks mix)."""
     tm = make_tiny("tiny-dit", layers=1)
     counters.clear()
-    kw = dict(enable_spatial_approx=True, motion_threshold=0.5, enable_token_merge=True, merge_ratio=0.5,
+    kw = dict(enable_token_routing=True, motion_threshold=0.5, enable_token_merge=True, merge_ratio=0.5,
               cache_ratio_threshold=0.5, max_skip_steps=1)
     opt = fastcache.optimize(tm.model, backend="inductor", **kw)
     ref = fastcache.optimize(tm.model, backend="eager", **kw)
@@ -194,7 +194,7 @@ def test_video_routing_runs_below_capacity(tinies, name):
     """k < N on the video DiTs: rotary tables and joint masks are gathered with the tokens (a
     missing gather fails with a shape error), and half of the tokens of computed blocks are static."""
     tm = tinies[name]
-    opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False, enable_spatial_approx=True,
+    opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False, enable_token_routing=True,
                              motion_threshold=0.5, warmup_steps=2)
     ref = _run(fastcache.optimize(tm.model, backend="eager", enable_block_approx=False), tm, name)
     got = _run(opt, tm, name)
@@ -215,7 +215,7 @@ def test_joint_mask_without_known_order_is_refused() -> None:
     SPECS["HunyuanVideoTransformer3DModel"] = dataclasses.replace(
         spec, block_lists=tuple(dataclasses.replace(b, joint_mask_order=None) for b in spec.block_lists))
     try:
-        opt = fastcache.optimize(tm.model, backend="eager", enable_spatial_approx=True)
+        opt = fastcache.optimize(tm.model, backend="eager", enable_token_routing=True)
         with pytest.raises(ValueError, match="token order of that sequence is not known"):
             opt(**tm.make_inputs(900.0, 2))
     finally:

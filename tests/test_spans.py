@@ -75,7 +75,7 @@ def test_state_is_two_activations_per_stream_per_span_plus_probe(family):
 def test_chi2_and_fitted_fallbacks_keep_one_span_per_block():
     tm = make_tiny("tiny-pixart")
     for kw in ({"policy": "chi2"}, {"fallback": "residual_linear"}, {"fallback": "linear"},
-               {"enable_spatial_approx": True}):
+               {"enable_token_routing": True}):
         opt = fastcache.optimize(tm.model, backend="eager", **kw)
         opt.capture(**tm.make_inputs(1000.0, 2))
         assert len(opt.entries()[0].guards) == 2, kw

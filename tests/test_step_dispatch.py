@@ -217,7 +217,7 @@ def test_device_warmup_builds_the_patterns_used_later(policy: str) -> None:
     assert len(disp.patterns) == 2
 
 
-@pytest.mark.parametrize("extra", [dict(enable_spatial_approx=True, motion_threshold=0.5),
+@pytest.mark.parametrize("extra", [dict(enable_token_routing=True, motion_threshold=0.5),
                                    dict(enable_token_merge=True, merge_ratio=0.5)], ids=["routing", "merging"])
 def test_device_decisions_with_token_routing_and_merging(extra: dict) -> None:
     tm = make_tiny("tiny-pixart")
@@ -228,7 +228,7 @@ def test_device_decisions_with_token_routing_and_merging(extra: dict) -> None:
             torch.testing.assert_close(disp(**tm.make_inputs(t, 2))[0], ref(**tm.make_inputs(t, 2))[0],
                                        rtol=0, atol=0)
     assert _approximated(opt) == _approximated(ref) > 0
-    if "enable_spatial_approx" in extra:  # tokens were really routed, and counted the same way
+    if "enable_token_routing" in extra:  # tokens were really routed, and counted the same way
         ratio = fastcache.get_cache_statistics(opt)["spatial_approx_ratio"]
         assert ratio == fastcache.get_cache_statistics(ref)["spatial_approx_ratio"] > 0
 
