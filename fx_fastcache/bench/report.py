@@ -45,12 +45,12 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"Model `{s['model']}`, {s['n_images']} images (seeds {s['eval_seeds'][0]}–{s['eval_seeds'][1]}), "
         f"{s['steps']} steps, CFG {s['cfg']}, calibration seeds {s['calib_seeds'][0]}–{s['calib_seeds'][1]}, "
         f"backend {s['backend']}, {s['threads']} threads, torch {s['torch']}. Uncached: class accuracy "
-        f"{s['uncached_class_accuracy']:.2f}, Fréchet distance {s['uncached_frechet']:.2f}. Timing: "
+        f"{_f(s['uncached_class_accuracy'], '.2f')}, Fréchet distance {_f(s['uncached_frechet'], '.2f')}. Timing: "
         f"{s['timing_images']} images, uncached and cached interleaved, best of {s['timing_repeats']}.",
         "",
         "| method | thr | replaced | FLOPs saved | PSNR mean (worst) | SSIM mean (worst) | class acc | Fréchet "
-        "| s/img uncached | s/img cached | speedup | ideal | speedup/ideal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| s/img uncached | s/img cached | speedup | ideal | speedup/ideal | state KiB/image |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         lines.append(
@@ -59,8 +59,16 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"| {_f(r['ssim_mean'], '.4f')} ({_f(r['ssim_worst'], '.4f')}) | {_f(r['class_accuracy'], '.2f')} "
             f"| {_f(r['frechet'], '.2f')} | {_f(r.get('time_per_image_uncached_s'), '.3f')} "
             f"| {_f(r.get('time_per_image_s'), '.3f')} | {_f(r.get('speedup'), '.2f')}× "
-            f"| {_f(r.get('ideal_speedup'), '.2f')}× | {_f(r.get('speedup_vs_ideal'), '.2f')} |")
+            f"| {_f(r.get('ideal_speedup'), '.2f')}× | {_f(r.get('speedup_vs_ideal'), '.2f')} "
+            f"| {_state_kib(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def _state_kib(r: dict[str, Any]) -> str:
+    """Peer hook state per image (CFG: 2 batch rows per image), KiB; '—' where not measured."""
+    if r.get("state_bytes") is None or not r.get("state_batch_rows"):
+        return "—"
+    return format(r["state_bytes"] / (r["state_batch_rows"] / 2) / 1024, ".0f")
 
 
 def write_markdown(result: dict[str, Any], path: str | Path) -> None:
@@ -93,7 +101,7 @@ def plot_frontier(result: dict[str, Any], path: str | Path, title: str | None = 
     for k, (name, rs) in enumerate(methods.items()):
         rs = sorted(rs, key=lambda r: r["replaced_fraction"])
         c, mk = cmap((2 * k) % 20 if k < 10 else (2 * k + 1) % 20), markers[k % len(markers)]
-        peer = rs[0]["kind"] in ("diffusers_fbc", "cache_dit")
+        peer = rs[0]["kind"] not in ("fastcache", "none")
         ls = ":" if peer else "-"
         x = [100 * r["replaced_fraction"] for r in rs]
         y = [min(r["psnr_mean"], 60.0) for r in rs]

@@ -35,7 +35,12 @@ logger = logging.getLogger(__name__)
 __all__ = ["Method", "parse_method", "parse_methods", "DEFAULT_METHODS", "DEFAULT_THRESHOLDS", "run_benchmark",
            "block_flops"]
 
-PEERS = ("diffusers_fbc", "cache_dit")
+PEERS = ("diffusers_fbc", "cache_dit", "diffusers_taylorseer", "diffusers_magcache")
+#: Options a peer spec may carry (``diffusers_taylorseer:order=2:before=3``) and their defaults.
+PEER_OPTIONS: dict[str, dict[str, float]] = {
+    "diffusers_taylorseer": {"order": 1, "before": 3},
+    "diffusers_magcache": {"max_skip": 3, "retention": 0.2},
+}
 #: Policies whose named method implies a fallback (the classic methods).
 CLASSIC = {"first_block_cache": "residual", "teacache": "residual"}
 
@@ -47,6 +52,9 @@ DEFAULT_THRESHOLDS: dict[str, tuple[float, ...]] = {
     "teacache": (0.1, 0.2, 0.4, 0.8),
     "diffusers_fbc": (0.1, 0.2, 0.3, 0.4),
     "cache_dit": (0.16, 0.24, 0.32),
+    # TaylorSeer has no threshold: the grid is its ``cache_interval``
+    "diffusers_taylorseer": (2, 3, 4, 5),
+    "diffusers_magcache": (0.03, 0.06, 0.12, 0.24),
     "schedule": (0.0,),
 }
 
@@ -79,6 +87,8 @@ class Method:
     thresholds: tuple[float, ...] = ()
     warmup_steps: int = 2
     max_skip_steps: int = 0
+    #: peer options (``PEER_OPTIONS``), as sorted ``(name, value)`` pairs
+    options: tuple[tuple[str, float], ...] = ()
 
     @property
     def needs_calibration(self) -> bool:
@@ -95,6 +105,8 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     Forms: ``none``; ``diffusers_fbc``; ``cache_dit``; ``first_block_cache``; ``teacache``;
     ``POLICY/FALLBACK`` (e.g. ``step_forecast/forecast``); any of the FastCache forms may end
     with ``:warmup=W`` and/or ``:max_skip=M`` (e.g. ``step_forecast/forecast:warmup=3:max_skip=3``).
+    ``diffusers_taylorseer[:order=N][:before=N]`` (its thresholds are ``cache_interval`` values)
+    and ``diffusers_magcache[:max_skip=K][:retention=R]`` (thresholds: MagCache's error budget).
     """
     from fx_fastcache.fallbacks import FALLBACKS
     from fx_fastcache.policies import POLICIES
@@ -103,7 +115,7 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     head, opts = parts[0], parts[1:]
     warmup: int | None = None
     max_skip = 0
-    for o in opts:
+    for o in opts if head not in PEERS else ():
         key, _, val = o.partition("=")
         if key not in ("warmup", "max_skip") or not val.isdigit():
             raise ValueError(f"method {spec!r}: option {o!r} is not understood; use ':warmup=N' or ':max_skip=N'")
@@ -115,9 +127,24 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     if head == "none":
         return Method("none", "none")
     if head in PEERS:
-        if opts:
-            raise ValueError(f"method {spec!r}: options apply only to FastCache methods")
-        return Method(head, head, thresholds=thr or DEFAULT_THRESHOLDS[head])
+        allowed = PEER_OPTIONS.get(head, {})
+        vals = dict(allowed)
+        for o in opts:
+            key, _, val = o.partition("=")
+            try:
+                num = float(val)
+            except ValueError:
+                num = None
+            if key not in allowed or num is None or num < 0:
+                if not allowed:
+                    raise ValueError(f"method {spec!r}: options apply only to FastCache methods and "
+                                     f"{', '.join(PEER_OPTIONS)}")
+                raise ValueError(f"method {spec!r}: option {o!r} is not understood; {head} takes "
+                                 + ", ".join(f"':{k}=N'" for k in allowed))
+            vals[key] = num
+        given = [f"{k}={vals[k]:g}" for k in allowed if _option_given(opts, k)]
+        name = head + (f"({','.join(given)})" if given else "")
+        return Method(name, head, thresholds=thr or DEFAULT_THRESHOLDS[head], options=tuple(sorted(vals.items())))
     if head in CLASSIC:
         policy, fallback = head, CLASSIC[head]
         default_warmup = 0  # as the original methods: only the first step is forced
@@ -133,6 +160,10 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     if warmup is not None or max_skip:
         name += f"(w{w},m{max_skip})"
     return Method(name, "fastcache", policy, fallback, thr or DEFAULT_THRESHOLDS.get(policy, (0.1,)), w, max_skip)
+
+
+def _option_given(opts: Sequence[str], key: str) -> bool:
+    return any(o.partition("=")[0] == key for o in opts)
 
 
 def parse_methods(specs: Sequence[str], thresholds: Sequence[float] | None = None) -> list[Method]:
@@ -238,15 +269,30 @@ class _FastCacheRunner:
 
 class _PeerRunner:
     def __init__(self, s: _Setup, m: Method) -> None:
+        from . import peers
+
         self.s, self.m = s, m
         self.run = None
         self.calib_s = 0.0
+        self.opts = dict(m.options)
+        self.mag_ratios: list[float] | None = None
+        if m.kind == "diffusers_magcache":  # its own calibrate=True run, on the calibration seeds
+            t0 = time.perf_counter()
+            self.mag_ratios = peers.diffusers_mag_ratios(
+                s.tm.model, lambda fn: _sample(s, fn, s.c_classes, s.c_seeds), s.steps)
+            self.calib_s = time.perf_counter() - t0
 
     def prepare(self, threshold: float) -> Any:
         from . import peers
 
-        if self.m.kind == "diffusers_fbc":
+        k, o = self.m.kind, self.opts
+        if k == "diffusers_fbc":
             self.run = peers.diffusers_first_block_cache(self.s.tm.model, threshold)
+        elif k == "diffusers_taylorseer":
+            self.run = peers.diffusers_taylorseer(self.s.tm.model, threshold, o["order"], o["before"])
+        elif k == "diffusers_magcache":
+            self.run = peers.diffusers_mag_cache(self.s.tm.model, threshold, self.mag_ratios, self.s.steps,
+                                                 int(o["max_skip"]), float(o["retention"]))
         else:
             self.run = peers.cache_dit_dbcache(self.s.tm.model, threshold, self.s.steps)
         return self.run.model
@@ -343,6 +389,10 @@ def run_benchmark(
                    "flops_saved": _flops_saved(skipped, calls, total_flops, per_block_flops),
                    "per_block_replaced": [k / calls if calls else 0.0 for k in skipped],
                    "generation_s": gen_s, "calibration_s": runner.calib_s, **_quality(s, img)}
+            if m.kind != "fastcache":  # peers: bytes of their hooks' cached tensors (max over the generation)
+                rec.update(options=dict(m.options), state_bytes=runner.run.state_bytes, state_batch_rows=2 * len(classes))
+                if m.kind == "diffusers_magcache":
+                    rec["mag_ratios"] = runner.mag_ratios
             if t_n:
                 t_u, t_c, t_frac, t_saved = [], [], 0.0, 0.0
                 for _ in range(timing_repeats):
