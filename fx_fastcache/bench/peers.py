@@ -236,13 +236,22 @@ def diffusers_taylorseer(model: nn.Module, interval: int, order: int = 1, before
     from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
-    for name, v, lo in (("interval", interval, 1), ("order", order, 0), ("before", before, 0)):
+    for name, v, lo in (("interval", interval, 1), ("order", order, 0), ("before", before, 1)):
         if int(v) != v or v < lo:
-            raise ValueError(f"TaylorSeer {name}={v!r} is invalid: expected an integer >= {lo}")
+            raise ValueError(f"TaylorSeer {name}={v!r} is invalid: expected an integer >= {lo}"
+                             + (" (step 0 must compute: TaylorSeer cannot predict before its first update)"
+                                if name == "before" else ""))
     m = copy.deepcopy(model)
     run = PeerRun(m)
     _count_blocks_by_attention(m, run)
-    ids = [rf"^{re.escape(n)}\.\d+$" for n, _ in _block_lists(m)]
+    # SD3's last joint block (``context_pre_only``) returns ``(None, hidden_states)``, which
+    # TaylorSeer's state cannot store (AttributeError in ``TaylorSeerState.update``): it stays
+    # uncached, i.e. always computed (and counted as such).
+    ids = [rf"^{re.escape(n)}\.{i}$" for n, bl in _block_lists(m) for i, b in enumerate(bl)
+           if not getattr(b, "context_pre_only", False)]
+    if len(ids) < sum(len(bl) for _, bl in _block_lists(m)):
+        logger.warning("TaylorSeer: %d block(s) return None outputs (context_pre_only) and stay uncached",
+                       sum(len(bl) for _, bl in _block_lists(m)) - len(ids))
     apply_taylorseer_cache(m, TaylorSeerCacheConfig(
         cache_interval=int(interval), disable_cache_before_step=int(before), max_order=int(order),
         taylor_factors_dtype=torch.float32, cache_identifiers=ids))
