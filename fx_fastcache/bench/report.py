@@ -15,7 +15,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["write_json", "markdown_table", "write_markdown", "plot_frontier", "pareto", "write_all", "merge"]
+__all__ = ["write_json", "markdown_table", "write_markdown", "plot_frontier", "pareto", "write_all", "merge",
+           "family", "fraction_table"]
 
 
 def _clean(x: Any) -> Any:
@@ -171,3 +172,59 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
             runs.append(run)
     setup["merged_from"] = len(results)
     return {"setup": setup, "runs": runs}
+
+
+def family(run: dict[str, Any]) -> str:
+    """The column a run belongs to in :func:`fraction_table`: a peer (all its settings together) or
+    our ``policy/fallback`` (all warm-up / cap variants together)."""
+    names = {"diffusers_fbc": "diffusers FBC", "cache_dit": "cache-dit DBCache",
+             "diffusers_taylorseer": "diffusers TaylorSeer", "diffusers_magcache": "diffusers MagCache"}
+    if run["kind"] in names:
+        return names[run["kind"]]
+    if run["kind"] == "fastcache":
+        return f"ours {run['policy']}+{run['fallback']}" if run["policy"] not in ("first_block_cache", "teacache") \
+            else run["policy"]
+    return run["kind"]
+
+
+def _setting(run: dict[str, Any]) -> str:
+    if run["kind"] == "diffusers_taylorseer":
+        o = run.get("options", {})
+        return f"o{o.get('order', 1):g} b{o.get('before', 3):g} i{run['threshold']:g}"
+    if run["kind"] == "diffusers_magcache":
+        o = run.get("options", {})
+        return f"K{o.get('max_skip', 3):g} r{o.get('retention', 0.2):g} {run['threshold']:g}"
+    extra = f" m{run['max_skip_steps']}" if run.get("max_skip_steps") else ""
+    return f"{run['threshold']:g}{extra}"
+
+
+def fraction_table(result: dict[str, Any], fractions=(0.45, 0.5, 0.55, 0.6, 0.65, 0.7), tol: float = 0.025,
+                   settings: bool = True) -> str:
+    """Markdown: per fraction replaced (±``tol``), each family's best run by mean PSNR, as
+    ``mean (worst)`` with its setting; the best mean of the row in bold."""
+    runs = [r for r in result["runs"] if r["kind"] != "none"]
+    fams = list(dict.fromkeys(family(r) for r in runs))
+    lines = ["| replaced | " + " | ".join(fams) + " |", "|---" * (len(fams) + 1) + "|"]
+    for f in fractions:
+        cells, best = [], None
+        picks = {}
+        for fam in fams:
+            rs = [r for r in runs if family(r) == fam and abs(r["replaced_fraction"] - f) <= tol + 1e-9]
+            if rs:
+                picks[fam] = max(rs, key=lambda r: r["psnr_mean"])
+                best = max(best or -1e9, picks[fam]["psnr_mean"])
+        if not picks:
+            continue
+        for fam in fams:
+            r = picks.get(fam)
+            if r is None:
+                cells.append("—")
+                continue
+            txt = f"{r['psnr_mean']:.1f} ({r['psnr_worst']:.1f})"
+            if r["psnr_mean"] == best:
+                txt = f"**{txt}**"
+            if settings:
+                txt += f" [{100 * r['replaced_fraction']:.0f}%, {_setting(r)}]"
+            cells.append(txt)
+        lines.append(f"| {100 * f:.0f} % | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
