@@ -12,6 +12,7 @@ Groups (per-method grids, chosen to span 45-70 % replaced on 20 steps):
   2 with intervals 3, 5 (fractions 45, 55, 65, 60, 70 %).
 * ``magcache``: K = 3 (retention 0.2: at most 60 %) thresholds 0.03-0.24; K = 4 with retention
   0.1 (reaches 75 %); K = 2.
+* ``compact``: a selection of the above in one process, most informative first.
 * ``ours``: ``step_forecast/forecast`` thresholds 0.06-0.13; ``ours_cap``: the same with
   ``max_skip_steps`` 2 and 3.
 """
@@ -41,6 +42,14 @@ def groups():
                      m("diffusers_magcache:max_skip=4:retention=0.1", (0.06, 0.12, 0.24)),
                      m("diffusers_magcache:max_skip=2:retention=0.2", (0.06, 0.24))],
         "ours": [m("none", ()), m("step_forecast/forecast", (0.06, 0.07, 0.08, 0.09, 0.11, 0.13))],
+        # one process, most informative runs first (for a loaded machine: partial results still cover 45-70 %)
+        "compact": [m("none", ()), m("step_forecast/forecast", (0.07, 0.09, 0.11)),
+                    m("diffusers_taylorseer:order=1:before=2", (3, 5)),
+                    m("diffusers_magcache:max_skip=3:retention=0.2", (0.06, 0.24)),
+                    m("diffusers_magcache:max_skip=4:retention=0.1", (0.24,)),
+                    m("diffusers_taylorseer:order=1:before=3", (2, 4)),
+                    m("diffusers_taylorseer:order=2:before=2", (3, 5)),
+                    m("step_forecast/forecast", (0.08, 0.13))],
         "ours_cap": [m("none", ()), m("step_forecast/forecast:max_skip=2", (0.09, 0.13, 0.2)),
                      m("step_forecast/forecast:max_skip=3", (0.09, 0.13, 0.2))],
     }

@@ -80,6 +80,8 @@ class Recorder:
         self.tea_out: list[float] = []
         self._tea_prev_out: torch.Tensor | None = None
         self.steps = 0
+        #: step_forecast: per calibration generation, (timesteps, block 0's probe per step)
+        self.step_probes: list[tuple[list[float], list[torch.Tensor]]] = []
 
     def _eq(self, block: str, stream: str, d_in: int, d_out: int) -> NormalEquations:
         key = (block, stream)
@@ -155,6 +157,18 @@ def fit(opt, rec: Recorder) -> dict[str, float]:
                     t.fill_(val)
                 else:
                     store.tensors[f"{block}.chi2.{suffix}"] = torch.tensor(val)
+    if rec.step_probes:  # step_forecast: per-model scale of its statistic (see policies/step_forecast.py)
+        from .policies.step_forecast import SCALE_KEY, fit_scale
+
+        scale, frac = fit_scale(rec.step_probes, cfg.warmup_steps, cfg.max_skip_steps)
+        t = store.tensors.get(SCALE_KEY)
+        if t is not None:
+            t.fill_(scale)
+        else:
+            store.tensors[SCALE_KEY] = torch.tensor(scale)
+        summary["step_forecast.scale"] = scale
+        logger.info("fx-fastcache: step_forecast scale %.3f (calibration generations replace %.0f%% at the default "
+                    "threshold)", scale, 100 * frac)
     if len(rec.tea_in) >= 6 and len(rec.tea_out) >= 6:
         n = min(len(rec.tea_in), len(rec.tea_out))
         coeffs = np.polyfit(np.asarray(rec.tea_in[:n]), np.asarray(rec.tea_out[:n]), 4)
@@ -211,6 +225,14 @@ class _StepStatHook:
                 new_gen = guard.block_name not in self.rec.t_last or float(t) > self.rec.t_last[guard.block_name]
                 if not new_gen:
                     self.rec.record_step_stat(float(entry.step_decider.last_stat.max()))
+                u_c = getattr(entry.step_decider, "u_c", None)  # step_forecast: its probe, for the scale fit
+                if u_c is not None and hasattr(entry.step_decider, "scale"):
+                    if new_gen or not self.rec.step_probes:
+                        self.rec.step_probes.append(([], []))
+                    u = u_c.detach().float().cpu()
+                    stride = max(1, u[0].numel() // 262144)  # at most ~256k values per sample
+                    self.rec.step_probes[-1][0].append(float(t))
+                    self.rec.step_probes[-1][1].append(u.flatten(1)[:, ::stride].clone())
         self.rec.record(guard, t, ins, outs, is_last)
 
 

@@ -96,7 +96,7 @@ class Method:
 
         if self.kind != "fastcache":
             return False
-        return FALLBACKS[self.fallback].fitted or self.policy in ("chi2", "teacache")
+        return FALLBACKS[self.fallback].fitted or self.policy in ("chi2", "teacache", "step_forecast")
 
 
 def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method:
