@@ -57,9 +57,9 @@ _ASSETS_DIR = _PACKAGE_DIR / "assets"
 _REPO_ROOT = _PACKAGE_DIR.parent
 _VENDORED = {"dit-mnist": _ASSETS_DIR / "dit-mnist"}
 _RUNTIME_RESOLVED = ("pixart-mnist",)
-_KINDS = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart", "SD3Transformer2DModel": "sd3"}
+_KINDS = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart"}
 
-Kind = Literal["dit", "pixart", "sd3"]
+Kind = Literal["dit", "pixart"]
 
 
 def _runtime_candidates(name: str) -> list[Path]:
@@ -147,8 +147,6 @@ class TrainedModel:
     model: torch.nn.Module
     conditioning: torch.Tensor | None = None
     path: Path | None = None
-    #: for ``"sd3"``: the class -> pooled-vector table (``pooled.weight``, shape (11, pooled_dim))
-    pooled: torch.Tensor | None = None
 
     @property
     def config(self) -> Any:
@@ -216,17 +214,6 @@ class TrainedModel:
                 "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
                 "return_dict": False,
             }
-        if self.kind == "sd3":
-            if self.conditioning is None or self.pooled is None:
-                raise ValueError(f"{self.name}: sd3 model needs conditioning.safetensors with txt.weight and pooled.weight")
-            dim = int(self.config.joint_attention_dim)
-            return {
-                "hidden_states": x,
-                "encoder_hidden_states": self.conditioning.to(device=x.device, dtype=x.dtype)[y].view(b, -1, dim),
-                "pooled_projections": self.pooled.to(device=x.device, dtype=x.dtype)[y],
-                "timestep": timestep,
-                "return_dict": False,
-            }
         raise ValueError(f"unknown model kind {self.kind!r}")
 
 
@@ -258,20 +245,17 @@ def load_trained(
     model = cls.from_pretrained(str(folder), torch_dtype=dtype, low_cpu_mem_usage=low_mem)
     model = model.to(device).eval()
     model.requires_grad_(False)
-    conditioning = pooled = None
-    if kind in ("pixart", "sd3"):
+    conditioning = None
+    if kind == "pixart":
         from safetensors.torch import load_file
 
         table = folder / "conditioning.safetensors"
         if not table.is_file():
-            raise FileNotFoundError(f"{folder}: {kind} model without conditioning.safetensors")
-        tables = load_file(str(table))
-        conditioning = tables["txt.weight"].to(device=device, dtype=dtype)
-        if kind == "sd3":
-            pooled = tables["pooled.weight"].to(device=device, dtype=dtype)
+            raise FileNotFoundError(f"{folder}: pixart model without conditioning.safetensors")
+        conditioning = load_file(str(table))["txt.weight"].to(device=device, dtype=dtype)
     logger.info("loaded %s (%s) from %s as %s on %s", name_or_path, kind, folder, dtype, device)
     return TrainedModel(
-        name=str(name_or_path), kind=kind, model=model, conditioning=conditioning, path=folder, pooled=pooled
+        name=str(name_or_path), kind=kind, model=model, conditioning=conditioning, path=folder
     )
 
 
