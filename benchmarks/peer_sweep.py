@@ -50,6 +50,8 @@ def groups():
                     m("diffusers_taylorseer:order=1:before=3", (2, 4)),
                     m("diffusers_taylorseer:order=2:before=2", (3, 5)),
                     m("step_forecast/forecast", (0.08, 0.13))],
+        # the calibrated default (step_forecast's fitted scale) and two thresholds around it
+        "default": [m("none", ()), m("step_forecast/forecast", (0.07, 0.085, 0.06))],
         "ours_cap": [m("none", ()), m("step_forecast/forecast:max_skip=2", (0.09, 0.13, 0.2)),
                      m("step_forecast/forecast:max_skip=3", (0.09, 0.13, 0.2))],
     }
@@ -84,7 +86,9 @@ def main(argv=None) -> int:
         print(f"{rec['method']:<48} thr={rec.get('threshold')} replaced={100 * rec['replaced_fraction']:5.1f}% "
               f"PSNR {rec['psnr_mean']:6.2f} ({rec['psnr_worst']:6.2f}) state={rec.get('state_bytes')}", flush=True)
 
-    res = run_benchmark(a.model, groups()[a.group], n_images=a.images, timing_images=0, on_run=on_run)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    res = run_benchmark(a.model, groups()[a.group], n_images=a.images, timing_images=0, on_run=on_run,
+                        reference_cache=str(Path(a.out) / f"{Path(a.model).name}-reference.pt"))
     write_json(res, Path(a.out) / f"{stem}.json")
     return 0
 

@@ -317,6 +317,7 @@ def run_benchmark(
     timing_repeats: int = 1,
     on_run: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
+    reference_cache: str | None = None,
 ) -> dict[str, Any]:
     """Run the sweep and return ``{"setup": ..., "runs": [...]}`` (JSON-serialisable).
 
@@ -333,6 +334,9 @@ def run_benchmark(
         timing_repeats: uncached/cached timing pairs per run (the fastest of each is kept).
         on_run: called with each run's record as soon as it is done.
         progress: tqdm bar over the steps of each generation.
+        reference_cache: a ``.pt`` file for the uncached evaluation images: loaded when it was
+            written for the same model, seeds, classes, steps and cfg, else generated and written
+            (sweeps split over several processes then generate the reference once).
     """
     from fx_fastcache.trained import load_trained
 
@@ -354,7 +358,23 @@ def run_benchmark(
                c_seeds, steps, cfg, ref=torch.empty(0))
     total_flops, per_block_flops = block_flops(tm, 2)
     logger.info("bench %s: %d images, %d steps, cfg %.1f, %d methods", model, n_images, steps, cfg, len(ms))
-    s.ref, ref_s = _sample(s, None, classes, seeds, progress)
+    key = {"model": str(model), "seeds": seeds, "classes": classes, "steps": steps, "cfg": cfg}
+    cached = None
+    if reference_cache:
+        from pathlib import Path
+
+        if Path(reference_cache).is_file():
+            cached = torch.load(reference_cache)
+            if cached.get("key") != key:
+                logger.warning("reference cache %s was written for %s, not %s: regenerating", reference_cache,
+                               cached.get("key"), key)
+                cached = None
+    if cached is not None:
+        s.ref, ref_s = cached["images"], cached["generation_s"]
+    else:
+        s.ref, ref_s = _sample(s, None, classes, seeds, progress)
+        if reference_cache:
+            torch.save({"key": key, "images": s.ref, "generation_s": ref_s}, reference_cache)
     ref_q = _quality(s, s.ref)
     setup = {
         "model": model, "kind": tm.kind, "n_images": n_images, "steps": steps, "cfg": cfg,
