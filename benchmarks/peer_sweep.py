@@ -67,12 +67,16 @@ def main(argv=None) -> int:
     p.add_argument("--stem", default=None)
     a = p.parse_args(argv)
     from fx_fastcache.bench import run_benchmark, write_all
-    from fx_fastcache.bench.report import merge, write_json
+    from fx_fastcache.bench.report import fraction_table, merge, write_json
 
     if a.merge:
         res = merge([json.loads(Path(f).read_text()) for f in a.merge])
-        paths = write_all(res, a.out, a.stem or "merged")
-        print("wrote", *paths.values())
+        stem = a.stem or "merged"
+        paths = write_all(res, a.out, stem)
+        table = fraction_table(res)
+        (Path(a.out) / f"{stem}-fractions.md").write_text(table)
+        print(table)
+        print("wrote", *paths.values(), Path(a.out) / f"{stem}-fractions.md")
         return 0
     if a.group is None:
         p.error("--group or --merge is required")
