@@ -52,6 +52,10 @@ def groups():
                     m("step_forecast/forecast", (0.08, 0.13))],
         # the calibrated default (step_forecast's fitted scale) and two thresholds around it
         "default": [m("none", ()), m("step_forecast/forecast", (0.07, 0.085, 0.06))],
+        # follow-ups: TaylorSeer's before=3 schedules and MagCache below 55 %
+        "extra": [m("none", ()), m("diffusers_taylorseer:order=1:before=3", (3, 2)),
+                  m("diffusers_magcache:max_skip=3:retention=0.2", (0.01, 0.02))],
+        "mag_low": [m("none", ()), m("diffusers_magcache:max_skip=3:retention=0.2", (0.01, 0.02))],
         "ours_cap": [m("none", ()), m("step_forecast/forecast:max_skip=2", (0.09, 0.13, 0.2)),
                      m("step_forecast/forecast:max_skip=3", (0.09, 0.13, 0.2))],
     }
