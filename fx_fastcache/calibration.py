@@ -157,7 +157,10 @@ def fit(opt, rec: Recorder) -> dict[str, float]:
                     t.fill_(val)
                 else:
                     store.tensors[f"{block}.chi2.{suffix}"] = torch.tensor(val)
-    if rec.step_probes:  # step_forecast: per-model scale of its statistic (see policies/step_forecast.py)
+    if rec.step_probes and max(len(us) for _, us in rec.step_probes) < 3:
+        logger.warning("fx-fastcache: step_forecast scale not fitted: the calibration generations had fewer than 3 "
+                       "steps (%d); calibrate with full sampling loops", max(len(us) for _, us in rec.step_probes))
+    elif rec.step_probes:  # step_forecast: per-model scale of its statistic (see policies/step_forecast.py)
         from .policies.step_forecast import SCALE_KEY, fit_scale
 
         scale, frac = fit_scale(rec.step_probes, cfg.warmup_steps, cfg.max_skip_steps)
