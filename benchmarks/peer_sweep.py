@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="out/sweep")
     p.add_argument("--merge", nargs="*", default=None, help="merge these JSON results instead of running")
     p.add_argument("--stem", default=None)
+    p.add_argument("--families", nargs="*", default=None, help="columns of the fraction table (default: all)")
     a = p.parse_args(argv)
     from fx_fastcache.bench import run_benchmark, write_all
     from fx_fastcache.bench.report import fraction_table, merge, write_json
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
         res = merge([json.loads(Path(f).read_text()) for f in a.merge])
         stem = a.stem or "merged"
         paths = write_all(res, a.out, stem)
-        table = fraction_table(res)
+        table = fraction_table(res, families=a.families)
         (Path(a.out) / f"{stem}-fractions.md").write_text(table)
         print(table)
         print("wrote", *paths.values(), Path(a.out) / f"{stem}-fractions.md")

@@ -195,15 +195,22 @@ def _setting(run: dict[str, Any]) -> str:
         o = run.get("options", {})
         return f"K{o.get('max_skip', 3):g} r{o.get('retention', 0.2):g} {run['threshold']:g}"
     extra = f" m{run['max_skip_steps']}" if run.get("max_skip_steps") else ""
-    return f"{run['threshold']:g}{extra}"
+    if run.get("warmup_steps") not in (None, 2, 0):
+        extra += f" w{run['warmup_steps']}"
+    cal = "cal " if run.get("policy") == "step_forecast" and run.get("calibration_s") else ""
+    return f"{cal}{run['threshold']:g}{extra}"
 
 
 def fraction_table(result: dict[str, Any], fractions=(0.45, 0.5, 0.55, 0.6, 0.65, 0.7), tol: float = 0.025,
-                   settings: bool = True) -> str:
+                   settings: bool = True, families: list[str] | None = None) -> str:
     """Markdown: per fraction replaced (±``tol``), each family's best run by mean PSNR, as
-    ``mean (worst)`` with its setting; the best mean of the row in bold."""
+    ``mean (worst)`` with its setting; the best mean of the row in bold.  ``families``: the
+    columns to show, in order (default: every family, in order of appearance).  Settings:
+    ``cal`` = step_forecast threshold on the calibrated scale; ``o/b/i`` = TaylorSeer order,
+    ``disable_cache_before_step``, interval; ``K/r`` = MagCache ``max_skip_steps``, retention."""
     runs = [r for r in result["runs"] if r["kind"] != "none"]
-    fams = list(dict.fromkeys(family(r) for r in runs))
+    fams = families or list(dict.fromkeys(family(r) for r in runs))
+    runs = [r for r in runs if family(r) in fams]
     lines = ["| replaced | " + " | ".join(fams) + " |", "|---" * (len(fams) + 1) + "|"]
     for f in fractions:
         cells, best = [], None
