@@ -56,8 +56,8 @@ def groups():
         "extra": [m("none", ()), m("diffusers_taylorseer:order=1:before=3", (3, 2)),
                   m("diffusers_magcache:max_skip=3:retention=0.2", (0.01, 0.02))],
         "mag_low": [m("none", ()), m("diffusers_magcache:max_skip=3:retention=0.2", (0.01, 0.02))],
-        "ours_cap": [m("none", ()), m("step_forecast/forecast:max_skip=2", (0.09, 0.13, 0.2)),
-                     m("step_forecast/forecast:max_skip=3", (0.09, 0.13, 0.2))],
+        "ours_cap": [m("none", ()), m("step_forecast/forecast:max_skip=2", (0.13, 0.2)),
+                     m("step_forecast/forecast:max_skip=3", (0.13, 0.2))],
     }
 
 
