@@ -69,6 +69,8 @@ DEFAULT_METHODS = (
     "first_block_cache",
     "teacache",
     "diffusers_fbc",
+    "diffusers_taylorseer",
+    "diffusers_magcache",
 )
 
 
