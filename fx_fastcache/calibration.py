@@ -49,6 +49,7 @@ class Observation:
     """
 
     guard: Any  # BlockGuard
+    step_decider: Any  # the graph's step decider (None for per-block policies)
     t: float
     new_gen: bool
     ins: tuple
@@ -204,7 +205,8 @@ class Recorder:
             decider = entry.step_decider if entry is not None else None
             if not new_gen and decider is not None and hasattr(decider, "last_stat"):
                 stat = float(decider.last_stat.max())
-        obs = Observation(guard, float(t), new_gen, tuple(ins), tuple(outs), is_last, stat)
+        obs = Observation(guard, entry.step_decider if entry is not None else None, float(t), new_gen, tuple(ins),
+                          tuple(outs), is_last, stat)
         for c in self.calibrators:
             c.observe(obs)
 

@@ -6,7 +6,15 @@
 * :mod:`fx_fastcache.bench.peers`: diffusers' First-Block-Cache and cache-dit, run as their users run them.
 """
 from .report import markdown_table, pareto, plot_frontier, write_all
-from .runner import DEFAULT_METHODS, DEFAULT_THRESHOLDS, Method, block_flops, parse_method, parse_methods, run_benchmark
+from .runner import (
+           DEFAULT_METHODS,
+           DEFAULT_THRESHOLDS,
+           Method,
+           block_flops,
+           parse_method,
+           parse_methods,
+           run_benchmark,
+)
 
 __all__ = ["run_benchmark", "write_all", "markdown_table", "plot_frontier", "pareto", "Method", "parse_method",
            "parse_methods", "block_flops", "DEFAULT_METHODS", "DEFAULT_THRESHOLDS"]

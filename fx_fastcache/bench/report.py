@@ -15,7 +15,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["write_json", "markdown_table", "write_markdown", "plot_frontier", "pareto", "write_all", "merge"]
+__all__ = ["write_json", "markdown_table", "write_markdown", "plot_frontier", "pareto", "write_all", "merge",
+           "family", "fraction_table"]
 
 
 def _clean(x: Any) -> Any:
@@ -45,12 +46,12 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"Model `{s['model']}`, {s['n_images']} images (seeds {s['eval_seeds'][0]}–{s['eval_seeds'][1]}), "
         f"{s['steps']} steps, CFG {s['cfg']}, calibration seeds {s['calib_seeds'][0]}–{s['calib_seeds'][1]}, "
         f"backend {s['backend']}, {s['threads']} threads, torch {s['torch']}. Uncached: class accuracy "
-        f"{s['uncached_class_accuracy']:.2f}, Fréchet distance {s['uncached_frechet']:.2f}. Timing: "
+        f"{_f(s['uncached_class_accuracy'], '.2f')}, Fréchet distance {_f(s['uncached_frechet'], '.2f')}. Timing: "
         f"{s['timing_images']} images, uncached and cached interleaved, best of {s['timing_repeats']}.",
         "",
         "| method | thr | replaced | FLOPs saved | PSNR mean (worst) | SSIM mean (worst) | class acc | Fréchet "
-        "| s/img uncached | s/img cached | speedup | ideal | speedup/ideal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| s/img uncached | s/img cached | speedup | ideal | speedup/ideal | state KiB/image |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         lines.append(
@@ -59,8 +60,16 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"| {_f(r['ssim_mean'], '.4f')} ({_f(r['ssim_worst'], '.4f')}) | {_f(r['class_accuracy'], '.2f')} "
             f"| {_f(r['frechet'], '.2f')} | {_f(r.get('time_per_image_uncached_s'), '.3f')} "
             f"| {_f(r.get('time_per_image_s'), '.3f')} | {_f(r.get('speedup'), '.2f')}× "
-            f"| {_f(r.get('ideal_speedup'), '.2f')}× | {_f(r.get('speedup_vs_ideal'), '.2f')} |")
+            f"| {_f(r.get('ideal_speedup'), '.2f')}× | {_f(r.get('speedup_vs_ideal'), '.2f')} "
+            f"| {_state_kib(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def _state_kib(r: dict[str, Any]) -> str:
+    """Peer hook state per image (CFG: 2 batch rows per image), KiB; '—' where not measured."""
+    if r.get("state_bytes") is None or not r.get("state_batch_rows"):
+        return "—"
+    return format(r["state_bytes"] / (r["state_batch_rows"] / 2) / 1024, ".0f")
 
 
 def write_markdown(result: dict[str, Any], path: str | Path) -> None:
@@ -93,7 +102,7 @@ def plot_frontier(result: dict[str, Any], path: str | Path, title: str | None = 
     for k, (name, rs) in enumerate(methods.items()):
         rs = sorted(rs, key=lambda r: r["replaced_fraction"])
         c, mk = cmap((2 * k) % 20 if k < 10 else (2 * k + 1) % 20), markers[k % len(markers)]
-        peer = rs[0]["kind"] in ("diffusers_fbc", "cache_dit")
+        peer = rs[0]["kind"] not in ("fastcache", "none")
         ls = ":" if peer else "-"
         x = [100 * r["replaced_fraction"] for r in rs]
         y = [min(r["psnr_mean"], 60.0) for r in rs]
@@ -163,3 +172,66 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
             runs.append(run)
     setup["merged_from"] = len(results)
     return {"setup": setup, "runs": runs}
+
+
+def family(run: dict[str, Any]) -> str:
+    """The column a run belongs to in :func:`fraction_table`: a peer (all its settings together) or
+    our ``policy/fallback`` (all warm-up / cap variants together)."""
+    names = {"diffusers_fbc": "diffusers FBC", "cache_dit": "cache-dit DBCache",
+             "diffusers_taylorseer": "diffusers TaylorSeer", "diffusers_magcache": "diffusers MagCache"}
+    if run["kind"] in names:
+        return names[run["kind"]]
+    if run["kind"] == "fastcache":
+        return f"ours {run['policy']}+{run['fallback']}" if run["policy"] not in ("first_block_cache", "teacache") \
+            else run["policy"]
+    return run["kind"]
+
+
+def _setting(run: dict[str, Any]) -> str:
+    if run["kind"] == "diffusers_taylorseer":
+        o = run.get("options", {})
+        return f"o{o.get('order', 1):g} b{o.get('before', 3):g} i{run['threshold']:g}"
+    if run["kind"] == "diffusers_magcache":
+        o = run.get("options", {})
+        return f"K{o.get('max_skip', 3):g} r{o.get('retention', 0.2):g} {run['threshold']:g}"
+    extra = f" m{run['max_skip_steps']}" if run.get("max_skip_steps") else ""
+    if run.get("warmup_steps") not in (None, 2, 0):
+        extra += f" w{run['warmup_steps']}"
+    cal = "cal " if run.get("policy") == "step_forecast" and run.get("calibration_s") else ""
+    return f"{cal}{run['threshold']:g}{extra}"
+
+
+def fraction_table(result: dict[str, Any], fractions=(0.45, 0.5, 0.55, 0.6, 0.65, 0.7), tol: float = 0.025,
+                   settings: bool = True, families: list[str] | None = None) -> str:
+    """Markdown: per fraction replaced (±``tol``), each family's best run by mean PSNR, as
+    ``mean (worst)`` with its setting; the best mean of the row in bold.  ``families``: the
+    columns to show, in order (default: every family, in order of appearance).  Settings:
+    ``cal`` = step_forecast threshold on the calibrated scale; ``o/b/i`` = TaylorSeer order,
+    ``disable_cache_before_step``, interval; ``K/r`` = MagCache ``max_skip_steps``, retention."""
+    runs = [r for r in result["runs"] if r["kind"] != "none"]
+    fams = families or list(dict.fromkeys(family(r) for r in runs))
+    runs = [r for r in runs if family(r) in fams]
+    lines = ["| replaced | " + " | ".join(fams) + " |", "|---" * (len(fams) + 1) + "|"]
+    for f in fractions:
+        cells, best = [], None
+        picks = {}
+        for fam in fams:
+            rs = [r for r in runs if family(r) == fam and abs(r["replaced_fraction"] - f) <= tol + 1e-9]
+            if rs:
+                picks[fam] = max(rs, key=lambda r: r["psnr_mean"])
+                best = max(best or -1e9, picks[fam]["psnr_mean"])
+        if not picks:
+            continue
+        for fam in fams:
+            r = picks.get(fam)
+            if r is None:
+                cells.append("—")
+                continue
+            txt = f"{r['psnr_mean']:.1f} ({r['psnr_worst']:.1f})"
+            if r["psnr_mean"] == best:
+                txt = f"**{txt}**"
+            if settings:
+                txt += f" [{100 * r['replaced_fraction']:.0f}%, {_setting(r)}]"
+            cells.append(txt)
+        lines.append(f"| {100 * f:.0f} % | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

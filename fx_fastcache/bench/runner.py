@@ -27,15 +27,33 @@ from typing import Any
 
 import torch
 
-from .metrics import (class_accuracy, classifier_features, frechet_distance, load_digit_classifier, psnr,
-                      real_digit_features, ssim)
+import fx_fastcache as fastcache
+from fx_fastcache.fallbacks import FALLBACKS
+from fx_fastcache.policies import POLICIES
+from fx_fastcache.trained import NULL_CLASS, load_trained, sample
+
+from . import peers
+from .metrics import (
+    class_accuracy,
+    classifier_features,
+    frechet_distance,
+    load_digit_classifier,
+    psnr,
+    real_digit_features,
+    ssim,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Method", "parse_method", "parse_methods", "DEFAULT_METHODS", "DEFAULT_THRESHOLDS", "run_benchmark",
            "block_flops"]
 
-PEERS = ("diffusers_fbc", "cache_dit")
+PEERS = ("diffusers_fbc", "cache_dit", "diffusers_taylorseer", "diffusers_magcache")
+#: Options a peer spec may carry (``diffusers_taylorseer:order=2:before=3``) and their defaults.
+PEER_OPTIONS: dict[str, dict[str, float]] = {
+    "diffusers_taylorseer": {"order": 1, "before": 3},
+    "diffusers_magcache": {"max_skip": 3, "retention": 0.2},
+}
 #: Policies whose named method implies a fallback (the classic methods).
 CLASSIC = {"first_block_cache": "residual", "teacache": "residual"}
 
@@ -47,6 +65,9 @@ DEFAULT_THRESHOLDS: dict[str, tuple[float, ...]] = {
     "teacache": (0.1, 0.2, 0.4, 0.8),
     "diffusers_fbc": (0.1, 0.2, 0.3, 0.4),
     "cache_dit": (0.16, 0.24, 0.32),
+    # TaylorSeer has no threshold: the grid is its ``cache_interval``
+    "diffusers_taylorseer": (2, 3, 4, 5),
+    "diffusers_magcache": (0.03, 0.06, 0.12, 0.24),
     "schedule": (0.0,),
 }
 
@@ -61,6 +82,8 @@ DEFAULT_METHODS = (
     "first_block_cache",
     "teacache",
     "diffusers_fbc",
+    "diffusers_taylorseer",
+    "diffusers_magcache",
 )
 
 
@@ -79,14 +102,15 @@ class Method:
     thresholds: tuple[float, ...] = ()
     warmup_steps: int = 2
     max_skip_steps: int = 0
+    #: peer options (``PEER_OPTIONS``), as sorted ``(name, value)`` pairs
+    options: tuple[tuple[str, float], ...] = ()
 
     @property
     def needs_calibration(self) -> bool:
-        from fx_fastcache.fallbacks import FALLBACKS
 
         if self.kind != "fastcache":
             return False
-        return FALLBACKS[self.fallback].fitted or self.policy in ("chi2", "teacache")
+        return FALLBACKS[self.fallback].fitted or POLICIES[self.policy].needs_calibration
 
 
 def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method:
@@ -95,15 +119,15 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     Forms: ``none``; ``diffusers_fbc``; ``cache_dit``; ``first_block_cache``; ``teacache``;
     ``POLICY/FALLBACK`` (e.g. ``step_forecast/forecast``); any of the FastCache forms may end
     with ``:warmup=W`` and/or ``:max_skip=M`` (e.g. ``step_forecast/forecast:warmup=3:max_skip=3``).
+    ``diffusers_taylorseer[:order=N][:before=N]`` (its thresholds are ``cache_interval`` values)
+    and ``diffusers_magcache[:max_skip=K][:retention=R]`` (thresholds: MagCache's error budget).
     """
-    from fx_fastcache.fallbacks import FALLBACKS
-    from fx_fastcache.policies import POLICIES
 
     parts = spec.strip().split(":")
     head, opts = parts[0], parts[1:]
     warmup: int | None = None
     max_skip = 0
-    for o in opts:
+    for o in opts if head not in PEERS else ():
         key, _, val = o.partition("=")
         if key not in ("warmup", "max_skip") or not val.isdigit():
             raise ValueError(f"method {spec!r}: option {o!r} is not understood; use ':warmup=N' or ':max_skip=N'")
@@ -115,9 +139,24 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     if head == "none":
         return Method("none", "none")
     if head in PEERS:
-        if opts:
-            raise ValueError(f"method {spec!r}: options apply only to FastCache methods")
-        return Method(head, head, thresholds=thr or DEFAULT_THRESHOLDS[head])
+        allowed = PEER_OPTIONS.get(head, {})
+        vals = dict(allowed)
+        for o in opts:
+            key, _, val = o.partition("=")
+            try:
+                num = float(val)
+            except ValueError:
+                num = None
+            if key not in allowed or num is None or num < 0:
+                if not allowed:
+                    raise ValueError(f"method {spec!r}: options apply only to FastCache methods and "
+                                     f"{', '.join(PEER_OPTIONS)}")
+                raise ValueError(f"method {spec!r}: option {o!r} is not understood; {head} takes "
+                                 + ", ".join(f"':{k}=N'" for k in allowed))
+            vals[key] = num
+        given = [f"{k}={vals[k]:g}" for k in allowed if _option_given(opts, k)]
+        name = head + (f"({','.join(given)})" if given else "")
+        return Method(name, head, thresholds=thr or DEFAULT_THRESHOLDS[head], options=tuple(sorted(vals.items())))
     if head in CLASSIC:
         policy, fallback = head, CLASSIC[head]
         default_warmup = 0  # as the original methods: only the first step is forced
@@ -135,6 +174,10 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     return Method(name, "fastcache", policy, fallback, thr or DEFAULT_THRESHOLDS.get(policy, (0.1,)), w, max_skip)
 
 
+def _option_given(opts: Sequence[str], key: str) -> bool:
+    return any(o.partition("=")[0] == key for o in opts)
+
+
 def parse_methods(specs: Sequence[str], thresholds: Sequence[float] | None = None) -> list[Method]:
     out = [parse_method(s, thresholds) for s in specs if s.strip()]
     if not out:
@@ -146,7 +189,6 @@ def block_flops(tm, batch: int) -> tuple[float, list[float]]:
     """FLOPs of one model call on ``batch`` rows (``FlopCounterMode``) and of each block."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fx_fastcache.trained import NULL_CLASS
 
     x = torch.zeros(batch, tm.in_channels, tm.sample_size, tm.sample_size, dtype=tm.dtype, device=tm.device)
     y = torch.full((batch,), NULL_CLASS, dtype=torch.long, device=tm.device)
@@ -175,7 +217,6 @@ class _Setup:
 
 
 def _sample(s: _Setup, model, classes, seeds, progress: bool = False) -> tuple[torch.Tensor, float]:
-    from fx_fastcache.trained import sample
 
     t0 = time.perf_counter()
     img = sample(s.tm, classes, seeds, steps=s.steps, cfg=s.cfg, model=model, progress=progress)
@@ -210,7 +251,6 @@ def _batch_kwargs(tm, n_images: int) -> dict[str, Any]:
 
 class _FastCacheRunner:
     def __init__(self, s: _Setup, m: Method, backend: str) -> None:
-        import fx_fastcache as fastcache
 
         self.fc = fastcache
         self.m = m
@@ -238,15 +278,28 @@ class _FastCacheRunner:
 
 class _PeerRunner:
     def __init__(self, s: _Setup, m: Method) -> None:
+
         self.s, self.m = s, m
         self.run = None
         self.calib_s = 0.0
+        self.opts = dict(m.options)
+        self.mag_ratios: list[float] | None = None
+        if m.kind == "diffusers_magcache":  # its own calibrate=True run, on the calibration seeds
+            t0 = time.perf_counter()
+            self.mag_ratios = peers.diffusers_mag_ratios(
+                s.tm.model, lambda fn: _sample(s, fn, s.c_classes, s.c_seeds), s.steps)
+            self.calib_s = time.perf_counter() - t0
 
     def prepare(self, threshold: float) -> Any:
-        from . import peers
 
-        if self.m.kind == "diffusers_fbc":
+        k, o = self.m.kind, self.opts
+        if k == "diffusers_fbc":
             self.run = peers.diffusers_first_block_cache(self.s.tm.model, threshold)
+        elif k == "diffusers_taylorseer":
+            self.run = peers.diffusers_taylorseer(self.s.tm.model, threshold, o["order"], o["before"])
+        elif k == "diffusers_magcache":
+            self.run = peers.diffusers_mag_cache(self.s.tm.model, threshold, self.mag_ratios, self.s.steps,
+                                                 int(o["max_skip"]), float(o["retention"]))
         else:
             self.run = peers.cache_dit_dbcache(self.s.tm.model, threshold, self.s.steps)
         return self.run.model
@@ -271,6 +324,7 @@ def run_benchmark(
     timing_repeats: int = 1,
     on_run: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
+    reference_cache: str | None = None,
 ) -> dict[str, Any]:
     """Run the sweep and return ``{"setup": ..., "runs": [...]}`` (JSON-serialisable).
 
@@ -287,8 +341,10 @@ def run_benchmark(
         timing_repeats: uncached/cached timing pairs per run (the fastest of each is kept).
         on_run: called with each run's record as soon as it is done.
         progress: tqdm bar over the steps of each generation.
+        reference_cache: a ``.pt`` file for the uncached evaluation images: loaded when it was
+            written for the same model, seeds, classes, steps and cfg, else generated and written
+            (sweeps split over several processes then generate the reference once).
     """
-    from fx_fastcache.trained import load_trained
 
     for name, v, lo in (("n_images", n_images, 1), ("steps", steps, 1), ("calib_images", calib_images, 1),
                         ("timing_images", timing_images, 0), ("timing_repeats", timing_repeats, 1)):
@@ -308,7 +364,23 @@ def run_benchmark(
                c_seeds, steps, cfg, ref=torch.empty(0))
     total_flops, per_block_flops = block_flops(tm, 2)
     logger.info("bench %s: %d images, %d steps, cfg %.1f, %d methods", model, n_images, steps, cfg, len(ms))
-    s.ref, ref_s = _sample(s, None, classes, seeds, progress)
+    key = {"model": str(model), "seeds": seeds, "classes": classes, "steps": steps, "cfg": cfg}
+    cached = None
+    if reference_cache:
+        from pathlib import Path
+
+        if Path(reference_cache).is_file():
+            cached = torch.load(reference_cache)
+            if cached.get("key") != key:
+                logger.warning("reference cache %s was written for %s, not %s: regenerating", reference_cache,
+                               cached.get("key"), key)
+                cached = None
+    if cached is not None:
+        s.ref, ref_s = cached["images"], cached["generation_s"]
+    else:
+        s.ref, ref_s = _sample(s, None, classes, seeds, progress)
+        if reference_cache:
+            torch.save({"key": key, "images": s.ref, "generation_s": ref_s}, reference_cache)
     ref_q = _quality(s, s.ref)
     setup = {
         "model": model, "kind": tm.kind, "n_images": n_images, "steps": steps, "cfg": cfg,
@@ -343,6 +415,10 @@ def run_benchmark(
                    "flops_saved": _flops_saved(skipped, calls, total_flops, per_block_flops),
                    "per_block_replaced": [k / calls if calls else 0.0 for k in skipped],
                    "generation_s": gen_s, "calibration_s": runner.calib_s, **_quality(s, img)}
+            if m.kind != "fastcache":  # peers: bytes of their hooks' cached tensors (max over the generation)
+                rec.update(options=dict(m.options), state_bytes=runner.run.state_bytes, state_batch_rows=2 * len(classes))
+                if m.kind == "diffusers_magcache":
+                    rec["mag_ratios"] = runner.mag_ratios
             if t_n:
                 t_u, t_c, t_frac, t_saved = [], [], 0.0, 0.0
                 for _ in range(timing_repeats):

@@ -1,0 +1,106 @@
+"""Sweep groups for issue #13: our step rule against diffusers' TaylorSeer and MagCache.
+
+Each group is one process (1 thread) so the groups can run side by side and be merged with
+``fx_fastcache.bench.report.merge``; every group generates the same 16 evaluation images
+(seeds 1000-1015) and calibrates on seeds 0-3, like ``fx-fastcache bench``.
+
+    python benchmarks/peer_sweep.py --model dit-mnist --group taylorseer --out out/sweep
+    python benchmarks/peer_sweep.py --merge out/sweep/dit-mnist-*.json --stem bench13-dit-mnist --out docs
+
+Groups (per-method grids, chosen to span 45-70 % replaced on 20 steps):
+* ``taylorseer``: orders 1 and 2; ``disable_cache_before_step`` 3 with intervals 2, 3, 4 and
+  2 with intervals 3, 5 (fractions 45, 55, 65, 60, 70 %).
+* ``magcache``: K = 3 (retention 0.2: at most 60 %) thresholds 0.03-0.24; K = 4 with retention
+  0.1 (reaches 75 %); K = 2.
+* ``compact``: a selection of the above in one process, most informative first.
+* ``ours``: ``step_forecast/forecast`` thresholds 0.06-0.13; ``ours_cap``: the same with
+  ``max_skip_steps`` 2 and 3.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+
+def groups():
+    from fx_fastcache.bench import parse_method
+
+    def m(spec, thr):
+        return replace(parse_method(spec), thresholds=tuple(thr))
+
+    return {
+        "taylorseer": [m("none", ())] + [
+            m(f"diffusers_taylorseer:order={o}:before={b}", ivs)
+            for o in (1, 2) for b, ivs in ((3, (2, 3, 4)), (2, (3, 5)))],
+        "magcache": [m("none", ()),
+                     m("diffusers_magcache:max_skip=3:retention=0.2", (0.03, 0.06, 0.12, 0.24)),
+                     m("diffusers_magcache:max_skip=4:retention=0.1", (0.06, 0.12, 0.24)),
+                     m("diffusers_magcache:max_skip=2:retention=0.2", (0.06, 0.24))],
+        "ours": [m("none", ()), m("step_forecast/forecast", (0.06, 0.07, 0.08, 0.09, 0.11, 0.13))],
+        # one process, most informative runs first (for a loaded machine: partial results still cover 45-70 %)
+        "compact": [m("none", ()), m("step_forecast/forecast", (0.07, 0.09, 0.11)),
+                    m("diffusers_taylorseer:order=1:before=2", (3, 5)),
+                    m("diffusers_magcache:max_skip=3:retention=0.2", (0.06, 0.24)),
+                    m("diffusers_magcache:max_skip=4:retention=0.1", (0.24,)),
+                    m("diffusers_taylorseer:order=1:before=3", (2, 4)),
+                    m("diffusers_taylorseer:order=2:before=2", (3, 5)),
+                    m("step_forecast/forecast", (0.08, 0.13))],
+        # the calibrated default (step_forecast's fitted scale) and two thresholds around it
+        "default": [m("none", ()), m("step_forecast/forecast", (0.07, 0.085, 0.06))],
+        # follow-ups: TaylorSeer's before=3 schedules and MagCache below 55 %
+        "extra": [m("none", ()), m("diffusers_taylorseer:order=1:before=3", (3, 2)),
+                  m("diffusers_magcache:max_skip=3:retention=0.2", (0.01, 0.02))],
+        "mag_low": [m("none", ()), m("diffusers_magcache:max_skip=3:retention=0.2", (0.01, 0.02))],
+        "ours_cap": [m("none", ()), m("step_forecast/forecast:max_skip=2", (0.13, 0.2)),
+                     m("step_forecast/forecast:max_skip=3", (0.13, 0.2))],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="dit-mnist")
+    p.add_argument("--group", choices=sorted(groups()), default=None)
+    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--out", default="out/sweep")
+    p.add_argument("--merge", nargs="*", default=None, help="merge these JSON results instead of running")
+    p.add_argument("--stem", default=None)
+    p.add_argument("--families", nargs="*", default=None, help="columns of the fraction table (default: all)")
+    a = p.parse_args(argv)
+    from fx_fastcache.bench import run_benchmark, write_all
+    from fx_fastcache.bench.report import fraction_table, merge, write_json
+
+    if a.merge:
+        res = merge([json.loads(Path(f).read_text()) for f in a.merge])
+        stem = a.stem or "merged"
+        paths = write_all(res, a.out, stem)
+        table = fraction_table(res, families=a.families)
+        (Path(a.out) / f"{stem}-fractions.md").write_text(table)
+        print(table)
+        print("wrote", *paths.values(), Path(a.out) / f"{stem}-fractions.md")
+        return 0
+    if a.group is None:
+        p.error("--group or --merge is required")
+    torch.set_num_threads(1)
+    stem = f"{Path(a.model).name}-{a.group}"
+    done = []
+
+    def on_run(rec):
+        done.append(rec)
+        write_json({"setup": {"model": a.model, "partial": True}, "runs": done}, Path(a.out) / f"{stem}.partial.json")
+        print(f"{rec['method']:<48} thr={rec.get('threshold')} replaced={100 * rec['replaced_fraction']:5.1f}% "
+              f"PSNR {rec['psnr_mean']:6.2f} ({rec['psnr_worst']:6.2f}) state={rec.get('state_bytes')}", flush=True)
+
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    res = run_benchmark(a.model, groups()[a.group], n_images=a.images, timing_images=0, on_run=on_run,
+                        reference_cache=str(Path(a.out) / f"{Path(a.model).name}-reference.pt"))
+    write_json(res, Path(a.out) / f"{stem}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

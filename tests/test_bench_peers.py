@@ -1,0 +1,78 @@
+"""diffusers' TaylorSeer and MagCache as benchmark peers: their computations are counted honestly
+(pre-hooks on each block's attention agree with TaylorSeer's documented schedule), MagCache runs
+on ratios from its own calibration run, and the peers' hook state is measured."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fx_fastcache.bench import parse_method
+from fx_fastcache.bench.peers import (diffusers_mag_cache, diffusers_mag_ratios, diffusers_taylorseer,
+                                      taylorseer_computed_steps)
+from fx_fastcache.zoo import make_tiny
+
+
+def _run(tiny, model, steps):
+    outs = []
+    with torch.no_grad():
+        for i in range(steps):
+            out = model(**tiny.make_inputs(1000.0 * (1 - i / steps), 2))
+            outs.append(out[tiny.output_index])
+    return outs
+
+
+@pytest.mark.parametrize("name", ["tiny-dit", "tiny-sd3"])
+@pytest.mark.parametrize("interval,before", [(2, 3), (3, 3), (5, 2), (4, 1)])
+def test_taylorseer_counted_computations_match_its_schedule(name, interval, before):
+    tiny = make_tiny(name)
+    steps = 12
+    run = diffusers_taylorseer(tiny.model, interval, order=1, before=before)
+    _run(tiny, run.model, steps)
+    expected = len(taylorseer_computed_steps(steps, interval, before))
+    # SD3's last block returns (None, hidden states): TaylorSeer cannot cache it, it always computes
+    last = steps if name == "tiny-sd3" else expected
+    assert run.calls[0] == steps
+    assert run.computed == [expected] * (len(run.computed) - 1) + [last]
+    assert run.replaced_fraction == pytest.approx(1 - (sum(run.computed)) / (steps * len(run.computed)))
+    assert run.replaced_fraction > 0
+
+
+def test_taylorseer_state_is_its_taylor_factors():
+    tiny = make_tiny("tiny-dit", layers=2)
+    run = diffusers_taylorseer(tiny.model, 3, order=2, before=3)
+    _run(tiny, run.model, 6)
+    # 2 blocks x (order + 1) factors x one block output (2, 16 tokens, 16) in float32
+    assert run.state_bytes == 2 * 3 * 2 * 16 * 16 * 4
+
+
+def test_taylorseer_leaves_the_model_untouched_and_matches_it_while_computing():
+    tiny = make_tiny("tiny-dit")
+    ref = _run(tiny, tiny.model, 3)
+    run = diffusers_taylorseer(tiny.model, 2, order=1, before=3)
+    got = _run(tiny, run.model, 3)  # steps 0-2 all compute
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+    assert not hasattr(tiny.model.transformer_blocks[0], "_diffusers_hook")
+
+
+def test_magcache_calibrates_then_skips_whole_steps():
+    tiny = make_tiny("tiny-dit")
+    steps = 10
+    ratios = diffusers_mag_ratios(tiny.model, lambda m: _run(tiny, m, steps), steps)
+    assert len(ratios) == steps and ratios[0] == 1.0 and all(r > 0 for r in ratios)
+    none = diffusers_mag_cache(tiny.model, 0.0, ratios, steps)
+    _run(tiny, none.model, steps)
+    assert none.replaced_fraction == 0.0
+    run = diffusers_mag_cache(tiny.model, 1e9, ratios, steps, max_skip_steps=3, retention_ratio=0.2)
+    _run(tiny, run.model, steps)
+    # retention 0.2 -> steps 0, 1 compute; then 3 skipped, 1 computed, ... : steps 5 and 9 compute
+    assert run.computed == [4] * len(run.computed)
+    assert run.state_bytes > 0
+
+
+def test_peer_options_parse_and_refuse_unknown_ones():
+    m = parse_method("diffusers_taylorseer:order=2:before=2")
+    assert m.kind == "diffusers_taylorseer" and dict(m.options) == {"order": 2, "before": 2}
+    assert dict(parse_method("diffusers_magcache").options) == {"max_skip": 3, "retention": 0.2}
+    with pytest.raises(ValueError, match="max_skip"):
+        parse_method("diffusers_magcache:speed=2")
