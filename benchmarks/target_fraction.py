@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from fx_fastcache.policies.step_forecast import simulate as replay
+
 
 def probe_module(model):
     blk = model.transformer_blocks[0]
@@ -40,23 +42,8 @@ def record_probes(tm, classes, seeds, steps=20, cfg=2.0):
 
 
 def simulate(us, t, tau, warmup=2, max_skip=0):
-    """Decisions of step_forecast on recorded probes; returns the list of computed steps."""
-    steps = us.shape[0]
-    computed = []
-    run = 0
-    for i in range(steps):
-        skip = False
-        if i >= warmup and len(computed) >= 2 and (not max_skip or run < max_skip):
-            c, p = computed[-1], computed[-2]
-            u_hat = us[c] + (t[i] - t[c]) / (t[c] - t[p]) * (us[c] - us[p])
-            d = (us[i] - u_hat).flatten(1).norm(dim=1) / us[i].flatten(1).norm(dim=1)
-            skip = bool((d <= tau).all())
-        if skip:
-            run += 1
-        else:
-            computed.append(i)
-            run = 0
-    return computed
+    """Decisions of step_forecast on recorded probes (the library's offline replay); the computed steps."""
+    return replay(list(us), [float(x) for x in t], tau, warmup, max_skip)
 
 
 def fraction(us, t, tau, **kw):
