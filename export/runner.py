@@ -19,8 +19,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-
 from fx_fastcache.passes.explicit_state import ExplicitStateSpec
+
 from fx_fastcache.runtime.generation import starts_generation_host
 
 from .onnx import read_metadata

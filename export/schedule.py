@@ -285,7 +285,6 @@ def record_for_model(resolved, steps: int = 20, generations: int = 2, batch: int
     hook = opt.register_forward_hook(lambda *_: bar.update(1))
     gen = {"i": 0}
     if resolved.trained is not None:
-
         def run() -> None:
             k = gen["i"]
             gen["i"] += 1

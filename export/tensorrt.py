@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from fx_fastcache.passes.explicit_state import ExplicitStateSpec
 
 from .onnx import read_metadata

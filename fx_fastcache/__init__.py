@@ -8,8 +8,16 @@
 """
 from __future__ import annotations
 
-from .api import (calibrate, configure, get_cache_statistics, load_calibration, optimize, reset, save_calibration,
-                  set_schedule)
+from .api import (
+                  calibrate,
+                  configure,
+                  get_cache_statistics,
+                  load_calibration,
+                  optimize,
+                  reset,
+                  save_calibration,
+                  set_schedule,
+)
 from .config import FastCacheConfig
 from .module import FastCacheModule
 from .pipelines import disable_fastcache, enable_fastcache

@@ -10,9 +10,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .calibration import Recorder, model_fingerprint, read_calibration_file, write_calibration_file
-from .config import FastCacheConfig
 from .auto_mode import resolve_step_dispatch
+from .calibration import (
+    Recorder,
+    model_fingerprint,
+    read_calibration_file,
+    write_calibration_file,
+)
+from .config import FastCacheConfig
 from .fallbacks import FALLBACKS
 from .module import FastCacheModule
 from .policies import POLICIES

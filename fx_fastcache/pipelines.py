@@ -37,8 +37,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .config import FastCacheConfig
 from .auto_mode import resolve_step_dispatch
+from .config import FastCacheConfig
 from .context_state import ContextStates
 from .module import FastCacheModule
 

@@ -13,13 +13,13 @@ import torch.fx as fx
 
 from .cleanup import cleanup
 from .context import BlockRegion, PassContext, PassResult
+from .find_block_args import find_block_args
 from .find_blocks import find_blocks
 from .group_spans import group_spans
 from .guard_blocks import guard_blocks
 from .hoist_probes import hoist_probes
 from .merge_tokens import merge_tokens
 from .pin_cond_operands import pin_cond_operands
-from .find_block_args import find_block_args
 from .route_tokens import route_tokens
 from .strip_markers import strip_markers
 

@@ -25,7 +25,13 @@ import torch.fx as fx
 
 from fx_fastcache import graph_protocol as gp
 from fx_fastcache.fallbacks import FALLBACKS, StreamInfo
-from fx_fastcache.graph_protocol import COND, DecideArgs, UpdateArgs, contiguous_copy, is_contiguous
+from fx_fastcache.graph_protocol import (
+    COND,
+    DecideArgs,
+    UpdateArgs,
+    contiguous_copy,
+    is_contiguous,
+)
 from fx_fastcache.graph_protocol import val as _val
 from fx_fastcache.runtime import BlockGuard, Clock
 

@@ -31,8 +31,15 @@ from fx_fastcache.graph_protocol import val as _val
 from fx_fastcache.markers import CALLS
 from fx_fastcache.runtime.merging import merge_tokens as merge_fn
 from fx_fastcache.runtime.merging import stage_sizes, unpool
-from fx_fastcache.runtime.routing import (RoutedCall, TokenRouter, attention_context_fn, gather_joint_mask,
-                                          gather_table, gather_tokens, scatter_tokens)
+from fx_fastcache.runtime.routing import (
+    RoutedCall,
+    TokenRouter,
+    attention_context_fn,
+    gather_joint_mask,
+    gather_table,
+    gather_tokens,
+    scatter_tokens,
+)
 
 from .context import PassContext, finish
 

@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fx_fastcache.policies import POLICIES
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["write_json", "markdown_table", "write_markdown", "plot_frontier", "pareto", "write_all", "merge",
@@ -182,7 +184,7 @@ def family(run: dict[str, Any]) -> str:
     if run["kind"] in names:
         return names[run["kind"]]
     if run["kind"] == "fastcache":
-        return f"ours {run['policy']}+{run['fallback']}" if run["policy"] not in ("first_block_cache", "teacache") \
+        return f"ours {run['policy']}+{run['fallback']}" if POLICIES[run["policy"]].peer_fallback is None \
             else run["policy"]
     return run["kind"]
 
@@ -197,7 +199,9 @@ def _setting(run: dict[str, Any]) -> str:
     extra = f" m{run['max_skip_steps']}" if run.get("max_skip_steps") else ""
     if run.get("warmup_steps") not in (None, 2, 0):
         extra += f" w{run['warmup_steps']}"
-    cal = "cal " if run.get("policy") == "step_forecast" and run.get("calibration_s") else ""
+    policy = POLICIES.get(run.get("policy"))
+    cal = "cal " if policy is not None and policy.scope == "step" and policy.needs_calibration \
+        and policy.peer_fallback is None and run.get("calibration_s") else ""  # our calibrated step rule
     return f"{cal}{run['threshold']:g}{extra}"
 
 

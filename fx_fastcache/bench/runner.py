@@ -55,7 +55,8 @@ PEER_OPTIONS: dict[str, dict[str, float]] = {
     "diffusers_magcache": {"max_skip": 3, "retention": 0.2},
 }
 #: Policies whose named method implies a fallback (the classic methods).
-CLASSIC = {"first_block_cache": "residual", "teacache": "residual"}
+#: Peers' rules that run inside our framework, with the peer's own fallback (Policy.peer_fallback).
+CLASSIC = {name: p.peer_fallback for name, p in POLICIES.items() if p.peer_fallback}
 
 #: Threshold grids per policy / peer (chosen so that the fraction replaced spans ~30-80 %).
 DEFAULT_THRESHOLDS: dict[str, tuple[float, ...]] = {
@@ -107,7 +108,6 @@ class Method:
 
     @property
     def needs_calibration(self) -> bool:
-
         if self.kind != "fastcache":
             return False
         return FALLBACKS[self.fallback].fitted or POLICIES[self.policy].needs_calibration
@@ -189,7 +189,6 @@ def block_flops(tm, batch: int) -> tuple[float, list[float]]:
     """FLOPs of one model call on ``batch`` rows (``FlopCounterMode``) and of each block."""
     from torch.utils.flop_counter import FlopCounterMode
 
-
     x = torch.zeros(batch, tm.in_channels, tm.sample_size, tm.sample_size, dtype=tm.dtype, device=tm.device)
     y = torch.full((batch,), NULL_CLASS, dtype=torch.long, device=tm.device)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
@@ -217,7 +216,6 @@ class _Setup:
 
 
 def _sample(s: _Setup, model, classes, seeds, progress: bool = False) -> tuple[torch.Tensor, float]:
-
     t0 = time.perf_counter()
     img = sample(s.tm, classes, seeds, steps=s.steps, cfg=s.cfg, model=model, progress=progress)
     return img, time.perf_counter() - t0
@@ -251,7 +249,6 @@ def _batch_kwargs(tm, n_images: int) -> dict[str, Any]:
 
 class _FastCacheRunner:
     def __init__(self, s: _Setup, m: Method, backend: str) -> None:
-
         self.fc = fastcache
         self.m = m
         self.opt = fastcache.optimize(s.tm.model, backend=backend, policy=m.policy, fallback=m.fallback,
@@ -278,7 +275,6 @@ class _FastCacheRunner:
 
 class _PeerRunner:
     def __init__(self, s: _Setup, m: Method) -> None:
-
         self.s, self.m = s, m
         self.run = None
         self.calib_s = 0.0
@@ -291,7 +287,6 @@ class _PeerRunner:
             self.calib_s = time.perf_counter() - t0
 
     def prepare(self, threshold: float) -> Any:
-
         k, o = self.m.kind, self.opts
         if k == "diffusers_fbc":
             self.run = peers.diffusers_first_block_cache(self.s.tm.model, threshold)

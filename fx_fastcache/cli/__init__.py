@@ -7,5 +7,4 @@ from .main import main as _main
 
 
 def main(argv: list[str] | None = None) -> int:
-
     return _main(sys.argv[1:] if argv is None else argv)

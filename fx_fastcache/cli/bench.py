@@ -37,7 +37,6 @@ def _floats(text: str) -> list[float]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-
     p.add_argument("--model", default="dit-mnist",
                    help="dit-mnist | pixart-mnist | PATH of a diffusers DiT/PixArt folder (trained models only: "
                         "quality on random tiny-* models means nothing)")
@@ -68,7 +67,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-
 
     try:
         methods = parse_methods(args.methods.split(","), args.thresholds)

@@ -48,7 +48,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-
     seeds = [args.seed + i for i in range(args.images)]
     calib_seeds = [args.calib_seed]
     if set(seeds) & set(calib_seeds):
@@ -66,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, seeds: list[int], calib_seeds: list[int], classes: list[int],
          progress: bool) -> int:
     import torch
-
 
     tm = load_trained("dit-mnist")
     cfg = fastcache.FastCacheConfig()

@@ -36,7 +36,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-
     overrides = {k: v for k, v in (("policy", args.policy), ("fallback", args.fallback)) if v is not None}
     fastcache.FastCacheConfig(**overrides)  # unknown policy/fallback names fail before the model loads
     check_model_name(args.model, option="model")

@@ -33,7 +33,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-
     # everything a user can get wrong is checked before the 2-minute export starts
     if args.opset < MIN_OPSET:
         raise CLIError(f"--opset {args.opset}: the export needs opset >= {MIN_OPSET}; pass --opset {MIN_OPSET}")
@@ -50,7 +49,6 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"export-onnx needs the optional package {e.name!r}: pip install 'fx-fastcache[onnx]'") from None
 
     import torch
-
 
     schedule = Schedule.load(args.schedule)
     stages = ["loading the model", "exporting to ONNX (torch.export + onnx, minutes on a CPU)"]

@@ -11,7 +11,6 @@ from fx_fastcache.export.tensorrt import ProfileRange, build_engine, require_ten
 
 
 def _range(text: str):
-
     parts = text.split(":")
     try:
         vals = [int(p) for p in parts]
@@ -40,7 +39,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
-
 
     if args.workspace <= 0:
         raise CLIError(f"--workspace {args.workspace}: expected a positive number of GiB (default 4)")

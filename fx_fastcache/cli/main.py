@@ -73,10 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-
     types: list[type[BaseException]] = [CLIError, ValueError, OSError, ImportError]
     try:
-
         types.append(TensorRTUnavailable)
     except ImportError:  # pragma: no cover - the export package is part of the install
         pass

@@ -15,6 +15,7 @@ from fx_fastcache.cli.common import (
     show_progress,
 )
 from fx_fastcache.export.schedule import record_for_model
+from fx_fastcache.policies import POLICIES
 from fx_fastcache.policies.schedule import MAX_STEPS
 
 
@@ -50,8 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-
-    if args.policy == "schedule":
+    if args.policy in POLICIES and POLICIES[args.policy].host_decidable:
         raise CLIError("--policy schedule replays a schedule; record with a deciding policy "
                        "(step_forecast, chi2, first_block_cache, teacache)")
     overrides = {"policy": args.policy, "fallback": args.fallback}

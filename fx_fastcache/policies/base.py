@@ -39,6 +39,9 @@ class Policy:
     exportable: bool = False
     #: Calibration fits what the decisions depend on (uncalibrated: a default scale).
     needs_calibration: bool = False
+    #: A peer's rule re-implemented here (First-Block-Cache, TeaCache): the fallback the peer uses,
+    #: so the benchmark can run it as that peer; ``None`` for our own rules.
+    peer_fallback: str | None = None
 
     def __init__(self, config) -> None:
         self.config = config

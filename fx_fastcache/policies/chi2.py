@@ -25,8 +25,8 @@ import torch.distributed as dist
 from scipy.stats import chi2
 
 from ..calibration import Calibrator, Observation, store_put
-from ..runtime.state_ops import assign
 from ..runtime.distributed import norm_ratio
+from ..runtime.state_ops import assign
 from .base import Decider, Policy
 
 

@@ -42,6 +42,7 @@ class FirstBlockCachePolicy(Policy):
     scope = "step"
     signal = "residual0"
     anchor = "after_block0"
+    peer_fallback = "residual"  # diffusers adds the cached residual of the whole stack
 
     def make_step_decider(self, signal_shape, device, dtype, store, group=None):
         return FirstBlockCacheDecider(signal_shape, device, dtype, group)

@@ -82,6 +82,7 @@ class TeaCachePolicy(Policy):
     name = "teacache"
     scope = "step"
     signal = "probe"
+    peer_fallback = "residual"
     needs_calibration = True
 
     @classmethod
