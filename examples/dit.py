@@ -2,7 +2,7 @@
 
     python examples/dit.py                        # facebook/DiT-XL-2-256 (downloaded weights), CUDA
     python examples/dit.py --compare --out dit.png
-    python examples/dit.py --tiny                 # tiny offline pipeline (CI)
+    python examples/dit.py --tiny                 # tiny random-weight pipeline: checks the plumbing, not quality (quality: fx-fastcache demo)
 """
 from __future__ import annotations
 

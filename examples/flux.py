@@ -2,7 +2,7 @@
 
     python examples/flux.py                       # black-forest-labs/FLUX.1-dev (downloaded weights), CUDA
     python examples/flux.py --true-cfg 2.0 --negative-prompt "blurry" --compare --out flux.png
-    python examples/flux.py --tiny [--true-cfg 2.0]   # tiny offline pipeline (CI)
+    python examples/flux.py --tiny [--true-cfg 2.0]   # tiny random-weight pipeline: checks the plumbing, not quality (quality: fx-fastcache demo)
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
     python examples/pixart.py               # PixArt-alpha/PixArt-Sigma-XL-2-1024-MS (downloaded weights), CUDA
     python examples/pixart.py --prompt "a red fox in the snow" --compare --out pixart.png
-    python examples/pixart.py --tiny        # tiny offline pipeline (CI)
+    python examples/pixart.py --tiny        # tiny random-weight pipeline: checks the plumbing, not quality (quality: fx-fastcache demo)
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
     python examples/sd3.py                        # stabilityai/stable-diffusion-3-medium-diffusers, CUDA
     python examples/sd3.py --prompt "a lighthouse at dusk" --compare --out sd3.png
-    python examples/sd3.py --tiny                 # tiny offline pipeline (CI)
+    python examples/sd3.py --tiny                 # tiny random-weight pipeline: checks the plumbing, not quality (quality: fx-fastcache demo)
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
     python examples/wan.py                        # Wan-AI/Wan2.1-T2V-1.3B-Diffusers (downloaded weights), CUDA
     python examples/wan.py --compare --out wan.png   # also run uncached; save the first frame
-    python examples/wan.py --tiny                 # tiny offline pipeline (CI)
+    python examples/wan.py --tiny                 # tiny random-weight pipeline: checks the plumbing, not quality (quality: fx-fastcache demo)
 """
 from __future__ import annotations
 
