@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .auto_mode import resolve_step_dispatch
+from .auto_mode import UNSET, resolve_execution
 from .calibration import (
     Recorder,
     model_fingerprint,
@@ -31,7 +31,8 @@ __all__ = ["optimize", "calibrate", "save_calibration", "load_calibration", "get
 
 def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfig | None = None,
              blocks: str | list[str] | None = None, example_inputs: dict[str, Any] | None = None,
-             step_dispatch: str | None = "auto", process_group: Any = None, **overrides: Any) -> FastCacheModule:
+             execution: str = "auto", dispatch_compile: str | None = None, process_group: Any = None,
+             step_dispatch: Any = UNSET, **overrides: Any) -> FastCacheModule:
     """Rewrite ``model`` so every transformer block is a guarded conditional with a fallback.
 
     Args:
@@ -41,7 +42,14 @@ def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfi
         config: a :class:`FastCacheConfig`; keyword ``overrides`` replace its fields.
         blocks: attribute path(s) of the block ModuleList(s) for models that are not a known family.
         example_inputs: keyword inputs to capture eagerly now instead of at the first call.
-        step_dispatch: run each step through a graph specialised for its skip pattern, learned
+        execution: who runs the guarded graph: ``"in_graph"`` (every guarded span is a ``torch.cond``
+            in the compiled graph; the fast choice on CPU), ``"step_dispatch"`` (each step runs a copy
+            specialised for its skip pattern, learned once per step; the fast choice on GPU) or
+            ``"auto"`` (the default: step dispatch for a CUDA model with a step-level policy or a
+            schedule, else in-graph; :mod:`fx_fastcache.auto_mode`, logged).
+        dispatch_compile: how step dispatch compiles its copies: ``"reduce-overhead"`` (CUDA graphs,
+            the default), ``"default"``, ``"max-autotune"`` or ``"eager"``.
+        step_dispatch: the former spelling of both (still accepted): run each step through a graph specialised for its skip pattern, learned
             once per step (:mod:`fx_fastcache.step_dispatch`; the fast path on GPU, where every
             in-graph ``cond`` costs a sync and disables CUDA graphs): ``"reduce-overhead"``
             (CUDA graphs), ``"default"``, ``"max-autotune"`` or ``"eager"``.  The copies are
@@ -59,7 +67,7 @@ def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfi
     """
     config = FastCacheConfig.resolve(config, **overrides)
     opt = FastCacheModule(model, config, backend=backend, blocks=blocks, process_group=process_group)
-    opt.set_step_dispatch(resolve_step_dispatch(model, config, step_dispatch))
+    opt.set_step_dispatch(resolve_execution(model, config, execution, dispatch_compile, step_dispatch))
     if example_inputs is not None:
         if not isinstance(example_inputs, dict):
             raise TypeError("example_inputs must be a dict of the model's keyword arguments")

@@ -30,9 +30,16 @@ from .policies import POLICIES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AUTO", "choose_step_dispatch", "resolve_step_dispatch", "model_is_cuda"]
+__all__ = ["AUTO", "EXECUTIONS", "COMPILE_MODES", "choose_step_dispatch", "resolve_step_dispatch",
+           "resolve_execution", "model_is_cuda", "UNSET"]
 
 AUTO = "auto"
+#: ``execution=`` of ``optimize``/``enable_fastcache``: who runs the guarded graph.
+EXECUTIONS = ("auto", "in_graph", "step_dispatch")
+#: ``dispatch_compile=``: how step dispatch compiles its specialised copies.
+COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "eager")
+#: ``step_dispatch=`` not given (its former spelling is still accepted).
+UNSET: Any = object()
 
 
 def model_is_cuda(model: nn.Module) -> bool:
@@ -60,3 +67,26 @@ def resolve_step_dispatch(model: nn.Module, config: Any, step_dispatch: str | No
     mode, why = choose_step_dispatch(model_is_cuda(model), config)
     logger.info("fx-fastcache: mode %s (%s)", f"step_dispatch={mode!r}" if mode else "in-graph guards", why)
     return mode
+
+
+def resolve_execution(model: nn.Module, config: Any, execution: str = AUTO, dispatch_compile: str | None = None,
+                      step_dispatch: Any = UNSET) -> str | None:
+    """The step-dispatch compile mode to install (``None``: in-graph guards) for ``optimize``'s
+    ``execution=`` / ``dispatch_compile=``, or for the former single argument ``step_dispatch=`` (a
+    compile mode, ``None`` or ``"auto"``), which is still accepted."""
+    if step_dispatch is not UNSET:
+        if execution != AUTO or dispatch_compile is not None:
+            raise ValueError("pass execution=/dispatch_compile= or their former spelling step_dispatch=, not both")
+        return resolve_step_dispatch(model, config, step_dispatch)
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution={execution!r} is not supported; choose one of {EXECUTIONS}")
+    if dispatch_compile is not None and dispatch_compile not in COMPILE_MODES:
+        raise ValueError(f"dispatch_compile={dispatch_compile!r} is not supported; choose one of {COMPILE_MODES}")
+    if execution == "in_graph":
+        if dispatch_compile is not None:
+            raise ValueError("dispatch_compile= applies to execution='step_dispatch' (or 'auto'), not 'in_graph'")
+        return None
+    if execution == "step_dispatch":
+        return dispatch_compile or "reduce-overhead"
+    mode = resolve_step_dispatch(model, config, AUTO)
+    return (dispatch_compile or mode) if mode is not None else None

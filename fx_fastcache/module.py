@@ -202,6 +202,11 @@ class FastCacheModule(nn.Module):
         self._dispatch_mode = compile_mode
         self._dispatchers.clear()
 
+    @property
+    def dispatch_compile(self) -> str | None:
+        """The compile mode of step dispatch, or ``None`` when the in-graph guards run (``execution``)."""
+        return self._dispatch_mode
+
     def _dispatcher(self, module: FastCacheModule, key: str = "") -> Any:
         """The StepDispatch running ``module`` (``self`` or a pipeline context's twin), built once."""
         d = self._dispatchers.get(key)

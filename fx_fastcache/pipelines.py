@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .auto_mode import resolve_step_dispatch
+from .auto_mode import UNSET, resolve_execution
 from .config import FastCacheConfig
 from .context_state import ContextStates
 from .module import FastCacheModule
@@ -145,7 +145,8 @@ def _wrapped_call(original: Any):
 
 
 def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConfig | None = None,
-                     schedule: torch.Tensor | None = None, step_dispatch: str | None = "auto",
+                     schedule: torch.Tensor | None = None, execution: str = "auto",
+                     dispatch_compile: str | None = None, step_dispatch: Any = UNSET,
                      **overrides: Any) -> PipelineFastCache:
     """Optimize ``pipe.transformer`` in place; returns the installed module.
 
@@ -154,7 +155,9 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
         backend: ``"inductor"`` or ``"eager"`` (see :func:`fx_fastcache.optimize`).
         config: a :class:`FastCacheConfig`; keyword ``overrides`` replace its fields.
         schedule: a ``steps × blocks`` bool table (True = approximate); implies ``policy="schedule"``.
-        step_dispatch: learn each step's skip pattern once and replay a graph specialised for
+        execution, dispatch_compile: as in :func:`fx_fastcache.optimize` (``"auto"``: step dispatch
+            with CUDA graphs on CUDA for step-level policies and schedules, else in-graph guards).
+        step_dispatch: the former spelling of both (still accepted): learn each step's skip pattern once and replay a graph specialised for
             it (:mod:`fx_fastcache.step_dispatch`): with a schedule on the host (no sync), with a
             step-level policy (``step_forecast``, ``teacache``, ``first_block_cache``) by reading
             the in-graph decision once per step.  ``"reduce-overhead"`` (CUDA graphs; the fast
@@ -182,7 +185,7 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
     opt = PipelineFastCache(tr, config, backend=backend)
     if schedule is not None:
         opt.install_schedule(schedule)
-    opt.set_step_dispatch(resolve_step_dispatch(tr, config, step_dispatch))
+    opt.set_step_dispatch(resolve_execution(tr, config, execution, dispatch_compile, step_dispatch))
     cls = type(pipe)
     sub = type(f"FastCache{cls.__name__}", (cls,),
                {"__call__": _wrapped_call(cls.__call__), "_fastcache_original_class": cls,

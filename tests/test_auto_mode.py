@@ -27,18 +27,35 @@ def test_optimize_on_cuda_picks_step_dispatch_and_logs_why(monkeypatch, caplog):
     tm = make_tiny("tiny-dit")
     with caplog.at_level(logging.INFO, logger="fx_fastcache.auto_mode"):
         opt = fastcache.optimize(tm.model, backend="eager")
-    assert opt._dispatch_mode == "reduce-overhead"
+    assert opt.dispatch_compile == "reduce-overhead"
     lines = [r.getMessage() for r in caplog.records if r.name == "fx_fastcache.auto_mode"]
     assert len(lines) == 1 and "step_dispatch='reduce-overhead'" in lines[0] and "step_forecast" in lines[0]
-    assert fastcache.optimize(tm.model, backend="eager", policy="chi2")._dispatch_mode is None
-    assert fastcache.optimize(tm.model, backend="eager", step_dispatch=None)._dispatch_mode is None  # explicit wins
+    assert fastcache.optimize(tm.model, backend="eager", policy="chi2").dispatch_compile is None
+    assert fastcache.optimize(tm.model, backend="eager", step_dispatch=None).dispatch_compile is None  # explicit wins
     tp = make_tiny_pipeline("dit")
-    assert fastcache.enable_fastcache(tp.pipe, backend="eager")._dispatch_mode == "reduce-overhead"
+    assert fastcache.enable_fastcache(tp.pipe, backend="eager").dispatch_compile == "reduce-overhead"
 
 
 def test_cpu_default_is_in_graph_guards(caplog):
     tm = make_tiny("tiny-dit")
     with caplog.at_level(logging.INFO, logger="fx_fastcache.auto_mode"):
         opt = fastcache.optimize(tm.model, backend="eager")
-    assert opt._dispatch_mode is None
+    assert opt.dispatch_compile is None
     assert any("in-graph guards (not on CUDA" in r.getMessage() for r in caplog.records)
+
+
+def test_execution_names_and_their_former_spelling(monkeypatch):
+    tm = make_tiny("tiny-dit")
+    assert fastcache.optimize(tm.model, backend="eager", execution="step_dispatch", dispatch_compile="eager") \
+        .dispatch_compile == "eager"
+    assert fastcache.optimize(tm.model, backend="eager", execution="in_graph").dispatch_compile is None
+    assert fastcache.optimize(tm.model, backend="eager", step_dispatch="eager").dispatch_compile == "eager"
+    with pytest.raises(ValueError, match="execution='fast' is not supported"):
+        fastcache.optimize(tm.model, backend="eager", execution="fast")
+    with pytest.raises(ValueError, match="dispatch_compile='fast' is not supported"):
+        fastcache.optimize(tm.model, backend="eager", execution="step_dispatch", dispatch_compile="fast")
+    with pytest.raises(ValueError, match="not both"):
+        fastcache.optimize(tm.model, backend="eager", execution="in_graph", step_dispatch=None)
+    monkeypatch.setattr(auto_mode, "model_is_cuda", lambda model: True)
+    assert fastcache.optimize(tm.model, backend="eager").dispatch_compile == "reduce-overhead"
+    assert fastcache.optimize(tm.model, backend="eager", dispatch_compile="default").dispatch_compile == "default"
