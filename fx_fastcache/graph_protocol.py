@@ -46,28 +46,22 @@ _GUARD, _BLOCK, _FALLBACK, _COMPUTE, _PRED, _STATE = (
 _INDEXED = re.compile(r"^fastcache_(guard|block|fallback|compute|pred|state_update)_(\d+)$")
 
 
-def guard_name(i: int) -> str:
-    return f"{_GUARD}{i}"
+def _indexed_name(prefix: str):
+    def name(i: int) -> str:
+        return f"{prefix}{i}"
+
+    name.__name__ = f"{prefix}<i>"
+    return name
 
 
-def block_branch_name(i: int) -> str:
-    return f"{_BLOCK}{i}"
-
-
-def fallback_branch_name(i: int) -> str:
-    return f"{_FALLBACK}{i}"
-
-
-def compute_branch_name(i: int) -> str:
-    return f"{_COMPUTE}{i}"
-
-
-def pred_placeholder_name(i: int) -> str:
-    return f"{_PRED}{i}"
-
-
-def state_update_name(i: int) -> str:
-    return f"{_STATE}{i}"
+#: ``fastcache_<kind>_<i>``: the guard module, the two cond branches, the routing branch, a
+#: suffix's decision placeholder and an export state update of block (or span) ``i``.
+guard_name = _indexed_name(_GUARD)
+block_branch_name = _indexed_name(_BLOCK)
+fallback_branch_name = _indexed_name(_FALLBACK)
+compute_branch_name = _indexed_name(_COMPUTE)
+pred_placeholder_name = _indexed_name(_PRED)
+state_update_name = _indexed_name(_STATE)
 
 
 def is_state_module(name: str) -> bool:

@@ -207,11 +207,11 @@ class FastCacheModule(nn.Module):
         """The compile mode of step dispatch, or ``None`` when the in-graph guards run (``execution``)."""
         return self._dispatch_mode
 
-    def _dispatcher(self, module: FastCacheModule, key: str = "") -> Any:
-        """The StepDispatch running ``module`` (``self`` or a pipeline context's twin), built once."""
+    def _dispatcher(self, module: FastCacheModule, key: str = "", reset_state: bool = True) -> Any:
+        """The StepDispatch running ``module`` for state ``key`` (a pipeline's cache context), built once."""
         d = self._dispatchers.get(key)
         if d is None:  # a schedule table is read from the store (fastcache.set_schedule)
-            d = StepDispatch(module, compile_mode=self._dispatch_mode)
+            d = StepDispatch(module, compile_mode=self._dispatch_mode, reset_state=reset_state)
             self._dispatchers[key] = d
         return d
 

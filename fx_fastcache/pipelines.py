@@ -78,7 +78,7 @@ class PipelineFastCache(FastCacheModule):
     def _context_key(self, module: FastCacheModule) -> str:
         return self._context_name()
 
-    def _dispatcher(self, module: FastCacheModule, key: str = "") -> Any:
+    def _dispatcher(self, module: FastCacheModule, key: str = "", reset_state: bool = True) -> Any:
         """One StepDispatch per context (host step counters), sharing the compiled variants."""
         d = self._dispatchers.get(key)
         if d is None:
@@ -87,11 +87,7 @@ class PipelineFastCache(FastCacheModule):
                 return super()._dispatcher(module, key)
             # a later context joins mid-generation: its StepDispatch must not reset the shared
             # graph's state (the other contexts' banks, the statistics) as a new one does
-            object.__setattr__(self, "reset", lambda: None)
-            try:
-                d = super()._dispatcher(module, key)
-            finally:
-                del self.__dict__["reset"]
+            d = super()._dispatcher(module, key, reset_state=False)
             d._variants, d._splits = other._variants, other._splits
         return d
 

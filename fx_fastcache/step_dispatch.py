@@ -136,11 +136,13 @@ class StepDispatch(nn.Module):
             ``"max-autotune"`` or ``"eager"`` (no compile; for CPU tests).
         clone_outputs: copy outputs out of the CUDA-graph pool (a later replay overwrites them).
         decide: ``"auto"``, ``"host"`` or ``"device"`` (above).
+        reset_state: start a new generation (reset ``opt``'s in-graph state); ``False`` for a
+            dispatcher that joins a running one (another cache context of the same graph).
     """
 
     def __init__(self, opt: Any, table: torch.Tensor | None = None,
                  compile_mode: str = "reduce-overhead", clone_outputs: bool | None = None,
-                 decide: str = "auto") -> None:
+                 decide: str = "auto", reset_state: bool = True) -> None:
         super().__init__()
         if not callable(getattr(opt, "prepare_call", None)):  # duck-typed: this layer does not import module.py
             raise TypeError(f"StepDispatch expects the module returned by fastcache.optimize(), "
@@ -162,7 +164,10 @@ class StepDispatch(nn.Module):
             self.set_table(table)
         elif table is not None:
             self.set_table(table)
-        self.reset()
+        if reset_state:
+            self.reset()
+        else:  # joining a running generation: keep the graph's state
+            self.reset_host()
 
     # -- schedule ---------------------------------------------------------------------------
     def set_table(self, table: torch.Tensor | None) -> None:

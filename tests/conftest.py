@@ -42,6 +42,17 @@ def call_with_full_context(orig, block, bound, x_full):
         attn.__dict__.pop("forward", None)
 
 
+def calibrated_file(tm, path, **config):
+    """An optimized ``tm.model`` (eager, ``config``) calibrated on one loop, and its file at ``path``."""
+    import fx_fastcache as fastcache
+
+    opt = fastcache.optimize(tm.model, backend="eager", **config)
+    with fastcache.calibrate(opt):
+        run_loop(opt, tm)
+    fastcache.save_calibration(opt, path)
+    return opt, path
+
+
 @pytest.fixture(params=FAMILIES, ids=FAMILIES)
 def tiny(request):
     return make_tiny(request.param)

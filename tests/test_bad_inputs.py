@@ -13,7 +13,7 @@ import torch
 import fx_fastcache as fastcache
 from fx_fastcache.zoo import make_tiny
 
-from conftest import TIMESTEPS, first, run_loop
+from conftest import TIMESTEPS, calibrated_file, first, run_loop
 
 CFG = dict(backend="eager", cache_ratio_threshold=10.0, fallback="forecast")  # skips whatever it may
 
@@ -172,11 +172,7 @@ def test_first_call_in_inference_mode_then_normal_calls():
 # -- files -----------------------------------------------------------------------------------------
 def test_calibration_file_for_another_fitted_fallback_is_refused(tmp_path):
     tm = make_tiny("tiny-custom")
-    opt = fastcache.optimize(tm.model, backend="eager", fallback="residual_linear", policy="schedule")
-    with fastcache.calibrate(opt):
-        run_loop(opt, tm)
-    path = tmp_path / "calib.safetensors"
-    fastcache.save_calibration(opt, path)
+    _, path = calibrated_file(tm, tmp_path / "calib.safetensors", fallback="residual_linear", policy="schedule")
     other = fastcache.optimize(tm.model, backend="eager", fallback="linear", policy="schedule")
     with pytest.raises(ValueError, match=r"calib.safetensors.*fallback='residual_linear'.*fallback='linear'"):
         fastcache.load_calibration(other, path)

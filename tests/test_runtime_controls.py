@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 import fx_fastcache as fastcache
 from fx_fastcache.zoo import make_tiny
 
-from conftest import TIMESTEPS, first, run_loop
+from conftest import TIMESTEPS, calibrated_file, first, run_loop
 
 
 def _approximated_per_block(opt) -> list[int]:
@@ -75,11 +75,7 @@ def test_input_on_another_device_is_an_error_naming_both():
 
 def test_calibration_file_with_a_wrong_shape_is_refused_and_changes_nothing(tmp_path):
     tm = make_tiny("tiny-custom")
-    opt = fastcache.optimize(tm.model, backend="eager", fallback="residual_linear", policy="schedule")
-    with fastcache.calibrate(opt):
-        run_loop(opt, tm)
-    path = tmp_path / "calib.safetensors"
-    fastcache.save_calibration(opt, path)
+    opt, path = calibrated_file(tm, tmp_path / "calib.safetensors", fallback="residual_linear", policy="schedule")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
