@@ -15,6 +15,7 @@ Groups (per-method grids, chosen to span 45-70 % replaced on 20 steps):
 * ``compact``: a selection of the above in one process, most informative first.
 * ``ours``: ``step_forecast/forecast`` thresholds 0.06-0.13; ``ours_cap``: the same with
   ``max_skip_steps`` 2 and 3.
+* ``planned``: ``planned/forecast`` at target fractions 0.45-0.70.
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ def groups():
                      m("diffusers_magcache:max_skip=4:retention=0.1", (0.06, 0.12, 0.24)),
                      m("diffusers_magcache:max_skip=2:retention=0.2", (0.06, 0.24))],
         "ours": [m("none", ()), m("step_forecast/forecast", (0.06, 0.07, 0.08, 0.09, 0.11, 0.13))],
+        # the steps to compute planned in calibration (its sweep is target_fraction)
+        "planned": [m("none", ()), m("planned/forecast", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7))],
         # one process, most informative runs first (for a loaded machine: partial results still cover 45-70 %)
         "compact": [m("none", ()), m("step_forecast/forecast", (0.07, 0.09, 0.11)),
                     m("diffusers_taylorseer:order=1:before=2", (3, 5)),

@@ -151,6 +151,9 @@ def run(args: argparse.Namespace, family: str, load: Callable[[argparse.Namespac
     if args.context_parallel > 1:
         import torch.distributed as dist
 
+        # every rank waits here until the others are done (rank 0 still writes the image): a gloo peer that
+        # shuts its connections down while another rank is busy can take that rank down at exit (seen in CI)
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 

@@ -193,6 +193,7 @@ def load_calibration(opt: Any, path: str | Path) -> None:
             opt.store.tensors[key] = val.to(opt.device, opt.dtype if val.is_floating_point() else val.dtype)
         else:
             cur.copy_(val.to(cur.device, cur.dtype))
+    POLICIES[cfg.policy].configure_store(opt.store, cfg, opt.device)  # e.g. a plan for this target_fraction
     opt.store.calibrated = True
     opt.store.meta["fingerprint"] = model_fingerprint(opt.model)
     opt.refresh_deciders()

@@ -39,7 +39,8 @@ def _renamed(d: dict[str, Any]) -> dict[str, Any]:
 
 #: Fields whose change only updates tensor buffers inside the captured graph.
 RUNTIME_FIELDS = frozenset(
-    {"cache_ratio_threshold", "significance_level", "enable_block_approx", "warmup_steps", "max_skip_steps"}
+    {"cache_ratio_threshold", "significance_level", "enable_block_approx", "warmup_steps", "max_skip_steps",
+     "target_fraction"}
 )
 
 
@@ -67,10 +68,13 @@ class FastCacheConfig:
         policy: Who decides: ``"chi2"`` (per block, the seed's rule with a calibrated scale),
             ``"step_forecast"`` (once per step, before any block runs, from the deviation of
             block 0's modulated input from its linear forecast), ``"first_block_cache"``,
-            ``"teacache"``, ``"schedule"`` (a precomputed steps × blocks table).
+            ``"teacache"``, ``"schedule"`` (a precomputed steps × blocks table), ``"planned"``
+            (the steps to compute chosen in calibration, for ``target_fraction``).
         warmup_steps: The first ``warmup_steps`` steps of every generation compute in full.
         max_skip_steps: A block is recomputed after this many consecutive skipped steps
             (``0`` = no limit).  Bounds drift of every fallback.
+        target_fraction: For ``policy="planned"``: the fraction of steps the plan replaces
+            (calibration chooses which).  In [0, 1).
         ridge: Ridge strength λ (relative to the mean diagonal of XᵀX) of calibration fits.
         calibration_lags: Step distances (1..n) between the reference and the current input
             used to fit the linear correction; should cover the typical skip length.
@@ -94,6 +98,7 @@ class FastCacheConfig:
     policy: str = "step_forecast"
     warmup_steps: int = 2
     max_skip_steps: int = 0
+    target_fraction: float = 0.55
     ridge: float = 1e-2
     calibration_lags: int = 3
     token_merge_k: int = 4
@@ -117,6 +122,9 @@ class FastCacheConfig:
         v = self.motion_threshold
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
             raise bad("motion_threshold", "expected a fraction in [0, 1)")
+        v = self.target_fraction
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+            raise bad("target_fraction", "expected a fraction in [0, 1) of steps to replace (e.g. 0.6)")
         v = self.merge_ratio
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
             raise bad("merge_ratio", "expected a fraction in (0, 1]")

@@ -435,6 +435,7 @@ class FastCacheModule(nn.Module):
             logger.info("fx-fastcache: %s changed; graphs will be re-captured", structural)
             self.drop_graphs()
             return
+        POLICIES[new.policy].configure_store(self.store, new, self.device)
         for e in self._entries.values():
             c = e.clock
             c.threshold.fill_(new.cache_ratio_threshold)

@@ -180,9 +180,13 @@ class StepDispatch(nn.Module):
                 self.opt.install_schedule(table)
             return
         n = len(self.block_names)
+        self._follow_installed = table is None
         if table is None:
             table = self.opt.installed_schedule()
             if table is None:
+                if POLICIES[self.opt.fastcache_config.policy].needs_calibration:  # plans its table in calibration
+                    self._table = []  # until then every step computes (the policy logs that)
+                    return
                 raise ValueError("no schedule installed: pass table=... or call fastcache.set_schedule(opt, table) "
                                  "first")
         table = torch.as_tensor(table, dtype=torch.bool).cpu()
@@ -209,7 +213,11 @@ class StepDispatch(nn.Module):
         self.opt.reset()
 
     def reset_host(self) -> None:
-        """Reset only the host-side step counter and its mirrors of the guards' counters."""
+        """Reset only the host-side step counter and its mirrors of the guards' counters; a dispatcher
+        that follows the installed table (no ``table=`` given) re-reads it, so a plan fitted by
+        calibration since (``policy="planned"``) applies from the next generation."""
+        if self.decide == "host" and getattr(self, "_follow_installed", False):
+            self.set_table(None)
         self.step = 0
         self._n = [0] * len(self.block_names)
         self._consecutive = [0] * len(self.block_names)

@@ -56,9 +56,9 @@ MODELS_ENV = "FX_FASTCACHE_MODELS"
 
 _ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 _VENDORED = {"dit-mnist": _ASSETS_DIR / "dit-mnist", "pixart-mnist": _ASSETS_DIR / "pixart-mnist"}
-_KINDS = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart"}
+_KINDS = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart", "SD3Transformer2DModel": "sd3"}
 
-Kind = Literal["dit", "pixart"]
+Kind = Literal["dit", "pixart", "sd3"]
 
 
 def resolve_model_dir(name_or_path: str) -> Path:
@@ -113,7 +113,8 @@ class TrainedModel:
         name: the name or path it was loaded from.
         kind: ``"dit"`` (class labels) or ``"pixart"`` (caption tokens from ``conditioning``).
         model: the diffusers transformer, in eval mode, with ``requires_grad`` False.
-        conditioning: for ``"pixart"``, the class -> caption-tokens table
+        pooled: for ``"sd3"``, the class -> pooled-embedding table (``pooled.weight``).
+        conditioning: for ``"pixart"`` and ``"sd3"``, the class -> caption-tokens table
             (``conditioning.safetensors`` ``txt.weight``, shape (11, tokens * caption_dim)),
             on the model's device and dtype; ``None`` for ``"dit"``.
         path: the model folder.
@@ -124,6 +125,7 @@ class TrainedModel:
     model: torch.nn.Module
     conditioning: torch.Tensor | None = None
     path: Path | None = None
+    pooled: torch.Tensor | None = None
 
     @property
     def config(self) -> Any:
@@ -191,6 +193,18 @@ class TrainedModel:
                 "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
                 "return_dict": False,
             }
+        if self.kind == "sd3":  # caption tokens and the pooled embedding, both from the class table
+            if self.conditioning is None or self.pooled is None:
+                raise ValueError(f"{self.name}: sd3 model has no conditioning table")
+            dim = int(self.config.joint_attention_dim)
+            txt = self.conditioning.to(device=x.device, dtype=x.dtype)[y].view(b, -1, dim)
+            return {
+                "hidden_states": x,
+                "encoder_hidden_states": txt,
+                "pooled_projections": self.pooled.to(device=x.device, dtype=x.dtype)[y],
+                "timestep": timestep,
+                "return_dict": False,
+            }
         raise ValueError(f"unknown model kind {self.kind!r}")
 
 
@@ -222,17 +236,20 @@ def load_trained(
     model = cls.from_pretrained(str(folder), torch_dtype=dtype, low_cpu_mem_usage=low_mem)
     model = model.to(device).eval()
     model.requires_grad_(False)
-    conditioning = None
-    if kind == "pixart":
+    conditioning = pooled = None
+    if kind in ("pixart", "sd3"):
         from safetensors.torch import load_file
 
         table = folder / "conditioning.safetensors"
         if not table.is_file():
-            raise FileNotFoundError(f"{folder}: pixart model without conditioning.safetensors")
-        conditioning = load_file(str(table))["txt.weight"].to(device=device, dtype=dtype)
+            raise FileNotFoundError(f"{folder}: {kind} model without conditioning.safetensors")
+        tables = load_file(str(table))
+        conditioning = tables["txt.weight"].to(device=device, dtype=dtype)
+        if kind == "sd3":
+            pooled = tables["pooled.weight"].to(device=device, dtype=dtype)
     logger.info("loaded %s (%s) from %s as %s on %s", name_or_path, kind, folder, dtype, device)
     return TrainedModel(
-        name=str(name_or_path), kind=kind, model=model, conditioning=conditioning, path=folder
+        name=str(name_or_path), kind=kind, model=model, conditioning=conditioning, path=folder, pooled=pooled
     )
 
 

@@ -70,6 +70,8 @@ DEFAULT_THRESHOLDS: dict[str, tuple[float, ...]] = {
     "diffusers_taylorseer": (2, 3, 4, 5),
     "diffusers_magcache": (0.03, 0.06, 0.12, 0.24),
     "schedule": (0.0,),
+    # the planned policy sweeps its target fraction (``Policy.sweep_field``)
+    "planned": (0.45, 0.55, 0.6, 0.65, 0.7),
 }
 
 DEFAULT_METHODS = (
@@ -263,7 +265,7 @@ class _FastCacheRunner:
             self.calib_s = time.perf_counter() - t0
 
     def prepare(self, threshold: float) -> Any:
-        self.fc.configure(self.opt, cache_ratio_threshold=float(threshold))
+        self.fc.configure(self.opt, **{POLICIES[self.m.policy].sweep_field: float(threshold)})
         self.fc.reset(self.opt)
         return self.opt
 

@@ -42,6 +42,8 @@ class Policy:
     #: A peer's rule re-implemented here (First-Block-Cache, TeaCache): the fallback the peer uses,
     #: so the benchmark can run it as that peer; ``None`` for our own rules.
     peer_fallback: str | None = None
+    #: The config field a benchmark sweeps to trade speed for fidelity.
+    sweep_field: str = "cache_ratio_threshold"
 
     def __init__(self, config) -> None:
         self.config = config
@@ -60,6 +62,10 @@ class Policy:
     def read_table(store, blocks: list[str]) -> torch.Tensor | None:
         """The installed decision table, or ``None`` (``host_decidable`` policies only)."""
         raise NotImplementedError
+
+    @staticmethod
+    def configure_store(store, config, device) -> None:
+        """Apply a changed run-time config field to the calibration store (``fastcache.configure``)."""
 
     @classmethod
     def calibrator(cls, config) -> Calibrator | None:

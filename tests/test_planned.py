@@ -1,0 +1,181 @@
+"""policy="planned": the steps to compute chosen offline over calibration runs."""
+from __future__ import annotations
+
+import itertools
+import logging
+
+import pytest
+import torch
+
+import fx_fastcache as fastcache
+from fx_fastcache.policies.planned import budget, forecast_errors, plan
+from fx_fastcache.zoo import make_tiny
+
+STEPS = 8
+
+
+def _euler(model, tm, seed: int = 0, steps: int = STEPS):
+    """A flow-matching Euler loop over ``steps`` calls of ``model`` from seeded noise."""
+    kw = tm.make_inputs(1000.0)
+    x = torch.randn(kw["hidden_states"].shape, generator=torch.Generator().manual_seed(seed))
+    sig = torch.linspace(1.0, 0.0, steps + 1)
+    with torch.no_grad():
+        for i in range(steps):
+            v = model(**dict(kw, hidden_states=x, timestep=tm.make_inputs(float(sig[i]) * 1000.0)["timestep"]))[0]
+            v = v[:, : x.shape[1]] if v.ndim == 4 else v  # learned-sigma layouts: the velocity channels
+            x = x + (sig[i + 1] - sig[i]) * v
+    return x
+
+
+def _brute(err, n, m, warmup, max_skip):
+    """The cheapest set of ``m`` computed steps by enumeration (summed error, mean over samples)."""
+    best = None
+    forced = max(1, warmup)
+    for rest in itertools.combinations(range(forced, n), m - forced):
+        comp = list(range(forced)) + list(rest)
+        gaps = [b - a - 1 for a, b in zip(comp, comp[1:] + [n])]
+        if max_skip and max(gaps) > max_skip:
+            continue
+        cost = 0.0
+        for i, c in enumerate(comp):
+            p = comp[i - 1] if i else -1
+            nxt = comp[i + 1] if i + 1 < len(comp) else n
+            cost += sum(float(err[(p, c, k)].mean()) for k in range(c + 1, nxt))
+        if best is None or cost < best[0] - 1e-12:
+            best = (cost, comp)
+    return best
+
+
+@pytest.mark.parametrize("warmup,max_skip", [(0, 0), (2, 0), (1, 2)])
+def test_plan_finds_the_cheapest_computed_steps(warmup, max_skip):
+    g = torch.Generator().manual_seed(warmup * 10 + max_skip)
+    n = 7
+    err = {(p, c, k): torch.rand(3, generator=g) * (k - c) for c in range(n) for p in range(-1, c)
+           for k in range(c + 1, n)}
+    plans = plan(err, n, warmup=warmup, max_skip=max_skip, power=1.0)
+    for m in range(max(1, warmup), n + 1):
+        want = _brute(err, n, m, warmup, max_skip)
+        if want is None:
+            continue
+        got = plans[m - 1].nonzero().flatten().tolist()
+        assert len(got) == m
+        assert got == want[1], (m, got, want)
+
+
+def test_forecast_errors_vanish_where_the_forecast_is_exact():
+    """Residuals linear in t: a forecast from two computed steps is exact, plain reuse is not."""
+    ts = [1000.0, 750.0, 500.0, 250.0]
+    base, slope = torch.randn(2, 4, 8), torch.randn(2, 4, 8)
+    res = [[base + slope * (t / 1000.0)] for t in ts]
+    outs = [[torch.randn(2, 4, 8)] for _ in ts]
+    err = forecast_errors(ts, res, outs)
+    reuse = err[(-1, 1, 3)]  # reuse misses the slope
+    assert reuse.min() > 1.0
+    assert err[(0, 1, 3)].max() < 1e-4 * reuse.min() and err[(1, 2, 3)].max() < 1e-4 * reuse.min()
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, backend="eager", policy="planned", target_fraction=0.5)
+    with fastcache.calibrate(opt):
+        for seed in (1, 2):
+            _euler(opt, tm, seed=seed)
+    return tm, opt
+
+
+def test_plan_replaces_the_target_fraction_and_matches_its_schedule(calibrated):
+    tm, opt = calibrated
+    fastcache.configure(opt, target_fraction=0.5)
+    fastcache.reset(opt)
+    out = _euler(opt, tm)
+    st = fastcache.get_cache_statistics(opt)
+    assert st["block_approx_ratio"] == pytest.approx(0.5)
+    table = opt.installed_schedule()
+    computed = (~table[:, 0]).nonzero().flatten().tolist()
+    assert computed[:2] == [0, 1]  # warm-up steps always compute
+    assert len(computed) + int(table[:, 0].sum()) >= budget(0.5, STEPS)
+    # the same table through policy="schedule" gives the same images: nothing else differs
+    ref = fastcache.optimize(tm.model, backend="eager", policy="schedule")
+    fastcache.set_schedule(ref, table)
+    assert torch.equal(_euler(ref, tm), out)
+    eager = _euler(tm.model, tm)
+    assert (out - eager).abs().max() > 0  # it did approximate
+
+
+def test_target_fraction_changes_without_recapture(calibrated):
+    tm, opt = calibrated
+    graphs = list(opt.entries())
+    for target, want in ((0.25, 0.25), (0.75, 0.75), (0.0, 0.0)):
+        fastcache.configure(opt, target_fraction=target)
+        fastcache.reset(opt)
+        _euler(opt, tm)
+        assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] == pytest.approx(want)
+    assert list(opt.entries()) == graphs
+
+
+def test_plan_saves_and_loads(calibrated, tmp_path):
+    tm, opt = calibrated
+    fastcache.configure(opt, target_fraction=0.5)
+    path = tmp_path / "plan.safetensors"
+    fastcache.save_calibration(opt, path)
+    other = fastcache.optimize(tm.model, backend="eager", policy="planned", target_fraction=0.25)
+    fastcache.load_calibration(other, path)
+    _euler(other, tm)
+    assert fastcache.get_cache_statistics(other)["block_approx_ratio"] == pytest.approx(0.25)  # its own target
+
+
+def test_planned_under_step_dispatch_follows_the_plan(calibrated):
+    tm, opt = calibrated
+    fastcache.configure(opt, target_fraction=0.5)
+    fastcache.reset(opt)
+    want = _euler(opt, tm)
+    disp = fastcache.optimize(tm.model, backend="eager", policy="planned", target_fraction=0.5,
+                              execution="step_dispatch", dispatch_compile="eager")
+    _euler(disp, tm)
+    assert fastcache.get_cache_statistics(disp)["block_approx_ratio"] == 0.0  # uncalibrated: every step computes
+    with fastcache.calibrate(disp):
+        for seed in (1, 2):
+            _euler(disp, tm, seed=seed)
+    fastcache.reset(disp)
+    assert torch.equal(_euler(disp, tm), want)
+    assert fastcache.get_cache_statistics(disp)["block_approx_ratio"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("family", ["tiny-pixart", "tiny-flux", "tiny-wan"])
+def test_planned_on_other_families(family):
+    tm = make_tiny(family)
+    opt = fastcache.optimize(tm.model, backend="eager", policy="planned", target_fraction=0.5)
+    with fastcache.calibrate(opt):
+        _euler(opt, tm, seed=1)
+    fastcache.reset(opt)
+    out = _euler(opt, tm)
+    assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] == pytest.approx(0.5)
+    ref = fastcache.optimize(tm.model, backend="eager", policy="schedule")
+    fastcache.set_schedule(ref, opt.installed_schedule())
+    assert torch.equal(_euler(ref, tm), out)
+
+
+def test_uncalibrated_computes_everything_and_says_so(caplog, monkeypatch):
+    import fx_fastcache.policies.planned as planned
+
+    monkeypatch.setattr(planned, "_warned_uncalibrated", False)
+    tm = make_tiny("tiny-dit")
+    with caplog.at_level(logging.WARNING, logger="fx_fastcache.policies.planned"):
+        opt = fastcache.optimize(tm.model, backend="eager", policy="planned")
+        out = _euler(opt, tm)
+    assert torch.equal(out, _euler(tm.model, tm))
+    assert any("uncalibrated, so every step computes" in r.getMessage() for r in caplog.records)
+
+
+def test_bad_inputs_name_the_fix():
+    tm = make_tiny("tiny-dit")
+    with pytest.raises(ValueError, match="target_fraction=1.2 is invalid"):
+        fastcache.optimize(tm.model, backend="eager", policy="planned", target_fraction=1.2)
+    opt = fastcache.optimize(tm.model, backend="eager", policy="planned")
+    with pytest.raises(ValueError, match="use policy='schedule'"):
+        fastcache.set_schedule(opt, torch.zeros(4, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"ran \[4, 8\] steps"):
+        with fastcache.calibrate(opt):
+            _euler(opt, tm, steps=4)
+            _euler(opt, tm, steps=8)
