@@ -5,6 +5,6 @@
 and ``fx_fastcache.export.tensorrt`` (isolated TensorRT path).  onnx, onnxruntime and
 tensorrt are imported only by the functions that need them.
 """
-from .schedule import Schedule, apply_schedule, optimize_with_schedule, record_schedule
+from .schedule import Schedule, apply_schedule, installed_schedule, optimize_with_schedule, record_schedule
 
-__all__ = ["Schedule", "apply_schedule", "optimize_with_schedule", "record_schedule"]
+__all__ = ["Schedule", "apply_schedule", "installed_schedule", "optimize_with_schedule", "record_schedule"]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 import fx_fastcache as fastcache
 from fx_fastcache.calibration import model_fingerprint
@@ -99,7 +99,7 @@ class Schedule:
         Path(path).write_text(self.to_json(), encoding="utf-8")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "schedule") -> "Schedule":
+    def from_dict(cls, d: dict[str, Any], source: str = "schedule") -> Schedule:
         """Build a schedule from its JSON form; every error names ``source`` and what is wrong."""
         if not isinstance(d, dict):
             raise ValueError(f"{source} holds a JSON {_json_kind(d)} at the top level; an fx-fastcache schedule is "
@@ -140,7 +140,7 @@ class Schedule:
         return s
 
     @classmethod
-    def load(cls, path: str | Path) -> "Schedule":
+    def load(cls, path: str | Path) -> Schedule:
         """Read a schedule JSON file; a missing, unreadable or malformed file raises naming it."""
         p = Path(path)
         if p.is_dir():
@@ -192,6 +192,29 @@ def optimize_with_schedule(model: nn.Module, schedule: Schedule, backend: str = 
     opt = fastcache.optimize(model, backend=backend, config=replay_config(schedule).replace(**overrides))
     fastcache.set_schedule(opt, schedule.tensor())
     return opt
+
+
+def installed_schedule(opt, model_name: str = "", steps: int | None = None) -> Schedule:
+    """The table ``opt`` replays, as a :class:`Schedule` to save or export: the one set with
+    ``fastcache.set_schedule`` (``policy="schedule"``) or planned by calibration
+    (``policy="planned"``, for its current ``target_fraction``).  ``steps`` pads the table with
+    computed steps to the generation length (default: up to its last skipped step)."""
+    opt = opt if isinstance(opt, FastCacheModule) else getattr(opt, "transformer", opt)  # a pipeline
+    if not isinstance(opt, FastCacheModule):
+        raise TypeError(f"installed_schedule expects the module returned by fastcache.optimize(), got "
+                        f"{type(opt).__name__}")
+    table = opt.installed_schedule() if POLICIES[opt.fastcache_config.policy].host_decidable else None
+    if table is None:
+        raise ValueError(f"this model (policy={opt.fastcache_config.policy!r}) replays no table: use policy='schedule' "
+                         f"with fastcache.set_schedule, or calibrate policy='planned'; record_schedule records one "
+                         f"from a deciding policy")
+    if steps is not None:
+        if steps < table.shape[0]:
+            raise ValueError(f"steps={steps} is shorter than the installed table ({table.shape[0]} steps)")
+        table = torch.cat([table, torch.zeros(steps - table.shape[0], table.shape[1], dtype=torch.bool)])
+    meta = {"policy": opt.fastcache_config.policy}
+    return Schedule(table=table.tolist(), blocks=_block_names(opt), fingerprint=model_fingerprint(opt.model),
+                    config=opt.fastcache_config.to_dict(), model=model_name, meta=meta)
 
 
 def apply_schedule(opt, schedule: Schedule) -> None:

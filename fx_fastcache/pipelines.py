@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -41,6 +42,7 @@ from .auto_mode import UNSET, resolve_execution
 from .config import FastCacheConfig
 from .context_state import ContextStates
 from .module import FastCacheModule
+from .policies import POLICIES
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +129,18 @@ class PipelineFastCache(FastCacheModule):
             self._states.clear()
 
 
+_warned_steps: set[tuple[int, str]] = set()
+
+
+def _default_steps(call: Any) -> Any:
+    """The pipeline's default ``num_inference_steps`` (``None`` if it has none)."""
+    try:
+        p = inspect.signature(call).parameters.get("num_inference_steps")
+    except (TypeError, ValueError):
+        return None
+    return None if p is None else p.default
+
+
 def _wrapped_call(original: Any):
     @functools.wraps(original)
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -135,6 +149,12 @@ def _wrapped_call(original: Any):
             raise RuntimeError("pipe.transformer is no longer the FastCache module installed by enable_fastcache; "
                                "call fastcache.disable_fastcache(pipe) before replacing the transformer")
         tr.reset()
+        steps = kwargs.get("num_inference_steps", _default_steps(original))
+        if isinstance(steps, int):
+            why = POLICIES[tr.fastcache_config.policy].steps_mismatch(tr.store, steps)
+            if why is not None and (id(tr), why) not in _warned_steps:  # once per module and message
+                _warned_steps.add((id(tr), why))
+                logger.warning("fx-fastcache: %s", why)
         return original(self, *args, **kwargs)
 
     return __call__

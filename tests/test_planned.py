@@ -46,13 +46,13 @@ def _brute(err, n, m, warmup, max_skip):
     return best
 
 
-@pytest.mark.parametrize("warmup,max_skip", [(0, 0), (2, 0), (1, 2)])
+@pytest.mark.parametrize("warmup,max_skip", [(0, 0), (2, 0), (1, 2), (3, 1)])
 def test_plan_finds_the_cheapest_computed_steps(warmup, max_skip):
     g = torch.Generator().manual_seed(warmup * 10 + max_skip)
     n = 7
     err = {(p, c, k): torch.rand(3, generator=g) * (k - c) for c in range(n) for p in range(-1, c)
            for k in range(c + 1, n)}
-    plans = plan(err, n, warmup=warmup, max_skip=max_skip, power=1.0)
+    plans = plan(err, n, warmup=warmup, max_skip=max_skip)
     for m in range(max(1, warmup), n + 1):
         want = _brute(err, n, m, warmup, max_skip)
         if want is None:
@@ -157,11 +157,11 @@ def test_planned_on_other_families(family):
 
 
 def test_uncalibrated_computes_everything_and_says_so(caplog, monkeypatch):
-    import fx_fastcache.policies.planned as planned
+    from fx_fastcache.policies import planned
 
     monkeypatch.setattr(planned, "_warned_uncalibrated", False)
     tm = make_tiny("tiny-dit")
-    with caplog.at_level(logging.WARNING, logger="fx_fastcache.policies.planned"):
+    with caplog.at_level(logging.INFO, logger="fx_fastcache.policies.planned"):
         opt = fastcache.optimize(tm.model, backend="eager", policy="planned")
         out = _euler(opt, tm)
     assert torch.equal(out, _euler(tm.model, tm))
@@ -175,7 +175,47 @@ def test_bad_inputs_name_the_fix():
     opt = fastcache.optimize(tm.model, backend="eager", policy="planned")
     with pytest.raises(ValueError, match="use policy='schedule'"):
         fastcache.set_schedule(opt, torch.zeros(4, 2, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"ran \[4, 8\] steps"):
-        with fastcache.calibrate(opt):
-            _euler(opt, tm, steps=4)
-            _euler(opt, tm, steps=8)
+    with pytest.raises(ValueError, match=r"ran \[4, 8\] steps"), fastcache.calibrate(opt):
+        _euler(opt, tm, steps=4)
+        _euler(opt, tm, steps=8)
+
+
+def test_plan_exports_to_onnx(calibrated, tmp_path):
+    """The plan is a schedule: exported with it, onnxruntime reproduces the planned PyTorch run."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from fx_fastcache.export import installed_schedule
+    from fx_fastcache.export.onnx import export_onnx
+    from fx_fastcache.export.runner import OnnxRunner
+
+    tm, opt = calibrated
+    fastcache.configure(opt, target_fraction=0.5)
+    sched = installed_schedule(opt, model_name="tiny-dit", steps=STEPS)
+    assert sched.steps == STEPS and sched.skip_ratio == pytest.approx(0.5)
+    sched.save(tmp_path / "plan.json")  # saved like a recorded schedule
+    ex = export_onnx(tm.model, sched, tm.make_inputs(1000.0), tmp_path / "plan.onnx")
+    fastcache.reset(opt)
+    want = _euler(opt, tm)
+    got = _euler(OnnxRunner(ex.path), tm)
+    assert float((want - got).abs().max()) <= 1e-3
+    with pytest.raises(ValueError, match="replays no table"):
+        installed_schedule(fastcache.optimize(tm.model, backend="eager"))
+
+
+@pytest.mark.parametrize("family", ["sd3", "wan"])
+def test_planned_pipeline_and_a_step_count_it_was_not_planned_for(family, caplog):
+    """A pipeline plans on its own calibration call (Wan: two cache contexts per step) and warns when
+    called with another ``num_inference_steps``."""
+    from fx_fastcache.tiny_pipelines import make_tiny_pipeline
+
+    tp = make_tiny_pipeline(family)
+    fastcache.enable_fastcache(tp.pipe, backend="eager", policy="planned", target_fraction=0.5)
+    with fastcache.calibrate(tp.pipe.transformer):
+        tp.pipe(**tp.call_kwargs(seed=1, num_inference_steps=6))
+    tp.pipe(**tp.call_kwargs(seed=0, num_inference_steps=6))
+    st = fastcache.get_cache_statistics(tp.pipe)
+    assert st["block_approx_ratio"] == pytest.approx(0.5)
+    with caplog.at_level(logging.WARNING, logger="fx_fastcache.pipelines"):
+        tp.pipe(**tp.call_kwargs(seed=0, num_inference_steps=4))
+    assert any("calibrated on 6-step generations, this one runs 4 steps" in r.getMessage() for r in caplog.records)

@@ -77,6 +77,7 @@ DEFAULT_THRESHOLDS: dict[str, tuple[float, ...]] = {
 DEFAULT_METHODS = (
     "none",
     "step_forecast/forecast",
+    "planned/forecast",
     "step_forecast/residual",
     "step_forecast/residual_linear",
     "step_forecast/linear",

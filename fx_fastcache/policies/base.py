@@ -64,6 +64,11 @@ class Policy:
         raise NotImplementedError
 
     @staticmethod
+    def steps_mismatch(store, steps: int) -> str | None:
+        """Why a generation of ``steps`` steps does not fit what calibration fitted (``None``: it fits)."""
+        return None
+
+    @staticmethod
     def configure_store(store, config, device) -> None:
         """Apply a changed run-time config field to the calibration store (``fastcache.configure``)."""
 

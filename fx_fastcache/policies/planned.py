@@ -9,14 +9,17 @@ fallback's rule ``R̂ₖ = R_c + (tₖ − t_c)(R_c − R_p)/(t_c − t_p)`` app
 residuals, compared after a parameter-free layer norm over the channels (what a DiT's final
 ``norm_out`` sees: a per-token scale error that the norm removes does not count) and weighted by
 the step size.  A dynamic program over ``(p, c)`` pairs then finds, for every budget of computed
-steps, the set that minimises the summed error (its root-mean-square over the calibration
-samples, so that one bad sample weighs more than in a plain mean), and ``target_fraction``
-picks the budget.
+steps, the set that minimises the summed error (mean over the calibration samples; a
+root-mean-square or an 8th-power mean picked the same or worse plans, docs/BENCHMARKS.md), and
+``target_fraction`` picks the budget.
 
 The plan is a ``steps × blocks`` table of the ``schedule`` policy, so every decision is known
-before the step: step dispatch reads it on the host without a sync, and it exports to ONNX.  The
-plan holds for the step count it was calibrated with; :func:`plan_steps` tells it, and a
-generation of another length gets a warning (steps past the plan compute in full).
+before the step: step dispatch reads it on the host without a sync, and it exports to ONNX
+(``fx_fastcache.export.installed_schedule``).  The plan holds for the step count it was
+calibrated with (:func:`plan_steps`): a pipeline call with another ``num_inference_steps`` logs a
+warning (``enable_fastcache``), since the plan's rows apply by step index and steps past it
+compute in full.  A bare model cannot tell a generation's length without a device sync:
+calibrate with the step count you sample with.
 Uncalibrated, nothing is planned and every step computes (logged once).
 """
 from __future__ import annotations
@@ -38,8 +41,6 @@ PLANS_KEY = "planned.plans"
 STEPS_KEY = "planned.steps"
 #: Token rows kept per sample, guard, stream and step (strided); bounds calibration memory.
 ROWS_PER_SAMPLE = 64
-#: Exponent of the mean over calibration samples of the summed errors (2: root-mean-square).
-SAMPLE_NORM = 2.0
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -94,53 +95,66 @@ def forecast_errors(ts: list[float], residuals: list[list[torch.Tensor]], output
     return err
 
 
-def plan(err: dict[tuple[int, int, int], torch.Tensor], n: int, warmup: int = 0, max_skip: int = 0,
-         power: float = SAMPLE_NORM) -> torch.Tensor:
+def plan(err: dict[tuple[int, int, int], torch.Tensor], n: int, warmup: int = 0, max_skip: int = 0) -> torch.Tensor:
     """Every budget's best computed-step set: a (n, n) bool tensor whose row ``M − 1`` marks the ``M``
-    computed steps minimising ``mean_samples((Σ edge errors)^power)^(1/power)``.
+    computed steps with the least summed forecast error (mean over the calibration samples).
 
-    Dynamic program over the last two computed steps ``(p, c)``; step 0 and the first ``warmup``
-    steps always compute, and no more than ``max_skip`` steps in a row are skipped (``0``: no cap).
-    Rows whose budget cannot be met under those constraints repeat the nearest feasible larger one.
+    Exact dynamic program over the last two computed steps ``(p, c)``, vectorised over the budget:
+    O(n³) small tensor operations (n = 50 steps plans in well under a second).  Step 0 and the
+    first ``warmup`` steps always compute; no more than ``max_skip`` steps in a row are skipped
+    (``0``: no cap).  A budget that cannot be met under those constraints gets the plan of the
+    nearest feasible larger budget.
     """
+    inf = float("inf")
     forced = max(1, min(warmup, n))
-
-    def agg(v: torch.Tensor) -> float:
-        return float(v.pow(power).mean().pow(1.0 / power))
-
-    def edge(p: int, c: int, nxt: int) -> torch.Tensor:
-        tot = 0.0
-        for k in range(c + 1, nxt):
-            tot = tot + err[(p, c, k)]
-        return torch.as_tensor(tot)
-
-    zero = next(iter(err.values())).new_zeros(()) if err else torch.zeros(())
-    # states: (p, c, m) -> (cost vector, computed steps); the forced prefix 0..forced-1 computed
-    start_p = forced - 2 if forced >= 2 else -1
-    best: dict[tuple, tuple[torch.Tensor, list[int]]] = {(start_p, forced - 1, forced): (zero, list(range(forced)))}
-    ends: dict[int, tuple[torch.Tensor, list[int]]] = {}
+    size = n + 2  # budgets 0..n+1 (index = number of computed steps)
+    mean = {key: float(v.float().mean()) for key, v in err.items()}
+    best: dict[tuple[int, int], torch.Tensor] = {}
+    parent: dict[tuple[int, int], torch.Tensor] = {}
+    start = (forced - 2 if forced >= 2 else -1, forced - 1)
+    best[start] = torch.full((size,), inf, dtype=torch.float64)
+    best[start][forced] = 0.0
+    parent[start] = torch.full((size,), -2, dtype=torch.long)
+    end_cost = torch.full((size,), inf, dtype=torch.float64)
+    end_state: dict[int, tuple[int, int]] = {}
     for c in range(forced - 1, n):
         for p in range(-1, c):
-            for m in range(forced, n + 1):
-                st = best.get((p, c, m))
-                if st is None:
+            d = best.get((p, c))
+            if d is None or not bool(torch.isfinite(d).any()):
+                continue
+            can_skip = c == n - 1 or (p, c, c + 1) in mean  # (p, c) at one timestep: no forecast from them
+            last = c + 1 if not can_skip else (n if max_skip <= 0 else min(n, c + max_skip + 1))
+            e = 0.0
+            for nxt in range(c + 1, last + 1):
+                if nxt > c + 1:
+                    e += mean[(p, c, nxt - 1)]
+                cand = d + e
+                if nxt == n:
+                    better = cand < end_cost
+                    end_cost = torch.where(better, cand, end_cost)
+                    for m in better.nonzero().flatten().tolist():
+                        end_state[m] = (p, c)
                     continue
-                cost, path = st
-                last = n if max_skip <= 0 else min(n, c + max_skip + 1)
-                for nxt in range(c + 1, last + 1):
-                    if nxt < n and (p, c, nxt) not in err and nxt > c + 1:
-                        continue  # p and c at the same timestep: no forecast from them
-                    new = cost + edge(p, c, nxt) if nxt > c + 1 else cost
-                    key = ("end", m) if nxt == n else (c, nxt, m + 1)
-                    table = ends if nxt == n else best
-                    k2 = m if nxt == n else key
-                    cur = table.get(k2)
-                    if cur is None or agg(new) < agg(cur[0]):
-                        table[k2] = (new, path + ([nxt] if nxt < n else []))
+                key = (c, nxt)
+                if key not in best:
+                    best[key] = torch.full((size,), inf, dtype=torch.float64)
+                    parent[key] = torch.full((size,), -2, dtype=torch.long)
+                shifted = torch.full((size,), inf, dtype=torch.float64)
+                shifted[1:] = cand[:-1]  # one more computed step
+                better = shifted < best[key]
+                best[key] = torch.where(better, shifted, best[key])
+                parent[key] = torch.where(better, torch.full_like(parent[key], p), parent[key])
     plans = torch.zeros(n, n, dtype=torch.bool)
     for m in range(n, 0, -1):
-        if m in ends:
-            plans[m - 1, ends[m][1]] = True
+        if m in end_state and m <= n:
+            p, c = end_state[m]
+            steps, k = [c], m
+            while (p, c) != start:
+                prev = int(parent[(p, c)][k])
+                steps.append(p)
+                p, c, k = prev, p, k - 1
+            plans[m - 1, [s for s in steps if s >= 0]] = True
+            plans[m - 1, :forced] = True
         elif m < n:
             plans[m - 1] = plans[m]
         else:
@@ -150,7 +164,7 @@ def plan(err: dict[tuple[int, int, int], torch.Tensor], n: int, warmup: int = 0,
 
 def budget(target_fraction: float, n: int) -> int:
     """Computed steps for ``target_fraction`` of ``n`` steps replaced (at least one)."""
-    return max(1, n - int(round(target_fraction * n)))
+    return max(1, n - round(target_fraction * n))
 
 
 def plan_steps(store) -> int | None:
@@ -247,6 +261,14 @@ class PlannedPolicy(SchedulePolicy):
     sweep_field = "target_fraction"
 
     @staticmethod
+    def steps_mismatch(store, steps: int) -> str | None:
+        planned = plan_steps(store)
+        if planned is None or planned == steps:
+            return None
+        return (f"policy='planned' was calibrated on {planned}-step generations, this one runs {steps} steps: the "
+                f"plan's rows apply by step index and the steps past it compute; calibrate with {steps} steps")
+
+    @staticmethod
     def configure_store(store, config, device) -> None:
         """``target_fraction`` changed: install that budget's plan (no re-capture: the graphs read the columns)."""
         install_plan(store, planned_blocks(store), config.target_fraction, device)
@@ -270,7 +292,7 @@ class PlannedPolicy(SchedulePolicy):
             install_plan(store, planned_blocks(store), self.config.target_fraction, device)
         if index == 0 and store.tensors.get(PLANS_KEY) is None and not _warned_uncalibrated:
             _warned_uncalibrated = True
-            logger.warning("fx-fastcache: policy='planned' is uncalibrated, so every step computes; "
+            logger.info("fx-fastcache: policy='planned' is uncalibrated, so every step computes; "
                            "`with fastcache.calibrate(model): ...` (full sampling loops of the step count you "
                            "use) plans which steps to compute for target_fraction=%.2f", self.config.target_fraction)
         return super().make_block_decider(index, block, signal_shape, device, dtype, store, group)

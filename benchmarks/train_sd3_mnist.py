@@ -1,0 +1,91 @@
+"""Train the third reference family: an SD3-style MNIST transformer (issue #13), on a CPU.
+
+A driver around the reference script (``train_reference_dits.py``: same data, objective
+``v = eps - x0``, ``Cond`` class embeddings, EMA, sampler and digit classifier), with a smaller
+SD3 (patch 4 -> 64 tokens, 6 joint blocks of 4 x 32 channels) and batch 64 so that it trains on one
+CPU thread: 3300 s gave the model vendored as ``fx_fastcache/assets/sd3-mnist`` (its
+``report.json`` holds the steps, loss and classifier accuracy).
+
+    python benchmarks/train_sd3_mnist.py --reference ../shared/reference --models ../shared/models \
+        --out out/sd3-mnist --seconds 3300
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reference", required=True, help="folder of train_reference_dits.py")
+    p.add_argument("--models", required=True, help="folder with mnist5k.npz and digit_classifier.safetensors")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seconds", type=float, default=3300)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    sys.path.insert(0, a.reference)
+    import train_reference_dits as T
+    from diffusers import SD3Transformer2DModel
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    torch.set_num_threads(a.threads)
+    out, seconds, batch, lr = a.out, a.seconds, 64, 1e-3
+    x, y = T.load_mnist(str(Path(a.models) / "mnist5k.npz"), torch.device("cpu"))
+    torch.manual_seed(0)
+    m = SD3Transformer2DModel(sample_size=32, patch_size=4, in_channels=1, out_channels=1, num_layers=6,
+                              attention_head_dim=32, num_attention_heads=4, joint_attention_dim=256,
+                              caption_projection_dim=128, pooled_projection_dim=256, pos_embed_max_size=32)
+    cond = T.Cond()
+    params = list(m.parameters()) + list(cond.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    t0, step, losses = time.time(), 0, []
+    while time.time() - t0 < seconds:
+        idx = torch.randint(0, len(x), (batch,)); x0, yb = x[idx], y[idx].clone()
+        yb[torch.rand(batch) < 0.1] = T.NULL
+        sigma = torch.sigmoid(torch.randn(batch)); eps = torch.randn_like(x0)
+        xt = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 200) * max(0.1, 1 - (time.time() - t0) / seconds)
+        v = T.velocity("sd3", m, cond, xt, sigma, yb)
+        loss = F.mse_loss(v, eps - x0)
+        opt.zero_grad(set_to_none=True); loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step()
+        with torch.no_grad():
+            d = min(0.999, (1 + step) / (10 + step))
+            for e, p in zip(ema, params):
+                e.mul_(d).add_(p.detach(), alpha=1 - d)
+        losses.append(loss.item())
+        if step % 500 == 0:
+            print("step", step, "t", round(time.time() - t0), "loss", np.mean(losses[-100:]), flush=True)
+        step += 1
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    m.eval(); cond.eval()
+    os.makedirs(out, exist_ok=True)
+    m.to(torch.float16).save_pretrained(out, safe_serialization=True); m.to(torch.float32)
+    save_file({k: v.contiguous() for k, v in cond.state_dict().items()}, os.path.join(out, "conditioning.safetensors"))
+    clf = T.DigitNet(); clf.load_state_dict(load_file(str(Path(a.models) / "digit_classifier.safetensors"))); clf.eval()
+    yy = torch.arange(10).repeat_interleave(10)
+    imgs = T.sample("sd3", m, cond, yy, steps=20, seed=0)
+    with torch.no_grad():
+        acc = (clf(imgs).argmax(1) == yy).float().mean().item()
+        fr = T.frechet(clf.features(imgs).numpy(), clf.features(x[:2000]).numpy())
+    rep = {"train_steps": step, "final_loss": float(np.mean(losses[-200:])), "sample_class_acc": acc, "frechet_vs_real": fr, "seconds": seconds, "batch": batch, "lr": lr}
+    print(rep, flush=True)
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(rep, f, indent=1)
+    g = ((imgs + 1) * 127.5).clamp(0, 255).byte().view(10, 10, 32, 32).permute(0, 2, 1, 3).reshape(320, 320).numpy()
+    Image.fromarray(g).save(os.path.join(out, "samples.png"))
+
+
+if __name__ == "__main__":
+    main()
