@@ -16,6 +16,7 @@ Groups (per-method grids, chosen to span 45-70 % replaced on 20 steps):
 * ``ours``: ``step_forecast/forecast`` thresholds 0.06-0.13; ``ours_cap``: the same with
   ``max_skip_steps`` 2 and 3.
 * ``planned``: ``planned/forecast`` at target fractions 0.45-0.70.
+* ``third``: every default and peer on a model nothing was tuned on (``--model out/sd3-mnist``).
 """
 from __future__ import annotations
 
@@ -45,6 +46,15 @@ def groups():
         "ours": [m("none", ()), m("step_forecast/forecast", (0.06, 0.07, 0.08, 0.09, 0.11, 0.13))],
         # the steps to compute planned in calibration (its sweep is target_fraction)
         "planned": [m("none", ()), m("planned/forecast", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7))],
+        # a model no rule was tuned on (the SD3-style model trained by benchmarks/train_sd3_mnist.py):
+        # both defaults untouched, then each method's grid across 45-70 %
+        "third": [m("none", ()), m("step_forecast/forecast", (0.07, 0.085, 0.1, 0.13)),
+                  m("planned/forecast", (0.55, 0.45, 0.6, 0.65, 0.7)),
+                  m("diffusers_taylorseer:order=1:before=3", (2, 3, 4)),
+                  m("diffusers_taylorseer:order=1:before=2", (3, 5)),
+                  m("diffusers_magcache:max_skip=3:retention=0.2", (0.06, 0.24)),
+                  m("diffusers_magcache:max_skip=4:retention=0.1", (0.24,)),
+                  m("diffusers_fbc", (0.1, 0.2, 0.3))],
         # one process, most informative runs first (for a loaded machine: partial results still cover 45-70 %)
         "compact": [m("none", ()), m("step_forecast/forecast", (0.07, 0.09, 0.11)),
                     m("diffusers_taylorseer:order=1:before=2", (3, 5)),

@@ -63,7 +63,7 @@ def _euler(model, tm, steps: int = STEPS):
         v = model(**dict(kw, hidden_states=x, timestep=tm.make_inputs(float(sigmas[i]) * 1000.0)["timestep"]))[0]
         x = x + (sigmas[i + 1] - sigmas[i]) * v
         pattern.append(fastcache.get_cache_statistics(model)["blocks_approximated"] - before)
-        stats.append([d.last_stat.clone() for e in model.entries() for d in e.deciders()])
+        stats.append([d.last_stat.clone() for e in model.entries() for d in e.deciders() if hasattr(d, "last_stat")])
     return x, pattern, stats
 
 
@@ -133,6 +133,7 @@ def _run_cases(rank: int, outdir: str) -> None:
                 r["type_error"] = str(e)
         res[name] = r
     res["calibration"] = _calibration_case(os.path.join(outdir, f"calibration{rank}.safetensors"))
+    res["planned"] = _planned_case()
     torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
 
 
@@ -164,6 +165,19 @@ def _calibration_case(path: str) -> dict:
     loaded = fastcache.optimize(tm.model, backend="eager", **cfg)
     fastcache.load_calibration(loaded, path)
     return dict(single=single, cp=cp, loaded={k: v.clone() for k, v in loaded.store.tensors.items()})
+
+
+def _planned_case() -> dict:
+    """policy="planned" calibrated under context parallelism: every rank plans the same steps."""
+    from diffusers import ContextParallelConfig
+
+    import fx_fastcache as fastcache
+
+    tm = _tiny("wan")
+    tm.model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+    opt, cp = _calibrated(tm.model, tm, dict(policy="planned", target_fraction=0.5))
+    return dict(table=opt.installed_schedule(), pattern=cp["pattern"],
+                ratio=fastcache.get_cache_statistics(opt)["block_approx_ratio"])
 
 
 def _free_port() -> int:
@@ -273,6 +287,14 @@ def test_calibration_under_context_parallelism_fits_every_rank_alike(ranks):
         loaded = res["calibration"]["loaded"]
         assert sorted(loaded) == sorted(single["store"])
         assert all(torch.equal(loaded[k], single["store"][k]) for k in loaded), "a saved calibration loads unchanged"
+
+
+def test_planned_under_context_parallelism_plans_the_same_steps_on_every_rank(ranks):
+    first = ranks[0]["planned"]
+    assert first["ratio"] == pytest.approx(0.5) and any(first["pattern"])
+    for r, res in enumerate(ranks):
+        assert torch.equal(res["planned"]["table"], first["table"]), f"rank {r} planned other steps"
+        assert res["planned"]["pattern"] == first["pattern"], f"rank {r}"
 
 
 @pytest.mark.slow
