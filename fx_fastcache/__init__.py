@@ -13,6 +13,7 @@ from .api import (
                   configure,
                   get_cache_statistics,
                   load_calibration,
+                  measure_sensitivity,
                   optimize,
                   reset,
                   save_calibration,
@@ -25,5 +26,5 @@ from .pipelines import disable_fastcache, enable_fastcache
 __version__ = "0.1.0"
 
 __all__ = ["FastCacheConfig", "FastCacheModule", "optimize", "calibrate", "save_calibration", "load_calibration",
-           "get_cache_statistics", "reset", "configure", "set_schedule", "enable_fastcache",
+           "get_cache_statistics", "reset", "configure", "set_schedule", "measure_sensitivity", "enable_fastcache",
            "disable_fastcache", "__version__"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,21 @@ def configure(opt: Any, **changes: Any) -> None:
 def set_schedule(opt: Any, table: torch.Tensor) -> None:
     """Install a steps × blocks boolean skip table for ``policy="schedule"``."""
     _check(opt).install_schedule(table)
+
+
+def measure_sensitivity(opt: Any, generate: Callable[[], torch.Tensor],
+                        metric: Callable[[torch.Tensor, torch.Tensor], Any] | None = None) -> list[float]:
+    """``policy="planned"``: weigh each step by how much its forecast error grows by the end of the
+    generation, and re-plan (optional, after ``calibrate``).
+
+    ``generate()`` runs one whole generation on calibration inputs (fixed seeds) and returns its final
+    output tensor (latents or images); it is called once in full and once per skippable step.
+    ``metric(out, ref)`` (default: mean over samples of the L2 distance) scores a generation against
+    the full one.  Trades some mean fidelity for the worst image (docs/BENCHMARKS.md).  Returns the
+    per-step weights; they are saved with the calibration.
+    """
+    opt = _check(opt)
+    return POLICIES[opt.fastcache_config.policy].measure_sensitivity(opt, generate, metric)
 
 
 def get_cache_statistics(opt: Any) -> dict[str, Any]:

@@ -25,6 +25,12 @@ def test_parse_method(spec, policy, fallback, warmup, max_skip):
     assert parse_method(spec, [0.5]).thresholds == (0.5,)
 
 
+def test_parse_planned_with_sensitivity():
+    m = parse_method("planned/forecast:sens=1")
+    assert (m.policy, m.sensitivity, m.thresholds) == ("planned", True, (0.45, 0.55, 0.6, 0.65, 0.7))
+    assert "sensitivity" in m.name and not parse_method("planned/forecast").sensitivity
+
+
 def test_parse_peers_and_none():
     assert parse_method("none").kind == "none"
     assert parse_method("diffusers_fbc").kind == "diffusers_fbc"

@@ -219,3 +219,32 @@ def test_planned_pipeline_and_a_step_count_it_was_not_planned_for(family, caplog
     with caplog.at_level(logging.WARNING, logger="fx_fastcache.pipelines"):
         tp.pipe(**tp.call_kwargs(seed=0, num_inference_steps=4))
     assert any("calibrated on 6-step generations, this one runs 4 steps" in r.getMessage() for r in caplog.records)
+
+
+def test_measure_sensitivity_weighs_steps_and_replans(calibrated):
+    tm, opt = calibrated
+    fastcache.configure(opt, target_fraction=0.5)
+    before = opt.installed_schedule().clone()
+    calls = []
+
+    def generate():
+        calls.append(opt.installed_schedule())
+        return _euler(opt, tm, seed=3)
+
+    def metric(out, ref):  # make step 3 look very sensitive: the new plan must compute it
+        table = calls[-1]
+        return float((out - ref).abs().max()) * (1e6 if table.shape[0] > 3 and bool(table[3].any()) else 1.0)
+
+    weights = fastcache.measure_sensitivity(opt, generate, metric=metric)
+    assert len(calls) == 1 + STEPS - 2  # the full run, then each skippable step alone
+    assert weights[:2] == [1.0, 1.0] and weights[3] > 1e3 * max(w for i, w in enumerate(weights) if i not in (0, 1, 3))
+    after = opt.installed_schedule()
+    assert not bool(after[3].any()), "the sensitive step is computed now"
+    assert int(after[:, 0].sum()) == int(before[:, 0].sum())  # same budget
+    fastcache.reset(opt)
+    _euler(opt, tm)
+    assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="policy='planned'"):
+        fastcache.measure_sensitivity(fastcache.optimize(tm.model, backend="eager"), generate)
+    with pytest.raises(TypeError, match="final output as a tensor"):
+        fastcache.measure_sensitivity(opt, lambda: None)

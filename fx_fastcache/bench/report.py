@@ -184,8 +184,9 @@ def family(run: dict[str, Any]) -> str:
     if run["kind"] in names:
         return names[run["kind"]]
     if run["kind"] == "fastcache":
-        return f"ours {run['policy']}+{run['fallback']}" if POLICIES[run["policy"]].peer_fallback is None \
-            else run["policy"]
+        if POLICIES[run["policy"]].peer_fallback is not None:
+            return run["policy"]
+        return f"ours {run['policy']}+{run['fallback']}" + (" (sensitivity)" if run.get("sensitivity") else "")
     return run["kind"]
 
 

@@ -106,6 +106,8 @@ class Method:
     thresholds: tuple[float, ...] = ()
     warmup_steps: int = 2
     max_skip_steps: int = 0
+    #: after calibration, weigh the planned steps by measured error growth (``fastcache.measure_sensitivity``)
+    sensitivity: bool = False
     #: peer options (``PEER_OPTIONS``), as sorted ``(name, value)`` pairs
     options: tuple[tuple[str, float], ...] = ()
 
@@ -130,10 +132,15 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     head, opts = parts[0], parts[1:]
     warmup: int | None = None
     max_skip = 0
+    sensitivity = False
     for o in opts if head not in PEERS else ():
         key, _, val = o.partition("=")
+        if key == "sens" and val in ("0", "1"):
+            sensitivity = val == "1"
+            continue
         if key not in ("warmup", "max_skip") or not val.isdigit():
-            raise ValueError(f"method {spec!r}: option {o!r} is not understood; use ':warmup=N' or ':max_skip=N'")
+            raise ValueError(f"method {spec!r}: option {o!r} is not understood; use ':warmup=N', ':max_skip=N' or "
+                             f"':sens=1'")
         if key == "warmup":
             warmup = int(val)
         else:
@@ -174,7 +181,10 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     name = head if head in CLASSIC else f"fastcache[{policy}/{fallback}]"
     if warmup is not None or max_skip:
         name += f"(w{w},m{max_skip})"
-    return Method(name, "fastcache", policy, fallback, thr or DEFAULT_THRESHOLDS.get(policy, (0.1,)), w, max_skip)
+    if sensitivity:
+        name += "(sensitivity)"
+    return Method(name, "fastcache", policy, fallback, thr or DEFAULT_THRESHOLDS.get(policy, (0.1,)), w, max_skip,
+                  sensitivity=sensitivity)
 
 
 def _option_given(opts: Sequence[str], key: str) -> bool:
@@ -263,6 +273,8 @@ class _FastCacheRunner:
             t0 = time.perf_counter()
             with fastcache.calibrate(self.opt):
                 _sample(s, self.opt, s.c_classes, s.c_seeds)
+            if m.sensitivity:  # one more generation per step, on the calibration seeds
+                fastcache.measure_sensitivity(self.opt, lambda: _sample(s, self.opt, s.c_classes, s.c_seeds)[0])
             self.calib_s = time.perf_counter() - t0
 
     def prepare(self, threshold: float) -> Any:
@@ -409,6 +421,7 @@ def run_benchmark(
             rec = {"method": m.name, "kind": m.kind, "policy": m.policy, "fallback": m.fallback,
                    "threshold": float(thr), "warmup_steps": m.warmup_steps if m.kind == "fastcache" else None,
                    "max_skip_steps": m.max_skip_steps if m.kind == "fastcache" else None,
+                   "sensitivity": m.sensitivity,
                    "replaced_fraction": frac,
                    "flops_saved": _flops_saved(skipped, calls, total_flops, per_block_flops),
                    "per_block_replaced": [k / calls if calls else 0.0 for k in skipped],

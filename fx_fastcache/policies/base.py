@@ -63,6 +63,12 @@ class Policy:
         """The installed decision table, or ``None`` (``host_decidable`` policies only)."""
         raise NotImplementedError
 
+    @classmethod
+    def measure_sensitivity(cls, opt, generate, metric=None) -> list[float]:
+        """Weigh the planned steps by measured error growth (``policy="planned"`` only)."""
+        raise ValueError(f"measure_sensitivity re-plans the steps of policy='planned'; this model uses "
+                         f"policy={cls.name!r}: optimize(model, policy='planned') and calibrate it first")
+
     @staticmethod
     def steps_mismatch(store, steps: int) -> str | None:
         """Why a generation of ``steps`` steps does not fit what calibration fitted (``None``: it fits)."""
