@@ -55,7 +55,8 @@ NULL_CLASS = NUM_CLASSES
 MODELS_ENV = "FX_FASTCACHE_MODELS"
 
 _ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-_VENDORED = {"dit-mnist": _ASSETS_DIR / "dit-mnist", "pixart-mnist": _ASSETS_DIR / "pixart-mnist"}
+_VENDORED = {"dit-mnist": _ASSETS_DIR / "dit-mnist", "pixart-mnist": _ASSETS_DIR / "pixart-mnist",
+             "sd3-mnist": _ASSETS_DIR / "sd3-mnist"}
 _KINDS = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart", "SD3Transformer2DModel": "sd3"}
 
 Kind = Literal["dit", "pixart", "sd3"]

@@ -117,3 +117,15 @@ def test_dit_generates_recognisable_digits(dit: TrainedModel) -> None:
 
     images = sample(dit, list(range(10)), list(range(100, 110)), steps=6)
     assert class_accuracy(images, list(range(10))) >= 0.8
+
+
+def test_load_vendored_sd3_and_its_digits() -> None:
+    """The third family (trained here): caption tokens and a pooled vector per class, recognisable digits."""
+    from fx_fastcache.bench.metrics import class_accuracy
+
+    tm = load_trained("sd3-mnist")
+    assert tm.kind == "sd3" and tm.conditioning is not None and tm.pooled is not None
+    kw = tm.call_kwargs(torch.zeros(2, 1, 32, 32), torch.tensor([0.5, 0.5]), torch.tensor([0, 10]))
+    assert kw["encoder_hidden_states"].shape == (2, 4, 256) and kw["pooled_projections"].shape == (2, 256)
+    images = sample(tm, list(range(10)), list(range(100, 110)), steps=8)
+    assert class_accuracy(images, list(range(10))) >= 0.8
