@@ -112,7 +112,8 @@ class TrainedModel:
 
     Attributes:
         name: the name or path it was loaded from.
-        kind: ``"dit"`` (class labels) or ``"pixart"`` (caption tokens from ``conditioning``).
+        kind: ``"dit"`` (class labels), ``"pixart"`` (caption tokens from ``conditioning``) or
+            ``"sd3"`` (caption tokens and a pooled vector per class).
         model: the diffusers transformer, in eval mode, with ``requires_grad`` False.
         pooled: for ``"sd3"``, the class -> pooled-embedding table (``pooled.weight``).
         conditioning: for ``"pixart"`` and ``"sd3"``, the class -> caption-tokens table
@@ -167,7 +168,9 @@ class TrainedModel:
             ``dict`` for ``model(**kwargs)[0]``: ``timestep`` is ``sigma * 1000`` as a float
             tensor of shape (B,); DiT gets ``class_labels``, PixArt gets
             ``encoder_hidden_states`` looked up in :attr:`conditioning` and
-            ``added_cond_kwargs={"resolution": None, "aspect_ratio": None}``.
+            ``added_cond_kwargs={"resolution": None, "aspect_ratio": None}``; SD3 gets
+            ``encoder_hidden_states`` and ``pooled_projections`` looked up in :attr:`conditioning`
+            and :attr:`pooled`.
         """
         b = x.shape[0]
         s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
@@ -182,31 +185,23 @@ class TrainedModel:
                 "class_labels": y,
                 "return_dict": False,
             }
+        if self.kind not in ("pixart", "sd3"):
+            raise ValueError(f"unknown model kind {self.kind!r}")
+        # caption tokens per class from the conditioning table (SD3 also takes the pooled embedding)
+        if self.conditioning is None or (self.kind == "sd3" and self.pooled is None):
+            raise ValueError(f"{self.name}: {self.kind} model has no conditioning table")
+        dim = int(self.config.caption_channels if self.kind == "pixart" else self.config.joint_attention_dim)
+        kwargs: dict[str, Any] = {
+            "hidden_states": x,
+            "encoder_hidden_states": self.conditioning.to(device=x.device, dtype=x.dtype)[y].view(b, -1, dim),
+            "timestep": timestep,
+            "return_dict": False,
+        }
         if self.kind == "pixart":
-            if self.conditioning is None:
-                raise ValueError(f"{self.name}: pixart model has no conditioning table")
-            dim = int(self.config.caption_channels)
-            txt = self.conditioning.to(device=x.device, dtype=x.dtype)[y].view(b, -1, dim)
-            return {
-                "hidden_states": x,
-                "encoder_hidden_states": txt,
-                "timestep": timestep,
-                "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
-                "return_dict": False,
-            }
-        if self.kind == "sd3":  # caption tokens and the pooled embedding, both from the class table
-            if self.conditioning is None or self.pooled is None:
-                raise ValueError(f"{self.name}: sd3 model has no conditioning table")
-            dim = int(self.config.joint_attention_dim)
-            txt = self.conditioning.to(device=x.device, dtype=x.dtype)[y].view(b, -1, dim)
-            return {
-                "hidden_states": x,
-                "encoder_hidden_states": txt,
-                "pooled_projections": self.pooled.to(device=x.device, dtype=x.dtype)[y],
-                "timestep": timestep,
-                "return_dict": False,
-            }
-        raise ValueError(f"unknown model kind {self.kind!r}")
+            kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+        else:
+            kwargs["pooled_projections"] = self.pooled.to(device=x.device, dtype=x.dtype)[y]
+        return kwargs
 
 
 def load_trained(
@@ -214,10 +209,11 @@ def load_trained(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> TrainedModel:
-    """Load a reference transformer (``"dit-mnist"``, ``"pixart-mnist"`` or a folder path).
+    """Load a reference transformer (``"dit-mnist"``, ``"pixart-mnist"``, ``"sd3-mnist"`` or a folder path).
 
     The kind is read from ``_class_name`` in the folder's ``config.json``
-    (``DiTTransformer2DModel`` -> ``"dit"``, ``PixArtTransformer2DModel`` -> ``"pixart"``).
+    (``DiTTransformer2DModel`` -> ``"dit"``, ``PixArtTransformer2DModel`` -> ``"pixart"``,
+    ``SD3Transformer2DModel`` -> ``"sd3"``).
     Weights are stored in fp16 and cast to ``dtype``.
     """
     folder = resolve_model_dir(name_or_path)
