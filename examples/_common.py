@@ -8,6 +8,8 @@ is what CI runs.  ``--tiny`` checks the plumbing, not quality (random weights, t
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -155,6 +157,11 @@ def run(args: argparse.Namespace, family: str, load: Callable[[argparse.Namespac
         # shuts its connections down while another rank is busy can take that rank down at exit (seen in CI)
         dist.barrier()
         dist.destroy_process_group()
+        # then leave without interpreter finalization: torch's distributed threads can abort the process
+        # while Python tears down (pytorch/pytorch#179291); everything this run does is done and flushed
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
