@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+import torch.nn as nn
 
 import fx_fastcache as fastcache
 from fx_fastcache.calibration import model_fingerprint
@@ -99,7 +99,7 @@ class Schedule:
         Path(path).write_text(self.to_json(), encoding="utf-8")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "schedule") -> Schedule:
+    def from_dict(cls, d: dict[str, Any], source: str = "schedule") -> "Schedule":
         """Build a schedule from its JSON form; every error names ``source`` and what is wrong."""
         if not isinstance(d, dict):
             raise ValueError(f"{source} holds a JSON {_json_kind(d)} at the top level; an fx-fastcache schedule is "
@@ -140,7 +140,7 @@ class Schedule:
         return s
 
     @classmethod
-    def load(cls, path: str | Path) -> Schedule:
+    def load(cls, path: str | Path) -> "Schedule":
         """Read a schedule JSON file; a missing, unreadable or malformed file raises naming it."""
         p = Path(path)
         if p.is_dir():
@@ -194,15 +194,20 @@ def optimize_with_schedule(model: nn.Module, schedule: Schedule, backend: str = 
     return opt
 
 
+def _optimized(opt, caller: str) -> FastCacheModule:
+    """``opt`` itself, or the optimized transformer of a pipeline; anything else is a ``TypeError``."""
+    opt = opt if isinstance(opt, FastCacheModule) else getattr(opt, "transformer", opt)  # a pipeline
+    if not isinstance(opt, FastCacheModule):
+        raise TypeError(f"{caller} expects the module returned by fastcache.optimize(), got {type(opt).__name__}")
+    return opt
+
+
 def installed_schedule(opt, model_name: str = "", steps: int | None = None) -> Schedule:
     """The table ``opt`` replays, as a :class:`Schedule` to save or export: the one set with
     ``fastcache.set_schedule`` (``policy="schedule"``) or planned by calibration
     (``policy="planned"``, for its current ``target_fraction``).  ``steps`` pads the table with
     computed steps to the generation length (default: up to its last skipped step)."""
-    opt = opt if isinstance(opt, FastCacheModule) else getattr(opt, "transformer", opt)  # a pipeline
-    if not isinstance(opt, FastCacheModule):
-        raise TypeError(f"installed_schedule expects the module returned by fastcache.optimize(), got "
-                        f"{type(opt).__name__}")
+    opt = _optimized(opt, "installed_schedule")
     table = opt.installed_schedule() if POLICIES[opt.fastcache_config.policy].host_decidable else None
     if table is None:
         raise ValueError(f"this model (policy={opt.fastcache_config.policy!r}) replays no table: use policy='schedule' "
@@ -256,9 +261,7 @@ def record_schedule(opt, run: Callable[[], Any], generations: int = 1, model_nam
     ``run`` must run one whole generation.  A block is skipped at a step in the schedule when
     at least ``min_votes`` of the recorded generations skipped it there.
     """
-    opt = opt if isinstance(opt, FastCacheModule) else getattr(opt, "transformer", opt)  # a pipeline
-    if not isinstance(opt, FastCacheModule):
-        raise TypeError(f"record_schedule expects the module returned by fastcache.optimize(), got {type(opt).__name__}")
+    opt = _optimized(opt, "record_schedule")
     if POLICIES[opt.fastcache_config.policy].host_decidable:
         raise ValueError("record_schedule needs a deciding policy (e.g. policy='step_forecast'); this model replays "
                          "a schedule already")

@@ -129,9 +129,6 @@ class PipelineFastCache(FastCacheModule):
             self._states.clear()
 
 
-_warned_steps: set[tuple[int, str]] = set()
-
-
 def _default_steps(call: Any) -> Any:
     """The pipeline's default ``num_inference_steps`` (``None`` if it has none)."""
     try:
@@ -142,6 +139,9 @@ def _default_steps(call: Any) -> Any:
 
 
 def _wrapped_call(original: Any):
+    default_steps = _default_steps(original)
+    warned: set[tuple[int, str]] = set()  # (module, message): warn once each
+
     @functools.wraps(original)
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         tr = getattr(self, "transformer", None)
@@ -149,11 +149,11 @@ def _wrapped_call(original: Any):
             raise RuntimeError("pipe.transformer is no longer the FastCache module installed by enable_fastcache; "
                                "call fastcache.disable_fastcache(pipe) before replacing the transformer")
         tr.reset()
-        steps = kwargs.get("num_inference_steps", _default_steps(original))
+        steps = kwargs.get("num_inference_steps", default_steps)
         if isinstance(steps, int):
             why = POLICIES[tr.fastcache_config.policy].steps_mismatch(tr.store, steps)
-            if why is not None and (id(tr), why) not in _warned_steps:  # once per module and message
-                _warned_steps.add((id(tr), why))
+            if why is not None and (id(tr), why) not in warned:
+                warned.add((id(tr), why))
                 logger.warning("fx-fastcache: %s", why)
         return original(self, *args, **kwargs)
 

@@ -160,6 +160,8 @@ class StepDispatch(nn.Module):
         #: Skip pattern of the latest steps since the last reset (host tuples; for inspection and
         #: tests).  Bounded: with device decisions a long-running caller may never reset.
         self.history: deque[tuple[bool, ...]] = deque(maxlen=HISTORY_STEPS)
+        #: no ``table=`` given: re-read the installed table at every reset (a plan may change it)
+        self._follow_installed = False
         if self.decide == "host":
             self.set_table(table)
         elif table is not None:
@@ -184,9 +186,6 @@ class StepDispatch(nn.Module):
         if table is None:
             table = self.opt.installed_schedule()
             if table is None:
-                if POLICIES[self.opt.fastcache_config.policy].needs_calibration:  # plans its table in calibration
-                    self._table = []  # until then every step computes (the policy logs that)
-                    return
                 raise ValueError("no schedule installed: pass table=... or call fastcache.set_schedule(opt, table) "
                                  "first")
         table = torch.as_tensor(table, dtype=torch.bool).cpu()
@@ -216,7 +215,7 @@ class StepDispatch(nn.Module):
         """Reset only the host-side step counter and its mirrors of the guards' counters; a dispatcher
         that follows the installed table (no ``table=`` given) re-reads it, so a plan fitted by
         calibration since (``policy="planned"``) applies from the next generation."""
-        if self.decide == "host" and getattr(self, "_follow_installed", False):
+        if self.decide == "host" and self._follow_installed:
             self.set_table(None)
         self.step = 0
         self._n = [0] * len(self.block_names)

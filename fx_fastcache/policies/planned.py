@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..calibration import Calibrator, Observation, store_put
 from ..runtime.distributed import all_reduce_sum
-from .schedule import SchedulePolicy, install_table, read_table
+from .schedule import SchedulePolicy, install_table, read_table, scheduled_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -225,14 +225,14 @@ class PlannedCalibrator(Calibrator):
         store_put(store, ERRORS_KEY, table)
         store_put(store, WEIGHTS_KEY, torch.ones(n))
         store_put(store, STEPS_KEY, torch.tensor(n))
-        plans = replan(store, config, self.blocks)
+        plans = replan(store, config, self.blocks, self.device)
         m = budget(config.target_fraction, n)
         logger.info("fx-fastcache: planned %d generation(s) of %d steps; target_fraction=%.2f computes steps %s",
                     len(self.generations), n, config.target_fraction, plans[m - 1].nonzero().flatten().tolist())
         return {"planned.steps": float(n), "planned.computed": float(int(plans[m - 1].sum()))}
 
 
-def replan(store, config, blocks: list[str]) -> torch.Tensor:
+def replan(store, config, blocks: list[str], device: torch.device) -> torch.Tensor:
     """Plan every budget from the stored errors times the step weights; store and install the plans."""
     table, weights = store.tensors[ERRORS_KEY].detach().cpu(), store.tensors[WEIGHTS_KEY].detach().cpu()
     n = table.shape[1]
@@ -240,7 +240,7 @@ def replan(store, config, blocks: list[str]) -> torch.Tensor:
            for p, c, k in (~torch.isnan(table)).nonzero().tolist()}
     plans = plan(err, n, warmup=config.warmup_steps, max_skip=config.max_skip_steps)
     store_put(store, PLANS_KEY, plans)
-    install_plan(store, blocks, config.target_fraction, store_device(store))
+    install_plan(store, blocks, config.target_fraction, device)
     return plans
 
 
@@ -263,7 +263,7 @@ def measure_sensitivity(opt, generate, metric=None) -> list[float]:
                          "`with fastcache.calibrate(model): ...` first")
     table = store.tensors[ERRORS_KEY].detach().cpu()
     n = table.shape[1]
-    blocks = planned_blocks(store)
+    blocks = scheduled_blocks(store)
     forced = max(1, min(cfg.warmup_steps, n))
     installed = store.tensors[PLANS_KEY].clone()
 
@@ -271,7 +271,7 @@ def measure_sensitivity(opt, generate, metric=None) -> list[float]:
         rows = torch.zeros(n, len(blocks), dtype=torch.bool)
         if skip is not None:
             rows[skip] = True
-        install_table(store, blocks, rows, store_device(store))
+        install_table(store, blocks, rows, opt.device)
         opt.reset()
         with torch.no_grad():
             out = generate()
@@ -293,18 +293,13 @@ def measure_sensitivity(opt, generate, metric=None) -> list[float]:
             weights[k] = float(final) / max(float(recorded), 1e-12)
     finally:
         store_put(store, PLANS_KEY, installed)  # restore before re-planning (and if generate() failed)
-        install_plan(store, blocks, cfg.target_fraction, store_device(store))
+        install_plan(store, blocks, cfg.target_fraction, opt.device)
     store_put(store, WEIGHTS_KEY, weights)
-    plans = replan(store, cfg, blocks)
+    plans = replan(store, cfg, blocks, opt.device)
     logger.info("fx-fastcache: step sensitivity %s; target_fraction=%.2f now computes steps %s",
                 [round(float(w), 3) for w in weights], cfg.target_fraction,
                 plans[budget(cfg.target_fraction, n) - 1].nonzero().flatten().tolist())
     return weights.tolist()
-
-
-def store_device(store) -> torch.device:
-    t = next(iter(store.tensors.values()), None)
-    return t.device if t is not None else torch.device("cpu")
 
 
 def install_plan(store, blocks: list[str], target_fraction: float, device: torch.device) -> bool:
@@ -317,11 +312,6 @@ def install_plan(store, blocks: list[str], target_fraction: float, device: torch
     table = (~computed).unsqueeze(1).expand(n, len(blocks)).contiguous()
     install_table(store, blocks, table, device)
     return True
-
-
-def planned_blocks(store) -> list[str]:
-    """The blocks whose schedule columns a plan was installed into."""
-    return [k[: -len(".schedule")] for k in store.tensors if k.endswith(".schedule")]
 
 
 _warned_uncalibrated = False
@@ -352,7 +342,7 @@ class PlannedPolicy(SchedulePolicy):
     @staticmethod
     def configure_store(store, config, device) -> None:
         """``target_fraction`` changed: install that budget's plan (no re-capture: the graphs read the columns)."""
-        install_plan(store, planned_blocks(store), config.target_fraction, device)
+        install_plan(store, scheduled_blocks(store), config.target_fraction, device)
 
     @classmethod
     def calibrator(cls, config) -> PlannedCalibrator:
@@ -365,12 +355,14 @@ class PlannedPolicy(SchedulePolicy):
 
     @staticmethod
     def read_table(store, blocks):
-        return read_table(store, blocks)
+        """The plan's table; uncalibrated (no columns yet), a table that computes every step."""
+        table = read_table(store, blocks)
+        return table if table is not None else torch.zeros(1, len(blocks), dtype=torch.bool)
 
     def make_block_decider(self, index, block, signal_shape, device, dtype, store, group=None):
         global _warned_uncalibrated
         if index == 0:  # (re-)capture: the plan of the current target_fraction into the planned columns
-            install_plan(store, planned_blocks(store), self.config.target_fraction, device)
+            install_plan(store, scheduled_blocks(store), self.config.target_fraction, device)
         if index == 0 and store.tensors.get(PLANS_KEY) is None and not _warned_uncalibrated:
             _warned_uncalibrated = True
             logger.info("fx-fastcache: policy='planned' is uncalibrated, so every step computes; "

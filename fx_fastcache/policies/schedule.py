@@ -14,9 +14,17 @@ from .base import Decider, Policy
 MAX_STEPS = 1024
 
 
+_SUFFIX = ".schedule"
+
+
 def store_key(block: str) -> str:
     """The calibration store key of a block's schedule column (``MAX_STEPS`` bools)."""
-    return f"{block}.schedule"
+    return f"{block}{_SUFFIX}"
+
+
+def scheduled_blocks(store) -> list[str]:
+    """The blocks that have a schedule column in ``store`` (the inverse of :func:`store_key`)."""
+    return [k[: -len(_SUFFIX)] for k in store.tensors if k.endswith(_SUFFIX)]
 
 
 def install_table(store, blocks: list[str], table: torch.Tensor, device: torch.device) -> None:
@@ -78,7 +86,7 @@ class SchedulePolicy(Policy):
         """Consecutive blocks whose table columns are equal, read from the table installed at
         capture; no table yet: one span per block.  ``fastcache.set_schedule`` re-captures when
         a new table splits a span of an existing graph (``span_conflicts``)."""
-        cols = [store.tensors.get(f"{name}.schedule") for name in block_names]
+        cols = [store.tensors.get(store_key(name)) for name in block_names]
         if not block_names or any(c is None for c in cols):
             return [[i] for i in range(len(block_names))]
         groups = [[0]]
