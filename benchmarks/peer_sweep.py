@@ -17,6 +17,7 @@ Groups (per-method grids, chosen to span 45-70 % replaced on 20 steps):
   ``max_skip_steps`` 2 and 3.
 * ``planned``: ``planned/forecast`` at target fractions 0.45-0.70.
 * ``planned_sens``: the same after ``fastcache.measure_sensitivity``.
+* ``planned_reuse``: ``planned/residual`` (the plan made for plain reuse) at the same fractions.
 * ``third``: every default and peer on a model nothing was tuned on (``--model out/sd3-mnist``).
 """
 from __future__ import annotations
@@ -49,6 +50,8 @@ def groups():
         "planned": [m("none", ()), m("planned/forecast", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7))],
         # the same, re-planned after fastcache.measure_sensitivity (one generation per step on the calibration seeds)
         "planned_sens": [m("none", ()), m("planned/forecast:sens=1", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7))],
+        # the same plan made for, and run with, plain residual reuse (a zero-order hold, as MagCache)
+        "planned_reuse": [m("none", ()), m("planned/residual", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7))],
         # a model no rule was tuned on (the SD3-style model trained by benchmarks/train_sd3_mnist.py):
         # both defaults untouched, then each method's grid across 45-70 %
         "third": [m("none", ()), m("step_forecast/forecast", (0.07, 0.085, 0.1, 0.13)),

@@ -16,6 +16,13 @@ Proxies (``--proxy``):
   output (what the final images see; the library cannot do this: it only sees the span).
 
     python benchmarks/plan_proxies.py --model dit-mnist --proxy output --budgets 9 8 7 6
+
+Two diagnostics of the fifth session (docs/BENCHMARKS.md, "Planned steps"):
+* ``--gains 0,0.25,0.5,0.75,1``: the forecast's slope times a gain chosen per triple ``(p, c, k)`` by the
+  proxy (so per skipped step of a plan), planned and evaluated beside the plain forecast;
+* ``--single-skip SEED``: that evaluation image alone, every step skipped on its own with slope gains
+  0 (plain reuse), 0.5, 0.75 and 1, and every evaluation image's forecast error at every step over
+  the median image's (does an image that breaks stand out where the decision is made?).
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ class _Stack(nn.Module):
         if hasattr(blocks[0], "norm1"):  # DiT reads transformer_blocks[0].norm1.emb
             self.norm1 = blocks[0].norm1
         self.mode, self.i, self.rec, self.computed, self.hist, self.override = "run", 0, [], set(), [], None
+        self.gains: dict | float = 1.0  # slope gain: one number, or per (p, c, k)
 
     def forward(self, hidden_states, *args, **kw):
         h_in, i = hidden_states, self.i
@@ -45,7 +53,8 @@ class _Stack(nn.Module):
         if self.mode == "plan" and i not in self.computed:
             if len(self.hist) >= 2:
                 (tp, rp), (tc, rc) = self.hist
-                return h_in + rc + (i - tc) / (tc - tp) * (rc - rp)
+                gain = self.gains.get((tp, tc, i), 1.0) if isinstance(self.gains, dict) else self.gains
+                return h_in + rc + gain * (i - tc) / (tc - tp) * (rc - rp)
             return h_in + self.hist[-1][1]
         h = h_in
         for b in self.blocks:
@@ -65,6 +74,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--budgets", type=int, nargs="+", default=[9, 8, 7, 6], help="computed steps of 20")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--gains", default=None, help="comma-separated slope gains to choose from per (p, c, k)")
+    p.add_argument("--single-skip", type=int, default=None, metavar="SEED",
+                   help="skip each step alone on this evaluation seed (1000-1015) and print per-image errors")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from fx_fastcache.bench.metrics import psnr
@@ -76,10 +88,13 @@ def main(argv=None) -> int:
     stack = _Stack(tm.model.transformer_blocks)
     tm.model.transformer_blocks = nn.ModuleList([stack])
 
-    def gen(classes, seeds, mode, computed=()):
-        stack.mode, stack.i, stack.rec, stack.computed, stack.hist = mode, 0, [], set(computed), []
+    def gen(classes, seeds, mode, computed=(), gains=1.0):
+        stack.mode, stack.i, stack.rec, stack.computed, stack.hist, stack.gains = mode, 0, [], set(computed), [], gains
         with torch.no_grad():
             return sample(tm, classes, seeds, steps=steps, cfg=cfg)
+
+    if a.single_skip is not None:
+        return _single_skip(a.single_skip, gen, stack, steps, a.warmup)
 
     seeds = list(range(a.calib))
     classes = [i % 10 for i in seeds]
@@ -107,22 +122,30 @@ def main(argv=None) -> int:
         vs.append(v)
         x = x + (sig[k + 1] - sig[k]) * v
 
-    err = {}
+    gains = [float(g) for g in a.gains.split(",")] if a.gains else [1.0]
+    err, err_g, gain_of = {}, {}, {}
     for c in range(steps):
         rc = rec[c][1] - rec[c][0]
         for pp in range(-1, c):
             rp = rec[pp][1] - rec[pp][0] if pp >= 0 else None
             for k in range(c + 1, steps):
-                y_hat = rec[k][0] + rc + ((k - c) / (c - pp) * (rc - rp) if rp is not None else 0.0)
                 yk, dt = rec[k][1], float(sig[k] - sig[k + 1])
-                if a.proxy == "ln":
-                    e = (F.layer_norm(y_hat, y_hat.shape[-1:]) - F.layer_norm(yk, yk.shape[-1:])).flatten(1).norm(dim=1)
-                elif a.proxy == "rel":
-                    e = (y_hat - yk).flatten(1).norm(dim=1) / yk.flatten(1).norm(dim=1)
-                else:
-                    e = (velocity(xs[k], k, y_hat) - vs[k]).flatten(1).norm(dim=1)
-                err[(pp, c, k)] = dt * e
+                by_gain = {}
+                for g in (sorted(set(gains) | {1.0}) if rp is not None else [1.0]):
+                    y_hat = rec[k][0] + rc + (g * (k - c) / (c - pp) * (rc - rp) if rp is not None else 0.0)
+                    if a.proxy == "ln":
+                        e = (F.layer_norm(y_hat, y_hat.shape[-1:]) - F.layer_norm(yk, yk.shape[-1:])).flatten(1).norm(dim=1)
+                    elif a.proxy == "rel":
+                        e = (y_hat - yk).flatten(1).norm(dim=1) / yk.flatten(1).norm(dim=1)
+                    else:
+                        e = (velocity(xs[k], k, y_hat) - vs[k]).flatten(1).norm(dim=1)
+                    by_gain[g] = dt * e
+                err[(pp, c, k)] = by_gain[1.0]  # the plain forecast's
+                chosen = [g for g in by_gain if g in gains] or [1.0]
+                gain_of[(pp, c, k)] = min(chosen, key=lambda g: float(by_gain[g].pow(2).mean()))
+                err_g[(pp, c, k)] = by_gain[gain_of[(pp, c, k)]]
     plans = plan(err, steps, warmup=a.warmup)
+    plans_g = plan(err_g, steps, warmup=a.warmup) if a.gains else None
     print(f"{a.model}: proxy {a.proxy}, {a.calib} calibration images, planned in {time.perf_counter() - t0:.0f}s",
           flush=True)
     ev_seeds = list(range(1000, 1016))
@@ -132,6 +155,37 @@ def main(argv=None) -> int:
         computed = plans[m - 1].nonzero().flatten().tolist()
         q = psnr(gen(ev_classes, ev_seeds, "plan", computed), ref)
         print(f"replaced {1 - m / steps:.0%}: computed {computed} -> PSNR {q.mean():.2f} ({q.min():.2f})", flush=True)
+        if plans_g is not None:
+            computed = plans_g[m - 1].nonzero().flatten().tolist()
+            q = psnr(gen(ev_classes, ev_seeds, "plan", computed, gains=gain_of), ref)
+            print(f"  with gains {a.gains}: computed {computed} -> PSNR {q.mean():.2f} ({q.min():.2f})", flush=True)
+    return 0
+
+
+def _single_skip(seed: int, gen, stack: _Stack, steps: int, warmup: int) -> int:
+    """One evaluation image, each step skipped alone with slope gains 0/0.5/0.75/1; then every
+    evaluation image's forecast error (from the two steps before) at every step, over the median's."""
+    from fx_fastcache.bench.metrics import psnr
+
+    if not 1000 <= seed < 1016:
+        raise SystemExit(f"--single-skip {seed}: use an evaluation seed, 1000-1015")
+    cls = [(seed - 1000) % 10]
+    ref = gen(cls, [seed], "run")
+    for k in range(warmup, steps):
+        row = [float(psnr(gen(cls, [seed], "plan", [s for s in range(steps) if s != k], gains=g), ref))
+               for g in (0.0, 0.5, 0.75, 1.0)]
+        print(f"seed {seed}: skip step {k} alone, slope gain 0/0.5/0.75/1 -> PSNR "
+              + " / ".join(f"{v:.1f}" for v in row), flush=True)
+    seeds = list(range(1000, 1016))
+    gen([i % 10 for i in range(16)], seeds, "record")
+    rec = stack.rec
+    for k in range(2, steps):
+        r1, r2 = rec[k - 1][1] - rec[k - 1][0], rec[k - 2][1] - rec[k - 2][0]
+        y_hat = rec[k][0] + r1 + (r1 - r2)
+        e = (F.layer_norm(y_hat, y_hat.shape[-1:]) - F.layer_norm(rec[k][1], rec[k][1].shape[-1:])).flatten(1).norm(dim=1)
+        e = e[:16] + e[16:]  # conditional + unconditional halves of the CFG batch
+        print(f"step {k}: forecast error / median, seeds 1000-1015: "
+              + " ".join(f"{v:.2f}" for v in (e / e.median()).tolist()), flush=True)
     return 0
 
 

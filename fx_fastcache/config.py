@@ -69,7 +69,8 @@ class FastCacheConfig:
             ``"step_forecast"`` (once per step, before any block runs, from the deviation of
             block 0's modulated input from its linear forecast), ``"first_block_cache"``,
             ``"teacache"``, ``"schedule"`` (a precomputed steps × blocks table), ``"planned"``
-            (the steps to compute chosen in calibration, for ``target_fraction``).
+            (the steps to compute chosen in calibration, for ``target_fraction``; with the
+            ``"forecast"`` or ``"residual"`` fallback, whose rule the plan replays).
         warmup_steps: The first ``warmup_steps`` steps of every generation compute in full.
         max_skip_steps: A block is recomputed after this many consecutive skipped steps
             (``0`` = no limit).  Bounds drift of every fallback.
@@ -142,6 +143,9 @@ class FastCacheConfig:
             raise bad("fallback", f"choose one of {sorted(FALLBACKS)}")
         if self.policy not in POLICIES:
             raise bad("policy", f"choose one of {sorted(POLICIES)}")
+        why = POLICIES[self.policy].config_error(self)
+        if why is not None:
+            raise bad("policy", why)
 
     def replace(self, **changes: Any) -> "FastCacheConfig":
         """A copy with ``changes`` applied (validated). Unknown names raise ``ValueError``."""

@@ -72,6 +72,25 @@ def test_forecast_errors_vanish_where_the_forecast_is_exact():
     reuse = err[(-1, 1, 3)]  # reuse misses the slope
     assert reuse.min() > 1.0
     assert err[(0, 1, 3)].max() < 1e-4 * reuse.min() and err[(1, 2, 3)].max() < 1e-4 * reuse.min()
+    # planned for the residual fallback (order 0): every forecast is plain reuse, whatever p is
+    err0 = forecast_errors(ts, res, outs, order=0)
+    assert torch.allclose(err0[(0, 1, 3)], reuse) and torch.allclose(err0[(-1, 1, 3)], reuse)
+    const = [[base] for _ in ts]  # a constant residual: reuse is exact
+    assert forecast_errors(ts, const, outs, order=0)[(0, 1, 3)].max() < 1e-5
+
+
+def test_plan_for_the_residual_fallback_matches_its_schedule():
+    """fallback="residual": the plan is made for reuse and the images are those of its table."""
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, backend="eager", policy="planned", fallback="residual", target_fraction=0.5)
+    with fastcache.calibrate(opt):
+        _euler(opt, tm, seed=1)
+    fastcache.reset(opt)
+    out = _euler(opt, tm)
+    assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] == pytest.approx(0.5)
+    ref = fastcache.optimize(tm.model, backend="eager", policy="schedule", fallback="residual")
+    fastcache.set_schedule(ref, opt.installed_schedule())
+    assert torch.equal(_euler(ref, tm), out)
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +191,8 @@ def test_bad_inputs_name_the_fix():
     tm = make_tiny("tiny-dit")
     with pytest.raises(ValueError, match="target_fraction=1.2 is invalid"):
         fastcache.optimize(tm.model, backend="eager", policy="planned", target_fraction=1.2)
+    with pytest.raises(ValueError, match=r"fallback='linear' cannot be planned.*'forecast'"):
+        fastcache.optimize(tm.model, backend="eager", policy="planned", fallback="linear")
     opt = fastcache.optimize(tm.model, backend="eager", policy="planned")
     with pytest.raises(ValueError, match="use policy='schedule'"):
         fastcache.set_schedule(opt, torch.zeros(4, 2, dtype=torch.bool))

@@ -70,6 +70,12 @@ class Policy:
                          f"policy={cls.name!r}: optimize(model, policy='planned') and calibrate it first")
 
     @staticmethod
+    def config_error(config) -> str | None:
+        """Why ``config``'s other fields cannot work with this policy (``None``: they can); checked
+        when the config is made, so a bad combination fails before any capture."""
+        return None
+
+    @staticmethod
     def steps_mismatch(store, steps: int) -> str | None:
         """Why a generation of ``steps`` steps does not fit what calibration fitted (``None``: it fits)."""
         return None

@@ -67,10 +67,17 @@ def step_weights(ts: list[float]) -> list[float]:
     return w
 
 
-def forecast_errors(ts: list[float], residuals: list[list[torch.Tensor]], outputs: list[list[torch.Tensor]]
-                    ) -> dict[tuple[int, int, int], torch.Tensor]:
+#: The fallbacks a plan can be made for, and the order of their forecast in the timestep:
+#: ``forecast`` extrapolates the residual linearly (1), ``residual`` reuses it (0).  The fitted
+#: fallbacks correct the residual with the input change, which the recorded rows cannot replay.
+FORECAST_ORDER = {"forecast": 1, "residual": 0}
+
+
+def forecast_errors(ts: list[float], residuals: list[list[torch.Tensor]], outputs: list[list[torch.Tensor]],
+                    order: int = 1) -> dict[tuple[int, int, int], torch.Tensor]:
     """``err[(p, c, k)]``: per-sample error of forecasting step ``k`` from computed steps ``p < c < k``
     (``p = −1``: ``c`` is the only computed step, plain reuse), over every recorded stream.
+    ``order`` 1: the ``forecast`` fallback's rule; 0: the ``residual`` fallback's (reuse ``R_c``).
 
     ``residuals[k][j]`` / ``outputs[k][j]``: stream ``j``'s rows (B, rows, C) at step ``k``.  The
     forecast replaces output ``y`` by ``y + R̂ − R``; the error is ``‖LN(y + R̂ − R) − LN(y)‖`` summed
@@ -89,10 +96,10 @@ def forecast_errors(ts: list[float], residuals: list[list[torch.Tensor]], output
             if p >= 0 and ts[c] == ts[p]:
                 continue
             for k in range(c + 1, n):
-                s = (ts[k] - ts[c]) / (ts[c] - ts[p]) if p >= 0 else 0.0
+                s = (ts[k] - ts[c]) / (ts[c] - ts[p]) if p >= 0 and order == 1 else 0.0
                 e = 0.0
                 for j, (r_k, y_k) in enumerate(zip(residuals[k], outputs[k])):
-                    r_hat = residuals[c][j] + s * (residuals[c][j] - residuals[p][j]) if p >= 0 else residuals[c][j]
+                    r_hat = residuals[c][j] + s * (residuals[c][j] - residuals[p][j]) if s else residuals[c][j]
                     d = ln(y_k + (r_hat - r_k)) - normed[k][j]
                     e = e + d.flatten(1).pow(2).sum(1)
                 err[(p, c, k)] = w[k] * torch.as_tensor(e).sqrt()
@@ -181,7 +188,8 @@ class PlannedCalibrator(Calibrator):
     """Records every step's span residuals and outputs (strided token rows) during calibration and
     plans the computed steps of every budget (:func:`forecast_errors`, :func:`plan`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, order: int = 1) -> None:
+        self.order = order
         # generations -> steps -> (t, [residual rows per stream], [output rows per stream])
         self.generations: list[list[tuple[float, list[torch.Tensor], list[torch.Tensor]]]] = []
         self.blocks: list[str] = []
@@ -212,7 +220,7 @@ class PlannedCalibrator(Calibrator):
         cost = None
         for gen in self.generations:
             ts = [s[0] for s in gen]
-            e = forecast_errors(ts, [s[1] for s in gen], [s[2] for s in gen])
+            e = forecast_errors(ts, [s[1] for s in gen], [s[2] for s in gen], self.order)
             cost = e if cost is None else {k: torch.cat([cost[k], v]) for k, v in e.items()}
         if self.group is not None:  # every rank saw its own tokens: plan on the errors of all of them
             keys = sorted(cost)
@@ -327,6 +335,14 @@ class PlannedPolicy(SchedulePolicy):
 
     sweep_field = "target_fraction"
 
+    @staticmethod
+    def config_error(config) -> str | None:
+        if config.fallback in FORECAST_ORDER:
+            return None
+        return (f"fallback={config.fallback!r} cannot be planned: policy='planned' replays the fallback on the "
+                f"recorded residuals to choose the steps, which it can do for {sorted(FORECAST_ORDER)}; use one of "
+                f"those (default 'forecast')")
+
     @classmethod
     def measure_sensitivity(cls, opt, generate, metric=None) -> list[float]:
         return measure_sensitivity(opt, generate, metric)
@@ -346,7 +362,7 @@ class PlannedPolicy(SchedulePolicy):
 
     @classmethod
     def calibrator(cls, config) -> PlannedCalibrator:
-        return PlannedCalibrator()
+        return PlannedCalibrator(FORECAST_ORDER[config.fallback])
 
     @staticmethod
     def install_table(store, blocks, table, device) -> None:
