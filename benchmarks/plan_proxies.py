@@ -176,13 +176,15 @@ def _single_skip(seed: int, gen, stack: _Stack, steps: int, warmup: int) -> int:
                for g in (0.0, 0.5, 0.75, 1.0)]
         print(f"seed {seed}: skip step {k} alone, slope gain 0/0.5/0.75/1 -> PSNR "
               + " / ".join(f"{v:.1f}" for v in row), flush=True)
+    from fx_fastcache.policies.planned import forecast_errors
+
     seeds = list(range(1000, 1016))
     gen([i % 10 for i in range(16)], seeds, "record")
     rec = stack.rec
+    ts = torch.linspace(1.0, 0.0, steps + 1)[:steps].tolist()
+    err = forecast_errors(ts, [[y - x] for x, y in rec], [[y] for _, y in rec])  # the library's error
     for k in range(2, steps):
-        r1, r2 = rec[k - 1][1] - rec[k - 1][0], rec[k - 2][1] - rec[k - 2][0]
-        y_hat = rec[k][0] + r1 + (r1 - r2)
-        e = (F.layer_norm(y_hat, y_hat.shape[-1:]) - F.layer_norm(rec[k][1], rec[k][1].shape[-1:])).flatten(1).norm(dim=1)
+        e = err[(k - 2, k - 1, k)]
         e = e[:16] + e[16:]  # conditional + unconditional halves of the CFG batch
         print(f"step {k}: forecast error / median, seeds 1000-1015: "
               + " ".join(f"{v:.2f}" for v in (e / e.median()).tolist()), flush=True)
