@@ -18,6 +18,8 @@ Groups (per-method grids, chosen to span 45-70 % replaced on 20 steps):
 * ``planned``: ``planned/forecast`` at target fractions 0.45-0.70.
 * ``planned_sens``: the same after ``fastcache.measure_sensitivity``.
 * ``planned_reuse``: ``planned/residual`` (the plan made for plain reuse) at the same fractions.
+* ``planned_protect``: ``planned/forecast`` after ``fastcache.protect_steps`` (floor 34 dB on 32
+  calibration seeds, 0-31) at the same fractions; ``planned_protect_low``: floor 28 dB.
 * ``third``: every default and peer on a model nothing was tuned on (``--model out/sd3-mnist``).
 """
 from __future__ import annotations
@@ -52,6 +54,9 @@ def groups():
         "planned_sens": [m("none", ()), m("planned/forecast:sens=1", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7))],
         # the same plan made for, and run with, plain residual reuse (a zero-order hold, as MagCache)
         "planned_reuse": [m("none", ()), m("planned/residual", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7))],
+        # the steps whose skip alone breaks one of 32 calibration images always compute (fastcache.protect_steps)
+        "planned_protect": [m("none", ()), m("planned/forecast:protect=34", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7))],
+        "planned_protect_low": [m("none", ()), m("planned/forecast:protect=28", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7))],
         # a model no rule was tuned on (the SD3-style model trained by benchmarks/train_sd3_mnist.py):
         # both defaults untouched, then each method's grid across 45-70 %
         "third": [m("none", ()), m("step_forecast/forecast", (0.07, 0.085, 0.1, 0.13)),

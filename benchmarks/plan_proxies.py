@@ -23,6 +23,12 @@ Two diagnostics of the fifth session (docs/BENCHMARKS.md, "Planned steps"):
 * ``--single-skip SEED``: that evaluation image alone, every step skipped on its own with slope gains
   0 (plain reuse), 0.5, 0.75 and 1, and every evaluation image's forecast error at every step over
   the median image's (does an image that breaks stand out where the decision is made?).
+
+A diagnostic of the sixth session:
+* ``--single-skip all``: all 16 evaluation images, every step up to ``--last-step`` skipped on its
+  own with the forecast and with plain reuse: each image's PSNR, the worst, and which images fall
+  below 32 dB.  A step whose single skip breaks an image must be computed by every plan that keeps
+  that image, whatever else it skips: a floor under what any step plan can reach.
 """
 from __future__ import annotations
 
@@ -75,8 +81,10 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", type=int, nargs="+", default=[9, 8, 7, 6], help="computed steps of 20")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--gains", default=None, help="comma-separated slope gains to choose from per (p, c, k)")
-    p.add_argument("--single-skip", type=int, default=None, metavar="SEED",
-                   help="skip each step alone on this evaluation seed (1000-1015) and print per-image errors")
+    p.add_argument("--single-skip", default=None, metavar="SEED|all",
+                   help="skip each step alone on this evaluation seed (1000-1015) and print per-image errors; "
+                        "'all': on all 16 evaluation images, forecast and reuse")
+    p.add_argument("--last-step", type=int, default=9, help="--single-skip all: the last step skipped alone")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from fx_fastcache.bench.metrics import psnr
@@ -93,8 +101,14 @@ def main(argv=None) -> int:
         with torch.no_grad():
             return sample(tm, classes, seeds, steps=steps, cfg=cfg)
 
+    if a.single_skip == "all":
+        return _single_skip_all(gen, steps, a.warmup, a.last_step)
     if a.single_skip is not None:
-        return _single_skip(a.single_skip, gen, stack, steps, a.warmup)
+        try:
+            seed = int(a.single_skip)
+        except ValueError:
+            raise SystemExit(f"--single-skip {a.single_skip!r}: give an evaluation seed (1000-1015) or 'all'") from None
+        return _single_skip(seed, gen, stack, steps, a.warmup)
 
     seeds = list(range(a.calib))
     classes = [i % 10 for i in seeds]
@@ -188,6 +202,25 @@ def _single_skip(seed: int, gen, stack: _Stack, steps: int, warmup: int) -> int:
         e = e[:16] + e[16:]  # conditional + unconditional halves of the CFG batch
         print(f"step {k}: forecast error / median, seeds 1000-1015: "
               + " ".join(f"{v:.2f}" for v in (e / e.median()).tolist()), flush=True)
+    return 0
+
+
+def _single_skip_all(gen, steps: int, warmup: int, last: int) -> int:
+    """All 16 evaluation images, each step from ``warmup`` to ``last`` skipped alone, forecast and reuse."""
+    from fx_fastcache.bench.metrics import psnr
+
+    if not warmup <= last < steps:
+        raise SystemExit(f"--last-step {last}: use a step from --warmup ({warmup}) to {steps - 1}")
+    seeds = list(range(1000, 1016))
+    classes = [i % 10 for i in range(16)]
+    ref = gen(classes, seeds, "run")
+    for k in range(warmup, last + 1):
+        computed = [s for s in range(steps) if s != k]
+        for label, g in (("forecast", 1.0), ("reuse", 0.0)):
+            q = psnr(gen(classes, seeds, "plan", computed, gains=g), ref)
+            broken = [f"{seeds[i]} ({float(q[i]):.1f})" for i in range(16) if q[i] < 32]
+            print(f"skip step {k} alone, {label:8s}: worst {q.min():.1f}, mean {q.mean():.1f}; below 32 dB: "
+                  f"{', '.join(broken) or 'none'}; all: " + " ".join(f"{v:.0f}" for v in q.tolist()), flush=True)
     return 0
 
 

@@ -15,6 +15,7 @@ from .api import (
                   load_calibration,
                   measure_sensitivity,
                   optimize,
+                  protect_steps,
                   reset,
                   save_calibration,
                   set_schedule,
@@ -26,5 +27,6 @@ from .pipelines import disable_fastcache, enable_fastcache
 __version__ = "0.1.0"
 
 __all__ = ["FastCacheConfig", "FastCacheModule", "optimize", "calibrate", "save_calibration", "load_calibration",
-           "get_cache_statistics", "reset", "configure", "set_schedule", "measure_sensitivity", "enable_fastcache",
+           "get_cache_statistics", "reset", "configure", "set_schedule", "measure_sensitivity", "protect_steps",
+           "enable_fastcache",
            "disable_fastcache", "__version__"]

@@ -115,6 +115,22 @@ def measure_sensitivity(opt: Any, generate: Callable[[], torch.Tensor],
     return POLICIES[opt.fastcache_config.policy].measure_sensitivity(opt, generate, metric)
 
 
+def protect_steps(opt: Any, generate: Callable[[], torch.Tensor], floor_db: float = 34.0,
+                  data_range: float | None = None) -> list[int]:
+    """``policy="planned"``: always compute every step whose skip alone takes some calibration sample
+    below ``floor_db`` PSNR, and re-plan the other steps (optional, after ``calibrate``).
+
+    ``generate()`` runs one whole generation on calibration inputs (fixed seeds; use more of them
+    than for ``calibrate``, e.g. 32: the samples to catch are rare) and returns its final output
+    tensor (latents or images, batch first); it is called once in full and once per skippable step.
+    PSNR is per sample against the full run, with peak ``data_range`` (default: the full output's
+    max − min).  Protects the worst image at a cost in mean fidelity at high fractions
+    (docs/BENCHMARKS.md).  Returns the protected steps; they are saved with the calibration.
+    """
+    opt = _check(opt)
+    return POLICIES[opt.fastcache_config.policy].protect_steps(opt, generate, floor_db, data_range)
+
+
 def get_cache_statistics(opt: Any) -> dict[str, Any]:
     """Counters read from device (this is the only place they are synchronised)."""
     opt = _check(opt)

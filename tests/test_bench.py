@@ -31,6 +31,13 @@ def test_parse_planned_with_sensitivity():
     assert "sensitivity" in m.name and not parse_method("planned/forecast").sensitivity
 
 
+def test_parse_planned_with_protected_steps():
+    m = parse_method("planned/forecast:protect=34")
+    assert (m.policy, m.protect, m.sensitivity) == ("planned", 34.0, False)
+    assert "protect 34 dB" in m.name and parse_method("planned/forecast").protect is None
+    assert parse_method("planned/forecast:protect=30.5").protect == 30.5
+
+
 def test_parse_peers_and_none():
     assert parse_method("none").kind == "none"
     assert parse_method("diffusers_fbc").kind == "diffusers_fbc"
@@ -40,8 +47,9 @@ def test_parse_peers_and_none():
     ("step_forecast/nope", ["step_forecast/nope", "FALLBACK"]),
     ("magic", ["magic", "POLICY"]),
     ("step_forecast/forecast:speed=2", ["speed=2", "warmup"]),
+    ("planned/forecast:protect=high", ["protect=high", "PSNR floor"]),
     ("diffusers_fbc:warmup=2", ["only to FastCache"]),
-], ids=["bad-fallback", "bad-name", "bad-option", "peer-option"])
+], ids=["bad-fallback", "bad-name", "bad-option", "bad-protect", "peer-option"])
 def test_parse_method_errors_name_the_value(spec, words):
     with pytest.raises(ValueError) as e:
         parse_method(spec)

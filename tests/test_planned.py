@@ -93,14 +93,19 @@ def test_plan_for_the_residual_fallback_matches_its_schedule():
     assert torch.equal(_euler(ref, tm), out)
 
 
-@pytest.fixture(scope="module")
-def calibrated():
+def _calibrated_tiny():
+    """A tiny DiT with ``policy="planned"`` at 50 %, calibrated on two 8-step generations."""
     tm = make_tiny("tiny-dit")
     opt = fastcache.optimize(tm.model, backend="eager", policy="planned", target_fraction=0.5)
     with fastcache.calibrate(opt):
         for seed in (1, 2):
             _euler(opt, tm, seed=seed)
     return tm, opt
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    return _calibrated_tiny()
 
 
 def test_plan_replaces_the_target_fraction_and_matches_its_schedule(calibrated):
@@ -269,3 +274,74 @@ def test_measure_sensitivity_weighs_steps_and_replans(calibrated):
         fastcache.measure_sensitivity(fastcache.optimize(tm.model, backend="eager"), generate)
     with pytest.raises(TypeError, match="final output as a tensor"):
         fastcache.measure_sensitivity(opt, lambda: None)
+
+
+def test_protect_steps_computes_the_steps_that_break_a_sample(tmp_path, caplog):
+    tm, opt = _calibrated_tiny()  # its own: protecting steps changes the plans
+    before = opt.installed_schedule().clone()
+    calls = []
+
+    def generate():  # skipping step 5 alone breaks sample 0 (a change far above the floor)
+        table = opt.installed_schedule()
+        calls.append(table)
+        out = _euler(opt, tm, seed=3).clone()
+        if table.shape[0] > 5 and bool(table[5].any()):
+            out[0] += 10.0
+        return out
+
+    steps = fastcache.protect_steps(opt, generate, floor_db=1.0, data_range=1.0)
+    assert steps == [5]
+    assert len(calls) == 1 + STEPS - 2  # the full run, then each skippable step alone
+    after = opt.installed_schedule()
+    assert not bool(after[5].any()) and int(after[:, 0].sum()) == int(before[:, 0].sum())  # same budget
+    with caplog.at_level(logging.WARNING, logger="fx_fastcache.policies.planned"):
+        fastcache.configure(opt, target_fraction=0.75)  # every budget's plan computes it
+    assert not bool(opt.installed_schedule()[5].any())
+    # 2 computed steps of 8 cannot hold the 2 warm-up steps and step 5: it says so, and computes 3
+    assert any("cannot replace target_fraction=0.75" in r.getMessage() and "[5] need 3" in r.getMessage()
+               for r in caplog.records)
+    path = tmp_path / "protected.safetensors"
+    fastcache.save_calibration(opt, path)
+    other = fastcache.optimize(tm.model, backend="eager", policy="planned", target_fraction=0.75)
+    fastcache.load_calibration(other, path)
+    _euler(other, tm)
+    assert not bool(other.installed_schedule()[5].any())
+
+    kept = opt.installed_schedule().clone()
+    with pytest.raises(ValueError, match="floor_db=0"):
+        fastcache.protect_steps(opt, generate, floor_db=0)
+    with pytest.raises(ValueError, match="data_range=-2"):
+        fastcache.protect_steps(opt, generate, floor_db=30, data_range=-2)
+    with pytest.raises(TypeError, match="final output as a tensor"):
+        fastcache.protect_steps(opt, lambda: None, floor_db=30)
+    assert torch.equal(opt.installed_schedule(), kept)  # a failed run leaves the plan as it was
+    with pytest.raises(ValueError, match="policy='planned'"):
+        fastcache.protect_steps(fastcache.optimize(tm.model, backend="eager"), generate, floor_db=30)
+    with pytest.raises(ValueError, match="calibrated"):
+        fastcache.protect_steps(fastcache.optimize(tm.model, backend="eager", policy="planned"), generate,
+                                floor_db=30)
+
+
+def test_protect_steps_on_a_larger_batch_than_calibration_compares_with_a_full_run():
+    """The single-skip runs may use a new batch size: its capture must not install the plan over them."""
+    tm, opt = _calibrated_tiny()  # its own: protecting steps changes the plans
+    kw = tm.make_inputs(1000.0)
+    big = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    x0 = torch.randn(big["hidden_states"].shape, generator=torch.Generator().manual_seed(5))
+    sig = torch.linspace(1.0, 0.0, STEPS + 1)
+    ratios = []
+
+    def generate():
+        x = x0.clone()
+        with torch.no_grad():
+            for i in range(STEPS):
+                t = torch.full_like(big["timestep"], float(sig[i]) * 1000.0)
+                v = opt(**dict(big, hidden_states=x, timestep=t))[0]
+                x = x + (sig[i + 1] - sig[i]) * v[:, : x.shape[1]]
+        ratios.append(fastcache.get_cache_statistics(opt)["block_approx_ratio"])
+        return x
+
+    fastcache.protect_steps(opt, generate, floor_db=99.0)
+    assert ratios[0] == 0.0  # the reference computed every step, though its batch was captured now
+    assert all(r == pytest.approx(1 / STEPS) for r in ratios[1:])  # then one step skipped per run
+    assert not bool(opt.installed_schedule().any())  # every step broke the 99 dB floor: all compute

@@ -186,7 +186,8 @@ def family(run: dict[str, Any]) -> str:
     if run["kind"] == "fastcache":
         if POLICIES[run["policy"]].peer_fallback is not None:
             return run["policy"]
-        return f"ours {run['policy']}+{run['fallback']}" + (" (sensitivity)" if run.get("sensitivity") else "")
+        return f"ours {run['policy']}+{run['fallback']}" + (" (sensitivity)" if run.get("sensitivity") else "") + (
+            f" (protect {run['protect_db']:g} dB)" if run.get("protect_db") else "")
     return run["kind"]
 
 

@@ -108,6 +108,9 @@ class Method:
     max_skip_steps: int = 0
     #: after calibration, weigh the planned steps by measured error growth (``fastcache.measure_sensitivity``)
     sensitivity: bool = False
+    #: after calibration, always compute the steps whose skip alone takes one of :data:`PROTECT_SEEDS`
+    #: calibration images below this PSNR (``fastcache.protect_steps``); ``None``: off
+    protect: float | None = None
     #: peer options (``PEER_OPTIONS``), as sorted ``(name, value)`` pairs
     options: tuple[tuple[str, float], ...] = ()
 
@@ -133,14 +136,18 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     warmup: int | None = None
     max_skip = 0
     sensitivity = False
+    protect = None
     for o in opts if head not in PEERS else ():
         key, _, val = o.partition("=")
         if key == "sens" and val in ("0", "1"):
             sensitivity = val == "1"
             continue
+        if key == "protect" and val.replace(".", "", 1).isdigit() and 0 < float(val) < 100:
+            protect = float(val)
+            continue
         if key not in ("warmup", "max_skip") or not val.isdigit():
-            raise ValueError(f"method {spec!r}: option {o!r} is not understood; use ':warmup=N', ':max_skip=N' or "
-                             f"':sens=1'")
+            raise ValueError(f"method {spec!r}: option {o!r} is not understood; use ':warmup=N', ':max_skip=N', "
+                             f"':sens=1' or ':protect=DB' (a PSNR floor, e.g. 34)")
         if key == "warmup":
             warmup = int(val)
         else:
@@ -183,8 +190,10 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
         name += f"(w{w},m{max_skip})"
     if sensitivity:
         name += "(sensitivity)"
+    if protect is not None:
+        name += f"(protect {protect:g} dB)"
     return Method(name, "fastcache", policy, fallback, thr or DEFAULT_THRESHOLDS.get(policy, (0.1,)), w, max_skip,
-                  sensitivity=sensitivity)
+                  sensitivity=sensitivity, protect=protect)
 
 
 def _option_given(opts: Sequence[str], key: str) -> bool:
@@ -226,6 +235,22 @@ class _Setup:
     cfg: float
     ref: torch.Tensor
     t_ref: list[float] = field(default_factory=list)
+
+
+#: Calibration images of a ``:protect=DB`` method's single-skip runs (from the calibration seed on):
+#: more than the 4 of ``calibrate``, since the images it must catch are about one in 16.
+PROTECT_SEEDS = 32
+
+
+def protect_seeds(s: _Setup) -> list[int]:
+    """The seeds of ``fastcache.protect_steps`` in the benchmark; never an evaluation seed."""
+    seeds = [s.c_seeds[0] + i for i in range(PROTECT_SEEDS)]
+    overlap = sorted(set(seeds) & set(s.seeds))
+    if overlap:
+        raise ValueError(f"':protect=' runs {PROTECT_SEEDS} calibration seeds from {seeds[0]}, which overlap the "
+                         f"evaluation seeds {overlap[:3]}...; choose a calibration seed at least {PROTECT_SEEDS} "
+                         f"below or above the evaluation seeds")
+    return seeds
 
 
 def _sample(s: _Setup, model, classes, seeds, progress: bool = False) -> tuple[torch.Tensor, float]:
@@ -275,6 +300,11 @@ class _FastCacheRunner:
                 _sample(s, self.opt, s.c_classes, s.c_seeds)
             if m.sensitivity:  # one more generation per step, on the calibration seeds
                 fastcache.measure_sensitivity(self.opt, lambda: _sample(s, self.opt, s.c_classes, s.c_seeds)[0])
+            if m.protect is not None:  # one generation per step on PROTECT_SEEDS calibration seeds
+                seeds = protect_seeds(s)
+                classes = [i % 10 for i in range(len(seeds))]
+                fastcache.protect_steps(self.opt, lambda: _sample(s, self.opt, classes, seeds)[0], floor_db=m.protect,
+                                        data_range=2.0)
             self.calib_s = time.perf_counter() - t0
 
     def prepare(self, threshold: float) -> Any:
@@ -431,6 +461,8 @@ def run_benchmark(
                    "threshold": float(thr), "warmup_steps": m.warmup_steps if m.kind == "fastcache" else None,
                    "max_skip_steps": m.max_skip_steps if m.kind == "fastcache" else None,
                    "sensitivity": m.sensitivity,
+                   "protect_db": m.protect,
+                   "protect_seeds": ([protect_seeds(s)[0], protect_seeds(s)[-1]] if m.protect is not None else None),
                    "replaced_fraction": frac,
                    "flops_saved": _flops_saved(skipped, calls, total_flops, per_block_flops),
                    "per_block_replaced": [k / calls if calls else 0.0 for k in skipped],

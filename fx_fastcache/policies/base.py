@@ -69,6 +69,12 @@ class Policy:
         raise ValueError(f"measure_sensitivity re-plans the steps of policy='planned'; this model uses "
                          f"policy={cls.name!r}: optimize(model, policy='planned') and calibrate it first")
 
+    @classmethod
+    def protect_steps(cls, opt, generate, floor_db, data_range=None) -> list[int]:
+        """Always compute the steps whose skip alone breaks a sample (``policy="planned"`` only)."""
+        raise ValueError(f"protect_steps re-plans the steps of policy='planned'; this model uses "
+                         f"policy={cls.name!r}: optimize(model, policy='planned') and calibrate it first")
+
     @staticmethod
     def config_error(config) -> str | None:
         """Why ``config``'s other fields cannot work with this policy (``None``: they can); checked

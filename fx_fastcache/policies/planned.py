@@ -43,6 +43,8 @@ STEPS_KEY = "planned.steps"
 #: the per-step weights :func:`measure_sensitivity` measured (ones until then).
 ERRORS_KEY = "planned.errors"
 WEIGHTS_KEY = "planned.weights"
+#: Steps that always compute, set by :func:`protect_steps` (bool per step; absent: none).
+PROTECT_KEY = "planned.protected"
 #: Token rows kept per sample, guard, stream and step (strided); bounds calibration memory.
 ROWS_PER_SAMPLE = 64
 
@@ -244,33 +246,48 @@ def replan(store, config, blocks: list[str], device: torch.device) -> torch.Tens
     """Plan every budget from the stored errors times the step weights; store and install the plans."""
     table, weights = store.tensors[ERRORS_KEY].detach().cpu(), store.tensors[WEIGHTS_KEY].detach().cpu()
     n = table.shape[1]
-    err = {(p - 1, c, k): table[p, c, k] * weights[k]
+    protected = store.tensors.get(PROTECT_KEY)
+    protected = set() if protected is None else set(protected.detach().cpu().nonzero().flatten().tolist())
+    inf = torch.tensor(float("inf"))
+    err = {(p - 1, c, k): inf if k in protected else table[p, c, k] * weights[k]
            for p, c, k in (~torch.isnan(table)).nonzero().tolist()}
     plans = plan(err, n, warmup=config.warmup_steps, max_skip=config.max_skip_steps)
     store_put(store, PLANS_KEY, plans)
     install_plan(store, blocks, config.target_fraction, device)
+    warn_unmet(plans, config.target_fraction, protected)
     return plans
 
 
-def measure_sensitivity(opt, generate, metric=None) -> list[float]:
-    """Weigh each step's forecast error by how much it grows by the end of the generation, and re-plan.
+def warn_unmet(plans: torch.Tensor, target_fraction: float, protected: set[int]) -> None:
+    """Log a warning when no plan replaces ``target_fraction``: the forced and protected steps
+    need more computed steps than its budget (the plan then computes more, never fewer)."""
+    n = plans.shape[0]
+    m = budget(target_fraction, n)
+    got = int(plans[m - 1].sum())
+    if got > m:
+        logger.warning("fx-fastcache: policy='planned' cannot replace target_fraction=%.2f (%d computed steps of %d): "
+                       "the warm-up and protected steps %s need %d, so it replaces %.0f %%; lower protect_steps' "
+                       "floor_db or warmup_steps, or ask for less", target_fraction, m, n, sorted(protected), got,
+                       100 * (1 - got / n))
 
-    Why: the planner measures each forecast's error where it is made, but an error in an early
-    step, where the sample's layout is still being decided, grows more by the last step than one
-    in a late step: on pixart-mnist one evaluation image falls to 20 dB whenever step 3 is
-    skipped, though step 3's own error is small.  This runs ``generate()`` (a whole generation
-    on calibration inputs, returning its final output, e.g. latents) once in full and once per
-    skippable step ``k`` with only ``k`` skipped; step ``k``'s weight is the final output's error
-    over the error the planner recorded for that forecast.  Costs one generation per step.
 
-    ``opt``: a calibrated ``policy="planned"`` module.  Returns the weights (1 for forced steps).
+#: ``id`` of the stores whose table :func:`_skip_each` holds: a capture during its runs (a new
+#: input shape) must not install the plan over the single-skip table.
+_held: set[int] = set()
+
+
+def _skip_each(opt, generate):
+    """Run ``generate()`` once in full, then once per skippable step with only that step skipped.
+
+    Yields ``(None, ref)`` first, then ``(k, out)`` for every step past the forced ones; the
+    installed plan is restored afterwards (also when ``generate()`` fails).  ``generate()`` may use
+    another batch than calibration: the capture that this triggers keeps the table installed here.
     """
     store, cfg = opt.store, opt.fastcache_config
     if store.tensors.get(ERRORS_KEY) is None:
-        raise ValueError("measure_sensitivity needs a calibrated policy='planned' model: run "
+        raise ValueError("measure_sensitivity / protect_steps need a calibrated policy='planned' model: run "
                          "`with fastcache.calibrate(model): ...` first")
-    table = store.tensors[ERRORS_KEY].detach().cpu()
-    n = table.shape[1]
+    n = store.tensors[ERRORS_KEY].shape[1]
     blocks = scheduled_blocks(store)
     forced = max(1, min(cfg.warmup_steps, n))
     installed = store.tensors[PLANS_KEY].clone()
@@ -288,26 +305,105 @@ def measure_sensitivity(opt, generate, metric=None) -> list[float]:
                             f"{type(out).__name__}")
         return out.detach().float().cpu()
 
-    weights = torch.ones(n)
+    _held.add(id(store))
     try:
         ref = run(None)
+        yield None, ref
         for k in range(forced, n):
             out = run(k)
             if out.shape != ref.shape:
                 raise ValueError(f"generate() returned shape {tuple(out.shape)}, then {tuple(ref.shape)}: it must "
                                  f"generate the same inputs every time")
+            yield k, out
+    finally:
+        _held.discard(id(store))
+        store_put(store, PLANS_KEY, installed)  # restore before re-planning (and if generate() failed)
+        install_plan(store, blocks, cfg.target_fraction, opt.device)
+
+
+def measure_sensitivity(opt, generate, metric=None) -> list[float]:
+    """Weigh each step's forecast error by how much it grows by the end of the generation, and re-plan.
+
+    Why: the planner measures each forecast's error where it is made, but an error in an early
+    step, where the sample's layout is still being decided, grows more by the last step than one
+    in a late step: on pixart-mnist one evaluation image falls to 20 dB whenever step 3 is
+    skipped, though step 3's own error is small.  This runs ``generate()`` (a whole generation
+    on calibration inputs, returning its final output, e.g. latents) once in full and once per
+    skippable step ``k`` with only ``k`` skipped; step ``k``'s weight is the final output's error
+    over the error the planner recorded for that forecast.  Costs one generation per step.
+
+    ``opt``: a calibrated ``policy="planned"`` module.  Returns the weights (1 for forced steps).
+    """
+    store, cfg = opt.store, opt.fastcache_config
+    runs = _skip_each(opt, generate)
+    table = store.tensors[ERRORS_KEY].detach().cpu() if store.tensors.get(ERRORS_KEY) is not None else None
+    try:
+        _, ref = next(runs)  # raises first if uncalibrated
+        n = table.shape[1]
+        weights = torch.ones(n)
+        for k, out in runs:
             final = (out - ref).flatten(1).norm(dim=1).mean() if metric is None else metric(out, ref)
             recorded = table[max(k - 2, -1) + 1, k - 1, k]
             weights[k] = float(final) / max(float(recorded), 1e-12)
     finally:
-        store_put(store, PLANS_KEY, installed)  # restore before re-planning (and if generate() failed)
-        install_plan(store, blocks, cfg.target_fraction, opt.device)
+        runs.close()  # restores the installed plan if the metric failed
     store_put(store, WEIGHTS_KEY, weights)
-    plans = replan(store, cfg, blocks, opt.device)
+    plans = replan(store, cfg, scheduled_blocks(store), opt.device)
     logger.info("fx-fastcache: step sensitivity %s; target_fraction=%.2f now computes steps %s",
                 [round(float(w), 3) for w in weights], cfg.target_fraction,
                 plans[budget(cfg.target_fraction, n) - 1].nonzero().flatten().tolist())
     return weights.tolist()
+
+
+def protect_steps(opt, generate, floor_db: float, data_range: float | None = None) -> list[int]:
+    """Always compute the steps whose skip alone breaks a calibration sample, and re-plan the rest.
+
+    Why: a few samples amplify an ordinary forecast error at one early step into a different
+    image (pixart-mnist: skipping step 3 alone takes one of 16 evaluation images to 20 dB, step 2
+    another), and nothing a rule sees at that step tells them apart (docs/BENCHMARKS.md).  Such
+    samples are rare, so the error the planner averages over calibration samples, and the
+    sensitivity weights, barely see them.  A worst case over many calibration samples does: this
+    runs ``generate()`` once in full and once per skippable step with only that step skipped, and
+    every step that takes some sample's output below ``floor_db`` PSNR (against the full run's,
+    per sample; peak ``data_range``, default the full output's max − min) is computed by every
+    plan from then on.  Use a larger calibration batch here than for ``calibrate`` (e.g. 32 seeds):
+    the samples it must catch are about one in 16.  Costs one generation per step.
+
+    ``opt``: a calibrated ``policy="planned"`` module.  Returns the protected steps (saved with
+    the calibration; calling it again replaces them).
+    """
+    if not (isinstance(floor_db, (int, float)) and 0 < float(floor_db) < 100):
+        raise ValueError(f"protect_steps: floor_db={floor_db!r} must be a PSNR in dB between 0 and 100 (e.g. 34): "
+                         f"a step that takes a sample's output below it always computes")
+    if data_range is not None and not (isinstance(data_range, (int, float)) and data_range > 0):
+        raise ValueError(f"protect_steps: data_range={data_range!r} must be a positive number (the outputs' peak "
+                         f"range, e.g. 2.0 for images in [-1, 1]) or None (the full output's max - min)")
+    store, cfg = opt.store, opt.fastcache_config
+    runs = _skip_each(opt, generate)
+    try:
+        _, ref = next(runs)  # raises first if uncalibrated
+        peak = float(data_range) if data_range is not None else float(ref.max() - ref.min())
+        if peak <= 0:
+            raise ValueError("protect_steps: generate() returned a constant output, so a PSNR has no peak; pass "
+                             "data_range= (e.g. 2.0 for images in [-1, 1])")
+        n = store.tensors[ERRORS_KEY].shape[1]
+        protected = torch.zeros(n, dtype=torch.bool)
+        worst = {}
+        for k, out in runs:
+            diff = (out.double() - ref.double()).reshape(out.shape[0], -1) if out.ndim > 1 else (out - ref).double()[:, None]
+            psnr = 10.0 * torch.log10(peak ** 2 / diff.pow(2).mean(1).clamp_min(1e-300))
+            worst[k] = float(psnr.min())
+            protected[k] = worst[k] < float(floor_db)
+    finally:
+        runs.close()  # restores the installed plan if anything failed
+    store_put(store, PROTECT_KEY, protected)
+    plans = replan(store, cfg, scheduled_blocks(store), opt.device)
+    steps = protected.nonzero().flatten().tolist()
+    logger.info("fx-fastcache: worst sample PSNR with each step skipped alone %s; steps %s now always compute "
+                "(floor %.1f dB); target_fraction=%.2f computes steps %s",
+                {k: round(v, 1) for k, v in worst.items()}, steps, float(floor_db), cfg.target_fraction,
+                plans[budget(cfg.target_fraction, n) - 1].nonzero().flatten().tolist())
+    return steps
 
 
 def install_plan(store, blocks: list[str], target_fraction: float, device: torch.device) -> bool:
@@ -347,6 +443,10 @@ class PlannedPolicy(SchedulePolicy):
     def measure_sensitivity(cls, opt, generate, metric=None) -> list[float]:
         return measure_sensitivity(opt, generate, metric)
 
+    @classmethod
+    def protect_steps(cls, opt, generate, floor_db, data_range=None) -> list[int]:
+        return protect_steps(opt, generate, floor_db, data_range)
+
     @staticmethod
     def steps_mismatch(store, steps: int) -> str | None:
         planned = plan_steps(store)
@@ -358,7 +458,10 @@ class PlannedPolicy(SchedulePolicy):
     @staticmethod
     def configure_store(store, config, device) -> None:
         """``target_fraction`` changed: install that budget's plan (no re-capture: the graphs read the columns)."""
-        install_plan(store, scheduled_blocks(store), config.target_fraction, device)
+        if install_plan(store, scheduled_blocks(store), config.target_fraction, device):
+            protected = store.tensors.get(PROTECT_KEY)
+            warn_unmet(store.tensors[PLANS_KEY], config.target_fraction,
+                       set() if protected is None else set(protected.cpu().nonzero().flatten().tolist()))
 
     @classmethod
     def calibrator(cls, config) -> PlannedCalibrator:
@@ -377,7 +480,7 @@ class PlannedPolicy(SchedulePolicy):
 
     def make_block_decider(self, index, block, signal_shape, device, dtype, store, group=None):
         global _warned_uncalibrated
-        if index == 0:  # (re-)capture: the plan of the current target_fraction into the planned columns
+        if index == 0 and id(store) not in _held:  # (re-)capture: the current target_fraction's plan
             install_plan(store, scheduled_blocks(store), self.config.target_fraction, device)
         if index == 0 and store.tensors.get(PLANS_KEY) is None and not _warned_uncalibrated:
             _warned_uncalibrated = True
