@@ -292,6 +292,7 @@ class _FastCacheRunner:
         self.opt = fastcache.optimize(s.tm.model, backend=backend, policy=m.policy, fallback=m.fallback,
                                       warmup_steps=m.warmup_steps, max_skip_steps=m.max_skip_steps)
         self.calib_s = 0.0
+        self.protected: list[int] | None = None  # the steps protect_steps made always compute
         for n in {len(s.classes), len(s.t_classes)} - {0}:  # capture outside every timed run
             self.opt.capture(**_batch_kwargs(s.tm, n))
         if m.needs_calibration:
@@ -303,8 +304,8 @@ class _FastCacheRunner:
             if m.protect is not None:  # one generation per step on PROTECT_SEEDS calibration seeds
                 seeds = protect_seeds(s)
                 classes = [i % 10 for i in range(len(seeds))]
-                fastcache.protect_steps(self.opt, lambda: _sample(s, self.opt, classes, seeds)[0], floor_db=m.protect,
-                                        data_range=2.0)
+                self.protected = fastcache.protect_steps(self.opt, lambda: _sample(s, self.opt, classes, seeds)[0],
+                                                         floor_db=m.protect, data_range=2.0)
             self.calib_s = time.perf_counter() - t0
 
     def prepare(self, threshold: float) -> Any:
@@ -463,6 +464,7 @@ def run_benchmark(
                    "sensitivity": m.sensitivity,
                    "protect_db": m.protect,
                    "protect_seeds": ([protect_seeds(s)[0], protect_seeds(s)[-1]] if m.protect is not None else None),
+                   "protected_steps": getattr(runner, "protected", None),
                    "replaced_fraction": frac,
                    "flops_saved": _flops_saved(skipped, calls, total_flops, per_block_flops),
                    "per_block_replaced": [k / calls if calls else 0.0 for k in skipped],
