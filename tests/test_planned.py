@@ -314,6 +314,8 @@ def test_protect_steps_computes_the_steps_that_break_a_sample(tmp_path, caplog):
         fastcache.protect_steps(opt, generate, floor_db=30, data_range=-2)
     with pytest.raises(TypeError, match="final output as a tensor"):
         fastcache.protect_steps(opt, lambda: None, floor_db=30)
+    with pytest.raises(ValueError, match="batch first"):
+        fastcache.protect_steps(opt, lambda: _euler(opt, tm).sum(), floor_db=30)
     assert torch.equal(opt.installed_schedule(), kept)  # a failed run leaves the plan as it was
     with pytest.raises(ValueError, match="policy='planned'"):
         fastcache.protect_steps(fastcache.optimize(tm.model, backend="eager"), generate, floor_db=30)

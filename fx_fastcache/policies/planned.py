@@ -382,6 +382,9 @@ def protect_steps(opt, generate, floor_db: float, data_range: float | None = Non
     runs = _skip_each(opt, generate)
     try:
         _, ref = next(runs)  # raises first if uncalibrated
+        if ref.ndim == 0:
+            raise ValueError("protect_steps: generate() returned a 0-d tensor; return the final output with the "
+                             "batch first (e.g. latents (B, C, H, W)), so each sample gets its own PSNR")
         peak = float(data_range) if data_range is not None else float(ref.max() - ref.min())
         if peak <= 0:
             raise ValueError("protect_steps: generate() returned a constant output, so a PSNR has no peak; pass "
