@@ -293,6 +293,7 @@ class _FastCacheRunner:
                                       warmup_steps=m.warmup_steps, max_skip_steps=m.max_skip_steps)
         self.calib_s = 0.0
         self.protected: list[int] | None = None  # the steps protect_steps made always compute
+        self.protect_seeds: list[int] | None = None  # its first and last calibration seed
         for n in {len(s.classes), len(s.t_classes)} - {0}:  # capture outside every timed run
             self.opt.capture(**_batch_kwargs(s.tm, n))
         if m.needs_calibration:
@@ -303,6 +304,7 @@ class _FastCacheRunner:
                 fastcache.measure_sensitivity(self.opt, lambda: _sample(s, self.opt, s.c_classes, s.c_seeds)[0])
             if m.protect is not None:  # one generation per step on PROTECT_SEEDS calibration seeds
                 seeds = protect_seeds(s)
+                self.protect_seeds = [seeds[0], seeds[-1]]
                 classes = [i % 10 for i in range(len(seeds))]
                 self.protected = fastcache.protect_steps(self.opt, lambda: _sample(s, self.opt, classes, seeds)[0],
                                                          floor_db=m.protect, data_range=2.0)
@@ -463,7 +465,7 @@ def run_benchmark(
                    "max_skip_steps": m.max_skip_steps if m.kind == "fastcache" else None,
                    "sensitivity": m.sensitivity,
                    "protect_db": m.protect,
-                   "protect_seeds": ([protect_seeds(s)[0], protect_seeds(s)[-1]] if m.protect is not None else None),
+                   "protect_seeds": getattr(runner, "protect_seeds", None),
                    "protected_steps": getattr(runner, "protected", None),
                    "replaced_fraction": frac,
                    "flops_saved": _flops_saved(skipped, calls, total_flops, per_block_flops),

@@ -246,8 +246,7 @@ def replan(store, config, blocks: list[str], device: torch.device) -> torch.Tens
     """Plan every budget from the stored errors times the step weights; store and install the plans."""
     table, weights = store.tensors[ERRORS_KEY].detach().cpu(), store.tensors[WEIGHTS_KEY].detach().cpu()
     n = table.shape[1]
-    protected = store.tensors.get(PROTECT_KEY)
-    protected = set() if protected is None else set(protected.detach().cpu().nonzero().flatten().tolist())
+    protected = protected_steps(store)
     inf = torch.tensor(float("inf"))
     err = {(p - 1, c, k): inf if k in protected else table[p, c, k] * weights[k]
            for p, c, k in (~torch.isnan(table)).nonzero().tolist()}
@@ -256,6 +255,12 @@ def replan(store, config, blocks: list[str], device: torch.device) -> torch.Tens
     install_plan(store, blocks, config.target_fraction, device)
     warn_unmet(plans, config.target_fraction, protected)
     return plans
+
+
+def protected_steps(store) -> set[int]:
+    """The steps :func:`protect_steps` made always compute (empty if it never ran)."""
+    t = store.tensors.get(PROTECT_KEY)
+    return set() if t is None else set(t.detach().cpu().nonzero().flatten().tolist())
 
 
 def warn_unmet(plans: torch.Tensor, target_fraction: float, protected: set[int]) -> None:
@@ -336,9 +341,9 @@ def measure_sensitivity(opt, generate, metric=None) -> list[float]:
     """
     store, cfg = opt.store, opt.fastcache_config
     runs = _skip_each(opt, generate)
-    table = store.tensors[ERRORS_KEY].detach().cpu() if store.tensors.get(ERRORS_KEY) is not None else None
     try:
         _, ref = next(runs)  # raises first if uncalibrated
+        table = store.tensors[ERRORS_KEY].detach().cpu()
         n = table.shape[1]
         weights = torch.ones(n)
         for k, out in runs:
@@ -393,7 +398,7 @@ def protect_steps(opt, generate, floor_db: float, data_range: float | None = Non
         protected = torch.zeros(n, dtype=torch.bool)
         worst = {}
         for k, out in runs:
-            diff = (out.double() - ref.double()).reshape(out.shape[0], -1) if out.ndim > 1 else (out - ref).double()[:, None]
+            diff = (out.double() - ref.double()).reshape(out.shape[0], -1)
             psnr = 10.0 * torch.log10(peak ** 2 / diff.pow(2).mean(1).clamp_min(1e-300))
             worst[k] = float(psnr.min())
             protected[k] = worst[k] < float(floor_db)
@@ -462,9 +467,7 @@ class PlannedPolicy(SchedulePolicy):
     def configure_store(store, config, device) -> None:
         """``target_fraction`` changed: install that budget's plan (no re-capture: the graphs read the columns)."""
         if install_plan(store, scheduled_blocks(store), config.target_fraction, device):
-            protected = store.tensors.get(PROTECT_KEY)
-            warn_unmet(store.tensors[PLANS_KEY], config.target_fraction,
-                       set() if protected is None else set(protected.cpu().nonzero().flatten().tolist()))
+            warn_unmet(store.tensors[PLANS_KEY], config.target_fraction, protected_steps(store))
 
     @classmethod
     def calibrator(cls, config) -> PlannedCalibrator:
