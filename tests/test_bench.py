@@ -68,10 +68,13 @@ def test_pareto_keeps_the_upper_frontier():
 
 def test_merge_refuses_different_settings():
     a = {"setup": {"model": "dit-mnist", "n_images": 16, "steps": 20, "cfg": 2.0, "eval_seeds": [0, 1],
-                   "calib_seeds": [5, 6]}, "runs": [{"kind": "none"}, {"kind": "fastcache"}]}
+                   "calib_seeds": [5, 6]}, "runs": [{"kind": "none"}, {"kind": "fastcache", "threshold": 0.1}]}
     b = json.loads(json.dumps(a))
+    b["runs"][1]["threshold"] = 0.2
     merged = merge([a, b])
     assert [r["kind"] for r in merged["runs"]] == ["none", "fastcache", "fastcache"]  # one reference only
+    # a result merged into a file that already holds it adds nothing
+    assert merge([merged, a])["runs"] == merged["runs"]
     b["setup"]["steps"] = 10
     with pytest.raises(ValueError, match="steps"):
         merge([a, b])

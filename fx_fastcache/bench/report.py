@@ -147,8 +147,9 @@ def write_all(result: dict[str, Any], out_dir: str | Path, stem: str) -> dict[st
 def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     """One result from several sweeps of the same model and settings (e.g. run in parallel).
 
-    The setup comes from the first complete result; runs are concatenated in order, and
-    duplicate ``none`` runs are dropped.  Partial results (``setup.partial``) contribute runs.
+    The setup comes from the first complete result; runs are concatenated in order, duplicate
+    ``none`` runs are dropped, and so is a run identical to one already taken (a result merged
+    into a file that already holds it).  Partial results (``setup.partial``) contribute runs.
     """
     full = [r for r in results if not r["setup"].get("partial")]
     if not full:
@@ -165,12 +166,17 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
             raise ValueError(f"cannot merge results of {r['setup'].get('model')!r} into {setup['model']!r}")
     runs: list[dict[str, Any]] = []
     seen_none = False
+    taken: set[str] = set()
     for r in results:
         for run in r["runs"]:
             if run["kind"] == "none":
                 if seen_none:
                     continue
                 seen_none = True
+            key = json.dumps(run, sort_keys=True, default=str)
+            if key in taken:
+                continue
+            taken.add(key)
             runs.append(run)
     setup["merged_from"] = len(results)
     return {"setup": setup, "runs": runs}
