@@ -1,0 +1,57 @@
+"""The seventh session's diagnostic scripts: their forecast rules and plan tables (no model run)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fx_fastcache.fallbacks.forecast import forecast_approx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _stack_with_history(steps):
+    rules = _script("slope_rules")
+    stack = rules.StackSimulator(nn.ModuleList([nn.Identity()]), joint=False)
+    g = torch.Generator().manual_seed(0)
+    stack.hist = [(i, (torch.randn(2, 3, generator=g), None)) for i in steps]
+    return stack
+
+
+def test_slope_rule_std_is_the_library_forecast():
+    stack = _stack_with_history([0, 2, 3])
+    (tp, (rp, _)), (tc, (rc, _)) = stack.hist[-2:]
+    x = torch.zeros(2, 3)
+    want = forecast_approx(x, torch.tensor(5.0), rc, rp, torch.tensor(float(tc)), torch.tensor(float(tp)),
+                           torch.tensor(2))
+    torch.testing.assert_close(stack.forecast(5, "std")[0], want)
+
+
+def test_slope_rules_differ_only_after_adjacent_steps():
+    stack = _stack_with_history([0, 2, 3])  # 2 -> 3 adjacent: base2 takes the slope from 0 -> 3
+    r0, r3 = stack.hist[0][1][0], stack.hist[2][1][0]
+    torch.testing.assert_close(stack.forecast(5, "base2")[0], r3 + (5 - 3) / 3 * (r3 - r0))
+    std, base2 = stack.forecast(5, "std")[0], stack.forecast(5, "base2")[0]
+    torch.testing.assert_close(stack.forecast(5, "avg")[0], 0.5 * (std + base2))
+    assert not torch.allclose(std, base2)
+    far = _stack_with_history([0, 3, 6])  # already two apart: every rule is the library's
+    for rule in ("base2", "avg"):
+        torch.testing.assert_close(far.forecast(8, rule)[0], far.forecast(8, "std")[0])
+
+
+def test_partial_steps_table_and_bad_letter():
+    table_of = _script("partial_steps").table_of
+    t = table_of("FSab", n_blocks=4, split=1)
+    assert t.tolist() == [[False] * 4, [True] * 4, [False, True, True, True], [True, False, False, False]]
+    with pytest.raises(ValueError, match="step 1 is 'x'"):
+        table_of("Fx", n_blocks=4, split=1)
