@@ -53,19 +53,14 @@ def main(argv=None) -> int:
     import fx_fastcache as fastcache
     from fx_fastcache.bench.metrics import psnr
     from fx_fastcache.trained import load_trained, sample
+    from slope_rules import uncached_reference  # benchmarks/ is on sys.path when run as a script
 
     classes, seeds = [i % 10 for i in range(16)], [1000 + i for i in range(16)]
     tm = load_trained(a.model)
     n_blocks = len(tm.model.transformer_blocks)
     if not 0 < a.split < n_blocks:
         p.error(f"--split {a.split}: must be between 1 and {n_blocks - 1} (the model has {n_blocks} blocks)")
-    ref_path = Path(a.out) / f"{Path(a.model).name}-reference.pt"
-    if ref_path.is_file():
-        ref = torch.load(ref_path)
-    else:
-        ref = sample(tm, classes, seeds, steps=steps)
-        ref_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(ref, ref_path)
+    ref = uncached_reference(tm, classes, seeds, steps, Path(a.out) / f"{Path(a.model).name}-reference.pt")
     opt = fastcache.optimize(tm.model, backend="eager", policy="schedule", fallback="forecast", warmup_steps=0)
     for plan in a.plans:
         try:

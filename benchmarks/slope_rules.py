@@ -90,6 +90,18 @@ class StackSimulator(nn.Module):
 RULES = ("std", "base2", "avg", "lsq3")
 
 
+def uncached_reference(tm, classes, seeds, steps: int, path: Path) -> torch.Tensor:
+    """The uncached images of these seeds, generated once and cached in ``path``."""
+    from fx_fastcache.trained import sample
+
+    if path.is_file():
+        return torch.load(path)
+    ref = sample(tm, classes, seeds, steps=steps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ref, path)
+    return ref
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="sd3-mnist")
@@ -120,13 +132,7 @@ def main(argv=None) -> int:
 
     classes, seeds = [i % 10 for i in range(a.images)], [a.first_seed + i for i in range(a.images)]
     tm = load_trained(a.model)
-    ref_path = Path(a.out) / f"{Path(a.model).name}-reference-{seeds[0]}-{len(seeds)}.pt"
-    if ref_path.is_file():
-        ref = torch.load(ref_path)
-    else:
-        ref = sample(tm, classes, seeds, steps=steps)
-        ref_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(ref, ref_path)
+    ref = uncached_reference(tm, classes, seeds, steps, Path(a.out) / f"{Path(a.model).name}-reference-{seeds[0]}-{len(seeds)}.pt")
     stack = StackSimulator(tm.model.transformer_blocks, joint=tm.kind == "sd3")
     tm.model.transformer_blocks = nn.ModuleList([stack])
     for comp in plans:
