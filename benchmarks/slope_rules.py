@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fx_fastcache.runtime.state_ops import forecast_slope  # the library's extrapolation factor
+
 
 class StackSimulator(nn.Module):
     """All blocks as one module: computes on the plan's steps, forecasts the stack residual elsewhere."""
@@ -83,7 +85,7 @@ class StackSimulator(nn.Module):
             tp, rp = far[-1] if far else hist[-2]
         elif rule.startswith("gain"):
             gain = float(rule[4:])
-        f = gain * (i - tc) / (tc - tp)
+        f = gain * float(forecast_slope(*(torch.tensor(float(v)) for v in (i, tc, tp)), torch.tensor(True)))
         return tuple(None if rc[j] is None else rc[j] + f * (rc[j] - rp[j]) for j in range(2))
 
 
