@@ -18,6 +18,8 @@ Groups (per-method grids, chosen to span 45-70 % replaced on 20 steps):
 * ``planned``: ``planned/forecast`` at target fractions 0.45-0.70.
 * ``planned_sens``: the same after ``fastcache.measure_sensitivity``.
 * ``planned_reuse``: ``planned/residual`` (the plan made for plain reuse) at the same fractions.
+* ``planned_blend``: ``planned/forecast_blend`` (the plan made for the blended forecast) at the same
+  fractions.  ``planned_blend_protect``: the same after ``fastcache.protect_steps`` (floor 34 dB).
 * ``planned_protect``: ``planned/forecast`` after ``fastcache.protect_steps`` (floor 34 dB on 32
   calibration seeds, 0-31) at the same fractions; ``planned_protect_low``: floor 28 dB.
 * ``third``: every default and peer on a model nothing was tuned on (``--model out/sd3-mnist``).
@@ -54,6 +56,10 @@ def groups():
         "planned_sens": [m("none", ()), m("planned/forecast:sens=1", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7))],
         # the same plan made for, and run with, plain residual reuse (a zero-order hold, as MagCache)
         "planned_reuse": [m("none", ()), m("planned/residual", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7))],
+        # the plan made for the blended forecast (fallback="forecast_blend", eighth session)
+        "planned_blend": [m("none", ()), m("planned/forecast_blend", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7))],
+        "planned_blend_protect": [m("none", ()),
+                                  m("planned/forecast_blend:protect=34", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7))],
         # the steps whose skip alone breaks one of 32 calibration images always compute (fastcache.protect_steps)
         "planned_protect": [m("none", ()), m("planned/forecast:protect=34", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7))],
         "planned_protect_low": [m("none", ()), m("planned/forecast:protect=28", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7))],

@@ -64,13 +64,17 @@ class FastCacheConfig:
         fallback: What replaces a skipped block: ``"residual_linear"`` (cached residual plus a
             ridge-fitted linear correction of the input change), ``"residual"`` (cached residual
             only), ``"forecast"`` (first-order forecast of the residual in the timestep, from its
-            last two computations), ``"linear"`` (the paper's pure linear map ``W H + b``).
+            last two computations), ``"forecast_blend"`` (the same, except that after two
+            computations at adjacent steps the slope is averaged with the one from the computation
+            before them; one more residual of state; an option for models whose worst image breaks
+            on early forecasts), ``"linear"`` (the paper's pure linear map ``W H + b``).
         policy: Who decides: ``"chi2"`` (per block, the seed's rule with a calibrated scale),
             ``"step_forecast"`` (once per step, before any block runs, from the deviation of
             block 0's modulated input from its linear forecast), ``"first_block_cache"``,
             ``"teacache"``, ``"schedule"`` (a precomputed steps × blocks table), ``"planned"``
             (the steps to compute chosen in calibration, for ``target_fraction``; with the
-            ``"forecast"`` or ``"residual"`` fallback, whose rule the plan replays).
+            ``"forecast"``, ``"forecast_blend"`` or ``"residual"`` fallback, whose rule the plan
+            replays).
         warmup_steps: The first ``warmup_steps`` steps of every generation compute in full.
         max_skip_steps: A block is recomputed after this many consecutive skipped steps
             (``0`` = no limit).  Bounds drift of every fallback.

@@ -87,12 +87,14 @@ def _capture_residuals(model, spec, kwargs):
     return res
 
 
-@pytest.mark.parametrize("fallback", ["residual", "forecast", "linear"])
+@pytest.mark.parametrize("fallback", ["residual", "forecast", "linear", "forecast_blend"])
 def test_forced_approximation_matches_hand_computation(tiny, fallback):
-    """Threshold above any change: after warm-up (2 steps) every block is approximated."""
+    """Threshold above any change: after warm-up (2 steps; 3 for forecast_blend, whose blend needs
+    three adjacent computations) every block is approximated."""
+    warm = 3 if fallback == "forecast_blend" else 2
     opt = fastcache.optimize(tiny.model, backend="eager", policy="chi2", fallback=fallback,
-                             cache_ratio_threshold=1e6, warmup_steps=2)
-    ts = TIMESTEPS[:4]
+                             cache_ratio_threshold=1e6, warmup_steps=warm)
+    ts = TIMESTEPS[:warm + 2]
     out = run_loop(opt, tiny, ts)
     stats = fastcache.get_cache_statistics(opt)
     n_blocks = len(stats["per_block"])
@@ -100,17 +102,17 @@ def test_forced_approximation_matches_hand_computation(tiny, fallback):
     assert all(b["approximated"] == 2 for b in stats["per_block"])
 
     # hand computation with the original model: residuals of the two warm-up steps
-    r = [_capture_residuals(tiny.model, opt.spec, tiny.make_inputs(t, 2)) for t in ts[:2]]
+    r = [_capture_residuals(tiny.model, opt.spec, tiny.make_inputs(t, 2)) for t in ts[:warm]]
     spec = opt.spec
     import inspect
 
-    for step in (2, 3):
+    for step in (warm, warm + 1):
         t = ts[step]
 
         def fallback_for(i, bound, bl):
             outs = []
             for k, name in enumerate(bl.outputs):
-                if r[1][i][k] is None:
+                if r[warm - 1][i][k] is None:
                     outs.append(None)
                     continue
                 x = bound[name]
@@ -119,6 +121,9 @@ def test_forced_approximation_matches_hand_computation(tiny, fallback):
                 elif fallback == "forecast":
                     slope = (t - ts[1]) / (ts[1] - ts[0])
                     y = x + r[1][i][k] + slope * (r[1][i][k] - r[0][i][k])
+                elif fallback == "forecast_blend":  # computed 0, 1, 2 (adjacent): the mean of two forecasts
+                    a, b = (t - ts[2]) / (ts[2] - ts[1]), (t - ts[2]) / (ts[2] - ts[0])
+                    y = x + r[2][i][k] + 0.5 * a * (r[2][i][k] - r[1][i][k]) + 0.5 * b * (r[2][i][k] - r[0][i][k])
                 else:  # uncalibrated linear: identity
                     y = x
                 outs.append(y)

@@ -196,3 +196,20 @@ def test_calibration_constants_are_kept_and_only_state_is_carried(tmp_path):
     got = tiny_loop(OnnxRunner(ex.path), tm, sched.steps)
     for r, o in zip(ref, got):
         assert float((r - o).abs().max()) <= 1e-3
+
+
+def test_forecast_blend_state_is_carried(tmp_path):
+    """fallback="forecast_blend": the third residual and the adjacency flags are carried between
+    steps; the runner equals PyTorch on steps that blend (3, 4) and on steps that do not (6, 7)."""
+    tm = make_tiny("tiny-dit")
+    names = [n for n, _, _ in block_modules(tm.model, resolve_family(tm.model))]
+    rows = [[s in (3, 4, 6, 7)] * len(names) for s in range(8)]
+    cfg = {**FastCacheConfig().to_dict(), "fallback": "forecast_blend"}
+    sched = Schedule(rows, names, model_fingerprint(tm.model), cfg, "test")
+    ex = export_onnx(tm.model, sched, tm.make_inputs(1000.0, 2), tmp_path / "blend.onnx")
+    ins = [i.name for i in onnx.load(str(ex.path)).graph.input]
+    assert any(n.endswith("r_q0") for n in ins) and any(n.endswith("adjacent") for n in ins)
+    ref = tiny_loop(optimize_with_schedule(tm.model, sched), tm, sched.steps)
+    got = tiny_loop(OnnxRunner(ex.path), tm, sched.steps)
+    for step, (r, g) in enumerate(zip(ref, got)):
+        assert float((r - g).abs().max()) <= 1e-3, step

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fx_fastcache as fastcache
-from fx_fastcache.policies.planned import budget, forecast_errors, plan
+from fx_fastcache.policies.planned import blend_errors, budget, forecast_errors, plan
 from fx_fastcache.zoo import make_tiny
 
 STEPS = 8
@@ -27,8 +27,9 @@ def _euler(model, tm, seed: int = 0, steps: int = STEPS):
     return x
 
 
-def _brute(err, n, m, warmup, max_skip):
-    """The cheapest set of ``m`` computed steps by enumeration (summed error, mean over samples)."""
+def _brute(err, n, m, warmup, max_skip, adjacent=None):
+    """The cheapest set of ``m`` computed steps by enumeration (summed error, mean over samples);
+    ``adjacent[(q, c, k)]`` replaces ``err[(c − 1, c, k)]`` when ``q`` is computed before ``c − 1``."""
     best = None
     forced = max(1, warmup)
     for rest in itertools.combinations(range(forced, n), m - forced):
@@ -40,7 +41,9 @@ def _brute(err, n, m, warmup, max_skip):
         for i, c in enumerate(comp):
             p = comp[i - 1] if i else -1
             nxt = comp[i + 1] if i + 1 < len(comp) else n
-            cost += sum(float(err[(p, c, k)].mean()) for k in range(c + 1, nxt))
+            q = comp[i - 2] if i >= 2 else -1
+            table, key = (adjacent, (q, c)) if adjacent is not None and p == c - 1 and q >= 0 else (err, (p, c))
+            cost += sum(float(table[key + (k,)].mean()) for k in range(c + 1, nxt))
         if best is None or cost < best[0] - 1e-12:
             best = (cost, comp)
     return best
@@ -60,6 +63,44 @@ def test_plan_finds_the_cheapest_computed_steps(warmup, max_skip):
         got = plans[m - 1].nonzero().flatten().tolist()
         assert len(got) == m
         assert got == want[1], (m, got, want)
+
+
+@pytest.mark.parametrize("warmup,max_skip", [(0, 0), (3, 0), (1, 2), (2, 1)])
+def test_plan_for_the_blended_forecast_finds_the_cheapest_computed_steps(warmup, max_skip):
+    """fallback="forecast_blend": after adjacent computed steps the error depends on the step before."""
+    g = torch.Generator().manual_seed(100 + warmup * 10 + max_skip)
+    n = 8
+    err = {(p, c, k): torch.rand(3, generator=g) * (k - c) for c in range(n) for p in range(-1, c)
+           for k in range(c + 1, n)}
+    adjacent = {(q, c, k): torch.rand(3, generator=g) * (k - c) * 0.6 for c in range(2, n) for q in range(c - 1)
+                for k in range(c + 1, n)}
+    plans = plan(err, n, warmup=warmup, max_skip=max_skip, adjacent=adjacent)
+    differs = 0
+    for m in range(max(1, warmup), n + 1):
+        want = _brute(err, n, m, warmup, max_skip, adjacent)
+        if want is None:
+            continue
+        got = plans[m - 1].nonzero().flatten().tolist()
+        assert got == want[1], (m, got, want)
+        differs += got != _brute(err, n, m, warmup, max_skip)[1]
+    assert differs  # the adjacent errors changed some plan, so the test sees them
+
+
+def test_blend_errors_average_the_two_forecasts():
+    """The blended forecast's error is that of the mean of the forecasts through (c − 1, c) and (q, c)."""
+    ts = [1000.0, 800.0, 700.0, 600.0, 300.0]
+    res = [[torch.randn(2, 4, 8)] for _ in ts]
+    outs = [[torch.randn(2, 4, 8)] for _ in ts]
+    err = blend_errors(ts, res, outs)
+    assert set(err) == {(q, c, k) for c in range(2, 5) for q in range(c - 1) for k in range(c + 1, 5)}
+    q, c, k = 0, 3, 4
+    r = [x[0] for x in res]
+    a = (ts[k] - ts[c]) / (ts[c] - ts[c - 1])
+    b = (ts[k] - ts[c]) / (ts[c] - ts[q])
+    r_hat = r[c] + 0.5 * a * (r[c] - r[c - 1]) + 0.5 * b * (r[c] - r[q])
+    ln = lambda z: torch.nn.functional.layer_norm(z, z.shape[-1:])  # noqa: E731
+    want = (ln(outs[k][0] + r_hat - r[k]) - ln(outs[k][0])).flatten(1).norm(dim=1) * abs(ts[k])  # last step's weight
+    torch.testing.assert_close(err[(q, c, k)], want)
 
 
 def test_forecast_errors_vanish_where_the_forecast_is_exact():
@@ -91,6 +132,34 @@ def test_plan_for_the_residual_fallback_matches_its_schedule():
     ref = fastcache.optimize(tm.model, backend="eager", policy="schedule", fallback="residual")
     fastcache.set_schedule(ref, opt.installed_schedule())
     assert torch.equal(_euler(ref, tm), out)
+
+
+def test_plan_for_the_blended_forecast_matches_its_schedule(tmp_path):
+    """fallback="forecast_blend": calibration stores the adjacent errors, the plan is made with them,
+    and the images are those of its table; a calibration for another fallback is refused by name."""
+    from fx_fastcache.policies.planned import ADJACENT_ERRORS_KEY
+
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, backend="eager", policy="planned", fallback="forecast_blend",
+                             target_fraction=0.5)
+    with fastcache.calibrate(opt):
+        _euler(opt, tm, seed=1)
+    adj = opt.store.tensors[ADJACENT_ERRORS_KEY]
+    assert adj.shape == (STEPS, STEPS, STEPS) and int((~torch.isnan(adj)).sum()) > 0
+    fastcache.reset(opt)
+    out = _euler(opt, tm)
+    assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] == pytest.approx(0.5)
+    ref = fastcache.optimize(tm.model, backend="eager", policy="schedule", fallback="forecast_blend")
+    fastcache.set_schedule(ref, opt.installed_schedule())
+    assert torch.equal(_euler(ref, tm), out)
+    path = tmp_path / "forecast.safetensors"
+    other = fastcache.optimize(tm.model, backend="eager", policy="planned", fallback="forecast", target_fraction=0.5)
+    with fastcache.calibrate(other):
+        _euler(other, tm, seed=1)
+    fastcache.save_calibration(other, path)
+    with pytest.raises(ValueError, match=r"planned policy='planned' for fallback='forecast'.*calibrate with "
+                                         r"fallback='forecast_blend'"):
+        fastcache.load_calibration(opt, path)
 
 
 def _calibrated_tiny():

@@ -258,3 +258,28 @@ def test_optimize_with_step_dispatch_keeps_the_api() -> None:
         fastcache.optimize(tm.model, policy="chi2", step_dispatch="eager")
     with pytest.raises(ValueError, match="step_dispatch='fast' is not supported"):
         fastcache.optimize(tm.model, step_dispatch="fast")
+
+
+@pytest.mark.slow
+def test_forecast_blend_through_compiled_dispatch_matches_eager() -> None:
+    """fallback="forecast_blend" (three residuals, an adjacency flag): host-decided dispatch compiled
+    by inductor equals the eager in-graph guards; it differs from "forecast" exactly at the steps
+    forecast after two adjacent computations that had one before them."""
+    tm = make_tiny("tiny-dit")
+    n = len(STEPS)
+    # computed 0, 1, 2 (adjacent: steps 3-4 blend), 5, 7 (not adjacent: step 8 is the plain forecast)
+    rows = torch.tensor([s not in (0, 1, 2, 5, 7) for s in range(n)])
+    outs = {}
+    for fallback in ("forecast", "forecast_blend"):
+        ref, opt = (fastcache.optimize(tm.model, backend="eager", policy="schedule", fallback=fallback)
+                    for _ in range(2))
+        for m in (ref, opt):
+            fastcache.set_schedule(m, rows.unsqueeze(1).expand(n, len(m.block_names())).contiguous())
+        disp = StepDispatch(opt, compile_mode="default", decide="host")
+        with torch.no_grad():
+            outs[fallback] = [ref(**tm.make_inputs(t, 2))[0] for t in STEPS]
+            got = [disp(**tm.make_inputs(t, 2))[0] for t in STEPS]
+        for a, b in zip(got, outs[fallback]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    same = [torch.equal(a, b) for a, b in zip(outs["forecast"], outs["forecast_blend"])]
+    assert same == [s not in (3, 4) for s in range(n)], same  # steps 6, 8, 9: last two computed not adjacent

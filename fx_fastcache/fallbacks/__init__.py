@@ -2,6 +2,7 @@
 from ..runtime.store import CalibrationStore
 from .base import Fallback, StreamInfo
 from .forecast import ForecastFallback
+from .forecast_blend import ForecastBlendFallback
 from .linear import LinearFallback
 from .residual import ResidualFallback
 from .residual_linear import ResidualLinearFallback
@@ -10,6 +11,7 @@ FALLBACKS: dict[str, type[Fallback]] = {
     "residual": ResidualFallback,
     "residual_linear": ResidualLinearFallback,
     "forecast": ForecastFallback,
+    "forecast_blend": ForecastBlendFallback,
     "linear": LinearFallback,
 }
 

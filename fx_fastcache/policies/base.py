@@ -44,6 +44,9 @@ class Policy:
     peer_fallback: str | None = None
     #: The config field a benchmark sweeps to trade speed for fidelity.
     sweep_field: str = "cache_ratio_threshold"
+    #: Calibration is made for the configured fallback's rule (``planned`` replays it): a calibration
+    #: file made with another fallback is refused when loaded.
+    plans_for_fallback: bool = False
 
     def __init__(self, config) -> None:
         self.config = config

@@ -11,7 +11,9 @@ residuals, compared after a parameter-free layer norm over the channels (what a 
 the step size.  A dynamic program over ``(p, c)`` pairs then finds, for every budget of computed
 steps, the set that minimises the summed error (mean over the calibration samples; a
 root-mean-square or an 8th-power mean picked the same or worse plans, docs/BENCHMARKS.md), and
-``target_fraction`` picks the budget.
+``target_fraction`` picks the budget.  With ``fallback="forecast_blend"`` the forecast after two
+adjacent computed steps also reads the computed step before them (:func:`blend_errors`), and the
+program's state carries that step.
 
 The plan is a ``steps × blocks`` table of the ``schedule`` policy, so every decision is known
 before the step: step dispatch reads it on the host without a sync, and it exports to ONNX
@@ -70,9 +72,42 @@ def step_weights(ts: list[float]) -> list[float]:
 
 
 #: The fallbacks a plan can be made for, and the order of their forecast in the timestep:
-#: ``forecast`` extrapolates the residual linearly (1), ``residual`` reuses it (0).  The fitted
-#: fallbacks correct the residual with the input change, which the recorded rows cannot replay.
-FORECAST_ORDER = {"forecast": 1, "residual": 0}
+#: ``forecast`` and ``forecast_blend`` extrapolate the residual linearly (1), ``residual`` reuses it
+#: (0).  The fitted fallbacks correct the residual with the input change, which the recorded rows
+#: cannot replay.
+FORECAST_ORDER = {"forecast": 1, "forecast_blend": 1, "residual": 0}
+#: Fallbacks whose forecast after two adjacent computed steps also reads the one before them: their
+#: plans need :func:`blend_errors` (``forecast_blend``).
+BLENDED = frozenset({"forecast_blend"})
+#: ``[q, c, k]``: the mean error of forecasting ``k`` with ``forecast_blend`` from computed steps
+#: ``q < c − 1 < c`` (NaN: no such triple); stored only for that fallback.
+ADJACENT_ERRORS_KEY = "planned.errors_adjacent"
+
+
+class _ErrorMeter:
+    """The planner's error of replacing step ``k``'s residuals by a forecast, over every stream:
+    ``‖LN(y + R̂ − R) − LN(y)‖`` summed over streams (per sample), times the step weight."""
+
+    def __init__(self, ts: list[float], residuals: list[list[torch.Tensor]], outputs: list[list[torch.Tensor]]):
+        self.ts, self.residuals, self.outputs = ts, residuals, outputs
+        self.w = step_weights(ts)
+        self.normed = [[self.ln(y) for y in ys] for ys in outputs]
+
+    @staticmethod
+    def ln(z: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(z, z.shape[-1:])
+
+    def slope(self, k: int, c: int, p: int) -> float:
+        """The forecast's extrapolation factor ``(t_k − t_c) / (t_c − t_p)``."""
+        ts = self.ts
+        return (ts[k] - ts[c]) / (ts[c] - ts[p])
+
+    def __call__(self, k: int, forecast) -> torch.Tensor:
+        e = 0.0
+        for j, (r_k, y_k) in enumerate(zip(self.residuals[k], self.outputs[k])):
+            d = self.ln(y_k + (forecast(j) - r_k)) - self.normed[k][j]
+            e = e + d.flatten(1).pow(2).sum(1)
+        return self.w[k] * torch.as_tensor(e).sqrt()
 
 
 def forecast_errors(ts: list[float], residuals: list[list[torch.Tensor]], outputs: list[list[torch.Tensor]],
@@ -86,29 +121,44 @@ def forecast_errors(ts: list[float], residuals: list[list[torch.Tensor]], output
     over streams, times the step weight.
     """
     n = len(ts)
-    w = step_weights(ts)
-
-    def ln(z: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(z, z.shape[-1:])
-
-    normed = [[ln(y) for y in ys] for ys in outputs]
+    meter = _ErrorMeter(ts, residuals, outputs)
+    r = residuals
     err: dict[tuple[int, int, int], torch.Tensor] = {}
     for c in range(n):
         for p in range(-1, c):
             if p >= 0 and ts[c] == ts[p]:
                 continue
             for k in range(c + 1, n):
-                s = (ts[k] - ts[c]) / (ts[c] - ts[p]) if p >= 0 and order == 1 else 0.0
-                e = 0.0
-                for j, (r_k, y_k) in enumerate(zip(residuals[k], outputs[k])):
-                    r_hat = residuals[c][j] + s * (residuals[c][j] - residuals[p][j]) if s else residuals[c][j]
-                    d = ln(y_k + (r_hat - r_k)) - normed[k][j]
-                    e = e + d.flatten(1).pow(2).sum(1)
-                err[(p, c, k)] = w[k] * torch.as_tensor(e).sqrt()
+                s = meter.slope(k, c, p) if p >= 0 and order == 1 else 0.0
+                err[(p, c, k)] = meter(k, lambda j: r[c][j] + s * (r[c][j] - r[p][j]) if s else r[c][j])
     return err
 
 
-def plan(err: dict[tuple[int, int, int], torch.Tensor], n: int, warmup: int = 0, max_skip: int = 0) -> torch.Tensor:
+def blend_errors(ts: list[float], residuals: list[list[torch.Tensor]],
+                 outputs: list[list[torch.Tensor]]) -> dict[tuple[int, int, int], torch.Tensor]:
+    """``err[(q, c, k)]``: per-sample error of forecasting step ``k`` with the ``forecast_blend`` rule
+    when the last computed steps are ``q < c − 1 < c`` (``c − 1`` and ``c`` adjacent): the mean of the
+    first-order forecasts through ``(c − 1, c)`` and ``(q, c)``.  Every other case of that fallback is
+    the ``forecast`` rule, whose errors :func:`forecast_errors` gives."""
+    n = len(ts)
+    meter = _ErrorMeter(ts, residuals, outputs)
+    r = residuals
+    err: dict[tuple[int, int, int], torch.Tensor] = {}
+    for c in range(2, n):
+        p = c - 1
+        if ts[c] == ts[p]:
+            continue
+        for q in range(0, p):
+            if ts[c] == ts[q]:
+                continue
+            for k in range(c + 1, n):
+                a, b = 0.5 * meter.slope(k, c, p), 0.5 * meter.slope(k, c, q)
+                err[(q, c, k)] = meter(k, lambda j: r[c][j] + a * (r[c][j] - r[p][j]) + b * (r[c][j] - r[q][j]))
+    return err
+
+
+def plan(err: dict[tuple[int, int, int], torch.Tensor], n: int, warmup: int = 0, max_skip: int = 0,
+         adjacent: dict[tuple[int, int, int], torch.Tensor] | None = None) -> torch.Tensor:
     """Every budget's best computed-step set: a (n, n) bool tensor whose row ``M − 1`` marks the ``M``
     computed steps with the least summed forecast error (mean over the calibration samples).
 
@@ -117,55 +167,72 @@ def plan(err: dict[tuple[int, int, int], torch.Tensor], n: int, warmup: int = 0,
     first ``warmup`` steps always compute; no more than ``max_skip`` steps in a row are skipped
     (``0``: no cap).  A budget that cannot be met under those constraints gets the plan of the
     nearest feasible larger budget.
+
+    ``adjacent`` (the ``forecast_blend`` fallback, :func:`blend_errors`): the errors ``[(q, c, k)]``
+    that replace ``err[(c − 1, c, k)]`` when step ``q`` is the computed step before ``c − 1``; the
+    program's state then also holds ``q`` after two adjacent computed steps (still O(n³) states).
     """
     inf = float("inf")
     forced = max(1, min(warmup, n))
     size = n + 2  # budgets 0..n+1 (index = number of computed steps)
     mean = {key: float(v.float().mean()) for key, v in err.items()}
-    best: dict[tuple[int, int], torch.Tensor] = {}
-    parent: dict[tuple[int, int], torch.Tensor] = {}
-    start = (forced - 2 if forced >= 2 else -1, forced - 1)
+    amean = {} if adjacent is None else {key: float(v.float().mean()) for key, v in adjacent.items()}
+
+    def cost(p: int, c: int, q: int, k: int) -> float:  # (q, c, k) absent: t_q = t_c, the plain forecast
+        return amean[(q, c, k)] if q >= 0 and (q, c, k) in amean else mean[(p, c, k)]
+
+    # a state is (p, c, q): the last two computed steps, and q the one before p when p = c − 1 and
+    # the fallback blends (−1: none before p; −2: not tracked)
+    enc = n + 3  # parent codes: p * enc + (q + 2)
+    best: dict[tuple[int, int, int], torch.Tensor] = {}
+    parent: dict[tuple[int, int, int], torch.Tensor] = {}
+    if forced >= 2:
+        start = (forced - 2, forced - 1, (forced - 3 if forced >= 3 else -1) if adjacent is not None else -2)
+    else:
+        start = (-1, forced - 1, -2)
     best[start] = torch.full((size,), inf, dtype=torch.float64)
     best[start][forced] = 0.0
     parent[start] = torch.full((size,), -2, dtype=torch.long)
     end_cost = torch.full((size,), inf, dtype=torch.float64)
-    end_state: dict[int, tuple[int, int]] = {}
+    end_state: dict[int, tuple[int, int, int]] = {}
     for c in range(forced - 1, n):
         for p in range(-1, c):
-            d = best.get((p, c))
-            if d is None or not bool(torch.isfinite(d).any()):
-                continue
-            can_skip = c == n - 1 or (p, c, c + 1) in mean  # (p, c) at one timestep: no forecast from them
-            last = c + 1 if not can_skip else (n if max_skip <= 0 else min(n, c + max_skip + 1))
-            e = 0.0
-            for nxt in range(c + 1, last + 1):
-                if nxt > c + 1:
-                    e += mean[(p, c, nxt - 1)]
-                cand = d + e
-                if nxt == n:
-                    better = cand < end_cost
-                    end_cost = torch.where(better, cand, end_cost)
-                    for m in better.nonzero().flatten().tolist():
-                        end_state[m] = (p, c)
+            for q in range(-2, p):
+                state = (p, c, q)
+                d = best.get(state)
+                if d is None or not bool(torch.isfinite(d).any()):
                     continue
-                key = (c, nxt)
-                if key not in best:
-                    best[key] = torch.full((size,), inf, dtype=torch.float64)
-                    parent[key] = torch.full((size,), -2, dtype=torch.long)
-                shifted = torch.full((size,), inf, dtype=torch.float64)
-                shifted[1:] = cand[:-1]  # one more computed step
-                better = shifted < best[key]
-                best[key] = torch.where(better, shifted, best[key])
-                parent[key] = torch.where(better, torch.full_like(parent[key], p), parent[key])
+                can_skip = c == n - 1 or (p, c, c + 1) in mean  # (p, c) at one timestep: no forecast from them
+                last = c + 1 if not can_skip else (n if max_skip <= 0 else min(n, c + max_skip + 1))
+                e = 0.0
+                for nxt in range(c + 1, last + 1):
+                    if nxt > c + 1:
+                        e += cost(p, c, q, nxt - 1)
+                    cand = d + e
+                    if nxt == n:
+                        better = cand < end_cost
+                        end_cost = torch.where(better, cand, end_cost)
+                        for m in better.nonzero().flatten().tolist():
+                            end_state[m] = state
+                        continue
+                    key = (c, nxt, p if adjacent is not None and nxt == c + 1 else -2)
+                    if key not in best:
+                        best[key] = torch.full((size,), inf, dtype=torch.float64)
+                        parent[key] = torch.full((size,), -2, dtype=torch.long)
+                    shifted = torch.full((size,), inf, dtype=torch.float64)
+                    shifted[1:] = cand[:-1]  # one more computed step
+                    better = shifted < best[key]
+                    best[key] = torch.where(better, shifted, best[key])
+                    parent[key] = torch.where(better, torch.full_like(parent[key], p * enc + q + 2), parent[key])
     plans = torch.zeros(n, n, dtype=torch.bool)
     for m in range(n, 0, -1):
         if m in end_state and m <= n:
-            p, c = end_state[m]
-            steps, k = [c], m
-            while (p, c) != start:
-                prev = int(parent[(p, c)][k])
-                steps.append(p)
-                p, c, k = prev, p, k - 1
+            state, k = end_state[m], m
+            steps = [state[1]]
+            while state != start:
+                pp, qq = divmod(int(parent[state][k]), enc)
+                steps.append(state[0])
+                state, k = (pp, state[0], qq - 2), k - 1
             plans[m - 1, [s for s in steps if s >= 0]] = True
             plans[m - 1, :forced] = True
         elif m < n:
@@ -190,8 +257,8 @@ class PlannedCalibrator(Calibrator):
     """Records every step's span residuals and outputs (strided token rows) during calibration and
     plans the computed steps of every budget (:func:`forecast_errors`, :func:`plan`)."""
 
-    def __init__(self, order: int = 1) -> None:
-        self.order = order
+    def __init__(self, order: int = 1, blended: bool = False) -> None:
+        self.order, self.blended = order, blended
         # generations -> steps -> (t, [residual rows per stream], [output rows per stream])
         self.generations: list[list[tuple[float, list[torch.Tensor], list[torch.Tensor]]]] = []
         self.blocks: list[str] = []
@@ -219,20 +286,9 @@ class PlannedCalibrator(Calibrator):
             raise ValueError(f"policy='planned' plans one step count, but the calibration generations ran {lengths} "
                              f"steps; calibrate with generations of the step count you will sample with")
         n = lengths[0]
-        cost = None
-        for gen in self.generations:
-            ts = [s[0] for s in gen]
-            e = forecast_errors(ts, [s[1] for s in gen], [s[2] for s in gen], self.order)
-            cost = e if cost is None else {k: torch.cat([cost[k], v]) for k, v in e.items()}
-        if self.group is not None:  # every rank saw its own tokens: plan on the errors of all of them
-            keys = sorted(cost)
-            sq = torch.stack([cost[k].pow(2) for k in keys])
-            sq = all_reduce_sum(sq.to(self.device), self.group).cpu()
-            cost = {k: sq[i].sqrt() for i, k in enumerate(keys)}
-        table = torch.full((n + 1, n, n), float("nan"), dtype=torch.float32)
-        for (p, c, k), v in cost.items():
-            table[p + 1, c, k] = float(v.float().mean())
-        store_put(store, ERRORS_KEY, table)
+        store_put(store, ERRORS_KEY, self._table(n, forecast_errors, self.order, offset=1))
+        if self.blended:
+            store_put(store, ADJACENT_ERRORS_KEY, self._table(n, blend_errors, offset=0))
         store_put(store, WEIGHTS_KEY, torch.ones(n))
         store_put(store, STEPS_KEY, torch.tensor(n))
         plans = replan(store, config, self.blocks, self.device)
@@ -240,6 +296,24 @@ class PlannedCalibrator(Calibrator):
         logger.info("fx-fastcache: planned %d generation(s) of %d steps; target_fraction=%.2f computes steps %s",
                     len(self.generations), n, config.target_fraction, plans[m - 1].nonzero().flatten().tolist())
         return {"planned.steps": float(n), "planned.computed": float(int(plans[m - 1].sum()))}
+
+
+    def _table(self, n: int, errors, *args, offset: int) -> torch.Tensor:
+        """The mean over every calibration sample (and rank) of ``errors(ts, residuals, outputs, *args)``
+        as a ``[first + offset, c, k]`` table (NaN: no such triple)."""
+        cost = None
+        for gen in self.generations:
+            e = errors([s[0] for s in gen], [s[1] for s in gen], [s[2] for s in gen], *args)
+            cost = e if cost is None else {k: torch.cat([cost[k], v]) for k, v in e.items()}
+        if self.group is not None and cost:  # every rank saw its own tokens: plan on the errors of all of them
+            keys = sorted(cost)
+            sq = torch.stack([cost[k].pow(2) for k in keys])
+            sq = all_reduce_sum(sq.to(self.device), self.group).cpu()
+            cost = {k: sq[i].sqrt() for i, k in enumerate(keys)}
+        table = torch.full((n + offset, n, n), float("nan"), dtype=torch.float32)
+        for (p, c, k), v in (cost or {}).items():
+            table[p + offset, c, k] = float(v.float().mean())
+        return table
 
 
 def replan(store, config, blocks: list[str], device: torch.device) -> torch.Tensor:
@@ -250,7 +324,17 @@ def replan(store, config, blocks: list[str], device: torch.device) -> torch.Tens
     inf = torch.tensor(float("inf"))
     err = {(p - 1, c, k): inf if k in protected else table[p, c, k] * weights[k]
            for p, c, k in (~torch.isnan(table)).nonzero().tolist()}
-    plans = plan(err, n, warmup=config.warmup_steps, max_skip=config.max_skip_steps)
+    adjacent = None
+    if config.fallback in BLENDED:
+        adj = store.tensors.get(ADJACENT_ERRORS_KEY)
+        if adj is None:
+            raise ValueError(f"fallback={config.fallback!r}: this calibration was made for another fallback and holds "
+                             f"no errors for its forecast after adjacent computed steps; calibrate again with "
+                             f"fallback={config.fallback!r}")
+        adj = adj.detach().cpu()
+        adjacent = {(q, c, k): inf if k in protected else adj[q, c, k] * weights[k]
+                    for q, c, k in (~torch.isnan(adj)).nonzero().tolist()}
+    plans = plan(err, n, warmup=config.warmup_steps, max_skip=config.max_skip_steps, adjacent=adjacent)
     store_put(store, PLANS_KEY, plans)
     install_plan(store, blocks, config.target_fraction, device)
     warn_unmet(plans, config.target_fraction, protected)
@@ -349,6 +433,8 @@ def measure_sensitivity(opt, generate, metric=None) -> list[float]:
         for k, out in runs:
             final = (out - ref).flatten(1).norm(dim=1).mean() if metric is None else metric(out, ref)
             recorded = table[max(k - 2, -1) + 1, k - 1, k]
+            if cfg.fallback in BLENDED and k >= 3:  # computed k − 3, k − 2, k − 1: the blended forecast
+                recorded = store.tensors[ADJACENT_ERRORS_KEY].detach().cpu()[k - 3, k - 1, k]
             weights[k] = float(final) / max(float(recorded), 1e-12)
     finally:
         runs.close()  # restores the installed plan if the metric failed
@@ -438,6 +524,7 @@ class PlannedPolicy(SchedulePolicy):
     needs_calibration = True
 
     sweep_field = "target_fraction"
+    plans_for_fallback = True  # the plan is made for the fallback's forecast
 
     @staticmethod
     def config_error(config) -> str | None:
@@ -471,7 +558,7 @@ class PlannedPolicy(SchedulePolicy):
 
     @classmethod
     def calibrator(cls, config) -> PlannedCalibrator:
-        return PlannedCalibrator(FORECAST_ORDER[config.fallback])
+        return PlannedCalibrator(FORECAST_ORDER[config.fallback], config.fallback in BLENDED)
 
     @staticmethod
     def install_table(store, blocks, table, device) -> None:
