@@ -120,43 +120,39 @@ def test_forecast_errors_vanish_where_the_forecast_is_exact():
     assert forecast_errors(ts, const, outs, order=0)[(0, 1, 3)].max() < 1e-5
 
 
-def test_plan_for_the_residual_fallback_matches_its_schedule():
-    """fallback="residual": the plan is made for reuse and the images are those of its table."""
-    tm = make_tiny("tiny-dit")
-    opt = fastcache.optimize(tm.model, backend="eager", policy="planned", fallback="residual", target_fraction=0.5)
+def _planned(tm, fallback: str):
+    """``policy="planned"`` at 50 % for ``fallback``, calibrated on one 8-step generation."""
+    opt = fastcache.optimize(tm.model, backend="eager", policy="planned", fallback=fallback, target_fraction=0.5)
     with fastcache.calibrate(opt):
         _euler(opt, tm, seed=1)
+    return opt
+
+
+@pytest.mark.parametrize("fallback", ["residual", "forecast_blend"])
+def test_plan_for_the_fallback_matches_its_schedule(fallback):
+    """The plan is made for the configured fallback (reuse; the blended forecast) and the images are
+    those of its table under policy="schedule" with that fallback."""
+    tm = make_tiny("tiny-dit")
+    opt = _planned(tm, fallback)
     fastcache.reset(opt)
     out = _euler(opt, tm)
     assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] == pytest.approx(0.5)
-    ref = fastcache.optimize(tm.model, backend="eager", policy="schedule", fallback="residual")
+    ref = fastcache.optimize(tm.model, backend="eager", policy="schedule", fallback=fallback)
     fastcache.set_schedule(ref, opt.installed_schedule())
     assert torch.equal(_euler(ref, tm), out)
 
 
-def test_plan_for_the_blended_forecast_matches_its_schedule(tmp_path):
-    """fallback="forecast_blend": calibration stores the adjacent errors, the plan is made with them,
-    and the images are those of its table; a calibration for another fallback is refused by name."""
+def test_blended_calibration_stores_its_errors_and_refuses_another_fallbacks(tmp_path):
+    """fallback="forecast_blend": calibration stores the errors after adjacent computed steps; a
+    calibration file planned for another fallback is refused by name."""
     from fx_fastcache.policies.planned import ADJACENT_ERRORS_KEY
 
     tm = make_tiny("tiny-dit")
-    opt = fastcache.optimize(tm.model, backend="eager", policy="planned", fallback="forecast_blend",
-                             target_fraction=0.5)
-    with fastcache.calibrate(opt):
-        _euler(opt, tm, seed=1)
+    opt = _planned(tm, "forecast_blend")
     adj = opt.store.tensors[ADJACENT_ERRORS_KEY]
     assert adj.shape == (STEPS, STEPS, STEPS) and int((~torch.isnan(adj)).sum()) > 0
-    fastcache.reset(opt)
-    out = _euler(opt, tm)
-    assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] == pytest.approx(0.5)
-    ref = fastcache.optimize(tm.model, backend="eager", policy="schedule", fallback="forecast_blend")
-    fastcache.set_schedule(ref, opt.installed_schedule())
-    assert torch.equal(_euler(ref, tm), out)
     path = tmp_path / "forecast.safetensors"
-    other = fastcache.optimize(tm.model, backend="eager", policy="planned", fallback="forecast", target_fraction=0.5)
-    with fastcache.calibrate(other):
-        _euler(other, tm, seed=1)
-    fastcache.save_calibration(other, path)
+    fastcache.save_calibration(_planned(tm, "forecast"), path)
     with pytest.raises(ValueError, match=r"planned policy='planned' for fallback='forecast'.*calibrate with "
                                          r"fallback='forecast_blend'"):
         fastcache.load_calibration(opt, path)
