@@ -84,7 +84,7 @@ def test_model_not_found_lists_every_name(argv, tmp_path, capsys):
     argv = [a.format(m="tiny-ditt", tmp=tmp_path, sched=_schedule_file(tmp_path)) for a in argv]
     line = _one_line_error(capsys, argv)
     assert "'tiny-ditt'" in line and "not found" in line and "did you mean 'tiny-dit'" in line
-    for name in ["dit-mnist", "pixart-mnist", *TINY]:
+    for name in ["dit-mnist", "pixart-mnist", "sd3-mnist", *TINY]:
         assert name in line
     assert "config.json" in line  # how to pass a folder instead
 
@@ -123,11 +123,12 @@ def test_schedule_argument_errors(extra, needle, tmp_path, capsys):
 @pytest.mark.parametrize("argv, needle", [
     (["bench", "--model", "tiny-dit"], "needs a trained model"),
     (["bench", "--model", "pixart"], "did you mean 'pixart-mnist'"),
+    (["bench", "--model", "sd3-mnst"], "did you mean 'sd3-mnist'"),
     (["bench", "--methods", "bogus"], "'bogus'"),
     (["bench", "--images", "0"], "--images"),
     (["bench", "--images", "1"], "--images 1"),
     (["bench", "--thresholds", "a,b"], "'a,b'"),
-], ids=["tiny-model", "typo", "unknown-method", "zero-images", "one-image", "thresholds"])
+], ids=["tiny-model", "typo", "typo-sd3", "unknown-method", "zero-images", "one-image", "thresholds"])
 def test_bench_argument_errors(argv, needle, capsys):
     line = _one_line_error(capsys, argv)
     assert line.startswith("fx-fastcache bench") and needle in line
