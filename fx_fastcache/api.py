@@ -213,11 +213,11 @@ def load_calibration(opt: Any, path: str | Path) -> None:
             raise ValueError(f"calibration file {str(path)!r} was fitted for {name}={saved!r}, this model uses "
                              f"{name}={mine!r}, whose fit it does not contain; calibrate with {name}={mine!r} or "
                              f"configure {name}={saved!r}")
-    saved = saved_cfg.get("fallback")
-    if POLICIES[cfg.policy].plans_for_fallback and saved not in (None, cfg.fallback):
-        raise ValueError(f"calibration file {str(path)!r} planned policy={cfg.policy!r} for fallback={saved!r}, whose "
-                         f"forecast the plan replays; this model uses fallback={cfg.fallback!r}: calibrate with "
-                         f"fallback={cfg.fallback!r} or configure fallback={saved!r}")
+    planned_for = saved_cfg.get("fallback")
+    if POLICIES[cfg.policy].plans_for_fallback and planned_for not in (None, cfg.fallback):
+        raise ValueError(f"calibration file {str(path)!r} planned policy={cfg.policy!r} for fallback={planned_for!r}, "
+                         f"whose forecast the plan replays; this model uses fallback={cfg.fallback!r}: calibrate with "
+                         f"fallback={cfg.fallback!r} or configure fallback={planned_for!r}")
     for key, val in tensors.items():  # check every shape before changing anything
         cur = opt.store.tensors.get(key)
         if cur is not None and cur.shape != val.shape:

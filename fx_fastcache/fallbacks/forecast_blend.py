@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime.state_ops import as_count, assign, assign_residual, forecast_slope, shift
+from ..runtime.state_ops import assign, assign_residual, forecast_slope, keep_or, shift
 from ..runtime.store import CalibrationStore
 from .base import Fallback, StreamInfo
 
@@ -29,9 +29,9 @@ from .base import Fallback, StreamInfo
 def forecast_blend_approx(x, t, r_c, r_p, r_q, t_c, t_p, t_q, adjacent, n):
     s_p = forecast_slope(t, t_c, t_p, n >= 2)
     use_q = (adjacent > 0.5) & (n >= 3) & (t_c != t_q)
-    s_q = forecast_slope(t, t_c, t_q, use_q)
-    a = torch.where(use_q, torch.full_like(s_p, 0.5), torch.ones_like(s_p))
-    return x + r_c + (a * s_p).to(r_c.dtype) * (r_c - r_p) + ((1 - a) * s_q).to(r_c.dtype) * (r_c - r_q)
+    s_q = forecast_slope(t, t_c, t_q, use_q)  # 0 unless the blend applies
+    a = 1 - 0.5 * use_q.to(s_p.dtype)  # the plain slope's weight: ½ when blended, else 1
+    return x + r_c + (a * s_p).to(r_c.dtype) * (r_c - r_p) + (0.5 * s_q).to(r_c.dtype) * (r_c - r_q)
 
 
 class ForecastBlendFallback(Fallback):
@@ -61,11 +61,7 @@ class ForecastBlendFallback(Fallback):
         # ``adjacent``: no call was skipped between the last two computations; ``gap``: one was
         # skipped since the last computation (read before it is overwritten)
         assign(self.adjacent, computed, 1.0 - self.gap)
-        skipped = 1.0 - as_count(computed, self.gap.dtype)
-        if isinstance(skipped, float):
-            self.gap.fill_(skipped)
-        else:
-            self.gap.copy_(skipped)
+        self.gap.copy_(keep_or(computed, torch.zeros_like(self.gap), torch.ones_like(self.gap)))
 
     def reset(self) -> None:
         super().reset()
