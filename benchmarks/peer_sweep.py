@@ -23,6 +23,8 @@ Groups (per-method grids, chosen to span 45-70 % replaced on 20 steps):
 * ``planned_protect``: ``planned/forecast`` after ``fastcache.protect_steps`` (floor 34 dB on 32
   calibration seeds, 0-31) at the same fractions; ``planned_protect_low``: floor 28 dB.
 * ``third``: every default and peer on a model nothing was tuned on (``--model out/sd3-mnist``).
+* ``heldout``: the same for a model trained after every rule was fixed (``--model flux-mnist``,
+  ninth session), with ``planned`` for both forecast fallbacks, ``protect_steps`` and TaylorSeer order 2.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ def groups():
         # the steps whose skip alone breaks one of 32 calibration images always compute (fastcache.protect_steps)
         "planned_protect": [m("none", ()), m("planned/forecast:protect=34", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7))],
         "planned_protect_low": [m("none", ()), m("planned/forecast:protect=28", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7))],
-        # a model no rule was tuned on (the SD3-style model trained by benchmarks/train_sd3_mnist.py):
+        # a model no rule was tuned on (the SD3-style model trained by benchmarks/train_mnist_family.py):
         # both defaults untouched, then each method's grid across 45-70 %
         "third": [m("none", ()), m("step_forecast/forecast", (0.07, 0.085, 0.1, 0.13)),
                   m("planned/forecast", (0.55, 0.45, 0.6, 0.65, 0.7)),
@@ -72,6 +74,18 @@ def groups():
                   m("diffusers_magcache:max_skip=3:retention=0.2", (0.06, 0.24)),
                   m("diffusers_magcache:max_skip=4:retention=0.1", (0.24,)),
                   m("diffusers_fbc", (0.1, 0.2, 0.3))],
+        # a model trained after every rule and default was fixed (flux-mnist, ninth session): nothing on it
+        # was looked at before this group ran
+        "heldout": [m("none", ()), m("step_forecast/forecast", (0.07, 0.085, 0.1, 0.13)),
+                    m("planned/forecast", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7)),
+                    m("planned/forecast_blend", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7)),
+                    m("planned/forecast:protect=34", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7)),
+                    m("diffusers_taylorseer:order=1:before=3", (2, 3, 4)),
+                    m("diffusers_taylorseer:order=1:before=2", (3, 5)),
+                    m("diffusers_taylorseer:order=2:before=2", (3, 5)),
+                    m("diffusers_magcache:max_skip=3:retention=0.2", (0.03, 0.06, 0.12, 0.24)),
+                    m("diffusers_magcache:max_skip=4:retention=0.1", (0.12, 0.24)),
+                    m("diffusers_fbc", (0.1, 0.2, 0.3))],
         # one process, most informative runs first (for a loaded machine: partial results still cover 45-70 %)
         "compact": [m("none", ()), m("step_forecast/forecast", (0.07, 0.09, 0.11)),
                     m("diffusers_taylorseer:order=1:before=2", (3, 5)),

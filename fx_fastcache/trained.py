@@ -9,8 +9,11 @@ transformers trained for this project on 5,000 MNIST digits (rectified-flow obje
   ``fx_fastcache/assets/dit-mnist``.
 * ``"pixart-mnist"``: ``PixArtTransformer2DModel`` conditioned through a class -> 4 "caption"
   tokens table (``conditioning.safetensors``), vendored in ``fx_fastcache/assets/pixart-mnist``.
+* ``"sd3-mnist"``: ``SD3Transformer2DModel`` (caption tokens and a pooled vector per class) and
+  ``"flux-mnist"``: ``FluxTransformer2DModel`` (the same conditioning; the image packed into 4 x 4
+  pixel tokens), both trained in this repository by ``benchmarks/train_mnist_family.py``.
 
-Both ship with the package (package data); other checkpoints trained the same way load from a
+All four ship with the package (package data); other checkpoints trained the same way load from a
 folder path, or by name from ``$FX_FASTCACHE_MODELS/<name>`` (see :func:`resolve_model_dir`).
 
 Typical use::
@@ -56,16 +59,19 @@ MODELS_ENV = "FX_FASTCACHE_MODELS"
 
 _ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 _VENDORED = {"dit-mnist": _ASSETS_DIR / "dit-mnist", "pixart-mnist": _ASSETS_DIR / "pixart-mnist",
-             "sd3-mnist": _ASSETS_DIR / "sd3-mnist"}
-_KINDS = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart", "SD3Transformer2DModel": "sd3"}
+             "sd3-mnist": _ASSETS_DIR / "sd3-mnist", "flux-mnist": _ASSETS_DIR / "flux-mnist"}
+_KINDS = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart", "SD3Transformer2DModel": "sd3",
+          "FluxTransformer2DModel": "flux"}
+#: Image side of the MNIST reference models (28 x 28 digits padded to 32 x 32).
+IMAGE_SIZE = 32
 
-Kind = Literal["dit", "pixart", "sd3"]
+Kind = Literal["dit", "pixart", "sd3", "flux"]
 
 
 def resolve_model_dir(name_or_path: str) -> Path:
     """Return the diffusers model folder for a known model name or a path.
 
-    * ``"dit-mnist"``, ``"pixart-mnist"``: the folders vendored in the package
+    * ``"dit-mnist"``, ``"pixart-mnist"``, ``"sd3-mnist"``, ``"flux-mnist"``: the folders vendored in the package
       (``fx_fastcache/assets/<name>``).
     * a path to a diffusers model folder (it must contain ``config.json``).
     * another name: ``$FX_FASTCACHE_MODELS/<name>`` when that environment variable is set.
@@ -112,11 +118,12 @@ class TrainedModel:
 
     Attributes:
         name: the name or path it was loaded from.
-        kind: ``"dit"`` (class labels), ``"pixart"`` (caption tokens from ``conditioning``) or
-            ``"sd3"`` (caption tokens and a pooled vector per class).
+        kind: ``"dit"`` (class labels), ``"pixart"`` (caption tokens from ``conditioning``),
+            ``"sd3"`` (caption tokens and a pooled vector per class) or ``"flux"`` (the same
+            conditioning; the image is packed into ``p x p`` pixel tokens, ``p² = in_channels``).
         model: the diffusers transformer, in eval mode, with ``requires_grad`` False.
-        pooled: for ``"sd3"``, the class -> pooled-embedding table (``pooled.weight``).
-        conditioning: for ``"pixart"`` and ``"sd3"``, the class -> caption-tokens table
+        pooled: for ``"sd3"`` and ``"flux"``, the class -> pooled-embedding table (``pooled.weight``).
+        conditioning: for ``"pixart"``, ``"sd3"`` and ``"flux"``, the class -> caption-tokens table
             (``conditioning.safetensors`` ``txt.weight``, shape (11, tokens * caption_dim)),
             on the model's device and dtype; ``None`` for ``"dit"``.
         path: the model folder.
@@ -135,14 +142,35 @@ class TrainedModel:
         return self.model.config  # type: ignore[attr-defined]
 
     @property
+    def patch(self) -> int:
+        """Pixels per token side that :meth:`call_kwargs` packs (``"flux"``); 1 for the others."""
+        if self.kind != "flux":
+            return 1
+        p = int(round(int(self.config.in_channels) ** 0.5))
+        if p * p != int(self.config.in_channels):
+            raise ValueError(
+                f"{self.name}: flux model with in_channels={self.config.in_channels}, not p² single-channel "
+                "pixels; the MNIST flux models pack a 1-channel image into p x p patches"
+            )
+        return p
+
+    @property
     def in_channels(self) -> int:
-        """Latent channels of the model input."""
-        return int(self.config.in_channels)
+        """Channels of the image the sampler denoises (for ``"flux"``: before packing)."""
+        return 1 if self.kind == "flux" else int(self.config.in_channels)
 
     @property
     def sample_size(self) -> int:
-        """Latent height (= width) of the model input."""
-        return int(self.config.sample_size)
+        """Height (= width) of the image the sampler denoises."""
+        return IMAGE_SIZE if self.kind == "flux" else int(self.config.sample_size)
+
+    def unpack_output(self, out: torch.Tensor) -> torch.Tensor:
+        """The model output as an image (B, C, H, W): unpacks ``"flux"`` tokens, else ``out``."""
+        if self.kind != "flux":
+            return out
+        p, side = self.patch, self.sample_size // self.patch
+        b = out.shape[0]
+        return out.view(b, side, side, 1, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, 1, side * p, side * p)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -170,7 +198,9 @@ class TrainedModel:
             ``encoder_hidden_states`` looked up in :attr:`conditioning` and
             ``added_cond_kwargs={"resolution": None, "aspect_ratio": None}``; SD3 gets
             ``encoder_hidden_states`` and ``pooled_projections`` looked up in :attr:`conditioning`
-            and :attr:`pooled`.
+            and :attr:`pooled`; Flux gets the same plus the image packed into ``p x p`` pixel
+            tokens, ``img_ids``/``txt_ids`` and ``timestep`` = ``sigma`` (Flux scales it by
+            1000 itself); unpack its output with :meth:`unpack_output`.
         """
         b = x.shape[0]
         s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
@@ -185,22 +215,35 @@ class TrainedModel:
                 "class_labels": y,
                 "return_dict": False,
             }
-        if self.kind not in ("pixart", "sd3"):
+        if self.kind not in ("pixart", "sd3", "flux"):
             raise ValueError(f"unknown model kind {self.kind!r}")
-        # caption tokens per class from the conditioning table (SD3 also takes the pooled embedding)
-        if self.conditioning is None or (self.kind == "sd3" and self.pooled is None):
+        # caption tokens per class from the conditioning table (SD3/Flux also take the pooled embedding)
+        if self.conditioning is None or (self.kind != "pixart" and self.pooled is None):
             raise ValueError(f"{self.name}: {self.kind} model has no conditioning table")
         dim = int(self.config.caption_channels if self.kind == "pixart" else self.config.joint_attention_dim)
+        txt = self.conditioning.to(device=x.device, dtype=x.dtype)[y].view(b, -1, dim)
         kwargs: dict[str, Any] = {
             "hidden_states": x,
-            "encoder_hidden_states": self.conditioning.to(device=x.device, dtype=x.dtype)[y].view(b, -1, dim),
+            "encoder_hidden_states": txt,
             "timestep": timestep,
             "return_dict": False,
         }
         if self.kind == "pixart":
             kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
-        else:
-            kwargs["pooled_projections"] = self.pooled.to(device=x.device, dtype=x.dtype)[y]
+            return kwargs
+        kwargs["pooled_projections"] = self.pooled.to(device=x.device, dtype=x.dtype)[y]
+        if self.kind == "flux":
+            p = self.patch
+            side = x.shape[-1] // p
+            kwargs["hidden_states"] = (
+                x.view(b, 1, side, p, side, p).permute(0, 2, 4, 1, 3, 5).reshape(b, side * side, p * p)
+            )
+            kwargs["timestep"] = s.to(x.dtype)
+            ids = torch.zeros(side, side, 3, device=x.device, dtype=x.dtype)
+            ids[..., 1] = torch.arange(side, device=x.device, dtype=x.dtype)[:, None]
+            ids[..., 2] = torch.arange(side, device=x.device, dtype=x.dtype)[None, :]
+            kwargs["img_ids"] = ids.view(side * side, 3)
+            kwargs["txt_ids"] = torch.zeros(txt.shape[1], 3, device=x.device, dtype=x.dtype)
         return kwargs
 
 
@@ -209,11 +252,11 @@ def load_trained(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> TrainedModel:
-    """Load a reference transformer (``"dit-mnist"``, ``"pixart-mnist"``, ``"sd3-mnist"`` or a folder path).
+    """Load a reference transformer (``"dit-mnist"``, ``"pixart-mnist"``, ``"sd3-mnist"``, ``"flux-mnist"`` or a folder path).
 
     The kind is read from ``_class_name`` in the folder's ``config.json``
     (``DiTTransformer2DModel`` -> ``"dit"``, ``PixArtTransformer2DModel`` -> ``"pixart"``,
-    ``SD3Transformer2DModel`` -> ``"sd3"``).
+    ``SD3Transformer2DModel`` -> ``"sd3"``, ``FluxTransformer2DModel`` -> ``"flux"``).
     Weights are stored in fp16 and cast to ``dtype``.
     """
     folder = resolve_model_dir(name_or_path)
@@ -234,7 +277,7 @@ def load_trained(
     model = model.to(device).eval()
     model.requires_grad_(False)
     conditioning = pooled = None
-    if kind in ("pixart", "sd3"):
+    if kind in ("pixart", "sd3", "flux"):
         from safetensors.torch import load_file
 
         table = folder / "conditioning.safetensors"
@@ -242,7 +285,7 @@ def load_trained(
             raise FileNotFoundError(f"{folder}: {kind} model without conditioning.safetensors")
         tables = load_file(str(table))
         conditioning = tables["txt.weight"].to(device=device, dtype=dtype)
-        if kind == "sd3":
+        if kind in ("sd3", "flux"):
             pooled = tables["pooled.weight"].to(device=device, dtype=dtype)
     logger.info("loaded %s (%s) from %s as %s on %s", name_or_path, kind, folder, dtype, device)
     return TrainedModel(
@@ -321,7 +364,7 @@ def sample(
         xx = torch.cat([x, x])
         yy = torch.cat([y, torch.full_like(y, NULL_CLASS)])
         ss = torch.cat([s, s])
-        out = fn(**tm.call_kwargs(xx, ss, yy))[0]
+        out = tm.unpack_output(fn(**tm.call_kwargs(xx, ss, yy))[0])
         if out.shape[1] != c:  # learned-sigma layouts: velocity is the first C channels
             out = out[:, :c]
         v_c, v_u = out.chunk(2)

@@ -129,3 +129,37 @@ def test_load_vendored_sd3_and_its_digits() -> None:
     assert kw["encoder_hidden_states"].shape == (2, 4, 256) and kw["pooled_projections"].shape == (2, 256)
     images = sample(tm, list(range(10)), list(range(100, 110)), steps=8)
     assert class_accuracy(images, list(range(10))) >= 0.8
+
+
+def test_load_vendored_flux_packs_like_the_reference_and_its_digits() -> None:
+    """The fourth family (trained here, ninth session): Flux packs the image into p x p pixel tokens.
+
+    The packing is checked against a patch-by-patch loop, the ids against the reference script's
+    layout (row, column in channels 1 and 2), and the sampler against a hand-packed model call.
+    """
+    from fx_fastcache.bench.metrics import class_accuracy
+
+    tm = load_trained("flux-mnist")
+    assert tm.kind == "flux" and tm.pooled is not None and tm.conditioning is not None
+    assert tm.in_channels == 1 and tm.sample_size == 32 and tm.patch == 4
+    x = torch.randn(2, 1, 32, 32)
+    kw = tm.call_kwargs(x, torch.tensor([0.25, 0.5]), torch.tensor([3, 10]))
+    tokens = kw["hidden_states"]
+    assert tokens.shape == (2, 64, 16)
+    for r in (0, 3, 7):
+        for c in (0, 5, 7):
+            assert torch.equal(tokens[:, r * 8 + c], x[:, 0, 4 * r:4 * r + 4, 4 * c:4 * c + 4].reshape(2, 16))
+    assert torch.equal(tm.unpack_output(tokens), x)
+    assert torch.equal(kw["timestep"], torch.tensor([0.25, 0.5]))  # Flux multiplies by 1000 itself
+    assert kw["img_ids"].shape == (64, 3) and kw["img_ids"][13].tolist() == [0.0, 1.0, 5.0]
+    assert kw["txt_ids"].shape == (4, 3) and not kw["txt_ids"].any()
+    assert torch.equal(kw["pooled_projections"][1], tm.pooled[10])
+    # one Euler step by hand against the sampler
+    y = torch.tensor([7])
+    x0 = torch.randn((1, 1, 32, 32), generator=torch.Generator().manual_seed(5))
+    kw = tm.call_kwargs(torch.cat([x0, x0]), torch.ones(2), torch.tensor([7, 10]))
+    v_c, v_u = tm.unpack_output(tm.model(**kw)[0]).chunk(2)
+    by_hand = (x0 - (v_u + 2.0 * (v_c - v_u))).clamp(-1, 1)
+    assert torch.allclose(sample(tm, y, [5], steps=1), by_hand, atol=1e-5)
+    images = sample(tm, list(range(10)), list(range(100, 110)), steps=8)
+    assert class_accuracy(images, list(range(10))) >= 0.8

@@ -38,7 +38,7 @@ def _floats(text: str) -> list[float]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="dit-mnist",
-                   help="dit-mnist | pixart-mnist | sd3-mnist | PATH of a diffusers DiT/PixArt/SD3 folder (trained models only: "
+                   help="dit-mnist | pixart-mnist | sd3-mnist | flux-mnist | PATH of a diffusers DiT/PixArt/SD3/Flux folder (trained models only: "
                         "quality on random tiny-* models means nothing)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="comma-separated: none, diffusers_fbc, cache_dit, first_block_cache, teacache, POLICY/FALLBACK "

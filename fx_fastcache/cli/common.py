@@ -22,7 +22,7 @@ from fx_fastcache.quiet import library_noise_silenced
 from fx_fastcache.trained import load_trained
 from fx_fastcache.zoo import TINY, make_tiny
 
-TRAINED = ("dit-mnist", "pixart-mnist", "sd3-mnist")
+TRAINED = ("dit-mnist", "pixart-mnist", "sd3-mnist", "flux-mnist")
 
 
 class CLIError(Exception):

@@ -19,7 +19,7 @@ from fx_fastcache.export.schedule import Schedule, optimize_with_schedule
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="dit-mnist, pixart-mnist, sd3-mnist, a tiny-* model (tiny-dit, tiny-pixart, ...) or a diffusers folder")
+                   help="dit-mnist, pixart-mnist, sd3-mnist, flux-mnist, a tiny-* model (tiny-dit, tiny-pixart, ...) or a diffusers folder")
     p.add_argument("--schedule", required=True, help="schedule JSON from `fx-fastcache schedule`")
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--batch", type=positive_int, default=None,

@@ -31,7 +31,7 @@ def _steps(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="dit-mnist, pixart-mnist, sd3-mnist, a tiny-* model (tiny-dit, tiny-pixart, ...) or a diffusers folder")
+                   help="dit-mnist, pixart-mnist, sd3-mnist, flux-mnist, a tiny-* model (tiny-dit, tiny-pixart, ...) or a diffusers folder")
     p.add_argument("--out", required=True, help="schedule JSON to write")
     p.add_argument("--steps", type=_steps, default=20, help="sampling steps per generation (default 20, at most 1024)")
     p.add_argument("--generations", type=positive_int, default=2, help="recorded generations, merged by majority vote")
