@@ -57,7 +57,8 @@ def main(argv=None) -> int:
 
     classes, seeds = [i % 10 for i in range(16)], [1000 + i for i in range(16)]
     tm = load_trained(a.model)
-    n_blocks = len(tm.model.transformer_blocks)
+    # every block the capture sees (Flux: the double-stream blocks, then the single-stream ones)
+    n_blocks = sum(len(getattr(tm.model, n, ())) for n in ("transformer_blocks", "single_transformer_blocks"))
     if not 0 < a.split < n_blocks:
         p.error(f"--split {a.split}: must be between 1 and {n_blocks - 1} (the model has {n_blocks} blocks)")
     ref = uncached_reference(tm, classes, seeds, steps, Path(a.out) / f"{Path(a.model).name}-reference.pt")
