@@ -57,12 +57,11 @@ def main(argv=None) -> int:
 
     classes, seeds = [i % 10 for i in range(16)], [1000 + i for i in range(16)]
     tm = load_trained(a.model)
-    # every block the capture sees (Flux: the double-stream blocks, then the single-stream ones)
-    n_blocks = sum(len(getattr(tm.model, n, ())) for n in ("transformer_blocks", "single_transformer_blocks"))
+    opt = fastcache.optimize(tm.model, backend="eager", policy="schedule", fallback="forecast", warmup_steps=0)
+    n_blocks = len(opt.block_names())  # every guarded block (Flux: double-stream, then single-stream)
     if not 0 < a.split < n_blocks:
         p.error(f"--split {a.split}: must be between 1 and {n_blocks - 1} (the model has {n_blocks} blocks)")
     ref = uncached_reference(tm, classes, seeds, steps, Path(a.out) / f"{Path(a.model).name}-reference.pt")
-    opt = fastcache.optimize(tm.model, backend="eager", policy="schedule", fallback="forecast", warmup_steps=0)
     for plan in a.plans:
         try:
             table = table_of(plan, n_blocks, a.split)

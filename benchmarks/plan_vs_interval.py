@@ -27,19 +27,16 @@ INTERVAL = {0.55: "FFFSFSSFSSFSSFSSFSSF", 0.6: "FFSFSSFSSFSSFSSFSSFS", 0.65: "FF
 SETS = {"select": list(range(16)), "eval": list(range(1000, 1016)), "unseen": list(range(100, 132))}
 
 
-def planned_plans(fastcache, tm, sample) -> dict[float, str]:
-    """The computed steps ``planned`` installs at each fraction, read from the skip counter per step."""
+def planned_plans(fastcache, tm, sample, steps: int = 20) -> dict[float, str]:
+    """The computed steps ``planned`` installs at each fraction (``opt.installed_schedule()``)."""
     opt = fastcache.optimize(tm.model, backend="eager", policy="planned", fallback="forecast")
     with fastcache.calibrate(opt):
-        sample(tm, [0, 1, 2, 3], [0, 1, 2, 3], model=opt)
+        sample(tm, [0, 1, 2, 3], [0, 1, 2, 3], model=opt, steps=steps)
     plans = {}
     for f in INTERVAL:
         fastcache.configure(opt, target_fraction=f)
-        fastcache.reset(opt)
-        seen: list[int] = []
-        sample(tm, [0], [0], model=opt,
-               on_step=lambda i: seen.append(fastcache.get_cache_statistics(opt)["blocks_approximated"]))
-        plans[f] = "".join("S" if b > a else "F" for a, b in zip([0] + seen[:-1], seen))
+        table = opt.installed_schedule()  # trimmed after its last skipping step
+        plans[f] = "".join("S" if row.any() else "F" for row in table).ljust(steps, "F")
     return plans
 
 
@@ -75,8 +72,8 @@ def main(argv=None) -> int:
             continue
         plans = planned_plans(fastcache, tm, sample)
         refs = {k: sample(tm, [i % 10 for i in range(len(s))], s) for k, s in SETS.items()}
-        n_blocks = sum(len(getattr(tm.model, n, ())) for n in ("transformer_blocks", "single_transformer_blocks"))
         sch = fastcache.optimize(tm.model, backend="eager", policy="schedule", fallback="forecast", warmup_steps=0)
+        n_blocks = len(sch.block_names())
         for f, dp in plans.items():
             for label, plan in (("planned", dp), ("interval", INTERVAL[f])):
                 fastcache.set_schedule(sch, torch.tensor([[c == "S"] * n_blocks for c in plan]))

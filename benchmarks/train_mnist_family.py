@@ -71,7 +71,8 @@ def main() -> None:
     params = list(m.parameters()) + list(cond.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    # the library's own call convention (packing for flux), so training and sampling agree
+    # the library's own call convention (packing for flux), so training and sampling agree; the tables
+    # are the live parameters, so the final sampling below sees the EMA weights copied into them
     tm = TrainedModel(name=a.kind, kind=a.kind, model=m, conditioning=cond.txt.weight, pooled=cond.pooled.weight)
     t0, step, losses, skipped = time.time(), 0, [], 0
     while time.time() - t0 < seconds:
@@ -109,8 +110,6 @@ def main() -> None:
               os.path.join(out, "conditioning.safetensors"))
     clf = T.DigitNet(); clf.load_state_dict(load_file(str(Path(a.models) / "digit_classifier.safetensors"))); clf.eval()
     yy = torch.arange(10).repeat_interleave(10)
-    tm = TrainedModel(name=a.kind, kind=a.kind, model=m, conditioning=cond.txt.weight.detach(),
-                      pooled=cond.pooled.weight.detach())
     imgs = sample(tm, classes=yy, seeds=list(range(100)), steps=20)
     with torch.no_grad():
         acc = (clf(imgs).argmax(1) == yy).float().mean().item()

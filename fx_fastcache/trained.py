@@ -168,8 +168,8 @@ class TrainedModel:
         """The model output as an image (B, C, H, W): unpacks ``"flux"`` tokens, else ``out``."""
         if self.kind != "flux":
             return out
-        p, side = self.patch, self.sample_size // self.patch
-        b = out.shape[0]
+        p, b = self.patch, out.shape[0]
+        side = int(round(out.shape[1] ** 0.5))  # tokens per row, as call_kwargs packed them
         return out.view(b, side, side, 1, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, 1, side * p, side * p)
 
     @property
