@@ -25,6 +25,9 @@ Groups (per-method grids, chosen to span 45-70 % replaced on 20 steps):
 * ``third``: every default and peer on a model nothing was tuned on (``--model out/sd3-mnist``).
 * ``heldout``: the same for a model trained after every rule was fixed (``--model flux-mnist``,
   ninth session), with ``planned`` for both forecast fallbacks, ``protect_steps`` and TaylorSeer order 2.
+* ``drift``: ``planned`` and the step rule with ``drift_correction="flow_euler"`` (tenth session);
+  ``drift_blend``, ``drift_protect``, ``drift_sens``: with ``forecast_blend``, ``protect_steps`` (34 dB)
+  and ``measure_sensitivity``.
 """
 from __future__ import annotations
 
@@ -99,6 +102,12 @@ def groups():
         # follow-ups: TaylorSeer's before=3 schedules and MagCache below 55 %
         "extra": [m("none", ()), m("diffusers_taylorseer:order=1:before=3", (3, 2)),
                   m("diffusers_magcache:max_skip=3:retention=0.2", (0.01, 0.02))],
+        # drift correction (drift_correction="flow_euler", tenth session): both defaults' rules with it
+        "drift": [m("none", ()), m("planned/forecast:drift=1", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7)),
+                  m("step_forecast/forecast:drift=1", (0.07, 0.085, 0.1, 0.13))],
+        "drift_blend": [m("none", ()), m("planned/forecast_blend:drift=1", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7))],
+        "drift_protect": [m("none", ()), m("planned/forecast:protect=34:drift=1", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7))],
+        "drift_sens": [m("none", ()), m("planned/forecast:sens=1:drift=1", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7))],
         "mag_low": [m("none", ()), m("diffusers_magcache:max_skip=3:retention=0.2", (0.01, 0.02))],
         "ours_cap": [m("none", ()), m("step_forecast/forecast:max_skip=2", (0.13, 0.2)),
                      m("step_forecast/forecast:max_skip=3", (0.13, 0.2))],

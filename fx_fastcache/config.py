@@ -37,6 +37,9 @@ def _renamed(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+#: Values of ``FastCacheConfig.drift_correction`` (the sampler the correction is exact for).
+DRIFT_CORRECTIONS = ("none", "flow_euler")
+
 #: Fields whose change only updates tensor buffers inside the captured graph.
 RUNTIME_FIELDS = frozenset(
     {"cache_ratio_threshold", "significance_level", "enable_block_approx", "warmup_steps", "max_skip_steps",
@@ -91,6 +94,13 @@ class FastCacheConfig:
             decision form one span = one ``cond``, with the fallback state at the span boundary;
             see ``passes/group_spans.py``) or ``"block"`` (one guard and one state per block).
             Fitted fallbacks and token routing/merging always use ``"block"``.
+        drift_correction: ``"none"`` or ``"flow_euler"``: at each computed step, also take back
+            the latent drift left by the forecast steps before it, by interpolating the velocity
+            between the two computed steps around them (:mod:`fx_fastcache.runtime.drift`).  Only
+            for a flow-matching Euler sampler whose timestep is proportional to σ and whose
+            velocity is the model's first output (SD3, Flux, ``FlowMatchEulerDiscreteScheduler``,
+            the trained MNIST models); other samplers get wrong images.  Needs one decision per
+            step (not ``chi2``).  Not exported to ONNX.
     """
 
     cache_ratio_threshold: float = 0.07
@@ -111,6 +121,7 @@ class FastCacheConfig:
     num_stages: int = 1
     merge_ratio: float = 1.0
     span: str = "auto"
+    drift_correction: str = "none"
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -147,6 +158,11 @@ class FastCacheConfig:
             raise bad("fallback", f"choose one of {sorted(FALLBACKS)}")
         if self.policy not in POLICIES:
             raise bad("policy", f"choose one of {sorted(POLICIES)}")
+        if self.drift_correction not in DRIFT_CORRECTIONS:
+            raise bad("drift_correction", f"choose one of {DRIFT_CORRECTIONS}")
+        if self.drift_correction != "none" and not POLICIES[self.policy].decides_per_step():
+            raise bad("drift_correction", f"policy={self.policy!r} decides per block; the correction needs one "
+                                          f"decision per step (step_forecast, planned, schedule, ...)")
         why = POLICIES[self.policy].config_error(self)
         if why is not None:
             raise bad("policy", why)

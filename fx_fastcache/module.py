@@ -419,6 +419,9 @@ class FastCacheModule(nn.Module):
                 g.reset()
             if e.step_decider is not None:
                 e.step_decider.reset()
+            drift = getattr(e.gm, gp.DRIFT, None)
+            if drift is not None:
+                drift.reset()
         self._last_key = None
         for d in self.__dict__.get("_dispatchers", {}).values():
             d.reset_host()  # a schedule's host step counter cannot see a new generation by itself

@@ -160,6 +160,25 @@ def _wrapped_call(original: Any):
     return __call__
 
 
+#: Schedulers whose step is ``x += (σ_next − σ) · output`` with the transformer's timestep ∝ σ.
+FLOW_EULER_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+
+
+def _check_drift_sampler(pipe: Any, config: FastCacheConfig) -> None:
+    """``drift_correction="flow_euler"`` is exact only for the flow-matching Euler step: refuse others."""
+    if config.drift_correction != "flow_euler":
+        return
+    sched = getattr(pipe, "scheduler", None)
+    name = type(sched).__name__
+    if name not in FLOW_EULER_SCHEDULERS:
+        raise ValueError(f"drift_correction='flow_euler' needs a flow-matching Euler scheduler "
+                         f"({', '.join(FLOW_EULER_SCHEDULERS)}); this {type(pipe).__name__} uses {name}, whose "
+                         f"step the correction would get wrong; use drift_correction='none' or that scheduler")
+    if getattr(getattr(sched, "config", None), "stochastic_sampling", False):
+        raise ValueError("drift_correction='flow_euler' assumes the deterministic Euler step; this scheduler has "
+                         "stochastic_sampling=True; use drift_correction='none'")
+
+
 def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConfig | None = None,
                      schedule: torch.Tensor | None = None, execution: str = "auto",
                      dispatch_compile: str | None = None, step_dispatch: Any = UNSET,
@@ -198,6 +217,7 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
     if schedule is not None and "policy" not in overrides:
         overrides["policy"] = "schedule"
     config = FastCacheConfig.resolve(config, **overrides)
+    _check_drift_sampler(pipe, config)
     opt = PipelineFastCache(tr, config, backend=backend)
     if schedule is not None:
         opt.install_schedule(schedule)

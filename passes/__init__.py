@@ -13,6 +13,7 @@ import torch.fx as fx
 
 from .cleanup import cleanup
 from .context import BlockRegion, PassContext, PassResult
+from .correct_drift import correct_drift
 from .find_block_args import find_block_args
 from .find_blocks import find_blocks
 from .group_spans import group_spans
@@ -36,6 +37,7 @@ PIPELINE: list[tuple[str, PassFn]] = [
     ("guard_blocks", guard_blocks),
     ("route_tokens", route_tokens),
     ("merge_tokens", merge_tokens),
+    ("correct_drift", correct_drift),
     ("pin_cond_operands", pin_cond_operands),
     ("cleanup", cleanup),
 ]

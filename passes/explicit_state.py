@@ -172,6 +172,9 @@ def explicit_state(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule
     if ctx.timestep is None:
         raise ValueError(f"{type(ctx.model).__name__} has no timestep input: export with explicit state needs the "
                          f"timestep to drive the fallbacks")
+    if hasattr(gm, gp.DRIFT):
+        raise ValueError(f"drift_correction={ctx.config.drift_correction!r} is not supported by export (its state is "
+                         f"not carried as explicit inputs); optimize with drift_correction='none' to export")
 
     with library_noise_silenced():  # deepcopy of the pytree specs: torch's LeafSpec FutureWarning
         new = copy.deepcopy(gm)

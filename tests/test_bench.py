@@ -38,6 +38,12 @@ def test_parse_planned_with_protected_steps():
     assert parse_method("planned/forecast:protect=30.5").protect == 30.5
 
 
+def test_parse_drift_correction():
+    m = parse_method("planned/forecast:drift=1:protect=34")
+    assert (m.policy, m.drift, m.protect) == ("planned", True, 34.0)
+    assert "(drift)" in m.name and not parse_method("planned/forecast").drift
+
+
 def test_parse_peers_and_none():
     assert parse_method("none").kind == "none"
     assert parse_method("diffusers_fbc").kind == "diffusers_fbc"
@@ -48,8 +54,9 @@ def test_parse_peers_and_none():
     ("magic", ["magic", "POLICY"]),
     ("step_forecast/forecast:speed=2", ["speed=2", "warmup"]),
     ("planned/forecast:protect=high", ["protect=high", "PSNR floor"]),
+    ("planned/forecast:drift=yes", ["drift=yes", "drift correction"]),
     ("diffusers_fbc:warmup=2", ["only to FastCache"]),
-], ids=["bad-fallback", "bad-name", "bad-option", "bad-protect", "peer-option"])
+], ids=["bad-fallback", "bad-name", "bad-option", "bad-protect", "bad-drift", "peer-option"])
 def test_parse_method_errors_name_the_value(spec, words):
     with pytest.raises(ValueError) as e:
         parse_method(spec)
@@ -108,3 +115,13 @@ def test_bench_cli_smoke(tmp_path, capsys):
         assert r["speedup"] == pytest.approx(r["time_per_image_uncached_s"] / r["time_per_image_s"])
     assert "| diffusers_fbc |" in (tmp_path / "smoke.md").read_text()
     assert "wrote" in capsys.readouterr().out
+
+
+def test_block_flops_count_every_block_list():
+    """Flux's blocks are two lists (double-stream, then single-stream): FLOPs saved counts both."""
+    from fx_fastcache.bench.runner import block_flops
+    from fx_fastcache.trained import load_trained
+
+    total, per_block = block_flops(load_trained("flux-mnist"), 2)
+    assert len(per_block) == 8 and min(per_block) > 0
+    assert 0.9 < sum(per_block) / total <= 1.0

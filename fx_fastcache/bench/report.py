@@ -193,7 +193,8 @@ def family(run: dict[str, Any]) -> str:
         if POLICIES[run["policy"]].peer_fallback is not None:
             return run["policy"]
         return f"ours {run['policy']}+{run['fallback']}" + (" (sensitivity)" if run.get("sensitivity") else "") + (
-            f" (protect {run['protect_db']:g} dB)" if run.get("protect_db") else "")
+            f" (protect {run['protect_db']:g} dB)" if run.get("protect_db") else "") + (
+            " + drift" if run.get("drift_correction") else "")
     return run["kind"]
 
 

@@ -29,6 +29,7 @@ import torch
 
 import fx_fastcache as fastcache
 from fx_fastcache.fallbacks import FALLBACKS
+from fx_fastcache.families import block_modules, resolve_family
 from fx_fastcache.policies import POLICIES
 from fx_fastcache.trained import NULL_CLASS, load_trained, sample
 
@@ -111,6 +112,8 @@ class Method:
     #: after calibration, always compute the steps whose skip alone takes one of :data:`PROTECT_SEEDS`
     #: calibration images below this PSNR (``fastcache.protect_steps``); ``None``: off
     protect: float | None = None
+    #: ``drift_correction="flow_euler"`` (the benchmark's sampler is flow-matching Euler)
+    drift: bool = False
     #: peer options (``PEER_OPTIONS``), as sorted ``(name, value)`` pairs
     options: tuple[tuple[str, float], ...] = ()
 
@@ -126,7 +129,8 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
 
     Forms: ``none``; ``diffusers_fbc``; ``cache_dit``; ``first_block_cache``; ``teacache``;
     ``POLICY/FALLBACK`` (e.g. ``step_forecast/forecast``); any of the FastCache forms may end
-    with ``:warmup=W`` and/or ``:max_skip=M`` (e.g. ``step_forecast/forecast:warmup=3:max_skip=3``).
+    with ``:warmup=W`` and/or ``:max_skip=M`` (e.g. ``step_forecast/forecast:warmup=3:max_skip=3``),
+    ``:sens=1``, ``:protect=DB`` or ``:drift=1`` (``drift_correction="flow_euler"``).
     ``diffusers_taylorseer[:order=N][:before=N]`` (its thresholds are ``cache_interval`` values)
     and ``diffusers_magcache[:max_skip=K][:retention=R]`` (thresholds: MagCache's error budget).
     """
@@ -137,17 +141,21 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     max_skip = 0
     sensitivity = False
     protect = None
+    drift = False
     for o in opts if head not in PEERS else ():
         key, _, val = o.partition("=")
         if key == "sens" and val in ("0", "1"):
             sensitivity = val == "1"
+            continue
+        if key == "drift" and val in ("0", "1"):
+            drift = val == "1"
             continue
         if key == "protect" and val.replace(".", "", 1).isdigit() and 0 < float(val) < 100:
             protect = float(val)
             continue
         if key not in ("warmup", "max_skip") or not val.isdigit():
             raise ValueError(f"method {spec!r}: option {o!r} is not understood; use ':warmup=N', ':max_skip=N', "
-                             f"':sens=1' or ':protect=DB' (a PSNR floor, e.g. 34)")
+                             f"':sens=1', ':protect=DB' (a PSNR floor, e.g. 34) or ':drift=1' (drift correction)")
         if key == "warmup":
             warmup = int(val)
         else:
@@ -192,8 +200,10 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
         name += "(sensitivity)"
     if protect is not None:
         name += f"(protect {protect:g} dB)"
+    if drift:
+        name += "(drift)"
     return Method(name, "fastcache", policy, fallback, thr or DEFAULT_THRESHOLDS.get(policy, (0.1,)), w, max_skip,
-                  sensitivity=sensitivity, protect=protect)
+                  sensitivity=sensitivity, protect=protect, drift=drift)
 
 
 def _option_given(opts: Sequence[str], key: str) -> bool:
@@ -217,8 +227,8 @@ def block_flops(tm, batch: int) -> tuple[float, list[float]]:
         tm.model(**tm.call_kwargs(x, torch.tensor(0.5), y))
     counts = fc.get_flop_counts()
     root = type(tm.model).__name__
-    n = len(tm.model.transformer_blocks)
-    per_block = [float(sum(counts.get(f"{root}.transformer_blocks.{i}", {}).values())) for i in range(n)]
+    names = [name for name, _, _ in block_modules(tm.model, resolve_family(tm.model))]  # Flux: both lists
+    per_block = [float(sum(counts.get(f"{root}.{name}", {}).values())) for name in names]
     return float(fc.get_total_flops()), per_block
 
 
@@ -290,7 +300,8 @@ class _FastCacheRunner:
         self.fc = fastcache
         self.m = m
         self.opt = fastcache.optimize(s.tm.model, backend=backend, policy=m.policy, fallback=m.fallback,
-                                      warmup_steps=m.warmup_steps, max_skip_steps=m.max_skip_steps)
+                                      warmup_steps=m.warmup_steps, max_skip_steps=m.max_skip_steps,
+                                      drift_correction="flow_euler" if m.drift else "none")
         self.calib_s = 0.0
         self.protected: list[int] | None = None  # the steps protect_steps made always compute
         self.protect_seeds: list[int] | None = None  # its first and last calibration seed
@@ -467,6 +478,7 @@ def run_benchmark(
                    "protect_db": m.protect,
                    "protect_seeds": getattr(runner, "protect_seeds", None),
                    "protected_steps": getattr(runner, "protected", None),
+                   "drift_correction": m.drift,
                    "replaced_fraction": frac,
                    "flops_saved": _flops_saved(skipped, calls, total_flops, per_block_flops),
                    "per_block_replaced": [k / calls if calls else 0.0 for k in skipped],

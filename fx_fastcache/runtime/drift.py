@@ -1,0 +1,77 @@
+"""Drift correction: at a computed step, take back the latent drift of the forecast steps before it.
+
+Why it exists: a forecast step hands the sampler an extrapolated velocity ``v_f(k)``; its error
+stays in the latents.  The next computed step ``c'`` knows the true velocity at both ends of the
+forecast run (``c`` and ``c'``), and interpolating between them is far more accurate than the
+extrapolation was.  For the flow-matching Euler sampler (``x_{k+1} = x_k + (σ_{k+1} − σ_k) v_k``,
+the model's timestep proportional to σ) this module adds to the output of ``c'`` what moves the
+next latent by the difference:
+
+    v'(c') = v(c') + σ_{c'+1} / Δσ_{c'} · Σ_k Δσ_k / σ_{k+1} · (v_i(k) − v_f(k)),
+    v_i(k) = v(c) + (t_k − t_c) / (t_{c'} − t_c) · (v(c') − v(c)).
+
+The factor ``σ_{c'+1} / σ_{k+1}`` is how much of a drift made at step ``k`` is still in the latent
+at ``c' + 1``: in rectified flow an error of ``x`` that the model reads as noise shrinks in
+proportion to σ; without it the correction over-shoots after long forecast runs
+(docs/BENCHMARKS.md, "Tenth session").  ``Δσ_{c'}`` is not known before the next call, so the
+step is taken as equal to the previous one (exact for uniform schedules).
+
+Everything is elementwise on the model's first output, so it costs two output-sized tensors of
+work per step and three of state; decisions, counts and the blocks' state are untouched.  It
+needs one decision per step (a step policy, ``planned`` or ``schedule``): the step counts as
+computed when the last guarded block computed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .state_ops import Flag, assign, keep_or, negate
+
+
+def _safe(den: torch.Tensor) -> torch.Tensor:
+    return torch.where(den != 0, den, torch.ones_like(den))
+
+
+class DriftCorrection(nn.Module):
+    _is_impure = True  # mutates its buffers: never dead-code-eliminated
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device) -> None:
+        super().__init__()
+        for name in ("v_c", "v_last", "acc"):
+            self.register_buffer(name, torch.zeros(shape, dtype=torch.float32, device=device))
+        for name in ("t_c", "t_last", "w_sum", "u_sum", "has_c", "last_skipped"):
+            self.register_buffer(name, torch.tensor(0.0, device=device))
+
+    def forward(self, skipped: Flag, new_gen: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        vf = v.float()
+        zero = torch.zeros_like(self.w_sum)
+        # fold the previous step into the sums if it was forecast (its Δσ is known only now)
+        w = torch.where((self.last_skipped > 0) & ~new_gen & (t != 0), (t - self.t_last) / _safe(t), zero)
+        acc = torch.where(new_gen, torch.zeros_like(self.acc), self.acc + w * self.v_last)
+        w_sum = torch.where(new_gen, zero, self.w_sum + w)
+        u_sum = torch.where(new_gen, zero, self.u_sum + w * (self.t_last - self.t_c))
+        has_c = torch.where(new_gen, zero, self.has_c)
+        # the correction, used only if this step computed
+        dt = t - self.t_last  # Δσ of this step, taken equal to the previous one
+        gap = t - self.t_c
+        valid = (has_c > 0) & (w_sum != 0) & (dt != 0) & (gap != 0) & ~new_gen
+        gain = torch.where(valid, (t + dt) / _safe(dt), zero)
+        corrected = vf + gain * (self.v_c * w_sum + (vf - self.v_c) * (u_sum / _safe(gap)) - acc)
+        out = keep_or(skipped, v, corrected.to(v.dtype))
+        computed = negate(skipped)
+        assign(self.v_c, computed, vf)
+        assign(self.t_c, computed, t)
+        one = torch.ones_like(zero)
+        self.has_c.copy_(keep_or(computed, one, has_c))
+        self.acc.copy_(keep_or(computed, torch.zeros_like(acc), acc))
+        self.w_sum.copy_(keep_or(computed, zero, w_sum))
+        self.u_sum.copy_(keep_or(computed, zero, u_sum))
+        self.v_last.copy_(vf)
+        self.t_last.copy_(t)
+        self.last_skipped.copy_(keep_or(skipped, one, zero))
+        return out
+
+    def reset(self) -> None:
+        for b in self.buffers():
+            b.zero_()

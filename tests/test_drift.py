@@ -1,0 +1,134 @@
+"""Drift correction (``drift_correction="flow_euler"``): the output of a computed step after forecast
+steps equals a hand computation of the interpolation correction on every family; forecast steps,
+block states and statistics are untouched; it resets with the generation, runs through step dispatch
+and refuses what it cannot do."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TIMESTEPS, first, run_loop
+
+import fx_fastcache as fastcache
+from fx_fastcache.step_dispatch import StepDispatch
+from fx_fastcache.zoo import make_tiny
+
+COMPUTED = (0, 1, 4)  # steps 2, 3 forecast, then 4 computes (and is corrected), 5 forecast
+
+
+class NoTimestep(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+
+    def forward(self, x):
+        return self.blocks[1](self.blocks[0](x))
+
+
+def _scheduled(tm, **config):
+    opt = fastcache.optimize(tm.model, backend="eager", policy="schedule", fallback="forecast", **config)
+    n = len(opt.block_names())
+    rows = torch.tensor([s not in COMPUTED for s in range(len(TIMESTEPS))])
+    fastcache.set_schedule(opt, rows.unsqueeze(1).expand(len(TIMESTEPS), n).contiguous())
+    return opt
+
+
+def _hand(v: list[torch.Tensor], t: list[float]) -> torch.Tensor:
+    """Step 4's output: v4 + σ5/Δσ4 · Σ_{k=2,3} Δσ_k/σ_{k+1} · (v_i(k) − v_f(k)), v_i between steps 1 and 4."""
+    t_next = t[4] + (t[4] - t[3])  # the next step, taken as long as the previous one
+    total = torch.zeros_like(v[4])
+    for k in (2, 3):
+        v_i = v[1] + (t[k] - t[1]) / (t[4] - t[1]) * (v[4] - v[1])
+        total = total + (t[k + 1] - t[k]) / t[k + 1] * (v_i - v[k])
+    return v[4] + t_next / (t_next - t[4]) * total
+
+
+def test_corrected_step_matches_hand_computation(tiny):
+    ref, opt = _scheduled(tiny), _scheduled(tiny, drift_correction="flow_euler")
+    a, b = run_loop(ref, tiny), run_loop(opt, tiny)
+    for s in range(len(TIMESTEPS)):
+        if s == 4:
+            torch.testing.assert_close(b[s], _hand(a, TIMESTEPS), rtol=1e-4, atol=1e-4)
+            assert not torch.allclose(b[s], a[s], rtol=1e-3, atol=1e-3)  # the correction is not a no-op
+        else:  # computed steps with nothing forecast before them, and forecast steps, are unchanged
+            torch.testing.assert_close(b[s], a[s], rtol=0, atol=0)
+    assert fastcache.get_cache_statistics(opt)["blocks_approximated"] == \
+        fastcache.get_cache_statistics(ref)["blocks_approximated"]
+
+
+def test_new_generation_and_reset_start_fresh():
+    tm = make_tiny("tiny-dit")
+    opt = _scheduled(tm, drift_correction="flow_euler")
+    a = run_loop(opt, tm)
+    b = run_loop(opt, tm)  # the timestep jumps back up: a new generation
+    fastcache.reset(opt)
+    c = run_loop(opt, tm)
+    for x, y, z in zip(a, b, c):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+        torch.testing.assert_close(x, z, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("decide", ["host", "device"])
+def test_step_dispatch_matches_in_graph_guards(decide):
+    """Specialised copies pass the decision as a plain bool: same outputs as the in-graph cond."""
+    tm = make_tiny("tiny-dit")
+    if decide == "host":
+        ref, opt = (_scheduled(tm, drift_correction="flow_euler") for _ in range(2))
+    else:  # a step policy decided in the graph; a low threshold forecasts most steps after warm-up
+        ref, opt = (fastcache.optimize(tm.model, backend="eager", policy="step_forecast", fallback="forecast",
+                                       cache_ratio_threshold=0.5, drift_correction="flow_euler") for _ in range(2))
+    want = run_loop(ref, tm)
+    disp = StepDispatch(opt, compile_mode="eager", decide=decide)
+    with torch.no_grad():
+        got = [first(disp(**tm.make_inputs(t, 2))).clone() for t in TIMESTEPS]
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert fastcache.get_cache_statistics(ref)["blocks_approximated"] > 0
+
+
+def test_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match=r"drift_correction='euler' is invalid: choose one of \('none', 'flow_euler'\)"):
+        fastcache.FastCacheConfig(drift_correction="euler")
+    with pytest.raises(ValueError, match="policy='chi2' decides per block"):
+        fastcache.FastCacheConfig(policy="chi2", drift_correction="flow_euler")
+    from fx_fastcache.export import installed_schedule
+    from fx_fastcache.export.onnx import stateless_module
+
+    tm = make_tiny("tiny-dit")
+    opt = _scheduled(tm, drift_correction="flow_euler")
+    with pytest.raises(ValueError, match="drift_correction='flow_euler' is not supported by export"):
+        stateless_module(opt, installed_schedule(opt, steps=len(TIMESTEPS)), tm.make_inputs(TIMESTEPS[0], 2))
+    opt = fastcache.optimize(NoTimestep(), backend="eager", drift_correction="flow_euler")
+    with pytest.raises(ValueError, match="has no timestep input, and the correction needs"):
+        opt(torch.randn(2, 3, 4))
+
+
+def test_pipelines_flow_euler_only_and_one_state_per_cache_context():
+    from fx_fastcache.tiny_pipelines import make_tiny_pipeline
+
+    tp = make_tiny_pipeline("pixart")
+    with pytest.raises(ValueError, match="uses DPMSolverMultistepScheduler, whose step the correction would get wrong"):
+        fastcache.enable_fastcache(tp.pipe, backend="eager", drift_correction="flow_euler")
+    tp = make_tiny_pipeline("flux")
+    kw = tp.call_kwargs(seed=0, num_inference_steps=4, negative_prompt="blurry", true_cfg_scale=2.0)
+    images = {}
+    for dc in ("none", "flow_euler"):
+        tr = fastcache.enable_fastcache(tp.pipe, backend="eager", policy="schedule", drift_correction=dc)
+        rows = torch.tensor([False, False, True, False])  # step 2 forecast, step 3 computed (and corrected)
+        fastcache.set_schedule(tp.pipe, rows.unsqueeze(1).expand(4, len(tr.block_names())).contiguous())
+        images[dc] = torch.as_tensor(np.asarray(tp.pipe(**kw).images))
+        if dc == "flow_euler":
+            v_c = [state[key]["fastcache_drift.v_c"] for state in tr.contexts().values() for key in state]
+            assert len(v_c) == 2 and not torch.equal(v_c[0], v_c[1])  # cond and uncond keep their own
+        fastcache.disable_fastcache(tp.pipe)
+    assert not torch.allclose(images["none"], images["flow_euler"])
+
+
+def test_inductor_compiles_it_in_one_graph_and_matches_eager():
+    tm = make_tiny("tiny-dit")
+    kw = dict(policy="step_forecast", fallback="forecast", cache_ratio_threshold=0.5, drift_correction="flow_euler")
+    eager = fastcache.optimize(tm.model, backend="eager", **kw)
+    compiled = fastcache.optimize(tm.model, backend="inductor", **kw)
+    for a, b in zip(run_loop(eager, tm), run_loop(compiled, tm)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert fastcache.get_cache_statistics(compiled)["blocks_approximated"] > 0
