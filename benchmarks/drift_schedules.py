@@ -1,0 +1,74 @@
+"""Drift correction on other noise schedules: does ``drift_correction="flow_euler"`` still help when the
+Euler steps are not uniform in sigma?
+
+Why it exists: the correction takes the next step as long as the previous one, and its gains were
+measured on the benchmark's uniform 20-step schedule (docs/BENCHMARKS.md, "Tenth session"), while SD3
+and Flux pipelines use a shifted one, ``sigma = s u / (1 + (s - 1) u)`` with ``u`` uniform.  This runs
+fixed plans (one letter per step, ``F`` computed, ``S`` forecast) through the library
+(``policy="schedule"``, ``fallback="forecast"``) with and without the correction on a shifted schedule,
+16 evaluation images (seeds 1000–1015) against the uncached images on the same schedule::
+
+    python benchmarks/drift_schedules.py --model sd3-mnist --shift 3 --plans FFFSFSFSFSFSFSFSFSFS FFSFSSFSSFSSFSSFSSFS
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+
+@torch.no_grad()
+def euler(tm, model, classes, seeds, sigmas: torch.Tensor, cfg: float = 2.0) -> torch.Tensor:
+    """The reference sampler (``fx_fastcache.trained.sample``) on the given sigmas."""
+    from fx_fastcache.trained import NULL_CLASS, _initial_noise
+
+    y = torch.as_tensor(classes)
+    x = _initial_noise(seeds, (tm.in_channels, tm.sample_size, tm.sample_size), tm.device, tm.dtype)
+    for i in range(len(sigmas) - 1):
+        s = sigmas[i].expand(2 * len(y))
+        kw = tm.call_kwargs(torch.cat([x, x]), s, torch.cat([y, torch.full_like(y, NULL_CLASS)]))
+        v_c, v_u = tm.unpack_output(model(**kw)[0])[:, :tm.in_channels].chunk(2)
+        x = x + (sigmas[i + 1] - sigmas[i]) * (v_u + cfg * (v_c - v_u))
+    return x.clamp(-1, 1)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="sd3-mnist")
+    p.add_argument("--shift", type=float, default=3.0, help="schedule shift (1 = the benchmark's uniform schedule)")
+    p.add_argument("--plans", nargs="+", required=True, help="one letter (F or S) per step, 20 steps")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    steps = 20
+    for plan in a.plans:
+        if len(plan) != steps or set(plan) - {"F", "S"}:
+            p.error(f"plan {plan!r}: give one letter, F or S, per step ({steps})")
+    if a.shift <= 0:
+        p.error(f"--shift {a.shift}: must be > 0")
+    torch.set_num_threads(a.threads)
+    import fx_fastcache as fastcache
+    from fx_fastcache.bench.metrics import psnr
+    from fx_fastcache.trained import load_trained
+
+    tm = load_trained(a.model)
+    classes, seeds = [i % 10 for i in range(16)], [1000 + i for i in range(16)]
+    u = torch.linspace(1.0, 0.0, steps + 1)
+    sigmas = a.shift * u / (1 + (a.shift - 1) * u)
+    ref = euler(tm, tm.model, classes, seeds, sigmas)
+    models = {dc: fastcache.optimize(tm.model, backend="eager", policy="schedule", warmup_steps=0, drift_correction=dc)
+              for dc in ("none", "flow_euler")}
+    for plan in a.plans:
+        for dc, opt in models.items():
+            table = torch.tensor([m == "S" for m in plan]).unsqueeze(1).expand(steps, len(opt.block_names()))
+            fastcache.set_schedule(opt, table.contiguous())
+            fastcache.reset(opt)
+            q = psnr(euler(tm, opt, classes, seeds, sigmas), ref)
+            print(json.dumps({"model": a.model, "shift": a.shift, "plan": plan, "drift_correction": dc,
+                              "replaced": plan.count("S") / steps, "psnr_mean": round(float(q.mean()), 2),
+                              "psnr_worst": round(float(q.min()), 2)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
