@@ -20,6 +20,7 @@ from .calibration import (
 from .config import FastCacheConfig
 from .fallbacks import FALLBACKS
 from .module import FastCacheModule
+from .pipelines import check_drift_sampler
 from .policies import POLICIES
 from .runtime.routing import spatial_counts
 
@@ -92,7 +93,10 @@ def reset(opt: Any) -> None:
 
 def configure(opt: Any, **changes: Any) -> None:
     """Change config fields; thresholds and other run-time fields apply without recompiling."""
-    _check(opt).configure(**changes)
+    mod = _check(opt)
+    if mod is not opt:  # a pipeline: its scheduler says whether the drift correction applies
+        check_drift_sampler(opt, mod.fastcache_config.replace(**changes))
+    mod.configure(**changes)
 
 
 def set_schedule(opt: Any, table: torch.Tensor) -> None:

@@ -164,7 +164,7 @@ def _wrapped_call(original: Any):
 FLOW_EULER_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
 
-def _check_drift_sampler(pipe: Any, config: FastCacheConfig) -> None:
+def check_drift_sampler(pipe: Any, config: FastCacheConfig) -> None:
     """``drift_correction="flow_euler"`` is exact only for the flow-matching Euler step: refuse others."""
     if config.drift_correction != "flow_euler":
         return
@@ -217,7 +217,7 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
     if schedule is not None and "policy" not in overrides:
         overrides["policy"] = "schedule"
     config = FastCacheConfig.resolve(config, **overrides)
-    _check_drift_sampler(pipe, config)
+    check_drift_sampler(pipe, config)
     opt = PipelineFastCache(tr, config, backend=backend)
     if schedule is not None:
         opt.install_schedule(schedule)

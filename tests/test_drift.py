@@ -109,6 +109,11 @@ def test_pipelines_flow_euler_only_and_one_state_per_cache_context():
     tp = make_tiny_pipeline("pixart")
     with pytest.raises(ValueError, match="uses DPMSolverMultistepScheduler, whose step the correction would get wrong"):
         fastcache.enable_fastcache(tp.pipe, backend="eager", drift_correction="flow_euler")
+    fastcache.enable_fastcache(tp.pipe, backend="eager")
+    with pytest.raises(ValueError, match="uses DPMSolverMultistepScheduler"):  # nor switched on afterwards
+        fastcache.configure(tp.pipe, drift_correction="flow_euler")
+    assert tp.pipe.transformer.fastcache_config.drift_correction == "none"
+    fastcache.disable_fastcache(tp.pipe)
     tp = make_tiny_pipeline("flux")
     kw = tp.call_kwargs(seed=0, num_inference_steps=4, negative_prompt="blurry", true_cfg_scale=2.0)
     images = {}
