@@ -7,13 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TIMESTEPS, first, run_loop
+from conftest import first, run_loop
 
 import fx_fastcache as fastcache
 from fx_fastcache.step_dispatch import StepDispatch
 from fx_fastcache.zoo import make_tiny
 
-COMPUTED = (0, 1, 4)  # steps 2, 3 forecast, then 4 computes (and is corrected), 5 forecast
+STEPS = [1000.0, 900.0, 800.0, 700.0, 600.0, 500.0, 400.0, 300.0]
+COMPUTED = (0, 1, 4, 7)  # steps 2, 3 forecast, 4 computes (and is corrected); 5, 6 forecast, 7 corrected
 
 
 class NoTimestep(torch.nn.Module):
@@ -28,27 +29,28 @@ class NoTimestep(torch.nn.Module):
 def _scheduled(tm, **config):
     opt = fastcache.optimize(tm.model, backend="eager", policy="schedule", fallback="forecast", **config)
     n = len(opt.block_names())
-    rows = torch.tensor([s not in COMPUTED for s in range(len(TIMESTEPS))])
-    fastcache.set_schedule(opt, rows.unsqueeze(1).expand(len(TIMESTEPS), n).contiguous())
+    rows = torch.tensor([s not in COMPUTED for s in range(len(STEPS))])
+    fastcache.set_schedule(opt, rows.unsqueeze(1).expand(len(STEPS), n).contiguous())
     return opt
 
 
-def _hand(v: list[torch.Tensor], t: list[float]) -> torch.Tensor:
-    """Step 4's output: v4 + σ5/Δσ4 · Σ_{k=2,3} Δσ_k/σ_{k+1} · (v_i(k) − v_f(k)), v_i between steps 1 and 4."""
-    t_next = t[4] + (t[4] - t[3])  # the next step, taken as long as the previous one
-    total = torch.zeros_like(v[4])
-    for k in (2, 3):
-        v_i = v[1] + (t[k] - t[1]) / (t[4] - t[1]) * (v[4] - v[1])
+def _hand(v: list[torch.Tensor], t: list[float], c: int, c2: int) -> torch.Tensor:
+    """The output of computed step ``c2`` after forecast steps ``c+1 .. c2-1``:
+    v(c2) + σ(c2+1)/Δσ(c2) · Σ_k Δσ_k/σ_{k+1} · (v_i(k) − v_f(k)), v_i interpolated between c and c2."""
+    t_next = t[c2] + (t[c2] - t[c2 - 1])  # the next step, taken as long as the previous one
+    total = torch.zeros_like(v[c2])
+    for k in range(c + 1, c2):
+        v_i = v[c] + (t[k] - t[c]) / (t[c2] - t[c]) * (v[c2] - v[c])
         total = total + (t[k + 1] - t[k]) / t[k + 1] * (v_i - v[k])
-    return v[4] + t_next / (t_next - t[4]) * total
+    return v[c2] + t_next / (t_next - t[c2]) * total
 
 
-def test_corrected_step_matches_hand_computation(tiny):
+def test_corrected_steps_match_hand_computation(tiny):
     ref, opt = _scheduled(tiny), _scheduled(tiny, drift_correction="flow_euler")
-    a, b = run_loop(ref, tiny), run_loop(opt, tiny)
-    for s in range(len(TIMESTEPS)):
-        if s == 4:
-            torch.testing.assert_close(b[s], _hand(a, TIMESTEPS), rtol=1e-4, atol=1e-4)
+    a, b = run_loop(ref, tiny, STEPS), run_loop(opt, tiny, STEPS)
+    for s in range(len(STEPS)):
+        if s in (4, 7):  # each run of forecast steps is taken back once, from the computed step before it
+            torch.testing.assert_close(b[s], _hand(a, STEPS, 1 if s == 4 else 4, s), rtol=1e-4, atol=1e-4)
             assert not torch.allclose(b[s], a[s], rtol=1e-3, atol=1e-3)  # the correction is not a no-op
         else:  # computed steps with nothing forecast before them, and forecast steps, are unchanged
             torch.testing.assert_close(b[s], a[s], rtol=0, atol=0)
@@ -59,10 +61,10 @@ def test_corrected_step_matches_hand_computation(tiny):
 def test_new_generation_and_reset_start_fresh():
     tm = make_tiny("tiny-dit")
     opt = _scheduled(tm, drift_correction="flow_euler")
-    a = run_loop(opt, tm)
-    b = run_loop(opt, tm)  # the timestep jumps back up: a new generation
+    a = run_loop(opt, tm, STEPS)
+    b = run_loop(opt, tm, STEPS)  # the timestep jumps back up: a new generation
     fastcache.reset(opt)
-    c = run_loop(opt, tm)
+    c = run_loop(opt, tm, STEPS)
     for x, y, z in zip(a, b, c):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
         torch.testing.assert_close(x, z, rtol=0, atol=0)
@@ -77,10 +79,10 @@ def test_step_dispatch_matches_in_graph_guards(decide):
     else:  # a step policy decided in the graph; a low threshold forecasts most steps after warm-up
         ref, opt = (fastcache.optimize(tm.model, backend="eager", policy="step_forecast", fallback="forecast",
                                        cache_ratio_threshold=0.5, drift_correction="flow_euler") for _ in range(2))
-    want = run_loop(ref, tm)
+    want = run_loop(ref, tm, STEPS)
     disp = StepDispatch(opt, compile_mode="eager", decide=decide)
     with torch.no_grad():
-        got = [first(disp(**tm.make_inputs(t, 2))).clone() for t in TIMESTEPS]
+        got = [first(disp(**tm.make_inputs(t, 2))).clone() for t in STEPS]
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
     assert fastcache.get_cache_statistics(ref)["blocks_approximated"] > 0
@@ -97,7 +99,7 @@ def test_refuses_what_it_cannot_do():
     tm = make_tiny("tiny-dit")
     opt = _scheduled(tm, drift_correction="flow_euler")
     with pytest.raises(ValueError, match="drift_correction='flow_euler' is not supported by export"):
-        stateless_module(opt, installed_schedule(opt, steps=len(TIMESTEPS)), tm.make_inputs(TIMESTEPS[0], 2))
+        stateless_module(opt, installed_schedule(opt, steps=len(STEPS)), tm.make_inputs(STEPS[0], 2))
     opt = fastcache.optimize(NoTimestep(), backend="eager", drift_correction="flow_euler")
     with pytest.raises(ValueError, match="has no timestep input, and the correction needs"):
         opt(torch.randn(2, 3, 4))
