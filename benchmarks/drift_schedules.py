@@ -5,7 +5,8 @@ Why it exists: the correction takes the next step as long as the previous one, a
 measured on the benchmark's uniform 20-step schedule (docs/BENCHMARKS.md, "Tenth session"), while SD3
 and Flux pipelines use a shifted one, ``sigma = s u / (1 + (s - 1) u)`` with ``u`` uniform.  This runs
 fixed plans (one letter per step, ``F`` computed, ``S`` forecast) through the library
-(``policy="schedule"``, ``fallback="forecast"``) with and without the correction on a shifted schedule,
+(``policy="schedule"``, ``fallback="forecast"``) with and without the correction on a shifted schedule
+(``fx_fastcache.trained.sample``'s ``sigmas``),
 16 evaluation images (seeds 1000–1015) against the uncached images on the same schedule::
 
     python benchmarks/drift_schedules.py --model sd3-mnist --shift 3 --plans FFFSFSFSFSFSFSFSFSFS FFSFSSFSSFSSFSSFSSFS
@@ -16,21 +17,6 @@ import argparse
 import json
 
 import torch
-
-
-@torch.no_grad()
-def euler(tm, model, classes, seeds, sigmas: torch.Tensor, cfg: float = 2.0) -> torch.Tensor:
-    """The reference sampler (``fx_fastcache.trained.sample``) on the given sigmas."""
-    from fx_fastcache.trained import NULL_CLASS, _initial_noise
-
-    y = torch.as_tensor(classes)
-    x = _initial_noise(seeds, (tm.in_channels, tm.sample_size, tm.sample_size), tm.device, tm.dtype)
-    for i in range(len(sigmas) - 1):
-        s = sigmas[i].expand(2 * len(y))
-        kw = tm.call_kwargs(torch.cat([x, x]), s, torch.cat([y, torch.full_like(y, NULL_CLASS)]))
-        v_c, v_u = tm.unpack_output(model(**kw)[0])[:, :tm.in_channels].chunk(2)
-        x = x + (sigmas[i + 1] - sigmas[i]) * (v_u + cfg * (v_c - v_u))
-    return x.clamp(-1, 1)
 
 
 def main(argv=None) -> int:
@@ -49,13 +35,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     import fx_fastcache as fastcache
     from fx_fastcache.bench.metrics import psnr
-    from fx_fastcache.trained import load_trained
+    from fx_fastcache.trained import load_trained, sample
 
     tm = load_trained(a.model)
     classes, seeds = [i % 10 for i in range(16)], [1000 + i for i in range(16)]
     u = torch.linspace(1.0, 0.0, steps + 1)
     sigmas = a.shift * u / (1 + (a.shift - 1) * u)
-    ref = euler(tm, tm.model, classes, seeds, sigmas)
+    ref = sample(tm, classes, seeds, steps=steps, sigmas=sigmas)
     models = {dc: fastcache.optimize(tm.model, backend="eager", policy="schedule", warmup_steps=0, drift_correction=dc)
               for dc in ("none", "flow_euler")}
     for plan in a.plans:
@@ -63,7 +49,7 @@ def main(argv=None) -> int:
             table = torch.tensor([m == "S" for m in plan]).unsqueeze(1).expand(steps, len(opt.block_names()))
             fastcache.set_schedule(opt, table.contiguous())
             fastcache.reset(opt)
-            q = psnr(euler(tm, opt, classes, seeds, sigmas), ref)
+            q = psnr(sample(tm, classes, seeds, steps=steps, model=opt, sigmas=sigmas), ref)
             print(json.dumps({"model": a.model, "shift": a.shift, "plan": plan, "drift_correction": dc,
                               "replaced": plan.count("S") / steps, "psnr_mean": round(float(q.mean()), 2),
                               "psnr_worst": round(float(q.min()), 2)}), flush=True)

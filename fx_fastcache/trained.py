@@ -315,6 +315,7 @@ def sample(
     progress: bool = False,
     on_step: Callable[[int], None] | None = None,
     desc: str | None = None,
+    sigmas: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate digits with the reference Euler rectified-flow sampler.
 
@@ -336,6 +337,8 @@ def sample(
         progress: show a tqdm progress bar (stderr) over the steps.
         on_step: called with the step index ``i`` after step ``i`` is done.
         desc: label of the progress bar (default ``"sampling <name>"``).
+        sigmas: the noise levels to step through, decreasing, ``steps + 1`` values (default
+            ``torch.linspace(1, 0, steps + 1)``; e.g. a shifted schedule).
 
     Returns:
         Images (B, C, H, W) in [-1, 1], float32, on the model's device.
@@ -353,7 +356,12 @@ def sample(
     c, hw = tm.in_channels, tm.sample_size
     y = y.to(device)
     x = _initial_noise(seeds, (c, hw, hw), device, dtype)
-    sig = torch.linspace(1.0, 0.0, steps + 1, device=device)
+    if sigmas is None:
+        sig = torch.linspace(1.0, 0.0, steps + 1, device=device)
+    elif tuple(sigmas.shape) != (steps + 1,):
+        raise ValueError(f"sigmas has shape {tuple(sigmas.shape)}; give steps + 1 = {steps + 1} noise levels")
+    else:
+        sig = sigmas.to(device=device, dtype=torch.float32)
     iterator: Any = range(steps)
     if progress:
         from tqdm.auto import tqdm

@@ -1,4 +1,4 @@
-"""The diagnostic scripts of the seventh and tenth sessions: their forecast rules, plan tables and sampler."""
+"""The seventh session's diagnostic scripts: their forecast rules and plan tables (no model run)."""
 from __future__ import annotations
 
 import importlib.util
@@ -56,10 +56,3 @@ def test_partial_steps_table_and_bad_letter():
     with pytest.raises(ValueError, match="step 1 is 'x'"):
         table_of("Fx", n_blocks=4, split=1)
 
-
-def test_drift_schedules_sampler_is_the_reference_one_on_uniform_sigmas():
-    from fx_fastcache.trained import load_trained, sample
-
-    tm = load_trained("flux-mnist")
-    got = _script("drift_schedules").euler(tm, tm.model, [3, 7], [5, 6], torch.linspace(1.0, 0.0, 4))
-    torch.testing.assert_close(got, sample(tm, [3, 7], [5, 6], steps=3))

@@ -163,3 +163,12 @@ def test_load_vendored_flux_packs_like_the_reference_and_its_digits() -> None:
     assert torch.allclose(sample(tm, y, [5], steps=1), by_hand, atol=1e-5)
     images = sample(tm, list(range(10)), list(range(100, 110)), steps=8)
     assert class_accuracy(images, list(range(10))) >= 0.8
+
+
+def test_sample_on_given_sigmas_is_the_default_on_uniform_ones() -> None:
+    """``sigmas`` (benchmarks/drift_schedules.py's shifted schedules): uniform ones give the default sampler."""
+    tm = load_trained("flux-mnist")
+    got = sample(tm, [3, 7], [5, 6], steps=3, sigmas=torch.linspace(1.0, 0.0, 4))
+    torch.testing.assert_close(got, sample(tm, [3, 7], [5, 6], steps=3))
+    with pytest.raises(ValueError, match="give steps \\+ 1 = 4 noise levels"):
+        sample(tm, [3], [5], steps=3, sigmas=torch.linspace(1.0, 0.0, 3))

@@ -40,7 +40,7 @@ class DriftCorrection(nn.Module):
         super().__init__()
         for name in ("v_c", "v_last", "acc"):
             self.register_buffer(name, torch.zeros(shape, dtype=torch.float32, device=device))
-        for name in ("t_c", "t_last", "w_sum", "u_sum", "has_c", "last_skipped"):
+        for name in ("t_c", "t_last", "w_sum", "u_sum", "last_skipped"):
             self.register_buffer(name, torch.tensor(0.0, device=device))
 
     def forward(self, skipped: Flag, new_gen: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -51,25 +51,23 @@ class DriftCorrection(nn.Module):
         acc = torch.where(new_gen, torch.zeros_like(self.acc), self.acc + w * self.v_last)
         w_sum = torch.where(new_gen, zero, self.w_sum + w)
         u_sum = torch.where(new_gen, zero, self.u_sum + w * (self.t_last - self.t_c))
-        has_c = torch.where(new_gen, zero, self.has_c)
-        # the correction, used only if this step computed
+        # the correction, used only if this step computed (w_sum ≠ 0: forecast steps since the last
+        # computed one of this generation; a step is forecast only after one computed)
         dt = t - self.t_last  # Δσ of this step, taken equal to the previous one
         gap = t - self.t_c
-        valid = (has_c > 0) & (w_sum != 0) & (dt != 0) & (gap != 0) & ~new_gen
+        valid = (w_sum != 0) & (dt != 0) & (gap != 0)
         gain = torch.where(valid, (t + dt) / _safe(dt), zero)
         corrected = vf + gain * (self.v_c * w_sum + (vf - self.v_c) * (u_sum / _safe(gap)) - acc)
         out = keep_or(skipped, v, corrected.to(v.dtype))
         computed = negate(skipped)
         assign(self.v_c, computed, vf)
         assign(self.t_c, computed, t)
-        one = torch.ones_like(zero)
-        self.has_c.copy_(keep_or(computed, one, has_c))
         self.acc.copy_(keep_or(computed, torch.zeros_like(acc), acc))
         self.w_sum.copy_(keep_or(computed, zero, w_sum))
         self.u_sum.copy_(keep_or(computed, zero, u_sum))
         self.v_last.copy_(vf)
         self.t_last.copy_(t)
-        self.last_skipped.copy_(keep_or(skipped, one, zero))
+        self.last_skipped.copy_(keep_or(skipped, torch.ones_like(zero), zero))
         return out
 
     def reset(self) -> None:
