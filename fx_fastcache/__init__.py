@@ -18,6 +18,7 @@ from .api import (
                   protect_steps,
                   reset,
                   save_calibration,
+                  search_plan,
                   set_schedule,
 )
 from .config import FastCacheConfig
@@ -28,5 +29,5 @@ __version__ = "0.1.0"
 
 __all__ = ["FastCacheConfig", "FastCacheModule", "optimize", "calibrate", "save_calibration", "load_calibration",
            "get_cache_statistics", "reset", "configure", "set_schedule", "measure_sensitivity", "protect_steps",
-           "enable_fastcache",
+           "search_plan", "enable_fastcache",
            "disable_fastcache", "__version__"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +133,26 @@ def protect_steps(opt: Any, generate: Callable[[], torch.Tensor], floor_db: floa
     """
     opt = _check(opt)
     return POLICIES[opt.fastcache_config.policy].protect_steps(opt, generate, floor_db, data_range)
+
+
+def search_plan(opt: Any, generate: Callable[[], torch.Tensor], fractions: Sequence[float] | None = None,
+                data_range: float | None = None, max_runs: int = 150) -> dict[float, list[int]]:
+    """``policy="planned"``: choose each fraction's computed steps on whole generations (optional,
+    after ``calibrate``, and after ``measure_sensitivity`` / ``protect_steps``, which re-plan).
+
+    Starts from the calibrated plan and from evenly spaced plans of the same budget, keeps the one
+    whose ``generate()`` outputs have the highest mean PSNR against a full run, then moves one
+    computed step at a time while that improves it.  It sees what the planner's error model cannot:
+    error growth, runs of forecasts and ``drift_correction``.  ``generate()`` runs one whole
+    generation on calibration inputs (fixed seeds, e.g. 16 of them; not your evaluation seeds) and
+    returns its final output, batch first; it is called once per plan tried, at most ``max_runs``
+    times per fraction.  ``fractions``: the ``target_fraction`` values to search (default: the
+    configured one); ``configure(target_fraction=...)`` then installs each.  PSNR peak:
+    ``data_range`` (default: the full output's max − min).  Returns ``{fraction: computed steps}``;
+    the plans are saved with the calibration.
+    """
+    opt = _check(opt)
+    return POLICIES[opt.fastcache_config.policy].search_plan(opt, generate, fractions, data_range, max_runs)
 
 
 def get_cache_statistics(opt: Any) -> dict[str, Any]:

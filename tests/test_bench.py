@@ -7,7 +7,7 @@ import json
 import pytest
 
 from fx_fastcache.bench import parse_method, pareto, run_benchmark
-from fx_fastcache.bench.report import merge
+from fx_fastcache.bench.report import family, merge
 
 
 @pytest.mark.parametrize("spec,policy,fallback,warmup,max_skip", [
@@ -44,6 +44,15 @@ def test_parse_drift_correction():
     assert "(drift)" in m.name and not parse_method("planned/forecast").drift
 
 
+def test_parse_search():
+    m = parse_method("planned/forecast:drift=1:search=1", [0.5, 0.6])
+    assert (m.policy, m.drift, m.search, m.thresholds) == ("planned", True, True, (0.5, 0.6))
+    assert "(searched)" in m.name and not parse_method("planned/forecast").search
+    run = {"kind": "fastcache", "policy": "planned", "fallback": "forecast", "drift_correction": True}
+    assert family(run) == "ours planned+forecast + drift"  # the searched runs get a column of their own
+    assert family(dict(run, searched_plan=[0, 1, 3])) == "ours planned+forecast + drift + search"
+
+
 def test_parse_peers_and_none():
     assert parse_method("none").kind == "none"
     assert parse_method("diffusers_fbc").kind == "diffusers_fbc"
@@ -55,8 +64,9 @@ def test_parse_peers_and_none():
     ("step_forecast/forecast:speed=2", ["speed=2", "warmup"]),
     ("planned/forecast:protect=high", ["protect=high", "PSNR floor"]),
     ("planned/forecast:drift=yes", ["drift=yes", "drift correction"]),
+    ("planned/forecast:search=2", ["search=2", "search_plan"]),
     ("diffusers_fbc:warmup=2", ["only to FastCache"]),
-], ids=["bad-fallback", "bad-name", "bad-option", "bad-protect", "bad-drift", "peer-option"])
+], ids=["bad-fallback", "bad-name", "bad-option", "bad-protect", "bad-drift", "bad-search", "peer-option"])
 def test_parse_method_errors_name_the_value(spec, words):
     with pytest.raises(ValueError) as e:
         parse_method(spec)

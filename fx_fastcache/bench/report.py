@@ -194,7 +194,7 @@ def family(run: dict[str, Any]) -> str:
             return run["policy"]
         return f"ours {run['policy']}+{run['fallback']}" + (" (sensitivity)" if run.get("sensitivity") else "") + (
             f" (protect {run['protect_db']:g} dB)" if run.get("protect_db") else "") + (
-            " + drift" if run.get("drift_correction") else "")
+            " + drift" if run.get("drift_correction") else "") + (" + search" if run.get("searched_plan") else "")
     return run["kind"]
 
 

@@ -114,6 +114,9 @@ class Method:
     protect: float | None = None
     #: ``drift_correction="flow_euler"`` (the benchmark's sampler is flow-matching Euler)
     drift: bool = False
+    #: after calibration (and protect / sensitivity), choose each fraction's plan on whole generations of
+    #: :data:`SEARCH_SEEDS` calibration images (``fastcache.search_plan``)
+    search: bool = False
     #: peer options (``PEER_OPTIONS``), as sorted ``(name, value)`` pairs
     options: tuple[tuple[str, float], ...] = ()
 
@@ -130,7 +133,8 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     Forms: ``none``; ``diffusers_fbc``; ``cache_dit``; ``first_block_cache``; ``teacache``;
     ``POLICY/FALLBACK`` (e.g. ``step_forecast/forecast``); any of the FastCache forms may end
     with ``:warmup=W`` and/or ``:max_skip=M`` (e.g. ``step_forecast/forecast:warmup=3:max_skip=3``),
-    ``:sens=1``, ``:protect=DB`` or ``:drift=1`` (``drift_correction="flow_euler"``).
+    ``:sens=1``, ``:protect=DB``, ``:drift=1`` (``drift_correction="flow_euler"``) or ``:search=1``
+    (``fastcache.search_plan`` for every threshold).
     ``diffusers_taylorseer[:order=N][:before=N]`` (its thresholds are ``cache_interval`` values)
     and ``diffusers_magcache[:max_skip=K][:retention=R]`` (thresholds: MagCache's error budget).
     """
@@ -142,6 +146,7 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     sensitivity = False
     protect = None
     drift = False
+    search = False
     for o in opts if head not in PEERS else ():
         key, _, val = o.partition("=")
         if key == "sens" and val in ("0", "1"):
@@ -150,12 +155,16 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
         if key == "drift" and val in ("0", "1"):
             drift = val == "1"
             continue
+        if key == "search" and val in ("0", "1"):
+            search = val == "1"
+            continue
         if key == "protect" and val.replace(".", "", 1).isdigit() and 0 < float(val) < 100:
             protect = float(val)
             continue
         if key not in ("warmup", "max_skip") or not val.isdigit():
             raise ValueError(f"method {spec!r}: option {o!r} is not understood; use ':warmup=N', ':max_skip=N', "
-                             f"':sens=1', ':protect=DB' (a PSNR floor, e.g. 34) or ':drift=1' (drift correction)")
+                             f"':sens=1', ':protect=DB' (a PSNR floor, e.g. 34), ':drift=1' (drift correction) or "
+                             f"':search=1' (search_plan)")
         if key == "warmup":
             warmup = int(val)
         else:
@@ -202,8 +211,11 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
         name += f"(protect {protect:g} dB)"
     if drift:
         name += "(drift)"
+    if search:
+        name += "(searched)"
     return Method(name, "fastcache", policy, fallback, thr or DEFAULT_THRESHOLDS.get(policy, (0.1,)), w, max_skip,
-                  sensitivity=sensitivity, protect=protect, drift=drift)
+                  sensitivity=sensitivity, protect=protect, drift=drift,
+                  search=search)
 
 
 def _option_given(opts: Sequence[str], key: str) -> bool:
@@ -250,17 +262,24 @@ class _Setup:
 #: Calibration images of a ``:protect=DB`` method's single-skip runs (from the calibration seed on):
 #: more than the 4 of ``calibrate``, since the images it must catch are about one in 16.
 PROTECT_SEEDS = 32
+#: Calibration images of a ``:search=1`` method's generations (from the calibration seed on).
+SEARCH_SEEDS = 16
+
+
+def calibration_seeds(s: _Setup, count: int, option: str) -> list[int]:
+    """``count`` seeds from the calibration seed on, for ``option``'s generations; never an evaluation seed."""
+    seeds = [s.c_seeds[0] + i for i in range(count)]
+    overlap = sorted(set(seeds) & set(s.seeds))
+    if overlap:
+        raise ValueError(f"'{option}' runs {count} calibration seeds from {seeds[0]}, which overlap the "
+                         f"evaluation seeds {overlap[:3]}...; choose a calibration seed at least {count} "
+                         f"below or above the evaluation seeds")
+    return seeds
 
 
 def protect_seeds(s: _Setup) -> list[int]:
     """The seeds of ``fastcache.protect_steps`` in the benchmark; never an evaluation seed."""
-    seeds = [s.c_seeds[0] + i for i in range(PROTECT_SEEDS)]
-    overlap = sorted(set(seeds) & set(s.seeds))
-    if overlap:
-        raise ValueError(f"':protect=' runs {PROTECT_SEEDS} calibration seeds from {seeds[0]}, which overlap the "
-                         f"evaluation seeds {overlap[:3]}...; choose a calibration seed at least {PROTECT_SEEDS} "
-                         f"below or above the evaluation seeds")
-    return seeds
+    return calibration_seeds(s, PROTECT_SEEDS, ":protect=")
 
 
 def _sample(s: _Setup, model, classes, seeds, progress: bool = False) -> tuple[torch.Tensor, float]:
@@ -305,6 +324,7 @@ class _FastCacheRunner:
         self.calib_s = 0.0
         self.protected: list[int] | None = None  # the steps protect_steps made always compute
         self.protect_seeds: list[int] | None = None  # its first and last calibration seed
+        self.searched: dict[float, list[int]] | None = None  # search_plan's computed steps per fraction
         for n in {len(s.classes), len(s.t_classes)} - {0}:  # capture outside every timed run
             self.opt.capture(**_batch_kwargs(s.tm, n))
         if m.needs_calibration:
@@ -319,6 +339,11 @@ class _FastCacheRunner:
                 classes = [i % 10 for i in range(len(seeds))]
                 self.protected = fastcache.protect_steps(self.opt, lambda: _sample(s, self.opt, classes, seeds)[0],
                                                          floor_db=m.protect, data_range=2.0)
+            if m.search:  # one generation per plan tried, on SEARCH_SEEDS calibration seeds
+                seeds = calibration_seeds(s, SEARCH_SEEDS, ":search=1")
+                classes = [i % 10 for i in range(len(seeds))]
+                self.searched = fastcache.search_plan(self.opt, lambda: _sample(s, self.opt, classes, seeds)[0],
+                                                      fractions=m.thresholds, data_range=2.0)
             self.calib_s = time.perf_counter() - t0
 
     def prepare(self, threshold: float) -> Any:
@@ -479,6 +504,7 @@ def run_benchmark(
                    "protect_seeds": getattr(runner, "protect_seeds", None),
                    "protected_steps": getattr(runner, "protected", None),
                    "drift_correction": m.drift,
+                   "searched_plan": (runner.searched or {}).get(float(thr)) if m.kind == "fastcache" else None,
                    "replaced_fraction": frac,
                    "flops_saved": _flops_saved(skipped, calls, total_flops, per_block_flops),
                    "per_block_replaced": [k / calls if calls else 0.0 for k in skipped],

@@ -27,12 +27,14 @@ Uncalibrated, nothing is planned and every step computes (logged once).
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 from ..calibration import Calibrator, Observation, store_put
 from ..runtime.distributed import all_reduce_sum
+from . import plan_search
 from .schedule import SchedulePolicy, install_table, read_table, scheduled_blocks
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,9 @@ ERRORS_KEY = "planned.errors"
 WEIGHTS_KEY = "planned.weights"
 #: Steps that always compute, set by :func:`protect_steps` (bool per step; absent: none).
 PROTECT_KEY = "planned.protected"
+#: Budgets whose plan :func:`~fx_fastcache.policies.plan_search.search_plan` chose (bool per budget,
+#: row ``M − 1``; absent: none).
+SEARCHED_KEY = "planned.searched"
 #: Token rows kept per sample, guard, stream and step (strided); bounds calibration memory.
 ROWS_PER_SAMPLE = 64
 
@@ -335,6 +340,12 @@ def replan(store, config, blocks: list[str], device: torch.device) -> torch.Tens
         adjacent = {(q, c, k): inf if k in protected else adj[q, c, k] * weights[k]
                     for q, c, k in (~torch.isnan(adj)).nonzero().tolist()}
     plans = plan(err, n, warmup=config.warmup_steps, max_skip=config.max_skip_steps, adjacent=adjacent)
+    searched = store.tensors.get(SEARCHED_KEY)
+    if searched is not None and bool(searched.any()):
+        logger.warning("fx-fastcache: re-planning replaces the plans search_plan chose for %s computed steps; run "
+                       "search_plan again after measure_sensitivity / protect_steps",
+                       (searched.detach().cpu().nonzero().flatten() + 1).tolist())
+        store_put(store, SEARCHED_KEY, torch.zeros_like(searched))
     store_put(store, PLANS_KEY, plans)
     install_plan(store, blocks, config.target_fraction, device)
     warn_unmet(plans, config.target_fraction, protected)
@@ -360,54 +371,92 @@ def warn_unmet(plans: torch.Tensor, target_fraction: float, protected: set[int])
                        100 * (1 - got / n))
 
 
-#: ``id`` of the stores whose table :func:`_skip_each` holds: a capture during its runs (a new
+#: ``id`` of the stores whose table :func:`holding_plan` holds: a capture during its runs (a new
 #: input shape) must not install the plan over the single-skip table.
 _held: set[int] = set()
 
 
-def _skip_each(opt, generate):
-    """Run ``generate()`` once in full, then once per skippable step with only that step skipped.
+@contextmanager
+def holding_plan(opt, generate):
+    """Yield ``run(computed)``: ``generate()`` with only the steps where the bool row ``computed`` is
+    True computed (each run from a reset), returning its final output (float32, CPU).
 
-    Yields ``(None, ref)`` first, then ``(k, out)`` for every step past the forced ones; the
-    installed plan is restored afterwards (also when ``generate()`` fails).  ``generate()`` may use
-    another batch than calibration: the capture that this triggers keeps the table installed here.
+    The installed plan is restored afterwards (also when ``generate()`` fails).  ``generate()`` may
+    use another batch than calibration: the capture that this triggers keeps the table installed
+    here.
     """
     store, cfg = opt.store, opt.fastcache_config
     if store.tensors.get(ERRORS_KEY) is None:
-        raise ValueError("measure_sensitivity / protect_steps need a calibrated policy='planned' model: run "
-                         "`with fastcache.calibrate(model): ...` first")
-    n = store.tensors[ERRORS_KEY].shape[1]
+        raise ValueError("measure_sensitivity / protect_steps / search_plan need a calibrated policy='planned' "
+                         "model: run `with fastcache.calibrate(model): ...` first")
     blocks = scheduled_blocks(store)
-    forced = max(1, min(cfg.warmup_steps, n))
     installed = store.tensors[PLANS_KEY].clone()
+    shape: list[tuple[int, ...]] = []
 
-    def run(skip: int | None) -> torch.Tensor:
-        rows = torch.zeros(n, len(blocks), dtype=torch.bool)
-        if skip is not None:
-            rows[skip] = True
-        install_table(store, blocks, rows, opt.device)
+    def run(computed: torch.Tensor) -> torch.Tensor:
+        table = (~computed.to("cpu", torch.bool)).unsqueeze(1).expand(-1, len(blocks)).contiguous()
+        install_table(store, blocks, table, opt.device)
         opt.reset()
         with torch.no_grad():
             out = generate()
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"generate() must return the generation's final output as a tensor, got "
                             f"{type(out).__name__}")
+        if shape and tuple(out.shape) != shape[0]:
+            raise ValueError(f"generate() returned shape {tuple(out.shape)}, then {shape[0]}: it must generate "
+                             f"the same inputs every time")
+        shape[:] = [tuple(out.shape)]
         return out.detach().float().cpu()
 
     _held.add(id(store))
     try:
-        ref = run(None)
-        yield None, ref
-        for k in range(forced, n):
-            out = run(k)
-            if out.shape != ref.shape:
-                raise ValueError(f"generate() returned shape {tuple(out.shape)}, then {tuple(ref.shape)}: it must "
-                                 f"generate the same inputs every time")
-            yield k, out
+        yield run
     finally:
         _held.discard(id(store))
         store_put(store, PLANS_KEY, installed)  # restore before re-planning (and if generate() failed)
         install_plan(store, blocks, cfg.target_fraction, opt.device)
+
+
+def check_data_range(who: str, data_range) -> None:
+    """``data_range`` is ``None`` or a positive number (the PSNR peak), else a ValueError naming ``who``."""
+    if data_range is not None and not (isinstance(data_range, (int, float)) and data_range > 0):
+        raise ValueError(f"{who}: data_range={data_range!r} must be a positive number (the outputs' peak "
+                         f"range, e.g. 2.0 for images in [-1, 1]) or None (the full output's max - min)")
+
+
+def output_peak(who: str, ref: torch.Tensor, data_range: float | None) -> float:
+    """The PSNR peak for outputs like ``ref`` (batch first): ``data_range``, else ``ref``'s max − min."""
+    if ref.ndim == 0:
+        raise ValueError(f"{who}: generate() returned a 0-d tensor; return the final output with the batch first "
+                         f"(e.g. latents (B, C, H, W)), so each sample gets its own PSNR")
+    peak = float(data_range) if data_range is not None else float(ref.max() - ref.min())
+    if peak <= 0:
+        raise ValueError(f"{who}: generate() returned a constant output, so a PSNR has no peak; pass data_range= "
+                         f"(e.g. 2.0 for images in [-1, 1])")
+    return peak
+
+
+def sample_psnr(out: torch.Tensor, ref: torch.Tensor, peak: float) -> torch.Tensor:
+    """PSNR of each sample of ``out`` against ``ref`` (float64, one per batch row)."""
+    diff = (out.double() - ref.double()).reshape(out.shape[0], -1)
+    return 10.0 * torch.log10(peak ** 2 / diff.pow(2).mean(1).clamp_min(1e-300))
+
+
+def _skip_each(opt, generate):
+    """Run ``generate()`` once in full, then once per skippable step with only that step skipped.
+
+    Yields ``(None, ref)`` first, then ``(k, out)`` for every step past the forced ones
+    (:func:`holding_plan` restores the installed plan afterwards).
+    """
+    with holding_plan(opt, generate) as run:
+        n = opt.store.tensors[ERRORS_KEY].shape[1]
+        forced = max(1, min(opt.fastcache_config.warmup_steps, n))
+        full = torch.ones(n, dtype=torch.bool)
+        yield None, run(full)
+        for k in range(forced, n):
+            row = full.clone()
+            row[k] = False
+            yield k, run(row)
 
 
 def measure_sensitivity(opt, generate, metric=None) -> list[float]:
@@ -466,27 +515,17 @@ def protect_steps(opt, generate, floor_db: float, data_range: float | None = Non
     if not (isinstance(floor_db, (int, float)) and 0 < float(floor_db) < 100):
         raise ValueError(f"protect_steps: floor_db={floor_db!r} must be a PSNR in dB between 0 and 100 (e.g. 34): "
                          f"a step that takes a sample's output below it always computes")
-    if data_range is not None and not (isinstance(data_range, (int, float)) and data_range > 0):
-        raise ValueError(f"protect_steps: data_range={data_range!r} must be a positive number (the outputs' peak "
-                         f"range, e.g. 2.0 for images in [-1, 1]) or None (the full output's max - min)")
+    check_data_range("protect_steps", data_range)
     store, cfg = opt.store, opt.fastcache_config
     runs = _skip_each(opt, generate)
     try:
         _, ref = next(runs)  # raises first if uncalibrated
-        if ref.ndim == 0:
-            raise ValueError("protect_steps: generate() returned a 0-d tensor; return the final output with the "
-                             "batch first (e.g. latents (B, C, H, W)), so each sample gets its own PSNR")
-        peak = float(data_range) if data_range is not None else float(ref.max() - ref.min())
-        if peak <= 0:
-            raise ValueError("protect_steps: generate() returned a constant output, so a PSNR has no peak; pass "
-                             "data_range= (e.g. 2.0 for images in [-1, 1])")
+        peak = output_peak("protect_steps", ref, data_range)
         n = store.tensors[ERRORS_KEY].shape[1]
         protected = torch.zeros(n, dtype=torch.bool)
         worst = {}
         for k, out in runs:
-            diff = (out.double() - ref.double()).reshape(out.shape[0], -1)
-            psnr = 10.0 * torch.log10(peak ** 2 / diff.pow(2).mean(1).clamp_min(1e-300))
-            worst[k] = float(psnr.min())
+            worst[k] = float(sample_psnr(out, ref, peak).min())
             protected[k] = worst[k] < float(floor_db)
     finally:
         runs.close()  # restores the installed plan if anything failed
@@ -498,6 +537,62 @@ def protect_steps(opt, generate, floor_db: float, data_range: float | None = Non
                 {k: round(v, 1) for k, v in worst.items()}, steps, float(floor_db), cfg.target_fraction,
                 plans[budget(cfg.target_fraction, n) - 1].nonzero().flatten().tolist())
     return steps
+
+
+def search_plan(opt, generate, fractions=None, data_range: float | None = None,
+                max_runs: int = 150) -> dict[float, list[int]]:
+    """Replace the plan of each fraction in ``fractions`` (default: the configured ``target_fraction``)
+    by the computed steps whose ``generate()`` outputs have the best mean PSNR against a full run
+    (:mod:`~fx_fastcache.policies.plan_search`, which says why); returns ``{fraction: computed steps}``.
+
+    One generation per plan tried, at most ``max_runs`` per fraction.  The plans are saved with the
+    calibration and marked in :data:`SEARCHED_KEY`; :func:`replan` (``measure_sensitivity``,
+    ``protect_steps``) drops them with a warning.  A budget whose constraints (warm-up, protected
+    steps, ``max_skip_steps``) need more computed steps keeps the program's plan, with a warning.
+    """
+    if not isinstance(max_runs, int) or isinstance(max_runs, bool) or max_runs < 1:
+        raise ValueError(f"search_plan: max_runs={max_runs!r} must be a positive integer (generations tried per "
+                         f"fraction, e.g. 150)")
+    check_data_range("search_plan", data_range)
+    store, cfg = opt.store, opt.fastcache_config
+    fractions = [cfg.target_fraction] if fractions is None else list(fractions)
+    for f in fractions:
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= float(f) < 1.0:
+            raise ValueError(f"search_plan: fraction {f!r} must be a number in [0, 1) (the share of steps "
+                             f"replaced, like target_fraction)")
+    result: dict[float, list[int]] = {}
+    with holding_plan(opt, generate) as run:
+        n = store.tensors[ERRORS_KEY].shape[1]
+        forced = max(1, min(cfg.warmup_steps, n))
+        protected = protected_steps(store)
+        plans = store.tensors[PLANS_KEY].detach().cpu().clone()
+        searched = store.tensors.get(SEARCHED_KEY)
+        searched = torch.zeros(n, dtype=torch.bool) if searched is None else searched.detach().cpu().clone()
+        ref = run(torch.ones(n, dtype=torch.bool))
+        peak = output_peak("search_plan", ref, data_range)
+
+        def score(row: torch.Tensor) -> float:
+            return float(sample_psnr(run(row), ref, peak).mean())
+
+        for f in fractions:
+            m = budget(float(f), n)
+            start = plans[m - 1].clone()
+            if int(start.sum()) != m:  # the constraints need more computed steps: keep the program's plan
+                logger.warning("fx-fastcache: search_plan cannot search target_fraction=%.2f: the warm-up steps, "
+                               "protected steps and max_skip_steps need %d computed steps of %d; its plan stays", f,
+                               int(start.sum()), n)
+                result[float(f)] = start.nonzero().flatten().tolist()
+                continue
+            best, tried = plan_search.search(start, forced, protected, cfg.max_skip_steps, score, max_runs)
+            plans[m - 1], searched[m - 1] = best, True
+            result[float(f)] = best.nonzero().flatten().tolist()
+            logger.info("fx-fastcache: search_plan target_fraction=%.2f: %d generations%s; computes steps %s "
+                        "(the program's plan: %s)", f, tried, " (max_runs)" if tried >= max_runs else "",
+                        result[float(f)], start.nonzero().flatten().tolist())
+    store_put(store, PLANS_KEY, plans)
+    store_put(store, SEARCHED_KEY, searched)
+    install_plan(store, scheduled_blocks(store), cfg.target_fraction, opt.device)
+    return result
 
 
 def install_plan(store, blocks: list[str], target_fraction: float, device: torch.device) -> bool:
@@ -541,6 +636,10 @@ class PlannedPolicy(SchedulePolicy):
     @classmethod
     def protect_steps(cls, opt, generate, floor_db, data_range=None) -> list[int]:
         return protect_steps(opt, generate, floor_db, data_range)
+
+    @classmethod
+    def search_plan(cls, opt, generate, fractions=None, data_range=None, max_runs=150) -> dict[float, list[int]]:
+        return search_plan(opt, generate, fractions, data_range, max_runs)
 
     @staticmethod
     def steps_mismatch(store, steps: int) -> str | None:

@@ -1,0 +1,94 @@
+"""Search the planned steps on whole generations: the plan the images prefer, not the one the model of
+the error prefers.
+
+Why this exists.  ``policy="planned"`` chooses its computed steps with a dynamic program over the
+forecast errors each skip makes *where it is made* (:func:`~fx_fastcache.policies.planned.plan`).
+That model of the error misses how errors grow through the remaining steps, how they add up over
+a run of forecasts, and what ``drift_correction`` repairs afterwards; on flux-mnist at 60 %
+replaced its plan is 4 dB below a fixed interval (docs/BENCHMARKS.md).  Generations on calibration
+inputs measure all of it.  This search (LeMiCa-style, but scored on the final outputs) starts from
+the program's plan and from evenly spaced plans of the same budget, keeps the one whose
+calibration outputs have the highest mean PSNR against a full run, then moves one computed step
+at a time by one or two steps while that improves the score.  Every plan it tries keeps the
+warm-up steps, the protected steps (:func:`~fx_fastcache.policies.planned.protect_steps`) and the
+``max_skip_steps`` cap.  One generation per plan tried, at most ``max_runs`` per fraction.
+
+This module holds the search itself (no store, no model); ``planned.search_plan`` runs it on the
+calibrated plans and installs what it finds.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+#: How far the local search moves one computed step at a time.
+MOVES = (-2, -1, 1, 2)
+
+
+def feasible(row: torch.Tensor, forced: int, protected: set[int], max_skip: int) -> bool:
+    """``row`` (bool per step, True = computed) keeps the warm-up and protected steps and skips at most
+    ``max_skip`` steps in a row (``0``: no cap)."""
+    if not bool(row[:forced].all()) or any(not bool(row[k]) for k in protected):
+        return False
+    if max_skip > 0:
+        run = 0
+        for computed in row.tolist():
+            run = 0 if computed else run + 1
+            if run > max_skip:
+                return False
+    return True
+
+
+def spaced_plans(n: int, m: int, forced: int) -> list[torch.Tensor]:
+    """Plans of ``m`` computed steps out of ``n``: the first ``w`` steps (``w`` from ``forced`` to
+    ``forced + 3``), then the rest spread evenly over the remaining steps, from 0 to 3 steps later."""
+    out: list[torch.Tensor] = []
+    for w in range(forced, forced + 4):
+        rest = m - w
+        if rest < 0 or w > n:
+            continue
+        for off in range(4):
+            row = torch.zeros(n, dtype=torch.bool)
+            row[:w] = True
+            span = n - w - off
+            if rest > 0 and span > 0:
+                row[[min(n - 1, w + off + round(i * span / rest)) for i in range(rest)]] = True
+            if int(row.sum()) == m and not any(bool((row == o).all()) for o in out):
+                out.append(row)
+    return out
+
+
+def search(start: torch.Tensor, forced: int, protected: set[int], max_skip: int,
+           score: Callable[[torch.Tensor], float], max_runs: int) -> tuple[torch.Tensor, int]:
+    """The best plan found from ``start`` (bool per step, True = computed) and the evenly spaced plans of
+    its budget (:func:`spaced_plans`), then by moving one computed step by :data:`MOVES` while ``score``
+    rises; every plan tried is :func:`feasible`.  ``score(row)`` runs a generation: it is called at most
+    ``max_runs`` times for distinct plans.  Returns the plan and how many plans were scored."""
+    n, m = len(start), int(start.sum())
+    scores: dict[tuple[bool, ...], float] = {}
+
+    def scored(row: torch.Tensor) -> float:
+        key = tuple(row.tolist())
+        if key not in scores:
+            scores[key] = score(row)
+        return scores[key]
+
+    cands = [start] + [r for r in spaced_plans(n, m, forced) if feasible(r, forced, protected, max_skip)]
+    best = max(cands[:max_runs], key=scored)
+    improved = True
+    while improved and len(scores) < max_runs:
+        improved = False
+        for i in best.nonzero().flatten().tolist():
+            for d in MOVES:
+                j = i + d
+                if i < forced or not 0 <= j < n or bool(best[j]) or len(scores) >= max_runs:
+                    continue
+                row = best.clone()
+                row[i], row[j] = False, True
+                if feasible(row, forced, protected, max_skip) and scored(row) > scored(best):
+                    best, improved = row, True
+                    break
+            if improved:
+                break
+    return best, len(scores)

@@ -1,0 +1,174 @@
+"""fastcache.search_plan: the planned steps chosen on whole generations."""
+from __future__ import annotations
+
+import itertools
+import logging
+
+import pytest
+import torch
+
+import fx_fastcache as fastcache
+from fx_fastcache.policies.plan_search import feasible, spaced_plans
+from fx_fastcache.zoo import make_tiny
+
+from test_planned import STEPS, _euler
+
+
+def _calibrated(**kw):
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, backend="eager", policy="planned", **kw)
+    with fastcache.calibrate(opt):
+        for seed in (1, 2):
+            _euler(opt, tm, seed=seed)
+    return tm, opt
+
+
+def _skipped(opt) -> torch.Tensor:
+    """The installed plan's skipped steps (bool per step; the table is trimmed after its last skip)."""
+    table = opt.installed_schedule()[:, 0]
+    return torch.cat([table, torch.zeros(STEPS - len(table), dtype=torch.bool)])
+
+
+def _computed(opt) -> list[int]:
+    return (~_skipped(opt)).nonzero().flatten().tolist()
+
+
+def test_spaced_plans_and_feasible():
+    plans = spaced_plans(10, 4, 1)
+    assert plans and all(int(r.sum()) == 4 and bool(r[0]) for r in plans)
+    assert len({tuple(r.tolist()) for r in plans}) == len(plans)  # no repeats
+    assert [r.nonzero().flatten().tolist() for r in plans][0] == [0, 1, 4, 7]  # step 0, then evenly spread
+    row = torch.tensor([True, True, False, False, False, True])
+    assert feasible(row, 2, set(), 0) and feasible(row, 2, set(), 3)
+    assert not feasible(row, 2, set(), 2)  # three skipped in a row
+    assert not feasible(row, 3, set(), 0)  # warm-up step 2 skipped
+    assert not feasible(row, 1, {3}, 0)  # protected step 3 skipped
+
+
+def _brute_best(n, m, forced, cost):
+    best = None
+    for rest in itertools.combinations(range(forced, n), m - forced):
+        comp = list(range(forced)) + list(rest)
+        c = cost(set(range(n)) - set(comp))
+        if best is None or c < best[0]:
+            best = (c, comp)
+    return best[1]
+
+
+def test_search_plan_finds_the_plan_the_outputs_prefer(tmp_path, caplog):
+    tm, opt = _calibrated(target_fraction=0.5)
+    n, m = STEPS, STEPS // 2
+    program = _computed(opt)
+    ref = _euler(opt, tm, seed=3)  # what the full run returns below
+    weights = torch.tensor([0.0, 0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0])  # the later a skip, the worse
+    calls = []
+
+    def generate():  # the output is off by the summed weight of the skipped steps, sample 0 only
+        skipped = _skipped(opt)
+        calls.append(skipped.clone())
+        out = ref.clone()
+        out[0] += float(weights[skipped].sum()) * 1e-3
+        return out
+
+    got = fastcache.search_plan(opt, generate, data_range=2.0)
+    want = _brute_best(n, m, 2, lambda skipped: sum(float(weights[k]) for k in skipped))
+    assert got == {0.5: want} and want == [0, 1, 6, 7]
+    assert want != program
+    assert _computed(opt) == want  # installed
+    assert len(calls) <= 1 + 150 and not bool(calls[0].any())  # the first run computes every step
+    fastcache.reset(opt)
+    _euler(opt, tm)
+    assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] == pytest.approx(0.5)
+
+    # saved with the calibration; another fraction keeps the program's plan
+    path = tmp_path / "searched.safetensors"
+    fastcache.save_calibration(opt, path)
+    other = fastcache.optimize(tm.model, backend="eager", policy="planned", target_fraction=0.5)
+    fastcache.load_calibration(other, path)
+    _euler(other, tm)
+    assert _computed(other) == want
+    fastcache.configure(other, target_fraction=0.25)
+    fastcache.configure(other, target_fraction=0.5)
+    assert _computed(other) == want
+
+    # re-planning (protect_steps) drops the searched plans, and says so
+    with caplog.at_level(logging.WARNING, logger="fx_fastcache.policies.planned"):
+        fastcache.protect_steps(opt, generate, floor_db=1.0, data_range=2.0)
+    assert any("replaces the plans search_plan chose" in r.getMessage() for r in caplog.records)
+    assert _computed(opt) == program
+
+
+def test_search_plan_keeps_warmup_protected_and_max_skip():
+    tm, opt = _calibrated(target_fraction=0.5, warmup_steps=1, max_skip_steps=2)
+    ref = _euler(opt, tm, seed=3)
+    weights = torch.tensor([0.0, 1.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0])
+    seen = []
+
+    def generate():
+        skipped = _skipped(opt)
+        seen.append(skipped.clone())
+        out = ref.clone()
+        out[0] += float(weights[skipped].sum()) * 1e-3
+        return out
+
+    got = fastcache.search_plan(opt, generate, fractions=[0.5, 0.25], data_range=2.0, max_runs=40)
+    for f, comp in got.items():
+        row = torch.zeros(STEPS, dtype=torch.bool)
+        row[comp] = True
+        assert int(row.sum()) == STEPS - round(f * STEPS) and feasible(row, 1, set(), 2), (f, comp)
+    assert all(feasible(~s, 1, set(), 2) for s in seen)  # no run broke the constraints
+    assert len(seen) <= 1 + 2 * 40
+    assert got[0.5] == _brute_best(STEPS, 4, 1, lambda sk: sum(float(weights[k]) for k in sk)
+                                   if feasible(torch.tensor([k not in sk for k in range(STEPS)]), 1, set(), 2)
+                                   else float("inf"))
+    fastcache.configure(opt, target_fraction=0.25)
+    assert _computed(opt) == got[0.25]
+
+
+def test_search_plan_keeps_the_plan_it_cannot_search(caplog):
+    """2 computed steps of 8 cannot skip at most 2 in a row: the program's plan (3 steps) stays, and it says so."""
+    tm, opt = _calibrated(target_fraction=0.75, warmup_steps=1, max_skip_steps=2)
+    program = _computed(opt)
+    with caplog.at_level(logging.WARNING, logger="fx_fastcache.policies.planned"):
+        got = fastcache.search_plan(opt, lambda: _euler(opt, tm, seed=3), data_range=2.0)
+    assert got == {0.75: program} and len(program) == 3
+    assert any("cannot search target_fraction=0.75" in r.getMessage() for r in caplog.records)
+
+
+def test_search_plan_with_drift_correction_scores_real_generations():
+    """On a real generation (the drift correction on), the searched plan scores at least the program's."""
+    tm, opt = _calibrated(target_fraction=0.5, drift_correction="flow_euler")
+    program = _computed(opt)
+    ref = _euler(opt.model, tm, seed=3)
+
+    def score():
+        fastcache.reset(opt)
+        diff = (_euler(opt, tm, seed=3) - ref).flatten(1).pow(2).mean(1)
+        return float((10 * torch.log10(4.0 / diff.clamp_min(1e-300))).mean())
+
+    before = score()
+    got = fastcache.search_plan(opt, lambda: _euler(opt, tm, seed=3), data_range=2.0, max_runs=30)
+    assert _computed(opt) == got[0.5] and len(got[0.5]) == STEPS // 2
+    after = score()
+    assert after >= before - 1e-6, (program, got, before, after)
+
+
+def test_search_plan_refuses_bad_input():
+    tm, opt = _calibrated(target_fraction=0.5)
+    gen = lambda: _euler(opt, tm, seed=3)  # noqa: E731
+    kept = opt.installed_schedule().clone()
+    with pytest.raises(ValueError, match="max_runs=0"):
+        fastcache.search_plan(opt, gen, max_runs=0)
+    with pytest.raises(ValueError, match="fraction 1.0"):
+        fastcache.search_plan(opt, gen, fractions=[1.0])
+    with pytest.raises(ValueError, match="data_range=-1"):
+        fastcache.search_plan(opt, gen, data_range=-1)
+    with pytest.raises(TypeError, match="final output as a tensor"):
+        fastcache.search_plan(opt, lambda: None)
+    with pytest.raises(ValueError, match="batch first"):
+        fastcache.search_plan(opt, lambda: _euler(opt, tm).sum())
+    assert torch.equal(opt.installed_schedule(), kept)  # a failed search leaves the plan as it was
+    with pytest.raises(ValueError, match="policy='planned'"):
+        fastcache.search_plan(fastcache.optimize(tm.model, backend="eager"), gen)
+    with pytest.raises(ValueError, match="calibrated"):
+        fastcache.search_plan(fastcache.optimize(tm.model, backend="eager", policy="planned"), gen)
