@@ -336,15 +336,18 @@ class _FastCacheRunner:
             if m.protect is not None:  # one generation per step on PROTECT_SEEDS calibration seeds
                 seeds = protect_seeds(s)
                 self.protect_seeds = [seeds[0], seeds[-1]]
-                classes = [i % 10 for i in range(len(seeds))]
-                self.protected = fastcache.protect_steps(self.opt, lambda: _sample(s, self.opt, classes, seeds)[0],
-                                                         floor_db=m.protect, data_range=2.0)
+                self.protected = fastcache.protect_steps(self.opt, self._generate(s, seeds), floor_db=m.protect,
+                                                         data_range=2.0)
             if m.search:  # one generation per plan tried, on SEARCH_SEEDS calibration seeds
                 seeds = calibration_seeds(s, SEARCH_SEEDS, ":search=1")
-                classes = [i % 10 for i in range(len(seeds))]
-                self.searched = fastcache.search_plan(self.opt, lambda: _sample(s, self.opt, classes, seeds)[0],
-                                                      fractions=m.thresholds, data_range=2.0)
+                self.searched = fastcache.search_plan(self.opt, self._generate(s, seeds), fractions=m.thresholds,
+                                                      data_range=2.0)
             self.calib_s = time.perf_counter() - t0
+
+    def _generate(self, s: _Setup, seeds: list[int]):
+        """``generate()`` for ``protect_steps`` / ``search_plan``: the images of ``seeds`` (classes 0-9 in turn)."""
+        classes = [i % 10 for i in range(len(seeds))]
+        return lambda: _sample(s, self.opt, classes, seeds)[0]
 
     def prepare(self, threshold: float) -> Any:
         self.fc.configure(self.opt, **{POLICIES[self.m.policy].sweep_field: float(threshold)})

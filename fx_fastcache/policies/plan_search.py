@@ -46,7 +46,7 @@ def spaced_plans(n: int, m: int, forced: int) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
     for w in range(forced, forced + 4):
         rest = m - w
-        if rest < 0 or w > n:
+        if rest < 0:
             continue
         for off in range(4):
             row = torch.zeros(n, dtype=torch.bool)

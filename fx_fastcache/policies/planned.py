@@ -556,10 +556,11 @@ def search_plan(opt, generate, fractions=None, data_range: float | None = None,
     check_data_range("search_plan", data_range)
     store, cfg = opt.store, opt.fastcache_config
     fractions = [cfg.target_fraction] if fractions is None else list(fractions)
-    for f in fractions:
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= float(f) < 1.0:
-            raise ValueError(f"search_plan: fraction {f!r} must be a number in [0, 1) (the share of steps "
-                             f"replaced, like target_fraction)")
+    for f in fractions:  # each must be a valid target_fraction: the config says what that is
+        try:
+            cfg.replace(target_fraction=f)
+        except ValueError as e:
+            raise ValueError(f"search_plan: fraction {f!r}: {e}") from None
     result: dict[float, list[int]] = {}
     with holding_plan(opt, generate) as run:
         n = store.tensors[ERRORS_KEY].shape[1]
