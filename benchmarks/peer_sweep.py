@@ -29,7 +29,9 @@ Groups (per-method grids, chosen to span 45-70 % replaced on 20 steps):
   ``drift_blend``, ``drift_protect``, ``drift_sens``: with ``forecast_blend``, ``protect_steps`` (34 dB)
   and ``measure_sensitivity``.
 * ``search``: ``planned`` with ``drift_correction`` and ``fastcache.search_plan`` (16 calibration seeds,
-  0-15; eleventh session) at 0.45-0.70; ``search_hi``: only 0.6 and 0.7 (a third of the time).
+  0-15; eleventh session; fixed-interval start plans since the twelfth) at 0.45-0.70; ``search_hi``: only
+  0.6 and 0.7 (a third of the time); ``search_worst``: 0.6 and 0.7 with ``objective="worst_quarter"`` on 32
+  calibration seeds, 0-31 (twelfth session).
 """
 from __future__ import annotations
 
@@ -112,6 +114,8 @@ def groups():
         "drift_sens": [m("none", ()), m("planned/forecast:sens=1:drift=1", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7))],
         "search": [m("none", ()), m("planned/forecast:drift=1:search=1", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7))],
         "search_hi": [m("none", ()), m("planned/forecast:drift=1:search=1", (0.6, 0.7))],
+        "search_worst": [m("none", ()),
+                         m("planned/forecast:drift=1:search=worst_quarter:search_images=32", (0.6, 0.7))],
         "mag_low": [m("none", ()), m("diffusers_magcache:max_skip=3:retention=0.2", (0.01, 0.02))],
         "ours_cap": [m("none", ()), m("step_forecast/forecast:max_skip=2", (0.13, 0.2)),
                      m("step_forecast/forecast:max_skip=3", (0.13, 0.2))],

@@ -136,14 +136,17 @@ def protect_steps(opt: Any, generate: Callable[[], torch.Tensor], floor_db: floa
 
 
 def search_plan(opt: Any, generate: Callable[[], torch.Tensor], fractions: Sequence[float] | None = None,
-                data_range: float | None = None, max_runs: int = 150) -> dict[float, list[int]]:
+                data_range: float | None = None, max_runs: int = 150,
+                objective: str = "mean") -> dict[float, list[int]]:
     """``policy="planned"``: choose each fraction's computed steps on whole generations (optional,
     after ``calibrate``, and after ``measure_sensitivity`` / ``protect_steps``, which re-plan).
 
-    Starts from the calibrated plan and from evenly spaced plans of the same budget, keeps the one
-    whose ``generate()`` outputs have the highest mean PSNR against a full run, then moves one
-    computed step at a time while that improves it.  It sees what the planner's error model cannot:
-    error growth, runs of forecasts and ``drift_correction``.  ``generate()`` runs one whole
+    Starts from the calibrated plan and from evenly spaced and fixed-interval plans of the same
+    budget, keeps the one whose ``generate()`` outputs score best against a full run, then moves one
+    computed step at a time while that improves the score.  ``objective``: ``"mean"`` (the mean
+    PSNR of the outputs) or ``"worst_quarter"`` (the mean PSNR of the worst quarter of them, for a
+    plan that guards the worst images; give it more images, e.g. 32).  It sees what the planner's
+    error model cannot: error growth, runs of forecasts and ``drift_correction``.  ``generate()`` runs one whole
     generation on calibration inputs (fixed seeds, e.g. 16 of them; not your evaluation seeds) and
     returns its final output, batch first; it is called once per plan tried, at most ``max_runs``
     times per fraction.  ``fractions``: the ``target_fraction`` values to search (default: the
@@ -152,7 +155,8 @@ def search_plan(opt: Any, generate: Callable[[], torch.Tensor], fractions: Seque
     the plans are saved with the calibration.
     """
     opt = _check(opt)
-    return POLICIES[opt.fastcache_config.policy].search_plan(opt, generate, fractions, data_range, max_runs)
+    policy = POLICIES[opt.fastcache_config.policy]
+    return policy.search_plan(opt, generate, fractions, data_range, max_runs, objective)
 
 
 def get_cache_statistics(opt: Any) -> dict[str, Any]:

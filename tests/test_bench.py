@@ -46,11 +46,15 @@ def test_parse_drift_correction():
 
 def test_parse_search():
     m = parse_method("planned/forecast:drift=1:search=1", [0.5, 0.6])
-    assert (m.policy, m.drift, m.search, m.thresholds) == ("planned", True, True, (0.5, 0.6))
+    assert (m.policy, m.drift, m.search, m.thresholds) == ("planned", True, "mean", (0.5, 0.6))
     assert "(searched)" in m.name and not parse_method("planned/forecast").search
+    w = parse_method("planned/forecast:search=worst_quarter:search_images=32", [0.7])
+    assert (w.search, w.search_images) == ("worst_quarter", 32) and "(searched worst_quarter, 32 images)" in w.name
     run = {"kind": "fastcache", "policy": "planned", "fallback": "forecast", "drift_correction": True}
     assert family(run) == "ours planned+forecast + drift"  # the searched runs get a column of their own
     assert family(dict(run, searched_plan=[0, 1, 3])) == "ours planned+forecast + drift + search"
+    assert family(dict(run, searched_plan=[0, 1, 3], search_objective="worst_quarter")) == (
+        "ours planned+forecast + drift + search (worst_quarter)")
 
 
 def test_parse_peers_and_none():
@@ -65,8 +69,10 @@ def test_parse_peers_and_none():
     ("planned/forecast:protect=high", ["protect=high", "PSNR floor"]),
     ("planned/forecast:drift=yes", ["drift=yes", "drift correction"]),
     ("planned/forecast:search=2", ["search=2", "search_plan"]),
+    ("planned/forecast:search=1:search_images=1", ["search_images=1", "N >= 2"]),
     ("diffusers_fbc:warmup=2", ["only to FastCache"]),
-], ids=["bad-fallback", "bad-name", "bad-option", "bad-protect", "bad-drift", "bad-search", "peer-option"])
+], ids=["bad-fallback", "bad-name", "bad-option", "bad-protect", "bad-drift", "bad-search", "bad-search-images",
+        "peer-option"])
 def test_parse_method_errors_name_the_value(spec, words):
     with pytest.raises(ValueError) as e:
         parse_method(spec)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import fx_fastcache as fastcache
-from fx_fastcache.policies.plan_search import feasible, spaced_plans
+from fx_fastcache.policies.plan_search import feasible, interval_plans, spaced_plans
+from fx_fastcache.policies.planned import worst_quarter
 from fx_fastcache.zoo import make_tiny
 
 from test_planned import STEPS, _euler
@@ -43,6 +44,22 @@ def test_spaced_plans_and_feasible():
     assert not feasible(row, 2, set(), 2)  # three skipped in a row
     assert not feasible(row, 3, set(), 0)  # warm-up step 2 skipped
     assert not feasible(row, 1, {3}, 0)  # protected step 3 skipped
+
+
+def test_interval_plans_are_taylorseer_schedules():
+    """TaylorSeer's schedules (warm-up, then every k-th step to the end) are start plans, exactly: at 60 % of 20
+    steps it computes 0, 1, then every third step from 3, which the evenly spaced plans round differently."""
+    for n, m, forced in [(20, 8, 2), (20, 6, 2), (20, 10, 1), (8, 4, 1)]:
+        plans = [r.nonzero().flatten().tolist() for r in interval_plans(n, m, forced)]
+        assert plans and len({tuple(p) for p in plans}) == len(plans)
+        for p in plans:
+            w = next(i for i in range(n + 1) if i not in p)  # the warm-up: the first steps, all computed
+            gaps = {b - a for a, b in zip(p[w:], p[w + 1:])}
+            assert len(p) == m and w >= forced and p[:forced] == list(range(forced))
+            assert len(gaps) == 1 and p[-1] + gaps.pop() >= n, p  # one interval, running to the last step
+    assert [0, 1, 3, 6, 9, 12, 15, 18] in [r.nonzero().flatten().tolist() for r in interval_plans(20, 8, 2)]
+    assert [0, 1, 3, 6, 9, 12, 15, 18] not in [r.nonzero().flatten().tolist() for r in spaced_plans(20, 8, 2)]
+    assert [0, 1, 3, 8, 13, 18] in [r.nonzero().flatten().tolist() for r in interval_plans(20, 6, 2)]
 
 
 def _brute_best(n, m, forced, cost):
@@ -172,3 +189,39 @@ def test_search_plan_refuses_bad_input():
         fastcache.search_plan(fastcache.optimize(tm.model, backend="eager"), gen)
     with pytest.raises(ValueError, match="calibrated"):
         fastcache.search_plan(fastcache.optimize(tm.model, backend="eager", policy="planned"), gen)
+
+
+def test_search_plan_worst_quarter_guards_the_worst_image():
+    """One image (0) suffers from late skips, the other three from early ones.  The mean follows the three;
+    ``objective="worst_quarter"`` (here the worst one image of four) finds a plan with a better worst image,
+    which no single move of a computed step improves."""
+    tm, opt = _calibrated(target_fraction=0.5)
+    late = torch.tensor([0.0, 0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0])
+    early = torch.tensor([0.0, 0.0, 32.0, 16.0, 8.0, 4.0, 2.0, 1.0])
+
+    def errors(skipped):  # each image's offset from the full run, at least 1e-3
+        return torch.stack([late[skipped].sum()] + [early[skipped].sum()] * 3) * 1e-3 + 1e-3
+
+    def generate():
+        return errors(_skipped(opt)).unsqueeze(1).expand(4, 16).clone()
+
+    def psnr(skipped):
+        full = errors(torch.zeros(STEPS, dtype=torch.bool))
+        return 10 * torch.log10(4.0 / (errors(skipped) - full + 1e-300).pow(2).clamp_min(1e-300)).double()
+
+    def skipped_of(comp):
+        return torch.tensor([k not in comp for k in range(STEPS)])
+
+    assert worst_quarter(torch.tensor([30.0, 10.0, 20.0, 40.0, 50.0])) == pytest.approx(15.0)  # worst 2 of 5
+    by_mean = fastcache.search_plan(opt, generate, data_range=2.0)[0.5]
+    by_worst = fastcache.search_plan(opt, generate, data_range=2.0, objective="worst_quarter")[0.5]
+    assert by_mean == _brute_best(STEPS, 4, 2, lambda sk: -float(psnr(skipped_of(set(range(STEPS)) - sk)).mean()))
+    assert _computed(opt) == by_worst != by_mean
+    best = psnr(skipped_of(by_worst)).min()
+    assert best > psnr(skipped_of(by_mean)).min() + 2  # dB (32.96 against 30.46)
+    assert psnr(skipped_of(by_mean)).mean() >= psnr(skipped_of(by_worst)).mean()
+    for i in by_worst[2:]:  # a local optimum of the worst image
+        for j in set(range(2, STEPS)) - set(by_worst):
+            assert psnr(skipped_of(sorted(set(by_worst) - {i} | {j}))).min() <= best + 1e-9
+    with pytest.raises(ValueError, match="objective='max'.*worst_quarter"):
+        fastcache.search_plan(opt, generate, objective="max")

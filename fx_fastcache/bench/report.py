@@ -182,6 +182,14 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     return {"setup": setup, "runs": runs}
 
 
+def search_column(run: dict[str, Any]) -> str:
+    """``" + search"`` for a run whose plans ``search_plan`` chose, naming an objective other than the mean."""
+    if not run.get("searched_plan"):
+        return ""
+    objective = run.get("search_objective") or "mean"
+    return " + search" + ("" if objective == "mean" else f" ({objective})")
+
+
 def family(run: dict[str, Any]) -> str:
     """The column a run belongs to in :func:`fraction_table`: a peer (all its settings together) or
     our ``policy/fallback`` (all warm-up / cap variants together)."""
@@ -194,7 +202,7 @@ def family(run: dict[str, Any]) -> str:
             return run["policy"]
         return f"ours {run['policy']}+{run['fallback']}" + (" (sensitivity)" if run.get("sensitivity") else "") + (
             f" (protect {run['protect_db']:g} dB)" if run.get("protect_db") else "") + (
-            " + drift" if run.get("drift_correction") else "") + (" + search" if run.get("searched_plan") else "")
+            " + drift" if run.get("drift_correction") else "") + search_column(run)
     return run["kind"]
 
 

@@ -31,6 +31,7 @@ import fx_fastcache as fastcache
 from fx_fastcache.fallbacks import FALLBACKS
 from fx_fastcache.families import block_modules, resolve_family
 from fx_fastcache.policies import POLICIES
+from fx_fastcache.policies.planned import SEARCH_OBJECTIVES
 from fx_fastcache.trained import NULL_CLASS, load_trained, sample
 
 from . import peers
@@ -92,6 +93,11 @@ DEFAULT_METHODS = (
 )
 
 
+#: Calibration images of a ``:search=1`` method's generations (from the calibration seed on), unless
+#: ``:search_images=N`` says otherwise.
+SEARCH_SEEDS = 16
+
+
 @dataclass(frozen=True)
 class Method:
     """One method of the sweep.
@@ -115,8 +121,9 @@ class Method:
     #: ``drift_correction="flow_euler"`` (the benchmark's sampler is flow-matching Euler)
     drift: bool = False
     #: after calibration (and protect / sensitivity), choose each fraction's plan on whole generations of
-    #: :data:`SEARCH_SEEDS` calibration images (``fastcache.search_plan``)
-    search: bool = False
+    #: ``search_images`` calibration images (``fastcache.search_plan``) with this objective; ``None``: off
+    search: str | None = None
+    search_images: int = SEARCH_SEEDS
     #: peer options (``PEER_OPTIONS``), as sorted ``(name, value)`` pairs
     options: tuple[tuple[str, float], ...] = ()
 
@@ -133,8 +140,9 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     Forms: ``none``; ``diffusers_fbc``; ``cache_dit``; ``first_block_cache``; ``teacache``;
     ``POLICY/FALLBACK`` (e.g. ``step_forecast/forecast``); any of the FastCache forms may end
     with ``:warmup=W`` and/or ``:max_skip=M`` (e.g. ``step_forecast/forecast:warmup=3:max_skip=3``),
-    ``:sens=1``, ``:protect=DB``, ``:drift=1`` (``drift_correction="flow_euler"``) or ``:search=1``
-    (``fastcache.search_plan`` for every threshold).
+    ``:sens=1``, ``:protect=DB``, ``:drift=1`` (``drift_correction="flow_euler"``), ``:search=1``
+    (``fastcache.search_plan`` for every threshold; ``:search=worst_quarter`` for that objective) and
+    ``:search_images=N`` (its calibration images, default 16).
     ``diffusers_taylorseer[:order=N][:before=N]`` (its thresholds are ``cache_interval`` values)
     and ``diffusers_magcache[:max_skip=K][:retention=R]`` (thresholds: MagCache's error budget).
     """
@@ -146,7 +154,8 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     sensitivity = False
     protect = None
     drift = False
-    search = False
+    search: str | None = None
+    search_images = SEARCH_SEEDS
     for o in opts if head not in PEERS else ():
         key, _, val = o.partition("=")
         if key == "sens" and val in ("0", "1"):
@@ -155,16 +164,20 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
         if key == "drift" and val in ("0", "1"):
             drift = val == "1"
             continue
-        if key == "search" and val in ("0", "1"):
-            search = val == "1"
+        if key == "search" and val in ("0", "1", *SEARCH_OBJECTIVES):
+            search = {"0": None, "1": "mean"}.get(val, val)
+            continue
+        if key == "search_images" and val.isdigit() and int(val) >= 2:
+            search_images = int(val)
             continue
         if key == "protect" and val.replace(".", "", 1).isdigit() and 0 < float(val) < 100:
             protect = float(val)
             continue
         if key not in ("warmup", "max_skip") or not val.isdigit():
             raise ValueError(f"method {spec!r}: option {o!r} is not understood; use ':warmup=N', ':max_skip=N', "
-                             f"':sens=1', ':protect=DB' (a PSNR floor, e.g. 34), ':drift=1' (drift correction) or "
-                             f"':search=1' (search_plan)")
+                             f"':sens=1', ':protect=DB' (a PSNR floor, e.g. 34), ':drift=1' (drift correction), "
+                             f"':search=1' or ':search=OBJECTIVE' (search_plan; OBJECTIVE in "
+                             f"{sorted(SEARCH_OBJECTIVES)}) or ':search_images=N' (N >= 2)")
         if key == "warmup":
             warmup = int(val)
         else:
@@ -212,10 +225,11 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     if drift:
         name += "(drift)"
     if search:
-        name += "(searched)"
+        name += "(searched" + ("" if search == "mean" else f" {search}") + (
+            "" if search_images == SEARCH_SEEDS else f", {search_images} images") + ")"
     return Method(name, "fastcache", policy, fallback, thr or DEFAULT_THRESHOLDS.get(policy, (0.1,)), w, max_skip,
                   sensitivity=sensitivity, protect=protect, drift=drift,
-                  search=search)
+                  search=search, search_images=search_images)
 
 
 def _option_given(opts: Sequence[str], key: str) -> bool:
@@ -262,8 +276,6 @@ class _Setup:
 #: Calibration images of a ``:protect=DB`` method's single-skip runs (from the calibration seed on):
 #: more than the 4 of ``calibrate``, since the images it must catch are about one in 16.
 PROTECT_SEEDS = 32
-#: Calibration images of a ``:search=1`` method's generations (from the calibration seed on).
-SEARCH_SEEDS = 16
 
 
 def calibration_seeds(s: _Setup, count: int, option: str) -> list[int]:
@@ -338,10 +350,10 @@ class _FastCacheRunner:
                 self.protect_seeds = [seeds[0], seeds[-1]]
                 self.protected = fastcache.protect_steps(self.opt, self._generate(s, seeds), floor_db=m.protect,
                                                          data_range=2.0)
-            if m.search:  # one generation per plan tried, on SEARCH_SEEDS calibration seeds
-                seeds = calibration_seeds(s, SEARCH_SEEDS, ":search=1")
+            if m.search:  # one generation per plan tried, on m.search_images calibration seeds
+                seeds = calibration_seeds(s, m.search_images, ":search=1")
                 self.searched = fastcache.search_plan(self.opt, self._generate(s, seeds), fractions=m.thresholds,
-                                                      data_range=2.0)
+                                                      data_range=2.0, objective=m.search)
             self.calib_s = time.perf_counter() - t0
 
     def _generate(self, s: _Setup, seeds: list[int]):
@@ -508,6 +520,7 @@ def run_benchmark(
                    "protected_steps": getattr(runner, "protected", None),
                    "drift_correction": m.drift,
                    "searched_plan": (runner.searched or {}).get(float(thr)) if m.kind == "fastcache" else None,
+                   "search_objective": m.search, "search_images": m.search_images if m.search else None,
                    "replaced_fraction": frac,
                    "flops_saved": _flops_saved(skipped, calls, total_flops, per_block_flops),
                    "per_block_replaced": [k / calls if calls else 0.0 for k in skipped],

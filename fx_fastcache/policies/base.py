@@ -79,7 +79,8 @@ class Policy:
                          f"policy={cls.name!r}: optimize(model, policy='planned') and calibrate it first")
 
     @classmethod
-    def search_plan(cls, opt, generate, fractions=None, data_range=None, max_runs=150) -> dict[float, list[int]]:
+    def search_plan(cls, opt, generate, fractions=None, data_range=None, max_runs=150,
+                    objective="mean") -> dict[float, list[int]]:
         """Choose the planned steps on whole generations (``policy="planned"`` only)."""
         raise ValueError(f"search_plan searches the steps of policy='planned'; this model uses "
                          f"policy={cls.name!r}: optimize(model, policy='planned') and calibrate it first")

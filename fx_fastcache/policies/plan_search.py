@@ -7,9 +7,11 @@ That model of the error misses how errors grow through the remaining steps, how 
 a run of forecasts, and what ``drift_correction`` repairs afterwards; on flux-mnist at 60 %
 replaced its plan is 4 dB below a fixed interval (docs/BENCHMARKS.md).  Generations on calibration
 inputs measure all of it.  This search (LeMiCa-style, but scored on the final outputs) starts from
-the program's plan and from evenly spaced plans of the same budget, keeps the one whose
-calibration outputs have the highest mean PSNR against a full run, then moves one computed step
-at a time by one or two steps while that improves the score.  Every plan it tries keeps the
+the program's plan, from evenly spaced plans and from fixed-interval plans of the same budget (the
+schedules TaylorSeer-style caches use: a warm-up, then one computed step every ``k``), keeps the
+one whose calibration outputs score best against a full run (the mean PSNR, or the mean of the
+worst quarter of the images), then moves one computed step at a time by one or two steps while
+that improves the score.  Every plan it tries keeps the
 warm-up steps, the protected steps (:func:`~fx_fastcache.policies.planned.protect_steps`) and the
 ``max_skip_steps`` cap.  One generation per plan tried, at most ``max_runs`` per fraction.
 
@@ -59,10 +61,29 @@ def spaced_plans(n: int, m: int, forced: int) -> list[torch.Tensor]:
     return out
 
 
+def interval_plans(n: int, m: int, forced: int) -> list[torch.Tensor]:
+    """Fixed-interval plans of exactly ``m`` computed steps out of ``n``: the first ``w`` steps (``w`` from
+    ``forced`` to ``forced + 3``), then at least three steps ``w + o``, ``w + o + k``, ... (``o`` 0 or 1, an
+    interval ``k >= 2``) up to the last ``k`` steps: TaylorSeer's ``disable_cache_before_step`` /
+    ``cache_interval`` schedules, whose rounding the evenly spaced plans do not reproduce."""
+    out: list[torch.Tensor] = []
+    for w in range(forced, min(forced + 4, m - 2)):
+        for k in range(2, n):
+            for o in (0, 1):
+                steps = list(range(w)) + list(range(w + o, n, k))
+                if len(steps) != m or steps[-1] + k < n:  # the interval runs to the last step
+                    continue
+                row = torch.zeros(n, dtype=torch.bool)
+                row[steps] = True
+                if not any(bool((row == r).all()) for r in out):
+                    out.append(row)
+    return out
+
+
 def search(start: torch.Tensor, forced: int, protected: set[int], max_skip: int,
            score: Callable[[torch.Tensor], float], max_runs: int) -> tuple[torch.Tensor, int]:
-    """The best plan found from ``start`` (bool per step, True = computed) and the evenly spaced plans of
-    its budget (:func:`spaced_plans`), then by moving one computed step by :data:`MOVES` while ``score``
+    """The best plan found from ``start`` (bool per step, True = computed) and the evenly spaced and
+    fixed-interval plans of its budget (:func:`spaced_plans`, :func:`interval_plans`), then by moving one computed step by :data:`MOVES` while ``score``
     rises; every plan tried is :func:`feasible`.  ``score(row)`` runs a generation: it is called at most
     ``max_runs`` times for distinct plans.  Returns the plan and how many plans were scored."""
     n, m = len(start), int(start.sum())
@@ -74,7 +95,10 @@ def search(start: torch.Tensor, forced: int, protected: set[int], max_skip: int,
             scores[key] = score(row)
         return scores[key]
 
-    cands = [start] + [r for r in spaced_plans(n, m, forced) if feasible(r, forced, protected, max_skip)]
+    cands = [start]
+    for r in spaced_plans(n, m, forced) + interval_plans(n, m, forced):
+        if feasible(r, forced, protected, max_skip) and not any(bool((r == c).all()) for c in cands):
+            cands.append(r)
     best = max(cands[:max_runs], key=scored)
     improved = True
     while improved and len(scores) < max_runs:

@@ -27,6 +27,7 @@ Uncalibrated, nothing is planned and every step computes (logged once).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -539,11 +540,26 @@ def protect_steps(opt, generate, floor_db: float, data_range: float | None = Non
     return steps
 
 
+def worst_quarter(psnr: torch.Tensor) -> float:
+    """The mean PSNR of the worst quarter of the images (at least one): a score that guards the worst
+    images without following a single one."""
+    k = max(1, -(-len(psnr) // 4))
+    return float(psnr.sort().values[:k].mean())
+
+
+#: ``search_plan``'s scores of a plan, from the per-image PSNRs of its outputs.
+SEARCH_OBJECTIVES: dict[str, Callable[[torch.Tensor], float]] = {
+    "mean": lambda psnr: float(psnr.mean()),
+    "worst_quarter": worst_quarter,
+}
+
+
 def search_plan(opt, generate, fractions=None, data_range: float | None = None,
-                max_runs: int = 150) -> dict[float, list[int]]:
+                max_runs: int = 150, objective: str = "mean") -> dict[float, list[int]]:
     """Replace the plan of each fraction in ``fractions`` (default: the configured ``target_fraction``)
-    by the computed steps whose ``generate()`` outputs have the best mean PSNR against a full run
+    by the computed steps whose ``generate()`` outputs score best against a full run
     (:mod:`~fx_fastcache.policies.plan_search`, which says why); returns ``{fraction: computed steps}``.
+    The score is :data:`SEARCH_OBJECTIVES` ``[objective]`` of the outputs' PSNRs.
 
     One generation per plan tried, at most ``max_runs`` per fraction.  The plans are saved with the
     calibration and marked in :data:`SEARCHED_KEY`; :func:`replan` (``measure_sensitivity``,
@@ -554,6 +570,9 @@ def search_plan(opt, generate, fractions=None, data_range: float | None = None,
         raise ValueError(f"search_plan: max_runs={max_runs!r} must be a positive integer (generations tried per "
                          f"fraction, e.g. 150)")
     check_data_range("search_plan", data_range)
+    if objective not in SEARCH_OBJECTIVES:
+        raise ValueError(f"search_plan: objective={objective!r} is not one of {sorted(SEARCH_OBJECTIVES)}; use "
+                         f"'mean' (the mean PSNR) or 'worst_quarter' (the mean PSNR of the worst quarter of the images)")
     store, cfg = opt.store, opt.fastcache_config
     fractions = [cfg.target_fraction] if fractions is None else list(fractions)
     for f in fractions:  # each must be a valid target_fraction: the config says what that is
@@ -573,7 +592,7 @@ def search_plan(opt, generate, fractions=None, data_range: float | None = None,
         peak = output_peak("search_plan", ref, data_range)
 
         def score(row: torch.Tensor) -> float:
-            return float(sample_psnr(run(row), ref, peak).mean())
+            return SEARCH_OBJECTIVES[objective](sample_psnr(run(row), ref, peak))
 
         for f in fractions:
             m = budget(float(f), n)
@@ -639,8 +658,9 @@ class PlannedPolicy(SchedulePolicy):
         return protect_steps(opt, generate, floor_db, data_range)
 
     @classmethod
-    def search_plan(cls, opt, generate, fractions=None, data_range=None, max_runs=150) -> dict[float, list[int]]:
-        return search_plan(opt, generate, fractions, data_range, max_runs)
+    def search_plan(cls, opt, generate, fractions=None, data_range=None, max_runs=150,
+                    objective="mean") -> dict[float, list[int]]:
+        return search_plan(opt, generate, fractions, data_range, max_runs, objective)
 
     @staticmethod
     def steps_mismatch(store, steps: int) -> str | None:
