@@ -11,9 +11,9 @@ the program's plan, from evenly spaced plans and from fixed-interval plans of th
 schedules TaylorSeer-style caches use: a warm-up, then one computed step every ``k``), keeps the
 one whose calibration outputs score best against a full run (the mean PSNR, or the mean of the
 worst quarter of the images), then moves one computed step at a time by one or two steps while
-that improves the score.  Every plan it tries keeps the
-warm-up steps, the protected steps (:func:`~fx_fastcache.policies.planned.protect_steps`) and the
-``max_skip_steps`` cap.  One generation per plan tried, at most ``max_runs`` per fraction.
+that improves the score.  Every plan it tries keeps the warm-up steps, the protected steps
+(:func:`~fx_fastcache.policies.planned.protect_steps`) and the ``max_skip_steps`` cap.  One
+generation per plan tried, at most ``max_runs`` per fraction.
 
 This module holds the search itself (no store, no model); ``planned.search_plan`` runs it on the
 calibrated plans and installs what it finds.
@@ -83,9 +83,10 @@ def interval_plans(n: int, m: int, forced: int) -> list[torch.Tensor]:
 def search(start: torch.Tensor, forced: int, protected: set[int], max_skip: int,
            score: Callable[[torch.Tensor], float], max_runs: int) -> tuple[torch.Tensor, int]:
     """The best plan found from ``start`` (bool per step, True = computed) and the evenly spaced and
-    fixed-interval plans of its budget (:func:`spaced_plans`, :func:`interval_plans`), then by moving one computed step by :data:`MOVES` while ``score``
-    rises; every plan tried is :func:`feasible`.  ``score(row)`` runs a generation: it is called at most
-    ``max_runs`` times for distinct plans.  Returns the plan and how many plans were scored."""
+    fixed-interval plans of its budget (:func:`spaced_plans`, :func:`interval_plans`), then by moving one
+    computed step by :data:`MOVES` while ``score`` rises; every plan tried is :func:`feasible`.
+    ``score(row)`` runs a generation: it is called at most ``max_runs`` times for distinct plans.
+    Returns the plan and how many plans were scored."""
     n, m = len(start), int(start.sum())
     scores: dict[tuple[bool, ...], float] = {}
 

@@ -572,7 +572,8 @@ def search_plan(opt, generate, fractions=None, data_range: float | None = None,
     check_data_range("search_plan", data_range)
     if objective not in SEARCH_OBJECTIVES:
         raise ValueError(f"search_plan: objective={objective!r} is not one of {sorted(SEARCH_OBJECTIVES)}; use "
-                         f"'mean' (the mean PSNR) or 'worst_quarter' (the mean PSNR of the worst quarter of the images)")
+                         f"'mean' (the mean PSNR) or 'worst_quarter' (the mean PSNR of the worst quarter of the "
+                         f"images)")
     store, cfg = opt.store, opt.fastcache_config
     fractions = [cfg.target_fraction] if fractions is None else list(fractions)
     for f in fractions:  # each must be a valid target_fraction: the config says what that is
