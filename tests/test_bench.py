@@ -70,9 +70,10 @@ def test_parse_peers_and_none():
     ("planned/forecast:drift=yes", ["drift=yes", "drift correction"]),
     ("planned/forecast:search=2", ["search=2", "search_plan"]),
     ("planned/forecast:search=1:search_images=1", ["search_images=1", "N >= 2"]),
+    ("planned/forecast:search_images=32", ["search_images=N", "add ':search=1'"]),
     ("diffusers_fbc:warmup=2", ["only to FastCache"]),
 ], ids=["bad-fallback", "bad-name", "bad-option", "bad-protect", "bad-drift", "bad-search", "bad-search-images",
-        "peer-option"])
+        "search-images-alone", "peer-option"])
 def test_parse_method_errors_name_the_value(spec, words):
     with pytest.raises(ValueError) as e:
         parse_method(spec)

@@ -182,6 +182,9 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
             warmup = int(val)
         else:
             max_skip = int(val)
+    if search is None and head not in PEERS and _option_given(opts, "search_images"):
+        raise ValueError(f"method {spec!r}: ':search_images=N' sets the images of search_plan, which this method does "
+                         f"not run; add ':search=1' or ':search=worst_quarter'")
     thr = tuple(float(t) for t in thresholds) if thresholds else None
     if head == "none":
         return Method("none", "none")
