@@ -42,6 +42,14 @@ def feasible(row: torch.Tensor, forced: int, protected: set[int], max_skip: int)
     return True
 
 
+def unique(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``rows`` without repeats, first occurrences in order."""
+    out: dict[tuple[bool, ...], torch.Tensor] = {}
+    for r in rows:
+        out.setdefault(tuple(r.tolist()), r)
+    return list(out.values())
+
+
 def spaced_plans(n: int, m: int, forced: int) -> list[torch.Tensor]:
     """Plans of ``m`` computed steps out of ``n``: the first ``w`` steps (``w`` from ``forced`` to
     ``forced + 3``), then the rest spread evenly over the remaining steps, from 0 to 3 steps later."""
@@ -56,9 +64,9 @@ def spaced_plans(n: int, m: int, forced: int) -> list[torch.Tensor]:
             span = n - w - off
             if rest > 0 and span > 0:
                 row[[min(n - 1, w + off + round(i * span / rest)) for i in range(rest)]] = True
-            if int(row.sum()) == m and not any(bool((row == o).all()) for o in out):
+            if int(row.sum()) == m:
                 out.append(row)
-    return out
+    return unique(out)
 
 
 def interval_plans(n: int, m: int, forced: int) -> list[torch.Tensor]:
@@ -75,9 +83,8 @@ def interval_plans(n: int, m: int, forced: int) -> list[torch.Tensor]:
                     continue
                 row = torch.zeros(n, dtype=torch.bool)
                 row[steps] = True
-                if not any(bool((row == r).all()) for r in out):
-                    out.append(row)
-    return out
+                out.append(row)
+    return unique(out)
 
 
 def search(start: torch.Tensor, forced: int, protected: set[int], max_skip: int,
@@ -96,10 +103,8 @@ def search(start: torch.Tensor, forced: int, protected: set[int], max_skip: int,
             scores[key] = score(row)
         return scores[key]
 
-    cands = [start]
-    for r in spaced_plans(n, m, forced) + interval_plans(n, m, forced):
-        if feasible(r, forced, protected, max_skip) and not any(bool((r == c).all()) for c in cands):
-            cands.append(r)
+    cands = unique([start] + [r for r in spaced_plans(n, m, forced) + interval_plans(n, m, forced)
+                              if feasible(r, forced, protected, max_skip)])
     best = max(cands[:max_runs], key=scored)
     improved = True
     while improved and len(scores) < max_runs:

@@ -50,7 +50,7 @@ ERRORS_KEY = "planned.errors"
 WEIGHTS_KEY = "planned.weights"
 #: Steps that always compute, set by :func:`protect_steps` (bool per step; absent: none).
 PROTECT_KEY = "planned.protected"
-#: Budgets whose plan :func:`~fx_fastcache.policies.plan_search.search_plan` chose (bool per budget,
+#: Budgets whose plan :func:`search_plan` chose (bool per budget,
 #: row ``M − 1``; absent: none).
 SEARCHED_KEY = "planned.searched"
 #: Token rows kept per sample, guard, stream and step (strided); bounds calibration memory.
@@ -163,6 +163,12 @@ def blend_errors(ts: list[float], residuals: list[list[torch.Tensor]],
     return err
 
 
+def forced_steps(warmup: int, n: int) -> int:
+    """How many first steps of ``n`` every plan computes: the warm-up, and at least step 0 (nothing to
+    forecast from before it)."""
+    return max(1, min(warmup, n))
+
+
 def plan(err: dict[tuple[int, int, int], torch.Tensor], n: int, warmup: int = 0, max_skip: int = 0,
          adjacent: dict[tuple[int, int, int], torch.Tensor] | None = None) -> torch.Tensor:
     """Every budget's best computed-step set: a (n, n) bool tensor whose row ``M − 1`` marks the ``M``
@@ -179,7 +185,7 @@ def plan(err: dict[tuple[int, int, int], torch.Tensor], n: int, warmup: int = 0,
     program's state then also holds ``q`` after two adjacent computed steps (still O(n³) states).
     """
     inf = float("inf")
-    forced = max(1, min(warmup, n))
+    forced = forced_steps(warmup, n)
     size = n + 2  # budgets 0..n+1 (index = number of computed steps)
     mean = {key: float(v.float().mean()) for key, v in err.items()}
     amean = {} if adjacent is None else {key: float(v.float().mean()) for key, v in adjacent.items()}
@@ -451,7 +457,7 @@ def _skip_each(opt, generate):
     """
     with holding_plan(opt, generate) as run:
         n = opt.store.tensors[ERRORS_KEY].shape[1]
-        forced = max(1, min(opt.fastcache_config.warmup_steps, n))
+        forced = forced_steps(opt.fastcache_config.warmup_steps, n)
         full = torch.ones(n, dtype=torch.bool)
         yield None, run(full)
         for k in range(forced, n):
@@ -584,7 +590,7 @@ def search_plan(opt, generate, fractions=None, data_range: float | None = None,
     result: dict[float, list[int]] = {}
     with holding_plan(opt, generate) as run:
         n = store.tensors[ERRORS_KEY].shape[1]
-        forced = max(1, min(cfg.warmup_steps, n))
+        forced = forced_steps(cfg.warmup_steps, n)
         protected = protected_steps(store)
         plans = store.tensors[PLANS_KEY].detach().cpu().clone()
         searched = store.tensors.get(SEARCHED_KEY)
