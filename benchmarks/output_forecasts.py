@@ -27,9 +27,10 @@ import argparse
 import torch
 
 from fx_fastcache.bench.metrics import psnr
-from fx_fastcache.trained import NULL_CLASS, _initial_noise, load_trained
+from fx_fastcache.trained import load_trained, sample
 
 RULES = ("lin", "x0c", "x0l", "mix")
+STEPS = 20
 
 
 def _extrapolate(hist: list[dict], s: torch.Tensor, key: str) -> torch.Tensor:
@@ -40,52 +41,48 @@ def _extrapolate(hist: list[dict], s: torch.Tensor, key: str) -> torch.Tensor:
     return b[key] + (s - b["s"]) / (b["s"] - a["s"]) * (b[key] - a[key])
 
 
-class Emulator:
-    def __init__(self, model: str, steps: int = 20, cfg: float = 2.0, first_seed: int = 1000, images: int = 16):
-        self.tm = load_trained(model)
-        self.seeds = list(range(first_seed, first_seed + images))
-        self.y = torch.tensor([i % 10 for i in range(images)])
-        self.sig = torch.linspace(1.0, 0.0, steps + 1)
-        self.steps, self.cfg = steps, cfg
+def _skip(hist: list[dict], s: torch.Tensor, x: torch.Tensor, rule: str) -> torch.Tensor:
+    """The velocity of one CFG row at a skipped step, by ``rule``."""
+    v = _extrapolate(hist, s, "v")
+    if rule == "lin":
+        return v
+    x0 = hist[-1]["x0"] if rule == "x0c" else _extrapolate(hist, s, "x0")
+    vx = (x - x0) / s
+    return vx if rule in ("x0c", "x0l") else 0.5 * (v + vx)
 
-    def _call(self, x: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        tm = self.tm
-        out = tm.unpack_output(tm.model(**tm.call_kwargs(x, s.expand(len(x)) * 1.0, y))[0])
-        return out[:, : x.shape[1]]
 
-    def _skip(self, hist: list[dict], s: torch.Tensor, x: torch.Tensor, rule: str) -> torch.Tensor:
-        v = _extrapolate(hist, s, "v")
-        if rule == "lin":
-            return v
-        x0 = hist[-1]["x0"] if rule == "x0c" else _extrapolate(hist, s, "x0")
-        vx = (x - x0) / s
-        return vx if rule in ("x0c", "x0l") else 0.5 * (v + vx)
+class PlannedRows:
+    """Stands in for the model in :func:`fx_fastcache.trained.sample` (batch ``[cond, uncond]``): computes
+    the rows ``plan`` says at each call and hands the sampler the rule's velocity for the others."""
 
-    @torch.no_grad()
-    def run(self, plan: str, rule: str = "lin", uncond: str = "lin") -> torch.Tensor:
-        tm, y, sig = self.tm, self.y, self.sig
-        null = torch.full_like(y, NULL_CLASS)
-        x = _initial_noise(self.seeds, (tm.in_channels, tm.sample_size, tm.sample_size), tm.device, tm.dtype)
-        hc: list[dict] = []  # computed steps of the conditional row: {"s", "v", "x0"}
-        hu: list[dict] = []
-        for i, letter in enumerate(plan):
-            s = sig[i]
-            if letter == "F":
-                c, u = self._call(torch.cat([x, x]), s, torch.cat([y, null])).chunk(2)
-            elif letter == "C":
-                c = self._call(x, s, y)
-                if uncond == "lin":
-                    u = self._skip(hu, s, x, "lin")
-                else:  # the guidance difference of the last full step
-                    u = c - (hc[-1]["v"] - hu[-1]["v"])
-            else:
-                c, u = self._skip(hc, s, x, rule), self._skip(hu, s, x, rule)
-            if letter in "FC":
-                hc.append({"s": s, "v": c, "x0": x - s * c})
-            if letter == "F":
-                hu.append({"s": s, "v": u, "x0": x - s * u})
-            x = x + (sig[i + 1] - s) * (u + self.cfg * (c - u))
-        return x.clamp(-1, 1)
+    def __init__(self, model, plan: str, rule: str, uncond: str) -> None:
+        self.model, self.plan, self.rule, self.uncond = model, plan, rule, uncond
+        self.sig = torch.linspace(1.0, 0.0, len(plan) + 1)  # the sampler's default schedule
+        self.i = 0
+        self.hc: list[dict] = []  # computed steps of each row: {"s", "v", "x0"}
+        self.hu: list[dict] = []
+
+    def __call__(self, **kw):
+        letter, s = self.plan[self.i], self.sig[self.i]
+        self.i += 1
+        x = kw["hidden_states"]
+        b = len(x) // 2
+        if letter == "F":
+            c, u = self.model(**kw)[0].chunk(2)
+        elif letter == "C":  # the conditional half of every batched argument
+            c = self.model(**{k: v[:b] if isinstance(v, torch.Tensor) and v.ndim and len(v) == 2 * b else v
+                              for k, v in kw.items()})[0]
+            if self.uncond == "lin":
+                u = _skip(self.hu, s, x[b:], "lin")
+            else:  # the guidance difference of the last full step
+                u = c - (self.hc[-1]["v"] - self.hu[-1]["v"])
+        else:
+            c, u = _skip(self.hc, s, x[:b], self.rule), _skip(self.hu, s, x[b:], self.rule)
+        if letter in "FC":
+            self.hc.append({"s": s, "v": c, "x0": x[:b] - s * c})
+        if letter == "F":
+            self.hu.append({"s": s, "v": u, "x0": x[b:] - s * u})
+        return (torch.cat([c, u]),)
 
 
 def main() -> None:
@@ -93,7 +90,7 @@ def main() -> None:
     ap.add_argument("--model", default="dit-mnist")
     ap.add_argument("--rules", default="lin", help=f"comma-separated, of {', '.join(RULES)}")
     ap.add_argument("--uncond", default="lin", choices=("lin", "diff"), help="the unconditional row at a C step")
-    ap.add_argument("--plans", nargs="+", required=True, help="one letter (F, S, C) per step, 20 steps")
+    ap.add_argument("--plans", nargs="+", required=True, help=f"one letter (F, S, C) per step, {STEPS} steps")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -101,16 +98,19 @@ def main() -> None:
     for r in rules:
         if r not in RULES:
             raise SystemExit(f"--rules: {r!r} is not one of {', '.join(RULES)}")
-    em = Emulator(a.model)
     for p in a.plans:
-        if len(p) != em.steps or set(p) - set("FSC") or p[0] != "F":
-            raise SystemExit(f"--plans: {p!r} must be {em.steps} letters of F, S, C starting with F")
-    ref = em.run("F" * em.steps)
+        if len(p) != STEPS or set(p) - set("FSC") or p[0] != "F":
+            raise SystemExit(f"--plans: {p!r} must be {STEPS} letters of F, S, C starting with F")
+    tm = load_trained(a.model)
+    seeds = list(range(1000, 1016))
+    classes = [i % 10 for i in range(len(seeds))]
+    ref = sample(tm, classes, seeds, steps=STEPS)
     for p in a.plans:
         cost = p.count("F") + 0.5 * p.count("C")
         for r in rules:
-            q = psnr(em.run(p, r, a.uncond), ref)
-            print(f"{a.model} {p} rule={r} uncond={a.uncond}: {100 * (1 - cost / em.steps):.1f} % replaced, "
+            out = sample(tm, classes, seeds, steps=STEPS, model=PlannedRows(tm.model, p, r, a.uncond))
+            q = psnr(out, ref)
+            print(f"{a.model} {p} rule={r} uncond={a.uncond}: {100 * (1 - cost / STEPS):.1f} % replaced, "
                   f"{q.mean():.1f} ({q.min():.1f}) dB", flush=True)
 
 
