@@ -10,6 +10,8 @@ fixed plans (one letter per step, ``F`` computed, ``S`` forecast) through the li
 16 evaluation images (seeds 1000–1015) against the uncached images on the same schedule::
 
     python benchmarks/drift_schedules.py --model sd3-mnist --shift 3 --plans FFFSFSFSFSFSFSFSFSFS FFSFSSFSSFSSFSSFSSFS
+
+``--dampings 0 1 4`` runs the correction at each damping β (``fx_fastcache.runtime.drift``).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--shift", type=float, default=3.0, help="schedule shift (1 = the benchmark's uniform schedule)")
     p.add_argument("--plans", nargs="+", required=True, help="one letter (F or S) per step, 20 steps")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dampings", type=float, nargs="+", default=[0.0],
+                   help="the correction's damping β (search_plan fits it for planned models; 0: undamped)")
     a = p.parse_args(argv)
     steps = 20
     for plan in a.plans:
@@ -35,6 +39,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     import fx_fastcache as fastcache
     from fx_fastcache.bench.metrics import psnr
+    from fx_fastcache.policies.planned import set_damping
     from fx_fastcache.trained import load_trained, sample
 
     tm = load_trained(a.model)
@@ -44,15 +49,20 @@ def main(argv=None) -> int:
     ref = sample(tm, classes, seeds, steps=steps, sigmas=sigmas)
     models = {dc: fastcache.optimize(tm.model, backend="eager", policy="schedule", warmup_steps=0, drift_correction=dc)
               for dc in ("none", "flow_euler")}
+    runs = [("none", None)] + [("flow_euler", d) for d in a.dampings]
     for plan in a.plans:
-        for dc, opt in models.items():
+        for dc, damping in runs:
+            opt = models[dc]
+            if damping is not None:
+                set_damping(opt.store, damping, opt.device)
             table = torch.tensor([m == "S" for m in plan]).unsqueeze(1).expand(steps, len(opt.block_names()))
             fastcache.set_schedule(opt, table.contiguous())
             fastcache.reset(opt)
             q = psnr(sample(tm, classes, seeds, steps=steps, model=opt, sigmas=sigmas), ref)
             print(json.dumps({"model": a.model, "shift": a.shift, "plan": plan, "drift_correction": dc,
-                              "replaced": plan.count("S") / steps, "psnr_mean": round(float(q.mean()), 2),
-                              "psnr_worst": round(float(q.min()), 2)}), flush=True)
+                              "damping": damping, "replaced": plan.count("S") / steps,
+                              "psnr_mean": round(float(q.mean()), 2), "psnr_worst": round(float(q.min()), 2)}),
+                  flush=True)
     return 0
 
 

@@ -59,6 +59,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="--mode exhaustive: JSON of every plan's PSNRs")
     p.add_argument("--limit", type=int, default=None, help="--mode exhaustive: stop after this many plans (a check)")
+    p.add_argument("--first", type=int, default=2,
+                   help="--mode exhaustive: every plan computes steps 0 .. FIRST-1 (2: the warm-up; PixArt wants 4)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     t_mean, t_worst = TARGETS[a.fraction]
@@ -102,8 +104,8 @@ def main() -> None:
     t0 = time.perf_counter()
     with planned.holding_plan(opt, generate(opt)) as run:
         ref = run(torch.ones(n, dtype=torch.bool))
-        for combo in itertools.islice(itertools.combinations(range(2, n), m - 2), a.limit):
-            plan = [0, 1, *combo]
+        for combo in itertools.islice(itertools.combinations(range(a.first, n), m - a.first), a.limit):
+            plan = [*range(a.first), *combo]
             row = torch.zeros(n, dtype=torch.bool)
             row[plan] = True
             q = planned.sample_psnr(run(row), ref, 2.0)

@@ -146,8 +146,10 @@ def search_plan(opt: Any, generate: Callable[[], torch.Tensor], fractions: Seque
     computed step at a time while that improves the score.  ``objective``: ``"mean"`` (the mean
     PSNR of the outputs) or ``"worst_quarter"`` (the mean PSNR of the worst quarter of them, for a
     plan that guards the worst images; give it more images, e.g. 32).  It sees what the planner's
-    error model cannot: error growth, runs of forecasts and ``drift_correction``.  ``generate()`` runs one whole
-    generation on calibration inputs (fixed seeds, e.g. 16 of them; not your evaluation seeds) and
+    error model cannot: error growth, runs of forecasts and ``drift_correction``.  With
+    ``drift_correction="flow_euler"`` it then fits, on the same generations, how far to damp the
+    correction after long forecast runs (a few more generations per fraction; saved per fraction
+    like the plan).  ``generate()`` runs one whole generation on calibration inputs (fixed seeds, e.g. 16 of them; not your evaluation seeds) and
     returns its final output, batch first; it is called once per plan tried, at most ``max_runs``
     times per fraction.  ``fractions``: the ``target_fraction`` values to search (default: the
     configured one); ``configure(target_fraction=...)`` then installs each.  PSNR peak:

@@ -6,7 +6,9 @@ step also takes back the latent drift that the forecast steps before it left
 
     v2 = fastcache_drift(pred, new_gen, t, v)     # pred: the last guard's cond predicate
 
-and returns ``v2`` in place of ``v``.  Nothing else in the graph changes.
+and returns ``v2`` in place of ``v``.  Nothing else in the graph changes.  The module's damping is
+the calibration store's tensor (:data:`~fx_fastcache.runtime.drift.DAMPING_KEY`, shared by every
+captured graph; ``search_plan`` fits it), so fitting it needs no re-capture.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from fx_fastcache import graph_protocol as gp
-from fx_fastcache.runtime.drift import DriftCorrection
+from fx_fastcache.runtime.drift import DAMPING_KEY, DriftCorrection
 
 from .context import PassContext, finish
 
@@ -34,7 +36,9 @@ def correct_drift(gm: fx.GraphModule, ctx: PassContext) -> None:
         raise ValueError(f"drift_correction: {type(ctx.model).__name__} returns no floating tensor to correct; "
                          f"use drift_correction='none'")
     args = gp.update_args(gp.find_update(g, ctx.guards[-1]))
-    mod = DriftCorrection(tuple(gp.val(v).shape), gp.val(v).device)
+    dev = gp.val(v).device
+    damping = ctx.store.get(DAMPING_KEY, (), lambda: torch.zeros((), dtype=torch.float32, device=dev))
+    mod = DriftCorrection(tuple(gp.val(v).shape), dev, damping)
     gm.add_submodule(gp.DRIFT, mod)
     with g.inserting_before(out):
         v2 = g.call_module(gp.DRIFT, (args.pred, args.new_gen, args.t, v))

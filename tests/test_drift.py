@@ -10,6 +10,7 @@ import torch
 from conftest import first, run_loop
 
 import fx_fastcache as fastcache
+from fx_fastcache.runtime.drift import DAMPING_KEY
 from fx_fastcache.step_dispatch import StepDispatch
 from fx_fastcache.zoo import make_tiny
 
@@ -34,23 +35,34 @@ def _scheduled(tm, **config):
     return opt
 
 
-def _hand(v: list[torch.Tensor], t: list[float], c: int, c2: int) -> torch.Tensor:
+def _hand(v: list[torch.Tensor], t: list[float], c: int, c2: int, beta: float) -> torch.Tensor:
     """The output of computed step ``c2`` after forecast steps ``c+1 .. c2-1``:
-    v(c2) + σ(c2+1)/Δσ(c2) · Σ_k Δσ_k/σ_{k+1} · (v_i(k) − v_f(k)), v_i interpolated between c and c2."""
+    v(c2) + σ(c2+1)/Δσ(c2) · D with D = Σ_k Δσ_k/σ_{k+1} · (v_i(k) − v_f(k)), v_i interpolated between
+    v(c) and v(c2) + β D (β = 1: the velocity at the corrected latent).  D is found by fixed-point
+    iteration (the library solves the linear equation in closed form)."""
     t_next = t[c2] + (t[c2] - t[c2 - 1])  # the next step, taken as long as the previous one
     total = torch.zeros_like(v[c2])
-    for k in range(c + 1, c2):
-        v_i = v[c] + (t[k] - t[c]) / (t[c2] - t[c]) * (v[c2] - v[c])
-        total = total + (t[k + 1] - t[k]) / t[k + 1] * (v_i - v[k])
+    for _ in range(60):
+        new = torch.zeros_like(v[c2])
+        for k in range(c + 1, c2):
+            v_i = v[c] + (t[k] - t[c]) / (t[c2] - t[c]) * (v[c2] + beta * total - v[c])
+            new = new + (t[k + 1] - t[k]) / t[k + 1] * (v_i - v[k])
+        total = new
     return v[c2] + t_next / (t_next - t[c2]) * total
 
 
-def test_corrected_steps_match_hand_computation(tiny):
+@pytest.mark.parametrize("beta", [0.0, 1.5])
+def test_corrected_steps_match_hand_computation(tiny, beta):
     ref, opt = _scheduled(tiny), _scheduled(tiny, drift_correction="flow_euler")
+    opt.store.tensors[DAMPING_KEY] = torch.tensor(beta)  # what search_plan fits (0 until then)
     a, b = run_loop(ref, tiny, STEPS), run_loop(opt, tiny, STEPS)
+    assert float(opt.store.tensors[DAMPING_KEY]) == beta  # the graph read it, and reset kept it
     for s in range(len(STEPS)):
         if s in (4, 7):  # each run of forecast steps is taken back once, from the computed step before it
-            torch.testing.assert_close(b[s], _hand(a, STEPS, 1 if s == 4 else 4, s), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(b[s], _hand(a, STEPS, 1 if s == 4 else 4, s, beta), rtol=1e-4, atol=1e-4)
+            if beta:  # on a falling schedule a positive damping shrinks the correction
+                plain = _hand(a, STEPS, 1 if s == 4 else 4, s, 0.0) - a[s]
+                assert float((b[s] - a[s]).norm()) < 0.99 * float(plain.norm())
             assert not torch.allclose(b[s], a[s], rtol=1e-3, atol=1e-3)  # the correction is not a no-op
         else:  # computed steps with nothing forecast before them, and forecast steps, are unchanged
             torch.testing.assert_close(b[s], a[s], rtol=0, atol=0)

@@ -9,7 +9,8 @@ import torch
 
 import fx_fastcache as fastcache
 from fx_fastcache.policies.plan_search import feasible, interval_plans, spaced_plans
-from fx_fastcache.policies.planned import worst_quarter
+from fx_fastcache.policies.planned import DAMPING_GRID, worst_quarter
+from fx_fastcache.runtime.drift import DAMPING_KEY
 from fx_fastcache.zoo import make_tiny
 
 from test_planned import STEPS, _euler
@@ -168,6 +169,20 @@ def test_search_plan_with_drift_correction_scores_real_generations():
     assert _computed(opt) == got[0.5] and len(got[0.5]) == STEPS // 2
     after = score()
     assert after >= before - 1e-6, (program, got, before, after)
+
+    # the drift damping was fitted on the same generations: the grid's best, installed for this budget only
+    damping = opt.store.tensors[DAMPING_KEY]
+    chosen = float(damping)
+    scores = {}
+    for beta in DAMPING_GRID:
+        damping.fill_(beta)
+        scores[beta] = score()
+    assert len({round(v, 6) for v in scores.values()}) > 1  # the damping changes the images
+    assert chosen in DAMPING_GRID and scores[chosen] == pytest.approx(max(scores.values()), abs=1e-6), scores
+    fastcache.configure(opt, target_fraction=0.25)
+    assert float(opt.store.tensors[DAMPING_KEY]) == 0.0  # not searched: the plain interpolation
+    fastcache.configure(opt, target_fraction=0.5)
+    assert float(opt.store.tensors[DAMPING_KEY]) == chosen
 
 
 def test_search_plan_refuses_bad_input():

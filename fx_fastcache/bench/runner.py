@@ -32,6 +32,7 @@ from fx_fastcache.fallbacks import FALLBACKS
 from fx_fastcache.families import block_modules, resolve_family
 from fx_fastcache.policies import POLICIES
 from fx_fastcache.policies.planned import SEARCH_OBJECTIVES
+from fx_fastcache.runtime.drift import DAMPING_KEY
 from fx_fastcache.trained import NULL_CLASS, load_trained, sample
 
 from . import peers
@@ -369,6 +370,11 @@ class _FastCacheRunner:
         self.fc.reset(self.opt)
         return self.opt
 
+    def damping(self) -> float | None:
+        """The drift correction's installed damping (``search_plan`` fits it per fraction), if any."""
+        t = self.opt.store.tensors.get(DAMPING_KEY)
+        return None if t is None or not self.m.drift else float(t)
+
     def stats(self) -> tuple[float, list[float], float]:
         st = self.fc.get_cache_statistics(self.opt)
         calls = st["calls"]
@@ -522,6 +528,7 @@ def run_benchmark(
                    "protect_seeds": getattr(runner, "protect_seeds", None),
                    "protected_steps": getattr(runner, "protected", None),
                    "drift_correction": m.drift,
+                   "drift_damping": runner.damping() if m.kind == "fastcache" else None,
                    "searched_plan": (runner.searched or {}).get(float(thr)) if m.kind == "fastcache" else None,
                    "search_objective": m.search, "search_images": m.search_images if m.search else None,
                    "replaced_fraction": frac,

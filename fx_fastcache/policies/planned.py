@@ -26,6 +26,7 @@ Uncalibrated, nothing is planned and every step computes (logged once).
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 
 from ..calibration import Calibrator, Observation, store_put
 from ..runtime.distributed import all_reduce_sum
+from ..runtime.drift import DAMPING_KEY
 from . import plan_search
 from .schedule import SchedulePolicy, install_table, read_table, scheduled_blocks
 
@@ -53,6 +55,12 @@ PROTECT_KEY = "planned.protected"
 #: Budgets whose plan :func:`search_plan` chose (bool per budget,
 #: row ``M − 1``; absent: none).
 SEARCHED_KEY = "planned.searched"
+#: The drift correction's damping β per budget (row ``M − 1``; absent: 0), fitted by :func:`search_plan`
+#: with ``drift_correction="flow_euler"``; :func:`install_plan` installs the configured budget's.
+DAMPINGS_KEY = "planned.drift_damping"
+#: The dampings :func:`search_plan` tries (0: the plain interpolation; larger: a weaker correction
+#: after long forecast runs late in the schedule, :mod:`fx_fastcache.runtime.drift`).
+DAMPING_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 #: Token rows kept per sample, guard, stream and step (strided); bounds calibration memory.
 ROWS_PER_SAMPLE = 64
 
@@ -353,6 +361,8 @@ def replan(store, config, blocks: list[str], device: torch.device) -> torch.Tens
                        "search_plan again after measure_sensitivity / protect_steps",
                        (searched.detach().cpu().nonzero().flatten() + 1).tolist())
         store_put(store, SEARCHED_KEY, torch.zeros_like(searched))
+        if DAMPINGS_KEY in store.tensors:  # fitted to the searched plans
+            store_put(store, DAMPINGS_KEY, torch.zeros_like(store.tensors[DAMPINGS_KEY]))
     store_put(store, PLANS_KEY, plans)
     install_plan(store, blocks, config.target_fraction, device)
     warn_unmet(plans, config.target_fraction, protected)
@@ -567,7 +577,9 @@ def search_plan(opt, generate, fractions=None, data_range: float | None = None,
     (:mod:`~fx_fastcache.policies.plan_search`, which says why); returns ``{fraction: computed steps}``.
     The score is :data:`SEARCH_OBJECTIVES` ``[objective]`` of the outputs' PSNRs.
 
-    One generation per plan tried, at most ``max_runs`` per fraction.  The plans are saved with the
+    One generation per plan tried, at most ``max_runs`` per fraction.  With a drift correction, the
+    searched plan's damping is then fitted over :data:`DAMPING_GRID` (:func:`fit_damping`, one
+    generation per value) and kept in :data:`DAMPINGS_KEY`.  The plans are saved with the
     calibration and marked in :data:`SEARCHED_KEY`; :func:`replan` (``measure_sensitivity``,
     ``protect_steps``) drops them with a warning.  A budget whose constraints (warm-up, protected
     steps, ``max_skip_steps``) need more computed steps keeps the program's plan, with a warning.
@@ -597,6 +609,9 @@ def search_plan(opt, generate, fractions=None, data_range: float | None = None,
         searched = torch.zeros(n, dtype=torch.bool) if searched is None else searched.detach().cpu().clone()
         ref = run(torch.ones(n, dtype=torch.bool))
         peak = output_peak("search_plan", ref, data_range)
+        drift = cfg.drift_correction != "none"
+        dampings = store.tensors.get(DAMPINGS_KEY)
+        dampings = torch.zeros(n) if dampings is None else dampings.detach().cpu().float().clone()
 
         def score(row: torch.Tensor) -> float:
             return SEARCH_OBJECTIVES[objective](sample_psnr(run(row), ref, peak))
@@ -610,27 +625,61 @@ def search_plan(opt, generate, fractions=None, data_range: float | None = None,
                                int(start.sum()), n)
                 result[float(f)] = start.nonzero().flatten().tolist()
                 continue
+            if drift:
+                set_damping(store, 0.0, opt.device)
             best, tried = plan_search.search(start, forced, protected, cfg.max_skip_steps, score, max_runs)
             plans[m - 1], searched[m - 1] = best, True
+            if drift:
+                dampings[m - 1] = fit_damping(store, opt.device, functools.partial(score, best))
             result[float(f)] = best.nonzero().flatten().tolist()
             logger.info("fx-fastcache: search_plan target_fraction=%.2f: %d generations%s; computes steps %s "
-                        "(the program's plan: %s)", f, tried, " (max_runs)" if tried >= max_runs else "",
-                        result[float(f)], start.nonzero().flatten().tolist())
+                        "(the program's plan: %s)%s", f, tried, " (max_runs)" if tried >= max_runs else "",
+                        result[float(f)], start.nonzero().flatten().tolist(),
+                        f"; drift damping {float(dampings[m - 1]):g}" if drift else "")
     store_put(store, PLANS_KEY, plans)
     store_put(store, SEARCHED_KEY, searched)
+    if drift:
+        store_put(store, DAMPINGS_KEY, dampings)
     install_plan(store, scheduled_blocks(store), cfg.target_fraction, opt.device)
     return result
 
 
+def set_damping(store, value: float, device: torch.device) -> None:
+    """Install the drift correction's damping (in place: captured graphs read the same tensor)."""
+    store_put(store, DAMPING_KEY, torch.tensor(float(value), dtype=torch.float32, device=device))
+
+
+def fit_damping(store, device: torch.device, score: Callable[[], float]) -> float:
+    """The value of :data:`DAMPING_GRID` whose generations ``score()`` best (the first on ties), installed.
+
+    Why: how much of the drift correction's estimate to trust after a run of forecasts depends on the
+    run's length and the model (docs/BENCHMARKS.md, "Fourteenth session"); a handful of calibration
+    generations measure it for the plan the search chose.
+    """
+    best, best_score = DAMPING_GRID[0], None
+    for value in DAMPING_GRID:
+        set_damping(store, value, device)
+        s = score()
+        if best_score is None or s > best_score:
+            best, best_score = value, s
+    set_damping(store, best, device)
+    return best
+
+
 def install_plan(store, blocks: list[str], target_fraction: float, device: torch.device) -> bool:
-    """Write the plan for ``target_fraction`` into the schedule columns of ``blocks``; False if no plans."""
+    """Write the plan for ``target_fraction`` into the schedule columns of ``blocks``, and its drift damping
+    (where the model has a drift correction or fitted ones); False if no plans."""
     plans = store.tensors.get(PLANS_KEY)
     if plans is None or not blocks:
         return False
     n = plans.shape[0]
-    computed = plans[budget(target_fraction, n) - 1].to("cpu", torch.bool)
+    m = budget(target_fraction, n)
+    computed = plans[m - 1].to("cpu", torch.bool)
     table = (~computed).unsqueeze(1).expand(n, len(blocks)).contiguous()
     install_table(store, blocks, table, device)
+    dampings = store.tensors.get(DAMPINGS_KEY)
+    if dampings is not None or DAMPING_KEY in store.tensors:
+        set_damping(store, 0.0 if dampings is None else float(dampings[m - 1]), device)
     return True
 
 

@@ -7,14 +7,24 @@ extrapolation was.  For the flow-matching Euler sampler (``x_{k+1} = x_k + (σ_{
 the model's timestep proportional to σ) this module adds to the output of ``c'`` what moves the
 next latent by the difference:
 
-    v'(c') = v(c') + σ_{c'+1} / Δσ_{c'} · Σ_k Δσ_k / σ_{k+1} · (v_i(k) − v_f(k)),
-    v_i(k) = v(c) + (t_k − t_c) / (t_{c'} − t_c) · (v(c') − v(c)).
+    v'(c') = v(c') + σ_{c'+1} / Δσ_{c'} · D,    D = Σ_k Δσ_k / σ_{k+1} · (v_i(k) − v_f(k)),
+    v_i(k) = v(c) + (t_k − t_c) / (t_{c'} − t_c) · (v(c') + β D − v(c)).
 
 The factor ``σ_{c'+1} / σ_{k+1}`` is how much of a drift made at step ``k`` is still in the latent
 at ``c' + 1``: in rectified flow an error of ``x`` that the model reads as noise shrinks in
 proportion to σ; without it the correction over-shoots after long forecast runs
-(docs/BENCHMARKS.md, "Tenth session").  ``Δσ_{c'}`` is not known before the next call, so the
-step is taken as equal to the previous one (exact for uniform schedules).
+(docs/BENCHMARKS.md, "Tenth session").
+
+The interpolation's end ``v(c')`` was computed on the drifted latent.  Read by the same argument
+(the drift ``−σ_{c'} D`` taken for noise), the velocity at the corrected latent is ``v(c') + D``;
+ending the interpolation there makes ``D`` the solution of a linear equation, ``D = D_0 / (1 − β U)``
+with ``D_0`` the sum interpolated to ``v(c')``, ``U = Σ_k Δσ_k / σ_{k+1} · (t_k − t_c) / (t_{c'} − t_c)``
+(≤ 0 on a falling schedule) and ``β = 1``.  Measured, that helps after long forecast runs and costs
+after short ones, and more damping (``β`` up to 8) helps the longest runs more
+(docs/BENCHMARKS.md, "Fourteenth session").  So ``β`` is the store tensor :data:`DAMPING_KEY`: 0
+(the plain interpolation) until ``search_plan`` fits it per budget on calibration generations.
+``Δσ_{c'}`` is not known before the next call, so the step is taken as equal to the previous one
+(exact for uniform schedules).
 
 Everything is elementwise on the model's first output, so it costs two output-sized tensors of
 work per step and three of state; decisions, counts and the blocks' state are untouched.  It
@@ -29,6 +39,10 @@ import torch.nn as nn
 from .state_ops import Flag, assign, keep_or, negate
 
 
+#: Calibration store key of the installed damping ``β`` (a 0-d float tensor shared by every graph).
+DAMPING_KEY = "drift.damping"
+
+
 def _safe(den: torch.Tensor) -> torch.Tensor:
     return torch.where(den != 0, den, torch.ones_like(den))
 
@@ -36,8 +50,11 @@ def _safe(den: torch.Tensor) -> torch.Tensor:
 class DriftCorrection(nn.Module):
     _is_impure = True  # mutates its buffers: never dead-code-eliminated
 
-    def __init__(self, shape: tuple[int, ...], device: torch.device) -> None:
+    _persistent_state = ("damping",)  # the store's tensor: not per-context state, kept by reset
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device, damping: torch.Tensor) -> None:
         super().__init__()
+        self.register_buffer("damping", damping)
         for name in ("v_c", "v_last", "acc"):
             self.register_buffer(name, torch.zeros(shape, dtype=torch.float32, device=device))
         for name in ("t_c", "t_last", "w_sum", "u_sum", "last_skipped"):
@@ -57,7 +74,8 @@ class DriftCorrection(nn.Module):
         gap = t - self.t_c
         valid = (w_sum != 0) & (dt != 0) & (gap != 0)
         gain = torch.where(valid, (t + dt) / _safe(dt), zero)
-        corrected = vf + gain * (self.v_c * w_sum + (vf - self.v_c) * (u_sum / _safe(gap)) - acc)
+        u = u_sum / _safe(gap)
+        corrected = vf + gain * (self.v_c * w_sum + (vf - self.v_c) * u - acc) / _safe(1 - self.damping * u)
         out = keep_or(skipped, v, corrected.to(v.dtype))
         computed = negate(skipped)
         assign(self.v_c, computed, vf)
@@ -71,5 +89,6 @@ class DriftCorrection(nn.Module):
         return out
 
     def reset(self) -> None:
-        for b in self.buffers():
-            b.zero_()
+        for name, b in self.named_buffers():
+            if name not in self._persistent_state:
+                b.zero_()
