@@ -153,8 +153,9 @@ def test_search_plan_keeps_the_plan_it_cannot_search(caplog):
     assert any("cannot search target_fraction=0.75" in r.getMessage() for r in caplog.records)
 
 
-def test_search_plan_with_drift_correction_scores_real_generations():
-    """On a real generation (the drift correction on), the searched plan scores at least the program's."""
+def test_search_plan_with_drift_correction_scores_real_generations(tmp_path):
+    """On a real generation (the drift correction on), the searched plan scores at least the program's,
+    and the correction's damping is fitted, installed per budget and saved."""
     tm, opt = _calibrated(target_fraction=0.5, drift_correction="flow_euler")
     program = _computed(opt)
     ref = _euler(opt.model, tm, seed=3)
@@ -183,6 +184,14 @@ def test_search_plan_with_drift_correction_scores_real_generations():
     assert float(opt.store.tensors[DAMPING_KEY]) == 0.0  # not searched: the plain interpolation
     fastcache.configure(opt, target_fraction=0.5)
     assert float(opt.store.tensors[DAMPING_KEY]) == chosen
+
+    path = tmp_path / "damped.safetensors"  # saved and loaded with the plans
+    fastcache.save_calibration(opt, path)
+    other = fastcache.optimize(tm.model, backend="eager", policy="planned", target_fraction=0.5,
+                               drift_correction="flow_euler")
+    fastcache.load_calibration(other, path)
+    torch.testing.assert_close(_euler(other, tm, seed=3), _euler(opt, tm, seed=3), rtol=0, atol=0)
+    assert float(other.store.tensors[DAMPING_KEY]) == chosen
 
 
 def test_search_plan_refuses_bad_input():
