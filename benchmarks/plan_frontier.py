@@ -11,7 +11,7 @@ calibrates ``policy="planned"`` (``fallback``, ``drift_correction="flow_euler"``
   the library's ``mean`` and ``worst_quarter``, ``min`` (the worst image) and ``target``
   (``min(mean − target mean, worst − target worst)``, positive only when both targets are met);
 * ``--mode exhaustive``: every plan of the budget that computes steps 0 and 1 (C(18, 4) = 3060 at 70 %
-  of 20 steps), through the same ``run`` the search uses.  It prints the (mean, worst) Pareto front and
+  of 20 steps; ``--first 4``: steps 0-3), through the same ``run`` the search uses.  It prints the (mean, worst) Pareto front and
   how many plans meet the targets, and writes every plan's per-image PSNR to ``--out``.
 
 An oracle, not a method: every number here is chosen on the images it is judged on::
