@@ -149,9 +149,9 @@ def search_plan(opt: Any, generate: Callable[[], torch.Tensor], fractions: Seque
     error model cannot: error growth, runs of forecasts and ``drift_correction``.  With
     ``drift_correction="flow_euler"`` it then fits, on the same generations, how far to damp the
     correction after long forecast runs (a few more generations per fraction; saved per fraction
-    like the plan).  ``generate()`` runs one whole generation on calibration inputs (fixed seeds, e.g. 16 of them; not your evaluation seeds) and
-    returns its final output, batch first; it is called once per plan tried, at most ``max_runs``
-    times per fraction.  ``fractions``: the ``target_fraction`` values to search (default: the
+    like the plan).  ``generate()`` runs one whole generation on calibration inputs (fixed seeds,
+    e.g. 16 of them; not your evaluation seeds) and returns its final output, batch first; it is
+    called once per plan tried, at most ``max_runs`` times per fraction.  ``fractions``: the ``target_fraction`` values to search (default: the
     configured one); ``configure(target_fraction=...)`` then installs each.  PSNR peak:
     ``data_range`` (default: the full output's max − min).  Returns ``{fraction: computed steps}``;
     the plans are saved with the calibration.

@@ -373,7 +373,7 @@ class _FastCacheRunner:
     def damping(self) -> float | None:
         """The drift correction's installed damping (``search_plan`` fits it per fraction), if any."""
         t = self.opt.store.tensors.get(DAMPING_KEY)
-        return None if t is None or not self.m.drift else float(t)
+        return None if t is None else float(t)
 
     def stats(self) -> tuple[float, list[float], float]:
         st = self.fc.get_cache_statistics(self.opt)

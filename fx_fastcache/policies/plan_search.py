@@ -88,12 +88,12 @@ def interval_plans(n: int, m: int, forced: int) -> list[torch.Tensor]:
 
 
 def search(start: torch.Tensor, forced: int, protected: set[int], max_skip: int,
-           score: Callable[[torch.Tensor], float], max_runs: int) -> tuple[torch.Tensor, int]:
+           score: Callable[[torch.Tensor], float], max_runs: int) -> tuple[torch.Tensor, float, int]:
     """The best plan found from ``start`` (bool per step, True = computed) and the evenly spaced and
     fixed-interval plans of its budget (:func:`spaced_plans`, :func:`interval_plans`), then by moving one
     computed step by :data:`MOVES` while ``score`` rises; every plan tried is :func:`feasible`.
     ``score(row)`` runs a generation: it is called at most ``max_runs`` times for distinct plans.
-    Returns the plan and how many plans were scored."""
+    Returns the plan, its score and how many plans were scored."""
     n, m = len(start), int(start.sum())
     scores: dict[tuple[bool, ...], float] = {}
 
@@ -121,4 +121,4 @@ def search(start: torch.Tensor, forced: int, protected: set[int], max_skip: int,
                     break
             if improved:
                 break
-    return best, len(scores)
+    return best, scored(best), len(scores)

@@ -58,7 +58,7 @@ SEARCHED_KEY = "planned.searched"
 #: The drift correction's damping β per budget (row ``M − 1``; absent: 0), fitted by :func:`search_plan`
 #: with ``drift_correction="flow_euler"``; :func:`install_plan` installs the configured budget's.
 DAMPINGS_KEY = "planned.drift_damping"
-#: The dampings :func:`search_plan` tries (0: the plain interpolation; larger: a weaker correction
+#: The dampings :func:`search_plan` tries (0, first: the plain interpolation; larger: a weaker correction
 #: after long forecast runs late in the schedule, :mod:`fx_fastcache.runtime.drift`).
 DAMPING_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 #: Token rows kept per sample, guard, stream and step (strided); bounds calibration memory.
@@ -579,7 +579,7 @@ def search_plan(opt, generate, fractions=None, data_range: float | None = None,
 
     One generation per plan tried, at most ``max_runs`` per fraction.  With a drift correction, the
     searched plan's damping is then fitted over :data:`DAMPING_GRID` (:func:`fit_damping`, one
-    generation per value) and kept in :data:`DAMPINGS_KEY`.  The plans are saved with the
+    generation per value past 0) and kept in :data:`DAMPINGS_KEY`.  The plans are saved with the
     calibration and marked in :data:`SEARCHED_KEY`; :func:`replan` (``measure_sensitivity``,
     ``protect_steps``) drops them with a warning.  A budget whose constraints (warm-up, protected
     steps, ``max_skip_steps``) need more computed steps keeps the program's plan, with a warning.
@@ -627,10 +627,10 @@ def search_plan(opt, generate, fractions=None, data_range: float | None = None,
                 continue
             if drift:
                 set_damping(store, 0.0, opt.device)
-            best, tried = plan_search.search(start, forced, protected, cfg.max_skip_steps, score, max_runs)
+            best, best_score, tried = plan_search.search(start, forced, protected, cfg.max_skip_steps, score, max_runs)
             plans[m - 1], searched[m - 1] = best, True
             if drift:
-                dampings[m - 1] = fit_damping(store, opt.device, functools.partial(score, best))
+                dampings[m - 1] = fit_damping(store, opt.device, functools.partial(score, best), best_score)
             result[float(f)] = best.nonzero().flatten().tolist()
             logger.info("fx-fastcache: search_plan target_fraction=%.2f: %d generations%s; computes steps %s "
                         "(the program's plan: %s)%s", f, tried, " (max_runs)" if tried >= max_runs else "",
@@ -649,18 +649,19 @@ def set_damping(store, value: float, device: torch.device) -> None:
     store_put(store, DAMPING_KEY, torch.tensor(float(value), dtype=torch.float32, device=device))
 
 
-def fit_damping(store, device: torch.device, score: Callable[[], float]) -> float:
-    """The value of :data:`DAMPING_GRID` whose generations ``score()`` best (the first on ties), installed.
+def fit_damping(store, device: torch.device, score: Callable[[], float], undamped: float) -> float:
+    """The value of :data:`DAMPING_GRID` whose generations ``score()`` best (the first on ties), installed;
+    ``undamped`` is the score at β = 0, which the plan search already measured.
 
     Why: how much of the drift correction's estimate to trust after a run of forecasts depends on the
     run's length and the model (docs/BENCHMARKS.md, "Fourteenth session"); a handful of calibration
     generations measure it for the plan the search chose.
     """
-    best, best_score = DAMPING_GRID[0], None
-    for value in DAMPING_GRID:
+    best, best_score = 0.0, undamped
+    for value in DAMPING_GRID[1:]:
         set_damping(store, value, device)
         s = score()
-        if best_score is None or s > best_score:
+        if s > best_score:
             best, best_score = value, s
     set_damping(store, best, device)
     return best
