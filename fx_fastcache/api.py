@@ -233,7 +233,10 @@ def save_calibration(opt: Any, path: str | Path) -> None:
 
 
 def load_calibration(opt: Any, path: str | Path) -> None:
-    """Load a calibration file fitted on this model (same fingerprint); every error names the file."""
+    """Load a calibration file fitted on this model (same fingerprint); every error names the file.
+
+    The file's tensors replace the model's; what ``search_plan`` fitted (plans marked searched, drift
+    dampings) is dropped when the file holds none, so a file saved without a search loads as saved."""
     opt = _check(opt)
     saved_cfg, tensors = read_calibration_file(path, opt.model)
     cfg = opt.fastcache_config
@@ -253,6 +256,9 @@ def load_calibration(opt: Any, path: str | Path) -> None:
         if cur is not None and cur.shape != val.shape:
             raise ValueError(f"calibration file {str(path)!r}: tensor {key!r} has shape {tuple(val.shape)}, this "
                              f"model needs {tuple(cur.shape)}; calibrate this model with this configuration")
+    for key in POLICIES[cfg.policy].optional_keys:  # e.g. a file saved before search_plan ran
+        if key not in tensors and opt.store.tensors.pop(key, None) is not None:
+            logger.info("fx-fastcache: %s holds no %r; the model's is dropped", path, key)
     for key, val in tensors.items():
         cur = opt.store.tensors.get(key)
         if cur is None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 
 from fx_fastcache.bench import parse_method, pareto, run_benchmark
-from fx_fastcache.bench.report import family, merge
+from fx_fastcache.bench.report import family, merge, plot_frontier
 
 
 @pytest.mark.parametrize("spec,policy,fallback,warmup,max_skip", [
@@ -88,6 +89,18 @@ def test_overlapping_calibration_seeds_are_refused():
 def test_pareto_keeps_the_upper_frontier():
     pts = [(0.2, 40.0), (0.5, 35.0), (0.5, 30.0), (0.6, 36.0), (0.7, 20.0)]
     assert pareto(pts) == [(0.2, 40.0), (0.6, 36.0), (0.7, 20.0)]
+
+
+def test_untimed_plot_draws_without_warnings(tmp_path):
+    """A run with --timing-images 0 has no speedup to plot: the plot says so instead of warning."""
+    pytest.importorskip("matplotlib")
+    run = {"kind": "fastcache", "method": "fastcache[planned/forecast]", "replaced_fraction": 0.5,
+           "psnr_mean": 40.0, "psnr_worst": 30.0}
+    res = {"setup": {"model": "dit-mnist", "n_images": 2, "steps": 20, "cfg": 2.0}, "runs": [run]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_frontier(res, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0
 
 
 def test_merge_refuses_different_settings():

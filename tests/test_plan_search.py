@@ -6,6 +6,8 @@ import logging
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import fx_fastcache as fastcache
 from fx_fastcache.policies.plan_search import feasible, interval_plans, spaced_plans
@@ -192,6 +194,20 @@ def test_search_plan_with_drift_correction_scores_real_generations(tmp_path):
     fastcache.load_calibration(other, path)
     torch.testing.assert_close(_euler(other, tm, seed=3), _euler(opt, tm, seed=3), rtol=0, atol=0)
     assert float(other.store.tensors[DAMPING_KEY]) == chosen
+
+    # a file saved without the search (as before search_plan fitted dampings) replaces the fitted
+    # damping and plans: loaded into the searched model, it generates what a fresh model loading it does
+    with safe_open(str(path), "pt") as f:
+        meta, kept = f.metadata(), {k: f.get_tensor(k) for k in f.keys()
+                                    if k not in ("planned.searched", "planned.drift_damping")}
+    old = tmp_path / "unsearched.safetensors"
+    save_file(kept, str(old), metadata=meta)
+    fastcache.load_calibration(opt, old)
+    assert float(opt.store.tensors[DAMPING_KEY]) == 0.0
+    fresh = fastcache.optimize(tm.model, backend="eager", policy="planned", target_fraction=0.5,
+                               drift_correction="flow_euler")
+    fastcache.load_calibration(fresh, old)
+    torch.testing.assert_close(_euler(opt, tm, seed=3), _euler(fresh, tm, seed=3), rtol=0, atol=0)
 
 
 def test_search_plan_refuses_bad_input():

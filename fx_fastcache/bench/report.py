@@ -121,7 +121,10 @@ def plot_frontier(result: dict[str, Any], path: str | Path, title: str | None = 
         ax.set_ylabel("PSNR vs uncached, dB (mean; faint: worst image)")
     axes[0].set_xlabel("block evaluations replaced, %")
     axes[1].set_xlabel("measured wall-clock speedup vs uncached (×), timed runs only")
-    axes[1].legend(fontsize=7, loc="lower left")
+    if axes[1].get_legend_handles_labels()[0]:  # nothing timed (--timing-images 0): no legend to draw
+        axes[1].legend(fontsize=7, loc="lower left")
+    else:
+        axes[1].text(0.5, 0.5, "not timed", transform=axes[1].transAxes, ha="center", color="gray")
     axes[0].plot([60, 60], [40, 60], "k--", lw=0.8)
     axes[0].plot([70, 70], [35, 60], "k--", lw=0.8)
     axes[0].annotate("targets", (60, 40), textcoords="offset points", xytext=(4, -12), fontsize=8)

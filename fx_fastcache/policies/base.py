@@ -47,6 +47,10 @@ class Policy:
     #: Calibration is made for the configured fallback's rule (``planned`` replays it): a calibration
     #: file made with another fallback is refused when loaded.
     plans_for_fallback: bool = False
+    #: Store keys that only some calibrations hold (what a later step such as ``search_plan`` fitted):
+    #: ``load_calibration`` drops them when the file lacks them, so the file's own state is installed,
+    #: not what the model held before.  Host-side keys only: no captured graph reads them.
+    optional_keys: tuple[str, ...] = ()
 
     def __init__(self, config) -> None:
         self.config = config

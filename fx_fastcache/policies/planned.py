@@ -697,6 +697,7 @@ class PlannedPolicy(SchedulePolicy):
 
     sweep_field = "target_fraction"
     plans_for_fallback = True  # the plan is made for the fallback's forecast
+    optional_keys = (SEARCHED_KEY, DAMPINGS_KEY)  # search_plan's results: absent from files saved without it
 
     @staticmethod
     def config_error(config) -> str | None:
