@@ -8,6 +8,10 @@ the original: on CPU it answers whether leaving the in-graph ``cond`` pays.  Pri
 1 / (1 - fraction) so their ratio can be read directly.
 
     python benchmarks/cpu_speedup.py --model dit-mnist --images 8 --thresholds 0.07 0.09
+
+``--policy planned --fractions 0.45 0.7`` times the planned steps instead (calibrated on seeds 0–3,
+``drift_correction="flow_euler"``, swept over ``target_fraction``): whole steps skip, so the speedup
+should approach the ideal at every fraction.
 """
 from __future__ import annotations
 
@@ -32,7 +36,12 @@ def main() -> None:
                     help="dispatch: StepDispatch(decide='device', compile_mode='default') against torch.compile")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--policy", default="step_forecast", choices=["step_forecast", "planned"])
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.45, 0.55, 0.6, 0.65, 0.7],
+                    help="target_fraction values of --policy planned (--thresholds: step_forecast)")
     args = ap.parse_args()
+    if args.policy == "planned" and not all(0 < f < 1 for f in args.fractions):
+        ap.error(f"--fractions {args.fractions}: each must be in (0, 1)")
     if args.threads:
         torch.set_num_threads(args.threads)
     tm = load_trained(args.model)
@@ -40,11 +49,17 @@ def main() -> None:
     seeds = list(range(2000, 2000 + args.images))
     print(f"model {args.model}, {args.images} images, {args.steps} steps, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print("| backend | threshold | replaced | PSNR mean (worst) | uncached s/gen | FastCache s/gen | speedup | ideal | speedup/ideal |")
+    knob = "target_fraction" if args.policy == "planned" else "cache_ratio_threshold"
+    values = args.fractions if args.policy == "planned" else args.thresholds
+    print(f"| backend | {knob} | replaced | PSNR mean (worst) | uncached s/gen | FastCache s/gen | speedup | ideal | speedup/ideal |")
     print("|---|---|---|---|---|---|---|---|---|")
     for backend in args.backends:
         base = tm.model if backend == "eager" else torch.compile(tm.model, fullgraph=False)
-        opt = fastcache.optimize(tm.model, backend="eager" if backend == "dispatch" else backend)
+        kw = {"policy": "planned", "drift_correction": "flow_euler"} if args.policy == "planned" else {}
+        opt = fastcache.optimize(tm.model, backend="eager" if backend == "dispatch" else backend, **kw)
+        if args.policy == "planned":
+            with fastcache.calibrate(opt):
+                sample(tm, [0, 1, 2, 3], [0, 1, 2, 3], steps=args.steps, model=opt)
         call = StepDispatch(opt, compile_mode="default") if backend == "dispatch" else opt
 
         def run(model):
@@ -52,14 +67,14 @@ def main() -> None:
 
         ref = run(base)  # warm-up / compile
         run(call)
-        for thr in args.thresholds:
-            fastcache.configure(opt, cache_ratio_threshold=thr)
+        for thr in values:
+            fastcache.configure(opt, **{knob: thr})
             t_base, t_opt = float("inf"), float("inf")
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
                 run(base)
                 t_base = min(t_base, time.perf_counter() - t0)
-                fastcache.reset(opt)
+                call.reset() if backend == "dispatch" else fastcache.reset(opt)  # the dispatcher's host counter too
                 t0 = time.perf_counter()
                 out = run(call)
                 t_opt = min(t_opt, time.perf_counter() - t0)

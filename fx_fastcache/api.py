@@ -56,8 +56,8 @@ def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfi
             (CUDA graphs), ``"default"``, ``"max-autotune"`` or ``"eager"``.  The copies are
             compiled by the dispatcher, so pair it with ``backend="eager"`` to skip the unused
             compile of the guarded graph.  Step-level policies and schedules only.  With a
-            schedule call ``fastcache.reset(opt)`` before each generation.  ``"auto"`` (default):
-            ``"reduce-overhead"`` for a CUDA model with a step-level policy or a schedule, else
+            schedule, a generation stopped before its table ends needs ``fastcache.reset(opt)``
+            before the next.  ``"auto"`` (default): ``"reduce-overhead"`` for a CUDA model with a step-level policy or a schedule, else
             ``None`` (in-graph guards); the rule is :mod:`fx_fastcache.auto_mode`, logged at INFO.
         process_group: the ``torch.distributed`` group (or 1-D ``DeviceMesh``) the model's tokens
             are split over, for sequence parallelism set up by hand.  Default: the group of
@@ -265,6 +265,7 @@ def load_calibration(opt: Any, path: str | Path) -> None:
             opt.store.tensors[key] = val.to(opt.device, opt.dtype if val.is_floating_point() else val.dtype)
         else:
             cur.copy_(val.to(cur.device, cur.dtype))
+    opt.store.table_version += 1  # a schedule's table may be among them
     POLICIES[cfg.policy].configure_store(opt.store, cfg, opt.device)  # e.g. a plan for this target_fraction
     opt.store.calibrated = True
     opt.store.meta["fingerprint"] = model_fingerprint(opt.model)

@@ -16,9 +16,12 @@ whole step at once, so :class:`StepDispatch`
      sync at all.  The host mirrors the guard's static conditions (warm-up, enable/force
      switches, "computed at least once since the generation began", ``max_skip_steps``), so a
      dispatched run computes exactly what the in-graph schedule policy computes.  The host
-     counter cannot see a new generation without reading the timestep (a sync), so call
-     :meth:`StepDispatch.reset` before each generation (``enable_fastcache`` does it at every
-     pipeline call).
+     counter cannot see a new generation without reading the timestep (a sync); past the
+     table's last skipping step, where every step computes anyway, it reads the graph's clock
+     once per call and starts the table again when a new generation began.  A generation
+     stopped before that still needs :meth:`StepDispatch.reset` before the next one
+     (``enable_fastcache`` resets at every pipeline call).  The table is read again whenever a
+     new one is installed (``calibrate``, ``configure(target_fraction=...)``, ``search_plan``).
    * ``decide="device"`` (``step_forecast``, ``teacache``, ``first_block_cache``, ``schedule``):
      the graph is split at its decisions (:mod:`fx_fastcache.decision_split`); a compiled
      prefix decides in the graph, the host reads the decisions with one sync per step, and the
@@ -184,6 +187,7 @@ class StepDispatch(nn.Module):
         n = len(self.block_names)
         self._follow_installed = table is None
         if table is None:
+            self._table_version = self.opt.store.table_version
             table = self.opt.installed_schedule()
             if table is None:
                 raise ValueError("no schedule installed: pass table=... or call fastcache.set_schedule(opt, table) "
@@ -292,8 +296,12 @@ class StepDispatch(nn.Module):
         kw, entry = self.opt.prepare_call(args, kwargs)  # as without dispatch: no shape change inside a generation
         with torch.no_grad():
             if self.decide == "host":
+                if self._follow_installed and self._table_version != self.opt.store.table_version:
+                    self.set_table(None)  # a plan fitted or changed since (the in-graph guards read it at once too)
                 pattern = self.pattern_for_step(self.step)
                 out = self._variant(entry, pattern)(**kw)
+                if self.step > 0 and self.step >= len(self._table) and self._started_generation(entry):
+                    self.reset_host()  # this call was step 0 of the next generation; counted below
             else:
                 split, prefix = self._split(entry)
                 flat = split.flatten(kw)
@@ -309,6 +317,18 @@ class StepDispatch(nn.Module):
         if self.clone_outputs:
             out = pytree.tree_map_only(torch.Tensor, lambda t: t.clone(), out)
         return out
+
+    @staticmethod
+    def _started_generation(entry: Any) -> bool:
+        """Whether the call just run started a new generation, read from the graph's clock.
+
+        Why: the host counts steps and cannot see a generation end.  Past the table's last
+        skipping step every step computes whatever the host believes, so there the clock's step
+        (one 0-d device read per such call) tells a new generation from the same one running on,
+        and a caller that does not reset between generations gets its plan again, not a silent
+        run of computed steps.  A generation abandoned before its table ends still needs a reset.
+        """
+        return float(entry.clock.step) == 0.0
 
     def __getattr__(self, name: str) -> Any:
         try:

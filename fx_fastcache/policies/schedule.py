@@ -38,6 +38,7 @@ def install_table(store, blocks: list[str], table: torch.Tensor, device: torch.d
             store.tensors[store_key(name)] = col
         else:
             cur.copy_(col)
+    store.table_version += 1
 
 
 def read_table(store, blocks: list[str]) -> torch.Tensor | None:

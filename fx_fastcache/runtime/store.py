@@ -17,6 +17,9 @@ class CalibrationStore:
         self.tensors: dict[str, torch.Tensor] = {}
         self.calibrated = False
         self.meta: dict[str, str] = {}
+        #: Bumped whenever a decision table is written (``install_table``, ``load_calibration``), so a
+        #: host-side copy (step dispatch) knows to read it again without comparing tensors.
+        self.table_version = 0
 
     def get(self, name: str, shape: tuple[int, ...], init: Callable[[], torch.Tensor]) -> torch.Tensor:
         t = self.tensors.get(name)
