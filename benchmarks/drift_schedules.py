@@ -11,7 +11,8 @@ fixed plans (one letter per step, ``F`` computed, ``S`` forecast) through the li
 
     python benchmarks/drift_schedules.py --model sd3-mnist --shift 3 --plans FFFSFSFSFSFSFSFSFSFS FFSFSSFSSFSSFSSFSSFS
 
-``--dampings 0 1 4`` runs the correction at each damping β (``fx_fastcache.runtime.drift``).
+``--dampings 0 1 4`` runs the correction at each damping β (``fx_fastcache.runtime.drift``);
+``--eval-seed 100 --images 32`` measures on other seeds (e.g. seeds never used for calibration or tuning).
 """
 from __future__ import annotations
 
@@ -29,7 +30,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dampings", type=float, nargs="+", default=[0.0],
                    help="the correction's damping β (search_plan fits it for planned models; 0: undamped)")
+    p.add_argument("--eval-seed", type=int, default=1000, help="first image seed (default 1000, the benchmark's)")
+    p.add_argument("--images", type=int, default=16)
     a = p.parse_args(argv)
+    if a.images < 1:
+        p.error(f"--images {a.images}: must be >= 1")
     steps = 20
     for plan in a.plans:
         if len(plan) != steps or set(plan) - {"F", "S"}:
@@ -43,7 +48,7 @@ def main(argv=None) -> int:
     from fx_fastcache.trained import load_trained, sample
 
     tm = load_trained(a.model)
-    classes, seeds = [i % 10 for i in range(16)], [1000 + i for i in range(16)]
+    classes, seeds = [i % 10 for i in range(a.images)], [a.eval_seed + i for i in range(a.images)]
     u = torch.linspace(1.0, 0.0, steps + 1)
     sigmas = a.shift * u / (1 + (a.shift - 1) * u)
     ref = sample(tm, classes, seeds, steps=steps, sigmas=sigmas)
@@ -59,7 +64,7 @@ def main(argv=None) -> int:
             fastcache.set_schedule(opt, table.contiguous())
             fastcache.reset(opt)
             q = psnr(sample(tm, classes, seeds, steps=steps, model=opt, sigmas=sigmas), ref)
-            print(json.dumps({"model": a.model, "shift": a.shift, "plan": plan, "drift_correction": dc,
+            print(json.dumps({"model": a.model, "seeds": f"{seeds[0]}-{seeds[-1]}", "shift": a.shift, "plan": plan, "drift_correction": dc,
                               "damping": damping, "replaced": plan.count("S") / steps,
                               "psnr_mean": round(float(q.mean()), 2), "psnr_worst": round(float(q.min()), 2)}),
                   flush=True)
