@@ -1,4 +1,4 @@
-"""The seventh session's diagnostic scripts: their forecast rules and plan tables (no model run)."""
+"""The diagnostic scripts in benchmarks/: their forecast rules, plan tables and argument checks (no model run)."""
 from __future__ import annotations
 
 import importlib.util
@@ -56,3 +56,11 @@ def test_partial_steps_table_and_bad_letter():
     with pytest.raises(ValueError, match="step 1 is 'x'"):
         table_of("Fx", n_blocks=4, split=1)
 
+
+
+@pytest.mark.parametrize("plan,words", [("1,3", "warm-up steps 0, 1"), ("0,3", "warm-up steps 0, 1"),
+                                        ("0,a", "integers"), ("0,1,20", "0..19")])
+def test_plan_neighbours_refuses_bad_plans(plan, words, capsys):
+    with pytest.raises(SystemExit):
+        _script("plan_neighbours").main(["--plan", plan])
+    assert words in capsys.readouterr().err
