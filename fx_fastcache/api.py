@@ -57,8 +57,9 @@ def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfi
             compiled by the dispatcher, so pair it with ``backend="eager"`` to skip the unused
             compile of the guarded graph.  Step-level policies and schedules only.  With a
             schedule, a generation stopped before its table ends needs ``fastcache.reset(opt)``
-            before the next.  ``"auto"`` (default): ``"reduce-overhead"`` for a CUDA model with a step-level policy or a schedule, else
-            ``None`` (in-graph guards); the rule is :mod:`fx_fastcache.auto_mode`, logged at INFO.
+            before the next.  ``"auto"`` (default): ``"reduce-overhead"`` for a CUDA model with a
+            step-level policy or a schedule, else ``None`` (in-graph guards); the rule is
+            :mod:`fx_fastcache.auto_mode`, logged at INFO.
         process_group: the ``torch.distributed`` group (or 1-D ``DeviceMesh``) the model's tokens
             are split over, for sequence parallelism set up by hand.  Default: the group of
             diffusers' context parallelism (``model.enable_parallelism``), read from the model at
