@@ -200,9 +200,9 @@ def calibrate(opt: Any) -> Iterator[None]:
 
     What is recorded and fitted belongs to the configured fallback and policy
     (``Fallback.calibrator`` / ``Policy.calibrator``, see :mod:`fx_fastcache.calibration`).
+    ``opt`` is the optimized model or a pipeline with FastCache enabled (its transformer is calibrated).
     """
-    if not isinstance(opt, FastCacheModule):
-        raise TypeError(f"calibrate() expects the module returned by fastcache.optimize(), got {type(opt).__name__}")
+    opt = _check(opt)
     cfg = opt.fastcache_config
     calibrators = [c for c in (FALLBACKS[cfg.fallback].calibrator(cfg), POLICIES[cfg.policy].calibrator(cfg))
                    if c is not None]

@@ -343,14 +343,21 @@ class FastCacheModule(nn.Module):
         """The graph that ran the latest call (``None`` before the first call or after a reset)."""
         return self._entries.get(self._last_key) if self._last_key is not None else None
 
+    def dispatching(self) -> bool:
+        """Whether calls run through step dispatch now.  Not inside ``calibrate`` (every block
+        computes): the recorder's host-side bookkeeping runs in Python in the rewritten graph, which
+        a compiled dispatch copy cannot hold, and a dispatcher first built there (a pipeline's second
+        cache context) would reset the state of the generation being recorded."""
+        return self._dispatch_mode is not None and not self._force_compute
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self._call_lock:  # calls from several threads run one after another
-            if self._dispatch_mode is not None:
+            if self.dispatching():
                 return self._dispatcher(self)(*args, **kwargs)
             kw, entry = self.prepare_call(args, kwargs)
             with torch.no_grad():
-                if self._recorder is not None:
-                    return entry.gm(**kw)
+                if self._recorder is not None or self._dispatch_mode is not None:
+                    return entry.gm(**kw)  # recording, or calibrating a dispatched model: uncompiled
                 return entry.run(**kw)
 
     # -- capture --------------------------------------------------------------------------

@@ -104,7 +104,7 @@ class PipelineFastCache(FastCacheModule):
         if muted is not None:
             self.set_recorder(None)
         try:
-            if self._dispatch_mode is not None:
+            if self.dispatching():
                 return self._dispatcher(self, name)(*args, **kwargs)
             return super().forward(*args, **kwargs)
         finally:
@@ -203,7 +203,7 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
 
     Afterwards ``pipe(...)`` resets the cache state at the start of every call,
     ``fastcache.get_cache_statistics(pipe)`` reports the last call, and
-    ``fastcache.configure(pipe, ...)`` / ``set_schedule(pipe, ...)`` / ``calibrate(pipe.transformer)``
+    ``fastcache.configure(pipe, ...)`` / ``set_schedule(pipe, ...)`` / ``calibrate(pipe)``
     work as on an optimized model.
     """
     tr = getattr(pipe, "transformer", None)

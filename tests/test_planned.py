@@ -4,11 +4,13 @@ from __future__ import annotations
 import itertools
 import logging
 
+import numpy as np
 import pytest
 import torch
 
 import fx_fastcache as fastcache
 from fx_fastcache.policies.planned import blend_errors, budget, forecast_errors, plan
+from fx_fastcache.tiny_pipelines import make_tiny_pipeline
 from fx_fastcache.zoo import make_tiny
 
 STEPS = 8
@@ -304,8 +306,6 @@ def test_plan_exports_to_onnx(calibrated, tmp_path):
 def test_planned_pipeline_and_a_step_count_it_was_not_planned_for(family, caplog):
     """A pipeline plans on its own calibration call (Wan: two cache contexts per step) and warns when
     called with another ``num_inference_steps``."""
-    from fx_fastcache.tiny_pipelines import make_tiny_pipeline
-
     tp = make_tiny_pipeline(family)
     fastcache.enable_fastcache(tp.pipe, backend="eager", policy="planned", target_fraction=0.5)
     with fastcache.calibrate(tp.pipe.transformer):
@@ -316,6 +316,25 @@ def test_planned_pipeline_and_a_step_count_it_was_not_planned_for(family, caplog
     with caplog.at_level(logging.WARNING, logger="fx_fastcache.pipelines"):
         tp.pipe(**tp.call_kwargs(seed=0, num_inference_steps=4))
     assert any("calibrated on 6-step generations, this one runs 4 steps" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd3", "wan"])
+def test_planned_pipeline_calibrated_under_compiled_dispatch(family):
+    """``calibrate(pipe)`` of a pipeline whose transformer runs compiled step dispatch (what
+    ``execution="auto"`` picks on CUDA for a plan; Wan: two cache contexts per step) fits the same plan
+    as the in-graph guards, and the dispatched pipeline then generates what the in-graph one does."""
+    images = {}
+    for execution, compile_mode in (("in_graph", None), ("step_dispatch", "default")):
+        tp = make_tiny_pipeline(family)
+        fastcache.enable_fastcache(tp.pipe, backend="eager", policy="planned", target_fraction=0.5,
+                                   execution=execution, dispatch_compile=compile_mode)
+        with fastcache.calibrate(tp.pipe):
+            tp.pipe(**tp.call_kwargs(seed=1, num_inference_steps=6))
+        out = tp.pipe(**tp.call_kwargs(seed=0, num_inference_steps=6))
+        images[execution] = torch.as_tensor(np.asarray(out.frames if hasattr(out, "frames") else out.images))
+        assert fastcache.get_cache_statistics(tp.pipe)["block_approx_ratio"] == pytest.approx(0.5)
+    torch.testing.assert_close(images["step_dispatch"], images["in_graph"], rtol=1e-4, atol=1e-4)
 
 
 def test_measure_sensitivity_weighs_steps_and_replans(calibrated):

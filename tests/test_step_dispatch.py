@@ -283,3 +283,30 @@ def test_forecast_blend_through_compiled_dispatch_matches_eager() -> None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     same = [torch.equal(a, b) for a, b in zip(outs["forecast"], outs["forecast_blend"])]
     assert same == [s not in (3, 4) for s in range(n)], same  # steps 6, 8, 9: last two computed not adjacent
+
+
+@pytest.mark.slow
+def test_calibrate_through_compiled_dispatch() -> None:
+    """``calibrate`` of a model whose calls run through compiled step dispatch (what ``execution="auto"``
+    picks on CUDA for a plan): the recording calls bypass the compiled copies, and the plan it fits runs
+    dispatched, generation after generation without a reset, as the in-graph model runs it."""
+    tm = make_tiny("tiny-flux")
+    ref = fastcache.optimize(tm.model, backend="eager", policy="planned", target_fraction=0.5)
+    opt = fastcache.optimize(tm.model, backend="eager", policy="planned", target_fraction=0.5,
+                             execution="step_dispatch", dispatch_compile="default")
+
+    def generation(m, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(tm.make_inputs(STEPS[0], 2)["hidden_states"].shape, generator=g)
+        with torch.no_grad():
+            for t in STEPS:
+                x = x + 0.1 * m(**dict(tm.make_inputs(t, 2), hidden_states=x))[0]
+        return x
+
+    for m in (ref, opt):
+        with fastcache.calibrate(m):
+            generation(m, seed=1)
+    want = generation(ref)
+    for _ in range(2):
+        torch.testing.assert_close(generation(opt), want, rtol=1e-4, atol=1e-4)
+    assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] == pytest.approx(0.5)
