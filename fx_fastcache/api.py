@@ -152,8 +152,9 @@ def search_plan(opt: Any, generate: Callable[[], torch.Tensor], fractions: Seque
     correction after long forecast runs (a few more generations per fraction; saved per fraction
     like the plan).  ``generate()`` runs one whole generation on calibration inputs (fixed seeds,
     e.g. 16 of them; not your evaluation seeds) and returns its final output, batch first; it is
-    called once per plan tried, at most ``max_runs`` times per fraction.  ``fractions``: the ``target_fraction`` values to search (default: the
-    configured one); ``configure(target_fraction=...)`` then installs each.  PSNR peak:
+    called once per plan tried, at most ``max_runs`` times per fraction.  ``fractions``: the
+    ``target_fraction`` values to search (default: the configured one);
+    ``configure(target_fraction=...)`` then installs each.  PSNR peak:
     ``data_range`` (default: the full output's max − min).  Returns ``{fraction: computed steps}``;
     the plans are saved with the calibration.
     """

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import fx_fastcache as fastcache
 from fx_fastcache.policies.plan_search import feasible, interval_plans, spaced_plans
-from fx_fastcache.policies.planned import DAMPING_GRID, worst_quarter
+from fx_fastcache.policies.planned import DAMPING_GRID, DAMPINGS_KEY, SEARCHED_KEY, worst_quarter
 from fx_fastcache.runtime.drift import DAMPING_KEY
 from fx_fastcache.zoo import make_tiny
 
@@ -199,7 +199,7 @@ def test_search_plan_with_drift_correction_scores_real_generations(tmp_path):
     # damping and plans: loaded into the searched model, it generates what a fresh model loading it does
     with safe_open(str(path), "pt") as f:
         meta, kept = f.metadata(), {k: f.get_tensor(k) for k in f.keys()
-                                    if k not in ("planned.searched", "planned.drift_damping")}
+                                    if k not in (SEARCHED_KEY, DAMPINGS_KEY)}
     old = tmp_path / "unsearched.safetensors"
     save_file(kept, str(old), metadata=meta)
     fastcache.load_calibration(opt, old)
