@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -77,6 +78,23 @@ def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfi
     return opt
 
 
+def _outside_inference_mode(fn: Callable) -> Callable:
+    """Run a function that writes the calibration store with inference mode off.
+
+    Why: a store tensor created under ``torch.inference_mode()`` (calibrating, planning or loading a
+    file in it) is an inference tensor, and the later in-place updates that every captured graph
+    relies on (a new plan, a loaded file) fail outside inference mode.  Calls of the model may run in
+    inference mode either way; only the store's writes must not.  Grad mode is kept as it was
+    (``inference_mode(False)`` alone would turn it on for the generations ``search_plan`` runs).
+    """
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        grad = torch.is_grad_enabled()
+        with torch.inference_mode(False), torch.set_grad_enabled(grad):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
 def _check(opt: Any) -> FastCacheModule:
     if isinstance(opt, FastCacheModule):
         return opt
@@ -92,6 +110,7 @@ def reset(opt: Any) -> None:
     _check(opt).reset()
 
 
+@_outside_inference_mode
 def configure(opt: Any, **changes: Any) -> None:
     """Change config fields; thresholds and other run-time fields apply without recompiling."""
     mod = _check(opt)
@@ -100,11 +119,13 @@ def configure(opt: Any, **changes: Any) -> None:
     mod.configure(**changes)
 
 
+@_outside_inference_mode
 def set_schedule(opt: Any, table: torch.Tensor) -> None:
     """Install a steps × blocks boolean skip table for ``policy="schedule"``."""
     _check(opt).install_schedule(table)
 
 
+@_outside_inference_mode
 def measure_sensitivity(opt: Any, generate: Callable[[], torch.Tensor],
                         metric: Callable[[torch.Tensor, torch.Tensor], Any] | None = None) -> list[float]:
     """``policy="planned"``: weigh each step by how much its forecast error grows by the end of the
@@ -120,6 +141,7 @@ def measure_sensitivity(opt: Any, generate: Callable[[], torch.Tensor],
     return POLICIES[opt.fastcache_config.policy].measure_sensitivity(opt, generate, metric)
 
 
+@_outside_inference_mode
 def protect_steps(opt: Any, generate: Callable[[], torch.Tensor], floor_db: float = 34.0,
                   data_range: float | None = None) -> list[int]:
     """``policy="planned"``: always compute every step whose skip alone takes some calibration sample
@@ -136,6 +158,7 @@ def protect_steps(opt: Any, generate: Callable[[], torch.Tensor], floor_db: floa
     return POLICIES[opt.fastcache_config.policy].protect_steps(opt, generate, floor_db, data_range)
 
 
+@_outside_inference_mode
 def search_plan(opt: Any, generate: Callable[[], torch.Tensor], fractions: Sequence[float] | None = None,
                 data_range: float | None = None, max_runs: int = 150,
                 objective: str = "mean") -> dict[float, list[int]]:
@@ -222,10 +245,15 @@ def calibrate(opt: Any) -> Iterator[None]:
     if ok:
         if rec.steps == 0:
             raise RuntimeError("calibrate(): the model was not called inside the `with` block; run a few sampling loops")
-        summary = rec.fit(opt.store, opt.dtype, cfg)
-        opt.store.meta["fingerprint"] = model_fingerprint(opt.model)
-        opt.refresh_deciders()
-        logger.info("fx-fastcache: calibrated on %d steps (%d fits)", rec.steps, len(summary))
+        _fit(opt, rec, cfg)
+
+
+@_outside_inference_mode
+def _fit(opt: FastCacheModule, rec: Recorder, cfg: FastCacheConfig) -> None:
+    summary = rec.fit(opt.store, opt.dtype, cfg)
+    opt.store.meta["fingerprint"] = model_fingerprint(opt.model)
+    opt.refresh_deciders()
+    logger.info("fx-fastcache: calibrated on %d steps (%d fits)", rec.steps, len(summary))
 
 
 def save_calibration(opt: Any, path: str | Path) -> None:
@@ -234,6 +262,7 @@ def save_calibration(opt: Any, path: str | Path) -> None:
     write_calibration_file(opt.store, path, opt.model, opt.fastcache_config)
 
 
+@_outside_inference_mode
 def load_calibration(opt: Any, path: str | Path) -> None:
     """Load a calibration file fitted on this model (same fingerprint); every error names the file.
 

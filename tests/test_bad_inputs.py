@@ -169,6 +169,36 @@ def test_first_call_in_inference_mode_then_normal_calls():
     _assert_works_like_a_fresh_model(opt, tm)
 
 
+def test_planned_model_calibrated_and_loaded_in_inference_mode_works_outside_it(tmp_path):
+    """Store tensors made in inference mode could not be updated in place outside it (a new plan, a file)."""
+    tm = make_tiny("tiny-dit")
+    planned = dict(backend="eager", policy="planned", target_fraction=0.5)
+    opt = fastcache.optimize(tm.model, **planned)
+    with torch.inference_mode(), fastcache.calibrate(opt):
+        _generation(opt, tm, 1, TIMESTEPS)
+    fastcache.configure(opt, target_fraction=0.3)
+    grad_in_search = []
+
+    def generate():
+        grad_in_search.append(torch.is_grad_enabled())
+        return _generation(opt, tm, 2, TIMESTEPS)[-1]
+
+    with torch.no_grad():
+        fastcache.search_plan(opt, generate, fractions=[0.3], max_runs=2)
+    assert grad_in_search and not any(grad_in_search)  # search_plan keeps the caller's grad mode
+    path = tmp_path / "calib.safetensors"
+    fastcache.save_calibration(opt, path)
+    fastcache.load_calibration(opt, path)
+    fresh = fastcache.optimize(tm.model, **planned)
+    with torch.inference_mode():
+        fastcache.load_calibration(fresh, path)
+        fastcache.configure(fresh, target_fraction=0.3)  # the searched plan
+    fastcache.reset(opt)
+    for a, b in zip(_generation(opt, tm, 5, TIMESTEPS), _generation(fresh, tm, 5, TIMESTEPS)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert fastcache.get_cache_statistics(fresh)["block_approx_ratio"] > 0
+
+
 # -- files -----------------------------------------------------------------------------------------
 def test_calibration_file_for_another_fitted_fallback_is_refused(tmp_path):
     tm = make_tiny("tiny-custom")
