@@ -216,6 +216,28 @@ def test_plan_saves_and_loads(calibrated, tmp_path):
     assert fastcache.get_cache_statistics(other)["block_approx_ratio"] == pytest.approx(0.25)  # its own target
 
 
+@pytest.mark.parametrize("change", [dict(warmup_steps=4), dict(warmup_steps=1, max_skip_steps=1)], ids=["warmup", "max_skip"])
+def test_new_warmup_or_max_skip_replans(change, tmp_path):
+    """The plans are made under warmup_steps / max_skip_steps; configured (or loaded) under others, they are
+    made again, as if calibrated with those (the old plan replaced less than asked, silently)."""
+    tm, opt = _calibrated_tiny()
+    path = tmp_path / "plan.safetensors"
+    fastcache.save_calibration(opt, path)
+    ref = fastcache.optimize(tm.model, backend="eager", policy="planned", target_fraction=0.5, **change)
+    with fastcache.calibrate(ref):
+        for seed in (1, 2):
+            _euler(ref, tm, seed=seed)
+    loaded = fastcache.optimize(tm.model, backend="eager", policy="planned", target_fraction=0.5, **change)
+    fastcache.load_calibration(loaded, path)
+    fastcache.configure(opt, **change)
+    for model in (opt, loaded):
+        assert torch.equal(model.installed_schedule(), ref.installed_schedule())
+        fastcache.reset(model)
+        _euler(model, tm)
+        assert fastcache.get_cache_statistics(model)["block_approx_ratio"] == pytest.approx(0.5)
+    assert not torch.equal(ref.installed_schedule(), _calibrated_tiny()[1].installed_schedule())  # a new plan
+
+
 def test_planned_under_step_dispatch_follows_the_plan(calibrated):
     tm, opt = calibrated
     fastcache.configure(opt, target_fraction=0.5)

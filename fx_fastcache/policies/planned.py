@@ -58,6 +58,9 @@ SEARCHED_KEY = "planned.searched"
 #: The drift correction's damping β per budget (row ``M − 1``; absent: 0), fitted by :func:`search_plan`
 #: with ``drift_correction="flow_euler"``; :func:`install_plan` installs the configured budget's.
 DAMPINGS_KEY = "planned.drift_damping"
+#: The constraints the plans were made under, ``[warmup_steps, max_skip_steps]`` (long); a model
+#: configured (or a file loaded) with others re-plans (:meth:`PlannedPolicy.configure_store`).
+CONSTRAINTS_KEY = "planned.constraints"
 #: The dampings :func:`search_plan` tries (0, first: the plain interpolation; larger: a weaker correction
 #: after long forecast runs late in the schedule, :mod:`fx_fastcache.runtime.drift`).
 DAMPING_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -357,16 +360,22 @@ def replan(store, config, blocks: list[str], device: torch.device) -> torch.Tens
     plans = plan(err, n, warmup=config.warmup_steps, max_skip=config.max_skip_steps, adjacent=adjacent)
     searched = store.tensors.get(SEARCHED_KEY)
     if searched is not None and bool(searched.any()):
-        logger.warning("fx-fastcache: re-planning replaces the plans search_plan chose for %s computed steps; run "
-                       "search_plan again after measure_sensitivity / protect_steps",
-                       (searched.detach().cpu().nonzero().flatten() + 1).tolist())
+        logger.warning("fx-fastcache: re-planning (after measure_sensitivity / protect_steps, or for a new "
+                       "warmup_steps / max_skip_steps) replaces the plans search_plan chose for %s computed steps; "
+                       "run search_plan again", (searched.detach().cpu().nonzero().flatten() + 1).tolist())
         store_put(store, SEARCHED_KEY, torch.zeros_like(searched))
         if DAMPINGS_KEY in store.tensors:  # fitted to the searched plans
             store_put(store, DAMPINGS_KEY, torch.zeros_like(store.tensors[DAMPINGS_KEY]))
     store_put(store, PLANS_KEY, plans)
+    store_put(store, CONSTRAINTS_KEY, plan_constraints(config))
     install_plan(store, blocks, config.target_fraction, device)
     warn_unmet(plans, config.target_fraction, protected)
     return plans
+
+
+def plan_constraints(config) -> torch.Tensor:
+    """What the plans depend on besides the calibrated errors: ``[warmup_steps, max_skip_steps]``."""
+    return torch.tensor([config.warmup_steps, config.max_skip_steps], dtype=torch.long)
 
 
 def protected_steps(store) -> set[int]:
@@ -697,7 +706,8 @@ class PlannedPolicy(SchedulePolicy):
 
     sweep_field = "target_fraction"
     plans_for_fallback = True  # the plan is made for the fallback's forecast
-    optional_keys = (SEARCHED_KEY, DAMPINGS_KEY)  # search_plan's results: absent from files saved without it
+    # search_plan's results, absent from files saved without it; the constraints, from files saved before them
+    optional_keys = (SEARCHED_KEY, DAMPINGS_KEY, CONSTRAINTS_KEY)
 
     @staticmethod
     def config_error(config) -> str | None:
@@ -730,8 +740,15 @@ class PlannedPolicy(SchedulePolicy):
 
     @staticmethod
     def configure_store(store, config, device) -> None:
-        """``target_fraction`` changed: install that budget's plan (no re-capture: the graphs read the columns)."""
-        if install_plan(store, scheduled_blocks(store), config.target_fraction, device):
+        """``target_fraction`` changed: install that budget's plan (no re-capture: the graphs read the columns).
+        ``warmup_steps`` or ``max_skip_steps`` changed (or a file made under others was loaded): plan again,
+        since the plans were made under the old ones (the warm-up's forced steps would replace less)."""
+        made = store.tensors.get(CONSTRAINTS_KEY)
+        if made is not None and not torch.equal(made.cpu(), plan_constraints(config)):
+            logger.info("fx-fastcache: policy='planned' re-plans for warmup_steps=%d, max_skip_steps=%d (the plans "
+                        "were made for %s)", config.warmup_steps, config.max_skip_steps, made.tolist())
+            replan(store, config, scheduled_blocks(store), device)
+        elif install_plan(store, scheduled_blocks(store), config.target_fraction, device):
             warn_unmet(store.tensors[PLANS_KEY], config.target_fraction, protected_steps(store))
 
     @classmethod
