@@ -20,7 +20,7 @@ from .calibration import (
 )
 from .config import FastCacheConfig
 from .fallbacks import FALLBACKS
-from .module import FastCacheModule
+from .module import FastCacheModule, calibration_conflict
 from .pipelines import check_drift_sampler
 from .policies import POLICIES
 from .runtime.routing import spatial_counts
@@ -251,9 +251,14 @@ def calibrate(opt: Any) -> Iterator[None]:
 @_outside_inference_mode
 def _fit(opt: FastCacheModule, rec: Recorder, cfg: FastCacheConfig) -> None:
     summary = rec.fit(opt.store, opt.dtype, cfg)
-    opt.store.meta["fingerprint"] = model_fingerprint(opt.model)
+    opt.store.meta.update(fitted_for(cfg.to_dict()), fingerprint=model_fingerprint(opt.model))
     opt.refresh_deciders()
     logger.info("fx-fastcache: calibrated on %d steps (%d fits)", rec.steps, len(summary))
+
+
+def fitted_for(config: dict[str, Any]) -> dict[str, Any]:
+    """What a calibration was fitted for (kept in the store's meta; :func:`calibration_conflict` reads it)."""
+    return {k: config[k] for k in ("fallback", "policy") if config.get(k) is not None}
 
 
 def save_calibration(opt: Any, path: str | Path) -> None:
@@ -271,17 +276,11 @@ def load_calibration(opt: Any, path: str | Path) -> None:
     opt = _check(opt)
     saved_cfg, tensors = read_calibration_file(path, opt.model)
     cfg = opt.fastcache_config
-    for name, registry, needs in (("fallback", FALLBACKS, "fitted"), ("policy", POLICIES, "needs_calibration")):
-        saved, mine = saved_cfg.get(name), getattr(cfg, name)
-        if saved not in (None, mine) and getattr(registry[mine], needs):
-            raise ValueError(f"calibration file {str(path)!r} was fitted for {name}={saved!r}, this model uses "
-                             f"{name}={mine!r}, whose fit it does not contain; calibrate with {name}={mine!r} or "
-                             f"configure {name}={saved!r}")
-    planned_for = saved_cfg.get("fallback")
-    if POLICIES[cfg.policy].plans_for_fallback and planned_for not in (None, cfg.fallback):
-        raise ValueError(f"calibration file {str(path)!r} planned policy={cfg.policy!r} for fallback={planned_for!r}, "
-                         f"whose forecast the plan replays; this model uses fallback={cfg.fallback!r}: calibrate with "
-                         f"fallback={cfg.fallback!r} or configure fallback={planned_for!r}")
+    conflict = calibration_conflict(saved_cfg, cfg)
+    if conflict is not None:
+        raise ValueError(f"calibration file {str(path)!r} {conflict}: calibrate with fallback={cfg.fallback!r}, "
+                         f"policy={cfg.policy!r} (this model's), or optimize the model with the file's "
+                         f"fallback={saved_cfg.get('fallback')!r}, policy={saved_cfg.get('policy')!r}")
     for key, val in tensors.items():  # check every shape before changing anything
         cur = opt.store.tensors.get(key)
         if cur is not None and cur.shape != val.shape:
@@ -299,5 +298,5 @@ def load_calibration(opt: Any, path: str | Path) -> None:
     opt.store.table_version += 1  # a schedule's table may be among them
     POLICIES[cfg.policy].configure_store(opt.store, cfg, opt.device)  # e.g. a plan for this target_fraction
     opt.store.calibrated = True
-    opt.store.meta["fingerprint"] = model_fingerprint(opt.model)
+    opt.store.meta.update(fitted_for(saved_cfg), fingerprint=model_fingerprint(opt.model))
     opt.refresh_deciders()

@@ -440,6 +440,11 @@ class FastCacheModule(nn.Module):
             dispatch_decide_mode(new)  # step dispatch is on: the new policy must decide per step
         structural = [k for k in changes if k not in RUNTIME_FIELDS]
         _check_parallel(new, self.process_group())  # routing/merging under context parallelism: raise now
+        conflict = calibration_conflict(self.store.meta, new) if self.store.calibrated else None
+        if conflict is not None:
+            changed = ", ".join(f"{k}={v!r}" for k, v in changes.items())
+            raise ValueError(f"configure({changed}): this model's calibration {conflict}: optimize the model with "
+                             f"{changed} and calibrate it (or load a calibration file fitted for it)")
         self.fastcache_config = new
         if structural:
             logger.info("fx-fastcache: %s changed; graphs will be re-captured", structural)
@@ -507,6 +512,21 @@ class FastCacheModule(nn.Module):
     def refresh_deciders(self) -> None:
         for e in self._entries.values():
             self._sync_entry(e)
+
+
+def calibration_conflict(fitted_for: dict[str, Any], cfg: FastCacheConfig) -> str | None:
+    """Why a calibration fitted for ``fitted_for`` (its ``fallback`` and ``policy``; absent: unknown)
+    cannot serve ``cfg``, or ``None``: a fitted fallback or a calibrated policy needs its own fit, and a
+    plan is made for its fallback's forecast.  One rule for loading a file and for ``configure``."""
+    for name, registry, needs in (("fallback", FALLBACKS, "fitted"), ("policy", POLICIES, "needs_calibration")):
+        saved, mine = fitted_for.get(name), getattr(cfg, name)
+        if saved not in (None, mine) and getattr(registry[mine], needs):
+            return f"was fitted for {name}={saved!r}; {name}={mine!r} needs its own fit"
+    planned_for = fitted_for.get("fallback")
+    if POLICIES[cfg.policy].plans_for_fallback and planned_for not in (None, cfg.fallback):
+        return (f"planned policy={cfg.policy!r} for fallback={planned_for!r}, whose forecast the plan replays; "
+                f"fallback={cfg.fallback!r} needs its own plan")
+    return None
 
 
 def _check_parallel(cfg: FastCacheConfig, group: Any) -> None:

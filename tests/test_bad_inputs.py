@@ -209,6 +209,29 @@ def test_calibration_file_for_another_fitted_fallback_is_refused(tmp_path):
     assert not other.store.calibrated
 
 
+@pytest.mark.parametrize("fitted, other, says", [
+    (dict(fallback="residual_linear", policy="step_forecast"), dict(fallback="linear"), "needs its own fit"),
+    (dict(fallback="forecast", policy="planned"), dict(fallback="residual"), "needs its own plan"),
+    (dict(fallback="forecast", policy="planned"), dict(policy="step_forecast"), "needs its own fit"),
+], ids=["fitted-fallback", "planned-fallback", "calibrated-policy"])
+def test_configure_away_from_what_the_calibration_fitted_is_refused(tmp_path, fitted, other, says):
+    """configure() used to keep fits or a plan made for another fallback or policy, silently (and a file saved
+    then claimed them for the new one); it refuses, like load_calibration, and changes nothing."""
+    tm = make_tiny("tiny-custom")
+    opt, path = calibrated_file(tm, tmp_path / "calib.safetensors", cache_ratio_threshold=10.0, **fitted)
+    for model in (opt, fastcache.optimize(tm.model, backend="eager", cache_ratio_threshold=10.0, **fitted)):
+        if model is not opt:
+            fastcache.load_calibration(model, path)  # what a file was fitted for counts the same
+        before = [first(x) for x in run_loop(model, tm)]
+        with pytest.raises(ValueError, match=rf"configure\({list(other)[0]}=.*{says}.*optimize the model with"):
+            fastcache.configure(model, **other)
+        assert model.fastcache_config.replace(**fitted) == model.fastcache_config  # unchanged
+        fastcache.reset(model)
+        for a, b in zip(run_loop(model, tm), before):
+            torch.testing.assert_close(first(a), b, rtol=0, atol=0)
+    fastcache.configure(fastcache.optimize(tm.model, backend="eager", **fitted), **other)  # uncalibrated: fine
+
+
 @pytest.mark.parametrize("content", [b"", b"not a safetensors file at all"])
 def test_damaged_calibration_file_names_the_file(tmp_path, content):
     path = tmp_path / "broken.safetensors"
