@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 
 import pytest
 import torch
@@ -155,6 +156,19 @@ def test_search_plan_keeps_the_plan_it_cannot_search(caplog):
     assert any("cannot search target_fraction=0.75" in r.getMessage() for r in caplog.records)
 
 
+def test_search_and_sensitivity_leave_no_statistics_behind():
+    """Their trial generations are not the user's: afterwards the statistics are empty, and the next
+    generation reports its own fraction (it used to mix in the last trial's)."""
+    tm, opt = _calibrated(target_fraction=0.5)
+    for tune in (lambda gen: fastcache.search_plan(opt, gen, fractions=[0.5, 0.75], max_runs=5),
+                 lambda gen: fastcache.measure_sensitivity(opt, gen)):
+        tune(lambda: _euler(opt, tm, seed=3))
+        assert fastcache.get_cache_statistics(opt)["calls"] == 0
+        _euler(opt, tm)
+        st = fastcache.get_cache_statistics(opt)
+        assert st["calls"] == STEPS and st["block_approx_ratio"] == pytest.approx(0.5)
+
+
 def test_search_plan_with_drift_correction_scores_real_generations(tmp_path):
     """On a real generation (the drift correction on), the searched plan scores at least the program's,
     and the correction's damping is fitted, installed per budget and saved."""
@@ -218,6 +232,9 @@ def test_search_plan_refuses_bad_input():
         fastcache.search_plan(opt, gen, max_runs=0)
     with pytest.raises(ValueError, match="fraction 1.0"):
         fastcache.search_plan(opt, gen, fractions=[1.0])
+    for bad in (0.5, []):  # a number instead of a list; nothing to search (it ran a generation for nothing)
+        with pytest.raises(ValueError, match=re.escape(f"fractions={bad!r} must be a non-empty list")):
+            fastcache.search_plan(opt, gen, fractions=bad)
     with pytest.raises(ValueError, match="data_range=-1"):
         fastcache.search_plan(opt, gen, data_range=-1)
     with pytest.raises(TypeError, match="final output as a tensor"):

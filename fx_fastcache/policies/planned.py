@@ -407,7 +407,8 @@ def holding_plan(opt, generate):
     """Yield ``run(computed)``: ``generate()`` with only the steps where the bool row ``computed`` is
     True computed (each run from a reset), returning its final output (float32, CPU).
 
-    The installed plan is restored afterwards (also when ``generate()`` fails).  ``generate()`` may
+    The installed plan is restored afterwards (also when ``generate()`` fails), and the model reset, so
+    the trial runs leave no state or statistics behind.  ``generate()`` may
     use another batch than calibration: the capture that this triggers keeps the table installed
     here.
     """
@@ -441,6 +442,7 @@ def holding_plan(opt, generate):
         _held.discard(id(store))
         store_put(store, PLANS_KEY, installed)  # restore before re-planning (and if generate() failed)
         install_plan(store, blocks, cfg.target_fraction, opt.device)
+        opt.reset()  # the trial generations' state and statistics are not the user's (as after calibrate)
 
 
 def check_data_range(who: str, data_range) -> None:
@@ -602,6 +604,9 @@ def search_plan(opt, generate, fractions=None, data_range: float | None = None,
                          f"'mean' (the mean PSNR) or 'worst_quarter' (the mean PSNR of the worst quarter of the "
                          f"images)")
     store, cfg = opt.store, opt.fastcache_config
+    if isinstance(fractions, (int, float, str)) or (fractions is not None and not list(fractions)):
+        raise ValueError(f"search_plan: fractions={fractions!r} must be a non-empty list of target_fraction values "
+                         f"(e.g. [0.6]), or None for the configured target_fraction={cfg.target_fraction}")
     fractions = [cfg.target_fraction] if fractions is None else list(fractions)
     for f in fractions:  # each must be a valid target_fraction: the config says what that is
         try:
