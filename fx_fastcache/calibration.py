@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .runtime.distributed import all_reduce_sum
@@ -235,7 +235,17 @@ def write_calibration_file(store: CalibrationStore, path: str | Path, model: tor
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in store.tensors.items()}
     meta = {"format": FORMAT, "fingerprint": model_fingerprint(model), "config": config.to_json(),
             "model_class": type(model).__name__}
-    save_file(tensors, str(path), metadata=meta)
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"calibration file {str(path)!r} is a folder; give a file path, e.g. "
+                                f"{str(path / 'calibration.safetensors')!r}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"calibration file {str(path)!r}: its folder {str(path.parent)!r} does not exist; "
+                                f"create it first")
+    try:
+        save_file(tensors, str(path), metadata=meta)
+    except (OSError, SafetensorError) as e:  # safetensors' errors name a temporary file, not this one
+        raise OSError(f"could not write calibration file {str(path)!r}: {e}") from e
 
 
 def read_calibration_file(path: str | Path, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

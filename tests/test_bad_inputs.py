@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import pickle
+import re
 import threading
 
 import pytest
@@ -239,6 +240,15 @@ def test_damaged_calibration_file_names_the_file(tmp_path, content):
     opt = fastcache.optimize(make_tiny("tiny-custom").model, backend="eager")
     with pytest.raises(ValueError, match="broken.safetensors"):
         fastcache.load_calibration(opt, path)
+
+
+def test_calibration_saved_where_no_file_can_be_written_names_the_path(tmp_path):
+    opt, _ = calibrated_file(make_tiny("tiny-custom"), tmp_path / "calib.safetensors")
+    with pytest.raises(IsADirectoryError, match=re.escape(f"{str(tmp_path)!r} is a folder; give a file path")):
+        fastcache.save_calibration(opt, tmp_path)
+    missing = tmp_path / "missing" / "c.safetensors"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"its folder {str(missing.parent)!r} does not exist")):
+        fastcache.save_calibration(opt, missing)
 
 
 def test_damaged_onnx_file_names_the_file(tmp_path):
