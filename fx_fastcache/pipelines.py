@@ -148,6 +148,7 @@ def _wrapped_call(original: Any):
         if not isinstance(tr, PipelineFastCache):
             raise RuntimeError("pipe.transformer is no longer the FastCache module installed by enable_fastcache; "
                                "call fastcache.disable_fastcache(pipe) before replacing the transformer")
+        check_drift_sampler(self, tr.fastcache_config)  # `pipe.scheduler = ...` may have swapped it since enabling
         tr.reset()
         steps = kwargs.get("num_inference_steps", default_steps)
         if isinstance(steps, int):
@@ -158,6 +159,27 @@ def _wrapped_call(original: Any):
         return original(self, *args, **kwargs)
 
     return __call__
+
+
+def _fastcache_class(cls: type) -> type:
+    """The one-off subclass of pipeline class ``cls`` whose ``__call__`` resets the cache state."""
+    return type(f"FastCache{cls.__name__}", (cls,),
+                {"__call__": _wrapped_call(cls.__call__), "_fastcache_original_class": cls,
+                 "__module__": cls.__module__, "__reduce_ex__": _reduce_enabled})
+
+
+def _reduce_enabled(pipe: Any, protocol: int) -> tuple:
+    """Pickle an enabled pipeline: pickle finds a class by module and name, which the one-off
+    subclass lacks, so the pipeline is saved with its original class and the subclass is rebuilt
+    when loading (the transformer, FastCache config included, pickles as ``pipe.transformer``)."""
+    state = pipe.__getstate__() if hasattr(pipe, "__getstate__") else pipe.__dict__  # Python 3.10: no default
+    return _unpickle_enabled, (type(pipe)._fastcache_original_class,), state
+
+
+def _unpickle_enabled(cls: type) -> Any:
+    pipe = cls.__new__(cls)
+    pipe.__class__ = _fastcache_class(cls)
+    return pipe
 
 
 #: Schedulers whose step is ``x += (σ_next − σ) · output`` with the transformer's timestep ∝ σ.
@@ -171,8 +193,9 @@ def check_drift_sampler(pipe: Any, config: FastCacheConfig) -> None:
     sched = getattr(pipe, "scheduler", None)
     name = type(sched).__name__
     if name not in FLOW_EULER_SCHEDULERS:
+        pipe_name = getattr(type(pipe), "_fastcache_original_class", type(pipe)).__name__  # not the one-off subclass
         raise ValueError(f"drift_correction='flow_euler' needs a flow-matching Euler scheduler "
-                         f"({', '.join(FLOW_EULER_SCHEDULERS)}); this {type(pipe).__name__} uses {name}, whose "
+                         f"({', '.join(FLOW_EULER_SCHEDULERS)}); this {pipe_name} uses {name}, whose "
                          f"step the correction would get wrong; use drift_correction='none' or that scheduler")
     if getattr(getattr(sched, "config", None), "stochastic_sampling", False):
         raise ValueError("drift_correction='flow_euler' assumes the deterministic Euler step; this scheduler has "
@@ -223,11 +246,8 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
         opt.install_schedule(schedule)
     opt.set_step_dispatch(resolve_execution(tr, config, execution, dispatch_compile, step_dispatch))
     cls = type(pipe)
-    sub = type(f"FastCache{cls.__name__}", (cls,),
-               {"__call__": _wrapped_call(cls.__call__), "_fastcache_original_class": cls,
-                "__module__": cls.__module__})
     pipe.transformer = opt
-    pipe.__class__ = sub
+    pipe.__class__ = _fastcache_class(cls)
     logger.info("fx-fastcache: enabled on %s (policy=%s, fallback=%s, backend=%s)", cls.__name__, config.policy,
                 config.fallback, backend)
     return opt

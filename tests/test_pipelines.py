@@ -5,6 +5,7 @@ Every pipeline is a tiny offline one (``fx_fastcache.tiny_pipelines``) on the ea
 from __future__ import annotations
 
 import importlib.util
+import pickle
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.fx as fx
+from diffusers import FlowMatchHeunDiscreteScheduler
 
 import fx_fastcache as fastcache
 from fx_fastcache.pipelines import PipelineFastCache
@@ -152,6 +154,33 @@ def test_enable_on_object_without_transformer_names_it() -> None:
 
     with pytest.raises(TypeError, match="NoTransformer has no `transformer`"):
         fastcache.enable_fastcache(NoTransformer())
+
+
+def test_scheduler_swapped_after_enable_is_checked_at_each_call() -> None:
+    """``pipe.scheduler = ...`` after enabling (the usual diffusers idiom) must not run the
+    Euler-only drift correction on another sampler."""
+    tp = make_tiny_pipeline("sd3")
+    fastcache.enable_fastcache(tp.pipe, backend="eager", drift_correction="flow_euler")
+    euler = tp.pipe.scheduler
+    tp.pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(euler.config)
+    with pytest.raises(ValueError, match="this StableDiffusion3Pipeline uses FlowMatchHeunDiscreteScheduler, whose "
+                                         "step the correction would get wrong; use drift_correction='none'"):
+        tp.pipe(**tp.call_kwargs(num_inference_steps=2))
+    tp.pipe.scheduler = euler
+    tp.pipe(**tp.call_kwargs(num_inference_steps=2))
+
+
+def test_enabled_pipeline_pickles_with_fastcache_enabled() -> None:
+    tp = make_tiny_pipeline("dit")
+    fastcache.enable_fastcache(tp.pipe, backend="eager", cache_ratio_threshold=1e6, warmup_steps=WARMUP)
+    images = _images(tp.pipe, tp, {})
+    twin = pickle.loads(pickle.dumps(tp.pipe))
+    assert type(twin).__name__ == type(tp.pipe).__name__ and isinstance(twin.transformer, PipelineFastCache)
+    assert twin.transformer.fastcache_config == tp.pipe.transformer.fastcache_config
+    np.testing.assert_array_equal(_images(twin, tp, {}), images)
+    assert fastcache.get_cache_statistics(twin)["blocks_approximated"] == (STEPS - WARMUP) * 2
+    assert type(fastcache.disable_fastcache(twin)) is type(fastcache.disable_fastcache(tp.pipe))
+    assert type(twin) is type(tp.pipe)  # both back to the original class
 
 
 # -- step dispatch ------------------------------------------------------------------------
