@@ -327,7 +327,8 @@ def record_for_model(resolved, steps: int = 20, generations: int = 2, batch: int
 
         meta = {"sampler": "timesteps linspace(1000, 0)", "batch": batch, "steps": steps, "timesteps": ts}
     try:
-        return record_schedule(opt, run, generations=generations, model_name=resolved.name, meta=meta)
+        with torch.no_grad():  # inference only: grad mode would make the optimized model warn
+            return record_schedule(opt, run, generations=generations, model_name=resolved.name, meta=meta)
     finally:
         hook.remove()
         bar.close()

@@ -108,13 +108,14 @@ def dispatch_decide_mode(config: Any, decide: str = "auto") -> str:
     if decide == "auto":
         decide = "host" if cls.host_decidable else "device"
     if decide == "host" and not cls.host_decidable:
-        raise ValueError(f"decide='host' needs policy='schedule' (decisions known in advance); this model uses "
-                         f"policy={policy!r}: use decide='device' (one sync per step) or a schedule")
+        table_policies = sorted(k for k, v in POLICIES.items() if v.host_decidable)
+        raise ValueError(f"decide='host' needs a policy whose decisions are known in advance ({table_policies}); "
+                         f"this model uses policy={policy!r}: use decide='device' (one sync per step) or one of those")
     if decide == "device" and not cls.decides_per_step():
-        step_policies = sorted(k for k, v in POLICIES.items() if v.scope == "step")
+        step_policies = sorted(k for k, v in POLICIES.items() if v.decides_per_step())
         raise ValueError(f"step dispatch needs one decision per step, but policy={policy!r} decides each block "
-                         f"from that block's input inside the step; use one of {step_policies} or "
-                         f"policy='schedule', or keep the in-graph guards (no step dispatch)")
+                         f"from that block's input inside the step; use one of {step_policies}, "
+                         f"or keep the in-graph guards (no step dispatch)")
     return decide
 
 

@@ -107,10 +107,12 @@ def test_schedule_steps_beyond_the_policy_table(tmp_path, capsys):
 @pytest.mark.parametrize("extra, needle", [
     (["--policy", "bogus"], "'bogus'"),
     (["--policy", "schedule"], "--policy schedule"),
+    (["--policy", "planned"], "--policy planned replays a table"),
     (["--threshold", "-1"], "--threshold"),
     (["--generations", "0"], "--generations"),
     (["--calibration", "{tmp}/none.safetensors"], "none.safetensors"),
-], ids=["unknown-policy", "replay-policy", "negative-threshold", "zero-generations", "missing-calibration"])
+], ids=["unknown-policy", "replay-policy", "planned-policy", "negative-threshold", "zero-generations",
+        "missing-calibration"])
 def test_schedule_argument_errors(extra, needle, tmp_path, capsys):
     extra = [e.format(tmp=tmp_path) for e in extra]
     line = _one_line_error(capsys, ["schedule", "--model", "tiny-dit", "--out", str(tmp_path / "S.json"), *extra])

@@ -2,6 +2,8 @@
 runner reproduces the PyTorch model replaying the same schedule (dit-mnist and every family)."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -161,14 +163,16 @@ def test_runner_rejects_mismatches(tiny_dit_export):
         runner(hidden_states=torch.zeros(2, 4, 8, 8))
 
 
-def test_cli_export_onnx(tmp_path, tiny_dit_export, capsys):
+def test_cli_export_onnx(tmp_path, tiny_dit_export, capsys, caplog):
     from fx_fastcache.cli.main import main
 
     _, sched, _ = tiny_dit_export
     s = tmp_path / "S.json"
     sched.save(s)
     out = tmp_path / "M.onnx"
-    assert main(["export-onnx", "--model", "tiny-dit", "--schedule", str(s), "--out", str(out), "--verify"]) == 0
+    with caplog.at_level(logging.WARNING, logger="fx_fastcache"):
+        assert main(["export-onnx", "--model", "tiny-dit", "--schedule", str(s), "--out", str(out), "--verify"]) == 0
+    assert not any("gradients enabled" in r.getMessage() for r in caplog.records)  # --verify runs without grad
     text = capsys.readouterr().out
     assert "2 blocks as If" in text and "verify" in text
     worst = float(text.split("max |onnxruntime - PyTorch| = ")[1].split()[0])

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fx_fastcache as fastcache
+from fx_fastcache.cli.main import main
 from fx_fastcache.export.schedule import FORMAT, Schedule
 from fx_fastcache.policies.schedule import MAX_STEPS
 from fx_fastcache.zoo import make_tiny
@@ -125,6 +126,34 @@ def test_constructor_does_not_coerce():
         Schedule([[False, False], [True, 0]], BLOCKS, "abc", {})
     with pytest.raises(TypeError, match=r"row 1, column 0 is null"):
         Schedule([[False, False], [None, False]], BLOCKS, "abc", {})
+
+
+# -- `fx-fastcache schedule` writing a file
+
+
+def test_schedule_command_records_without_the_grad_warning(tmp_path, caplog):
+    """The command calls the model itself: under no_grad, so its users see no advice to use no_grad."""
+    out = tmp_path / "S.json"
+    assert main(["schedule", "--model", "tiny-dit", "--out", str(out), "--steps", "4", "--generations", "1",
+                 "--batch", "1", "--no-progress"]) == 0
+    assert Schedule.load(out).steps == 4
+    assert not [r for r in caplog.records if "gradients enabled" in r.getMessage()]
+
+
+def test_schedule_command_refuses_a_planned_calibration_naming_a_cli_fix(tmp_path, capsys):
+    tm = make_tiny("tiny-dit")  # the model `--model tiny-dit` builds (same fingerprint)
+    opt = fastcache.optimize(tm.model, backend="eager", policy="planned")
+    with fastcache.calibrate(opt), torch.no_grad():
+        _generation(opt, tm)
+    cal = tmp_path / "planned.safetensors"
+    fastcache.save_calibration(opt, cal)
+    assert main(["schedule", "--model", "tiny-dit", "--out", str(tmp_path / "S.json"), "--steps", "4",
+                 "--calibration", str(cal)]) == 2
+    err = capsys.readouterr().err
+    assert f"--calibration {str(cal)!r} was calibrated with policy='planned'" in err
+    assert "--policy step_forecast" in err and "installed_schedule" in err
+    assert "configure policy" not in err  # load_calibration's advice for Python, which the CLI cannot follow
+    assert not (tmp_path / "S.json").exists()
 
 
 # -- fastcache.set_schedule

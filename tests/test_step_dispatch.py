@@ -115,9 +115,11 @@ def test_specialised_update_gets_a_plain_bool() -> None:
 def test_per_block_policy_is_refused_with_the_reason() -> None:
     tm = make_tiny("tiny-dit")
     opt = fastcache.optimize(tm.model, backend="eager", policy="chi2")
-    with pytest.raises(ValueError, match=r"policy='chi2' decides each block .*'step_forecast'"):
+    with pytest.raises(ValueError, match=r"policy='chi2' decides each block .*'step_forecast'") as e:
         StepDispatch(opt, compile_mode="eager")
-    with pytest.raises(ValueError, match="decide='host' needs policy='schedule'"):
+    # every policy step dispatch accepts is offered, the table-driven ones included
+    assert all(f"'{p}'" in str(e.value) for p in ("planned", "schedule", "teacache", "first_block_cache"))
+    with pytest.raises(ValueError, match=r"decide='host' needs .*\['planned', 'schedule'\]"):
         StepDispatch(fastcache.optimize(tm.model, backend="eager"), compile_mode="eager", decide="host")
     with pytest.raises(ValueError, match="decide='sometimes' is not supported"):
         StepDispatch(opt, compile_mode="eager", decide="sometimes")

@@ -68,9 +68,10 @@ def run(args: argparse.Namespace) -> int:
             opt = optimize_with_schedule(resolved.model, schedule)
             runner = OnnxRunner(ex.path)
             worst = 0.0
-            for t in torch.linspace(1000.0, 0.0, schedule.steps + 1)[:-1].tolist():
-                kw = resolved.make_inputs(t, batch)
-                worst = max(worst, float((opt(**kw)[0] - runner(**kw)[0]).abs().max()))
+            with torch.no_grad():  # inference only: grad mode would make the optimized model warn
+                for t in torch.linspace(1000.0, 0.0, schedule.steps + 1)[:-1].tolist():
+                    kw = resolved.make_inputs(t, batch)
+                    worst = max(worst, float((opt(**kw)[0] - runner(**kw)[0]).abs().max()))
     size = ex.path.stat().st_size / 2**20
     print(f"wrote {ex.path} ({size:.1f} MiB): opset {ex.opset}, {ex.n_if} blocks as If, "
           f"{len(ex.spec.state)} state tensors in/out, inputs {ex.spec.inputs} + skip[{len(ex.spec.blocks)}]")

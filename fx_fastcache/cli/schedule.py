@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 import fx_fastcache as fastcache
+from fx_fastcache.calibration import read_calibration_file
 from fx_fastcache.cli.common import (
     CLIError,
     check_model_name,
@@ -29,6 +30,11 @@ def _steps(text: str) -> int:
     return v
 
 
+#: How to get a schedule file of a table a model replays (a planned model's plan): there is nothing to record.
+SAVE_TABLE_HINT = ("to save the table a model replays (the plan of a calibrated policy='planned' model) as a "
+                   "schedule file, call fx_fastcache.export.installed_schedule(opt, steps=N).save(PATH) in Python")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="dit-mnist, pixart-mnist, sd3-mnist, flux-mnist, a tiny-* model (tiny-dit, tiny-pixart, ...) or a diffusers folder")
@@ -52,8 +58,10 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     if args.policy in POLICIES and POLICIES[args.policy].host_decidable:
-        raise CLIError("--policy schedule replays a schedule; record with a deciding policy "
-                       "(step_forecast, chi2, first_block_cache, teacache)")
+        deciding = sorted(k for k, v in POLICIES.items() if not v.host_decidable)
+        raise CLIError(f"--policy {args.policy} replays a table fixed before sampling, so there are no decisions "
+                       f"to record; record with a deciding policy (--policy one of {', '.join(deciding)}); "
+                       f"{SAVE_TABLE_HINT}")
     overrides = {"policy": args.policy, "fallback": args.fallback}
     for key, val in (("cache_ratio_threshold", args.threshold), ("max_skip_steps", args.max_skip),
                      ("warmup_steps", args.warmup)):
@@ -68,6 +76,13 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--out {args.out!r} is a folder; pass a file name such as {str(Path(args.out) / 'S.json')!r}")
     with quiet_library_warnings():
         resolved = resolve_model(args.model)
+        if args.calibration is not None:  # before load_calibration, whose advice (configure a policy) is for Python
+            saved = read_calibration_file(args.calibration, resolved.model)[0].get("policy")
+            if saved in POLICIES and POLICIES[saved].host_decidable:
+                raise CLIError(f"--calibration {args.calibration!r} was calibrated with policy={saved!r}, which "
+                               f"replays a table and decides nothing to record; pass a file calibrated with "
+                               f"policy={args.policy!r} (--policy {args.policy}) or leave --calibration out; "
+                               f"{SAVE_TABLE_HINT}")
         sched = record_for_model(resolved, steps=args.steps, generations=args.generations, batch=args.batch,
                                  config=config, calibration=args.calibration,
                                  progress=show_progress(args.no_progress))
