@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .auto_mode import UNSET, resolve_execution
+from .auto_mode import UNSET
 from .calibration import (
     Recorder,
     model_fingerprint,
@@ -48,7 +48,8 @@ def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfi
             in the compiled graph; the fast choice on CPU), ``"step_dispatch"`` (each step runs a copy
             specialised for its skip pattern, learned once per step; the fast choice on GPU) or
             ``"auto"`` (the default: step dispatch for a CUDA model with a step-level policy or a
-            schedule, else in-graph; :mod:`fx_fastcache.auto_mode`, logged).
+            schedule, else in-graph; :mod:`fx_fastcache.auto_mode`, logged; decided again when the
+            model moves, e.g. ``.to("cuda")`` after optimizing, or ``configure`` changes the policy).
         dispatch_compile: how step dispatch compiles its copies: ``"reduce-overhead"`` (CUDA graphs,
             the default), ``"default"``, ``"max-autotune"`` or ``"eager"``.
         step_dispatch: the former spelling of both (still accepted): run each step through a graph specialised for its skip pattern, learned
@@ -70,7 +71,7 @@ def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfi
     """
     config = FastCacheConfig.resolve(config, **overrides)
     opt = FastCacheModule(model, config, backend=backend, blocks=blocks, process_group=process_group)
-    opt.set_step_dispatch(resolve_execution(model, config, execution, dispatch_compile, step_dispatch))
+    opt.set_execution(execution, dispatch_compile, step_dispatch)
     if example_inputs is not None:
         if not isinstance(example_inputs, dict):
             raise TypeError("example_inputs must be a dict of the model's keyword arguments")

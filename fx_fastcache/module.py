@@ -28,6 +28,7 @@ from .policies import POLICIES
 from .runtime.distributed import as_process_group, parallel_signature, process_group_of
 from .runtime.generation import starts_generation_host
 from .runtime.store import CalibrationStore
+from .auto_mode import AUTO, UNSET, resolve_execution
 from .step_dispatch import COMPILE_MODES, StepDispatch, dispatch_decide_mode
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,9 @@ class FastCacheModule(nn.Module):
         # StepDispatch per state (pipelines: per cache context), a plain dict (not submodules)
         self._dispatch_mode: str | None = None
         self._dispatchers: dict[str, Any] = {}
+        # execution="auto": decided again when the device or the policy changes; None: a fixed choice,
+        # else the dispatch_compile= given with it (None: the rule's)
+        self._auto_execution: tuple[str | None] | None = None
         if not any(True for _ in model.parameters()):
             raise ValueError(f"{type(model).__name__} has no parameters; nothing to optimize")
         # context parallelism (docs/MULTI_DEVICE.md): the group the deciders sum over, given by the
@@ -143,6 +147,7 @@ class FastCacheModule(nn.Module):
         self.drop_graphs()
         for k, v in list(self.store.tensors.items()):
             self.store.tensors[k] = fn(v)
+        self._decide_auto_execution()  # e.g. pipe.to("cuda") after enable_fastcache
         return self
 
     # -- copies, pickling and state dicts: the captured graphs are a cache, not state -----------
@@ -188,6 +193,28 @@ class FastCacheModule(nn.Module):
         self.__dict__.get("_dispatchers", {}).clear()
 
     # -- step dispatch --------------------------------------------------------------------
+    def set_execution(self, execution: str = AUTO, dispatch_compile: str | None = None,
+                      step_dispatch: Any = UNSET) -> None:
+        """Install ``optimize``'s ``execution=`` / ``dispatch_compile=`` (or the former ``step_dispatch=``).
+
+        Why ``"auto"`` is kept rather than resolved once: the fast mode depends on the device and the
+        policy (:mod:`fx_fastcache.auto_mode`), and both change after ``optimize`` in ordinary use
+        (``enable_fastcache(pipe)`` then ``pipe.to("cuda")``; ``configure(policy=...)``), which left a
+        CUDA model on the in-graph guards, or a per-block policy refused.  So it is decided again then.
+        """
+        mode = resolve_execution(self.model, self.fastcache_config, execution, dispatch_compile, step_dispatch)
+        self.set_step_dispatch(mode)
+        auto = execution == AUTO if step_dispatch is UNSET else step_dispatch == AUTO
+        self._auto_execution = (dispatch_compile,) if auto else None
+
+    def _decide_auto_execution(self) -> None:
+        auto = self.__dict__.get("_auto_execution")
+        if auto is not None:
+            mode = resolve_execution(self.model, self.fastcache_config, AUTO, *auto)
+            if mode != self._dispatch_mode:
+                self._dispatch_mode = mode
+                self._dispatchers.clear()
+
     def set_step_dispatch(self, compile_mode: str | None) -> None:
         """Run calls through :class:`~fx_fastcache.step_dispatch.StepDispatch` (``None``: in-graph guards).
 
@@ -201,6 +228,7 @@ class FastCacheModule(nn.Module):
                 raise ValueError(f"step_dispatch={compile_mode!r} is not supported; choose one of {COMPILE_MODES}")
         self._dispatch_mode = compile_mode
         self._dispatchers.clear()
+        self._auto_execution = None  # an explicit choice (set_execution marks "auto" again)
 
     @property
     def dispatch_compile(self) -> str | None:
@@ -436,8 +464,8 @@ class FastCacheModule(nn.Module):
     def configure(self, **changes: Any) -> None:
         """Change config fields; run-time fields update buffers, others force a re-capture."""
         new = self.fastcache_config.replace(**changes)
-        if self._dispatch_mode is not None and "policy" in changes:
-            dispatch_decide_mode(new)  # step dispatch is on: the new policy must decide per step
+        if self._dispatch_mode is not None and "policy" in changes and self._auto_execution is None:
+            dispatch_decide_mode(new)  # step dispatch chosen explicitly: the new policy must decide per step
         structural = [k for k in changes if k not in RUNTIME_FIELDS]
         _check_parallel(new, self.process_group())  # routing/merging under context parallelism: raise now
         conflict = calibration_conflict(self.store.meta, new) if self.store.calibrated else None
@@ -446,6 +474,7 @@ class FastCacheModule(nn.Module):
             raise ValueError(f"configure({changed}): this model's calibration {conflict}: optimize the model with "
                              f"{changed} and calibrate it (or load a calibration file fitted for it)")
         self.fastcache_config = new
+        self._decide_auto_execution()  # "auto" and a new policy or token routing: maybe another mode
         if structural:
             logger.info("fx-fastcache: %s changed; graphs will be re-captured", structural)
             self.drop_graphs()

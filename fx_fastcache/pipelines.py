@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .auto_mode import UNSET, resolve_execution
+from .auto_mode import UNSET
 from .config import FastCacheConfig
 from .context_state import ContextStates
 from .module import FastCacheModule
@@ -244,7 +244,7 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
     opt = PipelineFastCache(tr, config, backend=backend)
     if schedule is not None:
         opt.install_schedule(schedule)
-    opt.set_step_dispatch(resolve_execution(tr, config, execution, dispatch_compile, step_dispatch))
+    opt.set_execution(execution, dispatch_compile, step_dispatch)
     cls = type(pipe)
     pipe.transformer = opt
     pipe.__class__ = _fastcache_class(cls)

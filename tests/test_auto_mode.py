@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 
 import fx_fastcache as fastcache
 import fx_fastcache.auto_mode as auto_mode
@@ -59,3 +60,28 @@ def test_execution_names_and_their_former_spelling(monkeypatch):
     monkeypatch.setattr(auto_mode, "model_is_cuda", lambda model: True)
     assert fastcache.optimize(tm.model, backend="eager").dispatch_compile == "reduce-overhead"
     assert fastcache.optimize(tm.model, backend="eager", dispatch_compile="default").dispatch_compile == "default"
+
+
+def test_auto_is_decided_again_when_the_model_moves_or_its_policy_changes(monkeypatch):
+    """``enable_fastcache(pipe)`` then ``pipe.to("cuda")`` (or ``optimize`` then ``.to``) used to keep the
+    choice made on the CPU: the slow in-graph guards on the GPU.  An explicit choice is kept."""
+    tp = make_tiny_pipeline("dit")
+    piped = fastcache.enable_fastcache(tp.pipe, backend="eager")
+    tm = make_tiny("tiny-dit")
+    auto = fastcache.optimize(tm.model, backend="eager")
+    fixed = fastcache.optimize(tm.model, backend="eager", execution="in_graph")
+    compiled = fastcache.optimize(tm.model, backend="eager", dispatch_compile="eager")  # auto, its compile mode
+    assert [m.dispatch_compile for m in (piped, auto, fixed, compiled)] == [None] * 4  # on the CPU
+    monkeypatch.setattr(auto_mode, "model_is_cuda", lambda model: True)  # what .to("cuda") would make true
+    tp.pipe.to(torch.float32)
+    for m in (auto, fixed, compiled):
+        m.to(torch.float32)
+    assert [m.dispatch_compile for m in (piped, auto, fixed, compiled)] == ["reduce-overhead", "reduce-overhead",
+                                                                            None, "eager"]
+    fastcache.configure(auto, policy="chi2")  # decides per block: in-graph guards, not a refusal
+    assert auto.dispatch_compile is None
+    fastcache.configure(auto, policy="step_forecast")
+    assert auto.dispatch_compile == "reduce-overhead"
+    explicit = fastcache.optimize(tm.model, backend="eager", execution="step_dispatch")
+    with pytest.raises(ValueError, match="policy='chi2' decides each block"):
+        fastcache.configure(explicit, policy="chi2")

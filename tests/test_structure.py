@@ -16,7 +16,8 @@ LAYERS = [
                  "fx_fastcache.calibration", "fx_fastcache.config", "fx_fastcache.families", "fx_fastcache.markers",
                  "fx_fastcache.zoo"]),
     ("passes", ["fx_fastcache.passes"]),
-    ("capture", ["fx_fastcache.module", "fx_fastcache.step_dispatch", "fx_fastcache.decision_split"]),
+    ("capture", ["fx_fastcache.module", "fx_fastcache.step_dispatch", "fx_fastcache.decision_split",
+                 "fx_fastcache.auto_mode"]),
 ]
 
 
