@@ -106,6 +106,7 @@ class FastCacheModule(nn.Module):
         self._force_compute = False
         self._warned_uncalibrated = False
         self._warned_no_grad = False
+        self._moves_after_capture = 0  # device/dtype changes that dropped captured graphs
         self._call_lock = threading.RLock()  # one call at a time: the cache state is one generation's
         self._calls: dict[tuple, int] = {}  # host-side call count per graph (for the one-time generation check)
         self.record_passes = False
@@ -142,8 +143,24 @@ class FastCacheModule(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def _placement(self) -> set[tuple[torch.device, torch.dtype]]:
+        return {(t.device, t.dtype) for t in (*self.model.parameters(), *self.model.buffers())}
+
     def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.cuda()``, ``.half()`` ...: the captured graphs hold device and dtype, so a change
+        drops them (the next call re-captures); a ``.to()`` to where the model already is keeps them
+        (accelerate's offload hooks call it at every forward)."""
+        before = self._placement()
         super()._apply(fn, recurse)
+        if self._placement() == before:
+            return self
+        if self._entries:
+            self._moves_after_capture += 1
+            if self._moves_after_capture == 2:  # once: moving back and forth re-captures every time
+                logger.warning("fx-fastcache: the model moved to another device or dtype after its graphs were "
+                               "captured, again; each move re-captures at the next call (export%s), so keep it on "
+                               "one device (model CPU offload moves it at every pipeline call)",
+                               "" if self.backend == "eager" else " and compile")
         self.drop_graphs()
         for k, v in list(self.store.tensors.items()):
             self.store.tensors[k] = fn(v)

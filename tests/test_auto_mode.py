@@ -69,13 +69,13 @@ def test_auto_is_decided_again_when_the_model_moves_or_its_policy_changes(monkey
     piped = fastcache.enable_fastcache(tp.pipe, backend="eager")
     tm = make_tiny("tiny-dit")
     auto = fastcache.optimize(tm.model, backend="eager")
-    fixed = fastcache.optimize(tm.model, backend="eager", execution="in_graph")
-    compiled = fastcache.optimize(tm.model, backend="eager", dispatch_compile="eager")  # auto, its compile mode
+    fixed = fastcache.optimize(make_tiny("tiny-dit").model, backend="eager", execution="in_graph")
+    compiled = fastcache.optimize(make_tiny("tiny-dit").model, backend="eager", dispatch_compile="eager")  # auto
     assert [m.dispatch_compile for m in (piped, auto, fixed, compiled)] == [None] * 4  # on the CPU
     monkeypatch.setattr(auto_mode, "model_is_cuda", lambda model: True)  # what .to("cuda") would make true
-    tp.pipe.to(torch.float32)
+    tp.pipe.to(torch.float64)
     for m in (auto, fixed, compiled):
-        m.to(torch.float32)
+        m.to(torch.float64)
     assert [m.dispatch_compile for m in (piped, auto, fixed, compiled)] == ["reduce-overhead", "reduce-overhead",
                                                                             None, "eager"]
     fastcache.configure(auto, policy="chi2")  # decides per block: in-graph guards, not a refusal

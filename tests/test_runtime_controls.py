@@ -2,6 +2,8 @@
 the device check of the inputs and the calibration file's shape check."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -31,6 +33,28 @@ def test_to_dtype_recaptures_and_matches_the_converted_model():
                   for k, v in tm.make_inputs(t, 2).items()}
             torch.testing.assert_close(first(opt(**kw)), first(tm.model(**kw)), rtol=0, atol=0)
     assert fastcache.get_cache_statistics(opt)["graphs"] == 1
+
+
+def test_to_where_the_model_is_keeps_its_graphs_and_moving_back_and_forth_warns_once(caplog):
+    """accelerate's offload hooks call ``.to(device)`` at every forward: a no-op move used to drop the graphs
+    (a re-capture per call); a real move still re-captures, and a second one after capture says what it costs."""
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False)
+    run_loop(opt, tm, TIMESTEPS[:2])
+    (entry,) = opt.entries()
+    opt.to("cpu")
+    opt.float()
+    assert opt.entries() == [entry]
+    with caplog.at_level(logging.WARNING, logger="fx_fastcache"):
+        for dtype in (torch.float64, torch.float32, torch.float64):
+            opt.to(dtype)
+            assert opt.entries() == []
+            kw = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                  for k, v in tm.make_inputs(TIMESTEPS[0], 2).items()}
+            with torch.no_grad():
+                torch.testing.assert_close(first(opt(**kw)), first(tm.model(**kw)), rtol=0, atol=0)
+    moved = [r for r in caplog.records if "moved to another device or dtype" in r.getMessage()]
+    assert len(moved) == 1
 
 
 def test_structural_configure_recaptures_with_the_new_fallback():
