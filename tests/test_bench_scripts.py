@@ -64,3 +64,30 @@ def test_plan_neighbours_refuses_bad_plans(plan, words, capsys):
     with pytest.raises(SystemExit):
         _script("plan_neighbours").main(["--plan", plan])
     assert words in capsys.readouterr().err
+
+
+def test_output_drift_is_the_library_correction():
+    """benchmarks/output_forecasts.py's host copy of the drift correction gives the library module's outputs."""
+    from fx_fastcache.runtime.drift import DriftCorrection
+
+    drift = _script("output_forecasts").Drift(2.0)
+    module = DriftCorrection((2, 3), torch.device("cpu"), torch.tensor(2.0))
+    g = torch.Generator().manual_seed(0)
+    sig = torch.linspace(1.0, 0.0, 11)[:-1]
+    corrected = []
+    for k, letter in enumerate("FFSFSSSFSS"):
+        v = torch.randn(2, 3, generator=g)
+        want = module(letter == "S", torch.tensor(k == 0), sig[k], v)
+        torch.testing.assert_close(drift(letter == "F", sig[k], v), want)
+        corrected.append(not torch.equal(want, v))
+    assert [k for k, c in enumerate(corrected) if c] == [3, 7]  # the computed steps after forecast ones
+
+
+def test_output_forecasts_search_moves_keep_the_cost_and_the_first_steps():
+    of = _script("output_forecasts")
+    start = "FFSFSSSFSSSFSSSSFSSS"
+    moves = of.neighbours(start, whole_only=False)
+    assert moves and all(of.cost(q) <= of.cost(start) and q[:2] == "FF" and len(q) == 20 for q in moves)
+    assert any("C" in q for q in moves) and not any("C" in q for q in of.neighbours(start, whole_only=True))
+    with pytest.raises(SystemExit):
+        of.main(["--plans", "FFX"])
