@@ -130,7 +130,8 @@ def test_schedule_argument_errors(extra, needle, tmp_path, capsys):
     (["bench", "--images", "0"], "--images"),
     (["bench", "--images", "1"], "--images 1"),
     (["bench", "--thresholds", "a,b"], "'a,b'"),
-], ids=["tiny-model", "typo", "typo-sd3", "unknown-method", "zero-images", "one-image", "thresholds"])
+    (["bench", "--thresholds", "0.5,nan"], "finite non-negative thresholds, got '0.5,nan'"),
+], ids=["tiny-model", "typo", "typo-sd3", "unknown-method", "zero-images", "one-image", "thresholds", "nan-threshold"])
 def test_bench_argument_errors(argv, needle, capsys):
     line = _one_line_error(capsys, argv)
     assert line.startswith("fx-fastcache bench") and needle in line
