@@ -238,6 +238,23 @@ def test_new_warmup_or_max_skip_replans(change, tmp_path):
     assert not torch.equal(ref.installed_schedule(), _calibrated_tiny()[1].installed_schedule())  # a new plan
 
 
+def test_calibrating_again_with_another_step_count_plans_for_it():
+    """The plans, errors and searches are sized by the step count: a new calibration with another count
+    replaces them (it failed on the old tensors' size), as a fresh model would plan."""
+    tm, opt = _calibrated_tiny()
+    fastcache.search_plan(opt, lambda: _euler(opt, tm, seed=3), max_runs=2)
+    with fastcache.calibrate(opt):
+        for seed in (1, 2):
+            _euler(opt, tm, seed=seed, steps=12)
+    fresh = fastcache.optimize(tm.model, backend="eager", policy="planned", target_fraction=0.5)
+    with fastcache.calibrate(fresh):
+        for seed in (1, 2):
+            _euler(fresh, tm, seed=seed, steps=12)
+    assert torch.equal(opt.installed_schedule(), fresh.installed_schedule())
+    _euler(opt, tm, steps=12)
+    assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] == pytest.approx(0.5)
+
+
 def test_planned_under_step_dispatch_follows_the_plan(calibrated):
     tm, opt = calibrated
     fastcache.configure(opt, target_fraction=0.5)

@@ -99,6 +99,9 @@ BLENDED = frozenset({"forecast_blend"})
 #: ``[q, c, k]``: the mean error of forecasting ``k`` with ``forecast_blend`` from computed steps
 #: ``q < c − 1 < c`` (NaN: no such triple); stored only for that fallback.
 ADJACENT_ERRORS_KEY = "planned.errors_adjacent"
+#: What is sized by the step count: a calibration with another step count replaces all of it.
+STEP_COUNT_KEYS = (ERRORS_KEY, ADJACENT_ERRORS_KEY, WEIGHTS_KEY, STEPS_KEY, PLANS_KEY, PROTECT_KEY, SEARCHED_KEY,
+                   DAMPINGS_KEY)
 
 
 class _ErrorMeter:
@@ -309,6 +312,11 @@ class PlannedCalibrator(Calibrator):
             raise ValueError(f"policy='planned' plans one step count, but the calibration generations ran {lengths} "
                              f"steps; calibrate with generations of the step count you will sample with")
         n = lengths[0]
+        before = store.tensors.get(STEPS_KEY)
+        if before is not None and int(before) != n:  # sized by the old step count: nothing of it applies
+            dropped = [k for k in STEP_COUNT_KEYS if store.tensors.pop(k, None) is not None]
+            logger.info("fx-fastcache: policy='planned' calibrated for %d steps, its plans were for %d: %s replaced",
+                        n, int(before), dropped)
         store_put(store, ERRORS_KEY, self._table(n, forecast_errors, self.order, offset=1))
         if self.blended:
             store_put(store, ADJACENT_ERRORS_KEY, self._table(n, blend_errors, offset=0))
