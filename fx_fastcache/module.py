@@ -445,7 +445,7 @@ class FastCacheModule(nn.Module):
         self.graphs[f"g{len(self.graphs)}"] = gm
         self._sync_entry(entry)
         fallback = FALLBACKS[cfg.fallback]
-        if fallback.fitted and not self.store.calibrated and not self._warned_uncalibrated:
+        if fallback.fitted and not self.store.calibrated and not self._warned_uncalibrated and self._recorder is None:
             logger.warning("fx-fastcache: fallback %r is uncalibrated (%s); run `with fastcache.calibrate(model): ...` "
                            "on a few generations to fit it and improve quality", cfg.fallback, fallback.uncalibrated)
             self._warned_uncalibrated = True

@@ -125,6 +125,11 @@ def test_uncalibrated_use_logs_once(caplog):
             opt(**tm.make_inputs(1000.0, 3))  # a second capture does not repeat it
     msgs = [r for r in caplog.records if "uncalibrated" in r.getMessage()]
     assert len(msgs) == 1 and "calibrate" in msgs[0].getMessage()
+    caplog.clear()
+    fresh = fastcache.optimize(tm.model, backend="eager", fallback="residual_linear")
+    with caplog.at_level(logging.WARNING, logger="fx_fastcache"), fastcache.calibrate(fresh), torch.no_grad():
+        fresh(**tm.make_inputs(1000.0, 2))  # captured inside calibrate: not advice to calibrate
+    assert not [r for r in caplog.records if "uncalibrated" in r.getMessage()]
 
 
 def test_calibrate_without_calls_is_an_error():
