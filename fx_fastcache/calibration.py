@@ -229,12 +229,17 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:32]
 
 
+def _dtype(model: torch.nn.Module) -> torch.dtype | None:
+    p = next(model.parameters(), None)
+    return None if p is None else p.dtype
+
+
 def write_calibration_file(store: CalibrationStore, path: str | Path, model: torch.nn.Module, config: Any) -> None:
     if not store.calibrated:
         raise RuntimeError("nothing to save: run `with fastcache.calibrate(model): ...` first")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in store.tensors.items()}
     meta = {"format": FORMAT, "fingerprint": model_fingerprint(model), "config": config.to_json(),
-            "model_class": type(model).__name__}
+            "model_class": type(model).__name__, "dtype": str(_dtype(model))}
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"calibration file {str(path)!r} is a folder; give a file path, e.g. "
@@ -263,6 +268,12 @@ def read_calibration_file(path: str | Path, model: torch.nn.Module) -> tuple[dic
         if meta.get("format") != FORMAT:
             raise ValueError(f"{str(path)!r} is not an fx-fastcache calibration file (format {meta.get('format')!r})")
         fp = model_fingerprint(model)
+        saved_dtype, dtype = meta.get("dtype"), str(_dtype(model))
+        if meta.get("fingerprint") != fp and saved_dtype not in (None, dtype):  # the fingerprint holds the dtype
+            raise ValueError(f"calibration file {str(path)!r} was fitted on a {meta.get('model_class')} in {saved_dtype}; "
+                             f"this model is in {dtype}, so its fingerprint differs. Load the file before casting "
+                             f"(load_calibration on the {saved_dtype} model, then opt.to({dtype})), or calibrate "
+                             f"in {dtype}")
         if meta.get("fingerprint") != fp:
             raise ValueError(f"calibration file {str(path)!r} was fitted on another model ({meta.get('model_class')}, "
                              f"fingerprint {meta.get('fingerprint')}); this model ({type(model).__name__}) has "

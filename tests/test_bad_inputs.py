@@ -251,6 +251,20 @@ def test_calibration_saved_where_no_file_can_be_written_names_the_path(tmp_path)
         fastcache.save_calibration(opt, missing)
 
 
+def test_calibration_file_of_the_same_model_in_another_dtype_says_how_to_load_it(tmp_path):
+    tm = make_tiny("tiny-custom")
+    _, path = calibrated_file(tm, tmp_path / "calib.safetensors", fallback="residual_linear")
+    cast = fastcache.optimize(copy.deepcopy(tm.model).double(), backend="eager", fallback="residual_linear")
+    with pytest.raises(ValueError, match=r"in torch.float32; this model is in torch.float64.*Load the file before "
+                                         r"casting"):
+        fastcache.load_calibration(cast, path)
+    opt = fastcache.optimize(copy.deepcopy(tm.model), backend="eager", fallback="residual_linear")
+    fastcache.load_calibration(opt, path)  # what the message advises
+    opt.to(torch.float64)
+    assert opt.store.calibrated and all(t.dtype == torch.float64 for t in opt.store.tensors.values()
+                                        if t.is_floating_point())
+
+
 def test_damaged_onnx_file_names_the_file(tmp_path):
     from fx_fastcache.export.onnx import read_metadata
 
