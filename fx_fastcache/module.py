@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 from fx_fastcache.passes import PassContext, PassResult, run_pipeline
 
 from . import graph_protocol as gp
+from .auto_mode import AUTO, UNSET, resolve_execution
 from .config import RUNTIME_FIELDS, FastCacheConfig
 from .fallbacks import FALLBACKS
 from .families import FamilySpec, block_modules, resolve_family
@@ -28,7 +29,6 @@ from .policies import POLICIES
 from .runtime.distributed import as_process_group, parallel_signature, process_group_of
 from .runtime.generation import starts_generation_host
 from .runtime.store import CalibrationStore
-from .auto_mode import AUTO, UNSET, resolve_execution
 from .step_dispatch import COMPILE_MODES, StepDispatch, dispatch_decide_mode
 
 logger = logging.getLogger(__name__)
