@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -403,6 +404,35 @@ def test_measure_sensitivity_weighs_steps_and_replans(calibrated):
         fastcache.measure_sensitivity(fastcache.optimize(tm.model, backend="eager"), generate)
     with pytest.raises(TypeError, match="final output as a tensor"):
         fastcache.measure_sensitivity(opt, lambda: None)
+
+
+def test_sensitivity_and_protection_treat_a_broken_sample_as_the_worst():
+    """A NaN in a skipped run's output: protect_steps let it pass (its PSNR was NaN, not below the floor), and
+    measure_sensitivity stored NaN weights that made every plan compute everything; a NaN or negative
+    metric likewise.  Now the step is protected, and the weights are refused by name."""
+    tm, opt = _calibrated_tiny()
+    kept = opt.installed_schedule().clone()
+    runs = []
+
+    def generate():  # sample 0 breaks whenever a step is skipped
+        out = _euler(opt, tm, seed=3)
+        if runs:
+            out[0, 0, 0, 0] = float("nan")
+        runs.append(1)
+        return out
+
+    for metric, says in ((None, "generate() returned non-finite values"),
+                         (lambda out, ref: float("nan"), "metric(out, ref) returned nan"),
+                         (lambda out, ref: -1.0, "metric(out, ref) returned -1.0")):
+        runs.clear()
+        with pytest.raises(ValueError, match=r"measure_sensitivity: with step 2 skipped, .*" + re.escape(says)):
+            fastcache.measure_sensitivity(opt, generate, metric=metric)
+        assert torch.equal(opt.installed_schedule(), kept)
+    runs.clear()
+    assert fastcache.protect_steps(opt, generate, floor_db=20.0, data_range=2.0) == list(range(2, STEPS))
+    shapes = iter([(2, 4, 8, 8), (1, 4, 8, 8)])
+    with pytest.raises(ValueError, match=re.escape("returned shape (2, 4, 8, 8), then (1, 4, 8, 8)")):
+        fastcache.protect_steps(opt, lambda: torch.zeros(next(shapes)), floor_db=20.0, data_range=2.0)
 
 
 def test_protect_steps_computes_the_steps_that_break_a_sample(tmp_path, caplog):

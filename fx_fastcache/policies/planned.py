@@ -27,6 +27,7 @@ Uncalibrated, nothing is planned and every step computes (logged once).
 from __future__ import annotations
 
 import functools
+import math
 import logging
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -438,7 +439,7 @@ def holding_plan(opt, generate):
             raise TypeError(f"generate() must return the generation's final output as a tensor, got "
                             f"{type(out).__name__}")
         if shape and tuple(out.shape) != shape[0]:
-            raise ValueError(f"generate() returned shape {tuple(out.shape)}, then {shape[0]}: it must generate "
+            raise ValueError(f"generate() returned shape {shape[0]}, then {tuple(out.shape)}: it must generate "
                              f"the same inputs every time")
         shape[:] = [tuple(out.shape)]
         return out.detach().float().cpu()
@@ -475,7 +476,8 @@ def output_peak(who: str, ref: torch.Tensor, data_range: float | None) -> float:
 def sample_psnr(out: torch.Tensor, ref: torch.Tensor, peak: float) -> torch.Tensor:
     """PSNR of each sample of ``out`` against ``ref`` (float64, one per batch row)."""
     diff = (out.double() - ref.double()).reshape(out.shape[0], -1)
-    return 10.0 * torch.log10(peak ** 2 / diff.pow(2).mean(1).clamp_min(1e-300))
+    mse = torch.nan_to_num(diff.pow(2).mean(1), nan=float("inf"))  # a NaN sample is the worst, not incomparable
+    return 10.0 * torch.log10(peak ** 2 / mse.clamp_min(1e-300))
 
 
 def _skip_each(opt, generate):
@@ -520,7 +522,14 @@ def measure_sensitivity(opt, generate, metric=None) -> list[float]:
             recorded = table[max(k - 2, -1) + 1, k - 1, k]
             if cfg.fallback in BLENDED and k >= 3:  # computed k − 3, k − 2, k − 1: the blended forecast
                 recorded = store.tensors[ADJACENT_ERRORS_KEY].detach().cpu()[k - 3, k - 1, k]
-            weights[k] = float(final) / max(float(recorded), 1e-12)
+            value = float(final)
+            if not math.isfinite(value) or value < 0:  # a NaN weight would make every plan compute everything
+                raise ValueError(f"measure_sensitivity: with step {k} skipped, "
+                                 + (f"metric(out, ref) returned {value!r}; it must return a finite number >= 0 "
+                                    f"(the final error)" if metric is not None else
+                                    f"the final output's error is {value!r}: generate() returned non-finite "
+                                    f"values; check the generation, or pass a metric"))
+            weights[k] = value / max(float(recorded), 1e-12)
     finally:
         runs.close()  # restores the installed plan if the metric failed
     store_put(store, WEIGHTS_KEY, weights)
