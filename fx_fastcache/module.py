@@ -374,7 +374,7 @@ class FastCacheModule(nn.Module):
             return
         needs = [k for k, v in pytree.tree_flatten_with_path(kw)[0] if isinstance(v, torch.Tensor) and v.requires_grad]
         if needs:
-            names = [pytree.keystr(p) for p in needs]
+            names = ", ".join(f"{p[0].key}{pytree.keystr(p[1:])}" for p in needs)  # e.g. added_cond_kwargs['x']
             raise RuntimeError(f"inputs {names} require grad, but fx-fastcache is inference-only (its graph "
                                f"skips blocks and updates caches in place): call the original model to train, "
                                f"or detach the inputs / call under torch.no_grad()")
