@@ -11,8 +11,12 @@ columns: ``passes/group_spans.py``) is one ONNX ``If`` on ``skip[i]``, ``i`` its
 dtypes).
 
 The ONNX file carries, in ``metadata_props``, the input/output/state layout
-(``fx_fastcache.spec``) and the schedule (``fx_fastcache.schedule``), so
+(``fx_fastcache.spec``), the schedule (``fx_fastcache.schedule``) and the input the graph's clock
+watches for a new generation (``fx_fastcache.stream_input``), so
 :class:`fx_fastcache.export.runner.OnnxRunner` needs nothing else.
+
+A fitted fallback's calibration (``A``, ``b`` of ``residual_linear``) is the given model's: a model
+re-optimized for the export gets a copy of its fitted tensors before capture.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import torch
 import torch.nn as nn
 from fx_fastcache.passes.explicit_state import ExplicitStateSpec, explicit_state
 
-from fx_fastcache.module import FastCacheModule
+from fx_fastcache.module import FastCacheModule, calibration_conflict
 from fx_fastcache.policies import POLICIES
 from fx_fastcache.quiet import library_noise_silenced
 
@@ -38,6 +42,7 @@ logger = logging.getLogger(__name__)
 MIN_OPSET = 18
 SPEC_KEY = "fx_fastcache.spec"
 SCHEDULE_KEY = "fx_fastcache.schedule"
+STREAM_KEY = "fx_fastcache.stream_input"
 
 
 @dataclass
@@ -47,14 +52,45 @@ class OnnxExport:
     schedule: Schedule
     opset: int
     n_if: int
+    #: the input the graph's clock compares with the previous call's (rule 4 of
+    #: :mod:`fx_fastcache.runtime.generation`); ``None``: it watches none
+    stream_input: str | None = None
+
+
+def _carry_calibration(src: FastCacheModule, opt: FastCacheModule) -> None:
+    """Give ``opt`` (re-optimized from ``src.model``, not yet captured) the fitted tensors of ``src``.
+
+    Why: ``opt`` starts with an empty store, so its fitted fallback would be the uncalibrated one
+    (``A = 0, b = 0`` of ``residual_linear``) while ``src`` replays its fit: an export of ``opt`` would
+    be silently wrong.  The tensors ``opt`` holds already (its schedule table) stay its own.
+    """
+    if not src.store.calibrated:
+        return
+    conflict = calibration_conflict(src.store.meta, opt.fastcache_config)
+    if conflict is not None:
+        raise ValueError(f"the model's calibration {conflict}; the schedule replays "
+                         f"fallback={opt.fastcache_config.fallback!r}: calibrate the model with that fallback, or "
+                         f"record the schedule with the model's fallback={src.fastcache_config.fallback!r}")
+    for key, val in src.store.tensors.items():
+        if key not in opt.store.tensors:
+            opt.store.tensors[key] = val.detach().clone()
+    opt.store.calibrated = True
+    opt.store.meta.update(src.store.meta)
 
 
 def stateless_module(model: nn.Module, schedule: Schedule, example_inputs: dict[str, Any]):
     """The stateless graph (and its spec) that :func:`export_onnx` exports; also usable in PyTorch.
 
     ``model`` is the original model, or one returned by ``optimize``: one that already replays
-    ``schedule`` reuses its captured graph for these input shapes (its own graphs are not modified).
+    ``schedule`` reuses its captured graph for these input shapes (its own graphs are not modified);
+    another is re-optimized with the schedule and keeps its calibration (:func:`_carry_calibration`).
     """
+    gm, spec, _ = _stateless(model, schedule, example_inputs)
+    return gm, spec
+
+
+def _stateless(model: nn.Module, schedule: Schedule, example_inputs: dict[str, Any]):
+    """:func:`stateless_module` and the name of the input the graph's clock watches (``None``: none)."""
     if isinstance(model, FastCacheModule) and POLICIES[model.fastcache_config.policy].exportable:
         apply_schedule(model, schedule)  # checks model and blocks, installs the table
         cfg = model.fastcache_config
@@ -66,11 +102,29 @@ def stateless_module(model: nn.Module, schedule: Schedule, example_inputs: dict[
         base = model.model if isinstance(model, FastCacheModule) else model
         opt = optimize_with_schedule(base, schedule, backend="eager", enable_token_routing=False,
                                      enable_token_merge=False)
+        if isinstance(model, FastCacheModule):
+            _carry_calibration(model, opt)
     entry = opt.capture(**example_inputs)
     gm, spec = explicit_state(entry.gm, entry.ctx)
     spec.dropped_squeezes = drop_noop_squeezes(gm)
     spec.rewritten_bool_fills = rewrite_bool_masked_fills(gm)
-    return gm, spec
+    return gm, spec, _clock_stream_input(entry, spec)
+
+
+def _clock_stream_input(entry, spec: ExplicitStateSpec) -> str | None:
+    """The model input the graph's clock compares with the previous call's (``None``: it watches none).
+
+    Why: explicit_state removes the clock, so the runner applies the input-jump rule on the host
+    and must feed it the same input as the clock.
+    """
+    clock = next(n for n in entry.gm.graph.nodes if n.op == "call_module" and n.target == entry.ctx.clock)
+    x = clock.args[1] if len(clock.args) > 1 else None
+    if x is None:
+        return None
+    if x.op != "placeholder" or x.name not in spec.inputs:
+        raise RuntimeError(f"the graph's clock watches {x.name!r}, which is not one of the exported inputs "
+                           f"{spec.inputs}; the runner could not apply the input-jump rule of a new generation")
+    return x.name
 
 
 def export_onnx(model: nn.Module, schedule: Schedule, example_inputs: dict[str, Any], path: str | Path,
@@ -80,7 +134,7 @@ def export_onnx(model: nn.Module, schedule: Schedule, example_inputs: dict[str, 
 
     if opset < MIN_OPSET:
         raise ValueError(f"opset={opset} is too old: the export needs opset >= {MIN_OPSET}")
-    gm, spec = stateless_module(model, schedule, example_inputs)
+    gm, spec, stream_input = _stateless(model, schedule, example_inputs)
     gm.eval()
     missing = [n for n in spec.inputs if n not in example_inputs]
     if missing:
@@ -96,7 +150,8 @@ def export_onnx(model: nn.Module, schedule: Schedule, example_inputs: dict[str, 
     if prog is None:
         raise RuntimeError("torch.onnx.export returned nothing; the dynamo exporter (onnxscript) is required: "
                            "pip install onnxscript")
-    for k, v in ((SPEC_KEY, json.dumps(spec.to_dict())), (SCHEDULE_KEY, schedule.to_json())):
+    for k, v in ((SPEC_KEY, json.dumps(spec.to_dict())), (SCHEDULE_KEY, schedule.to_json()),
+                 (STREAM_KEY, json.dumps(stream_input))):
         prog.model.metadata_props[k] = v
     prog.save(str(path))
     onnx.checker.check_model(str(path))
@@ -108,11 +163,36 @@ def export_onnx(model: nn.Module, schedule: Schedule, example_inputs: dict[str, 
                            f"({len(spec.blocks)} blocks)")
     logger.info("exported %s: %d blocks in %d If, %d state tensors, opset %d", path, len(spec.blocks), n_if,
                 len(spec.state), got)
-    return OnnxExport(path, spec, schedule, got, n_if)
+    return OnnxExport(path, spec, schedule, got, n_if, stream_input)
 
 
 def read_metadata(path: str | Path) -> tuple[ExplicitStateSpec, Schedule]:
     """The spec and schedule stored in an ONNX file written by :func:`export_onnx`."""
+    spec, schedule, _ = _read_metadata(path)
+    return spec, schedule
+
+
+def read_runner_metadata(path: str | Path) -> tuple[ExplicitStateSpec, Schedule, str | None]:
+    """:func:`read_metadata` and the input the graph's clock watches (``None``: it watches none).
+
+    A file without it (exported by an older fx-fastcache) raises: a runner fed it could not tell
+    fresh noise from the next step, and would carry stale state into a new generation.
+    """
+    spec, schedule, props = _read_metadata(path)
+    if STREAM_KEY not in props:
+        raise ValueError(f"{str(path)!r} has no {STREAM_KEY!r} metadata (the input the new-generation rule "
+                         f"watches): it was exported by an older fx-fastcache; export the model again")
+    try:
+        stream_input = json.loads(props[STREAM_KEY])
+    except json.JSONDecodeError:
+        stream_input = 0  # damaged: refused below
+    if stream_input is not None and not isinstance(stream_input, str):
+        raise ValueError(f"{str(path)!r}: its {STREAM_KEY!r} metadata is damaged ({props[STREAM_KEY]!r}); "
+                         f"export the model again")
+    return spec, schedule, stream_input
+
+
+def _read_metadata(path: str | Path) -> tuple[ExplicitStateSpec, Schedule, dict[str, str]]:
     import onnx
 
     if not Path(path).is_file():
@@ -132,7 +212,8 @@ def read_metadata(path: str | Path) -> tuple[ExplicitStateSpec, Schedule]:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{str(path)!r}: its fx-fastcache metadata is damaged ({type(e).__name__}: {e}); "
                          f"export the model again") from None
-    return spec, Schedule.from_dict(schedule_dict, source=f"{path} metadata")
+    return spec, Schedule.from_dict(schedule_dict, source=f"{path} metadata"), props
 
 
-__all__ = ["export_onnx", "stateless_module", "read_metadata", "OnnxExport", "apply_schedule"]
+__all__ = ["export_onnx", "stateless_module", "read_metadata", "read_runner_metadata",
+           "OnnxExport", "apply_schedule"]

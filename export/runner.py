@@ -2,8 +2,10 @@
 
 The exported graph is stateless: each call takes the model inputs, the current step's skip
 mask and the state tensors, and returns the outputs and the new state.  A runner keeps that
-state, counts steps (a new generation starts at the first call, after :meth:`reset`, or when
-the timestep goes up: the rule of :mod:`fx_fastcache.runtime.generation`) and feeds ``schedule.row(step)``.
+state, counts steps (a new generation starts at the first call, after :meth:`reset`, when the
+timestep goes up or is not finite, or when the input the graph's clock watches jumps by more than
+its norm: the rule of :mod:`fx_fastcache.runtime.generation`, as in the PyTorch model) and feeds
+``schedule.row(step)``.
 Backends only map a dict of numpy arrays to a dict of numpy arrays: onnxruntime here,
 TensorRT in :mod:`fx_fastcache.export.tensorrt`.
 
@@ -21,9 +23,9 @@ import numpy as np
 import torch
 from fx_fastcache.passes.explicit_state import ExplicitStateSpec
 
-from fx_fastcache.runtime.generation import starts_generation_host
+from fx_fastcache.runtime.generation import input_jumped_host, starts_generation_host
 
-from .onnx import read_metadata
+from .onnx import read_runner_metadata
 from .schedule import Schedule
 
 logger = logging.getLogger(__name__)
@@ -55,9 +57,14 @@ class OrtBackend:
 
 
 class ScheduleRunner:
-    """Runs a stateless exported model over a generation, step by step, from a schedule."""
+    """Runs a stateless exported model over a generation, step by step, from a schedule.
 
-    def __init__(self, backend: Backend, spec: ExplicitStateSpec, schedule: Schedule) -> None:
+    ``stream_input`` is the input the graph's clock compared between calls (``OnnxExport.stream_input``,
+    stored in the ONNX file); ``None``: none, and only the timestep starts a new generation.
+    """
+
+    def __init__(self, backend: Backend, spec: ExplicitStateSpec, schedule: Schedule,
+                 stream_input: str | None = None) -> None:
         if schedule.blocks != spec.blocks:
             raise ValueError(f"schedule blocks {schedule.blocks[:3]}... ({len(schedule.blocks)}) do not match the "
                              f"exported model's {spec.blocks[:3]}... ({len(spec.blocks)})")
@@ -66,10 +73,14 @@ class ScheduleRunner:
             if len(cols) > 1:
                 raise ValueError(f"the schedule skips blocks {span[0]}..{span[-1]} at different steps, but the model "
                                  f"was exported with them as one guarded span; export again with this schedule")
+        if stream_input is not None and stream_input not in spec.inputs:
+            raise ValueError(f"stream_input={stream_input!r} is not an input of the exported model {spec.inputs}; "
+                             f"pass the one its clock watched (OnnxExport.stream_input)")
         self.backend = backend
         self.spec = spec
         self.schedule = schedule
         self.timestep_input = "timestep" if "timestep" in spec.inputs else None
+        self.stream_input = stream_input
         self.reset()
 
     def reset(self) -> None:
@@ -77,6 +88,7 @@ class ScheduleRunner:
         self.state = [s.zeros().numpy() for s in self.spec.state]
         self.step = -1
         self.t_last: float | None = None
+        self.x_last: np.ndarray | None = None
 
     def _to_np(self, name: str, v: Any) -> np.ndarray:
         want = self.spec.input_shapes[name]
@@ -101,13 +113,17 @@ class ScheduleRunner:
     def run_step(self, feeds: dict[str, np.ndarray], skip: np.ndarray | None = None) -> list[np.ndarray]:
         """One call: advance the step (or start a generation), run, keep the new state."""
         t = float(feeds[self.timestep_input].reshape(-1)[0]) if self.timestep_input else None
-        if starts_generation_host(t, self.t_last if self.step >= 0 else None):
+        x = feeds[self.stream_input] if self.stream_input else None
+        if starts_generation_host(t, self.t_last if self.step >= 0 else None) or (
+                x is not None and input_jumped_host(x, self.x_last)):
             self.state = [s.zeros().numpy() for s in self.spec.state]
             self.step = 0
         else:
             self.step += 1
         if t is not None:
             self.t_last = t
+        if x is not None:
+            self.x_last = np.array(x, copy=True)  # the feed may share memory with a tensor the caller updates
         mask = self.schedule.row(self.step).numpy() if skip is None else np.asarray(skip, dtype=np.bool_)
         out = self.backend.run({**feeds, "skip": mask, **dict(zip((s.input_name for s in self.spec.state), self.state))})
         self.state = [out[s.output_name] for s in self.spec.state]
@@ -122,6 +138,6 @@ class OnnxRunner(ScheduleRunner):
 
     def __init__(self, path: str | Path, schedule: Schedule | None = None, providers: list[str] | None = None,
                  threads: int = 0) -> None:
-        spec, stored = read_metadata(path)
+        spec, stored, stream_input = read_runner_metadata(path)
         self.path = Path(path)
-        super().__init__(OrtBackend(path, providers, threads), spec, schedule or stored)
+        super().__init__(OrtBackend(path, providers, threads), spec, schedule or stored, stream_input)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from fx_fastcache.passes.explicit_state import ExplicitStateSpec
 
-from .onnx import read_metadata
+from .onnx import read_runner_metadata
 from .runner import ScheduleRunner
 from .schedule import Schedule
 
@@ -82,7 +82,7 @@ def build_engine(onnx_path: str | Path, out: str | Path, fp16: bool = False, bf1
         raise ValueError("choose one of --fp16 and --bf16")
     if workspace_gib <= 0:
         raise ValueError(f"workspace must be > 0 GiB, got {workspace_gib}")
-    spec, schedule = read_metadata(onnx_path)
+    spec, schedule, stream_input = read_runner_metadata(onnx_path)
     trt_logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(trt_logger)
     network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
@@ -116,6 +116,7 @@ def build_engine(onnx_path: str | Path, out: str | Path, fp16: bool = False, bf1
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(bytes(serialized))
     Path(str(out) + ".json").write_text(json.dumps({"spec": spec.to_dict(), "schedule": schedule.to_dict(),
+                                                    "stream_input": stream_input,
                                                     "precision": "fp16" if fp16 else "bf16" if bf16 else "fp32"}))
     logger.info("wrote TensorRT engine %s", out)
     return out
@@ -179,5 +180,8 @@ class TensorRTRunner(ScheduleRunner):
         if not side.is_file():
             raise FileNotFoundError(f"{side} (written next to the engine by `fx-fastcache export-trt`) is missing")
         meta = json.loads(side.read_text())
+        if "stream_input" not in meta:
+            raise ValueError(f"{side} has no 'stream_input' (the input the new-generation rule watches): it was "
+                             f"built by an older fx-fastcache; build the engine again with `fx-fastcache export-trt`")
         spec = ExplicitStateSpec.from_dict(meta["spec"])
-        super().__init__(TrtBackend(plan), spec, schedule or Schedule.from_dict(meta["schedule"]))
+        super().__init__(TrtBackend(plan), spec, schedule or Schedule.from_dict(meta["schedule"]), meta["stream_input"])

@@ -193,3 +193,11 @@ def test_an_internal_error_is_one_line_with_status_1(monkeypatch, tmp_path, caps
 def test_help_and_no_command():
     assert main(["--help"]) == 0
     assert main([]) == 2
+
+
+def test_export_onnx_missing_calibration_names_the_file(tmp_path, capsys):
+    missing = tmp_path / "C.safetensors"
+    line = _one_line_error(capsys, ["export-onnx", "--model", "tiny-dit", "--schedule", _schedule_file(tmp_path),
+                                    "--out", str(tmp_path / "M.onnx"), "--calibration", str(missing)])
+    assert line.startswith("fx-fastcache export-onnx: error:")
+    assert f"--calibration {str(missing)!r}: no such file" in line

@@ -12,6 +12,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+import fx_fastcache as fastcache  # noqa: E402
 from fx_fastcache.bench.metrics import psnr  # noqa: E402
 from fx_fastcache.calibration import model_fingerprint  # noqa: E402
 from fx_fastcache.fallbacks.residual_linear import store_keys as residual_linear_keys  # noqa: E402
@@ -217,3 +218,109 @@ def test_forecast_blend_state_is_carried(tmp_path):
     got = tiny_loop(OnnxRunner(ex.path), tm, sched.steps)
     for step, (r, g) in enumerate(zip(ref, got)):
         assert float((r - g).abs().max()) <= 1e-3, step
+
+
+def _call(model, tm, x, t):
+    kw = tm.make_inputs(t, 2)
+    kw["hidden_states"] = x
+    return model(**kw)[0]
+
+
+def test_runner_starts_a_new_generation_when_the_input_jumps(tiny_dit_export):
+    """A generation aborted after two steps, then fresh noise at a *lower* timestep: the PyTorch clock
+    starts a new generation (the input moved by more than its norm), so the runner must too: zero
+    state, step 0 (computes every block), not step 2 of the old generation with its stale state."""
+    tm, sched, ex = tiny_dit_export
+    opt, runner = optimize_with_schedule(tm.model, sched), OnnxRunner(ex.path)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        for t in (1000.0, 900.0):  # the aborted generation
+            y = _call(opt, tm, x, t)
+            _call(runner, tm, x, t)
+            x = x - 0.05 * y[:, :4]
+        x = torch.randn(2, 4, 8, 8, generator=g)
+        for t in (800.0, 700.0):  # the new one: step 0, then step 1 (every block skipped)
+            ref, got = _call(opt, tm, x, t), _call(runner, tm, x, t)
+            assert float((ref - got).abs().max()) <= 1e-3, t
+            x = x - 0.05 * ref[:, :4]
+    assert runner.step == 1
+
+
+def test_runner_refuses_a_file_without_the_watched_input(tiny_dit_export, tmp_path):
+    _, _, ex = tiny_dit_export
+    m = onnx.load(str(ex.path))
+    keep = [p for p in m.metadata_props if p.key != "fx_fastcache.stream_input"]
+    del m.metadata_props[:]
+    m.metadata_props.extend(keep)
+    old = tmp_path / "old.onnx"
+    onnx.save(m, str(old))
+    with pytest.raises(ValueError, match="fx_fastcache.stream_input.*export the model again"):
+        OnnxRunner(old)
+
+
+@pytest.fixture(scope="module")
+def calibrated_tiny_dit(tmp_path_factory):
+    """tiny-dit optimized with the fitted fallback residual_linear (deciding policy), calibrated and
+    saved, and a residual_linear schedule for it."""
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, backend="eager", fallback="residual_linear")
+    with fastcache.calibrate(opt), torch.no_grad():
+        tiny_loop(opt, tm, 6)
+    path = tmp_path_factory.mktemp("calib") / "C.safetensors"
+    fastcache.save_calibration(opt, path)
+    base = pattern_schedule(tm.model, 6)
+    sched = Schedule(base.table, base.blocks, base.fingerprint, {**base.config, "fallback": "residual_linear"})
+    return tm, opt, sched, path
+
+
+def _calibrated_replay(tm, sched, path):
+    replay = optimize_with_schedule(tm.model, sched)
+    fastcache.load_calibration(replay, path)
+    return replay
+
+
+def test_export_keeps_the_calibration_of_the_model_it_is_given(calibrated_tiny_dit, tmp_path):
+    """Exporting a calibrated model whose policy decides (so the export re-optimizes it with the
+    schedule) replays its fit (A, b), not the uncalibrated fallback."""
+    tm, opt, sched, path = calibrated_tiny_dit
+    ex = export_onnx(opt, sched, tm.make_inputs(1000.0, 2), tmp_path / "rl.onnx")
+    with torch.no_grad():
+        ref = tiny_loop(_calibrated_replay(tm, sched, path), tm, sched.steps)
+        uncalibrated = tiny_loop(optimize_with_schedule(tm.model, sched), tm, sched.steps)
+        got = tiny_loop(OnnxRunner(ex.path), tm, sched.steps)
+    assert max(float((r - u).abs().max()) for r, u in zip(ref, uncalibrated)) > 1e-2  # the fit matters here
+    for step, (r, o) in enumerate(zip(ref, got)):
+        assert float((r - o).abs().max()) <= 1e-3, step
+    other = Schedule(sched.table, sched.blocks, sched.fingerprint, {**sched.config, "fallback": "linear"})
+    with pytest.raises(ValueError, match="fitted for fallback='residual_linear'.*fallback='linear'"):
+        export_onnx(opt, other, tm.make_inputs(1000.0, 2), tmp_path / "other.onnx")
+
+
+def test_cli_export_onnx_with_calibration(calibrated_tiny_dit, tmp_path, capsys):
+    from fx_fastcache.cli.main import main
+
+    tm, _, sched, path = calibrated_tiny_dit
+    s, out = tmp_path / "S.json", tmp_path / "M.onnx"
+    sched.save(s)
+    assert main(["export-onnx", "--model", "tiny-dit", "--schedule", str(s), "--out", str(out),
+                 "--calibration", str(path), "--verify"]) == 0
+    worst = float(capsys.readouterr().out.split("max |onnxruntime - PyTorch| = ")[1].split()[0])
+    assert worst <= 1e-3
+    with torch.no_grad():  # --verify compared with the calibrated model: so does this
+        ref = tiny_loop(_calibrated_replay(tm, sched, path), tm, sched.steps)
+        got = tiny_loop(OnnxRunner(out), tm, sched.steps)
+    for step, (r, o) in enumerate(zip(ref, got)):
+        assert float((r - o).abs().max()) <= 1e-3, step
+
+
+def test_cli_export_onnx_refuses_a_fitted_fallback_without_calibration(calibrated_tiny_dit, tmp_path, capsys):
+    from fx_fastcache.cli.main import main
+
+    _, _, sched, _ = calibrated_tiny_dit
+    s, out = tmp_path / "S.json", tmp_path / "M.onnx"
+    sched.save(s)
+    assert main(["export-onnx", "--model", "tiny-dit", "--schedule", str(s), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fallback='residual_linear'" in err and "--calibration" in err
+    assert not out.exists()

@@ -1,8 +1,9 @@
-"""``fx-fastcache export-onnx --model NAME --schedule S.json --out M.onnx``."""
+"""``fx-fastcache export-onnx --model NAME --schedule S.json --out M.onnx [--calibration C.safetensors]``."""
 from __future__ import annotations
 
 import argparse
 
+import fx_fastcache as fastcache
 from fx_fastcache.cli.common import (
     CLIError,
     check_model_name,
@@ -14,7 +15,8 @@ from fx_fastcache.cli.common import (
 )
 from fx_fastcache.export.onnx import MIN_OPSET, export_onnx
 from fx_fastcache.export.runner import OnnxRunner
-from fx_fastcache.export.schedule import Schedule, optimize_with_schedule
+from fx_fastcache.export.schedule import Schedule, optimize_with_schedule, replay_config
+from fx_fastcache.fallbacks import FALLBACKS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,9 +27,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=positive_int, default=None,
                    help="batch of one model call (default: 4 for trained models = 2 images with CFG, 2 for tiny ones)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18, default 18)")
+    p.add_argument("--calibration", default=None,
+                   help="calibration file of a fitted fallback (residual_linear, linear): the one the schedule was "
+                        "recorded with (`fx-fastcache schedule --calibration`); used by the export and --verify")
     p.add_argument("--verify", action="store_true",
                    help="run the schedule's steps with onnxruntime and PyTorch and print the max abs difference")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar (shown on a terminal)")
+
+
+def _replay(model, schedule: Schedule, calibration: str | None, **overrides):
+    """The PyTorch model replaying ``schedule`` with the fit in ``calibration`` (``None``: none)."""
+    opt = optimize_with_schedule(model, schedule, **overrides)
+    if calibration is not None:
+        fastcache.load_calibration(opt, calibration)
+        fastcache.set_schedule(opt, schedule.tensor())  # a table saved in the file is not the schedule's
+    return opt
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise CLIError(f"--out {args.out!r} is a folder; pass a file name such as {str(out / 'model.onnx')!r}")
+    if args.calibration is not None and not Path(args.calibration).is_file():
+        raise CLIError(f"--calibration {args.calibration!r}: no such file; pass the file the schedule was recorded "
+                       f"with (`fx-fastcache schedule --calibration`), written by fastcache.save_calibration")
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
@@ -51,6 +68,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     schedule = Schedule.load(args.schedule)
+    fallback = replay_config(schedule).fallback
+    if FALLBACKS[fallback].fitted and args.calibration is None:  # exporting it unfitted would be silently wrong
+        raise CLIError(f"--schedule {args.schedule!r} replays fallback={fallback!r}, which calibration fits; without "
+                       f"its fit the export would replay {FALLBACKS[fallback].uncalibrated}. Pass the calibration "
+                       f"the schedule was recorded with: --calibration C.safetensors")
     stages = ["loading the model", "exporting to ONNX (torch.export + onnx, minutes on a CPU)"]
     if args.verify:
         stages.append(f"verifying {schedule.steps} steps with onnxruntime")
@@ -59,13 +81,16 @@ def run(args: argparse.Namespace) -> int:
         resolved = resolve_model(args.model)
         batch = args.batch or (4 if resolved.trained is not None else 2)
         example = resolved.make_inputs(1000.0, batch)
+        model = resolved.model
+        if args.calibration is not None:  # the export carries the fit of the model it is given
+            model = _replay(model, schedule, args.calibration, enable_token_routing=False, enable_token_merge=False)
         advance(stages[1])
-        ex = export_onnx(resolved.model, schedule, example, args.out, opset=args.opset)
+        ex = export_onnx(model, schedule, example, args.out, opset=args.opset)
         worst = None
         if args.verify:
             advance(stages[2])
 
-            opt = optimize_with_schedule(resolved.model, schedule)
+            opt = _replay(resolved.model, schedule, args.calibration)
             runner = OnnxRunner(ex.path)
             worst = 0.0
             with torch.no_grad():  # inference only: grad mode would make the optimized model warn

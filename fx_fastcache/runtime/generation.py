@@ -17,12 +17,15 @@ carried into the wrong generation gives a silently wrong image.  A call starts a
    (img2img, a shorter schedule), which the timestep alone would take for a continuation.
 
 The clock applies the rule in the graph (:func:`starts_generation`, :func:`input_jumped`); the
-ONNX runner and the shape-change check of :class:`~fx_fastcache.module.FastCacheModule` apply
-rules 1–3 to host floats (:func:`starts_generation_host`); calibration reads the graph's flag.
+ONNX runner applies it on the host (:func:`starts_generation_host` and :func:`input_jumped_host`, on
+the input the graph's clock watches); the shape-change check of
+:class:`~fx_fastcache.module.FastCacheModule` applies rules 1–3 to host floats; calibration reads
+the graph's flag.
 """
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -49,3 +52,12 @@ def starts_generation_host(t: float | None, t_last: float | None) -> bool:
     if t is None:
         return False
     return not math.isfinite(t) or t > t_last
+
+
+def input_jumped_host(x: Any, x_last: Any | None) -> bool:
+    """Rule 4 on the host: ``x`` and ``x_last`` are arrays (numpy or tensors; ``x_last`` ``None``: no
+    previous call).  It runs :func:`input_jumped` itself, so the runner and the graph compute the
+    same float32 norms and agree at the bound."""
+    if x_last is None:
+        return False
+    return bool(input_jumped(torch.as_tensor(x), torch.as_tensor(x_last)))
