@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fx_fastcache.bench import parse_method
+from fx_fastcache.bench import parse_method, peers
 from fx_fastcache.bench.peers import (diffusers_mag_cache, diffusers_mag_ratios, diffusers_taylorseer,
                                       taylorseer_computed_steps)
 from fx_fastcache.zoo import make_tiny
@@ -76,3 +76,20 @@ def test_peer_options_parse_and_refuse_unknown_ones():
     assert dict(parse_method("diffusers_magcache").options) == {"max_skip": 3, "retention": 0.2}
     with pytest.raises(ValueError, match="max_skip"):
         parse_method("diffusers_magcache:speed=2")
+
+
+def test_first_block_cache_counts_flux_single_blocks():
+    """diffusers' First-Block-Cache caches both of Flux's block lists; counting only ``transformer_blocks``
+    under-reported its replaced fraction (and FLOPs saved) on flux-mnist."""
+    tm = make_tiny("tiny-flux", layers=2, single_layers=3)
+    run = peers.diffusers_first_block_cache(tm.model, threshold=10.0)  # caches every step after the first
+    m = run.model
+    blocks = list(m.transformer_blocks) + list(m.single_transformer_blocks)
+    real = [0] * len(blocks)
+    for i, b in enumerate(blocks):  # independent count: attention runs only when its block computes
+        b.attn.register_forward_pre_hook(lambda *_a, _i=i: real.__setitem__(_i, real[_i] + 1))
+    with torch.no_grad():
+        for t in (999.0, 700.0, 400.0, 100.0):
+            m(**tm.make_inputs(t, 2))
+    assert run.computed == real == [4] + [1] * (len(blocks) - 1)
+    assert run.replaced_fraction == pytest.approx(1 - sum(real) / (4 * len(blocks)))

@@ -171,7 +171,7 @@ def diffusers_first_block_cache(model: nn.Module, threshold: float) -> PeerRun:
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
     m = copy.deepcopy(model)
-    blocks = _blocks(m)
+    blocks = [b for _, bl in _block_lists(m) for b in bl]  # Flux: its single blocks are cached too
     run = PeerRun(m, computed=[0] * len(blocks))
     for i, blk in enumerate(blocks):
         orig = blk.forward
