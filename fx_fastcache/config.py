@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,11 @@ def _renamed(d: dict[str, Any]) -> dict[str, Any]:
         d[new] = d.pop(k)
     return d
 
+
+#: Numeric fields of :class:`FastCacheConfig`, stored as plain ``float`` / ``int`` whatever number type was given.
+_FLOAT_FIELDS = ("cache_ratio_threshold", "ridge", "token_merge_lambda", "significance_level", "motion_threshold",
+                 "target_fraction", "merge_ratio")
+_INT_FIELDS = ("warmup_steps", "max_skip_steps", "calibration_lags", "token_merge_k", "num_stages")
 
 #: Values of ``FastCacheConfig.drift_correction`` (the sampler the correction is exact for).
 DRIFT_CORRECTIONS = ("none", "flow_euler")
@@ -126,6 +132,19 @@ class FastCacheConfig:
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"FastCacheConfig.{name}={getattr(self, name)!r} is invalid: {why}")
+
+        # numbers of any type (numpy scalars, 10**400) as plain floats / ints, or the checks below name them
+        for names, kind, convert in ((_FLOAT_FIELDS, numbers.Real, float), (_INT_FIELDS, numbers.Integral, int)):
+            for name in names:
+                v = getattr(self, name)
+                if isinstance(v, kind) and not isinstance(v, bool):
+                    try:
+                        object.__setattr__(self, name, convert(v))
+                    except OverflowError:
+                        raise bad(name, "expected a finite number") from None
+        for name in ("span", "fallback", "policy", "drift_correction"):
+            if not isinstance(getattr(self, name), str):
+                raise bad(name, "expected a name (a string)")
 
         for name in ("cache_ratio_threshold", "ridge", "token_merge_lambda"):
             v = getattr(self, name)

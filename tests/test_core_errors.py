@@ -1,6 +1,9 @@
 """Bad input gets a clear error naming the offending value; state survives it."""
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -49,10 +52,20 @@ def test_unsupported_model_names_what_was_found():
     ("cache_ratio_threshold", -0.1), ("cache_ratio_threshold", float("nan")), ("significance_level", 0.0),
     ("significance_level", 1.5), ("motion_threshold", 1.0), ("fallback", "cubic"), ("policy", "magic"),
     ("warmup_steps", -1), ("warmup_steps", 1.5), ("enable_block_approx", "yes"), ("merge_ratio", 0.0),
-], ids=lambda v: str(v))
+    ("cache_ratio_threshold", 10**400), ("fallback", ["forecast"]), ("policy", None),
+], ids=lambda v: str(v)[:20])
 def test_invalid_config_values(field, value):
     with pytest.raises(ValueError, match=rf"FastCacheConfig\.{field}="):
         FastCacheConfig(**{field: value})
+
+
+def test_numbers_of_any_type_are_plain_numbers_in_the_config():
+    """numpy scalars were accepted or refused depending on whether they subclass float / int."""
+    cfg = FastCacheConfig(cache_ratio_threshold=np.float32(0.25), target_fraction=np.float64(0.6),
+                          warmup_steps=np.int64(3), policy="planned")
+    assert (type(cfg.cache_ratio_threshold), type(cfg.target_fraction), type(cfg.warmup_steps)) == (float, float, int)
+    assert (cfg.cache_ratio_threshold, cfg.target_fraction, cfg.warmup_steps) == (0.25, 0.6, 3)
+    assert FastCacheConfig.from_dict(json.loads(cfg.to_json())) == cfg
 
 
 def test_unknown_config_field_and_backend():
