@@ -430,6 +430,11 @@ def test_sensitivity_and_protection_treat_a_broken_sample_as_the_worst():
         assert torch.equal(opt.installed_schedule(), kept)
     runs.clear()
     assert fastcache.protect_steps(opt, generate, floor_db=20.0, data_range=2.0) == list(range(2, STEPS))
+    with pytest.raises(ValueError, match="measure_sensitivity: generate\\(\\) returned a 0-d tensor"):
+        fastcache.measure_sensitivity(opt, lambda: torch.zeros(()))
+    for bad in (True, float("nan")):
+        with pytest.raises(ValueError, match=re.escape(f"floor_db={bad!r} must be a PSNR")):
+            fastcache.protect_steps(opt, generate, floor_db=bad)
     shapes = iter([(2, 4, 8, 8), (1, 4, 8, 8)])
     with pytest.raises(ValueError, match=re.escape("returned shape (2, 4, 8, 8), then (1, 4, 8, 8)")):
         fastcache.protect_steps(opt, lambda: torch.zeros(next(shapes)), floor_db=20.0, data_range=2.0)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import logging
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -514,11 +515,14 @@ def measure_sensitivity(opt, generate, metric=None) -> list[float]:
     runs = _skip_each(opt, generate)
     try:
         _, ref = next(runs)  # raises first if uncalibrated
+        if metric is None and ref.ndim == 0:
+            raise ValueError("measure_sensitivity: generate() returned a 0-d tensor; return the final output with "
+                             "the batch first (e.g. latents (B, C, H, W)), or pass a metric")
         table = store.tensors[ERRORS_KEY].detach().cpu()
         n = table.shape[1]
         weights = torch.ones(n)
         for k, out in runs:
-            final = (out - ref).flatten(1).norm(dim=1).mean() if metric is None else metric(out, ref)
+            final = (out - ref).reshape(len(out), -1).norm(dim=1).mean() if metric is None else metric(out, ref)
             recorded = table[max(k - 2, -1) + 1, k - 1, k]
             if cfg.fallback in BLENDED and k >= 3:  # computed k − 3, k − 2, k − 1: the blended forecast
                 recorded = store.tensors[ADJACENT_ERRORS_KEY].detach().cpu()[k - 3, k - 1, k]
@@ -557,7 +561,7 @@ def protect_steps(opt, generate, floor_db: float, data_range: float | None = Non
     ``opt``: a calibrated ``policy="planned"`` module.  Returns the protected steps (saved with
     the calibration; calling it again replaces them).
     """
-    if not (isinstance(floor_db, (int, float)) and 0 < float(floor_db) < 100):
+    if isinstance(floor_db, bool) or not (isinstance(floor_db, numbers.Real) and 0 < float(floor_db) < 100):
         raise ValueError(f"protect_steps: floor_db={floor_db!r} must be a PSNR in dB between 0 and 100 (e.g. 34): "
                          f"a step that takes a sample's output below it always computes")
     check_data_range("protect_steps", data_range)
