@@ -268,13 +268,13 @@ def read_calibration_file(path: str | Path, model: torch.nn.Module) -> tuple[dic
         if meta.get("format") != FORMAT:
             raise ValueError(f"{str(path)!r} is not an fx-fastcache calibration file (format {meta.get('format')!r})")
         fp = model_fingerprint(model)
-        saved_dtype, dtype = meta.get("dtype"), str(_dtype(model))
-        if meta.get("fingerprint") != fp and saved_dtype not in (None, dtype):  # the fingerprint holds the dtype
-            raise ValueError(f"calibration file {str(path)!r} was fitted on a {meta.get('model_class')} in {saved_dtype}; "
-                             f"this model is in {dtype}, so its fingerprint differs. Load the file before casting "
-                             f"(load_calibration on the {saved_dtype} model, then opt.to({dtype})), or calibrate "
-                             f"in {dtype}")
         if meta.get("fingerprint") != fp:
+            saved_dtype, dtype = meta.get("dtype"), str(_dtype(model))
+            if saved_dtype not in (None, dtype):  # the fingerprint holds the dtype
+                raise ValueError(f"calibration file {str(path)!r} was fitted on a {meta.get('model_class')} in "
+                                 f"{saved_dtype}; this model is in {dtype}, so its fingerprint differs. Load the file "
+                                 f"before casting (load_calibration on the {saved_dtype} model, then "
+                                 f"opt.to({dtype})), or calibrate in {dtype}")
             raise ValueError(f"calibration file {str(path)!r} was fitted on another model ({meta.get('model_class')}, "
                              f"fingerprint {meta.get('fingerprint')}); this model ({type(model).__name__}) has "
                              f"fingerprint {fp}. Calibrate this model instead.")

@@ -81,16 +81,14 @@ def run(args: argparse.Namespace) -> int:
         resolved = resolve_model(args.model)
         batch = args.batch or (4 if resolved.trained is not None else 2)
         example = resolved.make_inputs(1000.0, batch)
-        model = resolved.model
-        if args.calibration is not None:  # the export carries the fit of the model it is given
-            model = _replay(model, schedule, args.calibration, enable_token_routing=False, enable_token_merge=False)
+        # one PyTorch replay, with the fit: the export carries it, and --verify compares with it
+        opt = _replay(resolved.model, schedule, args.calibration, enable_token_routing=False, enable_token_merge=False)
         advance(stages[1])
-        ex = export_onnx(model, schedule, example, args.out, opset=args.opset)
+        ex = export_onnx(opt, schedule, example, args.out, opset=args.opset)
         worst = None
         if args.verify:
             advance(stages[2])
-
-            opt = _replay(resolved.model, schedule, args.calibration)
+            fastcache.reset(opt)
             runner = OnnxRunner(ex.path)
             worst = 0.0
             with torch.no_grad():  # inference only: grad mode would make the optimized model warn

@@ -27,9 +27,9 @@ Uncalibrated, nothing is planned and every step computes (logged once).
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import numbers
-import logging
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -528,11 +528,10 @@ def measure_sensitivity(opt, generate, metric=None) -> list[float]:
                 recorded = store.tensors[ADJACENT_ERRORS_KEY].detach().cpu()[k - 3, k - 1, k]
             value = float(final)
             if not math.isfinite(value) or value < 0:  # a NaN weight would make every plan compute everything
-                raise ValueError(f"measure_sensitivity: with step {k} skipped, "
-                                 + (f"metric(out, ref) returned {value!r}; it must return a finite number >= 0 "
-                                    f"(the final error)" if metric is not None else
-                                    f"the final output's error is {value!r}: generate() returned non-finite "
-                                    f"values; check the generation, or pass a metric"))
+                why = (f"metric(out, ref) returned {value!r}; it must return a finite number >= 0 (the final error)"
+                       if metric is not None else f"the final output's error is {value!r}: generate() returned "
+                       f"non-finite values; check the generation, or pass a metric")
+                raise ValueError(f"measure_sensitivity: with step {k} skipped, {why}")
             weights[k] = value / max(float(recorded), 1e-12)
     finally:
         runs.close()  # restores the installed plan if the metric failed
