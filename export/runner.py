@@ -21,9 +21,9 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from fx_fastcache.families import TIMESTEP_ARGS
 from fx_fastcache.passes.explicit_state import ExplicitStateSpec
-
-from fx_fastcache.runtime.generation import input_jumped_host, starts_generation_host
+from fx_fastcache.runtime.generation import input_jumped_host, scalar_timestep, starts_generation_host
 
 from .onnx import read_runner_metadata
 from .schedule import Schedule
@@ -79,7 +79,7 @@ class ScheduleRunner:
         self.backend = backend
         self.spec = spec
         self.schedule = schedule
-        self.timestep_input = "timestep" if "timestep" in spec.inputs else None
+        self.timestep_input = next((n for n in TIMESTEP_ARGS if n in spec.inputs), None)
         self.stream_input = stream_input
         self.reset()
 
@@ -89,6 +89,7 @@ class ScheduleRunner:
         self.step = -1
         self.t_last: float | None = None
         self.x_last: np.ndarray | None = None
+        self.repeated = False  # a repeated call since the generation began (see run_step)
 
     def _to_np(self, name: str, v: Any) -> np.ndarray:
         want = self.spec.input_shapes[name]
@@ -112,19 +113,27 @@ class ScheduleRunner:
 
     def run_step(self, feeds: dict[str, np.ndarray], skip: np.ndarray | None = None) -> list[np.ndarray]:
         """One call: advance the step (or start a generation), run, keep the new state."""
-        t = float(feeds[self.timestep_input].reshape(-1)[0]) if self.timestep_input else None
+        t = float(scalar_timestep(torch.as_tensor(feeds[self.timestep_input]))) if self.timestep_input else None
         x = feeds[self.stream_input] if self.stream_input else None
         if starts_generation_host(t, self.t_last if self.step >= 0 else None) or (
                 x is not None and input_jumped_host(x, self.x_last)):
             self.state = [s.zeros().numpy() for s in self.spec.state]
             self.step = 0
+            self.repeated = False
         else:
             self.step += 1
+            # the clock's repeat rule (fx_fastcache.runtime.clock): the previous call's timestep and
+            # input again (CFG as two calls per step) computes every block until the next generation
+            self.repeated = self.repeated or (t is not None and t == self.t_last and (
+                x is None or np.array_equal(x, self.x_last)))
         if t is not None:
             self.t_last = t
         if x is not None:
             self.x_last = np.array(x, copy=True)  # the feed may share memory with a tensor the caller updates
-        mask = self.schedule.row(self.step).numpy() if skip is None else np.asarray(skip, dtype=np.bool_)
+        if skip is not None:
+            mask = np.asarray(skip, dtype=np.bool_)
+        else:
+            mask = self.schedule.row(self.step).numpy() & (not self.repeated)
         out = self.backend.run({**feeds, "skip": mask, **dict(zip((s.input_name for s in self.spec.state), self.state))})
         self.state = [out[s.output_name] for s in self.spec.state]
         return [out[n] for n in self.spec.outputs]

@@ -22,12 +22,13 @@ from .api import (
                   set_schedule,
 )
 from .config import FastCacheConfig
+from .families import BlockListSpec
 from .module import FastCacheModule
 from .pipelines import disable_fastcache, enable_fastcache
 
 __version__ = "0.1.0"
 
-__all__ = ["FastCacheConfig", "FastCacheModule", "optimize", "calibrate", "save_calibration", "load_calibration",
+__all__ = ["FastCacheConfig", "FastCacheModule", "BlockListSpec", "optimize", "calibrate", "save_calibration", "load_calibration",
            "get_cache_statistics", "reset", "configure", "set_schedule", "measure_sensitivity", "protect_steps",
            "search_plan", "enable_fastcache",
            "disable_fastcache", "__version__"]

@@ -21,7 +21,7 @@ from .calibration import (
 from .config import FastCacheConfig
 from .fallbacks import FALLBACKS
 from .module import FastCacheModule, calibration_conflict
-from .pipelines import check_drift_sampler
+from .pipelines import PipelineFastCache, check_drift_sampler
 from .policies import POLICIES
 from .runtime.routing import spatial_counts
 
@@ -42,7 +42,10 @@ def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfi
         backend: ``"inductor"`` (``torch.compile(fullgraph=True)`` of the rewritten graph) or
             ``"eager"`` (run the rewritten graph without compiling).
         config: a :class:`FastCacheConfig`; keyword ``overrides`` replace its fields.
-        blocks: attribute path(s) of the block ModuleList(s) for models that are not a known family.
+        blocks: attribute path(s) of the block ModuleList(s) for models that are not a known family, or
+            :class:`~fx_fastcache.BlockListSpec` objects that also name the streams of blocks returning
+            several (``BlockListSpec("blocks", ("hidden_states", "encoder_hidden_states"),
+            ("hidden_states", "encoder_hidden_states"))``).
         example_inputs: keyword inputs to capture eagerly now instead of at the first call.
         execution: who runs the guarded graph: ``"in_graph"`` (every guarded span is a ``torch.cond``
             in the compiled graph; the fast choice on CPU), ``"step_dispatch"`` (each step runs a copy
@@ -70,7 +73,9 @@ def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfi
             decisions (docs/MULTI_DEVICE.md).
     """
     config = FastCacheConfig.resolve(config, **overrides)
-    opt = FastCacheModule(model, config, backend=backend, blocks=blocks, process_group=process_group)
+    # cache contexts on bare models too: a diffusers pipeline running CFG as two calls per step calls
+    # transformer.cache_context(...), and so can a hand-written sampler loop
+    opt = PipelineFastCache(model, config, backend=backend, blocks=blocks, process_group=process_group)
     opt.set_execution(execution, dispatch_compile, step_dispatch)
     if example_inputs is not None:
         if not isinstance(example_inputs, dict):

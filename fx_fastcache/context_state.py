@@ -16,7 +16,7 @@ token routers) and the step decider, except
 * run-time knobs shared by all contexts (clock threshold / warm-up / enable / force /
   max-skip, ``never_skip``, a decider's ``_persistent_state``: calibrated scales, tables);
 * calibration tensors of the model's store (shared by identity);
-* statistics counters (guard ``skipped`` / ``evaluations``, the clock's call count, the token
+* statistics counters (guard ``skipped`` / ``evaluations``, the clock's call and repeat counts, the token
   routers' counts): they keep counting over every context, as ``get_cache_statistics``
   reports the sum.  (The clock's call count is also the step source of models *without* a
   timestep input; diffusers pipelines always pass one.)
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["ContextStates", "swappable_buffers"]
 
 #: Buffer names that are not per-context state (knobs and statistics, see the module docstring).
-SHARED = frozenset({"threshold", "warmup", "enabled", "force", "max_skip", "calls", "never_skip", "skipped",
+SHARED = frozenset({"threshold", "warmup", "enabled", "force", "max_skip", "calls", "repeats", "never_skip", "skipped",
                     "evaluations", "static_tokens", "total_tokens", "routed_calls"})
 
 

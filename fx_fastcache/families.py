@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch.nn as nn
 
@@ -20,7 +21,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BlockListSpec:
-    """One ``nn.ModuleList`` of blocks inside the model."""
+    """One ``nn.ModuleList`` of blocks inside the model.
+
+    ``stream_inputs`` name the block arguments that carry token streams (the fallback approximates
+    them), ``outputs`` name, per returned tensor, the stream it updates (``None``: not a stream).
+    Pass one as ``optimize(model, blocks=BlockListSpec("blocks", ("hidden_states",
+    "encoder_hidden_states"), ("hidden_states", "encoder_hidden_states")))`` for a model whose blocks
+    return two streams (as SD3's and Flux's do); a plain ``blocks="path"`` takes the block's first
+    argument and first output as its one stream.
+    """
 
     path: str
     stream_inputs: tuple[str, ...] = ("hidden_states",)
@@ -85,29 +94,51 @@ def _first_arg(module: nn.Module) -> str:
     return params[0].name
 
 
-def _generic_spec(model: nn.Module, paths: list[str]) -> FamilySpec:
+#: Argument names taken as the timestep of a model that is no registered family, first match wins
+#: (the ONNX runner reads its exported input by the same list).
+TIMESTEP_ARGS = ("timestep", "timesteps", "t", "sigma", "sigmas", "time", "noise_level")
+
+
+def _generic_spec(model: nn.Module, paths: list[str | BlockListSpec]) -> FamilySpec:
     lists = []
-    for path in paths:
+    for item in paths:
+        path = item.path if isinstance(item, BlockListSpec) else item
+        if not isinstance(path, str):
+            raise TypeError(f"blocks entries are attribute paths (str) or fx_fastcache.BlockListSpec, got {item!r}")
         ml = _get_path(model, path)
         if not isinstance(ml, nn.ModuleList) or len(ml) == 0:
             raise ValueError(f"blocks={path!r} is a {type(ml).__name__} of length "
                              f"{len(ml) if hasattr(ml, '__len__') else '?'}; expected a non-empty nn.ModuleList")
-        arg = _first_arg(ml[0])
-        lists.append(BlockListSpec(path, (arg,), (arg,)))
+        if isinstance(item, BlockListSpec):
+            params = inspect.signature(ml[0].forward).parameters
+            unknown = [n for n in item.stream_inputs if n not in params]
+            if unknown or not set(item.outputs) - {None} <= set(item.stream_inputs):
+                raise ValueError(f"{item!r}: stream_inputs must be arguments of {type(ml[0]).__name__}.forward "
+                                 f"{list(params)} and outputs must name stream_inputs (or None)")
+            lists.append(item)
+        else:
+            arg = _first_arg(ml[0])
+            lists.append(BlockListSpec(path, (arg,), (arg,)))
     sig = inspect.signature(model.forward).parameters
-    timestep = "timestep" if "timestep" in sig else None
+    timestep = next((n for n in TIMESTEP_ARGS if n in sig), None)
+    if timestep is None:
+        logger.warning("fx-fastcache: %s.forward has no timestep argument (none of %s): calls are counted as steps, "
+                       "the forecast extrapolates in that count, and a new generation is seen only after "
+                       "fastcache.reset(model) or when the input jumps; name the model's timestep argument "
+                       "'timestep' (e.g. in a wrapper module) to fix this", type(model).__name__, list(TIMESTEP_ARGS))
     stream = next(iter(sig)) if sig else "x"
     return FamilySpec(f"custom:{type(model).__name__}", tuple(lists), timestep, stream)
 
 
-def resolve_family(model: nn.Module, blocks: str | list[str] | None = None) -> FamilySpec:
+def resolve_family(model: nn.Module, blocks: Any = None) -> FamilySpec:
     """The :class:`FamilySpec` for ``model``.
 
-    ``blocks`` (attribute path(s) of ``nn.ModuleList``\\ s) overrides discovery for models that
-    are not a registered diffusers family.
+    ``blocks`` (attribute path(s) of ``nn.ModuleList``\\ s, or :class:`BlockListSpec`\\ s that also
+    name the blocks' streams) overrides discovery for models that are not a registered diffusers family.
     """
     if blocks is not None:
-        return _generic_spec(model, [blocks] if isinstance(blocks, str) else list(blocks))
+        one = isinstance(blocks, (str, BlockListSpec))
+        return _generic_spec(model, [blocks] if one else list(blocks))
     spec = FAMILIES.get(type(model).__name__)
     if spec is not None:
         return spec

@@ -27,7 +27,7 @@ from .families import FamilySpec, block_modules, resolve_family
 from .markers import marked
 from .policies import POLICIES
 from .runtime.distributed import as_process_group, parallel_signature, process_group_of
-from .runtime.generation import starts_generation_host
+from .runtime.generation import scalar_timestep, starts_generation_host
 from .runtime.store import CalibrationStore
 from .step_dispatch import COMPILE_MODES, StepDispatch, dispatch_decide_mode
 
@@ -124,6 +124,7 @@ class FastCacheModule(nn.Module):
         self._process_group = as_process_group(process_group)
         self._parallel_sig: int | None = None  # parallel_signature(model) when the graphs were captured
         _check_parallel(config, self.process_group())
+        _check_foreign_hooks(model)
 
     # -- attribute passthrough so pipelines can read .config, .dtype, ... -------------------
     def __getattr__(self, name: str) -> Any:
@@ -309,7 +310,7 @@ class FastCacheModule(nn.Module):
         ts = self.spec.timestep_arg
         t = kw.get(ts) if ts else None
         if isinstance(t, torch.Tensor):
-            t_new = float(t.reshape(-1)[0])
+            t_new = float(scalar_timestep(t))
             if t_new == float(clock.t_last) or starts_generation_host(t_new, float(clock.t_last)):
                 return  # not a continuation of that generation
         shape_prev = prev.key[1]
@@ -342,16 +343,28 @@ class FastCacheModule(nn.Module):
         return PreparedCall(kw, entry)
 
     def _check_generations(self, entry: CapturedGraph, calls: int) -> None:
-        """Once per graph (one host read): warn if every call so far started a new generation, which
-        means nothing is ever approximated."""
+        """Once per graph (host reads): warn if every call so far started a new generation, or if a
+        call repeated the previous one's timestep and input (:mod:`fx_fastcache.runtime.clock`): in
+        both cases nothing is approximated.  A schedule dispatched on the host cannot see repeats
+        (it decides without reading the graph), so there a repeat is an error."""
         clock = entry.clock
-        if float(clock.generations) >= calls and float(clock.calls) >= calls:
+        if float(clock.repeats) > 0:
+            msg = ("fx-fastcache: a call repeated the previous call's timestep and input, as classifier-free "
+                   "guidance run as two calls per step (cond, then uncond) does; one cache state cannot serve "
+                   "both branches, so %s. Batch the branches into one call, run each in "
+                   "opt.cache_context('cond') / opt.cache_context('uncond') (one state each), or use "
+                   "fastcache.enable_fastcache(pipe) for a diffusers pipeline.")
+            if self.dispatching() and dispatch_decide_mode(self.fastcache_config) == "host":
+                raise RuntimeError(msg % "the schedule dispatched on the host gave the second branch the first "
+                                   "one's cache (call fastcache.reset(model) after fixing the calls)")
+            logger.warning(msg, "nothing is approximated after such a call until the next generation")
+        elif float(clock.generations) >= calls and float(clock.calls) >= calls:
             logger.warning(
                 "fx-fastcache: each of the first %d calls started a new generation, so no block can be "
                 "approximated. A generation is a run of calls whose timestep goes down and whose input "
                 "changes by less than its own norm per call (fx_fastcache.runtime.generation). Check that the "
                 "timesteps decrease, are finite, and that classifier-free guidance is one batched call per step "
-                "(or uses diffusers' cache_context per branch).", calls)
+                "(or uses cache_context per branch).", calls)
 
     # -- context parallelism ---------------------------------------------------------------
     def process_group(self) -> Any:
@@ -419,6 +432,7 @@ class FastCacheModule(nn.Module):
         cfg = self.fastcache_config
         group = self.process_group()
         _check_parallel(cfg, group)
+        _check_foreign_hooks(self.model)  # hooks may have been added since optimize
         logger.info("fx-fastcache: capturing %s (%d blocks) for %s", type(self.model).__name__,
                     len(block_modules(self.model, self.spec)), _shapes(key[1]))
         was_training = self.model.training
@@ -573,6 +587,36 @@ def calibration_conflict(fitted_for: dict[str, Any], cfg: FastCacheConfig) -> st
         return (f"planned policy={cfg.policy!r} for fallback={planned_for!r}, whose forecast the plan replays; "
                 f"fallback={cfg.fallback!r} needs its own plan")
     return None
+
+
+#: diffusers hooks that cannot run under a captured graph (prefixes of their registry names).
+#: Caches (First-Block-Cache, MagCache, TaylorSeer, FasterCache, PAB, SeaCache, text KV): their
+#: decisions read tensor values across calls, so torch.export would freeze the first call's
+#: decision (or fail on it, and leave fake tensors in the hook's state), and two caches would
+#: approximate the same blocks twice.  Layerwise casting: it casts weights in place inside
+#: ``forward``, which torch.export cannot trace.
+FOREIGN_HOOKS = {
+    "cache": ("fbc_", "mag_cache", "taylorseer", "faster_cache", "pyramid_attention_broadcast", "sea_cache",
+              "text_kv_cache"),
+    "layerwise_casting": ("layerwise_casting",),
+}
+
+
+def _check_foreign_hooks(model: nn.Module) -> None:
+    """Refuse a model carrying diffusers hooks of :data:`FOREIGN_HOOKS`, naming them and the fix."""
+    found = {kind: sorted({name for m in model.modules()
+                           for name in getattr(getattr(m, "_diffusers_hook", None), "hooks", {})
+                           if name.startswith(prefixes)})
+             for kind, prefixes in FOREIGN_HOOKS.items()}
+    if found["cache"]:
+        raise ValueError(f"{type(model).__name__} carries diffusers cache hooks {found['cache']}: two caches cannot "
+                         f"run together (and torch.export would freeze that cache's first decision); remove it "
+                         f"first (model.disable_cache(), or build the model without apply_*_cache)")
+    if found["layerwise_casting"]:
+        raise ValueError(f"{type(model).__name__} carries diffusers layerwise casting hooks, which cast weights in "
+                         f"place inside forward where torch.export cannot trace them; load the model in its "
+                         f"compute dtype instead (model.to(torch.bfloat16)), or optimize a model without "
+                         f"enable_layerwise_casting / apply_layerwise_casting")
 
 
 def _check_parallel(cfg: FastCacheConfig, group: Any) -> None:

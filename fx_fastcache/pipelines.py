@@ -50,11 +50,15 @@ __all__ = ["enable_fastcache", "disable_fastcache", "PipelineFastCache"]
 
 
 class PipelineFastCache(FastCacheModule):
-    """A :class:`FastCacheModule` for ``pipe.transformer``: one graph, one state per diffusers cache context."""
+    """A :class:`FastCacheModule` with cache contexts: one graph, one state per ``cache_context`` name.
+
+    ``enable_fastcache`` installs one as ``pipe.transformer``; ``fastcache.optimize`` returns one too,
+    so a model swapped into a pipeline by hand, or a sampler loop running each CFG branch in
+    ``opt.cache_context(name)``, keeps one state per branch."""
 
     def __init__(self, model: nn.Module, config: FastCacheConfig, backend: str = "inductor",
-                 blocks: str | list[str] | None = None) -> None:
-        super().__init__(model, config, backend=backend, blocks=blocks)
+                 blocks: str | list[str] | None = None, process_group: Any = None) -> None:
+        super().__init__(model, config, backend=backend, blocks=blocks, process_group=process_group)
         object.__setattr__(self, "_primary_context", None)
         object.__setattr__(self, "_active", None)
         object.__setattr__(self, "_states", ContextStates())  # per-context state banks (not submodules)

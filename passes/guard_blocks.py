@@ -56,7 +56,11 @@ def _region_io(blk: BlockRegion) -> tuple[list[fx.Node], list[fx.Node]]:
     outs = [n for _, _, n in blk.outputs]
     extra = [n.name for n in escaping if n not in outs]
     if extra:
-        raise RuntimeError(f"block {blk.name}: nodes {extra} are used outside the block but are not block outputs")
+        raise RuntimeError(f"block {blk.name}: nodes {extra} are used outside the block but are not block outputs; "
+                           f"if the block returns a second stream (as SD3's blocks return encoder_hidden_states), "
+                           f"declare it: optimize(model, blocks=fx_fastcache.BlockListSpec(path, stream_inputs=("
+                           f"'hidden_states', 'encoder_hidden_states'), outputs=(...one stream name or None per "
+                           f"returned tensor...)))")
     return inputs, outs
 
 

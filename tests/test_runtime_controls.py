@@ -113,3 +113,163 @@ def test_calibration_file_with_a_wrong_shape_is_refused_and_changes_nothing(tmp_
     for k, v in before.items():  # nothing was half-loaded
         torch.testing.assert_close(opt.store.tensors[k], v, rtol=0, atol=0)
     fastcache.load_calibration(opt, path)  # the good file still loads
+
+
+# -- classifier-free guidance as two calls per step (a repeated timestep and input) ---------------
+def _two_branch_inputs(tm, t):
+    kw = tm.make_inputs(t, 1)
+    uncond = dict(kw, encoder_hidden_states=torch.zeros_like(kw["encoder_hidden_states"]))
+    return kw, uncond
+
+
+def test_cfg_as_two_calls_per_step_approximates_nothing_and_warns(caplog):
+    """Cond then uncond on the same latents and timestep shared one state: PixArt's block-0 input
+    depends on the timestep only, so the uncond call got the cond call's residual (the guidance
+    vanished).  Such a repeat now computes everything until the next generation, and says so."""
+    tm = make_tiny("tiny-pixart")
+    opt = fastcache.optimize(tm.model, backend="eager", cache_ratio_threshold=1e9, warmup_steps=1)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="fx_fastcache"):
+        for t in TIMESTEPS:
+            for kw in _two_branch_inputs(tm, t):
+                torch.testing.assert_close(first(opt(**kw)), first(tm.model(**kw)))
+    assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] == 0.0
+    assert "repeated the previous call's timestep and input" in caplog.text and "cache_context" in caplog.text
+
+
+def test_cfg_branches_in_cache_contexts_keep_one_state_each():
+    """``opt.cache_context(name)`` of a bare optimized model was the wrapped diffusers model's (a
+    no-op for FastCache): each branch now has its own state, as two models would."""
+    tm = make_tiny("tiny-pixart")
+    cfg = dict(backend="eager", cache_ratio_threshold=1e9)
+    opt = fastcache.optimize(tm.model, **cfg)
+    alone = [fastcache.optimize(tm.model, **cfg) for _ in range(2)]
+    with torch.no_grad():
+        for t in TIMESTEPS:
+            for name, kw, single in zip(("cond", "uncond"), _two_branch_inputs(tm, t), alone):
+                with opt.cache_context(name):
+                    torch.testing.assert_close(first(opt(**kw)), first(single(**kw)))
+    assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] > 0
+
+
+def test_same_timestep_on_new_latents_is_no_repeat():
+    """Heun evaluates a timestep twice on different latents: that still approximates."""
+    tm = make_tiny("tiny-pixart")
+    opt = fastcache.optimize(tm.model, backend="eager", cache_ratio_threshold=1e9)
+    with torch.no_grad():
+        for t in TIMESTEPS:
+            kw = tm.make_inputs(t, 1)
+            for dx in (0.0, 1e-3):
+                opt(**dict(kw, hidden_states=kw["hidden_states"] + dx))
+    assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] > 0
+
+
+def test_repeat_under_a_schedule_dispatched_on_the_host_is_an_error():
+    """The host-side schedule cannot see a repeat (it never reads the graph): refuse, not replay."""
+    tm = make_tiny("tiny-pixart")
+    opt = fastcache.optimize(tm.model, backend="eager", policy="schedule", execution="step_dispatch",
+                             dispatch_compile="eager")
+    fastcache.set_schedule(opt, torch.ones(len(TIMESTEPS) * 2, 2, dtype=torch.bool))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="repeated the previous call's timestep"):
+        for t in TIMESTEPS:
+            for kw in _two_branch_inputs(tm, t):
+                opt(**kw)
+
+
+def test_per_token_timesteps_use_the_generated_tokens_level():
+    """Image-to-video pipelines (Wan 2.2 i2v, LTX i2v) pass one timestep per token with the
+    conditioning frame at 0: the clock read that 0 at every step, so the step rule never
+    approximated and the forecast lost its slope in t."""
+    tm = make_tiny("tiny-wan")
+    opt = fastcache.optimize(tm.model, backend="eager", cache_ratio_threshold=50.0)
+    x = tm.make_inputs(999.0, 2)
+    with torch.no_grad():
+        for t in TIMESTEPS:
+            ts = torch.full((2, 32), t)
+            ts[:, :16] = 0.0  # the first latent frame is the condition
+            opt(**dict(x, timestep=ts))
+    assert float(opt.last_entry().clock.t_last) == TIMESTEPS[-1]
+    assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] > 0
+
+
+def test_a_generic_models_timestep_may_be_called_sigma():
+    """A generic model's timestep was found only under the name ``timestep``: with ``sigma`` a
+    second generation continued the first one's cache."""
+    from fx_fastcache.zoo import CustomDiT
+
+    class SigmaDiT(CustomDiT):
+        def forward(self, x, sigma):
+            return super().forward(x, sigma)
+
+    torch.manual_seed(0)
+    opt = fastcache.optimize(SigmaDiT().eval(), backend="eager", cache_ratio_threshold=1e9)
+    assert opt.spec.timestep_arg == "sigma"
+    x = torch.randn(2, 10, 4)
+    with torch.no_grad():
+        runs = [[opt(x, torch.full((2,), t)) for t in TIMESTEPS] for _ in range(2)]
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b)
+
+
+def test_diffusers_cache_and_layerwise_casting_hooks_are_refused():
+    """A diffusers cache on the same model crashed the capture or froze its first decision (and left
+    fake tensors in its hooks); layerwise casting crashed at capture.  Both are refused up front."""
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    tm = make_tiny("tiny-wan")
+    apply_first_block_cache(tm.model, FirstBlockCacheConfig(threshold=0.05))
+    with pytest.raises(ValueError, match=r"diffusers cache hooks \['fbc_"):
+        fastcache.optimize(tm.model, backend="eager")
+    tm = make_tiny("tiny-wan")
+    opt = fastcache.optimize(tm.model, backend="eager")
+    tm.model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)  # after optimize
+    with torch.no_grad(), pytest.raises(ValueError, match="layerwise casting"):
+        opt(**tm.make_inputs(999.0, 1))
+
+
+class _JointBlock(torch.nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.mod, self.fc, self.fe = torch.nn.Linear(d, 2 * d), torch.nn.Linear(d, d), torch.nn.Linear(d, d)
+
+    def forward(self, hidden_states, encoder_hidden_states, temb):
+        a, b = self.mod(temb).unsqueeze(1).chunk(2, -1)
+        h = self.fc(torch.cat([encoder_hidden_states, hidden_states], 1) * (1 + a) + b)
+        n = encoder_hidden_states.shape[1]
+        return hidden_states + h[:, n:], encoder_hidden_states + self.fe(h[:, :n])
+
+
+class _JointDiT(torch.nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.pi, self.te, self.enc, self.po = (torch.nn.Linear(4, d), torch.nn.Linear(1, d), torch.nn.Linear(4, d),
+                                               torch.nn.Linear(d, 4))
+        self.blocks = torch.nn.ModuleList([_JointBlock(d) for _ in range(3)])
+
+    def forward(self, x, timestep, context):
+        temb = torch.nn.functional.silu(self.te(timestep.view(-1, 1) / 1000))
+        h, e = self.pi(x), self.enc(context)
+        for block in self.blocks:
+            h, e = block(h, e, temb)
+        return self.po(h)
+
+
+def test_generic_blocks_returning_two_streams_are_declared_with_a_block_list_spec():
+    """Blocks returning two streams (as SD3's) failed with an internal error whenever a block was
+    guarded alone; ``blocks=BlockListSpec(...)`` declares the second stream, and the error says so."""
+    torch.manual_seed(0)
+    m = _JointDiT().eval()
+    x, ctx = torch.randn(2, 10, 4), torch.randn(2, 3, 4)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="BlockListSpec"):
+        fastcache.optimize(m, backend="eager", span="block")(x, torch.full((2,), 999.0), ctx)
+    joint = ("hidden_states", "encoder_hidden_states")
+    spec = fastcache.BlockListSpec("blocks", joint, joint)
+    exact = fastcache.optimize(m, backend="eager", blocks=spec, span="block", enable_block_approx=False)
+    skips = fastcache.optimize(m, backend="eager", blocks=spec, span="block", cache_ratio_threshold=1e9)
+    with torch.no_grad():
+        for t in TIMESTEPS:
+            ts = torch.full((2,), t)
+            torch.testing.assert_close(exact(x, ts, ctx), m(x, ts, ctx))
+            assert torch.isfinite(skips(x, ts, ctx)).all()
+    assert fastcache.get_cache_statistics(skips)["block_approx_ratio"] > 0
+    with pytest.raises(ValueError, match="stream_inputs must be arguments"):
+        fastcache.optimize(m, blocks=fastcache.BlockListSpec("blocks", ("nope",), ("nope",)))

@@ -4,6 +4,16 @@ Why it exists: every decision depends on *where in the generation* a call is.  T
 the model's timestep input into a step counter that resets by itself when a new generation
 starts (:mod:`fx_fastcache.runtime.generation` holds the rule), and it holds the run-time knobs
 (threshold, warm-up, enable, force-compute) as tensors so that changing them never recompiles.
+
+It also refuses to approximate after a *repeated call*: a call at the previous call's timestep with
+the very same input (exactly equal; without a watched input, the timestep alone).  That is what
+classifier-free guidance run as two calls per step looks like (cond, then uncond, on the same
+latents): the second call's conditioning differs where the statistic cannot see it (PixArt's and
+Wan's block-0 input depend on the timestep only), and one cache state would hand it the first
+call's residual, i.e. drop the guidance.  So from the first repeat until the next generation every
+call computes (counted in ``repeats``, which the module turns into one warning); each branch needs
+its own state: a batched call, or ``opt.cache_context(name)`` per branch.  Samplers that evaluate a
+timestep twice on *different* latents (Heun) are not repeats.
 """
 from __future__ import annotations
 
@@ -11,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..graph_protocol import Tick
-from .generation import input_jumped, starts_generation
+from .generation import input_jumped, scalar_timestep, starts_generation
 
 
 class Clock(nn.Module):
@@ -29,6 +39,9 @@ class Clock(nn.Module):
         self.register_buffer("enabled", torch.tensor(1.0 if enabled else 0.0))
         self.register_buffer("force", torch.tensor(0.0))
         self.register_buffer("max_skip", torch.tensor(float(max_skip_steps)))
+        #: 1 from a repeated call (see the module docstring) to the next generation; ``repeats`` counts them.
+        self.register_buffer("repeated", torch.tensor(0.0))
+        self.register_buffer("repeats", torch.tensor(0.0))
         #: The model's input at the previous call (``None``: the model has no floating stream input).
         self.watches_input = stream_shape is not None
         if self.watches_input:
@@ -44,17 +57,23 @@ class Clock(nn.Module):
             t_eff = -self.calls
         else:
             # a fresh tensor, not a view of the input: cond operands must not alias each other
-            t_eff = t.reshape(-1)[0].to(torch.float32) * 1.0
+            t_eff = scalar_timestep(t) * 1.0
         new_gen = starts_generation(t_eff, self.t_last, self.step)
+        same = t_eff == self.t_last
         if x is not None:
             new_gen = new_gen | input_jumped(x, self.x_last)
+            same = same & (x == self.x_last).all()
             self.x_last.copy_(x)
+        repeat = (same & ~new_gen).to(self.repeats.dtype)
+        repeated = torch.maximum(torch.where(new_gen, torch.zeros_like(self.repeated), self.repeated), repeat)
+        self.repeated.copy_(repeated)
+        self.repeats.add_(repeat)
         step = torch.where(new_gen, torch.zeros_like(self.step), self.step + 1)
         self.step.copy_(step)
         self.t_last.copy_(t_eff)
         self.calls.add_(1.0)
         self.generations.add_(new_gen.to(self.generations.dtype))
-        ok = (self.enabled > 0) & (self.force <= 0) & (step >= self.warmup)
+        ok = (self.enabled > 0) & (self.force <= 0) & (step >= self.warmup) & (repeated <= 0)
         return Tick(step, new_gen, ok, self.threshold * 1.0, t_eff, self.max_skip * 1.0)
 
     def reset(self) -> None:
@@ -62,5 +81,7 @@ class Clock(nn.Module):
         self.step.fill_(-1.0)
         self.calls.zero_()
         self.generations.zero_()
+        self.repeated.zero_()
+        self.repeats.zero_()
         if self.watches_input:
             self.x_last.zero_()

@@ -16,7 +16,7 @@ carried into the wrong generation gives a silently wrong image.  A call starts a
    what catches a generation aborted mid-way and followed by one starting at a *lower* timestep
    (img2img, a shorter schedule), which the timestep alone would take for a continuation.
 
-The clock applies the rule in the graph (:func:`starts_generation`, :func:`input_jumped`); the
+Every rule reads the call's timestep through :func:`scalar_timestep`.  The clock applies the rule in the graph (:func:`starts_generation`, :func:`input_jumped`); the
 ONNX runner applies it on the host (:func:`starts_generation_host` and :func:`input_jumped_host`, on
 the input the graph's clock watches); the shape-change check of
 :class:`~fx_fastcache.module.FastCacheModule` applies rules 1–3 to host floats; calibration reads
@@ -31,6 +31,16 @@ import torch
 
 #: Rule 4's bound on ``‖x − x_prev‖ / max(‖x‖, ‖x_prev‖)`` between two calls of one generation.
 INPUT_JUMP = 1.0
+
+
+def scalar_timestep(t: torch.Tensor) -> torch.Tensor:
+    """The call's one timestep: the largest entry of the model's timestep input, as float32.
+
+    Why the largest: batched CFG repeats one value per sample, but image-to-video pipelines pass
+    one timestep per token (Wan 2.2 i2v with ``expand_timesteps``, LTX i2v) with the conditioning
+    frame's tokens at 0, so the first entry is 0 at every step and the generation rules and the
+    forecast in ``t`` would see a constant timestep.  NaN propagates (rule 3)."""
+    return t.reshape(-1).amax().to(torch.float32)
 
 
 def starts_generation(t: torch.Tensor, t_last: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
