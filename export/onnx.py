@@ -40,6 +40,9 @@ from .schedule import Schedule, apply_schedule, optimize_with_schedule
 logger = logging.getLogger(__name__)
 
 MIN_OPSET = 18
+#: The newest opset the exporter converts this graph to (torch 2.13's onnxscript: from 26 on it has no
+#: Gelu adapter and no Attention op at the version it needs).
+MAX_OPSET = 25
 SPEC_KEY = "fx_fastcache.spec"
 SCHEDULE_KEY = "fx_fastcache.schedule"
 STREAM_KEY = "fx_fastcache.stream_input"
@@ -132,8 +135,8 @@ def export_onnx(model: nn.Module, schedule: Schedule, example_inputs: dict[str, 
     """Export ``model`` with ``schedule`` to ``path`` (shapes fixed by ``example_inputs``)."""
     import onnx
 
-    if opset < MIN_OPSET:
-        raise ValueError(f"opset={opset} is too old: the export needs opset >= {MIN_OPSET}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset={opset} is not supported: the export needs {MIN_OPSET} <= opset <= {MAX_OPSET}")
     gm, spec, stream_input = _stateless(model, schedule, example_inputs)
     gm.eval()
     missing = [n for n in spec.inputs if n not in example_inputs]
@@ -154,7 +157,11 @@ def export_onnx(model: nn.Module, schedule: Schedule, example_inputs: dict[str, 
                  (STREAM_KEY, json.dumps(stream_input))):
         prog.model.metadata_props[k] = v
     prog.save(str(path))
-    onnx.checker.check_model(str(path))
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception:
+        path.unlink(missing_ok=True)  # no invalid file left behind
+        raise
     m = onnx.load(str(path))
     n_if = sum(1 for n in m.graph.node if n.op_type == "If")
     got = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)

@@ -8,7 +8,8 @@ and lets the exported graph take the current step's row as an input.
 
 Recording reads each guard's ``skipped`` counter after every call of the optimized model (a
 host read per call: fine while recording, never done in the hot path).  Several recorded
-generations are merged by majority vote.  Step 0 always computes every block (the fallbacks
+generations are merged per step and block: skipped where at least ``min_votes`` (half) of them
+skipped.  Step 0 always computes every block (the fallbacks
 have nothing cached yet), and a replay forces ``warmup_steps=0`` and ``max_skip_steps=0`` so
 that the table alone decides.
 """

@@ -131,7 +131,9 @@ class FastCacheConfig:
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"FastCacheConfig.{name}={getattr(self, name)!r} is invalid: {why}")
+            shown = repr(getattr(self, name))
+            shown = shown if len(shown) <= 40 else f"{shown[:20]}...({len(shown)} characters)"
+            return ValueError(f"FastCacheConfig.{name}={shown} is invalid: {why}")
 
         # numbers of any type (numpy scalars, 10**400) as plain floats / ints, or the checks below name them
         for names, kind, convert in ((_FLOAT_FIELDS, numbers.Real, float), (_INT_FIELDS, numbers.Integral, int)):
@@ -140,6 +142,7 @@ class FastCacheConfig:
                 if isinstance(v, kind) and not isinstance(v, bool):
                     try:
                         object.__setattr__(self, name, convert(v))
+                        float(v)  # the clock holds integer fields as floats: 10**400 must fail here
                     except OverflowError:
                         raise bad(name, "expected a finite number") from None
         for name in ("span", "fallback", "policy", "drift_correction"):
@@ -166,6 +169,9 @@ class FastCacheConfig:
         for name in ("enable_block_approx", "enable_token_routing", "enable_token_merge"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "expected True or False")
+        if self.enable_token_merge and self.merge_ratio >= 1.0:
+            raise bad("enable_token_merge", f"merge_ratio={self.merge_ratio!r} keeps every token, so nothing would "
+                                            f"be merged; set merge_ratio below 1 (the fraction of tokens kept, e.g. 0.5)")
         for name, lo in (("warmup_steps", 0), ("max_skip_steps", 0), ("calibration_lags", 1),
                          ("token_merge_k", 1), ("num_stages", 1)):
             v = getattr(self, name)

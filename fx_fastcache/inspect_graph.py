@@ -133,7 +133,8 @@ def build_report(model: nn.Module, example_inputs: dict[str, Any], config=None, 
         guard = getattr(gm, gname, None) if gname else None
         full_name = gp.block_branch_name(blk.index)
         full = getattr(gm, full_name, None)
-        cond, cheap_name = by_branch.get(full_name, (None, None))
+        # routing / merging: the cond's computed branch is the routed wrapper around the block
+        cond, cheap_name = by_branch.get(full_name) or by_branch.get(gp.compute_branch_name(blk.index), (None, None))
         cheap = getattr(gm, cheap_name, None) if cheap_name else None
         region = [n for n in full.graph.nodes if n.op == "call_function"] if full is not None else []
         region = [n for n in region if not (n.target is torch.ops.aten.clone.default and

@@ -260,8 +260,16 @@ def load_trained(
     Weights are stored in fp16 and cast to ``dtype``.
     """
     folder = resolve_model_dir(name_or_path)
-    with open(folder / "config.json", encoding="utf-8") as f:
-        class_name = json.load(f).get("_class_name")
+    config_path = folder / "config.json"
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path} is not valid JSON ({e}); restore the model folder's config.json") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} holds a {type(config).__name__}, not a JSON object with '_class_name'; "
+                         f"restore the model folder's config.json")
+    class_name = config.get("_class_name")
     kind = _KINDS.get(class_name)
     if kind is None:
         raise ValueError(

@@ -12,6 +12,19 @@ FAMILIES = ["tiny-dit", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-custom",
 TIMESTEPS = [1000.0, 900.0, 800.0, 700.0, 600.0, 500.0]
 
 
+#: Families whose block structure differs most: plain (DiT), joint + single lists (Flux), video with a
+#: joint attention mask (HunyuanVideo).  Matrices over families × policies run every policy on these.
+STRUCTURAL = ("tiny-dit", "tiny-flux", "tiny-hunyuan-video")
+
+
+def family_policy_cases(policies) -> list:
+    """``(family, policy)`` pairs: every policy on the :data:`STRUCTURAL` families, and each other
+    family with one policy, in turn (every family and every policy covered, the suite kept short)."""
+    others = [f for f in FAMILIES if f not in STRUCTURAL]
+    return ([(f, p) for f in STRUCTURAL for p in policies]
+            + [(f, policies[i % len(policies)]) for i, f in enumerate(others)])
+
+
 def first(out):
     """The sample tensor of a model output (tuple, dataclass or tensor)."""
     if isinstance(out, torch.Tensor):

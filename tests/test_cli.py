@@ -66,10 +66,13 @@ def test_export_onnx_schedule_of_another_model_names_the_file(tmp_path, capsys):
     assert not (tmp_path / "M.onnx").exists()
 
 
-def test_export_onnx_old_opset(tmp_path, capsys):
+@pytest.mark.parametrize("opset", ["13", "26"])
+def test_export_onnx_unsupported_opset(opset, tmp_path, capsys):
+    """Opsets from 26 on failed inside the exporter with an "internal error" and left an invalid file."""
     line = _one_line_error(capsys, ["export-onnx", "--model", "tiny-dit", "--schedule", _schedule_file(tmp_path),
-                                    "--out", str(tmp_path / "M.onnx"), "--opset", "13"])
-    assert "--opset 13" in line and "18" in line
+                                    "--out", str(tmp_path / "M.onnx"), "--opset", opset])
+    assert f"--opset {opset}" in line and "18 to 25" in line
+    assert not (tmp_path / "M.onnx").exists()
 
 
 # -- model names (every subcommand that takes --model)
@@ -92,6 +95,14 @@ def test_model_not_found_lists_every_name(argv, tmp_path, capsys):
 def test_folder_without_config_is_named(tmp_path, capsys):
     line = _one_line_error(capsys, ["diff", str(tmp_path)])
     assert str(tmp_path) in line and "no config.json" in line
+
+
+@pytest.mark.parametrize("text, needle", [("{bad", "is not valid JSON"), ("[]", "holds a list")])
+def test_malformed_config_json_is_named(text, needle, tmp_path, capsys):
+    """A broken config.json gave json's message without the file, or an internal AttributeError."""
+    (tmp_path / "config.json").write_text(text)
+    line = _one_line_error(capsys, ["diff", str(tmp_path)])
+    assert str(tmp_path / "config.json") in line and needle in line
 
 
 # -- schedule
@@ -131,7 +142,9 @@ def test_schedule_argument_errors(extra, needle, tmp_path, capsys):
     (["bench", "--images", "1"], "--images 1"),
     (["bench", "--thresholds", "a,b"], "'a,b'"),
     (["bench", "--thresholds", "0.5,nan"], "finite non-negative thresholds, got '0.5,nan'"),
-], ids=["tiny-model", "typo", "typo-sd3", "unknown-method", "zero-images", "one-image", "thresholds", "nan-threshold"])
+    (["bench", "--cfg", "inf"], "expected a finite number, got 'inf'"),
+], ids=["tiny-model", "typo", "typo-sd3", "unknown-method", "zero-images", "one-image", "thresholds", "nan-threshold",
+        "inf-cfg"])
 def test_bench_argument_errors(argv, needle, capsys):
     line = _one_line_error(capsys, argv)
     assert line.startswith("fx-fastcache bench") and needle in line
@@ -141,7 +154,8 @@ def test_bench_argument_errors(argv, needle, capsys):
     (["demo", "--images", "0"], "--images"),
     (["demo", "--steps", "x"], "'x'"),
     (["demo", "--calib-seed", "101"], "--calib-seed 101"),
-], ids=["zero-images", "steps-not-int", "seed-overlap"])
+    (["demo", "--cfg", "nan"], "expected a finite number, got 'nan'"),
+], ids=["zero-images", "steps-not-int", "seed-overlap", "nan-cfg"])
 def test_demo_argument_errors(argv, needle, tmp_path, capsys):
     line = _one_line_error(capsys, [*argv, "--out", str(tmp_path / "d.png")])
     assert line.startswith("fx-fastcache demo") and needle in line

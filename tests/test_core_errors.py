@@ -53,6 +53,7 @@ def test_unsupported_model_names_what_was_found():
     ("significance_level", 1.5), ("motion_threshold", 1.0), ("fallback", "cubic"), ("policy", "magic"),
     ("warmup_steps", -1), ("warmup_steps", 1.5), ("enable_block_approx", "yes"), ("merge_ratio", 0.0),
     ("cache_ratio_threshold", 10**400), ("fallback", ["forecast"]), ("policy", None),
+    ("warmup_steps", 10**400), ("max_skip_steps", 10**400), ("enable_token_merge", True),
 ], ids=lambda v: str(v)[:20])
 def test_invalid_config_values(field, value):
     with pytest.raises(ValueError, match=rf"FastCacheConfig\.{field}="):

@@ -30,6 +30,17 @@ def test_spans_show_their_blocks():
     assert "Guarded spans" in format_html(r)
 
 
+@pytest.mark.parametrize("reduction", [dict(enable_token_routing=True, motion_threshold=0.5),
+                                       dict(enable_token_merge=True, merge_ratio=0.5)], ids=["routing", "merging"])
+def test_routed_blocks_are_reported_as_rewritten(reduction):
+    """With token routing or merging the cond's computed branch is the routed wrapper, which the
+    report did not look up: every block read "NOT rewritten", "0 rewritten into cond"."""
+    tm = make_tiny("tiny-dit")
+    r = build_report(tm.model, tm.make_inputs(1000.0, 2), name="tiny-dit", **reduction)
+    assert all(b.rewritten and b.operands > 0 for b in r.blocks)
+    assert "2 blocks, 2 rewritten into cond" in format_text(r)
+
+
 def test_every_block_is_reported_as_rewritten(report):
     assert [b.name for b in report.blocks] == BLOCKS
     for b in report.blocks:

@@ -118,3 +118,17 @@ def test_cli_schedule_writes_a_loadable_file(tmp_path, capsys):
     s = Schedule.load(out)
     assert s.steps == 5 and s.blocks == ["transformer_blocks.0", "transformer_blocks.1"]
     assert "5 steps x 2 blocks" in capsys.readouterr().out
+
+
+def test_steps_past_the_longest_table_compute():
+    """A 1024-row table (the most a schedule holds) repeated its last row for every later step in the
+    graph, while step dispatch computed there."""
+    from fx_fastcache.policies.schedule import MAX_STEPS, ScheduleDecider, store_key
+    from fx_fastcache.runtime.store import CalibrationStore
+
+    store = CalibrationStore()
+    decider = ScheduleDecider("blocks.0", "cpu", store)
+    store.tensors[store_key("blocks.0")].fill_(True)
+    yes = torch.tensor(True)
+    at = [bool(decider(torch.tensor(float(s)), ~yes, yes, None, None, None)) for s in (MAX_STEPS - 1, MAX_STEPS, 5000)]
+    assert at == [True, False, False]

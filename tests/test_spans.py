@@ -8,7 +8,7 @@ import torch
 import fx_fastcache as fastcache
 from fx_fastcache.zoo import make_tiny
 
-from conftest import FAMILIES, first
+from conftest import FAMILIES, family_policy_cases, first
 
 STEPS = [1000.0, 960.0, 920.0, 880.0, 840.0, 800.0, 760.0, 720.0]
 STEP_POLICIES = ["step_forecast", "teacache", "first_block_cache"]
@@ -35,8 +35,7 @@ def generate(tm, span: str, policy: str, fallback: str, backend: str = "eager", 
     return outs, decisions, opt
 
 
-@pytest.mark.parametrize("policy", STEP_POLICIES)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family, policy", family_policy_cases(STEP_POLICIES))
 def test_auto_spans_match_per_block_guards(family, policy):
     for fallback in ("residual", "forecast"):
         ref, dec_ref, opt_ref = generate(make_tiny(family), "block", policy, fallback)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch._dynamo.utils as dynamo_utils
 import torch.fx as fx
-from conftest import FAMILIES
+from conftest import FAMILIES, family_policy_cases
 
 import fx_fastcache as fastcache
 from fx_fastcache.decision_split import split_at_decisions
@@ -40,8 +40,7 @@ def _approximated(m) -> int:
     return fastcache.get_cache_statistics(m)["blocks_approximated"]
 
 
-@pytest.mark.parametrize("policy", STEP_POLICIES)
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name, policy", family_policy_cases(STEP_POLICIES))
 def test_device_decisions_match_in_graph_guards(name: str, policy: str) -> None:
     tm = make_tiny(name)
     ref, opt = _pair(tm, policy)

@@ -18,6 +18,7 @@ from fx_fastcache.cli.common import (
     TRAINED,
     CLIError,
     check_model_name,
+    finite_float,
     non_negative_int,
     positive_int,
     quiet_library_warnings,
@@ -48,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated threshold grid used for every method (default: a grid per method)")
     p.add_argument("--images", type=positive_int, default=16, help="evaluation images, at least 2 (default 16)")
     p.add_argument("--steps", type=positive_int, default=20, help="Euler steps (default 20)")
-    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (default 2.0)")
+    p.add_argument("--cfg", type=finite_float, default=2.0, help="classifier-free guidance scale (default 2.0)")
     p.add_argument("--eval-seed", type=int, default=1000, help="first evaluation seed (default 1000)")
     p.add_argument("--calib-images", type=positive_int, default=4, help="calibration generations' images (default 4)")
     p.add_argument("--calib-seed", type=int, default=0, help="first calibration seed, disjoint from evaluation (default 0)")

@@ -1,6 +1,6 @@
 """What the CLI subcommands share: model resolution (``--model NAME``), argument types, user errors.
 
-NAME is a shipped trained model (``dit-mnist``, ``pixart-mnist``), a tiny random-weight family
+NAME is a shipped trained model (``dit-mnist``, ``pixart-mnist``, ``sd3-mnist``, ``flux-mnist``), a tiny random-weight family
 model (``tiny-dit``, ``tiny-pixart``, ``tiny-sd3``, ``tiny-flux``, ``tiny-custom``, the video
 ``tiny-cogvideox``, ``tiny-ltx-video``, ``tiny-wan``, ``tiny-hunyuan-video``) or the path
 of a diffusers model folder (a DiT or PixArt checkpoint trained like the MNIST models).
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import math
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -55,6 +56,17 @@ def non_negative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
     if not (v >= 0 and v != float("inf")):
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (``nan`` and ``inf`` are refused)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return v
 
 

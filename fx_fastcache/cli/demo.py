@@ -14,6 +14,7 @@ import fx_fastcache as fastcache
 from fx_fastcache.bench.metrics import psnr
 from fx_fastcache.cli.common import (
     CLIError,
+    finite_float,
     non_negative_float,
     positive_int,
     quiet_library_warnings,
@@ -35,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "time, measured with /usr/bin/time on 2 cores; its wall time was 6 minutes on a shared, "
                         "loaded machine)")
     p.add_argument("--steps", type=positive_int, default=20, help="Euler steps (default 20)")
-    p.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance scale (default 2.0)")
+    p.add_argument("--cfg", type=finite_float, default=2.0, help="classifier-free guidance scale (default 2.0)")
     p.add_argument("--seed", type=int, default=100, help="first seed of the shown digits (default 100)")
     p.add_argument("--calib-seed", type=int, default=0,
                    help="seed of the calibration digit; must not overlap the shown seeds (default 0)")

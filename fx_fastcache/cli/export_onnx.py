@@ -13,7 +13,7 @@ from fx_fastcache.cli.common import (
     show_progress,
     stage_bar,
 )
-from fx_fastcache.export.onnx import MIN_OPSET, export_onnx
+from fx_fastcache.export.onnx import MAX_OPSET, MIN_OPSET, export_onnx
 from fx_fastcache.export.runner import OnnxRunner
 from fx_fastcache.export.schedule import Schedule, optimize_with_schedule, replay_config
 from fx_fastcache.fallbacks import FALLBACKS
@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--batch", type=positive_int, default=None,
                    help="batch of one model call (default: 4 for trained models = 2 images with CFG, 2 for tiny ones)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18, default 18)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (18 to 25, default 18)")
     p.add_argument("--calibration", default=None,
                    help="calibration file of a fitted fallback (residual_linear, linear): the one the schedule was "
                         "recorded with (`fx-fastcache schedule --calibration`); used by the export and --verify")
@@ -48,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     # everything a user can get wrong is checked before the 2-minute export starts
-    if args.opset < MIN_OPSET:
-        raise CLIError(f"--opset {args.opset}: the export needs opset >= {MIN_OPSET}; pass --opset {MIN_OPSET}")
+    if not MIN_OPSET <= args.opset <= MAX_OPSET:
+        raise CLIError(f"--opset {args.opset}: the export supports opsets {MIN_OPSET} to {MAX_OPSET}; "
+                       f"pass --opset {MIN_OPSET}")
     check_model_name(args.model)
     out = Path(args.out)
     if out.is_dir():
@@ -96,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
                     kw = resolved.make_inputs(t, batch)
                     worst = max(worst, float((opt(**kw)[0] - runner(**kw)[0]).abs().max()))
     size = ex.path.stat().st_size / 2**20
-    print(f"wrote {ex.path} ({size:.1f} MiB): opset {ex.opset}, {ex.n_if} blocks as If, "
+    print(f"wrote {ex.path} ({size:.1f} MiB): opset {ex.opset}, {len(ex.spec.blocks)} blocks in {ex.n_if} If "
+          f"(guarded spans), "
           f"{len(ex.spec.state)} state tensors in/out, inputs {ex.spec.inputs} + skip[{len(ex.spec.blocks)}]")
     if worst is not None:
         print(f"verify: {schedule.steps} steps, max |onnxruntime - PyTorch| = {worst:.3g}")

@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dit-mnist, pixart-mnist, sd3-mnist, flux-mnist, a tiny-* model (tiny-dit, tiny-pixart, ...) or a diffusers folder")
     p.add_argument("--out", required=True, help="schedule JSON to write")
     p.add_argument("--steps", type=_steps, default=20, help="sampling steps per generation (default 20, at most 1024)")
-    p.add_argument("--generations", type=positive_int, default=2, help="recorded generations, merged by majority vote")
+    p.add_argument("--generations", type=positive_int, default=2, help="recorded generations; a block is skipped at a step where at least half of them skipped it")
     p.add_argument("--batch", type=positive_int, default=4,
                    help="images per generation (trained models sample with CFG)")
     p.add_argument("--policy", default="step_forecast", help="deciding policy to record (default step_forecast)")

@@ -61,8 +61,9 @@ class ScheduleDecider(Decider):
     def forward(self, step, new_gen, ok, threshold, t, signal):
         # index_select, not column[idx]: dynamo (torch 2.11) turns a 0-d tensor index into a
         # data-dependent int and fails under fullgraph compile
+        # steps past the table compute (as step dispatch's host mirror does), not the last row again
         idx = step.clamp(0, MAX_STEPS - 1).to(torch.long).reshape(1)
-        return ok & self.column.index_select(0, idx).reshape(())
+        return ok & (step < MAX_STEPS) & self.column.index_select(0, idx).reshape(())
 
 
 class SchedulePolicy(Policy):
