@@ -240,17 +240,23 @@ def calibrate(opt: Any) -> Iterator[None]:
     opt.reset()
     opt.set_force_compute(True)
     opt.set_recorder(rec)
-    ok = False
+    ok = repeated = False
     try:
         yield
         ok = True
     finally:
         opt.set_recorder(None)
         opt.set_force_compute(False)
+        repeated = any(float(e.clock.repeats) > 0 for e in opt.entries())  # read before reset zeroes them
         opt.reset()
     if ok:
         if rec.steps == 0:
             raise RuntimeError("calibrate(): the model was not called inside the `with` block; run a few sampling loops")
+        if repeated:
+            raise RuntimeError("calibrate(): a call repeated the previous call's timestep and input (classifier-free "
+                               "guidance as two calls per step?), so the recorded steps mix both branches and nothing "
+                               "was fitted; run each branch in opt.cache_context('cond') / ('uncond') (the first "
+                               "context is the one recorded) or batch them into one call")
         _fit(opt, rec, cfg)
 
 
@@ -287,12 +293,18 @@ def load_calibration(opt: Any, path: str | Path) -> None:
         raise ValueError(f"calibration file {str(path)!r} {conflict}: calibrate with fallback={cfg.fallback!r}, "
                          f"policy={cfg.policy!r} (this model's), or optimize the model with the file's "
                          f"fallback={saved_cfg.get('fallback')!r}, policy={saved_cfg.get('policy')!r}")
+    policy = POLICIES[cfg.policy]
+    resized = [k for k in policy.step_count_keys  # a file made for another step count replaces them all
+               if k in tensors and k in opt.store.tensors and opt.store.tensors[k].shape != tensors[k].shape]
+    stale = set(policy.step_count_keys) if resized else set()
     for key, val in tensors.items():  # check every shape before changing anything
         cur = opt.store.tensors.get(key)
-        if cur is not None and cur.shape != val.shape:
+        if cur is not None and key not in stale and cur.shape != val.shape:
             raise ValueError(f"calibration file {str(path)!r}: tensor {key!r} has shape {tuple(val.shape)}, this "
                              f"model needs {tuple(cur.shape)}; calibrate this model with this configuration")
-    for key in POLICIES[cfg.policy].optional_keys:  # e.g. a file saved before search_plan ran
+    for key in stale:
+        opt.store.tensors.pop(key, None)
+    for key in policy.optional_keys:  # e.g. a file saved before search_plan ran
         if key not in tensors and opt.store.tensors.pop(key, None) is not None:
             logger.info("fx-fastcache: %s holds no %r; the model's is dropped", path, key)
     for key, val in tensors.items():
@@ -302,7 +314,7 @@ def load_calibration(opt: Any, path: str | Path) -> None:
         else:
             cur.copy_(val.to(cur.device, cur.dtype))
     opt.store.table_version += 1  # a schedule's table may be among them
-    POLICIES[cfg.policy].configure_store(opt.store, cfg, opt.device)  # e.g. a plan for this target_fraction
+    policy.configure_store(opt.store, cfg, opt.device)  # e.g. a plan for this target_fraction
     opt.store.calibrated = True
     opt.store.meta.update(fitted_for(saved_cfg), fingerprint=model_fingerprint(opt.model))
     opt.refresh_deciders()

@@ -106,6 +106,7 @@ class FastCacheModule(nn.Module):
         self._force_compute = False
         self._warned_uncalibrated = False
         self._warned_no_grad = False
+        self._warned_repeat = self._warned_every_call = False  # _check_generations warns once each
         self._moves_after_capture = 0  # device/dtype changes that dropped captured graphs
         self._call_lock = threading.RLock()  # one call at a time: the cache state is one generation's
         self._calls: dict[tuple, int] = {}  # host-side call count per graph (for the one-time generation check)
@@ -327,6 +328,7 @@ class FastCacheModule(nn.Module):
         self._check_inputs(kw)
         self._check_grad(kw)
         self._check_parallel_setup()
+        _check_foreign_hooks(self.model)  # hooks may be added after optimize or after a capture
         key = self._key(kw)
         self._check_generation(key, kw)
         entry = self._entries.get(key)
@@ -343,10 +345,11 @@ class FastCacheModule(nn.Module):
         return PreparedCall(kw, entry)
 
     def _check_generations(self, entry: CapturedGraph, calls: int) -> None:
-        """Once per graph (host reads): warn if every call so far started a new generation, or if a
-        call repeated the previous one's timestep and input (:mod:`fx_fastcache.runtime.clock`): in
-        both cases nothing is approximated.  A schedule dispatched on the host cannot see repeats
-        (it decides without reading the graph), so there a repeat is an error."""
+        """At a graph's fifth call since the last reset (host reads): warn (once per model) if every
+        call so far started a new generation, or if a call repeated the previous one's timestep and
+        input (:mod:`fx_fastcache.runtime.clock`): in both cases nothing is approximated.  A schedule
+        dispatched on the host cannot see repeats (it decides without reading the graph), so there a
+        repeat is an error (a generation that does not start with a reset is checked only once)."""
         clock = entry.clock
         if float(clock.repeats) > 0:
             msg = ("fx-fastcache: a call repeated the previous call's timestep and input, as classifier-free "
@@ -357,8 +360,11 @@ class FastCacheModule(nn.Module):
             if self.dispatching() and dispatch_decide_mode(self.fastcache_config) == "host":
                 raise RuntimeError(msg % "the schedule dispatched on the host gave the second branch the first "
                                    "one's cache (call fastcache.reset(model) after fixing the calls)")
-            logger.warning(msg, "nothing is approximated after such a call until the next generation")
-        elif float(clock.generations) >= calls and float(clock.calls) >= calls:
+            if not self._warned_repeat:
+                self._warned_repeat = True
+                logger.warning(msg, "nothing is approximated after such a call until the next generation")
+        elif float(clock.generations) >= calls and float(clock.calls) >= calls and not self._warned_every_call:
+            self._warned_every_call = True
             logger.warning(
                 "fx-fastcache: each of the first %d calls started a new generation, so no block can be "
                 "approximated. A generation is a run of calls whose timestep goes down and whose input "
@@ -432,7 +438,6 @@ class FastCacheModule(nn.Module):
         cfg = self.fastcache_config
         group = self.process_group()
         _check_parallel(cfg, group)
-        _check_foreign_hooks(self.model)  # hooks may have been added since optimize
         logger.info("fx-fastcache: capturing %s (%d blocks) for %s", type(self.model).__name__,
                     len(block_modules(self.model, self.spec)), _shapes(key[1]))
         was_training = self.model.training
@@ -489,6 +494,7 @@ class FastCacheModule(nn.Module):
             if drift is not None:
                 drift.reset()
         self._last_key = None
+        self.__dict__.get("_calls", {}).clear()  # _check_generations looks again in the next generation
         for d in self.__dict__.get("_dispatchers", {}).values():
             d.reset_host()  # a schedule's host step counter cannot see a new generation by itself
 

@@ -14,8 +14,8 @@ Why the pieces below exist:
   caches.  :class:`PipelineFastCache` keeps *one* captured graph per input signature (one
   export, one compile) and gives each named cache context its own run-time state (clock,
   cached residuals, decider state), swapped into the graph's buffers in place when the context
-  changes (:mod:`fx_fastcache.context_state`).  Calls outside any context use the first
-  context seen.  No core change was needed: the pipeline already names its calls.
+  changes (:mod:`fx_fastcache.context_state`).  Calls outside any context use the context of
+  the first call.  No core change was needed: the pipeline already names its calls.
 * **Batched CFG** (DiT, PixArt, SD3 double the batch) needs nothing special: the batch is one
   call per step, decisions are per step and cached tensors hold the whole batch.
 * **Step dispatch** (``step_dispatch="reduce-overhead"``): on GPU every in-graph ``torch.cond``
@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["enable_fastcache", "disable_fastcache", "PipelineFastCache"]
 
+#: The context of calls made outside any ``cache_context`` when the first call was too.
+DEFAULT_CONTEXT = "default"
+
 
 class PipelineFastCache(FastCacheModule):
     """A :class:`FastCacheModule` with cache contexts: one graph, one state per ``cache_context`` name.
@@ -67,8 +70,6 @@ class PipelineFastCache(FastCacheModule):
     @contextlib.contextmanager
     def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:
         """diffusers' ``CacheMixin.cache_context``: calls inside use the state of context ``name``."""
-        if self._primary_context is None:
-            object.__setattr__(self, "_primary_context", name)
         prev = self._active
         object.__setattr__(self, "_active", name)
         try:
@@ -77,9 +78,19 @@ class PipelineFastCache(FastCacheModule):
             object.__setattr__(self, "_active", prev)
 
     def _context_name(self) -> str:
-        """The running context (calls outside any context use the first context seen)."""
+        """The running context.  The first call fixes the primary context: its context, or
+        :data:`DEFAULT_CONTEXT` if it ran outside any; later calls outside any context use it (so a
+        loop running one branch outside a context and the other inside one keeps two states)."""
         name = self._active
+        if self._primary_context is None:
+            object.__setattr__(self, "_primary_context", DEFAULT_CONTEXT if name is None else name)
         return str(self._primary_context if name is None else name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy starts with empty cache state: no banked contexts either."""
+        state = super().__getstate__()
+        state.update(_states=ContextStates(), _active=None, _primary_context=None)
+        return state
 
     def _context_key(self, module: FastCacheModule) -> str:
         return self._context_name()
@@ -154,8 +165,10 @@ def _wrapped_call(original: Any):
                                "call fastcache.disable_fastcache(pipe) before replacing the transformer")
         check_drift_sampler(self, tr.fastcache_config)  # `pipe.scheduler = ...` may have swapped it since enabling
         tr.reset()
-        steps = kwargs.get("num_inference_steps", default_steps)
-        if isinstance(steps, int):
+        # the steps the call will run: custom sigmas / timesteps set them, else num_inference_steps
+        given = next((kwargs[k] for k in ("sigmas", "timesteps") if kwargs.get(k) is not None), None)
+        steps = len(given) if given is not None else kwargs.get("num_inference_steps", default_steps)
+        if isinstance(steps, int) and not tr.force_compute:  # inside calibrate the plan is being refitted
             why = POLICIES[tr.fastcache_config.policy].steps_mismatch(tr.store, steps)
             if why is not None and (id(tr), why) not in warned:
                 warned.add((id(tr), why))

@@ -65,6 +65,11 @@ def find_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
                 continue
             if name not in blk.stream_inputs:
                 raise RuntimeError(f"block {path}: output {k} continues stream {name!r}, which is not a tensor input")
+            shapes = [getattr(n.meta.get("val"), "shape", None) for n in (m, blk.stream_inputs[name])]
+            if None not in shapes and tuple(shapes[0]) != tuple(shapes[1]):
+                raise RuntimeError(f"block {path}: output {k} has shape {tuple(shapes[0])} but continues stream "
+                                   f"{name!r} of shape {tuple(shapes[1])}; list the block's outputs in the order it "
+                                   f"returns them (BlockListSpec outputs={bl.outputs!r})")
             blk.outputs.append((k, name, m))
         if not blk.outputs:
             raise RuntimeError(f"block {path} has no live tensor output in the captured graph")

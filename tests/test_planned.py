@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fx_fastcache as fastcache
-from fx_fastcache.policies.planned import blend_errors, budget, forecast_errors, plan
+from fx_fastcache.policies.planned import PROTECT_KEY, blend_errors, budget, forecast_errors, plan
 from fx_fastcache.tiny_pipelines import make_tiny_pipeline
 from fx_fastcache.zoo import make_tiny
 
@@ -239,7 +239,7 @@ def test_new_warmup_or_max_skip_replans(change, tmp_path):
     assert not torch.equal(ref.installed_schedule(), _calibrated_tiny()[1].installed_schedule())  # a new plan
 
 
-def test_calibrating_again_with_another_step_count_plans_for_it():
+def test_calibrating_again_with_another_step_count_plans_for_it(tmp_path):
     """The plans, errors and searches are sized by the step count: a new calibration with another count
     replaces them (it failed on the old tensors' size), as a fresh model would plan."""
     tm, opt = _calibrated_tiny()
@@ -254,6 +254,13 @@ def test_calibrating_again_with_another_step_count_plans_for_it():
     assert torch.equal(opt.installed_schedule(), fresh.installed_schedule())
     _euler(opt, tm, steps=12)
     assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] == pytest.approx(0.5)
+    eight, twelve = tmp_path / "8.safetensors", tmp_path / "12.safetensors"  # loading swaps step counts too
+    fastcache.save_calibration(_calibrated_tiny()[1], eight)
+    fastcache.save_calibration(fresh, twelve)
+    fastcache.load_calibration(opt, eight)
+    assert opt.installed_schedule().shape[0] <= 8
+    fastcache.load_calibration(opt, twelve)
+    assert torch.equal(opt.installed_schedule(), fresh.installed_schedule())
 
 
 def test_planned_under_step_dispatch_follows_the_plan(calibrated):
@@ -355,7 +362,11 @@ def test_planned_pipeline_and_a_step_count_it_was_not_planned_for(family, caplog
     assert st["block_approx_ratio"] == pytest.approx(0.5)
     with caplog.at_level(logging.WARNING, logger="fx_fastcache.pipelines"):
         tp.pipe(**tp.call_kwargs(seed=0, num_inference_steps=4))
-    assert any("calibrated on 6-step generations, this one runs 4 steps" in r.getMessage() for r in caplog.records)
+        assert any("calibrated on 6-step generations, this one runs 4 steps" in r.getMessage() for r in caplog.records)
+        if family == "sd3":  # custom sigmas set the step count, whatever num_inference_steps says
+            caplog.clear()
+            tp.pipe(**tp.call_kwargs(seed=0, num_inference_steps=4, sigmas=[1.0, 0.8, 0.6, 0.4, 0.3, 0.2]))
+            assert not caplog.records
 
 
 @pytest.mark.slow
@@ -470,6 +481,10 @@ def test_protect_steps_computes_the_steps_that_break_a_sample(tmp_path, caplog):
     fastcache.load_calibration(other, path)
     _euler(other, tm)
     assert not bool(other.installed_schedule()[5].any())
+    plain = tmp_path / "plain.safetensors"  # a file saved without protect_steps loads as saved
+    fastcache.save_calibration(_calibrated_tiny()[1], plain)
+    fastcache.load_calibration(other, plain)
+    assert PROTECT_KEY not in other.store.tensors and bool(other.installed_schedule()[5].any())
 
     kept = opt.installed_schedule().clone()
     with pytest.raises(ValueError, match="floor_db=0"):

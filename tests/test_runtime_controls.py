@@ -2,6 +2,8 @@
 the device check of the inputs and the calibration file's shape check."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 
 import pytest
@@ -134,20 +136,35 @@ def test_cfg_as_two_calls_per_step_approximates_nothing_and_warns(caplog):
                 torch.testing.assert_close(first(opt(**kw)), first(tm.model(**kw)))
     assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] == 0.0
     assert "repeated the previous call's timestep and input" in caplog.text and "cache_context" in caplog.text
+    with torch.no_grad(), pytest.raises(RuntimeError, match="recorded steps mix both branches"):
+        with fastcache.calibrate(opt):  # a fit on both branches' calls as one sequence
+            for t in TIMESTEPS:
+                for kw in _two_branch_inputs(tm, t):
+                    opt(**kw)
 
 
-def test_cfg_branches_in_cache_contexts_keep_one_state_each():
+@pytest.mark.parametrize("cond_context", ["cond", None], ids=["both-named", "cond-outside"])
+def test_cfg_branches_in_cache_contexts_keep_one_state_each(cond_context):
     """``opt.cache_context(name)`` of a bare optimized model was the wrapped diffusers model's (a
-    no-op for FastCache): each branch now has its own state, as two models would."""
+    no-op for FastCache): each branch now has its own state, as two models would; also when one
+    branch runs outside any context (its calls keep the first call's context), and in a copy,
+    which starts with no state of either branch."""
     tm = make_tiny("tiny-pixart")
     cfg = dict(backend="eager", cache_ratio_threshold=1e9)
     opt = fastcache.optimize(tm.model, **cfg)
     alone = [fastcache.optimize(tm.model, **cfg) for _ in range(2)]
+
+    def step(model, t, check):
+        for name, kw, single in zip((cond_context, "uncond"), _two_branch_inputs(tm, t), alone):
+            with opt.cache_context(name) if name else contextlib.nullcontext():
+                out = first(model(**kw))
+            check(out, single, kw)
+
     with torch.no_grad():
         for t in TIMESTEPS:
-            for name, kw, single in zip(("cond", "uncond"), _two_branch_inputs(tm, t), alone):
-                with opt.cache_context(name):
-                    torch.testing.assert_close(first(opt(**kw)), first(single(**kw)))
+            step(opt, t, lambda out, single, kw: torch.testing.assert_close(out, first(single(**kw))))
+        twin = copy.deepcopy(opt)  # a copy's first call computes: no banked context state
+        step(twin, TIMESTEPS[2], lambda out, single, kw: torch.testing.assert_close(out, first(tm.model(**kw))))
     assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] > 0
 
 
@@ -164,11 +181,14 @@ def test_same_timestep_on_new_latents_is_no_repeat():
 
 
 def test_repeat_under_a_schedule_dispatched_on_the_host_is_an_error():
-    """The host-side schedule cannot see a repeat (it never reads the graph): refuse, not replay."""
+    """The host-side schedule cannot see a repeat (it never reads the graph): refuse, not replay;
+    also when the model ran a generation of single calls before (the check ran once per graph)."""
     tm = make_tiny("tiny-pixart")
     opt = fastcache.optimize(tm.model, backend="eager", policy="schedule", execution="step_dispatch",
                              dispatch_compile="eager")
     fastcache.set_schedule(opt, torch.ones(len(TIMESTEPS) * 2, 2, dtype=torch.bool))
+    run_loop(opt, tm, batch=1)
+    fastcache.reset(opt)
     with torch.no_grad(), pytest.raises(RuntimeError, match="repeated the previous call's timestep"):
         for t in TIMESTEPS:
             for kw in _two_branch_inputs(tm, t):
@@ -221,9 +241,11 @@ def test_diffusers_cache_and_layerwise_casting_hooks_are_refused():
         fastcache.optimize(tm.model, backend="eager")
     tm = make_tiny("tiny-wan")
     opt = fastcache.optimize(tm.model, backend="eager")
-    tm.model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)  # after optimize
-    with torch.no_grad(), pytest.raises(ValueError, match="layerwise casting"):
+    with torch.no_grad():
         opt(**tm.make_inputs(999.0, 1))
+    tm.model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)  # after a capture
+    with torch.no_grad(), pytest.raises(ValueError, match="layerwise casting"):
+        opt(**tm.make_inputs(900.0, 1))
 
 
 class _JointBlock(torch.nn.Module):
@@ -273,3 +295,6 @@ def test_generic_blocks_returning_two_streams_are_declared_with_a_block_list_spe
     assert fastcache.get_cache_statistics(skips)["block_approx_ratio"] > 0
     with pytest.raises(ValueError, match="stream_inputs must be arguments"):
         fastcache.optimize(m, blocks=fastcache.BlockListSpec("blocks", ("nope",), ("nope",)))
+    swapped = fastcache.BlockListSpec("blocks", joint, joint[::-1])  # outputs named in the wrong order
+    with torch.no_grad(), pytest.raises(RuntimeError, match="in the order it returns them"):
+        fastcache.optimize(m, backend="eager", blocks=swapped, span="block")(x, torch.full((2,), 999.0), ctx)

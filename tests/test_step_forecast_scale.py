@@ -9,6 +9,9 @@ import torch
 
 import fx_fastcache as fastcache
 from fx_fastcache.policies.step_forecast import CALIBRATION_TARGET, REFERENCE_THRESHOLD, fit_scale, simulate
+from fx_fastcache.zoo import make_tiny
+
+from conftest import run_loop
 
 
 def _probes(n=20, curve=0.3, seed=0):
@@ -64,3 +67,22 @@ def test_calibrated_default_replaces_about_the_target_on_a_trained_model(caplog)
     ref = _generate(tm, None, [0])
     assert torch.isfinite(img).all() and (img - ref).abs().max() < 0.5
     del raw
+
+
+def test_calibration_runs_too_short_for_the_target_fit_no_scale(caplog):
+    """4-step calibration runs with warm-up 2 replace at most 50 %: the bisection ended at its upper
+    bound, a scale that skipped 90 % of a 20-step generation (6 dB on dit-mnist), silently."""
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, backend="eager")
+    with caplog.at_level(logging.WARNING, logger="fx_fastcache"), fastcache.calibrate(opt):
+        run_loop(opt, tm, timesteps=[1000.0, 750.0, 500.0, 250.0])
+    assert float(opt.store.tensors["step_forecast.scale"]) == 1.0  # the uncalibrated scale
+    assert any("scale not fitted" in r.getMessage() and "at most 50%" in r.getMessage() for r in caplog.records)
+
+
+def test_teacache_says_when_its_rescaling_is_not_fitted(caplog):
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, backend="eager", policy="teacache")
+    with caplog.at_level(logging.WARNING, logger="fx_fastcache"), fastcache.calibrate(opt):
+        run_loop(opt, tm, timesteps=[1000.0, 750.0, 500.0, 250.0])
+    assert any("teacache rescaling not fitted" in r.getMessage() for r in caplog.records)

@@ -51,6 +51,9 @@ class Policy:
     #: ``load_calibration`` drops them when the file lacks them, so the file's own state is installed,
     #: not what the model held before.  Host-side keys only: no captured graph reads them.
     optional_keys: tuple[str, ...] = ()
+    #: Store keys sized by the calibration's step count: a file made for another step count replaces
+    #: them all when loaded (as calibrating again with that count does), instead of failing on shapes.
+    step_count_keys: tuple[str, ...] = ()
 
     def __init__(self, config) -> None:
         self.config = config

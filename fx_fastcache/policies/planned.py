@@ -731,8 +731,10 @@ class PlannedPolicy(SchedulePolicy):
 
     sweep_field = "target_fraction"
     plans_for_fallback = True  # the plan is made for the fallback's forecast
-    # search_plan's results, absent from files saved without it; the constraints, from files saved before them
-    optional_keys = (SEARCHED_KEY, DAMPINGS_KEY, CONSTRAINTS_KEY)
+    # search_plan's and protect_steps' results, absent from files saved without them; the constraints, from
+    # files saved before them
+    optional_keys = (SEARCHED_KEY, DAMPINGS_KEY, CONSTRAINTS_KEY, PROTECT_KEY)
+    step_count_keys = STEP_COUNT_KEYS
 
     @staticmethod
     def config_error(config) -> str | None:

@@ -8,12 +8,16 @@ the accumulator resets.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
 from ..calibration import Calibrator, Observation, store_put
 from ..runtime.distributed import mean_abs_ratio, total_mean_abs_ratio
 from .base import Decider, Policy
+
+logger = logging.getLogger(__name__)
 
 POLY_DEGREE = 4
 #: The calibration store key of the rescaling polynomial (highest power first).
@@ -42,6 +46,8 @@ class TeaCacheCalibrator(Calibrator):
     def fit(self, store, dtype, config) -> dict[str, float]:
         n = min(len(self.rel_in), len(self.rel_out))
         if n < 6:
+            logger.warning("fx-fastcache: teacache rescaling not fitted: the calibration runs gave %d pairs of steps, "
+                           "it needs 6 (e.g. two generations of 4 steps); calibrate with full sampling loops", n)
             return {}
         coeffs = np.polyfit(np.asarray(self.rel_in[:n]), np.asarray(self.rel_out[:n]), POLY_DEGREE)
         store_put(store, COEFFS_KEY, torch.tensor(coeffs, dtype=torch.float32))
