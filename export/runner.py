@@ -124,8 +124,8 @@ class ScheduleRunner:
             self.step += 1
             # the clock's repeat rule (fx_fastcache.runtime.clock): the previous call's timestep and
             # input again (CFG as two calls per step) computes every block until the next generation
-            self.repeated = self.repeated or (t is not None and t == self.t_last and (
-                x is None or np.array_equal(x, self.x_last)))
+            same_t = t == self.t_last if t is not None else x is not None  # no timestep: the input alone
+            self.repeated = self.repeated or (same_t and (x is None or np.array_equal(x, self.x_last)))
         if t is not None:
             self.t_last = t
         if x is not None:

@@ -23,6 +23,7 @@ from .fallbacks import FALLBACKS
 from .module import FastCacheModule, calibration_conflict
 from .pipelines import PipelineFastCache, check_drift_sampler
 from .policies import POLICIES
+from .runtime.clock import repeat_message
 from .runtime.routing import spatial_counts
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ __all__ = ["optimize", "calibrate", "save_calibration", "load_calibration", "get
 
 
 def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfig | None = None,
-             blocks: str | list[str] | None = None, example_inputs: dict[str, Any] | None = None,
+             blocks: Any = None, example_inputs: dict[str, Any] | None = None,
              execution: str = "auto", dispatch_compile: str | None = None, process_group: Any = None,
              step_dispatch: Any = UNSET, **overrides: Any) -> FastCacheModule:
     """Rewrite ``model`` so every transformer block is a guarded conditional with a fallback.
@@ -253,10 +254,9 @@ def calibrate(opt: Any) -> Iterator[None]:
         if rec.steps == 0:
             raise RuntimeError("calibrate(): the model was not called inside the `with` block; run a few sampling loops")
         if repeated:
-            raise RuntimeError("calibrate(): a call repeated the previous call's timestep and input (classifier-free "
-                               "guidance as two calls per step?), so the recorded steps mix both branches and nothing "
-                               "was fitted; run each branch in opt.cache_context('cond') / ('uncond') (the first "
-                               "context is the one recorded) or batch them into one call")
+            raise RuntimeError(repeat_message("calibrate() would fit both branches' calls as one sequence: nothing was "
+                                              "fitted (with cache contexts, calibrate records the first context "
+                                              "called inside it)"))
         _fit(opt, rec, cfg)
 
 

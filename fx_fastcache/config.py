@@ -95,7 +95,8 @@ class FastCacheConfig:
         token_merge_k: K nearest neighbours for the spatial density of token merging.
         token_merge_lambda: λ weighting temporal saliency in token importance.
         num_stages: Stages of the token-merging pyramid.
-        merge_ratio: Fraction of tokens kept after merging (1.0 = no merging).
+        merge_ratio: Fraction of tokens kept after merging (1.0, the default, merges nothing: with
+            ``enable_token_merge=True`` it is refused).
         span: How blocks are guarded: ``"auto"`` (consecutive blocks that always share their
             decision form one span = one ``cond``, with the fallback state at the span boundary;
             see ``passes/group_spans.py``) or ``"block"`` (one guard and one state per block).

@@ -95,8 +95,10 @@ def _first_arg(module: nn.Module) -> str:
 
 
 #: Argument names taken as the timestep of a model that is no registered family, first match wins
-#: (the ONNX runner reads its exported input by the same list).
-TIMESTEP_ARGS = ("timestep", "timesteps", "t", "sigma", "sigmas", "time", "noise_level")
+#: (the ONNX runner reads its exported input by the same list).  Not ``t`` / ``time``: flow-matching
+#: research code often runs those *up* (0 → 1), which the generation rule reads as a new generation
+#: at every call.
+TIMESTEP_ARGS = ("timestep", "timesteps", "sigma", "sigmas", "noise_level")
 
 
 def _generic_spec(model: nn.Module, paths: list[str | BlockListSpec]) -> FamilySpec:

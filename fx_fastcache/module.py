@@ -26,6 +26,7 @@ from .fallbacks import FALLBACKS
 from .families import FamilySpec, block_modules, resolve_family
 from .markers import marked
 from .policies import POLICIES
+from .runtime.clock import repeat_message
 from .runtime.distributed import as_process_group, parallel_signature, process_group_of
 from .runtime.generation import scalar_timestep, starts_generation_host
 from .runtime.store import CalibrationStore
@@ -85,7 +86,7 @@ class FastCacheModule(nn.Module):
     """The optimized model: same forward signature and outputs as the original."""
 
     def __init__(self, model: nn.Module, config: FastCacheConfig, backend: str = "inductor",
-                 blocks: str | list[str] | None = None, process_group: Any = None) -> None:
+                 blocks: Any = None, process_group: Any = None) -> None:
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not supported; choose one of {BACKENDS}")
@@ -348,22 +349,13 @@ class FastCacheModule(nn.Module):
     def _check_generations(self, entry: CapturedGraph, calls: int) -> None:
         """At a graph's fifth call since the last reset (host reads): warn (once per model) if every
         call so far started a new generation, or if a call repeated the previous one's timestep and
-        input (:mod:`fx_fastcache.runtime.clock`): in both cases nothing is approximated.  A schedule
-        dispatched on the host cannot see repeats (it decides without reading the graph), so there a
-        repeat is an error (a generation that does not start with a reset is checked only once)."""
+        input (:mod:`fx_fastcache.runtime.clock`): in both cases nothing is approximated.  (A schedule
+        dispatched on the host raises on a repeat instead: :class:`StepDispatch` checks each generation.)"""
         clock = entry.clock
         if float(clock.repeats) > 0:
-            msg = ("fx-fastcache: a call repeated the previous call's timestep and input, as classifier-free "
-                   "guidance run as two calls per step (cond, then uncond) does; one cache state cannot serve "
-                   "both branches, so %s. Batch the branches into one call, run each in "
-                   "opt.cache_context('cond') / opt.cache_context('uncond') (one state each), or use "
-                   "fastcache.enable_fastcache(pipe) for a diffusers pipeline.")
-            if self.dispatching() and dispatch_decide_mode(self.fastcache_config) == "host":
-                raise RuntimeError(msg % "the schedule dispatched on the host gave the second branch the first "
-                                   "one's cache (call fastcache.reset(model) after fixing the calls)")
             if not self._warned_repeat:
                 self._warned_repeat = True
-                logger.warning(msg, "nothing is approximated after such a call until the next generation")
+                logger.warning(repeat_message("nothing is approximated after such a call until the next generation"))
         elif float(clock.generations) >= calls and float(clock.calls) >= calls and not self._warned_every_call:
             self._warned_every_call = True
             logger.warning(

@@ -60,7 +60,7 @@ class PipelineFastCache(FastCacheModule):
     ``opt.cache_context(name)``, keeps one state per branch."""
 
     def __init__(self, model: nn.Module, config: FastCacheConfig, backend: str = "inductor",
-                 blocks: str | list[str] | None = None, process_group: Any = None) -> None:
+                 blocks: Any = None, process_group: Any = None) -> None:
         super().__init__(model, config, backend=backend, blocks=blocks, process_group=process_group)
         object.__setattr__(self, "_primary_context", None)
         object.__setattr__(self, "_active", None)
@@ -109,6 +109,10 @@ class PipelineFastCache(FastCacheModule):
         return d
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self._call_lock:  # the context swap and a dispatched call are one call too: one at a time
+            return self._forward_in_context(*args, **kwargs)
+
+    def _forward_in_context(self, *args: Any, **kwargs: Any) -> Any:
         name = self._context_name()
         if self._states.live is not None and name != self._states.live:
             logger.debug("fx-fastcache: cache context %r -> %r", self._states.live, name)
@@ -128,7 +132,8 @@ class PipelineFastCache(FastCacheModule):
 
     def contexts(self) -> dict[str, dict[tuple, dict[str, torch.Tensor]]]:
         """Per cache context: its state tensors per captured graph (the live ones or its bank)."""
-        names = dict.fromkeys([str(self._primary_context), *self._states.banks])
+        names = dict.fromkeys([*([] if self._primary_context is None else [str(self._primary_context)]),
+                               *self._states.banks])
         if self._states.live is not None:
             names[self._states.live] = None
         return {n: self._states.state(n, self.entries(), self.store) for n in names}
@@ -137,6 +142,8 @@ class PipelineFastCache(FastCacheModule):
         super().reset()
         if "_states" in self.__dict__:
             self._states.clear()  # every context starts fresh at its next call
+            # the next call fixes the primary context again (calibrate records the first one called in it)
+            object.__setattr__(self, "_primary_context", None)
 
     def drop_graphs(self) -> None:
         super().drop_graphs()

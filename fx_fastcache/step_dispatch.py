@@ -48,6 +48,7 @@ from .decision_split import guard_index, guard_spans, resolve_conds, split_at_de
 from .fallbacks import FALLBACKS
 from .policies import POLICIES
 from .quiet import quiet_deepcopy
+from .runtime.clock import repeat_message
 from .runtime.pin import unpin
 
 logger = logging.getLogger(__name__)
@@ -301,6 +302,10 @@ class StepDispatch(nn.Module):
                     self.set_table(None)  # a plan fitted or changed since (the in-graph guards read it at once too)
                 pattern = self.pattern_for_step(self.step)
                 out = self._variant(entry, pattern)(**kw)
+                if self.step == 1 and float(entry.clock.repeats) > 0:  # one read per generation, at its 2nd call
+                    raise RuntimeError(repeat_message("the schedule dispatched on the host, which cannot see the "
+                                                      "repeat, gave the second branch the first one's cache; call "
+                                                      "fastcache.reset(model) after fixing the calls"))
                 if self.step > 0 and self.step >= len(self._table) and self._started_generation(entry):
                     self.reset_host()  # this call was step 0 of the next generation; counted below
             else:

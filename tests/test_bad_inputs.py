@@ -82,9 +82,16 @@ def test_nan_timestep_starts_a_new_generation():
 
 
 # -- threads -------------------------------------------------------------------------------------
-def test_concurrent_first_calls_capture_once_and_both_succeed():
+@pytest.mark.parametrize("execution", ["in_graph", "step_dispatch"])
+def test_concurrent_first_calls_capture_once_and_both_succeed(execution):
+    """Under step dispatch the call lock was skipped (the dispatcher was called directly)."""
     tm = make_tiny("tiny-dit")
-    opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False)
+    opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False, execution=execution,
+                             **({"dispatch_compile": "eager"} if execution == "step_dispatch" else {}))
+    owned = []  # whether the call lock is held while the dispatcher runs
+    if execution == "step_dispatch":
+        dispatcher = opt._dispatcher
+        opt._dispatcher = lambda *a, **k: (owned.append(opt._call_lock._is_owned()), dispatcher(*a, **k))[1]
     kw = tm.make_inputs(1000.0, 2)
     results, errors = [], []
     barrier = threading.Barrier(2)
@@ -104,6 +111,7 @@ def test_concurrent_first_calls_capture_once_and_both_succeed():
         th.join(timeout=300)
     assert not errors, errors
     assert len(results) == 2 and len(opt.entries()) == 1
+    assert owned == ([True, True] if execution == "step_dispatch" else [])
     with torch.no_grad():
         ref = first(tm.model(**kw))
     for r in results:

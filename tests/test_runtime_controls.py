@@ -136,7 +136,7 @@ def test_cfg_as_two_calls_per_step_approximates_nothing_and_warns(caplog):
                 torch.testing.assert_close(first(opt(**kw)), first(tm.model(**kw)))
     assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] == 0.0
     assert "repeated the previous call's timestep and input" in caplog.text and "cache_context" in caplog.text
-    with torch.no_grad(), pytest.raises(RuntimeError, match="recorded steps mix both branches"):
+    with torch.no_grad(), pytest.raises(RuntimeError, match="would fit both branches' calls as one sequence"):
         with fastcache.calibrate(opt):  # a fit on both branches' calls as one sequence
             for t in TIMESTEPS:
                 for kw in _two_branch_inputs(tm, t):
@@ -210,6 +210,27 @@ def test_per_token_timesteps_use_the_generated_tokens_level():
             opt(**dict(x, timestep=ts))
     assert float(opt.last_entry().clock.t_last) == TIMESTEPS[-1]
     assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] > 0
+
+
+def test_a_model_without_a_timestep_repeats_by_its_input():
+    """Without a timestep the clock counts calls, which never repeat: CFG as two calls on the same
+    input shared one cache, silently."""
+    from fx_fastcache.zoo import CustomDiT
+
+    class NoTimestep(CustomDiT):
+        def forward(self, x, context):
+            return super().forward(x + context, torch.zeros(x.shape[0]))
+
+    torch.manual_seed(0)
+    model = NoTimestep().eval()
+    opt = fastcache.optimize(model, backend="eager", cache_ratio_threshold=1e9)
+    x = torch.randn(2, 10, 4)
+    with torch.no_grad():
+        for step in range(6):
+            for context in (torch.ones(2, 10, 4), torch.zeros(2, 10, 4)):
+                torch.testing.assert_close(opt(x, context), model(x, context))
+            x = x * 0.98
+    assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] == 0.0
 
 
 def test_a_generic_models_timestep_may_be_called_sigma():

@@ -123,6 +123,9 @@ class StepForecastCalibrator(Calibrator):
                            "3 steps (%d); calibrate with full sampling loops", longest)
             return {}
         scale, frac = fit_scale(self.generations, config.warmup_steps, config.max_skip_steps)
+        if self.group is not None:  # every rank replayed its own tokens: one scale (and one verdict) for all
+            total = all_reduce_sum(torch.tensor([scale, frac], dtype=torch.float64, device=self.device), self.group)
+            scale, frac = (float(v) / dist.get_world_size(self.group) for v in total.cpu())
         if frac < CALIBRATION_TARGET:
             # the bisection hit its upper bound: a scale there skips every step it may, which on the
             # longer generations that follow replaces far more than the target (a 4-step calibration
@@ -133,9 +136,6 @@ class StepForecastCalibrator(Calibrator):
                            "ones you will run", longest, config.warmup_steps, config.max_skip_steps, 100 * frac,
                            100 * CALIBRATION_TARGET)
             return {}
-        if self.group is not None:  # every rank replayed its own tokens: one scale for all
-            total = all_reduce_sum(torch.tensor([scale], dtype=torch.float64, device=self.device), self.group)
-            scale = float(total.cpu()[0]) / dist.get_world_size(self.group)
         store_put(store, SCALE_KEY, torch.tensor(scale))
         logger.info("fx-fastcache: step_forecast scale %.3f (calibration generations replace %.0f%% at the default "
                     "threshold)", scale, 100 * frac)

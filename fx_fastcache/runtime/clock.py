@@ -6,7 +6,8 @@ starts (:mod:`fx_fastcache.runtime.generation` holds the rule), and it holds the
 (threshold, warm-up, enable, force-compute) as tensors so that changing them never recompiles.
 
 It also refuses to approximate after a *repeated call*: a call at the previous call's timestep with
-the very same input (exactly equal; without a watched input, the timestep alone).  That is what
+the very same input (exactly equal; without a watched input, the timestep alone; without a
+timestep, the input alone).  That is what
 classifier-free guidance run as two calls per step looks like (cond, then uncond, on the same
 latents): the second call's conditioning differs where the statistic cannot see it (PixArt's and
 Wan's block-0 input depend on the timestep only), and one cache state would hand it the first
@@ -22,6 +23,15 @@ import torch.nn as nn
 
 from ..graph_protocol import Tick
 from .generation import input_jumped, scalar_timestep, starts_generation
+
+
+def repeat_message(consequence: str) -> str:
+    """What a repeated call means and how to fix it (the module warns, step dispatch and calibrate raise)."""
+    return ("fx-fastcache: a call repeated the previous call's timestep and input, as classifier-free guidance run as "
+            "two calls per step (cond, then uncond) does; one cache state cannot serve both branches, so "
+            f"{consequence}. Batch the branches into one call, run each in opt.cache_context('cond') / "
+            "opt.cache_context('uncond') (one state each), or use fastcache.enable_fastcache(pipe) for a diffusers "
+            "pipeline.")
 
 
 class Clock(nn.Module):
@@ -59,7 +69,10 @@ class Clock(nn.Module):
             # a fresh tensor, not a view of the input: cond operands must not alias each other
             t_eff = scalar_timestep(t) * 1.0
         new_gen = starts_generation(t_eff, self.t_last, self.step)
-        same = t_eff == self.t_last
+        if t is not None:
+            same = t_eff == self.t_last
+        else:  # no timestep (t_eff counts calls down): a repeat is the same input again, if one is watched
+            same = torch.full((), x is not None, dtype=torch.bool, device=self.step.device)
         if x is not None:
             new_gen = new_gen | input_jumped(x, self.x_last)
             same = same & (x == self.x_last).all()
