@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch._dynamo.utils as dynamo_utils
 import torch.fx as fx
-from conftest import FAMILIES, family_policy_cases
+from conftest import family_policy_cases
 
 import fx_fastcache as fastcache
 from fx_fastcache.decision_split import split_at_decisions

@@ -7,11 +7,10 @@ starts (:mod:`fx_fastcache.runtime.generation` holds the rule), and it holds the
 
 It also refuses to approximate after a *repeated call*: a call at the previous call's timestep with
 the very same input (exactly equal; without a watched input, the timestep alone; without a
-timestep, the input alone).  That is what
-classifier-free guidance run as two calls per step looks like (cond, then uncond, on the same
-latents): the second call's conditioning differs where the statistic cannot see it (PixArt's and
-Wan's block-0 input depend on the timestep only), and one cache state would hand it the first
-call's residual, i.e. drop the guidance.  So from the first repeat until the next generation every
+timestep, the input alone).  That is what classifier-free guidance run as two calls per step looks
+like (cond, then uncond, on the same latents): the second call's conditioning differs where the
+statistic cannot see it (PixArt's and Wan's block-0 input depend on the timestep only), and one
+cache state would hand it the first call's residual, i.e. drop the guidance.  So from the first repeat until the next generation every
 call computes (counted in ``repeats``, which the module turns into one warning); each branch needs
 its own state: a batched call, or ``opt.cache_context(name)`` per branch.  Samplers that evaluate a
 timestep twice on *different* latents (Heun) are not repeats.
