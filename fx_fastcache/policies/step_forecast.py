@@ -17,8 +17,9 @@ generations replace :data:`CALIBRATION_TARGET` of their steps; ``scale = τ /
 REFERENCE_THRESHOLD``.  The decider tests ``d ≤ cache_ratio_threshold · scale``, so after
 calibration the default threshold (0.07) means "about 55 % replaced" on every model, and other
 thresholds scale from there.  Uncalibrated, ``scale = 1`` (raw threshold; logged once).  Under
-context parallelism each rank replays its own tokens; the ranks' scales are averaged so that every
-rank holds the same one.
+context parallelism every rank gathers the probes of all ranks and replays the rule on all tokens,
+as one process would (exactly, unless a rank's probe exceeds :data:`MAX_PROBE_VALUES` and is
+subsampled per rank).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ..calibration import Calibrator, Observation, store_put
-from ..runtime.distributed import all_reduce_sum, norm_ratio
+from ..runtime.distributed import norm_ratio
 from ..runtime.state_ops import assign, forecast_slope, shift
 from .base import Decider, Policy
 
@@ -122,10 +123,15 @@ class StepForecastCalibrator(Calibrator):
             logger.warning("fx-fastcache: step_forecast scale not fitted: the calibration generations had fewer than "
                            "3 steps (%d); calibrate with full sampling loops", longest)
             return {}
-        scale, frac = fit_scale(self.generations, config.warmup_steps, config.max_skip_steps)
-        if self.group is not None:  # every rank replayed its own tokens: one scale (and one verdict) for all
-            total = all_reduce_sum(torch.tensor([scale, frac], dtype=torch.float64, device=self.device), self.group)
-            scale, frac = (float(v) / dist.get_world_size(self.group) for v in total.cpu())
+        gens = self.generations
+        if self.group is not None:
+            # each rank recorded its own tokens; the run-time statistic is over all of them, so every rank
+            # replays on all of them (averaging per-rank fits gave another scale than one process)
+            parts: list = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(parts, [us for _, us in gens], group=self.group)
+            gens = [(ts, [torch.cat([p[g][i] for p in parts], dim=1) for i in range(len(us))])
+                    for g, (ts, us) in enumerate(gens)]
+        scale, frac = fit_scale(gens, config.warmup_steps, config.max_skip_steps)
         if frac < CALIBRATION_TARGET:
             # the bisection hit its upper bound: a scale there skips every step it may, which on the
             # longer generations that follow replaces far more than the target (a 4-step calibration
