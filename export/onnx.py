@@ -31,11 +31,10 @@ import torch.nn as nn
 from fx_fastcache.passes.explicit_state import ExplicitStateSpec, explicit_state
 
 from fx_fastcache.module import FastCacheModule, calibration_conflict
-from fx_fastcache.policies import POLICIES
 from fx_fastcache.quiet import library_noise_silenced
 
 from .onnx_fixes import drop_noop_squeezes, rewrite_bool_masked_fills
-from .schedule import Schedule, apply_schedule, optimize_with_schedule
+from .schedule import Schedule, apply_schedule, check_compatible, optimize_with_schedule, replay_config
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +93,7 @@ def stateless_module(model: nn.Module, schedule: Schedule, example_inputs: dict[
 
 def _stateless(model: nn.Module, schedule: Schedule, example_inputs: dict[str, Any]):
     """:func:`stateless_module` and the name of the input the graph's clock watches (``None``: none)."""
-    if isinstance(model, FastCacheModule) and POLICIES[model.fastcache_config.policy].exportable:
-        apply_schedule(model, schedule)  # checks model and blocks, installs the table
+    if isinstance(model, FastCacheModule) and _replays(model, schedule):
         cfg = model.fastcache_config
         if cfg.enable_token_routing or cfg.enable_token_merge:
             raise ValueError("export supports block skipping only; optimize with enable_token_routing=False and "
@@ -112,6 +110,21 @@ def _stateless(model: nn.Module, schedule: Schedule, example_inputs: dict[str, A
     spec.dropped_squeezes = drop_noop_squeezes(gm)
     spec.rewritten_bool_fills = rewrite_bool_masked_fills(gm)
     return gm, spec, _clock_stream_input(entry, spec)
+
+
+def _replays(model: FastCacheModule, schedule: Schedule) -> bool:
+    """Whether ``model`` already replays ``schedule`` (its replay config and table), so its captured graph
+    can be exported as it is.  Any other model is left alone and re-optimized: installing the schedule
+    on it switched a caller's ``planned`` model to ``policy="schedule"`` (or another table), silently."""
+    check_compatible(schedule, model.model, model.block_names())
+    cfg = model.fastcache_config
+    ignored = ("cache_ratio_threshold", "significance_level", "target_fraction")  # a table replay reads none
+    if cfg != replay_config(schedule).replace(**{k: getattr(cfg, k) for k in ignored}):
+        return False
+    have, table = model.installed_schedule(), schedule.tensor()
+    nz = table.any(dim=1).nonzero()
+    table = table[: int(nz.max()) + 1] if len(nz) else table[:1]  # trimmed as installed_schedule trims
+    return have is not None and torch.equal(have, table)
 
 
 def _clock_stream_input(entry, spec: ExplicitStateSpec) -> str | None:

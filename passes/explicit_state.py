@@ -209,7 +209,9 @@ def explicit_state(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule
     clock = next(n for n in g.nodes if n.op == "call_module" and n.target == ctx.clock)
     ts = clock.args[0]  # the clock's only input: the model's timestep
     with g.inserting_before(clock):
-        t0 = g.call_function(torch.ops.aten.select.int, (g.call_function(torch.ops.aten.reshape.default, (ts, [-1])), 0, 0))
+        # the largest entry, as the clock reads it (runtime.generation.scalar_timestep)
+        t0 = g.call_function(torch.ops.aten.amax.default,
+                             (g.call_function(torch.ops.aten.reshape.default, (ts, [-1])), [0]))
         t_eff = g.call_function(torch.ops.aten._to_copy.default, (t0,), {"dtype": torch.float32})
         new_gen = g.call_function(torch.ops.aten.full.default, ([], False), {"dtype": torch.bool})
     for u in list(clock.users):

@@ -341,3 +341,33 @@ def test_cli_export_onnx_refuses_a_fitted_fallback_without_calibration(calibrate
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "fallback='residual_linear'" in err and "--calibration" in err
     assert not out.exists()
+
+
+def test_per_sample_timesteps_use_the_largest_entry_like_the_clock(tiny_dit_export, tmp_path):
+    """The exported graph read the timestep's first entry, the clock its largest: with the first entry
+    at 0 (a conditioning frame) the export's forecast lost its slope in t (0.099 off)."""
+    tm, sched, _ = tiny_dit_export
+
+    def inputs(t):
+        return dict(tm.make_inputs(1000.0, 2), timestep=torch.tensor([0.0, float(t)]))
+
+    ex = export_onnx(tm.model, sched, inputs(1000.0), tmp_path / "per-sample.onnx")
+    ts = torch.linspace(1000.0, 0.0, sched.steps + 1)[:-1].tolist()
+    with torch.no_grad():
+        ref = [optimize_with_schedule(tm.model, sched)] + [OnnxRunner(ex.path)]
+        outs = [[m(**inputs(t))[0] for t in ts] for m in ref]
+    for step, (r, g) in enumerate(zip(*outs)):
+        assert float((r - g).abs().max()) <= 1e-3, step
+
+
+def test_export_leaves_the_given_model_as_it_was(tiny_dit_export, tmp_path):
+    """Exporting a planned model with a schedule installed that schedule on it: it came back as
+    policy="schedule" with warm-up 0, and configure(target_fraction=...) no longer changed anything."""
+    tm, sched, _ = tiny_dit_export
+    opt = fastcache.optimize(tm.model, backend="eager", policy="planned", target_fraction=0.5)
+    with fastcache.calibrate(opt), torch.no_grad():
+        for _ in range(2):
+            tiny_loop(opt, tm, sched.steps)
+    before, table = opt.fastcache_config, opt.installed_schedule().clone()
+    export_onnx(opt, sched, tm.make_inputs(1000.0, 2), tmp_path / "planned.onnx")
+    assert opt.fastcache_config == before and torch.equal(opt.installed_schedule(), table)
