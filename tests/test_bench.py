@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 
 import pytest
@@ -73,8 +74,16 @@ def test_parse_peers_and_none():
     ("planned/forecast:search=1:search_images=1", ["search_images=1", "N >= 2"]),
     ("planned/forecast:search_images=32", ["search_images=N", "add ':search=1'"]),
     ("diffusers_fbc:warmup=2", ["only to FastCache"]),
+    # found by running a sweep: these failed at the method's turn, or ran with other settings than recorded
+    ("diffusers_magcache:max_skip=1.5", ["'max_skip' takes an integer", "'1.5'"]),
+    ("diffusers_magcache:retention=inf", ["'retention' takes a fraction in [0, 1]", "'inf'"]),
+    ("diffusers_taylorseer:order=nan", ["'order' takes an integer", "'nan'"]),
+    ("none:warmup=3", ["takes no options"]),
+    ("step_forecast/forecast:protect=34", ["':protect' re-plans", "planned/forecast:protect=DB"]),
+    ("chi2/forecast:drift=1", ["at threshold", "drift_correction"]),
 ], ids=["bad-fallback", "bad-name", "bad-option", "bad-protect", "bad-drift", "bad-search", "bad-search-images",
-        "search-images-alone", "peer-option"])
+        "search-images-alone", "peer-option", "fractional-count", "inf-fraction", "nan-order", "none-options",
+        "protect-not-planned", "drift-per-block"])
 def test_parse_method_errors_name_the_value(spec, words):
     with pytest.raises(ValueError) as e:
         parse_method(spec)
@@ -118,19 +127,22 @@ def test_merge_refuses_different_settings():
 
 
 @pytest.mark.slow
-def test_bench_cli_smoke(tmp_path, capsys):
+def test_bench_cli_smoke(tmp_path, capsys, caplog):
     from fx_fastcache.cli.main import main
 
-    rc = main(["bench", "--model", "dit-mnist", "--images", "2", "--steps", "2", "--calib-images", "1",
-               "--timing-images", "1", "--methods", "none,step_forecast/forecast,diffusers_fbc",
-               "--thresholds", "0,1000", "--out", str(tmp_path), "--stem", "smoke"])
+    with caplog.at_level(logging.WARNING, logger="fx_fastcache"):
+        rc = main(["bench", "--model", "dit-mnist", "--images", "2", "--steps", "2", "--calib-images", "1",
+                   "--timing-images", "1", "--methods", "none,step_forecast/forecast,diffusers_fbc,chi2/residual_linear",
+                   "--thresholds", "0,1000", "--out", str(tmp_path), "--stem", "smoke"])
     assert rc == 0
+    # the bench calibrates its fitted fallbacks: it captured before that and warned they were uncalibrated
+    assert not any("is uncalibrated" in r.getMessage() for r in caplog.records)
     for ext in ("json", "md", "png"):
         assert (tmp_path / f"smoke.{ext}").stat().st_size > 0
     assert not (tmp_path / "smoke.partial.json").exists()
     res = json.loads((tmp_path / "smoke.json").read_text())
     runs = {(r["method"], r["threshold"]): r for r in res["runs"]}
-    assert len(res["runs"]) == 5
+    assert len(res["runs"]) == 7
     none = runs[("none", None)]
     assert none["psnr_mean"] == 100.0 and none["replaced_fraction"] == 0.0
     exact = runs[("fastcache[step_forecast/forecast]", 0.0)]

@@ -20,6 +20,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 import fx_fastcache as fastcache
+from fx_fastcache.config import FastCacheConfig
 from fx_fastcache.fallbacks import FALLBACKS
 from fx_fastcache.families import block_modules, resolve_family
 from fx_fastcache.policies import POLICIES
@@ -57,6 +59,8 @@ PEER_OPTIONS: dict[str, dict[str, float]] = {
     "diffusers_taylorseer": {"order": 1, "before": 3},
     "diffusers_magcache": {"max_skip": 3, "retention": 0.2},
 }
+#: Peer options that are fractions in [0, 1] (the others are counts: integers >= 0).
+FRACTION_OPTIONS = frozenset({"retention"})
 #: Policies whose named method implies a fallback (the classic methods).
 #: Peers' rules that run inside our framework, with the peer's own fallback (Policy.peer_fallback).
 CLASSIC = {name: p.peer_fallback for name, p in POLICIES.items() if p.peer_fallback}
@@ -188,6 +192,8 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
                          f"not run; add ':search=1' or ':search=worst_quarter'")
     thr = tuple(float(t) for t in thresholds) if thresholds else None
     if head == "none":
+        if opts:
+            raise ValueError(f"method {spec!r}: the uncached baseline takes no options")
         return Method("none", "none")
     if head in PEERS:
         allowed = PEER_OPTIONS.get(head, {})
@@ -198,6 +204,10 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
                 num = float(val)
             except ValueError:
                 num = None
+            if key in allowed and num is not None and not (
+                    0 <= num <= 1 if key in FRACTION_OPTIONS else num >= 0 and num == int(num) and num != math.inf):
+                kind = "a fraction in [0, 1]" if key in FRACTION_OPTIONS else "an integer >= 0"
+                raise ValueError(f"method {spec!r}: option {key!r} takes {kind}, got {val!r}")
             if key not in allowed or num is None or num < 0:
                 if not allowed:
                     raise ValueError(f"method {spec!r}: options apply only to FastCache methods and "
@@ -231,9 +241,27 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     if search:
         name += "(searched" + ("" if search == "mean" else f" {search}") + (
             "" if search_images == SEARCH_SEEDS else f", {search_images} images") + ")"
-    return Method(name, "fastcache", policy, fallback, thr or DEFAULT_THRESHOLDS.get(policy, (0.1,)), w, max_skip,
-                  sensitivity=sensitivity, protect=protect, drift=drift,
-                  search=search, search_images=search_images)
+    method = Method(name, "fastcache", policy, fallback, thr or DEFAULT_THRESHOLDS.get(policy, (0.1,)), w, max_skip,
+                    sensitivity=sensitivity, protect=protect, drift=drift,
+                    search=search, search_images=search_images)
+    _check_configs(spec, method)
+    return method
+
+
+def _check_configs(spec: str, m: Method) -> None:
+    """Refuse a FastCache method whose configs cannot exist before any image is generated (they failed
+    at that method's turn in the sweep, after the uncached baseline and the other methods)."""
+    if m.protect is not None and m.policy != "planned":
+        raise ValueError(f"method {spec!r}: ':protect' re-plans the steps of a planned method; use "
+                         f"planned/{m.fallback}:protect=DB")
+    sweep = POLICIES[m.policy].sweep_field
+    for value in m.thresholds:
+        try:
+            FastCacheConfig(policy=m.policy, fallback=m.fallback, warmup_steps=m.warmup_steps,
+                            max_skip_steps=m.max_skip_steps, drift_correction="flow_euler" if m.drift else "none",
+                            **{sweep: value})
+        except ValueError as e:
+            raise ValueError(f"method {spec!r} at threshold {value:g}: {e}") from None
 
 
 def _option_given(opts: Sequence[str], key: str) -> bool:
@@ -341,8 +369,6 @@ class _FastCacheRunner:
         self.protected: list[int] | None = None  # the steps protect_steps made always compute
         self.protect_seeds: list[int] | None = None  # its first and last calibration seed
         self.searched: dict[float, list[int]] | None = None  # search_plan's computed steps per fraction
-        for n in {len(s.classes), len(s.t_classes)} - {0}:  # capture outside every timed run
-            self.opt.capture(**_batch_kwargs(s.tm, n))
         if m.needs_calibration:
             t0 = time.perf_counter()
             with fastcache.calibrate(self.opt):
@@ -359,6 +385,9 @@ class _FastCacheRunner:
                 self.searched = fastcache.search_plan(self.opt, self._generate(s, seeds), fractions=m.thresholds,
                                                       data_range=2.0, objective=m.search)
             self.calib_s = time.perf_counter() - t0
+        # capture outside every timed run; after calibrating, or a fitted fallback warns it is uncalibrated
+        for n in {len(s.classes), len(s.t_classes)} - {0}:
+            self.opt.capture(**_batch_kwargs(s.tm, n))
 
     def _generate(self, s: _Setup, seeds: list[int]):
         """``generate()`` for ``protect_steps`` / ``search_plan``: the images of ``seeds`` (classes 0-9 in turn)."""
