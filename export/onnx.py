@@ -31,6 +31,7 @@ import torch.nn as nn
 from fx_fastcache.passes.explicit_state import ExplicitStateSpec, explicit_state
 
 from fx_fastcache.module import FastCacheModule, calibration_conflict
+from fx_fastcache.policies.schedule import trim_table
 from fx_fastcache.quiet import library_noise_silenced
 
 from .onnx_fixes import drop_noop_squeezes, rewrite_bool_masked_fills
@@ -121,10 +122,8 @@ def _replays(model: FastCacheModule, schedule: Schedule) -> bool:
     ignored = ("cache_ratio_threshold", "significance_level", "target_fraction")  # a table replay reads none
     if cfg != replay_config(schedule).replace(**{k: getattr(cfg, k) for k in ignored}):
         return False
-    have, table = model.installed_schedule(), schedule.tensor()
-    nz = table.any(dim=1).nonzero()
-    table = table[: int(nz.max()) + 1] if len(nz) else table[:1]  # trimmed as installed_schedule trims
-    return have is not None and torch.equal(have, table)
+    have = model.installed_schedule()
+    return have is not None and torch.equal(have, trim_table(schedule.tensor()))
 
 
 def _clock_stream_input(entry, spec: ExplicitStateSpec) -> str | None:

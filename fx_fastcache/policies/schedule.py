@@ -41,14 +41,18 @@ def install_table(store, blocks: list[str], table: torch.Tensor, device: torch.d
     store.table_version += 1
 
 
+def trim_table(table: torch.Tensor) -> torch.Tensor:
+    """``table`` without the rows after its last skipping step (at least one row)."""
+    nz = table.any(dim=1).nonzero()
+    return table[: int(nz.max()) + 1] if len(nz) else table[:1]
+
+
 def read_table(store, blocks: list[str]) -> torch.Tensor | None:
     """The installed table, trimmed after its last skipping step (``None``: none installed)."""
     cols = [store.tensors.get(store_key(name)) for name in blocks]
     if any(c is None for c in cols):
         return None
-    table = torch.stack([c.detach().cpu() for c in cols], dim=1)
-    nz = table.any(dim=1).nonzero()
-    return table[: int(nz.max()) + 1] if len(nz) else table[:1]
+    return trim_table(torch.stack([c.detach().cpu() for c in cols], dim=1))
 
 
 class ScheduleDecider(Decider):
