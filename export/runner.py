@@ -21,9 +21,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from fx_fastcache.families import TIMESTEP_ARGS
+from fx_fastcache.families import timestep_arg
 from fx_fastcache.passes.explicit_state import ExplicitStateSpec
-from fx_fastcache.runtime.generation import input_jumped_host, scalar_timestep, starts_generation_host
+from fx_fastcache.runtime.generation import (input_jumped_host, repeated_call_host, scalar_timestep,
+                                             starts_generation_host)
 
 from .onnx import read_runner_metadata
 from .schedule import Schedule
@@ -79,7 +80,7 @@ class ScheduleRunner:
         self.backend = backend
         self.spec = spec
         self.schedule = schedule
-        self.timestep_input = next((n for n in TIMESTEP_ARGS if n in spec.inputs), None)
+        self.timestep_input = timestep_arg(spec.inputs)
         self.stream_input = stream_input
         self.reset()
 
@@ -122,10 +123,8 @@ class ScheduleRunner:
             self.repeated = False
         else:
             self.step += 1
-            # the clock's repeat rule (fx_fastcache.runtime.clock): the previous call's timestep and
-            # input again (CFG as two calls per step) computes every block until the next generation
-            same_t = t == self.t_last if t is not None else x is not None  # no timestep: the input alone
-            self.repeated = self.repeated or (same_t and (x is None or np.array_equal(x, self.x_last)))
+            # CFG as two calls per step: computes every block until the next generation, as the clock does
+            self.repeated = self.repeated or repeated_call_host(t, self.t_last, x, self.x_last)
         if t is not None:
             self.t_last = t
         if x is not None:

@@ -101,6 +101,11 @@ def _first_arg(module: nn.Module) -> str:
 TIMESTEP_ARGS = ("timestep", "timesteps", "sigma", "sigmas", "noise_level")
 
 
+def timestep_arg(names) -> str | None:
+    """The first of ``names`` (argument or input names) that :data:`TIMESTEP_ARGS` takes as the timestep."""
+    return next((n for n in TIMESTEP_ARGS if n in names), None)
+
+
 def _generic_spec(model: nn.Module, paths: list[str | BlockListSpec]) -> FamilySpec:
     lists = []
     for item in paths:
@@ -122,7 +127,7 @@ def _generic_spec(model: nn.Module, paths: list[str | BlockListSpec]) -> FamilyS
             arg = _first_arg(ml[0])
             lists.append(BlockListSpec(path, (arg,), (arg,)))
     sig = inspect.signature(model.forward).parameters
-    timestep = next((n for n in TIMESTEP_ARGS if n in sig), None)
+    timestep = timestep_arg(sig)
     if timestep is None:
         logger.warning("fx-fastcache: %s.forward has no timestep argument (none of %s): calls are counted as steps, "
                        "the forecast extrapolates in that count, and a new generation is seen only after "

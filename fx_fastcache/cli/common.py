@@ -48,26 +48,24 @@ positive_int = _int_at_least(1)
 non_negative_int = _int_at_least(0)
 
 
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite number >= 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (v >= 0 and v != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return v
+def _finite_float(lo: float | None):
+    """argparse type: a finite number (``nan`` and ``inf`` are refused), >= ``lo`` unless ``None``."""
+    want = "a finite number" + ("" if lo is None else f" >= {lo:g}")
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if not math.isfinite(v) or (lo is not None and v < lo):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return v
+
+    return parse
 
 
-def finite_float(text: str) -> float:
-    """argparse type: a finite number (``nan`` and ``inf`` are refused)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return v
+non_negative_float = _finite_float(0)
+finite_float = _finite_float(None)
 
 
 def model_names() -> list[str]:

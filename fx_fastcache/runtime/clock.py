@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..graph_protocol import Tick
-from .generation import input_jumped, scalar_timestep, starts_generation
+from .generation import input_jumped, repeated_call, scalar_timestep, starts_generation
 
 
 def repeat_message(consequence: str) -> str:
@@ -68,13 +68,10 @@ class Clock(nn.Module):
             # a fresh tensor, not a view of the input: cond operands must not alias each other
             t_eff = scalar_timestep(t) * 1.0
         new_gen = starts_generation(t_eff, self.t_last, self.step)
-        if t is not None:
-            same = t_eff == self.t_last
-        else:  # no timestep (t_eff counts calls down): a repeat is the same input again, if one is watched
-            same = torch.full((), x is not None, dtype=torch.bool, device=self.step.device)
+        # t_eff without a timestep counts calls down: never the same, so only the input can repeat
+        same = repeated_call(t_eff if t is not None else None, self.t_last, x, self.x_last if x is not None else None)
         if x is not None:
             new_gen = new_gen | input_jumped(x, self.x_last)
-            same = same & (x == self.x_last).all()
             self.x_last.copy_(x)
         repeat = (same & ~new_gen).to(self.repeats.dtype)
         repeated = torch.maximum(torch.where(new_gen, torch.zeros_like(self.repeated), self.repeated), repeat)

@@ -16,9 +16,14 @@ carried into the wrong generation gives a silently wrong image.  A call starts a
    what catches a generation aborted mid-way and followed by one starting at a *lower* timestep
    (img2img, a shorter schedule), which the timestep alone would take for a continuation.
 
-Every rule reads the call's timestep through :func:`scalar_timestep`.  The clock applies the rule in the graph (:func:`starts_generation`, :func:`input_jumped`); the
-ONNX runner applies it on the host (:func:`starts_generation_host` and :func:`input_jumped_host`, on
-the input the graph's clock watches); the shape-change check of
+Within a generation, a *repeated call* (:func:`repeated_call`: the previous call's timestep and the very
+same input again, as classifier-free guidance run as two calls per step does) approximates nothing
+until the next generation (:mod:`fx_fastcache.runtime.clock` says why).
+
+Every rule reads the call's timestep through :func:`scalar_timestep`.  The clock applies the rules
+in the graph (:func:`starts_generation`, :func:`input_jumped`, :func:`repeated_call`); the ONNX runner
+applies them on the host (:func:`starts_generation_host`, :func:`input_jumped_host`,
+:func:`repeated_call_host`, on the input the graph's clock watches); the shape-change check of
 :class:`~fx_fastcache.module.FastCacheModule` applies rules 1–3 to host floats; calibration reads
 the graph's flag.
 """
@@ -71,3 +76,27 @@ def input_jumped_host(x: Any, x_last: Any | None) -> bool:
     if x_last is None:
         return False
     return bool(input_jumped(torch.as_tensor(x), torch.as_tensor(x_last)))
+
+
+def repeated_call(t: torch.Tensor | None, t_last: torch.Tensor, x: torch.Tensor | None,
+            x_last: torch.Tensor | None) -> torch.Tensor:
+    """In the graph, a 0-d bool: this call repeats the previous one (the caller excludes a new
+    generation).  Same timestep (``t`` ``None``: the model has none, so the input alone decides) and
+    an input exactly equal to the previous one (``x`` ``None``: no watched input, the timestep alone)."""
+    if t is not None:
+        same = t == t_last
+    else:
+        same = torch.full((), x is not None, dtype=torch.bool, device=t_last.device)
+    if x is not None:
+        same = same & (x == x_last).all()
+    return same
+
+
+def repeated_call_host(t: float | None, t_last: float | None, x: Any | None, x_last: Any | None) -> bool:
+    """:func:`repeated_call` on the host (arrays as in :func:`input_jumped_host`; ``t_last`` / ``x_last``
+    ``None``: no previous call).  It runs :func:`repeated_call` itself, so the runner and the graph agree."""
+    if (t is not None and t_last is None) or (x is not None and x_last is None):
+        return False
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731 - the clock's timestep dtype
+    xs = (torch.as_tensor(x), torch.as_tensor(x_last)) if x is not None else (None, None)
+    return bool(repeated_call(None if t is None else f32(t), f32(0.0 if t_last is None else t_last), *xs))
