@@ -78,11 +78,12 @@ def test_parse_peers_and_none():
     ("diffusers_magcache:max_skip=1.5", ["'max_skip' takes an integer", "'1.5'"]),
     ("diffusers_magcache:retention=inf", ["'retention' takes a fraction in [0, 1]", "'inf'"]),
     ("diffusers_taylorseer:order=nan", ["'order' takes an integer", "'nan'"]),
+    ("diffusers_magcache:max_skip=inf", ["'max_skip' takes an integer", "'inf'"]),
     ("none:warmup=3", ["takes no options"]),
     ("step_forecast/forecast:protect=34", ["':protect' re-plans", "planned/forecast:protect=DB"]),
     ("chi2/forecast:drift=1", ["at threshold", "drift_correction"]),
 ], ids=["bad-fallback", "bad-name", "bad-option", "bad-protect", "bad-drift", "bad-search", "bad-search-images",
-        "search-images-alone", "peer-option", "fractional-count", "inf-fraction", "nan-order", "none-options",
+        "search-images-alone", "peer-option", "fractional-count", "inf-fraction", "nan-order", "inf-count", "none-options",
         "protect-not-planned", "drift-per-block"])
 def test_parse_method_errors_name_the_value(spec, words):
     with pytest.raises(ValueError) as e:

@@ -20,7 +20,6 @@ Why it is built this way:
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -205,10 +204,10 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
             except ValueError:
                 num = None
             if key in allowed and num is not None and not (
-                    0 <= num <= 1 if key in FRACTION_OPTIONS else num >= 0 and num == int(num) and num != math.inf):
+                    0 <= num <= 1 if key in FRACTION_OPTIONS else num >= 0 and num.is_integer()):  # no nan, inf
                 kind = "a fraction in [0, 1]" if key in FRACTION_OPTIONS else "an integer >= 0"
                 raise ValueError(f"method {spec!r}: option {key!r} takes {kind}, got {val!r}")
-            if key not in allowed or num is None or num < 0:
+            if key not in allowed or num is None:
                 if not allowed:
                     raise ValueError(f"method {spec!r}: options apply only to FastCache methods and "
                                      f"{', '.join(PEER_OPTIONS)}")
