@@ -603,7 +603,8 @@ FOREIGN_HOOKS = {
 
 def _check_foreign_hooks(model: nn.Module, modules: list[nn.Module]) -> None:
     """Refuse a model carrying diffusers hooks of :data:`FOREIGN_HOOKS` on any of ``modules`` (its
-    submodules, listed once: walking ``model.modules()`` per call cost 3.5 ms on Flux), naming them and the fix."""
+    submodules, listed once: walking ``model.modules()`` per call was 9x slower on a Flux-sized tree, 0.6 against
+    0.07 ms), naming them and the fix."""
     registries = [r for r in (m.__dict__.get("_diffusers_hook") for m in modules) if r is not None]
     if not registries:
         return
