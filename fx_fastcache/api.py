@@ -21,7 +21,7 @@ from .calibration import (
 from .config import FastCacheConfig
 from .fallbacks import FALLBACKS
 from .module import FastCacheModule, calibration_conflict
-from .pipelines import PipelineFastCache, check_drift_sampler
+from .pipelines import check_drift_sampler
 from .policies import POLICIES
 from .runtime.clock import repeat_message
 from .runtime.routing import spatial_counts
@@ -76,7 +76,7 @@ def optimize(model: nn.Module, backend: str = "inductor", config: FastCacheConfi
     config = FastCacheConfig.resolve(config, **overrides)
     # cache contexts on bare models too: a diffusers pipeline running CFG as two calls per step calls
     # transformer.cache_context(...), and so can a hand-written sampler loop
-    opt = PipelineFastCache(model, config, backend=backend, blocks=blocks, process_group=process_group)
+    opt = FastCacheModule(model, config, backend=backend, blocks=blocks, process_group=process_group)
     opt.set_execution(execution, dispatch_compile, step_dispatch)
     if example_inputs is not None:
         if not isinstance(example_inputs, dict):

@@ -1,15 +1,23 @@
-"""``FastCacheModule``: the drop-in wrapper that ``optimize`` returns.
+"""``FastCacheModule``: the drop-in wrapper that ``optimize`` returns and ``enable_fastcache`` installs.
 
 It captures lazily at the first call with the real inputs (like ``torch.compile``), one graph
 per input signature (shapes, dtypes, devices and non-tensor values), runs the pass pipeline
 on it and, for ``backend="inductor"``, compiles it with ``fullgraph=True``.  Everything that
 depends on tensor values happens inside those graphs; the Python side only picks the graph.
+
+Cache contexts (diffusers' ``CacheMixin.cache_context``): a pipeline running classifier-free
+guidance as two calls per step (Flux true-CFG, Wan) names them ``"cond"`` / ``"uncond"``.  Each
+name gets its own run-time state (clock, cached residuals, decider state) on the *same* captured
+graph: :mod:`fx_fastcache.context_state` swaps the state into the graph's buffers in place when
+the context changes, so one export and one compile serve every context.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -22,6 +30,7 @@ from fx_fastcache.passes import PassContext, PassResult, run_pipeline
 from . import graph_protocol as gp
 from .auto_mode import AUTO, UNSET, resolve_execution
 from .config import RUNTIME_FIELDS, FastCacheConfig
+from .context_state import ContextStates
 from .fallbacks import FALLBACKS
 from .families import FamilySpec, block_modules, resolve_family
 from .markers import marked
@@ -40,6 +49,8 @@ BACKENDS = ("inductor", "eager")
 _CAPTURE_LOCK = threading.RLock()
 #: Calls after which a graph checks once whether every call started a new generation.
 GENERATION_CHECK_CALLS = 4
+#: The context of calls made outside any ``cache_context`` when the first call was too.
+DEFAULT_CONTEXT = "default"
 
 
 @dataclass
@@ -116,6 +127,11 @@ class FastCacheModule(nn.Module):
         # StepDispatch per state (pipelines: per cache context), a plain dict (not submodules)
         self._dispatch_mode: str | None = None
         self._dispatchers: dict[str, Any] = {}
+        # cache contexts: the one running (None: outside any), the one fixed by the first call, and
+        # the state banks of the others (plain attributes, not submodules)
+        self._active: str | None = None
+        self._primary_context: str | None = None
+        self._states = ContextStates()
         # execution="auto": decided again when the device or the policy changes; None: a fixed choice,
         # else the dispatch_compile= given with it (None: the rule's)
         self._auto_execution: tuple[str | None] | None = None
@@ -183,6 +199,7 @@ class FastCacheModule(nn.Module):
         state["_last_key"] = None
         state["_recorder"] = None
         state["_process_group"] = None  # a process group belongs to its process; the copy reads the model's
+        state.update(_states=ContextStates(), _active=None, _primary_context=None)  # no banked contexts either
         state.pop("_call_lock", None)
         return state
 
@@ -212,6 +229,7 @@ class FastCacheModule(nn.Module):
         self.graphs = nn.ModuleDict()
         self._last_key = None
         self.__dict__.get("_dispatchers", {}).clear()
+        self._states.clear()
 
     # -- step dispatch --------------------------------------------------------------------
     def set_execution(self, execution: str = AUTO, dispatch_compile: str | None = None,
@@ -256,12 +274,18 @@ class FastCacheModule(nn.Module):
         """The compile mode of step dispatch, or ``None`` when the in-graph guards run (``execution``)."""
         return self._dispatch_mode
 
-    def _dispatcher(self, module: FastCacheModule, key: str = "", reset_state: bool = True) -> Any:
-        """The StepDispatch running ``module`` for state ``key`` (a pipeline's cache context), built once."""
-        d = self._dispatchers.get(key)
+    def _dispatcher(self, context: str) -> StepDispatch:
+        """The StepDispatch of cache context ``context`` (its host step counters), built once; the
+        contexts share the compiled variants."""
+        d = self._dispatchers.get(context)
         if d is None:  # a schedule table is read from the store (fastcache.set_schedule)
-            d = StepDispatch(module, compile_mode=self._dispatch_mode, reset_state=reset_state)
-            self._dispatchers[key] = d
+            other = next(iter(self._dispatchers.values()), None)
+            # a later context joins mid-generation: its StepDispatch must not reset the shared
+            # graph's state (the other contexts' banks, the statistics) as the first one does
+            d = StepDispatch(self, compile_mode=self._dispatch_mode, reset_state=other is None)
+            if other is not None:
+                d._variants, d._splits = other._variants, other._splits
+            self._dispatchers[context] = d
         return d
 
     # -- calls ----------------------------------------------------------------------------
@@ -408,14 +432,54 @@ class FastCacheModule(nn.Module):
         return self._dispatch_mode is not None and not self._force_compute
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with self._call_lock:  # calls from several threads run one after another
-            if self.dispatching():
-                return self._dispatcher(self)(*args, **kwargs)
-            kw, entry = self.prepare_call(args, kwargs)
-            with torch.no_grad():
-                if self._recorder is not None or self._dispatch_mode is not None:
-                    return entry.gm(**kw)  # recording, or calibrating a dispatched model: uncompiled
-                return entry.run(**kw)
+        with self._call_lock:  # calls from several threads, context swaps included, run one after another
+            name = self._context_name()
+            if self._states.live is not None and name != self._states.live:
+                logger.debug("fx-fastcache: cache context %r -> %r", self._states.live, name)
+            self._states.activate(name, self.entries(), self.store)
+            # calibration records the primary context only: the recorder keeps per-block histories
+            # across steps, which interleaved cond/uncond calls would corrupt
+            muted = self._recorder if name != self._primary_context else None
+            if muted is not None:
+                self.set_recorder(None)
+            try:
+                if self.dispatching():
+                    return self._dispatcher(name)(*args, **kwargs)
+                kw, entry = self.prepare_call(args, kwargs)
+                with torch.no_grad():
+                    if self._recorder is not None or self._dispatch_mode is not None:
+                        return entry.gm(**kw)  # recording, or calibrating a dispatched model: uncompiled
+                    return entry.run(**kw)
+            finally:
+                if muted is not None:
+                    self.set_recorder(muted)
+
+    # -- cache contexts -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:
+        """diffusers' ``CacheMixin.cache_context``: calls inside use the state of context ``name``."""
+        prev = self._active
+        self._active = str(name)
+        try:
+            yield
+        finally:
+            self._active = prev
+
+    def _context_name(self) -> str:
+        """The running context.  The first call fixes the primary context: its context, or
+        :data:`DEFAULT_CONTEXT` if it ran outside any; later calls outside any context use it (so a
+        loop running one branch outside a context and the other inside one keeps two states)."""
+        if self._primary_context is None:
+            self._primary_context = DEFAULT_CONTEXT if self._active is None else self._active
+        return self._primary_context if self._active is None else self._active
+
+    def contexts(self) -> dict[str, dict[tuple, dict[str, torch.Tensor]]]:
+        """Per cache context: its state tensors per captured graph (the live ones or its bank)."""
+        names = dict.fromkeys([*([] if self._primary_context is None else [self._primary_context]),
+                               *self._states.banks])
+        if self._states.live is not None:
+            names[self._states.live] = None
+        return {n: self._states.state(n, self.entries(), self.store) for n in names}
 
     # -- capture --------------------------------------------------------------------------
     def capture(self, *args: Any, **kwargs: Any) -> CapturedGraph:
@@ -490,6 +554,9 @@ class FastCacheModule(nn.Module):
         self.__dict__.get("_calls", {}).clear()  # _check_generations looks again in the next generation
         for d in self.__dict__.get("_dispatchers", {}).values():
             d.reset_host()  # a schedule's host step counter cannot see a new generation by itself
+        self._states.clear()  # every context starts fresh at its next call
+        # the next call fixes the primary context again (calibrate records the first one called in it)
+        self._primary_context = None
 
     def configure(self, **changes: Any) -> None:
         """Change config fields; run-time fields update buffers, others force a re-capture."""

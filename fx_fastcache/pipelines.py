@@ -11,10 +11,10 @@ Why the pieces below exist:
   (and Wan's CFG) calls the transformer twice per step with the *same* timestep, once inside
   ``transformer.cache_context("cond")`` and once inside ``cache_context("uncond")``.  One
   FastCache state would count each call as a step and mix the conditional and unconditional
-  caches.  :class:`PipelineFastCache` keeps *one* captured graph per input signature (one
-  export, one compile) and gives each named cache context its own run-time state (clock,
-  cached residuals, decider state), swapped into the graph's buffers in place when the context
-  changes (:mod:`fx_fastcache.context_state`).  Calls outside any context use the context of
+  caches.  :class:`~fx_fastcache.module.FastCacheModule` keeps *one* captured graph per input
+  signature (one export, one compile) and gives each named cache context its own run-time state
+  (clock, cached residuals, decider state), swapped into the graph's buffers in place when the
+  context changes (:mod:`fx_fastcache.context_state`).  Calls outside any context use the context of
   the first call.  No core change was needed: the pipeline already names its calls.
 * **Batched CFG** (DiT, PixArt, SD3 double the batch) needs nothing special: the batch is one
   call per step, decisions are per step and cached tensors hold the whole batch.
@@ -28,11 +28,9 @@ Why the pieces below exist:
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -40,116 +38,12 @@ import torch.nn as nn
 
 from .auto_mode import UNSET
 from .config import FastCacheConfig
-from .context_state import ContextStates
 from .module import FastCacheModule
 from .policies import POLICIES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["enable_fastcache", "disable_fastcache", "PipelineFastCache"]
-
-#: The context of calls made outside any ``cache_context`` when the first call was too.
-DEFAULT_CONTEXT = "default"
-
-
-class PipelineFastCache(FastCacheModule):
-    """A :class:`FastCacheModule` with cache contexts: one graph, one state per ``cache_context`` name.
-
-    ``enable_fastcache`` installs one as ``pipe.transformer``; ``fastcache.optimize`` returns one too,
-    so a model swapped into a pipeline by hand, or a sampler loop running each CFG branch in
-    ``opt.cache_context(name)``, keeps one state per branch."""
-
-    def __init__(self, model: nn.Module, config: FastCacheConfig, backend: str = "inductor",
-                 blocks: Any = None, process_group: Any = None) -> None:
-        super().__init__(model, config, backend=backend, blocks=blocks, process_group=process_group)
-        object.__setattr__(self, "_primary_context", None)
-        object.__setattr__(self, "_active", None)
-        object.__setattr__(self, "_states", ContextStates())  # per-context state banks (not submodules)
-
-    # -- routing by cache context ----------------------------------------------------------
-    @contextlib.contextmanager
-    def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:
-        """diffusers' ``CacheMixin.cache_context``: calls inside use the state of context ``name``."""
-        prev = self._active
-        object.__setattr__(self, "_active", name)
-        try:
-            yield
-        finally:
-            object.__setattr__(self, "_active", prev)
-
-    def _context_name(self) -> str:
-        """The running context.  The first call fixes the primary context: its context, or
-        :data:`DEFAULT_CONTEXT` if it ran outside any; later calls outside any context use it (so a
-        loop running one branch outside a context and the other inside one keeps two states)."""
-        name = self._active
-        if self._primary_context is None:
-            object.__setattr__(self, "_primary_context", DEFAULT_CONTEXT if name is None else name)
-        return str(self._primary_context if name is None else name)
-
-    def __getstate__(self) -> dict[str, Any]:
-        """A copy starts with empty cache state: no banked contexts either."""
-        state = super().__getstate__()
-        state.update(_states=ContextStates(), _active=None, _primary_context=None)
-        return state
-
-    def _context_key(self, module: FastCacheModule) -> str:
-        return self._context_name()
-
-    def _dispatcher(self, module: FastCacheModule, key: str = "", reset_state: bool = True) -> Any:
-        """One StepDispatch per context (host step counters), sharing the compiled variants."""
-        d = self._dispatchers.get(key)
-        if d is None:
-            other = next(iter(self._dispatchers.values()), None)
-            if other is None:
-                return super()._dispatcher(module, key)
-            # a later context joins mid-generation: its StepDispatch must not reset the shared
-            # graph's state (the other contexts' banks, the statistics) as a new one does
-            d = super()._dispatcher(module, key, reset_state=False)
-            d._variants, d._splits = other._variants, other._splits
-        return d
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with self._call_lock:  # the context swap and a dispatched call are one call too: one at a time
-            return self._forward_in_context(*args, **kwargs)
-
-    def _forward_in_context(self, *args: Any, **kwargs: Any) -> Any:
-        name = self._context_name()
-        if self._states.live is not None and name != self._states.live:
-            logger.debug("fx-fastcache: cache context %r -> %r", self._states.live, name)
-        self._states.activate(name, self.entries(), self.store)
-        # calibration records the primary context only: the recorder keeps per-block histories
-        # across steps, which interleaved cond/uncond calls would corrupt
-        muted = self._recorder if name != str(self._primary_context) else None
-        if muted is not None:
-            self.set_recorder(None)
-        try:
-            if self.dispatching():
-                return self._dispatcher(self, name)(*args, **kwargs)
-            return super().forward(*args, **kwargs)
-        finally:
-            if muted is not None:
-                self.set_recorder(muted)
-
-    def contexts(self) -> dict[str, dict[tuple, dict[str, torch.Tensor]]]:
-        """Per cache context: its state tensors per captured graph (the live ones or its bank)."""
-        names = dict.fromkeys([*([] if self._primary_context is None else [str(self._primary_context)]),
-                               *self._states.banks])
-        if self._states.live is not None:
-            names[self._states.live] = None
-        return {n: self._states.state(n, self.entries(), self.store) for n in names}
-
-    def reset(self) -> None:
-        super().reset()
-        if "_states" in self.__dict__:
-            self._states.clear()  # every context starts fresh at its next call
-            # the next call fixes the primary context again (calibrate records the first one called in it)
-            object.__setattr__(self, "_primary_context", None)
-
-    def drop_graphs(self) -> None:
-        super().drop_graphs()
-        if "_states" in self.__dict__:
-            self._states.clear()
-
+__all__ = ["enable_fastcache", "disable_fastcache"]
 
 def _default_steps(call: Any) -> Any:
     """The pipeline's default ``num_inference_steps`` (``None`` if it has none)."""
@@ -167,7 +61,7 @@ def _wrapped_call(original: Any):
     @functools.wraps(original)
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         tr = getattr(self, "transformer", None)
-        if not isinstance(tr, PipelineFastCache):
+        if not isinstance(tr, FastCacheModule):
             raise RuntimeError("pipe.transformer is no longer the FastCache module installed by enable_fastcache; "
                                "call fastcache.disable_fastcache(pipe) before replacing the transformer")
         check_drift_sampler(self, tr.fastcache_config)  # `pipe.scheduler = ...` may have swapped it since enabling
@@ -229,7 +123,7 @@ def check_drift_sampler(pipe: Any, config: FastCacheConfig) -> None:
 def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConfig | None = None,
                      schedule: torch.Tensor | None = None, execution: str = "auto",
                      dispatch_compile: str | None = None, step_dispatch: Any = UNSET,
-                     **overrides: Any) -> PipelineFastCache:
+                     **overrides: Any) -> FastCacheModule:
     """Optimize ``pipe.transformer`` in place; returns the installed module.
 
     Args:
@@ -265,7 +159,7 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
         overrides["policy"] = "schedule"
     config = FastCacheConfig.resolve(config, **overrides)
     check_drift_sampler(pipe, config)
-    opt = PipelineFastCache(tr, config, backend=backend)
+    opt = FastCacheModule(tr, config, backend=backend)
     if schedule is not None:
         opt.install_schedule(schedule)
     opt.set_execution(execution, dispatch_compile, step_dispatch)

@@ -16,7 +16,6 @@ import torch.fx as fx
 from diffusers import FlowMatchHeunDiscreteScheduler
 
 import fx_fastcache as fastcache
-from fx_fastcache.pipelines import PipelineFastCache
 from fx_fastcache.graph_protocol import COND
 from fx_fastcache.step_dispatch import StepDispatch, specialise
 from fx_fastcache.tiny_pipelines import make_tiny_pipeline
@@ -60,7 +59,7 @@ def test_output_matches_uncached_without_approximation(case) -> None:
 
 def test_transformer_config_is_the_models(case) -> None:
     tr = case["tp"].pipe.transformer
-    assert isinstance(tr, PipelineFastCache)
+    assert isinstance(tr, fastcache.FastCacheModule)
     assert tr.config is case["original_tr"].config  # what the pipeline reads (in_channels, ...)
     assert tr.fastcache_config.enable_block_approx is False
 
@@ -175,7 +174,7 @@ def test_enabled_pipeline_pickles_with_fastcache_enabled() -> None:
     fastcache.enable_fastcache(tp.pipe, backend="eager", cache_ratio_threshold=1e6, warmup_steps=WARMUP)
     images = _images(tp.pipe, tp, {})
     twin = pickle.loads(pickle.dumps(tp.pipe))
-    assert type(twin).__name__ == type(tp.pipe).__name__ and isinstance(twin.transformer, PipelineFastCache)
+    assert type(twin).__name__ == type(tp.pipe).__name__ and isinstance(twin.transformer, fastcache.FastCacheModule)
     assert twin.transformer.fastcache_config == tp.pipe.transformer.fastcache_config
     np.testing.assert_array_equal(_images(twin, tp, {}), images)
     assert fastcache.get_cache_statistics(twin)["blocks_approximated"] == (STEPS - WARMUP) * 2
