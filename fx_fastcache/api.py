@@ -21,7 +21,7 @@ from .calibration import (
 from .config import FastCacheConfig
 from .fallbacks import FALLBACKS
 from .module import FastCacheModule, calibration_conflict
-from .pipelines import check_drift_sampler
+from .pipelines import check_drift_sampler, experts
 from .policies import POLICIES
 from .runtime.clock import repeat_message
 from .runtime.routing import spatial_counts
@@ -102,34 +102,47 @@ def _outside_inference_mode(fn: Callable) -> Callable:
     return wrapper
 
 
-def _check(opt: Any) -> FastCacheModule:
+def _experts(opt: Any) -> list[FastCacheModule]:
+    """The optimized modules behind ``opt``: itself, or a pipeline's (Wan 2.2 has two experts)."""
     if isinstance(opt, FastCacheModule):
-        return opt
-    inner = getattr(opt, "transformer", None)  # a diffusers pipeline
-    if isinstance(inner, FastCacheModule):
-        return inner
+        return [opt]
+    mods = experts(opt)  # a diffusers pipeline
+    if mods:
+        return mods
     raise TypeError(f"expected a model returned by fastcache.optimize() (or a pipeline with FastCache enabled), "
                     f"got {type(opt).__name__}")
 
 
+def _check(opt: Any, what: str = "") -> FastCacheModule:
+    """The one optimized module behind ``opt``; a pipeline with two experts names the fix."""
+    mods = _experts(opt)
+    if len(mods) > 1:
+        raise ValueError(f"fastcache.{what}: this {type(opt).__name__} has two transformers (transformer and "
+                         f"transformer_2), each with its own FastCache state and calibration; call "
+                         f"fastcache.{what}(pipe.transformer, ...) and fastcache.{what}(pipe.transformer_2, ...)")
+    return mods[0]
+
+
 def reset(opt: Any) -> None:
     """Forget cached states and statistics (a new generation also resets state automatically)."""
-    _check(opt).reset()
+    for mod in _experts(opt):
+        mod.reset()
 
 
 @_outside_inference_mode
 def configure(opt: Any, **changes: Any) -> None:
     """Change config fields; thresholds and other run-time fields apply without recompiling."""
-    mod = _check(opt)
-    if mod is not opt:  # a pipeline: its scheduler says whether the drift correction applies
-        check_drift_sampler(opt, mod.fastcache_config.replace(**changes))
-    mod.configure(**changes)
+    mods = _experts(opt)
+    if mods[0] is not opt:  # a pipeline: its scheduler says whether the drift correction applies
+        check_drift_sampler(opt, mods[0].fastcache_config.replace(**changes))
+    for mod in mods:
+        mod.configure(**changes)
 
 
 @_outside_inference_mode
 def set_schedule(opt: Any, table: torch.Tensor) -> None:
     """Install a steps × blocks boolean skip table for ``policy="schedule"``."""
-    _check(opt).install_schedule(table)
+    _check(opt, "set_schedule").install_schedule(table)
 
 
 @_outside_inference_mode
@@ -144,7 +157,7 @@ def measure_sensitivity(opt: Any, generate: Callable[[], torch.Tensor],
     the full one.  Trades some mean fidelity for the worst image (docs/BENCHMARKS.md).  Returns the
     per-step weights; they are saved with the calibration.
     """
-    opt = _check(opt)
+    opt = _check(opt, "measure_sensitivity")
     return POLICIES[opt.fastcache_config.policy].measure_sensitivity(opt, generate, metric)
 
 
@@ -161,7 +174,7 @@ def protect_steps(opt: Any, generate: Callable[[], torch.Tensor], floor_db: floa
     max − min).  Protects the worst image at a cost in mean fidelity at high fractions
     (docs/BENCHMARKS.md).  Returns the protected steps; they are saved with the calibration.
     """
-    opt = _check(opt)
+    opt = _check(opt, "protect_steps")
     return POLICIES[opt.fastcache_config.policy].protect_steps(opt, generate, floor_db, data_range)
 
 
@@ -188,14 +201,31 @@ def search_plan(opt: Any, generate: Callable[[], torch.Tensor], fractions: Seque
     ``data_range`` (default: the full output's max − min).  Returns ``{fraction: computed steps}``;
     the plans are saved with the calibration.
     """
-    opt = _check(opt)
+    opt = _check(opt, "search_plan")
     policy = POLICIES[opt.fastcache_config.policy]
     return policy.search_plan(opt, generate, fractions, data_range, max_runs, objective)
 
 
 def get_cache_statistics(opt: Any) -> dict[str, Any]:
-    """Counters read from device (this is the only place they are synchronised)."""
-    opt = _check(opt)
+    """Counters read from device (this is the only place they are synchronised).  For a pipeline with
+    two experts (Wan 2.2) the counts are summed and ``per_block`` lists the second one's blocks as
+    ``transformer_2.<name>``."""
+    mods = _experts(opt)
+    if len(mods) > 1:
+        parts = [_statistics(m) for m in mods]
+        out = dict(parts[0])
+        for k in ("block_evaluations", "blocks_approximated", "calls", "graphs"):
+            out[k] = sum(p[k] for p in parts)
+        out["block_approx_ratio"] = out["blocks_approximated"] / out["block_evaluations"] if out["block_evaluations"] else 0.0
+        out["calibrated"] = all(p["calibrated"] for p in parts)
+        static_tok, all_tok = spatial_counts([g for m in mods for e in m.entries() for g in e.guards])
+        out["spatial_approx_ratio"] = static_tok / all_tok if all_tok else 0.0
+        out["per_block"] = parts[0]["per_block"] + [dict(b, name=f"transformer_2.{b['name']}") for b in parts[1]["per_block"]]
+        return out
+    return _statistics(mods[0])
+
+
+def _statistics(opt: FastCacheModule) -> dict[str, Any]:
     names = opt.block_names()
     skipped = {n: 0.0 for n in names}
     evals = {n: 0.0 for n in names}
@@ -231,9 +261,17 @@ def calibrate(opt: Any) -> Iterator[None]:
 
     What is recorded and fitted belongs to the configured fallback and policy
     (``Fallback.calibrator`` / ``Policy.calibrator``, see :mod:`fx_fastcache.calibration`).
-    ``opt`` is the optimized model or a pipeline with FastCache enabled (its transformer is calibrated).
+    ``opt`` is the optimized model or a pipeline with FastCache enabled (its transformer is calibrated;
+    with two experts, both, each on the steps it runs).
     """
-    opt = _check(opt)
+    mods = _experts(opt)
+    if len(mods) > 1:
+        with contextlib.ExitStack() as stack:
+            for mod in mods:
+                stack.enter_context(calibrate(mod))
+            yield
+        return
+    opt = mods[0]
     cfg = opt.fastcache_config
     calibrators = [c for c in (FALLBACKS[cfg.fallback].calibrator(cfg), POLICIES[cfg.policy].calibrator(cfg))
                    if c is not None]
@@ -275,7 +313,7 @@ def fitted_for(config: dict[str, Any]) -> dict[str, Any]:
 
 def save_calibration(opt: Any, path: str | Path) -> None:
     """Save the fitted tensors with the model's fingerprint and the config (safetensors)."""
-    opt = _check(opt)
+    opt = _check(opt, "save_calibration")
     write_calibration_file(opt.store, path, opt.model, opt.fastcache_config)
 
 
@@ -285,7 +323,7 @@ def load_calibration(opt: Any, path: str | Path) -> None:
 
     The file's tensors replace the model's; what ``search_plan`` fitted (plans marked searched, drift
     dampings) is dropped when the file holds none, so a file saved without a search loads as saved."""
-    opt = _check(opt)
+    opt = _check(opt, "load_calibration")
     saved_cfg, tensors = read_calibration_file(path, opt.model)
     cfg = opt.fastcache_config
     conflict = calibration_conflict(saved_cfg, cfg)

@@ -52,7 +52,7 @@ def choose_step_dispatch(on_cuda: bool, config: Any) -> tuple[str | None, str]:
     """``(step_dispatch, why)`` for ``step_dispatch="auto"`` (see the module docstring)."""
     if not on_cuda:
         return None, "not on CUDA: in-graph guards cost no device sync here"
-    if config.enable_token_routing or (config.enable_token_merge and config.merge_ratio < 1.0):
+    if config.enable_token_routing or config.enable_token_merge:
         return None, "token routing/merging decides per block inside the step"
     if not POLICIES[config.policy].decides_per_step():
         return None, f"policy={config.policy!r} decides per block inside the step"

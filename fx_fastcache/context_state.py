@@ -42,12 +42,13 @@ SHARED = frozenset({"threshold", "warmup", "enabled", "force", "max_skip", "call
 
 
 def swappable_buffers(gm: torch.nn.Module, store: Any) -> list[tuple[str, torch.Tensor]]:
-    """``(qualified name, buffer)`` of every per-context state tensor of a rewritten graph."""
+    """``(qualified name, buffer)`` of every per-context state tensor of a rewritten graph.  Only the
+    FastCache children are walked, not the model's module tree the graph also holds (every context
+    switch calls this: walking the whole graph cost 0.5 ms per call on a Wan-sized tree)."""
     constants = {id(t) for t in store.tensors.values()}
     out = []
-    for mname, mod in gm.named_modules():
-        if not gp.is_state_module(mname):
-            continue
+    states = [(name, child) for name, child in gm.named_children() if gp.is_state_module(name)]
+    for mname, mod in ((q, m) for name, child in states for q, m in child.named_modules(prefix=name)):
         keep = set(getattr(mod, "_persistent_state", ()))
         for bname, buf in mod.named_buffers(recurse=False):
             if bname in SHARED or bname in keep or id(buf) in constants:

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from fx_fastcache.passes import PassContext, PassResult, run_pipeline
+from fx_fastcache.passes.find_blocks import BlocksNotCalled
 
 from . import graph_protocol as gp
 from .auto_mode import AUTO, UNSET, resolve_execution
@@ -34,6 +35,7 @@ from .context_state import ContextStates
 from .fallbacks import FALLBACKS
 from .families import FamilySpec, block_modules, resolve_family
 from .markers import marked
+from .model_watch import ModelWatch
 from .policies import POLICIES
 from .runtime.clock import repeat_message
 from .runtime.distributed import as_process_group, parallel_signature, process_group_of
@@ -49,6 +51,8 @@ BACKENDS = ("inductor", "eager")
 _CAPTURE_LOCK = threading.RLock()
 #: Calls after which a graph checks once whether every call started a new generation.
 GENERATION_CHECK_CALLS = 4
+#: Captured graphs of one model at which a warning says that each input signature captures another.
+GRAPHS_WARNING = 8
 #: The context of calls made outside any ``cache_context`` when the first call was too.
 DEFAULT_CONTEXT = "default"
 
@@ -93,6 +97,10 @@ def _describe(v: Any) -> Any:
     return ("V", repr(v))
 
 
+class _Uncached(Exception):
+    """Raised by :meth:`FastCacheModule.prepare_call` for a call whose inputs skip blocks; caught by ``forward``."""
+
+
 class FastCacheModule(nn.Module):
     """The optimized model: same forward signature and outputs as the original."""
 
@@ -117,9 +125,12 @@ class FastCacheModule(nn.Module):
         self._recorder: Any = None
         self._force_compute = False
         self._warned_uncalibrated = False
-        self._warned_no_grad = False
+        self._grad_checked = False
         self._warned_repeat = self._warned_every_call = False  # _check_generations warns once each
         self._moves_after_capture = 0  # device/dtype changes that dropped captured graphs
+        self._watch: ModelWatch | None = None  # the module tree the graphs were captured from
+        self._uncached: set[tuple] = set()  # input signatures whose calls skip blocks: they run the model itself
+        self._warned_changed = False
         self._call_lock = threading.RLock()  # one call at a time: the cache state is one generation's
         self._calls: dict[tuple, int] = {}  # host-side call count per graph (for the one-time generation check)
         self.record_passes = False
@@ -200,6 +211,8 @@ class FastCacheModule(nn.Module):
         state["_recorder"] = None
         state["_process_group"] = None  # a process group belongs to its process; the copy reads the model's
         state.update(_states=ContextStates(), _active=None, _primary_context=None)  # no banked contexts either
+        state["_watch"] = None
+        state["_uncached"] = set()
         state.pop("_call_lock", None)
         return state
 
@@ -230,6 +243,8 @@ class FastCacheModule(nn.Module):
         self._last_key = None
         self.__dict__.get("_dispatchers", {}).clear()
         self._states.clear()
+        self._watch = None
+        self._uncached.clear()
 
     # -- step dispatch --------------------------------------------------------------------
     def set_execution(self, execution: str = AUTO, dispatch_compile: str | None = None,
@@ -356,13 +371,24 @@ class FastCacheModule(nn.Module):
         self._check_parallel_setup()
         _check_foreign_hooks(self.model, self._submodules)  # hooks may be added after optimize or a capture
         key = self._key(kw)
+        if key in self._uncached:
+            raise _Uncached
         self._check_generation(key, kw)
         entry = self._entries.get(key)
         if entry is None:
             # inference_mode(False): buffers the capture creates must not be inference tensors, or a
             # later call outside inference mode could not update them in place
             with _CAPTURE_LOCK, torch.inference_mode(False):  # a concurrent first call may have captured it
-                entry = self._entries.get(key) or self._capture(key, kw)
+                try:
+                    entry = self._entries.get(key) or self._capture(key, kw)
+                except BlocksNotCalled as e:
+                    self._uncached.add(key)
+                    given = ", ".join(f"{k}={v!r}" for k, v in kw.items() if not isinstance(v, torch.Tensor) and
+                                      v is not None and not isinstance(v, (bool, dict)))
+                    logger.warning("fx-fastcache: blocks %s do not run for a call with %s (SD3's skip_layers: "
+                                   "skip-layer guidance's extra call per step); calls with these inputs run the "
+                                   "model itself, uncached", e.missing, given or "these inputs")
+                    raise _Uncached from None
         self._last_key = key
         n = self._calls.get(key, 0) + 1
         self._calls[key] = n
@@ -375,12 +401,15 @@ class FastCacheModule(nn.Module):
         call so far started a new generation, or if a call repeated the previous one's timestep and
         input (:mod:`fx_fastcache.runtime.clock`): in both cases nothing is approximated.  (A schedule
         dispatched on the host raises on a repeat instead: :class:`StepDispatch` checks each generation.)"""
-        clock = entry.clock
-        if float(clock.repeats) > 0:
+        if self._warned_repeat and self._warned_every_call:
+            return  # both said: no more reads
+        repeats, generations, n = torch.stack([entry.clock.repeats, entry.clock.generations,
+                                               entry.clock.calls]).tolist()  # one read
+        if repeats > 0:
             if not self._warned_repeat:
                 self._warned_repeat = True
                 logger.warning(repeat_message("nothing is approximated after such a call until the next generation"))
-        elif float(clock.generations) >= calls and float(clock.calls) >= calls and not self._warned_every_call:
+        elif generations >= calls and n >= calls and not self._warned_every_call:
             self._warned_every_call = True
             logger.warning(
                 "fx-fastcache: each of the first %d calls started a new generation, so no block can be "
@@ -414,11 +443,13 @@ class FastCacheModule(nn.Module):
             raise RuntimeError(f"inputs {names} require grad, but fx-fastcache is inference-only (its graph "
                                f"skips blocks and updates caches in place): call the original model to train, "
                                f"or detach the inputs / call under torch.no_grad()")
-        if not self._warned_no_grad and any(p.requires_grad for p in self.model.parameters()):
+        if self._grad_checked:
+            return
+        self._grad_checked = True  # once, warned or not: the scan walks every parameter (1 ms on a Flux)
+        if any(p.requires_grad for p in self.model.parameters()):
             logger.warning("fx-fastcache: called with gradients enabled; the optimized model is inference-only "
                            "and its outputs carry no gradient (call it under torch.no_grad() or "
                            "torch.inference_mode() to silence this)")
-            self._warned_no_grad = True
 
     def last_entry(self) -> CapturedGraph | None:
         """The graph that ran the latest call (``None`` before the first call or after a reset)."""
@@ -433,6 +464,7 @@ class FastCacheModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self._call_lock:  # calls from several threads, context swaps included, run one after another
+            self._check_model_unchanged()
             name = self._context_name()
             if self._states.live is not None and name != self._states.live:
                 logger.debug("fx-fastcache: cache context %r -> %r", self._states.live, name)
@@ -450,9 +482,27 @@ class FastCacheModule(nn.Module):
                     if self._recorder is not None or self._dispatch_mode is not None:
                         return entry.gm(**kw)  # recording, or calibrating a dispatched model: uncompiled
                     return entry.run(**kw)
+            except _Uncached:
+                with torch.no_grad():
+                    return self.model(*args, **kwargs)
             finally:
                 if muted is not None:
                     self.set_recorder(muted)
+
+    def _check_model_unchanged(self) -> None:
+        """The model changed since its graphs were captured (:mod:`fx_fastcache.model_watch`: a submodule,
+        parameter, buffer, attention processor, forward hook or LoRA state): drop them, re-capture."""
+        why = self._watch.changed() if self._watch is not None and self._entries else None
+        if why is None:
+            return
+        log = logger.info if self._warned_changed else logger.warning  # warn once: each change re-captures
+        self._warned_changed = True
+        log("fx-fastcache: the model changed since its graphs were captured (%s); re-capturing at this call "
+            "(export%s)%s", why,
+            "" if self.backend == "eager" else " and compile",
+            "; the calibration was fitted on the model before the change" if self.store.calibrated else "")
+        self.drop_graphs()
+        self._submodules = list(self.model.modules())  # the foreign-hook scan's list
 
     # -- cache contexts -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -517,6 +567,13 @@ class FastCacheModule(nn.Module):
             run = gm
         entry = CapturedGraph(key, gm, run, ctx, results)
         self._entries[key] = entry
+        if len(self._entries) == GRAPHS_WARNING:
+            logger.warning("fx-fastcache: %d graphs captured for %s, one per input signature (shapes, dtypes, "
+                           "devices, non-tensor arguments); each took an export%s and keeps its own cache state "
+                           "until opt.drop_graphs(). Keep the inputs' shapes (resolution, frames, batch) fixed "
+                           "where you can", GRAPHS_WARNING, type(self.model).__name__,
+                           "" if self.backend == "eager" else " and a compile")
+        self._watch = ModelWatch(self.model)
         self._parallel_sig = parallel_signature(self.model)
         self.graphs[f"g{len(self.graphs)}"] = gm
         self._sync_entry(entry)
@@ -691,7 +748,7 @@ def _check_foreign_hooks(model: nn.Module, modules: list[nn.Module]) -> None:
 def _check_parallel(cfg: FastCacheConfig, group: Any) -> None:
     """Token routing and merging re-run a block on a per-rank subset of its tokens: not with context parallelism."""
     on = [k for k in ("enable_token_routing", "enable_token_merge") if getattr(cfg, k)]
-    if group is None or not on or (on == ["enable_token_merge"] and cfg.merge_ratio >= 1.0):  # ratio 1: no merge
+    if group is None or not on:
         return
     raise ValueError(
         f"{' and '.join(k + '=True' for k in on)}: not supported with context parallelism. Token routing/merging "

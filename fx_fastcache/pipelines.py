@@ -23,6 +23,9 @@ Why the pieces below exist:
   pattern, and a step-level policy's decision is read once per step, so each context gets a
   :class:`~fx_fastcache.step_dispatch.StepDispatch` (reset with every pipeline call) that
   replays graphs specialised per pattern (see docs/GPU.md for the numbers).
+* **Two experts** (Wan 2.2 A14B: ``transformer`` for the high-noise steps, ``transformer_2`` below
+  ``boundary_ratio``): each is optimized with the same config and keeps its own state, graphs and
+  calibration; :data:`TRANSFORMERS` names them, :func:`experts` lists the installed ones.
 * ``pipe.transformer.config`` stays the *diffusers* config (the FastCache config is
   ``pipe.transformer.fastcache_config``): :class:`FastCacheModule` forwards unknown attributes.
 """
@@ -45,6 +48,19 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["enable_fastcache", "disable_fastcache"]
 
+#: The pipeline components FastCache optimizes, when present (``transformer_2``: Wan 2.2's second expert).
+TRANSFORMERS = ("transformer", "transformer_2")
+
+
+def experts(pipe: Any) -> list[FastCacheModule]:
+    """The FastCache modules installed on ``pipe`` by :func:`enable_fastcache`, in :data:`TRANSFORMERS` order."""
+    return [m for m in (getattr(pipe, name, None) for name in TRANSFORMERS) if isinstance(m, FastCacheModule)]
+
+
+def _components(pipe: Any) -> dict[str, nn.Module]:
+    return {name: m for name in TRANSFORMERS if isinstance(m := getattr(pipe, name, None), nn.Module)}
+
+
 def _default_steps(call: Any) -> Any:
     """The pipeline's default ``num_inference_steps`` (``None`` if it has none)."""
     try:
@@ -60,16 +76,22 @@ def _wrapped_call(original: Any):
 
     @functools.wraps(original)
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        tr = getattr(self, "transformer", None)
-        if not isinstance(tr, FastCacheModule):
-            raise RuntimeError("pipe.transformer is no longer the FastCache module installed by enable_fastcache; "
-                               "call fastcache.disable_fastcache(pipe) before replacing the transformer")
-        check_drift_sampler(self, tr.fastcache_config)  # `pipe.scheduler = ...` may have swapped it since enabling
-        tr.reset()
-        # the steps the call will run: custom sigmas / timesteps set them, else num_inference_steps
+        installed = _components(self)
+        replaced = [name for name, m in installed.items() if not isinstance(m, FastCacheModule)]
+        if replaced or "transformer" not in installed:
+            name = replaced[0] if replaced else "transformer"
+            raise RuntimeError(f"pipe.{name} is no longer the FastCache module installed by enable_fastcache; "
+                               f"call fastcache.disable_fastcache(pipe) before replacing it")
+        mods = list(installed.values())
+        check_drift_sampler(self, mods[0].fastcache_config)  # `pipe.scheduler = ...` may have swapped it since enabling
+        for tr in mods:
+            tr.reset()
+        # the steps the call will run: custom sigmas / timesteps set them, else num_inference_steps; with two
+        # experts each runs a part of them, set by boundary_ratio, so the check is left out
         given = next((kwargs[k] for k in ("sigmas", "timesteps") if kwargs.get(k) is not None), None)
         steps = len(given) if given is not None else kwargs.get("num_inference_steps", default_steps)
-        if isinstance(steps, int) and not tr.force_compute:  # inside calibrate the plan is being refitted
+        tr = mods[0]
+        if isinstance(steps, int) and len(mods) == 1 and not tr.force_compute:  # calibrate refits the plan
             why = POLICIES[tr.fastcache_config.policy].steps_mismatch(tr.store, steps)
             if why is not None and (id(tr), why) not in warned:
                 warned.add((id(tr), why))
@@ -124,7 +146,8 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
                      schedule: torch.Tensor | None = None, execution: str = "auto",
                      dispatch_compile: str | None = None, step_dispatch: Any = UNSET,
                      **overrides: Any) -> FastCacheModule:
-    """Optimize ``pipe.transformer`` in place; returns the installed module.
+    """Optimize ``pipe.transformer`` (and Wan 2.2's ``pipe.transformer_2``) in place; returns the installed
+    ``pipe.transformer`` module.
 
     Args:
         pipe: a diffusers pipeline with a ``transformer`` (DiT, PixArt-α/Σ, SD3, Flux, ...).
@@ -147,38 +170,46 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
     ``fastcache.configure(pipe, ...)`` / ``set_schedule(pipe, ...)`` / ``calibrate(pipe)``
     work as on an optimized model.
     """
-    tr = getattr(pipe, "transformer", None)
-    if tr is None:
+    found = _components(pipe)
+    if "transformer" not in found:
         raise TypeError(f"{type(pipe).__name__} has no `transformer` component; enable_fastcache supports "
-                        f"transformer-based pipelines (DiT, PixArt, SD3, Flux); for a bare model use "
-                        f"fastcache.optimize")
-    if isinstance(tr, FastCacheModule) or getattr(type(pipe), "_fastcache_original_class", None) is not None:
+                        f"transformer-based pipelines (DiT, PixArt, SD3, Flux, the video DiTs); for a bare model "
+                        f"use fastcache.optimize")
+    if any(isinstance(m, FastCacheModule) for m in found.values()) or \
+            getattr(type(pipe), "_fastcache_original_class", None) is not None:
         raise ValueError(f"FastCache is already enabled on this {type(pipe).__name__}; "
                          f"call fastcache.disable_fastcache(pipe) first to change the configuration")
     if schedule is not None and "policy" not in overrides:
         overrides["policy"] = "schedule"
     config = FastCacheConfig.resolve(config, **overrides)
     check_drift_sampler(pipe, config)
-    opt = FastCacheModule(tr, config, backend=backend)
-    if schedule is not None:
-        opt.install_schedule(schedule)
-    opt.set_execution(execution, dispatch_compile, step_dispatch)
+    if schedule is not None and len(found) > 1:
+        raise ValueError(f"schedule=: this {type(pipe).__name__} has two transformers ({', '.join(found)}), which run "
+                         f"different steps; enable without it and call fastcache.set_schedule(pipe.transformer, "
+                         f"table) and fastcache.set_schedule(pipe.transformer_2, table) with one table each")
+    installed = {name: FastCacheModule(m, config, backend=backend) for name, m in found.items()}
+    for opt in installed.values():
+        if schedule is not None:
+            opt.install_schedule(schedule)
+        opt.set_execution(execution, dispatch_compile, step_dispatch)
     cls = type(pipe)
-    pipe.transformer = opt
+    for name, opt in installed.items():
+        setattr(pipe, name, opt)
     pipe.__class__ = _fastcache_class(cls)
-    logger.info("fx-fastcache: enabled on %s (policy=%s, fallback=%s, backend=%s)", cls.__name__, config.policy,
-                config.fallback, backend)
-    return opt
+    logger.info("fx-fastcache: enabled on %s (%s; policy=%s, fallback=%s, backend=%s)", cls.__name__,
+                " and ".join(installed), config.policy, config.fallback, backend)
+    return installed["transformer"]
 
 
 def disable_fastcache(pipe: Any) -> nn.Module:
-    """Restore the original transformer and pipeline class; returns the original transformer."""
+    """Restore the original transformer(s) and pipeline class; returns the original ``transformer``."""
     original_cls = getattr(type(pipe), "_fastcache_original_class", None)
     tr = getattr(pipe, "transformer", None)
     if original_cls is None or not isinstance(tr, FastCacheModule):
         raise ValueError(f"FastCache is not enabled on this {type(pipe).__name__} (enable it with "
                          f"fastcache.enable_fastcache(pipe))")
     pipe.__class__ = original_cls
-    pipe.transformer = tr.model
+    for name, m in _components(pipe).items():
+        if isinstance(m, FastCacheModule):
+            setattr(pipe, name, m.model)
     return tr.model
-

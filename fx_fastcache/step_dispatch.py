@@ -219,10 +219,10 @@ class StepDispatch(nn.Module):
 
     def reset_host(self) -> None:
         """Reset only the host-side step counter and its mirrors of the guards' counters; a dispatcher
-        that follows the installed table (no ``table=`` given) re-reads it, so a plan fitted by
-        calibration since (``policy="planned"``) applies from the next generation."""
-        if self.decide == "host" and self._follow_installed:
-            self.set_table(None)
+        that follows the installed table (no ``table=`` given) re-reads it when it changed, so a plan
+        fitted by calibration since (``policy="planned"``) applies from the next generation."""
+        if self.decide == "host" and self._follow_installed and self._table_version != self.opt.store.table_version:
+            self.set_table(None)  # one read per block: not at every generation (a pipeline resets at every call)
         self.step = 0
         self._n = [0] * len(self.block_names)
         self._consecutive = [0] * len(self.block_names)

@@ -166,9 +166,10 @@ def tiny_flux_pipeline(seed: int = 0, layers: int = 1, single_layers: int = 2) -
                                            height=8, width=8, max_sequence_length=16, output_type="np"))
 
 
-def tiny_wan_pipeline(seed: int = 0, layers: int = 2) -> TinyPipeline:
+def tiny_wan_pipeline(seed: int = 0, layers: int = 2, experts: int = 1) -> TinyPipeline:
     """Wan 2.1 text-to-video: CFG as two transformer calls per step in ``cache_context("cond")`` /
-    ``("uncond")``; a 3-D VAE (8× spatial, 4× temporal) and a UMT5 encoder from config."""
+    ``("uncond")``; a 3-D VAE (8× spatial, 4× temporal) and a UMT5 encoder from config.  ``experts=2``:
+    Wan 2.2 A14B's layout, ``transformer_2`` runs the steps below ``boundary_ratio=0.5``."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -179,8 +180,11 @@ def tiny_wan_pipeline(seed: int = 0, layers: int = 2) -> TinyPipeline:
                            latents_std=[1.0] * 4).eval()
     te = UMT5EncoderModel(UMT5Config(vocab_size=1000, d_model=16, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
                                      relative_attention_num_buckets=8)).eval()
+    if experts not in (1, 2):
+        raise ValueError(f"experts={experts!r}: Wan pipelines have 1 or 2 transformers")
+    two = dict(transformer_2=tiny_wan(seed=seed + 1, layers=layers).model, boundary_ratio=0.5) if experts == 2 else {}
     pipe = WanPipeline(tokenizer=tiny_tokenizer(16), text_encoder=te, transformer=tr, vae=vae,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **two)
     pipe.set_progress_bar_config(disable=True)
     return TinyPipeline("wan", pipe, dict(prompt="a cat on the moon", negative_prompt="blurry", height=64, width=64,
                                           num_frames=5, num_inference_steps=6, guidance_scale=5.0,

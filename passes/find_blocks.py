@@ -36,6 +36,15 @@ def _trim_hook_nodes(region: list[fx.Node], index: int) -> list[fx.Node]:
     return region[lo:hi]
 
 
+class BlocksNotCalled(RuntimeError):
+    """Some blocks do not run for this call's inputs (SD3's ``skip_layers``, which skip-layer guidance
+    passes on an extra call per step): such a call cannot be guarded block by block."""
+
+    def __init__(self, missing: list[str]) -> None:
+        super().__init__(f"blocks {missing} do not run for this call's inputs")
+        self.missing = missing
+
+
 def find_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
     nodes = list(gm.graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
@@ -44,8 +53,12 @@ def find_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
     ctx.timestep = tags.get("timestep")
     ctx.stream_input = tags.get("stream")
     ctx.blocks = []
-    for index, (path, _, bl) in enumerate(block_modules(ctx.model, ctx.spec)):
-        region = [n for n in nodes if n.op == "call_function" and path in stack_paths(n)]
+    listed = block_modules(ctx.model, ctx.spec)
+    regions = [[n for n in nodes if n.op == "call_function" and path in stack_paths(n)] for path, _, _ in listed]
+    missing = [path for (path, _, _), region in zip(listed, regions) if not region]
+    if missing and len(missing) < len(listed):
+        raise BlocksNotCalled(missing)
+    for index, ((path, _, bl), region) in enumerate(zip(listed, regions)):
         if not region:
             raise RuntimeError(f"block {path} does not appear in the captured graph: is it called in forward()?")
         region = _trim_hook_nodes(region, index)

@@ -56,7 +56,7 @@ def forced_block_reason(config) -> str | None:
         return f"fallback={config.fallback!r} is fitted per block"
     if config.enable_token_routing:
         return "token routing (enable_token_routing) runs per block"
-    if config.enable_token_merge and config.merge_ratio < 1.0:
+    if config.enable_token_merge:
         return "token merging (enable_token_merge) runs per block"
     return None
 

@@ -9,8 +9,8 @@ count, ``cond(active, reduced_i, block_i)`` inside the computed branch) with eve
 "routed": the first computation of a generation and warm-up steps run the full block.
 
 When ``enable_token_routing`` is on as well, ``route_tokens`` already merges the routed tokens
-and this pass does nothing.  ``merge_ratio == 1.0`` merges nothing: the pass is a no-op, so the
-graph is exactly the unmerged one.
+and this pass does nothing.  (``FastCacheConfig`` refuses ``enable_token_merge`` with
+``merge_ratio=1.0``, which would merge nothing.)
 """
 from __future__ import annotations
 
@@ -22,6 +22,6 @@ from .token_reduction import reduce_blocks
 
 def merge_tokens(gm: fx.GraphModule, ctx: PassContext) -> None:
     cfg = ctx.config
-    if not cfg.enable_token_merge or cfg.enable_token_routing or cfg.merge_ratio >= 1.0:
+    if not cfg.enable_token_merge or cfg.enable_token_routing:
         return
     reduce_blocks(gm, ctx, route=False, merge=True, pass_name="merge_tokens")

@@ -37,4 +37,4 @@ def route_tokens(gm: fx.GraphModule, ctx: PassContext) -> None:
     cfg = ctx.config
     if not cfg.enable_token_routing:
         return
-    reduce_blocks(gm, ctx, route=True, merge=cfg.enable_token_merge and cfg.merge_ratio < 1.0, pass_name="route_tokens")
+    reduce_blocks(gm, ctx, route=True, merge=cfg.enable_token_merge, pass_name="route_tokens")

@@ -5,6 +5,7 @@ Every pipeline is a tiny offline one (``fx_fastcache.tiny_pipelines``) on the ea
 from __future__ import annotations
 
 import importlib.util
+import logging
 import pickle
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.fx as fx
-from diffusers import FlowMatchHeunDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 
 import fx_fastcache as fastcache
 from fx_fastcache.graph_protocol import COND
@@ -287,3 +288,60 @@ def test_step_dispatch_inductor_matches_eager() -> None:
         assert fastcache.get_cache_statistics(opt)["blocks_approximated"] == 3
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_wan22_two_experts_are_both_cached(tmp_path, caplog) -> None:
+    """Wan 2.2 A14B: ``transformer_2`` runs the steps below ``boundary_ratio``; it was left uncached,
+    silently (0 % replaced when the first expert ran only its warm-up steps)."""
+    tp = make_tiny_pipeline("wan", experts=2)
+    tp.pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)  # boundary at σ = 0.5: 4 steps each
+    steps = 8
+    original = (tp.pipe.transformer, tp.pipe.transformer_2)
+
+    def images():
+        return np.asarray(tp.pipe(**tp.call_kwargs(seed=0, num_inference_steps=steps)).frames)
+
+    reference = images()
+    fastcache.enable_fastcache(tp.pipe, backend="eager", enable_block_approx=False, warmup_steps=WARMUP)
+    assert all(isinstance(getattr(tp.pipe, n), fastcache.FastCacheModule) for n in ("transformer", "transformer_2"))
+    np.testing.assert_array_equal(images(), reference)
+    fastcache.configure(tp.pipe, enable_block_approx=True, cache_ratio_threshold=1e6)  # both experts
+    for _ in range(2):  # each pipeline call resets both
+        images()
+        stats = fastcache.get_cache_statistics(tp.pipe)
+        per_expert = [fastcache.get_cache_statistics(m)["calls"] // 2 for m in (tp.pipe.transformer, tp.pipe.transformer_2)]
+        assert min(per_expert) > WARMUP and sum(per_expert) == steps  # each expert runs its own warm-up
+        assert stats["calls"] == 2 * steps  # cond and uncond
+        assert stats["blocks_approximated"] == sum(2 * 2 * (k - WARMUP) for k in per_expert)
+        assert any(b["name"].startswith("transformer_2.") and b["approximated"] for b in stats["per_block"])
+    fastcache.configure(tp.pipe, policy="planned", target_fraction=0.5, enable_block_approx=True)
+    with fastcache.calibrate(tp.pipe):
+        images()
+    assert fastcache.get_cache_statistics(tp.pipe)["calibrated"]
+    with caplog.at_level(logging.WARNING, logger="fx_fastcache"):
+        images()  # each expert's plan fits the steps it runs: no step-count warning
+    assert "calibrated on" not in caplog.text
+    with pytest.raises(ValueError, match=r"pipe\.transformer_2"):
+        fastcache.save_calibration(tp.pipe, tmp_path / "c.safetensors")
+    fastcache.save_calibration(tp.pipe.transformer_2, tmp_path / "c2.safetensors")
+    fastcache.disable_fastcache(tp.pipe)
+    assert (tp.pipe.transformer, tp.pipe.transformer_2) == original
+    np.testing.assert_array_equal(images(), reference)
+
+
+def test_sd3_skip_layer_guidance_runs_its_extra_call_uncached(caplog) -> None:
+    """SD3.5 skip-layer guidance: an extra call per step with ``skip_layers`` (blocks that do not run).
+    It raised "block ... does not appear in the captured graph"; it now runs the model itself, and the
+    pipeline's other calls are cached as before."""
+    tp = make_tiny_pipeline("sd3")
+    extra = dict(skip_guidance_layers=[1], skip_layer_guidance_stop=1.0)  # every step after the start
+    reference = _images(tp.pipe, tp, extra)
+    fastcache.enable_fastcache(tp.pipe, backend="eager", enable_block_approx=False, warmup_steps=WARMUP)
+    with caplog.at_level(logging.WARNING, logger="fx_fastcache"):
+        np.testing.assert_array_equal(_images(tp.pipe, tp, extra), reference)
+    assert "skip_layers=[1]" in caplog.text and "uncached" in caplog.text
+    fastcache.configure(tp.pipe, enable_block_approx=True, cache_ratio_threshold=1e6)
+    images = _images(tp.pipe, tp, extra)
+    stats = fastcache.get_cache_statistics(tp.pipe)
+    assert np.isfinite(images).all() and stats["calls"] == STEPS  # the guided calls only
+    assert stats["blocks_approximated"] == (STEPS - WARMUP) * 2

@@ -17,7 +17,8 @@ LAYERS = [
                  "fx_fastcache.zoo"]),
     ("passes", ["fx_fastcache.passes"]),
     ("capture", ["fx_fastcache.module", "fx_fastcache.step_dispatch", "fx_fastcache.decision_split",
-                 "fx_fastcache.auto_mode", "fx_fastcache.context_state"]),
+                 "fx_fastcache.auto_mode", "fx_fastcache.context_state",
+                 "fx_fastcache.model_watch"]),
 ]
 
 

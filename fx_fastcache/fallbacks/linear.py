@@ -13,7 +13,7 @@ from .base import Fallback, StreamInfo
 
 
 def linear_approx(x, t, w, b):
-    return torch.nn.functional.linear(x, w, b)
+    return torch.nn.functional.linear(x, w.to(x), b.to(x))  # a fit made before the model was cast: its dtype
 
 
 def store_keys(block: str, stream: str) -> tuple[str, str]:

@@ -16,7 +16,8 @@ from .base import Fallback, StreamInfo
 
 
 def residual_linear_approx(x, t, r_c, x_c, a, b):
-    return x + r_c + torch.nn.functional.linear(x - x_c, a, b)
+    # the fit keeps the dtype it was made in; the model may have been cast since (model.to(torch.float64))
+    return x + r_c + torch.nn.functional.linear(x - x_c, a.to(x), b.to(x))
 
 
 def store_keys(block: str, stream: str) -> tuple[str, str]:

@@ -1,0 +1,168 @@
+"""Changes to the model after its graphs were captured: the optimized model follows them.
+
+torch.export keeps the Parameter and buffer objects, nothing else: a module, parameter, buffer,
+attention processor, forward hook or LoRA state replaced on the original model used to leave the
+optimized model computing the old one, silently (``fx_fastcache/model_watch.py``).
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fx_fastcache as fastcache
+from fx_fastcache.zoo import make_tiny
+
+
+class FakeLoraLinear(nn.Module):
+    """What a peft LoRA layer holds, by peft's attribute names: ``base(x) + B(A(x)) * scaling[a]``
+    unless disabled, active adapters, merged adapters (peft is not installed here)."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Linear(base.in_features, 2, bias=False)
+        self.lora_B = nn.Linear(2, base.out_features, bias=False)
+        nn.init.normal_(self.lora_B.weight)
+        self.scaling = {"default": 1.0}
+        self._disable_adapters = False
+        self._active_adapter = "default"
+        self.merged_adapters: list[str] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self._disable_adapters or self.merged_adapters:
+            return y
+        return y + self.lora_B(self.lora_A(x)) * self.scaling["default"]
+
+    def merge(self) -> None:
+        with torch.no_grad():
+            self.base_layer.weight += (self.lora_B.weight @ self.lora_A.weight) * self.scaling["default"]
+        self.merged_adapters.append("default")
+
+
+def _inject(m):
+    m.blocks[0].fc1 = FakeLoraLinear(m.blocks[0].fc1)
+
+
+def _set_scale(m):
+    m.blocks[0].fc1.scaling["default"] = 0.3
+
+
+def _disable(m):
+    m.blocks[0].fc1._disable_adapters = True
+
+
+def _merge(m):
+    m.blocks[0].fc1.merge()
+
+
+def _unload(m):
+    m.blocks[0].fc1 = m.blocks[0].fc1.base_layer
+
+
+def _hook(m):
+    m.proj_out.register_forward_hook(lambda mod, args, out: 3 * out)
+
+
+def _linear(m):
+    torch.manual_seed(1)
+    return nn.Linear(m.proj_out.in_features, m.proj_out.out_features)
+
+
+CHANGES = {  # name: (prepare before the first call, change after it)
+    "submodule replaced": (None, lambda m: setattr(m.blocks[0], "fc1", nn.Linear(16, 32))),
+    "output layer replaced": (None, lambda m: setattr(m, "proj_out", _linear(m))),
+    "block appended": (None, lambda m: m.blocks.append(make_tiny("tiny-custom", seed=3).model.blocks[0])),
+    "block deleted": (None, lambda m: m.blocks.__delitem__(0)),
+    "parameter replaced": (None, lambda m: setattr(m.proj_out, "weight", nn.Parameter(torch.randn(4, 16)))),
+    "load_state_dict(assign=True)": (None, lambda m: m.load_state_dict(
+        make_tiny("tiny-custom", seed=5).model.state_dict(), assign=True)),
+    "forward hook added": (None, _hook),
+    "forward hook removed": (_hook, lambda m: m.proj_out._forward_hooks.clear()),
+    "LoRA injected": (None, _inject),
+    "LoRA scale changed": (_inject, _set_scale),
+    "LoRA disabled": (_inject, _disable),
+    "LoRA merged": (_inject, _merge),
+    "LoRA unloaded": (_inject, _unload),
+}
+
+
+def _run(opt, tm, t=900.0):
+    fastcache.reset(opt)
+    with torch.no_grad():
+        return opt(**tm.make_inputs(t, 2)), tm.model(**tm.make_inputs(t, 2))
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_change_after_capture_is_followed(change, caplog):
+    prepare, mutate = CHANGES[change]
+    tm = make_tiny("tiny-custom")
+    if prepare is not None:
+        prepare(tm.model)
+    opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False)
+    got, ref = _run(opt, tm)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    mutate(tm.model)
+    with caplog.at_level(logging.WARNING, logger="fx_fastcache"):
+        got, ref = _run(opt, tm)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert "re-capturing at this call" in caplog.text
+
+
+def test_attention_processor_swap_is_followed():
+    """``set_attn_processor`` after a capture (a diffusers family, its real attention modules)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    class Doubled(AttnProcessor):
+        def __call__(self, *args, **kwargs):
+            return 2 * super().__call__(*args, **kwargs)
+
+    tm = make_tiny("tiny-pixart")
+    opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False)
+    inputs = tm.make_inputs(900.0, 2)
+    with torch.no_grad():
+        opt(**inputs)
+        tm.model.set_attn_processor(Doubled())
+        fastcache.reset(opt)
+        got, ref = opt(**inputs)[0], tm.model(**inputs)[0]
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_unrelated_registrations_do_not_recapture(caplog):
+    """Modules built elsewhere in the process trigger the full comparison, which finds nothing:
+    no re-capture, and the approximation state of the generation goes on."""
+    tm = make_tiny("tiny-custom")
+    opt = fastcache.optimize(tm.model, backend="eager", cache_ratio_threshold=0.5)
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="fx_fastcache"):
+        for i, t in enumerate([999.0, 900.0, 800.0, 700.0, 600.0]):
+            make_tiny("tiny-custom", seed=7)  # registers modules, parameters and buffers
+            nn.Linear(2, 2).register_forward_hook(lambda *a: None)
+            x = tm.make_inputs(t, 2)
+            opt(x=x["x"] * (1 - 0.01 * i), timestep=x["timestep"])
+    assert "re-capturing" not in caplog.text and len(opt.graphs) == 1
+    assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] > 0
+
+
+@pytest.mark.parametrize("fallback", ["residual_linear", "linear"])
+def test_original_model_cast_after_calibration(fallback):
+    """``model.to(torch.float64)`` on the original model (not through the optimized one) after
+    ``calibrate``: the fitted maps keep their float32, the fallback casts them; it failed with a
+    dtype error inside the graph at the first approximated step."""
+    tm = make_tiny("tiny-custom")
+    opt = fastcache.optimize(tm.model, backend="eager", fallback=fallback, cache_ratio_threshold=0.5)
+
+    def generation(dtype):
+        with torch.no_grad():
+            for t in torch.linspace(999, 50, 8).tolist():
+                x = tm.make_inputs(t, 2)
+                opt(x=x["x"].to(dtype), timestep=x["timestep"].to(dtype))
+
+    with fastcache.calibrate(opt):
+        generation(torch.float32)
+        generation(torch.float32)
+    tm.model.to(torch.float64)
+    generation(torch.float64)
+    assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] > 0
