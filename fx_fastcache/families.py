@@ -9,8 +9,10 @@ shape (Flux's text and image token counts can be equal).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +50,40 @@ class FamilySpec:
     block_lists: tuple[BlockListSpec, ...]
     timestep_arg: str | None = "timestep"
     stream_arg: str = "hidden_states"
+    #: ``(model, call kwargs) -> context manager`` entered around ``torch.export`` (see
+    #: :func:`capture_preparation`); ``None``: nothing to prepare.
+    prepare_capture: Callable[[nn.Module, dict], Any] | None = None
+
+
+@contextlib.contextmanager
+def _cogvideox_sincos_for_call(model: nn.Module, kw: dict) -> Iterator[None]:
+    """CogVideoX-2b (sin-cos position embeddings) rebuilds its embedding inside ``forward`` for a
+    size other than the config's ``sample_*``, through ``tensor.data[...].copy_``, which
+    ``torch.export`` cannot trace (every other resolution or frame count failed).  For the capture
+    only, the embedding module is given this call's size and its embedding, computed here, so the
+    traced forward reads a buffer; the graph keeps that tensor, the model is restored after."""
+    pe = getattr(model, "patch_embed", None)
+    x = kw.get("hidden_states")
+    if pe is None or not getattr(pe, "use_positional_embeddings", False) or \
+            getattr(pe, "use_learned_positional_embeddings", False) or getattr(x, "ndim", 0) != 5:
+        yield
+        return
+    frames, height, width = (x.shape[1] - 1) * pe.temporal_compression_ratio + 1, x.shape[-2], x.shape[-1]
+    saved = (pe.sample_height, pe.sample_width, pe.sample_frames, pe.pos_embedding)
+    if saved[:3] == (height, width, frames):
+        yield
+        return
+    pe.sample_height, pe.sample_width, pe.sample_frames = height, width, frames
+    pe.pos_embedding = pe._get_positional_embeddings(height, width, frames, device=x.device).to(saved[3].dtype)
+    try:
+        yield
+    finally:
+        pe.sample_height, pe.sample_width, pe.sample_frames, pe.pos_embedding = saved
+
+
+def capture_preparation(spec: FamilySpec, model: nn.Module, kw: dict) -> Any:
+    """The context manager a family needs around ``torch.export`` for this call (else a no-op)."""
+    return spec.prepare_capture(model, kw) if spec.prepare_capture is not None else contextlib.nullcontext()
 
 
 _JOINT = ("encoder_hidden_states", "hidden_states")
@@ -62,7 +98,8 @@ FAMILIES: dict[str, FamilySpec] = {
     ),
     # video DiTs: the same block contract, tokens over (frames × height × width)
     "CogVideoXTransformer3DModel": FamilySpec(
-        "cogvideox", (BlockListSpec("transformer_blocks", _JOINT, ("hidden_states", "encoder_hidden_states")),)),
+        "cogvideox", (BlockListSpec("transformer_blocks", _JOINT, ("hidden_states", "encoder_hidden_states")),),
+        prepare_capture=_cogvideox_sincos_for_call),
     "LTXVideoTransformer3DModel": FamilySpec("ltx-video", (BlockListSpec("transformer_blocks"),)),
     "WanTransformer3DModel": FamilySpec("wan", (BlockListSpec("blocks"),)),
     "HunyuanVideoTransformer3DModel": FamilySpec(

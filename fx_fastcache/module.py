@@ -33,7 +33,7 @@ from .auto_mode import AUTO, UNSET, resolve_execution
 from .config import RUNTIME_FIELDS, FastCacheConfig
 from .context_state import ContextStates
 from .fallbacks import FALLBACKS
-from .families import FamilySpec, block_modules, resolve_family
+from .families import FamilySpec, block_modules, capture_preparation, resolve_family
 from .markers import marked
 from .model_watch import ModelWatch
 from .policies import POLICIES
@@ -550,7 +550,7 @@ class FastCacheModule(nn.Module):
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(), marked(self.model, self.spec):
+            with torch.no_grad(), marked(self.model, self.spec), capture_preparation(self.spec, self.model, kw):
                 ep = torch.export.export(self.model, (), kwargs=kw, strict=False)
         finally:
             self.model.train(was_training)

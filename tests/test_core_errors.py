@@ -107,6 +107,23 @@ def test_new_generation_with_other_resolution_recaptures():
     assert fastcache.get_cache_statistics(opt)["graphs"] == 2
 
 
+def test_cogvideox_sincos_embedding_at_another_size():
+    """CogVideoX-2b's sin-cos position embedding, rebuilt in forward for any size but the config's
+    ``sample_*``, failed torch.export ("fake tensor in the exported program constant's list"); now
+    exact at other resolutions and frame counts, and the model's own embedding is left as it was."""
+    tm = make_tiny("tiny-cogvideox")
+    pe = tm.model.patch_embed
+    before = (pe.sample_height, pe.sample_width, pe.sample_frames, pe.pos_embedding)
+    opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False)
+    with torch.no_grad():
+        for frames, size in ((2, 16), (3, 8)):  # other resolution; other frame count
+            kw = tm.make_inputs(999.0, 1)
+            kw["hidden_states"] = torch.randn(1, frames, 4, size, size)
+            fastcache.reset(opt)
+            torch.testing.assert_close(first(opt(**kw)), first(tm.model(**kw)), atol=0, rtol=0)
+    assert (pe.sample_height, pe.sample_width, pe.sample_frames) == before[:3] and pe.pos_embedding is before[3]
+
+
 def test_wrong_dtype_and_device_are_named():
     tm = make_tiny("tiny-pixart")
     opt = fastcache.optimize(tm.model, backend="eager")
