@@ -30,6 +30,7 @@ from fx_fastcache.calibration import model_fingerprint
 from fx_fastcache.config import FastCacheConfig
 from fx_fastcache.families import block_modules, resolve_family
 from fx_fastcache.module import FastCacheModule
+from fx_fastcache.pipelines import optimized_module
 from fx_fastcache.policies import POLICIES
 from fx_fastcache.policies.schedule import MAX_STEPS
 from fx_fastcache.schedule_table import check_schedule_table
@@ -196,11 +197,9 @@ def optimize_with_schedule(model: nn.Module, schedule: Schedule, backend: str = 
 
 
 def _optimized(opt, caller: str) -> FastCacheModule:
-    """``opt`` itself, or the optimized transformer of a pipeline; anything else is a ``TypeError``."""
-    opt = opt if isinstance(opt, FastCacheModule) else getattr(opt, "transformer", opt)  # a pipeline
-    if not isinstance(opt, FastCacheModule):
-        raise TypeError(f"{caller} expects the module returned by fastcache.optimize(), got {type(opt).__name__}")
-    return opt
+    """``opt`` itself, or the optimized transformer of a pipeline (one: Wan 2.2's two experts are named
+    in the error); anything else is a ``TypeError``."""
+    return optimized_module(opt, caller)
 
 
 def installed_schedule(opt, model_name: str = "", steps: int | None = None) -> Schedule:

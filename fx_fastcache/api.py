@@ -21,7 +21,7 @@ from .calibration import (
 from .config import FastCacheConfig
 from .fallbacks import FALLBACKS
 from .module import FastCacheModule, calibration_conflict
-from .pipelines import check_drift_sampler, experts
+from .pipelines import TRANSFORMERS, check_drift_sampler, optimized_module, optimized_modules
 from .policies import POLICIES
 from .runtime.clock import repeat_message
 from .runtime.routing import spatial_counts
@@ -102,39 +102,20 @@ def _outside_inference_mode(fn: Callable) -> Callable:
     return wrapper
 
 
-def _experts(opt: Any) -> list[FastCacheModule]:
-    """The optimized modules behind ``opt``: itself, or a pipeline's (Wan 2.2 has two experts)."""
-    if isinstance(opt, FastCacheModule):
-        return [opt]
-    mods = experts(opt)  # a diffusers pipeline
-    if mods:
-        return mods
-    raise TypeError(f"expected a model returned by fastcache.optimize() (or a pipeline with FastCache enabled), "
-                    f"got {type(opt).__name__}")
-
-
-def _check(opt: Any, what: str = "") -> FastCacheModule:
-    """The one optimized module behind ``opt``; a pipeline with two experts names the fix."""
-    mods = _experts(opt)
-    if len(mods) > 1:
-        raise ValueError(f"fastcache.{what}: this {type(opt).__name__} has two transformers (transformer and "
-                         f"transformer_2), each with its own FastCache state and calibration; call "
-                         f"fastcache.{what}(pipe.transformer, ...) and fastcache.{what}(pipe.transformer_2, ...)")
-    return mods[0]
-
-
 def reset(opt: Any) -> None:
     """Forget cached states and statistics (a new generation also resets state automatically)."""
-    for mod in _experts(opt):
+    for mod in optimized_modules(opt):
         mod.reset()
 
 
 @_outside_inference_mode
 def configure(opt: Any, **changes: Any) -> None:
     """Change config fields; thresholds and other run-time fields apply without recompiling."""
-    mods = _experts(opt)
+    mods = optimized_modules(opt)
     if mods[0] is not opt:  # a pipeline: its scheduler says whether the drift correction applies
         check_drift_sampler(opt, mods[0].fastcache_config.replace(**changes))
+    for mod in mods:  # every expert of a pipeline accepts the change before any takes it
+        mod.check_configure(**changes)
     for mod in mods:
         mod.configure(**changes)
 
@@ -142,7 +123,7 @@ def configure(opt: Any, **changes: Any) -> None:
 @_outside_inference_mode
 def set_schedule(opt: Any, table: torch.Tensor) -> None:
     """Install a steps × blocks boolean skip table for ``policy="schedule"``."""
-    _check(opt, "set_schedule").install_schedule(table)
+    optimized_module(opt, "set_schedule").install_schedule(table)
 
 
 @_outside_inference_mode
@@ -157,7 +138,7 @@ def measure_sensitivity(opt: Any, generate: Callable[[], torch.Tensor],
     the full one.  Trades some mean fidelity for the worst image (docs/BENCHMARKS.md).  Returns the
     per-step weights; they are saved with the calibration.
     """
-    opt = _check(opt, "measure_sensitivity")
+    opt = optimized_module(opt, "measure_sensitivity")
     return POLICIES[opt.fastcache_config.policy].measure_sensitivity(opt, generate, metric)
 
 
@@ -174,7 +155,7 @@ def protect_steps(opt: Any, generate: Callable[[], torch.Tensor], floor_db: floa
     max − min).  Protects the worst image at a cost in mean fidelity at high fractions
     (docs/BENCHMARKS.md).  Returns the protected steps; they are saved with the calibration.
     """
-    opt = _check(opt, "protect_steps")
+    opt = optimized_module(opt, "protect_steps")
     return POLICIES[opt.fastcache_config.policy].protect_steps(opt, generate, floor_db, data_range)
 
 
@@ -201,7 +182,7 @@ def search_plan(opt: Any, generate: Callable[[], torch.Tensor], fractions: Seque
     ``data_range`` (default: the full output's max − min).  Returns ``{fraction: computed steps}``;
     the plans are saved with the calibration.
     """
-    opt = _check(opt, "search_plan")
+    opt = optimized_module(opt, "search_plan")
     policy = POLICIES[opt.fastcache_config.policy]
     return policy.search_plan(opt, generate, fractions, data_range, max_runs, objective)
 
@@ -210,7 +191,7 @@ def get_cache_statistics(opt: Any) -> dict[str, Any]:
     """Counters read from device (this is the only place they are synchronised).  For a pipeline with
     two experts (Wan 2.2) the counts are summed and ``per_block`` lists the second one's blocks as
     ``transformer_2.<name>``."""
-    mods = _experts(opt)
+    mods = optimized_modules(opt)
     if len(mods) > 1:
         parts = [_statistics(m) for m in mods]
         out = dict(parts[0])
@@ -264,38 +245,45 @@ def calibrate(opt: Any) -> Iterator[None]:
     ``opt`` is the optimized model or a pipeline with FastCache enabled (its transformer is calibrated;
     with two experts, both, each on the steps it runs).
     """
-    mods = _experts(opt)
-    if len(mods) > 1:
-        with contextlib.ExitStack() as stack:
-            for mod in mods:
-                stack.enter_context(calibrate(mod))
-            yield
-        return
-    opt = mods[0]
-    cfg = opt.fastcache_config
-    calibrators = [c for c in (FALLBACKS[cfg.fallback].calibrator(cfg), POLICIES[cfg.policy].calibrator(cfg))
-                   if c is not None]
-    rec = Recorder(calibrators, opt.entries, group=opt.process_group(), device=opt.device)
-    opt.reset()
-    opt.set_force_compute(True)
-    opt.set_recorder(rec)
-    ok = repeated = False
-    try:
+    mods = optimized_modules(opt)
+    with contextlib.ExitStack() as stack:
+        recorded = [stack.enter_context(_recording(mod)) for mod in mods]
         yield
-        ok = True
-    finally:
-        opt.set_recorder(None)
-        opt.set_force_compute(False)
-        repeated = any(float(e.clock.repeats) > 0 for e in opt.entries())  # read before reset zeroes them
-        opt.reset()
-    if ok:
-        if rec.steps == 0:
-            raise RuntimeError("calibrate(): the model was not called inside the `with` block; run a few sampling loops")
+    ran = [(mod, rec) for mod, (rec, _) in zip(mods, recorded) if rec.steps > 0]
+    if not ran:
+        raise RuntimeError("calibrate(): the model was not called inside the `with` block; run a few sampling loops")
+    for name, mod, (rec, repeated) in zip(TRANSFORMERS, mods, recorded):
         if repeated:
             raise RuntimeError(repeat_message("calibrate() would fit both branches' calls as one sequence: nothing was "
                                               "fitted (with cache contexts, calibrate records the first context "
                                               "called inside it)"))
-        _fit(opt, rec, cfg)
+        if rec.steps == 0:  # a pipeline's second expert that no step reached (its boundary_ratio)
+            logger.warning("fx-fastcache: calibrate(): pipe.%s ran no step inside the `with` block, so it keeps its "
+                           "calibration (%s); check the pipeline's boundary_ratio", name,
+                           "fitted before" if mod.store.calibrated else "none")
+    for mod, rec in ran:
+        _fit(mod, rec, mod.fastcache_config)
+
+
+@contextlib.contextmanager
+def _recording(opt: FastCacheModule) -> Iterator[list]:
+    """Every block of ``opt`` computes and is recorded inside; yields ``[recorder, repeated]``, the
+    second filled in on exit: whether a call repeated the previous one (two CFG branches in one context)."""
+    cfg = opt.fastcache_config
+    calibrators = [c for c in (FALLBACKS[cfg.fallback].calibrator(cfg), POLICIES[cfg.policy].calibrator(cfg))
+                   if c is not None]
+    rec = Recorder(calibrators, opt.entries, group=opt.process_group(), device=opt.device)
+    out = [rec, False]
+    opt.reset()
+    opt.set_force_compute(True)
+    opt.set_recorder(rec)
+    try:
+        yield out
+    finally:
+        opt.set_recorder(None)
+        opt.set_force_compute(False)
+        out[1] = any(float(e.clock.repeats) > 0 for e in opt.entries())  # read before reset zeroes them
+        opt.reset()
 
 
 @_outside_inference_mode
@@ -313,7 +301,7 @@ def fitted_for(config: dict[str, Any]) -> dict[str, Any]:
 
 def save_calibration(opt: Any, path: str | Path) -> None:
     """Save the fitted tensors with the model's fingerprint and the config (safetensors)."""
-    opt = _check(opt, "save_calibration")
+    opt = optimized_module(opt, "save_calibration")
     write_calibration_file(opt.store, path, opt.model, opt.fastcache_config)
 
 
@@ -323,7 +311,7 @@ def load_calibration(opt: Any, path: str | Path) -> None:
 
     The file's tensors replace the model's; what ``search_plan`` fitted (plans marked searched, drift
     dampings) is dropped when the file holds none, so a file saved without a search loads as saved."""
-    opt = _check(opt, "load_calibration")
+    opt = optimized_module(opt, "load_calibration")
     saved_cfg, tensors = read_calibration_file(path, opt.model)
     cfg = opt.fastcache_config
     conflict = calibration_conflict(saved_cfg, cfg)

@@ -97,9 +97,24 @@ def is_tensor(n: Any) -> bool:
     return isinstance(val(n), torch.Tensor)
 
 
+def _dense_strides(shape: Any) -> tuple[int, ...]:
+    """The strides ``torch.empty(shape)`` has (row-major; a size-0/1 dim counts as 1)."""
+    strides, acc = [], 1
+    for d in reversed(tuple(shape)):
+        strides.append(acc)
+        acc *= max(int(d), 1)
+    return tuple(reversed(strides))
+
+
 def is_contiguous(n: fx.Node) -> bool:
+    """Whether the node's value has exactly the row-major strides and no storage offset.  Stricter than
+    ``Tensor.is_contiguous()``, which ignores the stride of a size-1 dim: a batch-1 slice such as
+    ``cat([img, txt], 1)[:, :n]`` has stride ``(L_total*C, C, 1)`` and is "contiguous", but a
+    ``torch.cond`` merging it with a ``(n*C, C, 1)`` branch output fails in fake-tensor
+    propagation (``_bound_stride``: ``KeyError(L_total*C)``, torch 2.13)."""
     v = val(n)
-    return isinstance(v, torch.Tensor) and v.is_contiguous()
+    return (isinstance(v, torch.Tensor) and v.is_contiguous() and tuple(v.stride()) == _dense_strides(v.shape)
+            and v.storage_offset() == 0)  # a batch-1 slice x[:, n:] (Flux): "expected same storage_offset"
 
 
 def contiguous_copy(g: fx.Graph, n: fx.Node) -> fx.Node:
@@ -107,7 +122,7 @@ def contiguous_copy(g: fx.Graph, n: fx.Node) -> fx.Node:
     c = g.call_function(CLONE, (n,), {"memory_format": torch.contiguous_format})
     v = val(n)
     if isinstance(v, torch.Tensor):
-        c.meta["val"] = v.contiguous()
+        c.meta["val"] = v.clone(memory_format=torch.contiguous_format)  # .contiguous() keeps size-1 strides
     return c
 
 

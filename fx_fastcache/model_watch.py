@@ -10,9 +10,12 @@ left the optimized model computing the model as it was, silently.  :class:`Model
 such a change at the next call, and the module re-captures.
 
 Cost: comparing the whole module tree takes about 1–3 ms on a Flux-sized model, so it runs only
-after something in the process registered a module, parameter, buffer or hook (global registration
-hooks installed once, and torch's hook-handle counter); otherwise 5–20 µs per call (two integers and short lists: attention processors, module containers, modules that had hooks, peft layers).  Plain Python attributes a forward reads (a custom ``self.scale``) are not watched:
-they are frozen at capture like any traced constant; ``opt.drop_graphs()`` re-captures.
+after something in the process registered a module, parameter, buffer or hook (global
+registration hooks installed once, and torch's hook-handle counter).  Otherwise a call checks two
+integers and short lists: 5–20 µs (attention processors, module containers, modules that had
+hooks, peft layers; the peft state is the longest, about 0.3 ms per call with 500 LoRA layers).
+Plain Python attributes a forward reads (a custom ``self.scale``) are not watched: they are frozen
+at capture like any traced constant; ``opt.drop_graphs()`` re-captures.
 """
 from __future__ import annotations
 
@@ -53,6 +56,11 @@ def _events() -> tuple[int, int]:
     return _REGISTRATIONS[0], RemovableHandle.next_id
 
 
+def _processor(module: nn.Module) -> Any:
+    """An attention module's processor: a plain attribute, or a child module (IP-Adapter's processors)."""
+    return module.__dict__.get("processor", module._modules.get("processor"))
+
+
 def _is_peft_layer(module: nn.Module) -> bool:
     d = module.__dict__
     return "merged_adapters" in d and "_disable_adapters" in d
@@ -61,9 +69,12 @@ def _is_peft_layer(module: nn.Module) -> bool:
 def _peft_state(module: nn.Module) -> tuple:
     """A peft ``BaseTunerLayer``'s run-time state: the active adapters, disabled, merged, and LoRA scales."""
     d = module.__dict__
-    scaling = d.get("scaling")
-    return (repr(d.get("_active_adapter")), d["_disable_adapters"], tuple(d["merged_adapters"]),
-            tuple(scaling.items()) if isinstance(scaling, dict) else None)
+    active, scaling = d.get("_active_adapter"), d.get("scaling")
+    # scales rounded: diffusers scales and unscales them around every eager forward that takes a LoRA
+    # ``scale`` (x * s / s), which can move the last bit
+    return (tuple(active) if isinstance(active, list) else active, d["_disable_adapters"], tuple(d["merged_adapters"]),
+            tuple((k, round(v, 9) if isinstance(v, float) else v) for k, v in scaling.items())
+            if isinstance(scaling, dict) else None)
 
 
 def _flat(modules: Any) -> tuple[list[Any], list[int]]:
@@ -94,7 +105,7 @@ class ModelWatch:
         self._names = [name or "(root)" for name, _ in model.named_modules()]
         modules = list(model.modules())
         self._flat, self._starts = _flat(modules)
-        self._processors = [(m, m.__dict__["processor"]) for m in modules if "processor" in m.__dict__]
+        self._processors = [(m, _processor(m)) for m in modules if "processor" in m.__dict__ or "processor" in m._modules]
         self._containers = [(m, m.__dict__["_modules"], len(m.__dict__["_modules"]))
                             for m in modules if isinstance(m, _CONTAINERS)]
         self._hooked = [(m.__dict__[k], len(m.__dict__[k])) for m in modules for k in _HOOK_DICTS if m.__dict__[k]]
@@ -108,7 +119,7 @@ class ModelWatch:
     def changed(self) -> str | None:
         """What changed since the snapshot (``None``: nothing the graphs depend on)."""
         for m, p in self._processors:
-            if m.__dict__.get("processor") is not p:
+            if _processor(m) is not p:
                 return f"the attention processor of {self._name(m)} was replaced"
         for m, d, n in self._containers:
             if m.__dict__["_modules"] is not d or len(d) != n:
@@ -118,11 +129,12 @@ class ModelWatch:
         for m, state in self._peft:
             if _peft_state(m) != state:
                 return f"the LoRA adapter state of {self._name(m)} changed (scale, enabled, active or merged adapters)"
-        if _events() != self._events:  # something registered somewhere in the process: compare the tree
+        now = _events()
+        if now != self._events:  # something registered somewhere in the process: compare the tree
             why = self._compare_tree()
             if why is not None:
                 return why
-            self._events = _events()
+            self._events = now  # read before the comparison: a registration during it is seen next time
         return None
 
     def _compare_tree(self) -> str | None:

@@ -125,11 +125,12 @@ class FastCacheModule(nn.Module):
         self._recorder: Any = None
         self._force_compute = False
         self._warned_uncalibrated = False
-        self._grad_checked = False
+        self._grad_checked = self._warned_no_grad = False
         self._warned_repeat = self._warned_every_call = False  # _check_generations warns once each
         self._moves_after_capture = 0  # device/dtype changes that dropped captured graphs
         self._watch: ModelWatch | None = None  # the module tree the graphs were captured from
         self._uncached: set[tuple] = set()  # input signatures whose calls skip blocks: they run the model itself
+        self._captured_all_blocks = False  # a capture ran every block (so one that skips some is a special call)
         self._warned_changed = False
         self._call_lock = threading.RLock()  # one call at a time: the cache state is one generation's
         self._calls: dict[tuple, int] = {}  # host-side call count per graph (for the one-time generation check)
@@ -154,7 +155,8 @@ class FastCacheModule(nn.Module):
         self._parallel_sig: int | None = None  # parallel_signature(model) when the graphs were captured
         _check_parallel(config, self.process_group())
         self._submodules = list(model.modules())  # scanned for diffusers hooks at every call (60 µs for Flux)
-        _check_foreign_hooks(model, self._submodules)
+        self._hooks_at_capture = _diffusers_hooks(model, self._submodules)
+        self._checked = False  # forward ran _check_model_unchanged for this call
 
     # -- attribute passthrough so pipelines can read .config, .dtype, ... -------------------
     def __getattr__(self, name: str) -> Any:
@@ -212,7 +214,7 @@ class FastCacheModule(nn.Module):
         state["_process_group"] = None  # a process group belongs to its process; the copy reads the model's
         state.update(_states=ContextStates(), _active=None, _primary_context=None)  # no banked contexts either
         state["_watch"] = None
-        state["_uncached"] = set()
+        state.update(_uncached=set(), _captured_all_blocks=False)
         state.pop("_call_lock", None)
         return state
 
@@ -244,7 +246,6 @@ class FastCacheModule(nn.Module):
         self.__dict__.get("_dispatchers", {}).clear()
         self._states.clear()
         self._watch = None
-        self._uncached.clear()
 
     # -- step dispatch --------------------------------------------------------------------
     def set_execution(self, execution: str = AUTO, dispatch_compile: str | None = None,
@@ -369,7 +370,8 @@ class FastCacheModule(nn.Module):
         self._check_inputs(kw)
         self._check_grad(kw)
         self._check_parallel_setup()
-        _check_foreign_hooks(self.model, self._submodules)  # hooks may be added after optimize or a capture
+        if not self._checked:  # (a StepDispatch called directly, not through forward)
+            self._check_model_unchanged()
         key = self._key(kw)
         if key in self._uncached:
             raise _Uncached
@@ -382,12 +384,19 @@ class FastCacheModule(nn.Module):
                 try:
                     entry = self._entries.get(key) or self._capture(key, kw)
                 except BlocksNotCalled as e:
-                    self._uncached.add(key)
                     given = ", ".join(f"{k}={v!r}" for k, v in kw.items() if not isinstance(v, torch.Tensor) and
                                       v is not None and not isinstance(v, (bool, dict)))
-                    logger.warning("fx-fastcache: blocks %s do not run for a call with %s (SD3's skip_layers: "
-                                   "skip-layer guidance's extra call per step); calls with these inputs run the "
-                                   "model itself, uncached", e.missing, given or "these inputs")
+                    if not self._captured_all_blocks:  # no call ran every block: the block list is wrong
+                        raise RuntimeError(
+                            f"blocks {e.missing} do not run in {type(self.model).__name__}.forward for this call "
+                            f"({given or 'its inputs'}): FastCache guards blocks that every step runs. Point "
+                            f"optimize(blocks=...) at those, remove what skips them (diffusers' apply_layer_skip), "
+                            f"or call once with inputs that run every block first (then calls that skip blocks, "
+                            f"like SD3's skip_layers, run uncached)") from None
+                    self._uncached.add(key)
+                    logger.warning("fx-fastcache: blocks %s do not run for a call with %s (as SD3's skip_layers for "
+                                   "skip-layer guidance); calls with these inputs run the model itself, uncached",
+                                   e.missing, given or "these inputs")
                     raise _Uncached from None
         self._last_key = key
         n = self._calls.get(key, 0) + 1
@@ -443,10 +452,11 @@ class FastCacheModule(nn.Module):
             raise RuntimeError(f"inputs {names} require grad, but fx-fastcache is inference-only (its graph "
                                f"skips blocks and updates caches in place): call the original model to train, "
                                f"or detach the inputs / call under torch.no_grad()")
-        if self._grad_checked:
+        if self._grad_checked or self._warned_no_grad:
             return
-        self._grad_checked = True  # once, warned or not: the scan walks every parameter (1 ms on a Flux)
+        self._grad_checked = True  # once per reset, not per call: the scan walks every parameter (1 ms on a Flux)
         if any(p.requires_grad for p in self.model.parameters()):
+            self._warned_no_grad = True
             logger.warning("fx-fastcache: called with gradients enabled; the optimized model is inference-only "
                            "and its outputs carry no gradient (call it under torch.no_grad() or "
                            "torch.inference_mode() to silence this)")
@@ -464,35 +474,49 @@ class FastCacheModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self._call_lock:  # calls from several threads, context swaps included, run one after another
-            self._check_model_unchanged()
-            name = self._context_name()
-            if self._states.live is not None and name != self._states.live:
-                logger.debug("fx-fastcache: cache context %r -> %r", self._states.live, name)
-            self._states.activate(name, self.entries(), self.store)
-            # calibration records the primary context only: the recorder keeps per-block histories
-            # across steps, which interleaved cond/uncond calls would corrupt
-            muted = self._recorder if name != self._primary_context else None
-            if muted is not None:
-                self.set_recorder(None)
+            self._check_model_unchanged()  # before a dispatcher runs: a re-capture resets its host step
+            self._checked = True
             try:
-                if self.dispatching():
-                    return self._dispatcher(name)(*args, **kwargs)
-                kw, entry = self.prepare_call(args, kwargs)
-                with torch.no_grad():
-                    if self._recorder is not None or self._dispatch_mode is not None:
-                        return entry.gm(**kw)  # recording, or calibrating a dispatched model: uncompiled
-                    return entry.run(**kw)
-            except _Uncached:
-                with torch.no_grad():
-                    return self.model(*args, **kwargs)
+                return self._forward_checked(*args, **kwargs)
             finally:
-                if muted is not None:
-                    self.set_recorder(muted)
+                self._checked = False
+
+    def _forward_checked(self, *args: Any, **kwargs: Any) -> Any:
+        """A call after the model check: its cache context, then step dispatch or the captured graph."""
+        name = self._context_name()
+        if self._states.live is not None and name != self._states.live:
+            logger.debug("fx-fastcache: cache context %r -> %r", self._states.live, name)
+        self._states.activate(name, self.entries(), self.store)
+        # calibration records the primary context only: the recorder keeps per-block histories
+        # across steps, which interleaved cond/uncond calls would corrupt
+        muted = self._recorder if name != self._primary_context else None
+        if muted is not None:
+            self.set_recorder(None)
+        try:
+            if self.dispatching():
+                return self._dispatcher(name)(*args, **kwargs)
+            kw, entry = self.prepare_call(args, kwargs)
+            with torch.no_grad():
+                if self._recorder is not None or self._dispatch_mode is not None:
+                    return entry.gm(**kw)  # recording, or calibrating a dispatched model: uncompiled
+                return entry.run(**kw)
+        except _Uncached:
+            with torch.no_grad():
+                return self.model(*args, **kwargs)
+        finally:
+            if muted is not None:
+                self.set_recorder(muted)
 
     def _check_model_unchanged(self) -> None:
         """The model changed since its graphs were captured (:mod:`fx_fastcache.model_watch`: a submodule,
-        parameter, buffer, attention processor, forward hook or LoRA state): drop them, re-capture."""
-        why = self._watch.changed() if self._watch is not None and self._entries else None
+        parameter, buffer, attention processor, forward hook, LoRA state; or diffusers hooks): drop them,
+        re-capture.  Refuses diffusers hooks that cannot run under a graph (:data:`FOREIGN_HOOKS`)."""
+        hooks = _diffusers_hooks(self.model, self._submodules)
+        if self._watch is None or not self._entries:
+            return
+        why = self._watch.changed()
+        if why is None and hooks != self._hooks_at_capture:
+            why = "diffusers hooks were added or removed (apply_layer_skip, a guider's or offloading hooks)"
         if why is None:
             return
         log = logger.info if self._warned_changed else logger.warning  # warn once: each change re-captures
@@ -502,6 +526,8 @@ class FastCacheModule(nn.Module):
             "" if self.backend == "eager" else " and compile",
             "; the calibration was fitted on the model before the change" if self.store.calibrated else "")
         self.drop_graphs()
+        self._uncached.clear()  # the blocks a call skips may differ now
+        self._captured_all_blocks = False
         self._submodules = list(self.model.modules())  # the foreign-hook scan's list
 
     # -- cache contexts -------------------------------------------------------------------
@@ -534,6 +560,8 @@ class FastCacheModule(nn.Module):
     # -- capture --------------------------------------------------------------------------
     def capture(self, *args: Any, **kwargs: Any) -> CapturedGraph:
         """Capture (export + rewrite + compile) for these example inputs without running them."""
+        with self._call_lock:
+            self._check_model_unchanged()  # (export_onnx and inspect_graph capture through here)
         kw = self._bind(args, kwargs)
         self._check_inputs(kw)
         self._check_parallel_setup()
@@ -574,6 +602,9 @@ class FastCacheModule(nn.Module):
                            "where you can", GRAPHS_WARNING, type(self.model).__name__,
                            "" if self.backend == "eager" else " and a compile")
         self._watch = ModelWatch(self.model)
+        self._captured_all_blocks = True
+        self._submodules = list(self.model.modules())
+        self._hooks_at_capture = _diffusers_hooks(self.model, self._submodules)
         self._parallel_sig = parallel_signature(self.model)
         self.graphs[f"g{len(self.graphs)}"] = gm
         self._sync_entry(entry)
@@ -608,6 +639,7 @@ class FastCacheModule(nn.Module):
             if drift is not None:
                 drift.reset()
         self._last_key = None
+        self._grad_checked = False  # parameters may have been made trainable since (a LoRA to train)
         self.__dict__.get("_calls", {}).clear()  # _check_generations looks again in the next generation
         for d in self.__dict__.get("_dispatchers", {}).values():
             d.reset_host()  # a schedule's host step counter cannot see a new generation by itself
@@ -615,18 +647,23 @@ class FastCacheModule(nn.Module):
         # the next call fixes the primary context again (calibrate records the first one called in it)
         self._primary_context = None
 
-    def configure(self, **changes: Any) -> None:
-        """Change config fields; run-time fields update buffers, others force a re-capture."""
+    def check_configure(self, **changes: Any) -> FastCacheConfig:
+        """The config :meth:`configure` would install, or the error it would raise (nothing changes)."""
         new = self.fastcache_config.replace(**changes)
         if self._dispatch_mode is not None and "policy" in changes and self._auto_execution is None:
             dispatch_decide_mode(new)  # step dispatch chosen explicitly: the new policy must decide per step
-        structural = [k for k in changes if k not in RUNTIME_FIELDS]
         _check_parallel(new, self.process_group())  # routing/merging under context parallelism: raise now
         conflict = calibration_conflict(self.store.meta, new) if self.store.calibrated else None
         if conflict is not None:
             changed = ", ".join(f"{k}={v!r}" for k, v in changes.items())
             raise ValueError(f"configure({changed}): this model's calibration {conflict}: optimize the model with "
                              f"{changed} and calibrate it (or load a calibration file fitted for it)")
+        return new
+
+    def configure(self, **changes: Any) -> None:
+        """Change config fields; run-time fields update buffers, others force a re-capture."""
+        new = self.check_configure(**changes)
+        structural = [k for k in changes if k not in RUNTIME_FIELDS]
         self.fastcache_config = new
         self._decide_auto_execution()  # "auto" and a new policy or token routing: maybe another mode
         if structural:
@@ -725,24 +762,27 @@ FOREIGN_HOOKS = {
 }
 
 
-def _check_foreign_hooks(model: nn.Module, modules: list[nn.Module]) -> None:
-    """Refuse a model carrying diffusers hooks of :data:`FOREIGN_HOOKS` on any of ``modules`` (its
-    submodules, listed once: walking ``model.modules()`` per call was 9x slower on a Flux-sized tree, 0.6 against
-    0.07 ms), naming them and the fix."""
-    registries = [r for r in (m.__dict__.get("_diffusers_hook") for m in modules) if r is not None]
-    if not registries:
-        return
-    names = {name for r in registries for name in getattr(r, "hooks", {})}
-    found = {kind: sorted(n for n in names if n.startswith(prefixes)) for kind, prefixes in FOREIGN_HOOKS.items()}
-    if found["cache"]:
-        raise ValueError(f"{type(model).__name__} carries diffusers cache hooks {found['cache']}: two caches cannot "
+def _diffusers_hooks(model: nn.Module, modules: list[nn.Module]) -> tuple:
+    """The diffusers hooks on ``modules`` (its submodules, listed once: walking ``model.modules()`` per call
+    was 9x slower on a Flux-sized tree, 0.6 against 0.07 ms) as ``((module index, hook names), ...)``,
+    compared with the capture's to notice hooks added since (``apply_layer_skip``, a guider's hooks);
+    refuses those of :data:`FOREIGN_HOOKS`, naming them and the fix."""
+    found = tuple((i, tuple(hooks)) for i, m in enumerate(modules)  # (an empty registry: CacheMixin's
+                  if (hooks := getattr(m.__dict__.get("_diffusers_hook"), "hooks", None)))  # is_cache_enabled makes one)
+    if not found:
+        return found
+    names = {name for _, hooks in found for name in hooks}
+    refused = {kind: sorted(n for n in names if n.startswith(prefixes)) for kind, prefixes in FOREIGN_HOOKS.items()}
+    if refused["cache"]:
+        raise ValueError(f"{type(model).__name__} carries diffusers cache hooks {refused['cache']}: two caches cannot "
                          f"run together (and torch.export would freeze that cache's first decision); remove it "
                          f"first (model.disable_cache(), or build the model without apply_*_cache)")
-    if found["layerwise_casting"]:
+    if refused["layerwise_casting"]:
         raise ValueError(f"{type(model).__name__} carries diffusers layerwise casting hooks, which cast weights in "
                          f"place inside forward where torch.export cannot trace them; load the model in its "
                          f"compute dtype instead (model.to(torch.bfloat16)), or optimize a model without "
                          f"enable_layerwise_casting / apply_layerwise_casting")
+    return found
 
 
 def _check_parallel(cfg: FastCacheConfig, group: Any) -> None:

@@ -57,6 +57,27 @@ def experts(pipe: Any) -> list[FastCacheModule]:
     return [m for m in (getattr(pipe, name, None) for name in TRANSFORMERS) if isinstance(m, FastCacheModule)]
 
 
+def optimized_modules(opt: Any) -> list[FastCacheModule]:
+    """The optimized modules behind ``opt``: itself, or a pipeline's (Wan 2.2 has two experts)."""
+    if isinstance(opt, FastCacheModule):
+        return [opt]
+    mods = experts(opt)
+    if mods:
+        return mods
+    raise TypeError(f"expected a model returned by fastcache.optimize() (or a pipeline with FastCache enabled), "
+                    f"got {type(opt).__name__}")
+
+
+def optimized_module(opt: Any, what: str) -> FastCacheModule:
+    """The one optimized module behind ``opt`` for the function ``what``; a pipeline with two experts names the fix."""
+    mods = optimized_modules(opt)
+    if len(mods) > 1:
+        raise ValueError(f"{what}: this {type(opt).__name__} has two transformers (transformer and "
+                         f"transformer_2), each with its own FastCache state and calibration; call "
+                         f"{what}(pipe.transformer, ...) and {what}(pipe.transformer_2, ...)")
+    return mods[0]
+
+
 def _components(pipe: Any) -> dict[str, nn.Module]:
     return {name: m for name in TRANSFORMERS if isinstance(m := getattr(pipe, name, None), nn.Module)}
 
@@ -175,10 +196,13 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
         raise TypeError(f"{type(pipe).__name__} has no `transformer` component; enable_fastcache supports "
                         f"transformer-based pipelines (DiT, PixArt, SD3, Flux, the video DiTs); for a bare model "
                         f"use fastcache.optimize")
-    if any(isinstance(m, FastCacheModule) for m in found.values()) or \
-            getattr(type(pipe), "_fastcache_original_class", None) is not None:
+    if getattr(type(pipe), "_fastcache_original_class", None) is not None:
         raise ValueError(f"FastCache is already enabled on this {type(pipe).__name__}; "
                          f"call fastcache.disable_fastcache(pipe) first to change the configuration")
+    optimized = [name for name, m in found.items() if isinstance(m, FastCacheModule)]
+    if optimized:  # by hand, with fastcache.optimize
+        raise ValueError(f"pipe.{optimized[0]} is already a model returned by fastcache.optimize; put the original "
+                         f"back first (pipe.{optimized[0]} = pipe.{optimized[0]}.model), then enable_fastcache(pipe)")
     if schedule is not None and "policy" not in overrides:
         overrides["policy"] = "schedule"
     config = FastCacheConfig.resolve(config, **overrides)

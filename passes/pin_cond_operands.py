@@ -48,7 +48,7 @@ def pin_cond_operands(gm: fx.GraphModule, ctx: PassContext) -> None:
             if p is None:
                 with g.inserting_after(o):
                     p = g.call_function(PIN, (o,))
-                p.meta["val"] = val.contiguous() if not val.is_contiguous() else val
+                p.meta["val"] = torch.empty_like(val, memory_format=torch.contiguous_format)  # pin's own fake
                 pins[o] = p
             operands[j] = p
         cond.args = (*cond.args[:3], operands)

@@ -17,6 +17,9 @@ pytestmark = pytest.mark.slow  # inductor compiles
 
 COMPILED = ["tiny-dit", "tiny-flux", "tiny-custom", "tiny-hunyuan-video"]  # flux, hunyuan: two block lists, joint streams
 STEPS30 = [1000.0 - i * (1000.0 / 30) for i in range(30)]
+#: Batch 1, the usual call (one video or image; CFG as a separate call or a guidance embedding): its
+#: size-1 batch dimension gave a branch output strides that broke inductor's torch.cond (HunyuanVideo).
+BATCH = 1
 
 
 @pytest.fixture(scope="module", params=COMPILED, ids=COMPILED)
@@ -26,7 +29,7 @@ def compiled(request):
     torch._dynamo.reset()
     opt = fastcache.optimize(tm.model, backend="inductor", cache_ratio_threshold=0.0)
     with torch.no_grad():
-        opt(**tm.make_inputs(STEPS30[0], 2))  # capture + compile once
+        opt(**tm.make_inputs(STEPS30[0], BATCH))  # capture + compile once
     return tm, opt
 
 
@@ -36,7 +39,7 @@ def test_inductor_matches_original_when_nothing_is_skipped(compiled):
     fastcache.reset(opt)
     with torch.no_grad():
         for t in STEPS30[:6]:
-            kw = tm.make_inputs(t, 2)
+            kw = tm.make_inputs(t, BATCH)
             torch.testing.assert_close(first(opt(**kw)), first(tm.model(**kw)), atol=1e-4, rtol=1e-4)
 
 
@@ -47,7 +50,7 @@ def test_zero_graph_breaks_and_recompiles_across_generations(compiled):
         for thr in (0.0, 0.3, 5.0):
             fastcache.configure(opt, cache_ratio_threshold=thr)  # a buffer write: no recompile
             for t in STEPS30:
-                opt(**tm.make_inputs(t, 2))
+                opt(**tm.make_inputs(t, BATCH))
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == frames_before == 1
     assert sum(counters["recompiles"].values()) == 0
@@ -62,7 +65,7 @@ def test_inductor_forced_approximation_matches_eager(compiled):
     fastcache.reset(opt)
     with torch.no_grad():
         for t in STEPS30[:6]:
-            kw = tm.make_inputs(t, 2)
+            kw = tm.make_inputs(t, BATCH)
             torch.testing.assert_close(first(opt(**kw)), first(eager(**kw)), atol=1e-4, rtol=1e-4)
     assert fastcache.get_cache_statistics(opt)["blocks_approximated"] == \
         fastcache.get_cache_statistics(eager)["blocks_approximated"] > 0

@@ -7,9 +7,10 @@ import torch
 
 import fx_fastcache as fastcache
 from fx_fastcache.families import block_modules
+from fx_fastcache.graph_protocol import conds
 from fx_fastcache.zoo import make_tiny
 
-from conftest import FAMILIES, TIMESTEPS, first, run_loop
+from conftest import TIMESTEPS, family_policy_cases, first, run_loop
 
 
 @pytest.mark.parametrize("policy", ["step_forecast", "chi2"])
@@ -87,10 +88,12 @@ def _capture_residuals(model, spec, kwargs):
     return res
 
 
-@pytest.mark.parametrize("fallback", ["residual", "forecast", "linear", "forecast_blend"])
-def test_forced_approximation_matches_hand_computation(tiny, fallback):
+@pytest.mark.parametrize("family,fallback", family_policy_cases(["residual", "forecast", "linear", "forecast_blend"]))
+def test_forced_approximation_matches_hand_computation(family, fallback):
     """Threshold above any change: after warm-up (2 steps; 3 for forecast_blend, whose blend needs
-    three adjacent computations) every block is approximated."""
+    three adjacent computations) every block is approximated.  Every fallback on the structurally
+    different families, one fallback on each other family."""
+    tiny = make_tiny(family)
     warm = 3 if fallback == "forecast_blend" else 2
     opt = fastcache.optimize(tiny.model, backend="eager", policy="chi2", fallback=fallback,
                              cache_ratio_threshold=1e6, warmup_steps=warm)
@@ -199,3 +202,21 @@ def test_new_generation_resets_state_automatically():
     torch.testing.assert_close(b[0], ref[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(b[1], ref[1], atol=1e-5, rtol=0)
     assert fastcache.get_cache_statistics(opt)["per_block"][0]["approximated"] == 2
+
+
+def test_cond_branch_outputs_are_row_major_at_batch_1(tiny):
+    """Both branches of a ``torch.cond`` must return exactly row-major strides.  At batch 1 a slice
+    such as HunyuanVideo's ``cat([img, txt], 1)[:, :n]`` is "contiguous" to ``Tensor.is_contiguous``
+    (a size-1 dimension's stride is ignored) but not row-major, and inductor's cond failed on it
+    with a raw ``KeyError``; the guard now copies such outputs (capture only here, no compile)."""
+    entry = fastcache.optimize(tiny.model, backend="inductor").capture(**tiny.make_inputs(900.0, 1))
+    checked = 0
+    for c in conds(entry.gm.graph):
+        for branch in (c.args[1].target, c.args[2].target):
+            (out,) = getattr(entry.gm, branch).graph.find_nodes(op="output")
+            for r in out.args[0]:
+                v = r.meta.get("val")
+                if isinstance(v, torch.Tensor):
+                    assert v.stride() == torch.empty(v.shape, device="meta").stride(), (branch, r.name)
+                    checked += 1
+    assert checked > 0

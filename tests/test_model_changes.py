@@ -11,6 +11,7 @@ import logging
 import pytest
 import torch
 import torch.nn as nn
+from diffusers.hooks import HookRegistry, ModelHook
 
 import fx_fastcache as fastcache
 from fx_fastcache.zoo import make_tiny
@@ -51,10 +52,6 @@ def _set_scale(m):
     m.blocks[0].fc1.scaling["default"] = 0.3
 
 
-def _disable(m):
-    m.blocks[0].fc1._disable_adapters = True
-
-
 def _merge(m):
     m.blocks[0].fc1.merge()
 
@@ -67,24 +64,27 @@ def _hook(m):
     m.proj_out.register_forward_hook(lambda mod, args, out: 3 * out)
 
 
-def _linear(m):
-    torch.manual_seed(1)
-    return nn.Linear(m.proj_out.in_features, m.proj_out.out_features)
+class _Tripled(ModelHook):
+    def post_forward(self, module, output):
+        return 3 * output
+
+
+def _diffusers_hook(m):
+    """A diffusers hook (its registry wraps ``forward``; no torch hook is registered)."""
+    HookRegistry.check_if_exists_or_initialize(m.proj_out).register_hook(_Tripled(), "tripled")
 
 
 CHANGES = {  # name: (prepare before the first call, change after it)
     "submodule replaced": (None, lambda m: setattr(m.blocks[0], "fc1", nn.Linear(16, 32))),
-    "output layer replaced": (None, lambda m: setattr(m, "proj_out", _linear(m))),
-    "block appended": (None, lambda m: m.blocks.append(make_tiny("tiny-custom", seed=3).model.blocks[0])),
     "block deleted": (None, lambda m: m.blocks.__delitem__(0)),
     "parameter replaced": (None, lambda m: setattr(m.proj_out, "weight", nn.Parameter(torch.randn(4, 16)))),
     "load_state_dict(assign=True)": (None, lambda m: m.load_state_dict(
         make_tiny("tiny-custom", seed=5).model.state_dict(), assign=True)),
     "forward hook added": (None, _hook),
     "forward hook removed": (_hook, lambda m: m.proj_out._forward_hooks.clear()),
+    "diffusers hook added": (None, _diffusers_hook),
     "LoRA injected": (None, _inject),
     "LoRA scale changed": (_inject, _set_scale),
-    "LoRA disabled": (_inject, _disable),
     "LoRA merged": (_inject, _merge),
     "LoRA unloaded": (_inject, _unload),
 }
@@ -129,6 +129,58 @@ def test_attention_processor_swap_is_followed():
         fastcache.reset(opt)
         got, ref = opt(**inputs)[0], tm.model(**inputs)[0]
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_module_processor_replaced_by_a_plain_one_is_followed():
+    """An ``nn.Module`` processor (IP-Adapter's) replaced by a plain one: diffusers pops it from
+    ``_modules`` without any registration event."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    class Doubled(nn.Module):
+        def forward(self, attn, hidden_states, *args, **kwargs):
+            return 2 * AttnProcessor()(attn, hidden_states, *args, **kwargs)
+
+    tm = make_tiny("tiny-pixart")
+    tm.model.set_attn_processor(Doubled())
+    opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False)
+    inputs = tm.make_inputs(900.0, 2)
+    with torch.no_grad():
+        opt(**inputs)
+        tm.model.set_attn_processor(AttnProcessor())
+        fastcache.reset(opt)
+        torch.testing.assert_close(opt(**inputs)[0], tm.model(**inputs)[0], rtol=0, atol=0)
+
+
+def test_capture_sees_the_change_too():
+    """``opt.capture()`` (what ONNX export and inspect_graph use) returned the graph of the model
+    before the change."""
+    tm = make_tiny("tiny-custom")
+    opt = fastcache.optimize(tm.model, backend="eager")
+    inputs = tm.make_inputs(900.0, 2)
+    old = opt.capture(**inputs)
+    _hook(tm.model)
+    assert opt.capture(**inputs) is not old
+
+
+def test_a_block_no_call_runs_is_an_error_naming_the_fix():
+    """A block list with a block ``forward`` never calls is a wrong block list (not a call to run
+    uncached, as an SD3 ``skip_layers`` call after a normal one is)."""
+    tm = make_tiny("tiny-custom")
+    tm.model.blocks.append(make_tiny("tiny-custom", seed=1).model.blocks[0])
+    forward = type(tm.model).forward
+
+    def two_blocks(x, timestep):  # the model's forward over its first blocks only
+        blocks = tm.model.blocks
+        tm.model.blocks = nn.ModuleList(list(blocks)[:-1])
+        try:
+            return forward(tm.model, x, timestep)
+        finally:
+            tm.model.blocks = blocks
+
+    tm.model.forward = two_blocks
+    opt = fastcache.optimize(tm.model, backend="eager")
+    with pytest.raises(RuntimeError, match=r"blocks \['blocks.3'\] do not run .*optimize\(blocks=\.\.\.\)"):
+        opt(**tm.make_inputs(900.0, 2))
 
 
 def test_unrelated_registrations_do_not_recapture(caplog):

@@ -9,6 +9,7 @@ import logging
 import pickle
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,10 +18,13 @@ import torch.fx as fx
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 
 import fx_fastcache as fastcache
+from fx_fastcache.export import record_schedule
 from fx_fastcache.graph_protocol import COND
 from fx_fastcache.step_dispatch import StepDispatch, specialise
 from fx_fastcache.tiny_pipelines import make_tiny_pipeline
 from fx_fastcache.zoo import make_tiny
+
+from conftest import TIMESTEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
@@ -345,3 +349,50 @@ def test_sd3_skip_layer_guidance_runs_its_extra_call_uncached(caplog) -> None:
     stats = fastcache.get_cache_statistics(tp.pipe)
     assert np.isfinite(images).all() and stats["calls"] == STEPS  # the guided calls only
     assert stats["blocks_approximated"] == (STEPS - WARMUP) * 2
+
+
+def test_two_experts_calibrate_configure_and_errors(caplog) -> None:
+    """What a pipeline with two experts (Wan 2.2) gets from the API, on two tiny models standing in for
+    ``pipe.transformer`` / ``pipe.transformer_2``: an expert that no step reached inside ``calibrate``
+    is named, and the other is fitted (both fits were lost to a misleading "not called"); ``configure``
+    changes both or neither (the first changed, then the second raised); functions that work on one
+    model name both."""
+    experts = [make_tiny("tiny-custom", seed=s) for s in (0, 1)]
+    pipe = SimpleNamespace(**{name: fastcache.optimize(tm.model, backend="eager", fallback="residual_linear")
+                              for name, tm in zip(("transformer", "transformer_2"), experts)})
+    with caplog.at_level(logging.WARNING, logger="fx_fastcache"), fastcache.calibrate(pipe), torch.no_grad():
+        for t in TIMESTEPS:
+            pipe.transformer(**experts[0].make_inputs(t, 2))  # only the first expert runs
+    assert "pipe.transformer_2 ran no step" in caplog.text
+    assert pipe.transformer.store.calibrated and not pipe.transformer_2.store.calibrated
+    with pytest.raises(ValueError, match="fitted for fallback='residual_linear'"):
+        fastcache.configure(pipe, fallback="linear")  # the first expert's fit conflicts
+    assert [m.fastcache_config.fallback for m in (pipe.transformer, pipe.transformer_2)] == ["residual_linear"] * 2
+    with pytest.raises(ValueError, match=r"save_calibration\(pipe\.transformer_2"):
+        fastcache.save_calibration(pipe, "unused.safetensors")
+    with pytest.raises(ValueError, match=r"record_schedule\(pipe\.transformer_2"):
+        record_schedule(pipe, lambda: None)
+
+
+def test_enable_names_a_transformer_optimized_by_hand() -> None:
+    tp = make_tiny_pipeline("wan", experts=2)
+    tp.pipe.transformer_2 = fastcache.optimize(tp.pipe.transformer_2, backend="eager")
+    with pytest.raises(ValueError, match=r"pipe\.transformer_2 = pipe\.transformer_2\.model"):
+        fastcache.enable_fastcache(tp.pipe, backend="eager")
+
+
+def test_skip_layers_signature_is_remembered_across_recaptures(monkeypatch) -> None:
+    """A call whose arguments skip blocks is exported once to find out, not again after every
+    re-capture (each ``.to()`` move drops the graphs: model CPU offload moves at every call)."""
+    tm = make_tiny("tiny-sd3")
+    opt = fastcache.optimize(tm.model, backend="eager")
+    exports = []
+    real_export = torch.export.export
+    monkeypatch.setattr(torch.export, "export", lambda *a, **k: exports.append(1) or real_export(*a, **k))
+    inputs = tm.make_inputs(900.0, 2)
+    with torch.no_grad():
+        for _ in range(2):
+            opt(**inputs)
+            opt(**inputs, skip_layers=[1])
+            opt.drop_graphs()
+    assert len(exports) == 3  # the full call twice, the skipping call once
