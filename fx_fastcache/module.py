@@ -767,8 +767,11 @@ def _diffusers_hooks(model: nn.Module, modules: list[nn.Module]) -> tuple:
     was 9x slower on a Flux-sized tree, 0.6 against 0.07 ms) as ``((module index, hook names), ...)``,
     compared with the capture's to notice hooks added since (``apply_layer_skip``, a guider's hooks);
     refuses those of :data:`FOREIGN_HOOKS`, naming them and the fix."""
-    found = tuple((i, tuple(hooks)) for i, m in enumerate(modules)  # (an empty registry: CacheMixin's
-                  if (hooks := getattr(m.__dict__.get("_diffusers_hook"), "hooks", None)))  # is_cache_enabled makes one)
+    registries = [m.__dict__.get("_diffusers_hook") for m in modules]
+    if not any(registries):
+        return ()
+    # (an empty registry does not count: CacheMixin's is_cache_enabled, read through the wrapper, makes one)
+    found = tuple((i, tuple(r.hooks)) for i, r in enumerate(registries) if r is not None and getattr(r, "hooks", None))
     if not found:
         return found
     names = {name for _, hooks in found for name in hooks}
