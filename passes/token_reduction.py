@@ -168,6 +168,11 @@ def _compute_branch(full: fx.GraphModule, routed: fx.GraphModule, n_ops: int, ac
     return fx.GraphModule(root, g)
 
 
+#: Block arguments that carry text (cross-attention) tokens in the families' blocks: passed whole
+#: whatever their length (PixArt-Σ at 240×320 px has 300 image tokens, its text 300 too).
+TEXT_ARGS = frozenset({"encoder_hidden_states", "encoder_hidden_states_image", "encoder_attention_mask"})
+
+
 def argument_role(node: fx.Node, v: torch.Tensor, name: str, kind: str, tag: str, x: fx.Node, blk: Any, b: int,
                   n: int, k: int, m: int, text_len: int, path: str, joint_mask_order: str | None,
                   model_name: str) -> tuple[str, tuple[int, ...]]:
@@ -181,8 +186,8 @@ def argument_role(node: fx.Node, v: torch.Tensor, name: str, kind: str, tag: str
     shape = tuple(v.shape)
     if node is x:
         return "x", (b, m) + shape[2:]
-    if name in blk.stream_inputs:
-        return "pass", shape  # text/encoder tokens: never dropped
+    if name in blk.stream_inputs or name in TEXT_ARGS:
+        return "pass", shape  # text/encoder tokens: never dropped (by name: a text as long as the image fits the rules below)
     if v.ndim == 2 and shape[0] == text_len + n and kind == "tensors":  # Flux: text + image rows
         return f"table:{text_len}", (text_len + k,) + shape[1:]
     if v.ndim == 2 and shape[0] == n and kind == "tensors":  # HunyuanVideo: image rows only

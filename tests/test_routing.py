@@ -138,6 +138,35 @@ def test_routing_matches_python_reference(tinies, name):
     assert fastcache.get_cache_statistics(opt)["spatial_approx_ratio"] == 0.0
 
 
+def test_cross_attention_text_as_long_as_the_image_is_passed_whole():
+    """A cross-attention text with exactly as many tokens as the image (PixArt-Σ at 240×320 px: 300
+    and 300) matched the per-token rule by shape and was gathered to the routed tokens, silently
+    (Wan and LTX-Video name it the same: ``token_reduction.TEXT_ARGS``)."""
+    name = "tiny-pixart"
+    tm = make_tiny(name)
+    opt = _optimize_routed(tm)
+    _run(opt, tm, name, batch=1)
+    n = _routers(opt)[0].n_tokens
+    base = tm.make_inputs
+
+    def inputs(t, batch=2):
+        kw = base(t, batch)
+        kw["encoder_hidden_states"] = torch.randn(batch, n, kw["encoder_hidden_states"].shape[-1],
+                                                  generator=torch.Generator().manual_seed(3))
+        return kw
+
+    tm.make_inputs = inputs
+    got = _run(_optimize_routed(tm), tm, name, batch=1)
+    want = _reference(tm, name, routing_capacity(0.5, n), warmup=2, batch=1)
+    for step, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=f"step {step}")
+
+
+def _optimize_routed(tm):
+    return fastcache.optimize(tm.model, backend="eager", enable_block_approx=False, enable_token_routing=True,
+                              motion_threshold=0.5, warmup_steps=2)
+
+
 def test_indices_are_per_sample_and_most_salient():
     r = TokenRouter((2, 6, 3), k=2, dtype=torch.float32, device=torch.device("cpu"))
     x = torch.zeros(2, 6, 3)
