@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.attention_processor import AttnProcessor
 
 import fx_fastcache as fastcache
 from fx_fastcache.zoo import make_tiny
@@ -112,41 +113,31 @@ def test_a_change_after_capture_is_followed(change, caplog):
     assert "re-capturing at this call" in caplog.text
 
 
-def test_attention_processor_swap_is_followed():
+class _DoubledProcessor(AttnProcessor):
+    def __call__(self, *args, **kwargs):
+        return 2 * super().__call__(*args, **kwargs)
+
+
+class _DoubledModuleProcessor(nn.Module):
+    """An ``nn.Module`` processor (as IP-Adapter's are): it lives in ``_modules``, and diffusers pops it
+    from there when a plain one replaces it, without any registration event."""
+
+    def forward(self, attn, hidden_states, *args, **kwargs):
+        return 2 * AttnProcessor()(attn, hidden_states, *args, **kwargs)
+
+
+@pytest.mark.parametrize("before,after", [(None, _DoubledProcessor), (_DoubledModuleProcessor, AttnProcessor)],
+                         ids=["plain-replaced", "module-replaced-by-plain"])
+def test_attention_processor_swap_is_followed(before, after):
     """``set_attn_processor`` after a capture (a diffusers family, its real attention modules)."""
-    from diffusers.models.attention_processor import AttnProcessor
-
-    class Doubled(AttnProcessor):
-        def __call__(self, *args, **kwargs):
-            return 2 * super().__call__(*args, **kwargs)
-
     tm = make_tiny("tiny-pixart")
+    if before is not None:
+        tm.model.set_attn_processor(before())
     opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False)
     inputs = tm.make_inputs(900.0, 2)
     with torch.no_grad():
         opt(**inputs)
-        tm.model.set_attn_processor(Doubled())
-        fastcache.reset(opt)
-        got, ref = opt(**inputs)[0], tm.model(**inputs)[0]
-    torch.testing.assert_close(got, ref, rtol=0, atol=0)
-
-
-def test_module_processor_replaced_by_a_plain_one_is_followed():
-    """An ``nn.Module`` processor (IP-Adapter's) replaced by a plain one: diffusers pops it from
-    ``_modules`` without any registration event."""
-    from diffusers.models.attention_processor import AttnProcessor
-
-    class Doubled(nn.Module):
-        def forward(self, attn, hidden_states, *args, **kwargs):
-            return 2 * AttnProcessor()(attn, hidden_states, *args, **kwargs)
-
-    tm = make_tiny("tiny-pixart")
-    tm.model.set_attn_processor(Doubled())
-    opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False)
-    inputs = tm.make_inputs(900.0, 2)
-    with torch.no_grad():
-        opt(**inputs)
-        tm.model.set_attn_processor(AttnProcessor())
+        tm.model.set_attn_processor(after())
         fastcache.reset(opt)
         torch.testing.assert_close(opt(**inputs)[0], tm.model(**inputs)[0], rtol=0, atol=0)
 
