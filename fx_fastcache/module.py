@@ -55,6 +55,8 @@ GENERATION_CHECK_CALLS = 4
 GRAPHS_WARNING = 8
 #: The context of calls made outside any ``cache_context`` when the first call was too.
 DEFAULT_CONTEXT = "default"
+#: The contexts that calls take in turn under :meth:`FastCacheModule.set_branch_turns`.
+BRANCH_TURNS = ("cond", "uncond")
 
 
 @dataclass
@@ -144,6 +146,13 @@ class FastCacheModule(nn.Module):
         self._active: str | None = None
         self._primary_context: str | None = None
         self._states = ContextStates()
+        # inside a pipeline call that runs CFG as two calls per step without cache_context (pipelines.py):
+        # calls outside any context take "cond" and "uncond" in turn
+        self._branch_turns = False
+        self._turn = 0
+        self._pipeline_calls = 0  # > 0 while an enabled pipeline's __call__ runs (pipelines.py)
+        self._installed_in_pipeline = False  # set by enable_fastcache
+        self._warned_outside_pipeline = False
         # execution="auto": decided again when the device or the policy changes; None: a fixed choice,
         # else the dispatch_compile= given with it (None: the rule's)
         self._auto_execution: tuple[str | None] | None = None
@@ -475,6 +484,12 @@ class FastCacheModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self._call_lock:  # calls from several threads, context swaps included, run one after another
             self._check_model_unchanged()  # before a dispatcher runs: a re-capture resets its host step
+            if self._installed_in_pipeline and not self._pipeline_calls and not self._warned_outside_pipeline:
+                self._warned_outside_pipeline = True
+                logger.warning("fx-fastcache: this transformer, installed by enable_fastcache, is called outside its "
+                               "pipeline's call, where nothing resets its cache state per generation (a pipeline made "
+                               "with from_pipe shares it): call fastcache.enable_fastcache on that pipeline too, or "
+                               "fastcache.reset(model) before each generation")
             self._checked = True
             try:
                 return self._forward_checked(*args, **kwargs)
@@ -545,9 +560,18 @@ class FastCacheModule(nn.Module):
         """The running context.  The first call fixes the primary context: its context, or
         :data:`DEFAULT_CONTEXT` if it ran outside any; later calls outside any context use it (so a
         loop running one branch outside a context and the other inside one keeps two states)."""
+        name = self._active
+        if name is None and self._branch_turns:
+            name = BRANCH_TURNS[self._turn % 2]
+            self._turn += 1
         if self._primary_context is None:
-            self._primary_context = DEFAULT_CONTEXT if self._active is None else self._active
-        return self._primary_context if self._active is None else self._active
+            self._primary_context = DEFAULT_CONTEXT if name is None else name
+        return self._primary_context if name is None else name
+
+    def set_branch_turns(self, on: bool) -> None:
+        """Calls outside any cache context take the contexts of :data:`BRANCH_TURNS` in turn (a pipeline
+        that runs CFG as two calls per step without ``cache_context``: Flux img2img, inpaint, Kontext)."""
+        self._branch_turns, self._turn = on, 0
 
     def contexts(self) -> dict[str, dict[tuple, dict[str, torch.Tensor]]]:
         """Per cache context: its state tensors per captured graph (the live ones or its bank)."""
@@ -646,6 +670,7 @@ class FastCacheModule(nn.Module):
         self._states.clear()  # every context starts fresh at its next call
         # the next call fixes the primary context again (calibrate records the first one called in it)
         self._primary_context = None
+        self._turn = 0
 
     def check_configure(self, **changes: Any) -> FastCacheConfig:
         """The config :meth:`configure` would install, or the error it would raise (nothing changes)."""

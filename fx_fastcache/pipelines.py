@@ -91,9 +91,38 @@ def _default_steps(call: Any) -> Any:
     return None if p is None else p.default
 
 
+def _uses_cache_context(call: Any) -> bool:
+    """Whether a pipeline's ``__call__`` names its transformer calls' cache contexts (unknown: yes)."""
+    try:
+        return "cache_context" in inspect.getsource(call)
+    except (OSError, TypeError):
+        return True
+
+
+def _branches_in_turn(signature: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether this call runs true CFG (``true_cfg_scale > 1`` and a negative prompt, as diffusers' Flux
+    pipelines decide it): two transformer calls per step, cond then uncond."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return False
+    bound.apply_defaults()
+    a = bound.arguments
+    scale = a.get("true_cfg_scale")
+    negative = a.get("negative_prompt") is not None or a.get("negative_prompt_embeds") is not None
+    return isinstance(scale, (int, float)) and scale > 1 and negative
+
+
 def _wrapped_call(original: Any):
     default_steps = _default_steps(original)
     warned: set[tuple[int, str]] = set()  # (module, message): warn once each
+    # diffusers' FluxPipeline names its true-CFG calls' contexts; its img2img, inpaint, Kontext and
+    # ControlNet variants do not, so one state served both branches (0 % replaced): take them in turn
+    in_turn = not _uses_cache_context(original)
+    try:
+        signature = inspect.signature(original)
+    except (TypeError, ValueError):
+        in_turn, signature = False, None
 
     @functools.wraps(original)
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -117,7 +146,16 @@ def _wrapped_call(original: Any):
             if why is not None and (id(tr), why) not in warned:
                 warned.add((id(tr), why))
                 logger.warning("fx-fastcache: %s", why)
-        return original(self, *args, **kwargs)
+        turns = in_turn and _branches_in_turn(signature, (self, *args), kwargs)
+        for m in mods:
+            m._pipeline_calls += 1
+            m.set_branch_turns(turns)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            for m in mods:
+                m._pipeline_calls -= 1
+                m.set_branch_turns(False)
 
     return __call__
 
@@ -199,10 +237,17 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
     if getattr(type(pipe), "_fastcache_original_class", None) is not None:
         raise ValueError(f"FastCache is already enabled on this {type(pipe).__name__}; "
                          f"call fastcache.disable_fastcache(pipe) first to change the configuration")
-    optimized = [name for name, m in found.items() if isinstance(m, FastCacheModule)]
-    if optimized:  # by hand, with fastcache.optimize
-        raise ValueError(f"pipe.{optimized[0]} is already a model returned by fastcache.optimize; put the original "
-                         f"back first (pipe.{optimized[0]} = pipe.{optimized[0]}.model), then enable_fastcache(pipe)")
+    # a transformer optimized already: shared with an enabled pipeline (FluxImg2ImgPipeline.from_pipe(pipe))
+    # or by fastcache.optimize; it is adopted as it is, with its config, state and calibration
+    adopted = {name: m for name, m in found.items() if isinstance(m, FastCacheModule)}
+    if adopted and (config is not None or overrides or schedule is not None):
+        name = next(iter(adopted))
+        raise ValueError(f"pipe.{name} is optimized already (shared with another enabled pipeline through from_pipe, "
+                         f"or by fastcache.optimize): enable_fastcache(pipe) with no config adopts it as it is; "
+                         f"change its config with fastcache.configure(pipe, ...)")
+    if adopted:
+        first = next(iter(adopted.values()))
+        config, backend = first.fastcache_config, first.backend
     if schedule is not None and "policy" not in overrides:
         overrides["policy"] = "schedule"
     config = FastCacheConfig.resolve(config, **overrides)
@@ -211,8 +256,11 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
         raise ValueError(f"schedule=: this {type(pipe).__name__} has two transformers ({', '.join(found)}), which run "
                          f"different steps; enable without it and call fastcache.set_schedule(pipe.transformer, "
                          f"table) and fastcache.set_schedule(pipe.transformer_2, table) with one table each")
-    installed = {name: FastCacheModule(m, config, backend=backend) for name, m in found.items()}
-    for opt in installed.values():
+    installed = {name: adopted.get(name) or FastCacheModule(m, config, backend=backend) for name, m in found.items()}
+    for name, opt in installed.items():
+        opt._installed_in_pipeline = True
+        if name in adopted:
+            continue
         if schedule is not None:
             opt.install_schedule(schedule)
         opt.set_execution(execution, dispatch_compile, step_dispatch)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 import torch.fx as fx
-from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+from PIL import Image
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, FluxImg2ImgPipeline
 
 import fx_fastcache as fastcache
 from fx_fastcache.export import record_schedule
@@ -374,11 +375,30 @@ def test_two_experts_calibrate_configure_and_errors(caplog) -> None:
         record_schedule(pipe, lambda: None)
 
 
-def test_enable_names_a_transformer_optimized_by_hand() -> None:
-    tp = make_tiny_pipeline("wan", experts=2)
-    tp.pipe.transformer_2 = fastcache.optimize(tp.pipe.transformer_2, backend="eager")
-    with pytest.raises(ValueError, match=r"pipe\.transformer_2 = pipe\.transformer_2\.model"):
-        fastcache.enable_fastcache(tp.pipe, backend="eager")
+def test_flux_img2img_true_cfg_takes_the_branches_in_turn_and_from_pipe_is_adopted(caplog) -> None:
+    """diffusers' Flux img2img / inpaint / Kontext pipelines run true CFG as two calls per step without
+    ``cache_context``: one state served both branches and nothing was approximated (0 %, FluxPipeline
+    67 %). Inside an enabled call they now take "cond" and "uncond" in turn.  A pipeline made with
+    ``from_pipe`` shares the optimized transformer but not the per-call reset (a call carried the
+    previous call's cache): calling it warns, and ``enable_fastcache`` adopts the shared transformer."""
+    tp = make_tiny_pipeline("flux")
+    tr = fastcache.enable_fastcache(tp.pipe, backend="eager", cache_ratio_threshold=0.5)
+    i2i = FluxImg2ImgPipeline.from_pipe(tp.pipe)
+    i2i.set_progress_bar_config(disable=True)
+    kwargs = tp.call_kwargs(negative_prompt="blurry", true_cfg_scale=2.0, num_inference_steps=STEPS,
+                            image=Image.new("RGB", (8, 8), (120, 30, 200)), strength=1.0)
+    with caplog.at_level(logging.WARNING, logger="fx_fastcache"):
+        i2i(**kwargs)
+    assert "called outside its pipeline's call" in caplog.text
+    with pytest.raises(ValueError, match="adopts it as it is"):
+        fastcache.enable_fastcache(i2i, cache_ratio_threshold=0.1)
+    assert fastcache.enable_fastcache(i2i) is tr  # adopted: shared state, config and graphs
+    outs = [np.asarray(i2i(**tp.call_kwargs(**{k: v for k, v in kwargs.items() if k != "generator"})).images)
+            for _ in range(2)]
+    np.testing.assert_array_equal(outs[0], outs[1])  # reset per call
+    stats = fastcache.get_cache_statistics(i2i)
+    assert sorted(tr.contexts()) == ["cond", "uncond"] and stats["calls"] == 2 * STEPS
+    assert stats["blocks_approximated"] == (STEPS - fastcache.FastCacheConfig().warmup_steps) * 2 * 3
 
 
 def test_skip_layers_signature_is_remembered_across_recaptures(monkeypatch) -> None:
