@@ -113,7 +113,7 @@ def is_contiguous(n: fx.Node) -> bool:
     ``torch.cond`` merging it with a ``(n*C, C, 1)`` branch output fails in fake-tensor
     propagation (``_bound_stride``: ``KeyError(L_total*C)``, torch 2.13)."""
     v = val(n)
-    return (isinstance(v, torch.Tensor) and v.is_contiguous() and tuple(v.stride()) == _dense_strides(v.shape)
+    return (isinstance(v, torch.Tensor) and tuple(v.stride()) == _dense_strides(v.shape)
             and v.storage_offset() == 0)  # a batch-1 slice x[:, n:] (Flux): "expected same storage_offset"
 
 

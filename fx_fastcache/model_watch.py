@@ -98,9 +98,12 @@ def _flat(modules: Any) -> tuple[list[Any], list[int]]:
 class ModelWatch:
     """A snapshot of ``model``'s module tree, taken when its graphs were captured."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, hooks: tuple = ()) -> None:
         _install()
         self.model = model
+        #: the diffusers hooks at capture (the module compares its per-call scan with them: they wrap
+        #: ``forward`` without any torch registration)
+        self.hooks = hooks
         self._events = _events()
         self._names = [name or "(root)" for name, _ in model.named_modules()]
         modules = list(model.modules())

@@ -164,7 +164,7 @@ class FastCacheModule(nn.Module):
         self._parallel_sig: int | None = None  # parallel_signature(model) when the graphs were captured
         _check_parallel(config, self.process_group())
         self._submodules = list(model.modules())  # scanned for diffusers hooks at every call (60 µs for Flux)
-        self._hooks_at_capture = _diffusers_hooks(model, self._submodules)
+        _diffusers_hooks(model, self._submodules)  # refuses foreign hooks now
         self._checked = False  # forward ran _check_model_unchanged for this call
 
     # -- attribute passthrough so pipelines can read .config, .dtype, ... -------------------
@@ -530,7 +530,7 @@ class FastCacheModule(nn.Module):
         if self._watch is None or not self._entries:
             return
         why = self._watch.changed()
-        if why is None and hooks != self._hooks_at_capture:
+        if why is None and hooks != self._watch.hooks:
             why = "diffusers hooks were added or removed (apply_layer_skip, a guider's or offloading hooks)"
         if why is None:
             return
@@ -625,10 +625,9 @@ class FastCacheModule(nn.Module):
                            "until opt.drop_graphs(). Keep the inputs' shapes (resolution, frames, batch) fixed "
                            "where you can", GRAPHS_WARNING, type(self.model).__name__,
                            "" if self.backend == "eager" else " and a compile")
-        self._watch = ModelWatch(self.model)
-        self._captured_all_blocks = True
         self._submodules = list(self.model.modules())
-        self._hooks_at_capture = _diffusers_hooks(self.model, self._submodules)
+        self._watch = ModelWatch(self.model, _diffusers_hooks(self.model, self._submodules))
+        self._captured_all_blocks = True
         self._parallel_sig = parallel_signature(self.model)
         self.graphs[f"g{len(self.graphs)}"] = gm
         self._sync_entry(entry)

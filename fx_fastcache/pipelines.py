@@ -54,7 +54,7 @@ TRANSFORMERS = ("transformer", "transformer_2")
 
 def experts(pipe: Any) -> list[FastCacheModule]:
     """The FastCache modules installed on ``pipe`` by :func:`enable_fastcache`, in :data:`TRANSFORMERS` order."""
-    return [m for m in (getattr(pipe, name, None) for name in TRANSFORMERS) if isinstance(m, FastCacheModule)]
+    return [m for m in _components(pipe).values() if isinstance(m, FastCacheModule)]
 
 
 def optimized_modules(opt: Any) -> list[FastCacheModule]:
