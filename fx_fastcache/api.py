@@ -195,7 +195,7 @@ def get_cache_statistics(opt: Any) -> dict[str, Any]:
     if len(mods) > 1:
         parts = [_statistics(m) for m in mods]
         out = dict(parts[0])
-        for k in ("block_evaluations", "blocks_approximated", "calls", "graphs"):
+        for k in ("block_evaluations", "blocks_approximated", "calls", "uncached_calls", "graphs"):
             out[k] = sum(p[k] for p in parts)
         out["block_approx_ratio"] = out["blocks_approximated"] / out["block_evaluations"] if out["block_evaluations"] else 0.0
         out["calibrated"] = all(p["calibrated"] for p in parts)
@@ -217,6 +217,11 @@ def _statistics(opt: FastCacheModule) -> dict[str, Any]:
             for name in g.blocks:  # a guarded span: each of its blocks counts
                 skipped[name] += float(g.skipped)
                 evals[name] += float(g.evaluations)
+    uncached = 0
+    for skips, calls in opt.uncached_calls():  # calls that skip blocks ran the model itself: all computed
+        uncached += calls
+        for name in names:
+            evals[name] += 0.0 if name in skips else calls
     static_tok, all_tok = spatial_counts([g for e in opt.entries() for g in e.guards])
     total_eval = sum(evals.values())
     total_skip = sum(skipped.values())
@@ -227,7 +232,8 @@ def _statistics(opt: FastCacheModule) -> dict[str, Any]:
         "spatial_approx_ratio": static_tok / all_tok if all_tok else 0.0,
         "block_evaluations": int(total_eval),
         "blocks_approximated": int(total_skip),
-        "calls": int(steps),
+        "calls": int(steps) + uncached,  # every call of the model
+        "uncached_calls": uncached,  # calls that skip blocks (SD3's skip-layer guidance) run the model itself
         "per_block": per_block,
         "calibrated": opt.store.calibrated,
         "policy": opt.fastcache_config.policy,

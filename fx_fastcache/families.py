@@ -102,6 +102,15 @@ FAMILIES: dict[str, FamilySpec] = {
         prepare_capture=_cogvideox_sincos_for_call),
     "LTXVideoTransformer3DModel": FamilySpec("ltx-video", (BlockListSpec("transformer_blocks"),)),
     "WanTransformer3DModel": FamilySpec("wan", (BlockListSpec("blocks"),)),
+    # joint blocks that return (encoder_hidden_states, hidden_states) as SD3's; Chroma and FLUX.2 then run
+    # single blocks on the concatenated sequence, one stream (Flux's single blocks still take two)
+    "QwenImageTransformer2DModel": FamilySpec("qwenimage", (BlockListSpec("transformer_blocks", _JOINT, _JOINT),)),
+    "ChromaTransformer2DModel": FamilySpec(
+        "chroma", (BlockListSpec("transformer_blocks", _JOINT, _JOINT), BlockListSpec("single_transformer_blocks"))),
+    "Flux2Transformer2DModel": FamilySpec(
+        "flux2", (BlockListSpec("transformer_blocks", _JOINT, _JOINT), BlockListSpec("single_transformer_blocks"))),
+    # Wan VACE: Wan's blocks; its vace_blocks compute the control hints added between them, every step
+    "WanVACETransformer3DModel": FamilySpec("wan-vace", (BlockListSpec("blocks"),)),
     "HunyuanVideoTransformer3DModel": FamilySpec(
         "hunyuan-video",
         (BlockListSpec("transformer_blocks", _JOINT, ("hidden_states", "encoder_hidden_states"), "image_first"),
@@ -194,7 +203,9 @@ def resolve_family(model: nn.Module, blocks: Any = None) -> FamilySpec:
     raise ValueError(
         f"cannot find the transformer blocks of {type(model).__name__}: it is not one of the supported "
         f"families {sorted(FAMILIES)} and its direct children contain {found} non-empty nn.ModuleList; "
-        f"point the optimizer at them with optimize(model, blocks='attr.path') or blocks=['list_a', 'list_b']"
+        f"point the optimizer at them with optimize(model, blocks='attr.path') or blocks=['list_a', 'list_b'] "
+        f"(a pipeline's: pipe.transformer = fastcache.optimize(pipe.transformer, blocks=...), then "
+        f"fastcache.enable_fastcache(pipe) adopts it)"
     )
 
 

@@ -17,6 +17,7 @@ import contextlib
 import inspect
 import logging
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -55,8 +56,40 @@ GENERATION_CHECK_CALLS = 4
 GRAPHS_WARNING = 8
 #: The context of calls made outside any ``cache_context`` when the first call was too.
 DEFAULT_CONTEXT = "default"
-#: The contexts that calls take in turn under :meth:`FastCacheModule.set_branch_turns`.
+#: The contexts that the calls of one step take in turn under :meth:`FastCacheModule.set_branch_turns`
+#: (every diffusers pipeline calls cond first); a third call of a step takes ``"branch2"``, and so on.
 BRANCH_TURNS = ("cond", "uncond")
+
+
+def _branch_name(turn: int) -> str:
+    return BRANCH_TURNS[turn] if turn < len(BRANCH_TURNS) else f"branch{turn}"
+
+
+def _identity(v: Any) -> tuple | None:
+    """A tensor argument's identity for the in-turn rule: the object (held weakly, so a freed tensor whose
+    address is reused never matches) and its version counter (an in-place write makes it another input)."""
+    if not isinstance(v, torch.Tensor):
+        return None
+    return weakref.ref(v), None if v.is_inference() else v._version  # inference tensors keep no version
+
+
+def _same_identity(a: tuple | None, b: tuple | None) -> bool:
+    return a is not None and b is not None and a[0]() is not None and a[0]() is b[0]() and a[1] == b[1]
+
+
+def _same_step(now: tuple, before: tuple) -> bool:
+    """Whether a call with stream/timestep identities ``now`` belongs to the step of the call ``before``:
+    one of them is the same tensor, unchanged.  An inference tensor keeps no version counter, so an
+    in-place update cannot be seen on it: it counts only if the other input is not a different tensor
+    (else a step that updated its latents in place under ``torch.inference_mode`` would take the
+    previous step's other branch)."""
+    for k in range(2):
+        if _same_identity(now[k], before[k]):
+            other_now, other_before = now[1 - k], before[1 - k]
+            if now[k][1] is not None or other_now is None or other_before is None or \
+                    _same_identity(other_now, other_before):
+                return True
+    return False
 
 
 @dataclass
@@ -102,6 +135,10 @@ def _describe(v: Any) -> Any:
 class _Uncached(Exception):
     """Raised by :meth:`FastCacheModule.prepare_call` for a call whose inputs skip blocks; caught by ``forward``."""
 
+    def __init__(self, key: tuple) -> None:
+        super().__init__(key)
+        self.key = key
+
 
 class FastCacheModule(nn.Module):
     """The optimized model: same forward signature and outputs as the original."""
@@ -131,7 +168,10 @@ class FastCacheModule(nn.Module):
         self._warned_repeat = self._warned_every_call = False  # _check_generations warns once each
         self._moves_after_capture = 0  # device/dtype changes that dropped captured graphs
         self._watch: ModelWatch | None = None  # the module tree the graphs were captured from
-        self._uncached: set[tuple] = set()  # input signatures whose calls skip blocks: they run the model itself
+        # input signatures whose calls skip blocks (-> the blocks they skip): they run the model itself, and
+        # how many ran since the last reset (the statistics count their blocks as computed)
+        self._uncached: dict[tuple, tuple[str, ...]] = {}
+        self._uncached_calls: dict[tuple, int] = {}
         self._captured_all_blocks = False  # a capture ran every block (so one that skips some is a special call)
         self._warned_changed = False
         self._call_lock = threading.RLock()  # one call at a time: the cache state is one generation's
@@ -146,10 +186,12 @@ class FastCacheModule(nn.Module):
         self._active: str | None = None
         self._primary_context: str | None = None
         self._states = ContextStates()
-        # inside a pipeline call that runs CFG as two calls per step without cache_context (pipelines.py):
-        # calls outside any context take "cond" and "uncond" in turn
+        # inside the call of a pipeline whose transformer calls name no cache_context (pipelines.py): the
+        # calls of one step (same input tensor) take "cond", "uncond", ... in turn; the previous call's
+        # turn and its (stream, timestep) identities
         self._branch_turns = False
         self._turn = 0
+        self._turn_inputs: tuple = (None, None)
         self._pipeline_calls = 0  # > 0 while an enabled pipeline's __call__ runs (pipelines.py)
         self._installed_in_pipeline = False  # set by enable_fastcache
         self._warned_outside_pipeline = False
@@ -223,7 +265,7 @@ class FastCacheModule(nn.Module):
         state["_process_group"] = None  # a process group belongs to its process; the copy reads the model's
         state.update(_states=ContextStates(), _active=None, _primary_context=None)  # no banked contexts either
         state["_watch"] = None
-        state.update(_uncached=set(), _captured_all_blocks=False)
+        state.update(_uncached={}, _uncached_calls={}, _captured_all_blocks=False, _turn_inputs=(None, None))
         state.pop("_call_lock", None)
         return state
 
@@ -383,7 +425,7 @@ class FastCacheModule(nn.Module):
             self._check_model_unchanged()
         key = self._key(kw)
         if key in self._uncached:
-            raise _Uncached
+            raise _Uncached(key)
         self._check_generation(key, kw)
         entry = self._entries.get(key)
         if entry is None:
@@ -402,11 +444,11 @@ class FastCacheModule(nn.Module):
                             f"optimize(blocks=...) at those, remove what skips them (diffusers' apply_layer_skip), "
                             f"or call once with inputs that run every block first (then calls that skip blocks, "
                             f"like SD3's skip_layers, run uncached)") from None
-                    self._uncached.add(key)
+                    self._uncached[key] = tuple(e.missing)
                     logger.warning("fx-fastcache: blocks %s do not run for a call with %s (as SD3's skip_layers for "
                                    "skip-layer guidance); calls with these inputs run the model itself, uncached",
                                    e.missing, given or "these inputs")
-                    raise _Uncached from None
+                    raise _Uncached(key) from None
         self._last_key = key
         n = self._calls.get(key, 0) + 1
         self._calls[key] = n
@@ -419,8 +461,8 @@ class FastCacheModule(nn.Module):
         call so far started a new generation, or if a call repeated the previous one's timestep and
         input (:mod:`fx_fastcache.runtime.clock`): in both cases nothing is approximated.  (A schedule
         dispatched on the host raises on a repeat instead: :class:`StepDispatch` checks each generation.)"""
-        if self._warned_repeat and self._warned_every_call:
-            return  # both said: no more reads
+        if (self._warned_repeat and self._warned_every_call) or not self.fastcache_config.enable_block_approx:
+            return  # both said: no more reads; or nothing is to be approximated anyway
         repeats, generations, n = torch.stack([entry.clock.repeats, entry.clock.generations,
                                                entry.clock.calls]).tolist()  # one read
         if repeats > 0:
@@ -498,7 +540,11 @@ class FastCacheModule(nn.Module):
 
     def _forward_checked(self, *args: Any, **kwargs: Any) -> Any:
         """A call after the model check: its cache context, then step dispatch or the captured graph."""
-        name = self._context_name()
+        if self._uncached:  # a call that skips blocks (SD3's skip-layer guidance) takes no cache context
+            key = self._key(self._bind(args, kwargs))
+            if key in self._uncached:
+                return self._run_uncached(key, args, kwargs)
+        name = self._context_name(args, kwargs)
         if self._states.live is not None and name != self._states.live:
             logger.debug("fx-fastcache: cache context %r -> %r", self._states.live, name)
         self._states.activate(name, self.entries(), self.store)
@@ -515,9 +561,8 @@ class FastCacheModule(nn.Module):
                 if self._recorder is not None or self._dispatch_mode is not None:
                     return entry.gm(**kw)  # recording, or calibrating a dispatched model: uncompiled
                 return entry.run(**kw)
-        except _Uncached:
-            with torch.no_grad():
-                return self.model(*args, **kwargs)
+        except _Uncached as e:
+            return self._run_uncached(e.key, args, kwargs)
         finally:
             if muted is not None:
                 self.set_recorder(muted)
@@ -556,22 +601,43 @@ class FastCacheModule(nn.Module):
         finally:
             self._active = prev
 
-    def _context_name(self) -> str:
+    def _run_uncached(self, key: tuple, args: tuple, kwargs: dict[str, Any]) -> Any:
+        self._uncached_calls[key] = self._uncached_calls.get(key, 0) + 1
+        with torch.no_grad():
+            return self.model(*args, **kwargs)
+
+    def _context_name(self, args: tuple, kwargs: dict[str, Any]) -> str:
         """The running context.  The first call fixes the primary context: its context, or
         :data:`DEFAULT_CONTEXT` if it ran outside any; later calls outside any context use it (so a
         loop running one branch outside a context and the other inside one keeps two states)."""
         name = self._active
         if name is None and self._branch_turns:
-            name = BRANCH_TURNS[self._turn % 2]
-            self._turn += 1
+            name = _branch_name(self._next_turn(args, kwargs))
         if self._primary_context is None:
             self._primary_context = DEFAULT_CONTEXT if name is None else name
         return self._primary_context if name is None else name
 
+    def _next_turn(self, args: tuple, kwargs: dict[str, Any]) -> int:
+        """Which call of its step this one is: a call given the very tensor object (unchanged since) that the
+        previous call got as its stream or its timestep belongs to the same step, any other starts a step.
+
+        Why by identity: pipelines that run CFG as two calls per step without naming cache contexts decide
+        CFG in their own ways (Flux img2img's ``true_cfg_scale`` and a negative prompt, Wan video-to-video's
+        and Chroma's ``guidance_scale > 1``, Lumina2's only for the first steps), but all of them pass one
+        step's latents (or its timestep tensor) to both calls, and a new step gets new ones.  Values could
+        tell the same, but reading them on the host would sync the device at every call."""
+        stream = kwargs.get(self.spec.stream_arg, args[0] if args else None)
+        timestep = kwargs.get(self.spec.timestep_arg) if self.spec.timestep_arg else None
+        now = (_identity(stream), _identity(timestep))
+        self._turn = self._turn + 1 if _same_step(now, self._turn_inputs) else 0
+        self._turn_inputs = now
+        return self._turn
+
     def set_branch_turns(self, on: bool) -> None:
-        """Calls outside any cache context take the contexts of :data:`BRANCH_TURNS` in turn (a pipeline
-        that runs CFG as two calls per step without ``cache_context``: Flux img2img, inpaint, Kontext)."""
-        self._branch_turns, self._turn = on, 0
+        """Calls outside any cache context take the contexts of :data:`BRANCH_TURNS` in turn, one per call
+        of a step (:meth:`_next_turn`): the calls of a pipeline that runs CFG as two calls per step without
+        ``cache_context`` (Flux img2img, inpaint, Kontext; Wan video-to-video; Chroma)."""
+        self._branch_turns, self._turn, self._turn_inputs = on, 0, (None, None)
 
     def contexts(self) -> dict[str, dict[tuple, dict[str, torch.Tensor]]]:
         """Per cache context: its state tensors per captured graph (the live ones or its bank)."""
@@ -604,6 +670,15 @@ class FastCacheModule(nn.Module):
         try:
             with torch.no_grad(), marked(self.model, self.spec), capture_preparation(self.spec, self.model, kw):
                 ep = torch.export.export(self.model, (), kwargs=kw, strict=False)
+        except Exception as e:
+            # torch's or the model's own error, raised deep in the trace: say what failed and what to do
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise RuntimeError(
+                f"fx-fastcache: torch.export could not capture {type(self.model).__name__}.forward for a call with "
+                f"{_shapes(key[1])}: {type(e).__name__}: {first}. FastCache needs a forward that torch.export "
+                f"traces (non-strict); Python that reads tensor values (.item(), .numpy(), a set or an if on "
+                f"them) does not trace. Check with torch.export.export(model, (), kwargs=..., strict=False) "
+                f"alone; patch that part of the model, or run it without FastCache") from e
         finally:
             self.model.train(was_training)
         gm = ep.module()
@@ -669,7 +744,8 @@ class FastCacheModule(nn.Module):
         self._states.clear()  # every context starts fresh at its next call
         # the next call fixes the primary context again (calibrate records the first one called in it)
         self._primary_context = None
-        self._turn = 0
+        self._turn, self._turn_inputs = 0, (None, None)
+        self.__dict__.get("_uncached_calls", {}).clear()
 
     def check_configure(self, **changes: Any) -> FastCacheConfig:
         """The config :meth:`configure` would install, or the error it would raise (nothing changes)."""
@@ -704,6 +780,11 @@ class FastCacheModule(nn.Module):
             self._sync_entry(e)
 
     # -- blocks and schedules -------------------------------------------------------------
+    def uncached_calls(self) -> list[tuple[tuple[str, ...], int]]:
+        """Since the last reset, per input signature whose calls skip blocks (they run the model itself,
+        uncached): the blocks they skip and how many such calls ran."""
+        return [(self._uncached[k], n) for k, n in self._uncached_calls.items() if k in self._uncached]
+
     def block_names(self) -> list[str]:
         """The guarded blocks' module paths, in execution order."""
         return [name for name, _, _ in block_modules(self.model, self.spec)]

@@ -15,7 +15,10 @@ Why the pieces below exist:
   signature (one export, one compile) and gives each named cache context its own run-time state
   (clock, cached residuals, decider state), swapped into the graph's buffers in place when the
   context changes (:mod:`fx_fastcache.context_state`).  Calls outside any context use the context of
-  the first call.  No core change was needed: the pipeline already names its calls.
+  the first call.  Pipelines that do not name them (Flux img2img, inpaint, Kontext and ControlNet,
+  Wan video-to-video, Chroma, HunyuanVideo image-to-video, CogView4 Control) pass one step's latents
+  to both calls: inside such a pipeline's call, the calls of a step take ``"cond"``, ``"uncond"`` in
+  turn by that identity (:meth:`~fx_fastcache.module.FastCacheModule.set_branch_turns`).
 * **Batched CFG** (DiT, PixArt, SD3 double the batch) needs nothing special: the batch is one
   call per step, decisions are per step and cached tensors hold the whole batch.
 * **Step dispatch** (``step_dispatch="reduce-overhead"``): on GPU every in-graph ``torch.cond``
@@ -99,30 +102,13 @@ def _uses_cache_context(call: Any) -> bool:
         return True
 
 
-def _branches_in_turn(signature: Any, args: tuple, kwargs: dict) -> bool:
-    """Whether this call runs true CFG (``true_cfg_scale > 1`` and a negative prompt, as diffusers' Flux
-    pipelines decide it): two transformer calls per step, cond then uncond."""
-    try:
-        bound = signature.bind(*args, **kwargs)
-    except TypeError:
-        return False
-    bound.apply_defaults()
-    a = bound.arguments
-    scale = a.get("true_cfg_scale")
-    negative = a.get("negative_prompt") is not None or a.get("negative_prompt_embeds") is not None
-    return isinstance(scale, (int, float)) and scale > 1 and negative
-
-
 def _wrapped_call(original: Any):
     default_steps = _default_steps(original)
     warned: set[tuple[int, str]] = set()  # (module, message): warn once each
-    # diffusers' FluxPipeline names its true-CFG calls' contexts; its img2img, inpaint, Kontext and
-    # ControlNet variants do not, so one state served both branches (0 % replaced): take them in turn
+    # diffusers' FluxPipeline and WanPipeline name their CFG calls' contexts; Flux img2img, inpaint, Kontext
+    # and ControlNet, Wan video-to-video, Chroma, HunyuanVideo image-to-video do not, so one state served
+    # both branches (0 % replaced): the calls of a step take them in turn (FastCacheModule._next_turn)
     in_turn = not _uses_cache_context(original)
-    try:
-        signature = inspect.signature(original)
-    except (TypeError, ValueError):
-        in_turn, signature = False, None
 
     @functools.wraps(original)
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -146,10 +132,9 @@ def _wrapped_call(original: Any):
             if why is not None and (id(tr), why) not in warned:
                 warned.add((id(tr), why))
                 logger.warning("fx-fastcache: %s", why)
-        turns = in_turn and _branches_in_turn(signature, (self, *args), kwargs)
         for m in mods:
             m._pipeline_calls += 1
-            m.set_branch_turns(turns)
+            m.set_branch_turns(in_turn)
         try:
             return original(self, *args, **kwargs)
         finally:

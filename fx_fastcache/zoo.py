@@ -171,6 +171,84 @@ def tiny_hunyuan_video(seed: int = 0, layers: int = 1, single_layers: int = 2) -
     return TinyModel("tiny-hunyuan-video", m, inputs)
 
 
+def _image_ids(h: int, w: int, axes: int = 3) -> torch.Tensor:
+    ids = torch.zeros(h * w, axes)
+    ids[:, 1], ids[:, 2] = torch.arange(h * w) // w, torch.arange(h * w) % w
+    return ids
+
+
+def tiny_qwenimage(seed: int = 0, layers: int = 2) -> TinyModel:
+    """Qwen-Image: one list of joint blocks returning ``(encoder_hidden_states, hidden_states)``."""
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=layers,
+                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                    axes_dims_rope=(2, 2, 4)).eval()
+
+    def inputs(t: float, batch: int = 2) -> dict:
+        g = _gen(seed + 1)
+        return dict(hidden_states=torch.randn(batch, 16, 16, generator=g),  # packed 2×2 patches of a 8×8 latent
+                    encoder_hidden_states=torch.randn(batch, 4, 16, generator=g),
+                    encoder_hidden_states_mask=torch.ones(batch, 4, dtype=torch.long),
+                    timestep=torch.full((batch,), float(t) / 1000.0), img_shapes=[[(1, 4, 4)]] * batch,
+                    return_dict=False)
+
+    return TinyModel("tiny-qwenimage", m, inputs)
+
+
+def _flux_like(cls_name: str, name: str, seed: int, layers: int, single_layers: int, **config) -> TinyModel:
+    import diffusers
+
+    torch.manual_seed(seed)
+    m = getattr(diffusers, cls_name)(patch_size=1, in_channels=8, num_layers=layers, num_single_layers=single_layers,
+                                     attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                     **config).eval()
+    axes = 4 if cls_name.startswith("Flux2") else 3
+
+    def inputs(t: float, batch: int = 2) -> dict:
+        g = _gen(seed + 1)
+        return dict(hidden_states=torch.randn(batch, 16, 8, generator=g),
+                    encoder_hidden_states=torch.randn(batch, 4, 16, generator=g),
+                    timestep=torch.full((batch,), float(t) / 1000.0), img_ids=_image_ids(4, 4, axes),
+                    txt_ids=torch.zeros(4, axes), return_dict=False)
+
+    return TinyModel(name, m, inputs)
+
+
+def tiny_chroma(seed: int = 0, layers: int = 1, single_layers: int = 2) -> TinyModel:
+    """Chroma: Flux's layout (joint blocks, then single blocks on the concatenated sequence)."""
+    return _flux_like("ChromaTransformer2DModel", "tiny-chroma", seed, layers, single_layers,
+                      axes_dims_rope=(2, 2, 4), approximator_num_channels=8, approximator_hidden_dim=16,
+                      approximator_layers=1)
+
+
+def tiny_flux2(seed: int = 0, layers: int = 1, single_layers: int = 2) -> TinyModel:
+    """FLUX.2: joint blocks, then single blocks on the concatenated sequence."""
+    return _flux_like("Flux2Transformer2DModel", "tiny-flux2", seed, layers, single_layers,
+                      timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2), guidance_embeds=False)
+
+
+def tiny_wan_vace(seed: int = 0, layers: int = 3) -> TinyModel:
+    """Wan VACE: Wan's blocks, with control hints added after some of them (``vace_blocks`` compute them)."""
+    from diffusers import WanVACETransformer3DModel
+
+    torch.manual_seed(seed)
+    m = WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                  out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=layers,
+                                  rope_max_seq_len=32, vace_layers=[0, 2], vace_in_channels=4).eval()
+
+    def inputs(t: float, batch: int = 2) -> dict:
+        g = _gen(seed + 1)
+        return dict(hidden_states=torch.randn(batch, 4, 2, 8, 8, generator=g),
+                    encoder_hidden_states=torch.randn(batch, 4, 16, generator=g),
+                    control_hidden_states=torch.randn(batch, 4, 2, 8, 8, generator=g),
+                    control_hidden_states_scale=torch.ones(2), timestep=torch.full((batch,), float(t)),
+                    return_dict=False)
+
+    return TinyModel("tiny-wan-vace", m, inputs)
+
+
 class CustomBlock(nn.Module):
     """A minimal adaLN-style block: the timestep enters through a modulation."""
 
@@ -226,6 +304,11 @@ TINY: dict[str, Callable[..., TinyModel]] = {
     "tiny-ltx-video": tiny_ltx_video,
     "tiny-wan": tiny_wan,
     "tiny-hunyuan-video": tiny_hunyuan_video,
+    # registered diffusers models beyond the eight families of the README
+    "tiny-qwenimage": tiny_qwenimage,
+    "tiny-chroma": tiny_chroma,
+    "tiny-flux2": tiny_flux2,
+    "tiny-wan-vace": tiny_wan_vace,
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import torch.fx as fx
+import torch.nn as nn
 
 from fx_fastcache.families import block_modules
 from fx_fastcache.markers import MARK
@@ -45,6 +46,51 @@ class BlocksNotCalled(RuntimeError):
         self.missing = missing
 
 
+def _attr(gm: fx.GraphModule, target: str) -> object:
+    for part in target.split("."):
+        gm = getattr(gm, part, None)
+    return gm
+
+
+def _attach_submodules(gm: fx.GraphModule, region: list[fx.Node], nodes: list[fx.Node]) -> list[fx.Node]:
+    """Put the ``get_attr`` nodes that only the region reads at its front, in the graph and in the list.
+
+    Why: ``torch.export`` turns a ``with torch.amp.autocast(...)`` inside a block (Z-Image's rotary
+    embedding) into a higher-order op whose body is a submodule read by a ``get_attr`` node.  That node
+    carries no ``nn_module_stack``, so it was left outside the region, and the block's ``cond`` (inserted
+    before the region) read it before its definition.  A submodule cannot be a ``cond`` operand either: it
+    belongs inside the block branch.  A ``get_attr`` has no inputs, so moving it up is always valid."""
+    members = set(region)
+    attrs = [n for n in nodes if n.op == "get_attr" and isinstance(_attr(gm, n.target), nn.Module)
+             and n.users and all(u in members for u in n.users)]
+    for n in attrs:
+        region[0].prepend(n)
+    return attrs + region
+
+
+def _shape(n: fx.Node) -> tuple | None:
+    v = n.meta.get("val")
+    return tuple(v.shape) if hasattr(v, "shape") else None
+
+
+def _pairing_hint(list_path: str, index: int, tags: dict) -> str:
+    """For an error on a block's streams: which tensor arguments each returned tensor matches in shape, as
+    the ``BlockListSpec`` to pass (Qwen-Image's blocks return ``(encoder_hidden_states, hidden_states)``)."""
+    args = {str(k).split(":", 2)[2]: n for k, n in tags.items()
+            if str(k).startswith((f"in:{index}:", f"arg:{index}:")) and "." not in str(k).split(":", 2)[2]}
+    outs = sorted((int(str(k).split(":")[2]), n) for k, n in tags.items() if str(k).startswith(f"out:{index}:"))
+    matches = [[a for a, an in args.items() if _shape(an) is not None and _shape(an) == _shape(n)] for _, n in outs]
+    if not outs or not any(matches):
+        return ""
+    if all(len(m) <= 1 for m in matches) and len({m[0] for m in matches if m}) == sum(1 for m in matches if m):
+        names = tuple(m[0] if m else None for m in matches)
+        streams = tuple(x for x in names if x)
+        return (f"; by shape, pass optimize(model, blocks=fx_fastcache.BlockListSpec({list_path!r}, "
+                f"stream_inputs={streams!r}, outputs={names!r})) (one entry per block list)")
+    return "; by shape, the block's returned tensors match its arguments " + ", ".join(
+        f"{k}: {m}" for (k, _), m in zip(outs, matches)) + ": name each output's stream in a fx_fastcache.BlockListSpec"
+
+
 def find_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
     nodes = list(gm.graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
@@ -61,8 +107,9 @@ def find_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
     for index, ((path, _, bl), region) in enumerate(zip(listed, regions)):
         if not region:
             raise RuntimeError(f"block {path} does not appear in the captured graph: is it called in forward()?")
-        region = _trim_hook_nodes(region, index)
-        first, last = position[region[0]], position[region[-1]]
+        region = _attach_submodules(gm, _trim_hook_nodes(region, index), nodes)
+        placed = [position[n] for n in region if n.op != "get_attr"]  # (those were moved to the front)
+        first, last = placed[0], placed[-1]
         members = set(region)
         strays = [n.name for n in nodes[first:last + 1] if n not in members and n.op == "call_function"]
         if strays:
@@ -81,11 +128,13 @@ def find_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
             shapes = [getattr(n.meta.get("val"), "shape", None) for n in (m, blk.stream_inputs[name])]
             if None not in shapes and tuple(shapes[0]) != tuple(shapes[1]):
                 raise RuntimeError(f"block {path}: output {k} has shape {tuple(shapes[0])} but continues stream "
-                                   f"{name!r} of shape {tuple(shapes[1])}; list the block's outputs in the order it "
-                                   f"returns them (BlockListSpec outputs={bl.outputs!r})")
+                                   f"{name!r} of shape {tuple(shapes[1])} (BlockListSpec outputs={bl.outputs!r}); "
+                                   f"list the block's outputs in the order it returns them"
+                                   f"{_pairing_hint(bl.path, index, tags)}")
             blk.outputs.append((k, name, m))
         if not blk.outputs:
-            raise RuntimeError(f"block {path} has no live tensor output in the captured graph")
+            raise RuntimeError(f"block {path} has no live tensor output among those its BlockListSpec names "
+                               f"(outputs={bl.outputs!r}){_pairing_hint(bl.path, index, tags)}")
         ctx.blocks.append(blk)
     ctx.note("find_blocks", f"{len(ctx.blocks)} blocks, timestep input {'found' if ctx.timestep else 'absent'}")
     logger.debug("find_blocks: %s", [(b.name, len(b.nodes)) for b in ctx.blocks])

@@ -87,7 +87,8 @@ def _register(gm: fx.GraphModule, name: str, mod: torch.nn.Module) -> str:
     return name
 
 
-def _block_branch(blk: BlockRegion, inputs: list[fx.Node], outs: list[fx.Node], n_extra: int) -> fx.GraphModule:
+def _block_branch(gm: fx.GraphModule, blk: BlockRegion, inputs: list[fx.Node], outs: list[fx.Node],
+                  n_extra: int) -> fx.GraphModule:
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for i, n in enumerate(inputs):
@@ -105,7 +106,9 @@ def _block_branch(blk: BlockRegion, inputs: list[fx.Node], outs: list[fx.Node], 
             r = contiguous_copy(g, r)
         results.append(r)
     g.output(tuple(results))
-    return fx.GraphModule(torch.nn.Module(), g)
+    # what the block reads by get_attr (the bodies of higher-order ops such as autocast regions) moves with it
+    attrs = {n.target: gm.get_submodule(n.target) for n in blk.nodes if n.op == "get_attr"}  # (find_blocks)
+    return fx.GraphModule(attrs or torch.nn.Module(), g)
 
 
 def _fallback_branch(fallback, inputs: list[fx.Node], blk: BlockRegion, n_state: list[int]) -> fx.GraphModule:
@@ -177,7 +180,7 @@ def guard_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
         gname = _register(gm, gp.guard_name(blk.index), guard)
         ctx.guards.append(gname)
         n_state = [len(fallback.state_names(k)) for k in range(len(streams))]
-        full = _register(gm, gp.block_branch_name(blk.index), _block_branch(blk, inputs, outs, 1 + sum(n_state)))
+        full = _register(gm, gp.block_branch_name(blk.index), _block_branch(gm, blk, inputs, outs, 1 + sum(n_state)))
         cheap = _register(gm, gp.fallback_branch_name(blk.index), _fallback_branch(fallback, inputs, blk, n_state))
 
         anchor = blk.nodes[0]

@@ -48,6 +48,36 @@ def test_unsupported_model_names_what_was_found():
         fastcache.optimize("not a model")
 
 
+class ReadsValues(nn.Module):
+    """A forward that branches on a tensor's value in Python: torch.export cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(4, 4)])
+
+    def forward(self, x, timestep):
+        if float(x.abs().sum()) > len(set(x.flatten().tolist())):
+            x = x * 2
+        return self.blocks[0](x)
+
+
+def test_capture_errors_name_the_fix():
+    """A block list given as a plain path whose blocks return two streams (Qwen-Image's return
+    ``(encoder_hidden_states, hidden_states)``) names the BlockListSpec that fits the shapes; a forward
+    that torch.export cannot trace says that the capture failed and what to check (the raw torch or
+    diffusers error alone came out, e.g. Lumina2's "unhashable type: non-nested SymInt")."""
+    tm = make_tiny("tiny-qwenimage")
+    opt = fastcache.optimize(tm.model, backend="eager", blocks="transformer_blocks")
+    with pytest.raises(RuntimeError, match=r"by shape, pass optimize\(model, blocks=fx_fastcache.BlockListSpec\("
+                                           r"'transformer_blocks', stream_inputs=\('encoder_hidden_states', "
+                                           r"'hidden_states'\), outputs=\('encoder_hidden_states', 'hidden_states'\)"):
+        opt(**tm.make_inputs(900.0, 2))
+    opt = fastcache.optimize(ReadsValues(), backend="eager")
+    with pytest.raises(RuntimeError, match=r"torch.export could not capture ReadsValues.forward for a call with "
+                                           r"tensors \(2, 3, 4\), \(2,\): .*torch.export.export\(model"):
+        opt(torch.randn(2, 3, 4), torch.full((2,), 900.0))
+
+
 @pytest.mark.parametrize("field,value", [
     ("cache_ratio_threshold", -0.1), ("cache_ratio_threshold", float("nan")), ("significance_level", 0.0),
     ("significance_level", 1.5), ("motion_threshold", 1.0), ("fallback", "cubic"), ("policy", "magic"),
