@@ -294,8 +294,9 @@ def _recording(opt: FastCacheModule) -> Iterator[list]:
 
 @_outside_inference_mode
 def _fit(opt: FastCacheModule, rec: Recorder, cfg: FastCacheConfig) -> None:
+    fingerprint = model_fingerprint(opt.model)  # first: a model it cannot read leaves no half-fitted store
     summary = rec.fit(opt.store, opt.dtype, cfg)
-    opt.store.meta.update(fitted_for(cfg.to_dict()), fingerprint=model_fingerprint(opt.model))
+    opt.store.meta.update(fitted_for(cfg.to_dict()), fingerprint=fingerprint)
     opt.refresh_deciders()
     logger.info("fx-fastcache: calibrated on %d steps (%d fits)", rec.steps, len(summary))
 

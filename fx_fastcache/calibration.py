@@ -218,14 +218,25 @@ class Recorder:
         return summary
 
 
+def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """A tensor subclass's plain tensors (torchao's quantized weights: int8 data and scales), recursively."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [inner for n in names for inner in _inner_tensors(getattr(t, n))]
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of the model's class, parameter names/shapes/dtypes and parameter sums."""
+    """A hash of the model's class, parameter names/shapes/dtypes and parameter sums (a quantized
+    weight's, a tensor subclass, through its plain tensors: summing it raised NotImplementedError)."""
     h = hashlib.sha256(type(model).__name__.encode())
     with torch.no_grad():
         for name, p in sorted(model.state_dict().items()):
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            if p.is_floating_point() and p.numel():
-                h.update(f"{float(p.double().sum()):.6e}:{float(p.double().abs().sum()):.6e}".encode())
+            inner = _inner_tensors(p)
+            for q in inner:
+                if (q.is_floating_point() or q is not p) and q.numel() and q.dtype != torch.bool:
+                    h.update(f"{float(q.double().sum()):.6e}:{float(q.double().abs().sum()):.6e}".encode())
     return h.hexdigest()[:32]
 
 

@@ -28,9 +28,9 @@ class BlockListSpec:
     ``stream_inputs`` name the block arguments that carry token streams (the fallback approximates
     them), ``outputs`` name, per returned tensor, the stream it updates (``None``: not a stream).
     Pass one as ``optimize(model, blocks=BlockListSpec("blocks", ("hidden_states",
-    "encoder_hidden_states"), ("hidden_states", "encoder_hidden_states")))`` for a model whose blocks
-    return two streams (as SD3's and Flux's do); a plain ``blocks="path"`` takes the block's first
-    argument and first output as its one stream.
+    "encoder_hidden_states"), ("encoder_hidden_states", "hidden_states")))`` for a model whose blocks
+    return two streams (SD3's, Flux's and Qwen-Image's return ``(encoder_hidden_states, hidden_states)``);
+    a plain ``blocks="path"`` takes the block's first argument and first output as its one stream.
     """
 
     path: str

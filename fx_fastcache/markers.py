@@ -41,6 +41,28 @@ MARK = torch.ops.fastcache.mark.default
 CALLS: "weakref.WeakKeyDictionary[nn.Module, list[tuple[str, str, Any]]]" = weakref.WeakKeyDictionary()
 
 
+def _call_as_given(orig: Any, bound: inspect.BoundArguments) -> Any:
+    """``orig`` with ``bound``'s arguments, by keyword wherever the signature allows.
+
+    Why not ``orig(*bound.args, **bound.kwargs)``: that passes arguments before the first missing one
+    by position, and diffusers' ``@apply_lora_scale`` reads the LoRA scale from
+    ``kwargs["joint_attention_kwargs"]`` (``attention_kwargs``) only, so a Flux call giving every
+    argument got the scale 1.0 in the captured graph, silently."""
+    params = bound.signature.parameters
+    if any(p.kind is p.VAR_POSITIONAL and bound.arguments.get(n) for n, p in params.items()):
+        return orig(*bound.args, **bound.kwargs)  # arguments after *args cannot be given by keyword
+    args, kwargs = [], {}
+    for name, value in bound.arguments.items():
+        kind = params[name].kind
+        if kind is inspect.Parameter.POSITIONAL_ONLY:
+            args.append(value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            kwargs.update(value)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL:
+            kwargs[name] = value
+    return orig(*args, **kwargs)
+
+
 def _wrap_block(block: nn.Module, orig: Any, index: int, stream_inputs: tuple[str, ...],
                 outputs: tuple[str | None, ...]):
     sig = inspect.signature(orig)
@@ -63,7 +85,7 @@ def _wrap_block(block: nn.Module, orig: Any, index: int, stream_inputs: tuple[st
             else:
                 call.append((name, "value", v))
         CALLS[block] = call
-        out = orig(*bound.args, **bound.kwargs)
+        out = _call_as_given(orig, bound)
         if isinstance(out, torch.Tensor):
             return mark(out, f"out:{index}:0")
         if isinstance(out, tuple):
@@ -87,7 +109,7 @@ def _wrap_model(model: nn.Module, timestep_arg: str | None, stream_arg: str | No
         x = bound.arguments.get(stream_arg) if stream_arg else None
         if isinstance(x, torch.Tensor) and x.is_floating_point():  # the model's input (latents): the clock
             bound.arguments[stream_arg] = mark(x, "stream")      # compares it with the previous call's
-        return orig(*bound.args, **bound.kwargs)
+        return _call_as_given(orig, bound)
 
     return forward
 

@@ -4,7 +4,8 @@ Why this exists: ``torch.export`` traces the model once.  The graph keeps the mo
 buffer *objects*, so in-place edits of their values reach it, and nothing else: a submodule,
 Parameter or buffer replaced on the original model (a LoRA adapter injected or unloaded,
 ``fuse_qkv_projections``, ``load_state_dict(assign=True)``, a block appended or deleted), another
-attention processor (``set_attn_processor``), a forward hook added or removed, or a peft LoRA
+attention processor (``set_attn_processor``) or a processor's setting (IP-Adapter's ``scale``, the
+attention backend), a forward hook added or removed, or a peft LoRA
 layer's scale, enabled or merged state (``set_adapters``, ``disable_adapters``, ``fuse_lora``)
 left the optimized model computing the model as it was, silently.  :class:`ModelWatch` notices
 such a change at the next call, and the module re-captures.
@@ -20,6 +21,7 @@ at capture like any traced constant; ``opt.drop_graphs()`` re-captures.
 from __future__ import annotations
 
 import bisect
+import enum
 import operator
 from typing import Any
 
@@ -27,7 +29,7 @@ import torch.nn as nn
 import torch.nn.modules.module as torch_module
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["ModelWatch"]
+__all__ = ["ModelWatch", "attention_processor"]
 
 #: Registrations of modules, parameters and buffers anywhere in the process since the hooks went in.
 _REGISTRATIONS = [0]
@@ -56,9 +58,22 @@ def _events() -> tuple[int, int]:
     return _REGISTRATIONS[0], RemovableHandle.next_id
 
 
-def _processor(module: nn.Module) -> Any:
+def attention_processor(module: nn.Module) -> Any:
     """An attention module's processor: a plain attribute, or a child module (IP-Adapter's processors)."""
     return module.__dict__.get("processor", module._modules.get("processor"))
+
+
+_PLAIN = (bool, int, float, str, enum.Enum, type(None))
+
+
+def _processor_state(processor: Any) -> tuple:
+    """An attention processor's plain settings, which its traced call reads as constants: IP-Adapter's
+    ``scale`` (``set_ip_adapter_scale``), the attention backend (``set_attention_backend``)."""
+    d = getattr(processor, "__dict__", None)
+    if d is None:
+        return ()
+    return tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in d.items()
+                 if isinstance(v, _PLAIN) or (isinstance(v, (list, tuple)) and all(isinstance(e, _PLAIN) for e in v)))
 
 
 def _is_peft_layer(module: nn.Module) -> bool:
@@ -108,7 +123,8 @@ class ModelWatch:
         self._names = [name or "(root)" for name, _ in model.named_modules()]
         modules = list(model.modules())
         self._flat, self._starts = _flat(modules)
-        self._processors = [(m, _processor(m)) for m in modules if "processor" in m.__dict__ or "processor" in m._modules]
+        self._processors = [(m, attention_processor(m), _processor_state(attention_processor(m)))
+                            for m in modules if "processor" in m.__dict__ or "processor" in m._modules]
         self._containers = [(m, m.__dict__["_modules"], len(m.__dict__["_modules"]))
                             for m in modules if isinstance(m, _CONTAINERS)]
         self._hooked = [(m.__dict__[k], len(m.__dict__[k])) for m in modules for k in _HOOK_DICTS if m.__dict__[k]]
@@ -121,9 +137,11 @@ class ModelWatch:
 
     def changed(self) -> str | None:
         """What changed since the snapshot (``None``: nothing the graphs depend on)."""
-        for m, p in self._processors:
-            if _processor(m) is not p:
+        for m, p, state in self._processors:
+            if attention_processor(m) is not p:
                 return f"the attention processor of {self._name(m)} was replaced"
+            if _processor_state(p) != state:
+                return f"a setting of the attention processor of {self._name(m)} changed (its scale, attention backend, ...)"
         for m, d, n in self._containers:
             if m.__dict__["_modules"] is not d or len(d) != n:
                 return f"entries of {self._name(m)} were added or deleted"

@@ -36,7 +36,7 @@ from .context_state import ContextStates
 from .fallbacks import FALLBACKS
 from .families import FamilySpec, block_modules, capture_preparation, resolve_family
 from .markers import marked
-from .model_watch import ModelWatch
+from .model_watch import ModelWatch, attention_processor
 from .policies import POLICIES
 from .runtime.clock import repeat_message
 from .runtime.distributed import as_process_group, parallel_signature, process_group_of
@@ -152,6 +152,10 @@ class FastCacheModule(nn.Module):
             raise TypeError(f"optimize() expects a torch.nn.Module, got {type(model).__name__}")
         if isinstance(model, FastCacheModule):
             raise ValueError("this model is already optimized by fx-fastcache; pass the original model")
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):  # (it named its blocks as not found)
+            raise TypeError(f"this {type(model._orig_mod).__name__} is wrapped by torch.compile; FastCache captures "
+                            f"the model itself and compiles its graphs (backend='inductor'): pass model._orig_mod "
+                            f"(a pipeline's: pipe.transformer = pipe.transformer._orig_mod, then enable_fastcache)")
         self.model = model
         self.spec: FamilySpec = resolve_family(model, blocks)
         self.fastcache_config = config
@@ -523,6 +527,10 @@ class FastCacheModule(nn.Module):
         cache context) would reset the state of the generation being recorded."""
         return self._dispatch_mode is not None and not self._force_compute
 
+    # torch.compile(opt) / opt.compile(): dynamo traced into the capture (torch.export and the passes) and
+    # failed ("Cannot access data pointer of Tensor"); the graphs are compiled by optimize(backend="inductor")
+    # already, so dynamo leaves the call to them
+    @torch._dynamo.disable(recursive=True)
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self._call_lock:  # calls from several threads, context swaps included, run one after another
             self._check_model_unchanged()  # before a dispatcher runs: a re-capture resets its host step
@@ -665,6 +673,7 @@ class FastCacheModule(nn.Module):
         _check_parallel(cfg, group)
         logger.info("fx-fastcache: capturing %s (%d blocks) for %s", type(self.model).__name__,
                     len(block_modules(self.model, self.spec)), _shapes(key[1]))
+        _check_capturable(self.model, list(self.model.modules()))
         was_training = self.model.training
         self.model.eval()
         try:
@@ -864,6 +873,7 @@ FOREIGN_HOOKS = {
     "cache": ("fbc_", "mag_cache", "taylorseer", "faster_cache", "pyramid_attention_broadcast", "sea_cache",
               "text_kv_cache"),
     "layerwise_casting": ("layerwise_casting",),
+    "offloading": ("group_offloading", "lazy_prefetch_group_offloading", "layer_execution_tracker"),
 }
 
 
@@ -890,7 +900,30 @@ def _diffusers_hooks(model: nn.Module, modules: list[nn.Module]) -> tuple:
                          f"place inside forward where torch.export cannot trace them; load the model in its "
                          f"compute dtype instead (model.to(torch.bfloat16)), or optimize a model without "
                          f"enable_layerwise_casting / apply_layerwise_casting")
+    if refused["offloading"]:
+        raise ValueError(f"{type(model).__name__} carries diffusers group offloading hooks, which move weights between "
+                         f"devices inside forward, where torch.export cannot trace them; keep the transformer on the "
+                         f"GPU, or offload whole models with pipe.enable_model_cpu_offload() called after "
+                         f"fastcache.enable_fastcache(pipe) (model.disable_group_offload() removes the hooks)")
     return found
+
+
+def _check_capturable(model: nn.Module, modules: list[nn.Module]) -> None:
+    """What torch.export cannot trace, or FastCache's graph cannot run, refused before the capture with the fix
+    (each failed inside the trace with a raw error: "Couldn't swap Linear.weight", a functorch vmap error)."""
+    hooked = [m for m in modules if "_hf_hook" in m.__dict__]
+    if hooked:
+        raise ValueError(f"{type(model).__name__} carries accelerate hooks ({type(hooked[0]._hf_hook).__name__}: "
+                         f"enable_model_cpu_offload or enable_sequential_cpu_offload called before FastCache, or "
+                         f"from_pretrained(device_map=...)), which move weights inside forward, where torch.export "
+                         f"cannot trace them; call pipe.enable_model_cpu_offload() after fastcache.enable_fastcache"
+                         f"(pipe) (its hook then wraps the optimized module), or pipe.remove_all_hooks() first")
+    for m in modules:
+        backend = getattr(attention_processor(m), "_attention_backend", None)
+        if getattr(backend, "value", backend) == "flex":
+            raise ValueError(f"{type(model).__name__} uses diffusers' 'flex' attention backend, whose flex_attention "
+                             f"does not run inside FastCache's torch.cond branches (a functorch vmap error); set "
+                             f"another one first (model.set_attention_backend('native'), or 'flash', 'sage', ...)")
 
 
 def _check_parallel(cfg: FastCacheConfig, group: Any) -> None:

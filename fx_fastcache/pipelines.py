@@ -34,9 +34,11 @@ Why the pieces below exist:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -145,10 +147,64 @@ def _wrapped_call(original: Any):
     return __call__
 
 
+@contextlib.contextmanager
+def _as_diffusers_sees_it(pipe: Any) -> Iterator[None]:
+    """Inside: the pipeline as diffusers knows it, its original class and the wrapped models as components.
+
+    Why: diffusers' loader methods act on components that are ``ModelMixin``s only (``pipe.set_adapters``,
+    ``fuse_lora``, ``unload_lora_weights``, ... did nothing to the optimized transformer, and
+    ``set_adapters`` raised "not in the list of present adapters"), and ``save_pretrained`` wrote no
+    transformer and a ``model_index.json`` naming the one-off class, which no loader could read.  The
+    changes they make to the wrapped model are seen at the next call (:mod:`fx_fastcache.model_watch`)."""
+    enabled_cls = type(pipe)
+    optimized = {name: m for name, m in _components(pipe).items() if isinstance(m, FastCacheModule)}
+    pipe.__class__ = enabled_cls._fastcache_original_class
+    for name, m in optimized.items():
+        pipe.__dict__[name] = m.model  # (not setattr: diffusers' __setattr__ would re-register the component)
+    try:
+        yield
+    finally:
+        for name, m in optimized.items():
+            if pipe.__dict__.get(name) is m.model:
+                pipe.__dict__[name] = m
+        pipe.__class__ = enabled_cls
+
+
+def _register_as_diffusers(pipe: Any, name: str, model: nn.Module) -> None:
+    """diffusers' ``__setattr__`` (and a ``from_pipe`` pipeline's ``__init__``) registered the FastCacheModule
+    as component ``name``'s class: register the wrapped model's, which ``save_pretrained`` writes."""
+    config = getattr(pipe, "config", None)
+    if not isinstance(config, dict) or not isinstance(config.get(name), (tuple, list)) or \
+            not hasattr(pipe, "register_to_config"):
+        return
+    pipe.register_to_config(**{name: (type(model).__module__.split(".")[0], type(model).__name__)})
+
+
+def _seen_as_diffusers(method: Any) -> Any:
+    @functools.wraps(method)
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        with _as_diffusers_sees_it(self):
+            return method(self, *args, **kwargs)
+    return run
+
+
+def _loader_methods(cls: type) -> dict[str, Any]:
+    """The pipeline's methods that diffusers' loader mixins define (LoRA, IP-Adapter, textual inversion, ...),
+    and ``save_pretrained``: each runs on the pipeline as diffusers sees it (:func:`_as_diffusers_sees_it`)."""
+    out = {}
+    for name in dir(cls):
+        owner = next((k for k in cls.__mro__ if name in k.__dict__), None)
+        fn = owner.__dict__[name] if owner is not None else None
+        if inspect.isfunction(fn) and not name.startswith("__") and (
+                name == "save_pretrained" or owner.__module__.startswith("diffusers.loaders")):
+            out[name] = _seen_as_diffusers(fn)
+    return out
+
+
 def _fastcache_class(cls: type) -> type:
     """The one-off subclass of pipeline class ``cls`` whose ``__call__`` resets the cache state."""
     return type(f"FastCache{cls.__name__}", (cls,),
-                {"__call__": _wrapped_call(cls.__call__), "_fastcache_original_class": cls,
+                {**_loader_methods(cls), "__call__": _wrapped_call(cls.__call__), "_fastcache_original_class": cls,
                  "__module__": cls.__module__, "__reduce_ex__": _reduce_enabled})
 
 
@@ -252,6 +308,7 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
     cls = type(pipe)
     for name, opt in installed.items():
         setattr(pipe, name, opt)
+        _register_as_diffusers(pipe, name, opt.model)
     pipe.__class__ = _fastcache_class(cls)
     logger.info("fx-fastcache: enabled on %s (%s; policy=%s, fallback=%s, backend=%s)", cls.__name__,
                 " and ".join(installed), config.policy, config.fallback, backend)

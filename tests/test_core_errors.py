@@ -185,3 +185,28 @@ def test_former_field_name_still_works_with_a_deprecation_warning():
         assert FastCacheConfig.from_dict({"enable_spatial_approx": True}).enable_token_routing
     with pytest.raises(ValueError, match="pass only 'enable_token_routing'"):
         FastCacheConfig().replace(enable_spatial_approx=True, enable_token_routing=False)
+
+
+def test_compile_wrappers_and_flex_attention():
+    """``torch.compile(opt)`` traced into the capture and failed ("Cannot access data pointer of Tensor");
+    dynamo now leaves the call to the graphs optimize compiled.  A model wrapped by ``torch.compile``
+    was said to have no blocks; the flex attention backend failed inside the cond branches (a functorch
+    vmap error): both are refused naming the fix."""
+    tm = make_tiny("tiny-custom")
+    opt = fastcache.optimize(tm.model, backend="eager", cache_ratio_threshold=1e6)
+    compiled = torch.compile(opt)
+    ts = [1000.0, 900.0, 800.0, 700.0]
+    with torch.no_grad():
+        out = [compiled(**tm.make_inputs(t, 2)) for t in ts]
+        opt.reset()
+        plain = [opt(**tm.make_inputs(t, 2)) for t in ts]
+    for a, b in zip(out, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert fastcache.get_cache_statistics(opt)["blocks_approximated"] > 0
+    with pytest.raises(TypeError, match=r"wrapped by torch.compile.*pass model._orig_mod"):
+        fastcache.optimize(torch.compile(tm.model))
+    flux = make_tiny("tiny-flux")
+    flux.model.set_attention_backend("flex")
+    opt = fastcache.optimize(flux.model, backend="eager")
+    with pytest.raises(ValueError, match=r"'flex' attention backend.*set_attention_backend\('native'\)"):
+        opt(**flux.make_inputs(900.0, 2))

@@ -209,3 +209,80 @@ def test_original_model_cast_after_calibration(fallback):
     tm.model.to(torch.float64)
     generation(torch.float64)
     assert fastcache.get_cache_statistics(opt)["block_approx_ratio"] > 0
+
+
+def _lora(model, name: str = "a", seed: int = 1) -> None:
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                 init_lora_weights=False), adapter_name=name)
+
+
+@pytest.mark.parametrize("family,kwarg", [("tiny-flux", "joint_attention_kwargs"),
+                                          ("tiny-hunyuan-video", "attention_kwargs")])
+def test_lora_scale_given_per_call(family, kwarg):
+    """diffusers' ``@apply_lora_scale`` reads the LoRA scale of a call from the attention kwargs given by
+    keyword; the capture passed them by position (every argument given: Flux, HunyuanVideo), so the graph
+    computed the LoRA at scale 1.0, silently (0.07 and 0.13 off at scale 0.3)."""
+    tm = make_tiny(family)
+    _lora(tm.model)
+    opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False)
+    with torch.no_grad():
+        for scale in (1.0, 0.3):
+            kw = dict(tm.make_inputs(900.0, 2), **{kwarg: {"scale": scale}})
+            ref = tm.model(**kw)[0]
+            opt.reset()
+            torch.testing.assert_close(opt(**kw)[0], ref, rtol=0, atol=1e-6)
+        assert (ref - tm.model(**tm.make_inputs(900.0, 2))[0]).abs().max() > 1e-2  # the scale matters here
+
+
+def test_pipeline_lora_methods_reach_the_optimized_transformer():
+    """diffusers' pipeline-level LoRA methods act on ``ModelMixin`` components only: after enable_fastcache
+    ``pipe.set_adapters``, ``disable_lora``, ``fuse_lora``, ``unload_lora_weights``, ... did nothing to the
+    optimized transformer (``set_adapters`` raised "not in the list of present adapters")."""
+    from fx_fastcache.tiny_pipelines import make_tiny_pipeline
+
+    ref, tp = make_tiny_pipeline("flux"), make_tiny_pipeline("flux")
+    for p in (ref.pipe, tp.pipe):
+        _lora(p.transformer, "a", 1)
+        _lora(p.transformer, "b", 2)
+    fastcache.enable_fastcache(tp.pipe, backend="eager", enable_block_approx=False)
+
+    def run(t):
+        return t.pipe(**t.call_kwargs(output_type="latent", num_inference_steps=2))[0]
+
+    torch.testing.assert_close(run(tp), run(ref), rtol=0, atol=0)
+    for change in (lambda p: p.set_adapters(["a", "b"], [0.5, 1.5]), lambda p: p.disable_lora(),
+                   lambda p: p.enable_lora(), lambda p: p.fuse_lora(lora_scale=0.7), lambda p: p.unfuse_lora(),
+                   lambda p: p.delete_adapters("b"), lambda p: p.unload_lora_weights()):
+        before = run(ref)
+        change(ref.pipe)
+        change(tp.pipe)
+        expected = run(ref)
+        torch.testing.assert_close(run(tp), expected, rtol=0, atol=1e-6)
+    assert (expected - before).abs().max() > 1e-3  # (the last change, unloading, moved the output)
+    assert isinstance(tp.pipe.transformer, fastcache.FastCacheModule)
+
+
+def test_attention_processor_settings_are_followed(caplog):
+    """Plain settings of an attention processor are read as constants by the trace: IP-Adapter's
+    ``scale`` (``set_ip_adapter_scale``) and the attention backend (``set_attention_backend``) changed
+    nothing after capture, silently (0.998 off in the hunt's IP-Adapter reproducer)."""
+    tm = make_tiny("tiny-flux")
+    opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False)
+    with torch.no_grad():
+        opt(**tm.make_inputs(900.0, 2))
+        processor = tm.model.transformer_blocks[0].attn.processor
+        processor.scale = [0.2]  # what set_ip_adapter_scale writes on IP-Adapter's processors
+        with caplog.at_level(logging.WARNING, logger="fx_fastcache"):
+            opt.reset()
+            opt(**tm.make_inputs(900.0, 2))
+        assert "a setting of the attention processor of transformer_blocks.0.attn changed" in caplog.text
+        caplog.clear()
+        tm.model.set_attention_backend("_native_math")
+        with caplog.at_level(logging.INFO, logger="fx_fastcache"):
+            opt.reset()
+            torch.testing.assert_close(opt(**tm.make_inputs(900.0, 2))[0], tm.model(**tm.make_inputs(900.0, 2))[0],
+                                       rtol=0, atol=1e-5)
+        assert "a setting of the attention processor" in caplog.text

@@ -497,3 +497,43 @@ def test_wan_video_to_video_cfg_is_cached_per_branch() -> None:
     stats = fastcache.get_cache_statistics(pipe)
     assert sorted(tr.contexts()) == ["cond", "uncond"] and stats["calls"] == 2 * STEPS
     assert stats["blocks_approximated"] == (STEPS - WARMUP_DEFAULT) * 2 * 2
+
+
+def test_save_pretrained_of_an_enabled_pipeline(tmp_path) -> None:
+    """``save_pretrained`` on an enabled pipeline wrote no transformer and a ``model_index.json`` naming
+    the one-off class and ``[null, null]`` for the transformer: no loader could read it back."""
+    import json
+    from diffusers import DiffusionPipeline
+
+    tp = make_tiny_pipeline("flux")
+    reference = _images(tp.pipe, tp, {})
+    fastcache.enable_fastcache(tp.pipe, backend="eager")
+    assert tuple(tp.pipe.config.transformer) == ("diffusers", "FluxTransformer2DModel")
+    tp.pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxPipeline" and index["transformer"] == ["diffusers", "FluxTransformer2DModel"]
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(_images(loaded, tp, {}), reference, rtol=0, atol=1e-5)  # (reloaded: last bits)
+    assert isinstance(tp.pipe.transformer, fastcache.FastCacheModule)  # still enabled
+
+
+def test_offloading_before_fastcache_is_refused_with_the_fix() -> None:
+    """Offloading hooks move weights inside forward, which torch.export cannot trace (a raw "Couldn't swap
+    Linear.weight"): group offloading is refused when optimizing, accelerate's hooks (model CPU offload
+    enabled before FastCache) at the capture.  After enable_fastcache, model CPU offload wraps the
+    optimized module and works."""
+    tp = make_tiny_pipeline("flux")
+    tp.pipe.transformer.enable_group_offload(torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1)
+    with pytest.raises(ValueError, match=r"group offloading hooks.*enable_model_cpu_offload\(\) called after"):
+        fastcache.enable_fastcache(tp.pipe, backend="eager")
+    tp = make_tiny_pipeline("flux")
+    tp.pipe.enable_model_cpu_offload(device="cpu")
+    fastcache.enable_fastcache(tp.pipe, backend="eager")
+    with pytest.raises(ValueError, match=r"accelerate hooks.*after fastcache.enable_fastcache"):
+        _images(tp.pipe, tp, {})
+    tp = make_tiny_pipeline("flux")
+    reference = _images(tp.pipe, tp, {})
+    fastcache.enable_fastcache(tp.pipe, backend="eager", enable_block_approx=False)
+    tp.pipe.enable_model_cpu_offload(device="cpu")
+    np.testing.assert_array_equal(_images(tp.pipe, tp, {}), reference)
