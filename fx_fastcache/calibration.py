@@ -220,7 +220,8 @@ class Recorder:
 
 def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     """A tensor subclass's plain tensors (torchao's quantized weights: int8 data and scales), recursively."""
-    if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__") or \
+            type(t).__name__ == "DTensor":  # (a DTensor sums globally; its local shard differs per rank)
         return [t]
     names, _ = t.__tensor_flatten__()
     return [inner for n in names for inner in _inner_tensors(getattr(t, n))]

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.modules.module as torch_module
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["ModelWatch", "attention_processor"]
+__all__ = ["ModelWatch", "active_attention_backend", "attention_processor"]
 
 #: Registrations of modules, parameters and buffers anywhere in the process since the hooks went in.
 _REGISTRATIONS = [0]
@@ -68,12 +68,24 @@ _PLAIN = (bool, int, float, str, enum.Enum, type(None))
 
 def _processor_state(processor: Any) -> tuple:
     """An attention processor's plain settings, which its traced call reads as constants: IP-Adapter's
-    ``scale`` (``set_ip_adapter_scale``), the attention backend (``set_attention_backend``)."""
+    ``scale`` (``set_ip_adapter_scale``), the attention backend (``set_attention_backend``).  (Not an
+    ``nn.Module`` processor's ``training`` flag, which ``model.eval()`` sets and no trace reads.)"""
     d = getattr(processor, "__dict__", None)
     if d is None:
         return ()
-    return tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in d.items()
-                 if isinstance(v, _PLAIN) or (isinstance(v, (list, tuple)) and all(isinstance(e, _PLAIN) for e in v)))
+    return tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in d.items() if k != "training" and (
+        isinstance(v, _PLAIN) or (isinstance(v, (list, tuple)) and all(isinstance(e, _PLAIN) for e in v))))
+
+
+def active_attention_backend() -> Any:
+    """diffusers' process-wide attention backend, which processors without their own follow: any model's
+    ``set_attention_backend`` (or the ``attention_backend`` context manager) sets it (``None``: this
+    diffusers has none)."""
+    try:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+        return _AttentionBackendRegistry._active_backend
+    except (ImportError, AttributeError):
+        return None
 
 
 def _is_peft_layer(module: nn.Module) -> bool:
@@ -130,6 +142,7 @@ class ModelWatch:
         self._hooked = [(m.__dict__[k], len(m.__dict__[k])) for m in modules for k in _HOOK_DICTS if m.__dict__[k]]
         self._peft = [(m, _peft_state(m)) for m in modules if _is_peft_layer(m)]
         self._global_hooks = self._global_hook_counts()
+        self._attention_backend = active_attention_backend()
 
     @staticmethod
     def _global_hook_counts() -> tuple[int, ...]:
@@ -145,6 +158,8 @@ class ModelWatch:
         for m, d, n in self._containers:
             if m.__dict__["_modules"] is not d or len(d) != n:
                 return f"entries of {self._name(m)} were added or deleted"
+        if active_attention_backend() != self._attention_backend:
+            return "diffusers' attention backend changed (set_attention_backend on this or another model)"
         if any(len(d) != n for d, n in self._hooked) or self._global_hook_counts() != self._global_hooks:
             return "a forward hook was added or removed"
         for m, state in self._peft:

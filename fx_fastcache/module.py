@@ -36,7 +36,7 @@ from .context_state import ContextStates
 from .fallbacks import FALLBACKS
 from .families import FamilySpec, block_modules, capture_preparation, resolve_family
 from .markers import marked
-from .model_watch import ModelWatch, attention_processor
+from .model_watch import ModelWatch, active_attention_backend, attention_processor
 from .policies import POLICIES
 from .runtime.clock import repeat_message
 from .runtime.distributed import as_process_group, parallel_signature, process_group_of
@@ -79,17 +79,14 @@ def _same_identity(a: tuple | None, b: tuple | None) -> bool:
 
 def _same_step(now: tuple, before: tuple) -> bool:
     """Whether a call with stream/timestep identities ``now`` belongs to the step of the call ``before``:
-    one of them is the same tensor, unchanged.  An inference tensor keeps no version counter, so an
-    in-place update cannot be seen on it: it counts only if the other input is not a different tensor
-    (else a step that updated its latents in place under ``torch.inference_mode`` would take the
-    previous step's other branch)."""
-    for k in range(2):
-        if _same_identity(now[k], before[k]):
-            other_now, other_before = now[1 - k], before[1 - k]
-            if now[k][1] is not None or other_now is None or other_before is None or \
-                    _same_identity(other_now, other_before):
-                return True
-    return False
+    one of them is the same tensor, unchanged.  (An inference tensor keeps no version counter: latents
+    updated in place under ``torch.inference_mode`` look like one long step, which
+    :data:`MAX_TURNS` catches.)"""
+    return any(_same_identity(a, b) for a, b in zip(now, before))
+
+
+#: More calls than this in one step (by :func:`_same_step`) mean the identities cannot tell steps apart.
+MAX_TURNS = 4
 
 
 @dataclass
@@ -620,12 +617,13 @@ class FastCacheModule(nn.Module):
         loop running one branch outside a context and the other inside one keeps two states)."""
         name = self._active
         if name is None and self._branch_turns:
-            name = _branch_name(self._next_turn(args, kwargs))
+            turn = self._next_turn(args, kwargs)
+            name = None if turn is None else _branch_name(turn)
         if self._primary_context is None:
             self._primary_context = DEFAULT_CONTEXT if name is None else name
         return self._primary_context if name is None else name
 
-    def _next_turn(self, args: tuple, kwargs: dict[str, Any]) -> int:
+    def _next_turn(self, args: tuple, kwargs: dict[str, Any]) -> int | None:
         """Which call of its step this one is: a call given the very tensor object (unchanged since) that the
         previous call got as its stream or its timestep belongs to the same step, any other starts a step.
 
@@ -639,6 +637,16 @@ class FastCacheModule(nn.Module):
         now = (_identity(stream), _identity(timestep))
         self._turn = self._turn + 1 if _same_step(now, self._turn_inputs) else 0
         self._turn_inputs = now
+        if self._turn >= MAX_TURNS:
+            # the same latents across steps: updated in place, under torch.inference_mode (no version
+            # counter).  Turns stop for this pipeline call: its calls share one context, where the clock's
+            # value-based repeat rule computes both branches of a step (no approximation, not mixed)
+            self._branch_turns = False
+            logger.warning("fx-fastcache: %d calls in a row got the same latents tensor, as a pipeline updating its "
+                           "latents in place under torch.inference_mode does; its CFG calls cannot be told apart, so "
+                           "they share one cache state for the rest of this call (run it under torch.no_grad(), "
+                           "where an in-place update is seen)", MAX_TURNS + 1)
+            return None
         return self._turn
 
     def set_branch_turns(self, on: bool) -> None:
@@ -680,14 +688,18 @@ class FastCacheModule(nn.Module):
             with torch.no_grad(), marked(self.model, self.spec), capture_preparation(self.spec, self.model, kw):
                 ep = torch.export.export(self.model, (), kwargs=kw, strict=False)
         except Exception as e:
-            # torch's or the model's own error, raised deep in the trace: say what failed and what to do
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            raise RuntimeError(
-                f"fx-fastcache: torch.export could not capture {type(self.model).__name__}.forward for a call with "
-                f"{_shapes(key[1])}: {type(e).__name__}: {first}. FastCache needs a forward that torch.export "
-                f"traces (non-strict); Python that reads tensor values (.item(), .numpy(), a set or an if on "
-                f"them) does not trace. Check with torch.export.export(model, (), kwargs=..., strict=False) "
-                f"alone; patch that part of the model, or run it without FastCache") from e
+            # torch's or the model's own error, raised deep in the trace: the same error (its type kept:
+            # the model's own input checks raise ValueError), with a note on what failed and what to do
+            hint = (f"fx-fastcache: raised while torch.export traced {type(self.model).__name__}.forward for a call "
+                    f"with {_shapes(key[1])}. If the model runs this call without FastCache, its forward does "
+                    f"something torch.export cannot trace (non-strict): Python that reads tensor values (.item(), "
+                    f".numpy(), a set or an if on them). Check with torch.export.export(model, (), kwargs=..., "
+                    f"strict=False) alone; patch that part of the model, or run it without FastCache")
+            if hasattr(e, "add_note"):
+                e.add_note(hint)
+            else:  # Python 3.10
+                logger.error("%s", hint)
+            raise
         finally:
             self.model.train(was_training)
         gm = ep.module()
@@ -919,7 +931,10 @@ def _check_capturable(model: nn.Module, modules: list[nn.Module]) -> None:
                          f"cannot trace them; call pipe.enable_model_cpu_offload() after fastcache.enable_fastcache"
                          f"(pipe) (its hook then wraps the optimized module), or pipe.remove_all_hooks() first")
     for m in modules:
-        backend = getattr(attention_processor(m), "_attention_backend", None)
+        processor = attention_processor(m)
+        if processor is None or not hasattr(processor, "_attention_backend"):
+            continue
+        backend = getattr(processor, "_attention_backend", None) or active_attention_backend()
         if getattr(backend, "value", backend) == "flex":
             raise ValueError(f"{type(model).__name__} uses diffusers' 'flex' attention backend, whose flex_attention "
                              f"does not run inside FastCache's torch.cond branches (a functorch vmap error); set "

@@ -27,6 +27,17 @@ def family_policy_cases(policies) -> list:
             + [(f, policies[i % len(policies)]) for i, f in enumerate(others)])
 
 
+@pytest.fixture(autouse=True)
+def _diffusers_attention_backend():
+    """diffusers' ``set_attention_backend`` on any model also sets the process-wide backend, which every
+    other model then uses: restore it after each test."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    before = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry._active_backend = before
+
+
 def first(out):
     """The sample tensor of a model output (tuple, dataclass or tensor)."""
     if isinstance(out, torch.Tensor):

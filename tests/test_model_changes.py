@@ -286,3 +286,9 @@ def test_attention_processor_settings_are_followed(caplog):
             torch.testing.assert_close(opt(**tm.make_inputs(900.0, 2))[0], tm.model(**tm.make_inputs(900.0, 2))[0],
                                        rtol=0, atol=1e-5)
         assert "a setting of the attention processor" in caplog.text
+        caplog.clear()
+        make_tiny("tiny-sd3").model.set_attention_backend("native")  # another model: the process-wide backend
+        with caplog.at_level(logging.INFO, logger="fx_fastcache"):
+            opt.reset()
+            opt(**tm.make_inputs(900.0, 2))
+        assert "diffusers' attention backend changed" in caplog.text

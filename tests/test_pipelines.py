@@ -426,29 +426,36 @@ def test_skip_layers_signature_is_remembered_across_recaptures(monkeypatch) -> N
 def _two_call_cfg(opt, tm, mode: str, uncond_steps: int = len(TIMESTEPS)) -> list[torch.Tensor]:
     """A CFG loop with two calls per step (cond, then uncond on the same latents; the uncond call only in
     the first ``uncond_steps`` steps, as Lumina2's ``cfg_trunc_ratio``).  ``mode``: ``"contexts"`` names
-    the calls' cache contexts; ``"turns"`` names none, inside ``set_branch_turns``, with the latents
-    updated out of place, ``"inplace"`` in place."""
+    the calls' cache contexts; the others name none, inside ``set_branch_turns``: ``"turns"`` updates the
+    latents out of place, ``"inplace"`` in place, ``"inference"`` out of place under
+    ``torch.inference_mode`` with a new timestep tensor per call (Flux img2img's ``timestep / 1000``),
+    ``"inplace-inference"`` in place under it.  ``opt`` may be the model itself (no turns then)."""
     base = tm.make_inputs(TIMESTEPS[0], 2)
-    x = base["hidden_states"].clone()
     cond = base["encoder_hidden_states"]
     uncond = torch.zeros_like(cond)
-    opt.set_branch_turns(mode != "contexts")
+    turns = isinstance(opt, fastcache.FastCacheModule) and mode != "contexts"
+    named = isinstance(opt, fastcache.FastCacheModule) and mode == "contexts"
+    if turns:
+        opt.set_branch_turns(True)
     outs = []
     try:
-        with torch.no_grad():
+        with torch.inference_mode() if "inference" in mode else torch.no_grad():
+            x = base["hidden_states"].clone()  # (an inference tensor in inference mode: no version counter)
             for i, t in enumerate(TIMESTEPS):
-                timestep = torch.full((2,), t)
-                with opt.cache_context("cond") if mode == "contexts" else contextlib.nullcontext():
-                    c = first(opt(**dict(base, hidden_states=x, timestep=timestep)))
+                step_t = torch.full((2,), t)
+                timestep = (lambda: step_t * 1.0) if "inference" in mode else (lambda: step_t)
+                with opt.cache_context("cond") if named else contextlib.nullcontext():
+                    c = first(opt(**dict(base, hidden_states=x, timestep=timestep())))
                 v = c
                 if i < uncond_steps:
-                    with opt.cache_context("uncond") if mode == "contexts" else contextlib.nullcontext():
-                        u = first(opt(**dict(base, hidden_states=x, timestep=timestep, encoder_hidden_states=uncond)))
+                    with opt.cache_context("uncond") if named else contextlib.nullcontext():
+                        u = first(opt(**dict(base, hidden_states=x, timestep=timestep(), encoder_hidden_states=uncond)))
                     v = u + 3.0 * (c - u)
                 outs.append(v.clone())
-                x = x.sub_(0.05 * v) if mode == "inplace" else x - 0.05 * v
+                x = x.sub_(0.05 * v) if "inplace" in mode else x - 0.05 * v
     finally:
-        opt.set_branch_turns(False)
+        if turns:
+            opt.set_branch_turns(False)
     return outs
 
 
@@ -465,12 +472,26 @@ def test_branch_turns_follow_the_calls_of_a_step(uncond_steps) -> None:
     named = _two_call_cfg(opt, tm, "contexts", uncond_steps)
     named_stats = fastcache.get_cache_statistics(opt)
     assert named_stats["blocks_approximated"] > 0
-    for mode in ("turns", "inplace"):
+    for mode in ("turns", "inplace", "inference"):
         opt.reset()
         for a, b in zip(_two_call_cfg(opt, tm, mode, uncond_steps), named):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
         assert sorted(opt.contexts()) == ["cond", "uncond"]
         assert fastcache.get_cache_statistics(opt)["blocks_approximated"] == named_stats["blocks_approximated"]
+
+
+def test_branch_turns_give_up_on_latents_updated_in_place_under_inference_mode(caplog) -> None:
+    """Under torch.inference_mode an in-place update leaves no trace on the latents (no version counter),
+    so every call looks like one more call of the same step: after MAX_TURNS the calls share one context,
+    whose value-based repeat rule computes both branches (the output is the model's, not mixed)."""
+    tm = make_tiny("tiny-wan")
+    opt = fastcache.optimize(tm.model, backend="eager", cache_ratio_threshold=1e6, warmup_steps=2)
+    with caplog.at_level(logging.WARNING, logger="fx_fastcache"):
+        out = _two_call_cfg(opt, tm, "inplace-inference")
+    assert "calls in a row got the same latents tensor" in caplog.text
+    for a, b in zip(out, _two_call_cfg(tm.model, tm, "inplace-inference")):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert len(opt.contexts()) <= fastcache.module.MAX_TURNS
 
 
 def test_wan_video_to_video_cfg_is_cached_per_branch() -> None:
