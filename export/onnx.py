@@ -151,6 +151,13 @@ def export_onnx(model: nn.Module, schedule: Schedule, example_inputs: dict[str, 
         raise ValueError(f"opset={opset} is not supported: the export needs {MIN_OPSET} <= opset <= {MAX_OPSET}")
     gm, spec, stream_input = _stateless(model, schedule, example_inputs)
     gm.eval()
+    complex_nodes = [n.name for n in gm.graph.nodes
+                     if isinstance(v := n.meta.get("val"), torch.Tensor) and v.is_complex()]
+    if complex_nodes:  # (the exporter failed deep inside with "No decompositions registered for complex")
+        raise ValueError(f"{type(getattr(model, 'model', model)).__name__} computes with complex-valued tensors "
+                         f"({', '.join(complex_nodes[:3])}: a rotary embedding such as Qwen-Image's), which "
+                         f"torch.onnx cannot export (the model alone fails the same way); ONNX export is not "
+                         f"available for this model")
     missing = [n for n in spec.inputs if n not in example_inputs]
     if missing:
         raise ValueError(f"example_inputs lack {missing}")

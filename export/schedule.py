@@ -239,7 +239,10 @@ class _StepRecorder:
         self.opt = opt
         self.n_blocks = n_blocks
         self.prev: dict[int, list[float]] = {}
-        self.runs: list[dict[int, list[bool]]] = []
+        #: per generation, per cache context (CFG as two calls per step: "cond", "uncond"), step -> row.
+        #: (One table per generation let the uncond call overwrite the cond call's row, and its step 0
+        #: opened another generation.)
+        self.runs: list[dict[Any, dict[int, list[bool]]]] = []
 
     def __call__(self, module, args, kwargs, output) -> None:
         entry = self.opt.last_entry()
@@ -248,9 +251,14 @@ class _StepRecorder:
         prev = self.prev.get(id(entry), [0.0] * len(now))
         self.prev[id(entry)] = now
         row = [b > a for a, b in zip(prev, now)]
-        if not self.runs or (step == 0 and self.runs[-1]):
+        context = self.opt.active_context
+        if not self.runs or (step == 0 and self.runs[-1].get(context)):
             self.runs.append({})
-        self.runs[-1][step] = row
+        self.runs[-1].setdefault(context, {})[step] = row
+
+    def records(self) -> list[dict[int, list[bool]]]:
+        """Every recorded (generation, cache context): each one votes."""
+        return [rows for run in self.runs for rows in run.values() if rows]
 
 
 def record_schedule(opt, run: Callable[[], Any], generations: int = 1, model_name: str = "",
@@ -259,7 +267,8 @@ def record_schedule(opt, run: Callable[[], Any], generations: int = 1, model_nam
 
     ``opt`` is an optimized model (eager is fine) with its statistical policy; every call of
     ``run`` must run one whole generation.  A block is skipped at a step in the schedule when
-    at least ``min_votes`` of the recorded generations skipped it there.
+    at least ``min_votes`` of the recorded generations skipped it there (with CFG as two calls per
+    step, each cache context of a generation votes).
     """
     opt = _optimized(opt, "record_schedule")
     if POLICIES[opt.fastcache_config.policy].host_decidable:
@@ -276,13 +285,14 @@ def record_schedule(opt, run: Callable[[], Any], generations: int = 1, model_nam
             run()
     finally:
         handle.remove()
-    runs = [r for r in rec.runs if r]
-    if not runs:
+    runs = [r for r in rec.runs if any(r.values())]
+    records = rec.records()
+    if not records:
         raise RuntimeError("run() made no call of the optimized model; nothing was recorded")
-    steps = max(max(r) for r in runs) + 1
+    steps = max(max(r) for r in records) + 1
     table = []
     for s in range(steps):
-        votes = [r[s] for r in runs if s in r]
+        votes = [r[s] for r in records if s in r]
         row = [sum(v[j] for v in votes) >= min_votes * len(votes) and len(votes) > 0 for j in range(len(names))]
         table.append(row if s > 0 else [False] * len(names))
     sched = Schedule(table=table, blocks=names, fingerprint=model_fingerprint(opt.model), config=opt.fastcache_config.to_dict(),

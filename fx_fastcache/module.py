@@ -14,8 +14,10 @@ the context changes, so one export and one compile serve every context.
 from __future__ import annotations
 
 import contextlib
+import enum
 import inspect
 import logging
+import numbers
 import threading
 import weakref
 from collections.abc import Iterator
@@ -348,9 +350,9 @@ class FastCacheModule(nn.Module):
         d = self._dispatchers.get(context)
         if d is None:  # a schedule table is read from the store (fastcache.set_schedule)
             other = next(iter(self._dispatchers.values()), None)
-            # a later context joins mid-generation: its StepDispatch must not reset the shared
-            # graph's state (the other contexts' banks, the statistics) as the first one does
-            d = StepDispatch(self, compile_mode=self._dispatch_mode, reset_state=other is None)
+            # not reset_state: the first one's reset (a new generation) ran before the call took its context
+            # (_forward_checked), and a later context joins mid-generation, keeping the shared graph's state
+            d = StepDispatch(self, compile_mode=self._dispatch_mode, reset_state=False)
             if other is not None:
                 d._variants, d._splits = other._variants, other._splits
             self._dispatchers[context] = d
@@ -549,6 +551,10 @@ class FastCacheModule(nn.Module):
             key = self._key(self._bind(args, kwargs))
             if key in self._uncached:
                 return self._run_uncached(key, args, kwargs)
+        if self.dispatching() and not self._dispatchers:
+            # the first StepDispatch starts a new generation: reset before this call takes its cache context
+            # and turn (the reset after it forgot the turn: step 0's uncond call took "cond", a repeat)
+            self.reset()
         name = self._context_name(args, kwargs)
         if self._states.live is not None and name != self._states.live:
             logger.debug("fx-fastcache: cache context %r -> %r", self._states.live, name)
@@ -649,6 +655,11 @@ class FastCacheModule(nn.Module):
             return None
         return self._turn
 
+    @property
+    def active_context(self) -> str | None:
+        """The cache context whose state is in the graphs: the last call's (``None`` before any call)."""
+        return self._states.live
+
     def set_branch_turns(self, on: bool) -> None:
         """Calls outside any cache context take the contexts of :data:`BRANCH_TURNS` in turn, one per call
         of a step (:meth:`_next_turn`): the calls of a pipeline that runs CFG as two calls per step without
@@ -682,6 +693,7 @@ class FastCacheModule(nn.Module):
         logger.info("fx-fastcache: capturing %s (%d blocks) for %s", type(self.model).__name__,
                     len(block_modules(self.model, self.spec)), _shapes(key[1]))
         _check_capturable(self.model, list(self.model.modules()))
+        _check_traceable_arguments(self.model, kw)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -693,8 +705,9 @@ class FastCacheModule(nn.Module):
             hint = (f"fx-fastcache: raised while torch.export traced {type(self.model).__name__}.forward for a call "
                     f"with {_shapes(key[1])}. If the model runs this call without FastCache, its forward does "
                     f"something torch.export cannot trace (non-strict): Python that reads tensor values (.item(), "
-                    f".numpy(), a set or an if on them). Check with torch.export.export(model, (), kwargs=..., "
-                    f"strict=False) alone; patch that part of the model, or run it without FastCache")
+                    f".numpy(), a set or an if on them), or an output that is no tensor, number or container of "
+                    f"them (a cache object). Check with torch.export.export(model, (), kwargs=..., strict=False) "
+                    f"alone; patch that part of the model, or run it without FastCache")
             if hasattr(e, "add_note"):
                 e.add_note(hint)
             else:  # Python 3.10
@@ -918,6 +931,20 @@ def _diffusers_hooks(model: nn.Module, modules: list[nn.Module]) -> tuple:
                          f"GPU, or offload whole models with pipe.enable_model_cpu_offload() called after "
                          f"fastcache.enable_fastcache(pipe) (model.disable_group_offload() removes the hooks)")
     return found
+
+
+_TRACEABLE = (torch.Tensor, numbers.Number, str, type(None), torch.dtype, torch.device, enum.Enum)
+
+
+def _check_traceable_arguments(model: nn.Module, kw: dict[str, Any]) -> None:
+    """Arguments torch.export takes: tensors, numbers, strings and containers of them.  An object (FLUX.2
+    Klein's ``kv_cache=Flux2KVCache``) failed inside the export with "Unsupported input type"."""
+    for name, value in kw.items():
+        odd = next((leaf for leaf in pytree.tree_leaves(value) if not isinstance(leaf, _TRACEABLE)), None)
+        if odd is not None:
+            raise TypeError(f"{type(model).__name__}.forward argument {name!r} holds a {type(odd).__name__}, which "
+                            f"torch.export cannot take as an input (tensors, numbers, strings and lists, tuples or "
+                            f"dicts of them); FastCache cannot capture such calls: run them without it")
 
 
 def _check_capturable(model: nn.Module, modules: list[nn.Module]) -> None:

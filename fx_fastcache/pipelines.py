@@ -202,7 +202,8 @@ def _loader_methods(cls: type) -> dict[str, Any]:
 
 
 def _fastcache_class(cls: type) -> type:
-    """The one-off subclass of pipeline class ``cls`` whose ``__call__`` resets the cache state."""
+    """The one-off subclass of pipeline class ``cls`` whose ``__call__`` resets the cache state and whose
+    loader methods and ``save_pretrained`` see the wrapped transformers (:func:`_loader_methods`)."""
     return type(f"FastCache{cls.__name__}", (cls,),
                 {**_loader_methods(cls), "__call__": _wrapped_call(cls.__call__), "_fastcache_original_class": cls,
                  "__module__": cls.__module__, "__reduce_ex__": _reduce_enabled})

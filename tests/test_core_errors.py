@@ -61,6 +61,19 @@ class ReadsValues(nn.Module):
         return self.blocks[0](x)
 
 
+class _Cache:
+    pass
+
+
+class TakesAnObject(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(4, 4)])
+
+    def forward(self, x, timestep, cache=None):
+        return self.blocks[0](x)
+
+
 def test_capture_errors_name_the_fix():
     """A block list given as a plain path whose blocks return two streams (Qwen-Image's return
     ``(encoder_hidden_states, hidden_states)``) names the BlockListSpec that fits the shapes; a forward
@@ -78,6 +91,9 @@ def test_capture_errors_name_the_fix():
         opt(torch.randn(2, 3, 4), torch.full((2,), 900.0))
     assert "raised while torch.export traced ReadsValues.forward for a call with tensors (2, 3, 4), (2,)" in \
         "".join(getattr(caught.value, "__notes__", []))
+    with pytest.raises(TypeError, match=r"argument 'cache' holds a _Cache, which torch.export cannot take"):
+        fastcache.optimize(TakesAnObject(), backend="eager")(torch.randn(2, 3, 4), torch.full((2,), 900.0),
+                                                             cache=_Cache())  # (FLUX.2 Klein's kv_cache)
     wan_vace = make_tiny("tiny-wan-vace")  # the model's own input check: its ValueError, not another type
     with pytest.raises(ValueError, match="control_hidden_states_scale"):
         fastcache.optimize(wan_vace.model, backend="eager")(

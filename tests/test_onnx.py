@@ -371,3 +371,14 @@ def test_export_leaves_the_given_model_as_it_was(tiny_dit_export, tmp_path):
     before, table = opt.fastcache_config, opt.installed_schedule().clone()
     export_onnx(opt, sched, tm.make_inputs(1000.0, 2), tmp_path / "planned.onnx")
     assert opt.fastcache_config == before and torch.equal(opt.installed_schedule(), table)
+
+
+def test_complex_valued_models_are_refused_naming_why(tmp_path):
+    """Qwen-Image's rotary embedding is complex-valued, which torch.onnx cannot convert (the model alone
+    fails too): the export raised the exporter's error from deep inside, which the CLI called an internal
+    error to report."""
+    tm = make_tiny("tiny-qwenimage")
+    with pytest.raises(ValueError, match=r"QwenImageTransformer2DModel computes with complex-valued tensors.*"
+                                         r"ONNX export is not available for this model"):
+        export_onnx(tm.model, pattern_schedule(tm.model, 6), tm.make_inputs(1000.0, 2), tmp_path / "q.onnx")
+    assert not (tmp_path / "q.onnx").exists()

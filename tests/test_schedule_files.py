@@ -220,3 +220,30 @@ def test_set_schedule_accepts_bool_lists_and_numpy():
     fastcache.set_schedule(opt, [[False, False, False], [True, False, True]])
     fastcache.set_schedule(opt, np.array([[False, False, False], [True, True, True]]))
     fastcache.set_schedule(opt, [[np.bool_(False)] * 3])
+
+
+def test_record_schedule_counts_cfg_contexts_as_one_generation():
+    """With CFG as two calls per step in two cache contexts (Flux true CFG, Wan, the turn-taking pipelines)
+    the uncond call's row overwrote the cond call's, and its step 0 opened a second generation
+    (``generations`` 2 for one).  Each context now votes on its own rows within its generation."""
+    from fx_fastcache.export import record_schedule
+
+    tm = make_tiny("tiny-wan")
+    opt = fastcache.optimize(tm.model, backend="eager", cache_ratio_threshold=1e6, warmup_steps=2)
+    inputs = tm.make_inputs(1000.0, 2)
+    uncond = torch.zeros_like(inputs["encoder_hidden_states"])
+
+    def run():
+        x = inputs["hidden_states"]
+        with torch.no_grad():
+            for t in [1000.0, 900.0, 800.0, 700.0, 600.0]:
+                with opt.cache_context("cond"):
+                    c = opt(**dict(inputs, hidden_states=x, timestep=torch.full((2,), t)))[0]
+                with opt.cache_context("uncond"):
+                    u = opt(**dict(inputs, hidden_states=x, timestep=torch.full((2,), t),
+                                   encoder_hidden_states=uncond))[0]
+                x = x - 0.05 * (u + 2.0 * (c - u))
+
+    sched = record_schedule(opt, run, generations=2)
+    assert sched.meta["generations"] == 2 and sched.steps == 5
+    assert [any(row) for row in sched.table] == [False, False, True, True, True]  # warm-up 2, then skipped
