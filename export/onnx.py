@@ -155,8 +155,9 @@ def export_onnx(model: nn.Module, schedule: Schedule, example_inputs: dict[str, 
                      if isinstance(v := n.meta.get("val"), torch.Tensor) and v.is_complex()]
     if complex_nodes:  # (the exporter failed deep inside with "No decompositions registered for complex")
         raise ValueError(f"{type(getattr(model, 'model', model)).__name__} computes with complex-valued tensors "
-                         f"({', '.join(complex_nodes[:3])}: a rotary embedding such as Qwen-Image's), which "
-                         f"torch.onnx cannot export (the model alone fails the same way); ONNX export is not "
+                         f"({', '.join(complex_nodes[:3])}: a rotary embedding such as Qwen-Image's); the exported "
+                         f"graph's guarded blocks would carry them as operands of ONNX If nodes, which torch.onnx "
+                         f"cannot convert (Qwen-Image's own ops fail without FastCache too); ONNX export is not "
                          f"available for this model")
     missing = [n for n in spec.inputs if n not in example_inputs]
     if missing:

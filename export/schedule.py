@@ -245,6 +245,8 @@ class _StepRecorder:
         self.runs: list[dict[Any, dict[int, list[bool]]]] = []
 
     def __call__(self, module, args, kwargs, output) -> None:
+        if self.opt.last_call_uncached:  # the model itself ran (SD3's skip-layer calls): no graph, no decisions
+            return
         entry = self.opt.last_entry()
         step = int(entry.clock.step)
         now = [float(g.skipped) for g in entry.guards for _ in g.blocks]  # a guarded span: per block

@@ -195,6 +195,8 @@ class FastCacheModule(nn.Module):
         self._branch_turns = False
         self._turn = 0
         self._turn_inputs: tuple = (None, None)
+        self._turns_given_up = False  # (_next_turn) the rest of the pipeline call runs the model uncached
+        self._last_call_uncached = False
         self._pipeline_calls = 0  # > 0 while an enabled pipeline's __call__ runs (pipelines.py)
         self._installed_in_pipeline = False  # set by enable_fastcache
         self._warned_outside_pipeline = False
@@ -268,7 +270,8 @@ class FastCacheModule(nn.Module):
         state["_process_group"] = None  # a process group belongs to its process; the copy reads the model's
         state.update(_states=ContextStates(), _active=None, _primary_context=None)  # no banked contexts either
         state["_watch"] = None
-        state.update(_uncached={}, _uncached_calls={}, _captured_all_blocks=False, _turn_inputs=(None, None))
+        state.update(_uncached={}, _uncached_calls={}, _captured_all_blocks=False, _turn_inputs=(None, None),
+                     _turns_given_up=False)
         state.pop("_call_lock", None)
         return state
 
@@ -547,15 +550,23 @@ class FastCacheModule(nn.Module):
 
     def _forward_checked(self, *args: Any, **kwargs: Any) -> Any:
         """A call after the model check: its cache context, then step dispatch or the captured graph."""
+        self._last_call_uncached = False
         if self._uncached:  # a call that skips blocks (SD3's skip-layer guidance) takes no cache context
             key = self._key(self._bind(args, kwargs))
             if key in self._uncached:
                 return self._run_uncached(key, args, kwargs)
+        if self._turns_given_up:
+            return self._run_uncached(None, args, kwargs)
         if self.dispatching() and not self._dispatchers:
             # the first StepDispatch starts a new generation: reset before this call takes its cache context
-            # and turn (the reset after it forgot the turn: step 0's uncond call took "cond", a repeat)
+            # and turn (the reset after it forgot the turn: step 0's uncond call took "cond", a repeat); the
+            # pipeline call's turns go on (a re-capture between a step's two calls empties _dispatchers too)
+            turns = self._turn, self._turn_inputs
             self.reset()
+            self._turn, self._turn_inputs = turns
         name = self._context_name(args, kwargs)
+        if self._turns_given_up:  # (this call gave up)
+            return self._run_uncached(None, args, kwargs)
         if self._states.live is not None and name != self._states.live:
             logger.debug("fx-fastcache: cache context %r -> %r", self._states.live, name)
         self._states.activate(name, self.entries(), self.store)
@@ -586,6 +597,8 @@ class FastCacheModule(nn.Module):
         if self._watch is None or not self._entries:
             return
         why = self._watch.changed()
+        if parallel_signature(self.model) != self._parallel_sig:  # (its hooks would be named instead)
+            why = "its parallel config changed (enable_parallelism after the first call)"
         if why is None and hooks != self._watch.hooks:
             why = "diffusers hooks were added or removed (apply_layer_skip, a guider's or offloading hooks)"
         if why is None:
@@ -612,8 +625,11 @@ class FastCacheModule(nn.Module):
         finally:
             self._active = prev
 
-    def _run_uncached(self, key: tuple, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def _run_uncached(self, key: tuple | None, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """The model itself, uncached: a call that skips blocks (``key``: its signature), or every call after
+        the turns gave up (``key`` ``None``)."""
         self._uncached_calls[key] = self._uncached_calls.get(key, 0) + 1
+        self._last_call_uncached = True
         with torch.no_grad():
             return self.model(*args, **kwargs)
 
@@ -645,15 +661,20 @@ class FastCacheModule(nn.Module):
         self._turn_inputs = now
         if self._turn >= MAX_TURNS:
             # the same latents across steps: updated in place, under torch.inference_mode (no version
-            # counter).  Turns stop for this pipeline call: its calls share one context, where the clock's
-            # value-based repeat rule computes both branches of a step (no approximation, not mixed)
-            self._branch_turns = False
-            logger.warning("fx-fastcache: %d calls in a row got the same latents tensor, as a pipeline updating its "
-                           "latents in place under torch.inference_mode does; its CFG calls cannot be told apart, so "
-                           "they share one cache state for the rest of this call (run it under torch.no_grad(), "
-                           "where an in-place update is seen)", MAX_TURNS + 1)
+            # counter).  The rest of this pipeline call runs the model itself: sharing one state would rely on
+            # the clock's repeat rule, which a schedule dispatched on the host does not run
+            self._turns_given_up = True
+            logger.warning("fx-fastcache: %d calls in a row got the same latents (or timestep) tensor, as a pipeline "
+                           "updating its latents in place under torch.inference_mode does; its CFG calls cannot be "
+                           "told apart, so the rest of this pipeline call runs the model uncached (run it under "
+                           "torch.no_grad(), where an in-place update is seen)", MAX_TURNS + 1)
             return None
         return self._turn
+
+    @property
+    def last_call_uncached(self) -> bool:
+        """Whether the last call ran the model itself (it skipped blocks, or the turns gave up), no graph."""
+        return self._last_call_uncached
 
     @property
     def active_context(self) -> str | None:
@@ -664,7 +685,7 @@ class FastCacheModule(nn.Module):
         """Calls outside any cache context take the contexts of :data:`BRANCH_TURNS` in turn, one per call
         of a step (:meth:`_next_turn`): the calls of a pipeline that runs CFG as two calls per step without
         ``cache_context`` (Flux img2img, inpaint, Kontext; Wan video-to-video; Chroma)."""
-        self._branch_turns, self._turn, self._turn_inputs = on, 0, (None, None)
+        self._branch_turns, self._turn, self._turn_inputs, self._turns_given_up = on, 0, (None, None), False
 
     def contexts(self) -> dict[str, dict[tuple, dict[str, torch.Tensor]]]:
         """Per cache context: its state tensors per captured graph (the live ones or its bank)."""
@@ -778,7 +799,7 @@ class FastCacheModule(nn.Module):
         self._states.clear()  # every context starts fresh at its next call
         # the next call fixes the primary context again (calibrate records the first one called in it)
         self._primary_context = None
-        self._turn, self._turn_inputs = 0, (None, None)
+        self._turn, self._turn_inputs, self._turns_given_up = 0, (None, None), False
         self.__dict__.get("_uncached_calls", {}).clear()
 
     def check_configure(self, **changes: Any) -> FastCacheConfig:
@@ -816,8 +837,10 @@ class FastCacheModule(nn.Module):
     # -- blocks and schedules -------------------------------------------------------------
     def uncached_calls(self) -> list[tuple[tuple[str, ...], int]]:
         """Since the last reset, per input signature whose calls skip blocks (they run the model itself,
-        uncached): the blocks they skip and how many such calls ran."""
-        return [(self._uncached[k], n) for k, n in self._uncached_calls.items() if k in self._uncached]
+        uncached): the blocks they skip and how many such calls ran; and ``((), n)`` for the calls after the
+        turns gave up (:meth:`_next_turn`)."""
+        return [(() if k is None else self._uncached[k], n) for k, n in self._uncached_calls.items()
+                if k is None or k in self._uncached]
 
     def block_names(self) -> list[str]:
         """The guarded blocks' module paths, in execution order."""
@@ -957,6 +980,12 @@ def _check_capturable(model: nn.Module, modules: list[nn.Module]) -> None:
                          f"from_pretrained(device_map=...)), which move weights inside forward, where torch.export "
                          f"cannot trace them; call pipe.enable_model_cpu_offload() after fastcache.enable_fastcache"
                          f"(pipe) (its hook then wraps the optimized module), or pipe.remove_all_hooks() first")
+    cp = getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None)
+    uneven = [k for k in ("ulysses_anything", "ring_anything") if getattr(cp, k, False)]
+    if uneven:  # (torch.export failed: "Could not guard on data-dependent expression Eq(u0 + u1, 0)")
+        raise ValueError(f"{type(model).__name__}'s context parallelism has {uneven[0]}=True, whose split sizes are "
+                         f"exchanged at run time, which torch.export cannot trace; enable parallelism without it "
+                         f"(sequence lengths divisible by the degree), or run the model without FastCache")
     for m in modules:
         processor = attention_processor(m)
         if processor is None or not hasattr(processor, "_attention_backend"):

@@ -12,6 +12,7 @@ accelerator count; ring attention needs the log-sum-exp, see that module).
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -111,7 +112,13 @@ def _run_cases(rank: int, outdir: str) -> None:
                  ref_statistics=fastcache.get_cache_statistics(ref_opt), threshold=cfg["cache_ratio_threshold"],
                  warmup=base["warmup_steps"])
         if late is not None:
-            r["late_out"], r["late_pattern"], _ = _euler(late, tm)
+            logged = _Messages()
+            logging.getLogger("fx_fastcache").addHandler(logged)
+            try:
+                r["late_out"], r["late_pattern"], _ = _euler(late, tm)
+            finally:
+                logging.getLogger("fx_fastcache").removeHandler(logged)
+            r["late_log"] = logged.messages
         if name == "flux-ulysses-step_forecast":  # a structural re-capture keeps the split
             fastcache.configure(opt, fallback="residual")
             r["configured_out"], r["configured_pattern"], _ = _euler(opt, tm)
@@ -131,11 +138,27 @@ def _run_cases(rank: int, outdir: str) -> None:
                 r["type_error"] = None
             except TypeError as e:
                 r["type_error"] = str(e)
+            uneven = _tiny(family)  # uneven splits: refused before the export failed on them
+            uneven.model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD, ulysses_anything=True))
+            try:
+                fastcache.optimize(uneven.model, **base)(**uneven.make_inputs(1000.0))
+                r["uneven_error"] = None
+            except ValueError as e:
+                r["uneven_error"] = str(e)
         res[name] = r
     res["calibration"] = _calibration_case(os.path.join(outdir, f"calibration{rank}.safetensors"))
     res["planned"] = _planned_case()
     res["scale"] = _scale_case()
     torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
+
+
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def _calibrated(model, tm, cfg):
@@ -274,10 +297,21 @@ def test_structural_configure_keeps_the_split(ranks):
 
 
 def test_parallelism_enabled_after_capture_recaptures(ranks):
+    """... and says why (the model watch named diffusers' context-parallel hooks "added or removed")."""
     for r, res in enumerate(ranks):
         c = res["wan-ulysses-step_forecast"]
         assert c["late_pattern"] == c["ref_pattern"], f"rank {r}"
         assert _max_err(c["late_out"], c["ref"]) < 1e-5, f"rank {r}"
+        assert any("parallel config changed (enable_parallelism after the first call)" in m for m in c["late_log"])
+        assert not any("diffusers hooks were added" in m for m in c["late_log"])
+
+
+def test_uneven_splits_are_refused_naming_the_option(ranks):
+    """ulysses_anything / ring_anything exchange split sizes at run time: torch.export failed on a
+    data-dependent guard; refused before the capture with the option named."""
+    for res in ranks:
+        error = res["flux-ulysses-step_forecast"]["uneven_error"]
+        assert error is not None and "ulysses_anything=True" in error
 
 
 def test_token_routing_and_merging_raise_under_context_parallelism(ranks):

@@ -22,6 +22,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteSche
 import fx_fastcache as fastcache
 from fx_fastcache.export import record_schedule
 from fx_fastcache.graph_protocol import COND
+from fx_fastcache.module import MAX_TURNS
 from fx_fastcache.step_dispatch import StepDispatch, specialise
 from fx_fastcache.tiny_pipelines import make_tiny_pipeline
 from fx_fastcache.zoo import make_tiny
@@ -482,16 +483,47 @@ def test_branch_turns_follow_the_calls_of_a_step(uncond_steps) -> None:
 
 def test_branch_turns_give_up_on_latents_updated_in_place_under_inference_mode(caplog) -> None:
     """Under torch.inference_mode an in-place update leaves no trace on the latents (no version counter),
-    so every call looks like one more call of the same step: after MAX_TURNS the calls share one context,
-    whose value-based repeat rule computes both branches (the output is the model's, not mixed)."""
+    so every call looks like one more call of the same step: after MAX_TURNS the rest of the pipeline call
+    runs the model itself (the output is the model's, not mixed).  (Sharing one context instead relied on
+    the clock's repeat rule, which a schedule dispatched on the host does not run: it mixed the branches.)"""
     tm = make_tiny("tiny-wan")
-    opt = fastcache.optimize(tm.model, backend="eager", cache_ratio_threshold=1e6, warmup_steps=2)
-    with caplog.at_level(logging.WARNING, logger="fx_fastcache"):
-        out = _two_call_cfg(opt, tm, "inplace-inference")
-    assert "calls in a row got the same latents tensor" in caplog.text
-    for a, b in zip(out, _two_call_cfg(tm.model, tm, "inplace-inference")):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    assert len(opt.contexts()) <= fastcache.module.MAX_TURNS
+    reference = _two_call_cfg(tm.model, tm, "inplace-inference")
+    for execution in ("in_graph", "step_dispatch"):
+        opt = fastcache.optimize(tm.model, backend="eager", execution=execution, policy="schedule",
+                                 **({"dispatch_compile": "eager"} if execution == "step_dispatch" else {}))
+        fastcache.set_schedule(opt, torch.tensor([[False] * 2] * 2 + [[True] * 2] * (len(TIMESTEPS) - 2)))
+        with caplog.at_level(logging.WARNING, logger="fx_fastcache"):
+            out = _two_call_cfg(opt, tm, "inplace-inference")
+        assert "calls in a row got the same latents (or timestep) tensor" in caplog.text
+        for a, b in zip(out, reference):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        stats = fastcache.get_cache_statistics(opt)
+        assert stats["blocks_approximated"] == 0 and stats["uncached_calls"] == 2 * len(TIMESTEPS) - MAX_TURNS
+
+
+def test_branch_turns_survive_a_recapture_between_a_steps_calls() -> None:
+    """With step dispatch, the reset that starts the first StepDispatch also ran when a re-capture (a model
+    change) came between a step's cond and uncond call: it forgot the turn, and the uncond call took "cond"."""
+    tm = make_tiny("tiny-wan")
+    opt = fastcache.optimize(tm.model, backend="eager", execution="step_dispatch", dispatch_compile="eager",
+                             cache_ratio_threshold=1e6)
+    base = tm.make_inputs(TIMESTEPS[0], 2)
+    uncond = torch.zeros_like(base["encoder_hidden_states"])
+    taken = []
+    opt.set_branch_turns(True)
+    with torch.no_grad():
+        x = base["hidden_states"]
+        for i, t in enumerate(TIMESTEPS[:4]):
+            timestep = torch.full((2,), t)
+            c = opt(**dict(base, hidden_states=x, timestep=timestep))[0]
+            taken.append(opt.active_context)
+            if i == 2:
+                opt.drop_graphs()  # what a model change between the two calls does
+            u = opt(**dict(base, hidden_states=x, timestep=timestep, encoder_hidden_states=uncond))[0]
+            taken.append(opt.active_context)
+            x = x - 0.05 * (u + 2.0 * (c - u))
+    opt.set_branch_turns(False)
+    assert taken == ["cond", "uncond"] * 4
 
 
 def test_wan_video_to_video_cfg_is_cached_per_branch() -> None:

@@ -247,3 +247,18 @@ def test_record_schedule_counts_cfg_contexts_as_one_generation():
     sched = record_schedule(opt, run, generations=2)
     assert sched.meta["generations"] == 2 and sched.steps == 5
     assert [any(row) for row in sched.table] == [False, False, True, True, True]  # warm-up 2, then skipped
+
+
+def test_record_schedule_leaves_out_uncached_calls():
+    """SD3's skip-layer calls run the model itself; the recorder read the last graph's step for them and
+    wrote an all-False row over the guided call's: with skip-layer guidance nothing was recorded as skipped."""
+    from fx_fastcache.export import record_schedule
+    from fx_fastcache.tiny_pipelines import make_tiny_pipeline
+
+    tp = make_tiny_pipeline("sd3")
+    tr = fastcache.enable_fastcache(tp.pipe, backend="eager", cache_ratio_threshold=5.0, warmup_steps=1)
+    tables = [record_schedule(tr, lambda: tp.pipe(**tp.call_kwargs(num_inference_steps=6, guidance_scale=5.0,
+                                                                  **extra))).table
+              for extra in ({}, dict(skip_guidance_layers=[1], skip_layer_guidance_start=0.0,
+                                     skip_layer_guidance_stop=1.0))]
+    assert tables[1] == tables[0] and any(any(row) for row in tables[0])
