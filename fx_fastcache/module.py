@@ -426,7 +426,6 @@ class FastCacheModule(nn.Module):
         kw = self._bind(args, kwargs)
         self._check_inputs(kw)
         self._check_grad(kw)
-        self._check_parallel_setup()
         if not self._checked:  # (a StepDispatch called directly, not through forward)
             self._check_model_unchanged()
         key = self._key(kw)
@@ -490,14 +489,6 @@ class FastCacheModule(nn.Module):
         the model's diffusers context parallelism, else ``None`` (one device)."""
         return self._process_group if self._process_group is not None else process_group_of(self.model)
 
-    def _check_parallel_setup(self) -> None:
-        """Parallelism enabled (or changed) after a capture: the graphs hold neither the split nor the
-        collectives, so they are dropped and the next call re-captures (a host ``getattr``, no sync)."""
-        if self._entries and parallel_signature(self.model) != self._parallel_sig:
-            logger.warning("fx-fastcache: %s's parallel config changed since the graphs were captured "
-                           "(enable_parallelism after the first call); re-capturing", type(self.model).__name__)
-            self.drop_graphs()
-
     def _check_grad(self, kw: dict[str, Any]) -> None:
         """The optimized model is inference-only: inputs that require grad are refused; a call with
         grad mode on (and parameters that require grad) warns once that its output has no gradient."""
@@ -555,17 +546,12 @@ class FastCacheModule(nn.Module):
             key = self._key(self._bind(args, kwargs))
             if key in self._uncached:
                 return self._run_uncached(key, args, kwargs)
-        if self._turns_given_up:
-            return self._run_uncached(None, args, kwargs)
         if self.dispatching() and not self._dispatchers:
             # the first StepDispatch starts a new generation: reset before this call takes its cache context
-            # and turn (the reset after it forgot the turn: step 0's uncond call took "cond", a repeat); the
-            # pipeline call's turns go on (a re-capture between a step's two calls empties _dispatchers too)
-            turns = self._turn, self._turn_inputs
+            # and turn (the reset after it forgot the turn: step 0's uncond call took "cond", a repeat)
             self.reset()
-            self._turn, self._turn_inputs = turns
         name = self._context_name(args, kwargs)
-        if self._turns_given_up:  # (this call gave up)
+        if self._turns_given_up:
             return self._run_uncached(None, args, kwargs)
         if self._states.live is not None and name != self._states.live:
             logger.debug("fx-fastcache: cache context %r -> %r", self._states.live, name)
@@ -597,8 +583,8 @@ class FastCacheModule(nn.Module):
         if self._watch is None or not self._entries:
             return
         why = self._watch.changed()
-        if parallel_signature(self.model) != self._parallel_sig:  # (its hooks would be named instead)
-            why = "its parallel config changed (enable_parallelism after the first call)"
+        if parallel_signature(self.model) != self._parallel_sig:  # the graphs hold neither split nor collectives
+            why = "its parallel config changed (enable_parallelism after the first call)"  # (not its hooks)
         if why is None and hooks != self._watch.hooks:
             why = "diffusers hooks were added or removed (apply_layer_skip, a guider's or offloading hooks)"
         if why is None:
@@ -654,6 +640,8 @@ class FastCacheModule(nn.Module):
         and Chroma's ``guidance_scale > 1``, Lumina2's only for the first steps), but all of them pass one
         step's latents (or its timestep tensor) to both calls, and a new step gets new ones.  Values could
         tell the same, but reading them on the host would sync the device at every call."""
+        if self._turns_given_up:
+            return None
         stream = kwargs.get(self.spec.stream_arg, args[0] if args else None)
         timestep = kwargs.get(self.spec.timestep_arg) if self.spec.timestep_arg else None
         now = (_identity(stream), _identity(timestep))
@@ -702,7 +690,6 @@ class FastCacheModule(nn.Module):
             self._check_model_unchanged()  # (export_onnx and inspect_graph capture through here)
         kw = self._bind(args, kwargs)
         self._check_inputs(kw)
-        self._check_parallel_setup()
         key = self._key(kw)
         with _CAPTURE_LOCK, torch.inference_mode(False):
             return self._entries.get(key) or self._capture(key, kw)
@@ -713,7 +700,8 @@ class FastCacheModule(nn.Module):
         _check_parallel(cfg, group)
         logger.info("fx-fastcache: capturing %s (%d blocks) for %s", type(self.model).__name__,
                     len(block_modules(self.model, self.spec)), _shapes(key[1]))
-        _check_capturable(self.model, list(self.model.modules()))
+        self._submodules = list(self.model.modules())
+        _check_capturable(self.model, self._submodules)
         _check_traceable_arguments(self.model, kw)
         was_training = self.model.training
         self.model.eval()
@@ -755,7 +743,6 @@ class FastCacheModule(nn.Module):
                            "until opt.drop_graphs(). Keep the inputs' shapes (resolution, frames, batch) fixed "
                            "where you can", GRAPHS_WARNING, type(self.model).__name__,
                            "" if self.backend == "eager" else " and a compile")
-        self._submodules = list(self.model.modules())
         self._watch = ModelWatch(self.model, _diffusers_hooks(self.model, self._submodules))
         self._captured_all_blocks = True
         self._parallel_sig = parallel_signature(self.model)
@@ -799,7 +786,8 @@ class FastCacheModule(nn.Module):
         self._states.clear()  # every context starts fresh at its next call
         # the next call fixes the primary context again (calibrate records the first one called in it)
         self._primary_context = None
-        self._turn, self._turn_inputs, self._turns_given_up = 0, (None, None), False
+        # (the turns belong to the pipeline call, set by set_branch_turns: a reset inside it, as the first
+        # StepDispatch's or one after a re-capture between a step's two calls, keeps them)
         self.__dict__.get("_uncached_calls", {}).clear()
 
     def check_configure(self, **changes: Any) -> FastCacheConfig:

@@ -8,6 +8,7 @@ capture.  The pass only analyses; it changes no node.
 from __future__ import annotations
 
 import logging
+import operator
 
 import torch.fx as fx
 import torch.nn as nn
@@ -46,12 +47,6 @@ class BlocksNotCalled(RuntimeError):
         self.missing = missing
 
 
-def _attr(gm: fx.GraphModule, target: str) -> object:
-    for part in target.split("."):
-        gm = getattr(gm, part, None)
-    return gm
-
-
 def _attach_submodules(gm: fx.GraphModule, region: list[fx.Node], nodes: list[fx.Node]) -> list[fx.Node]:
     """Put the ``get_attr`` nodes that only the region reads at its front, in the graph and in the list.
 
@@ -61,7 +56,7 @@ def _attach_submodules(gm: fx.GraphModule, region: list[fx.Node], nodes: list[fx
     before the region) read it before its definition.  A submodule cannot be a ``cond`` operand either: it
     belongs inside the block branch.  A ``get_attr`` has no inputs, so moving it up is always valid."""
     members = set(region)
-    attrs = [n for n in nodes if n.op == "get_attr" and isinstance(_attr(gm, n.target), nn.Module)
+    attrs = [n for n in nodes if n.op == "get_attr" and isinstance(operator.attrgetter(n.target)(gm), nn.Module)
              and n.users and all(u in members for u in n.users)]
     for n in attrs:
         region[0].prepend(n)
