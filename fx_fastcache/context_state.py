@@ -34,7 +34,7 @@ from . import graph_protocol as gp
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ContextStates", "swappable_buffers"]
+__all__ = ["ContextStates", "restart_state", "swappable_buffers"]
 
 #: Buffer names that are not per-context state (knobs and statistics, see the module docstring).
 SHARED = frozenset({"threshold", "warmup", "enabled", "force", "max_skip", "calls", "repeats", "never_skip", "skipped",
@@ -65,6 +65,13 @@ def _fresh_(name: str, buf: torch.Tensor) -> None:
         buf.fill_(-1.0)
     else:
         buf.zero_()
+
+
+def restart_state(gm: torch.nn.Module, store: Any) -> None:
+    """Give the live context's state in ``gm`` the values ``reset`` gives (its next call starts a new
+    generation), leaving knobs, statistics and calibration as they are."""
+    for q, t in swappable_buffers(gm, store):
+        _fresh_(q, t)
 
 
 class ContextStates:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,10 @@ class FamilySpec:
     #: ``(model, call kwargs) -> context manager`` entered around ``torch.export`` (see
     #: :func:`capture_preparation`); ``None``: nothing to prepare.
     prepare_capture: Callable[[nn.Module, dict], Any] | None = None
+    #: The timestep argument runs *up*, from 0 (noise) to 1 (data): it is ``1 − σ`` (Z-Image). Every
+    #: rule then reads ``1 − t`` (:func:`~fx_fastcache.runtime.generation.noise_level`), which falls
+    #: like other families' timesteps and is σ itself for the drift correction.
+    timestep_rises: bool = False
 
 
 @contextlib.contextmanager
@@ -79,6 +84,21 @@ def _cogvideox_sincos_for_call(model: nn.Module, kw: dict) -> Iterator[None]:
         yield
     finally:
         pe.sample_height, pe.sample_width, pe.sample_frames, pe.pos_embedding = saved
+
+
+@contextlib.contextmanager
+def _z_image_rope_table(model: nn.Module, kw: dict) -> Iterator[None]:
+    """Z-Image's ``RopeEmbedder`` (no module: a plain object) builds its rotary table at its first call and
+    keeps it in an attribute.  A first call inside ``torch.export`` kept a table of fake tensors there: the
+    next capture failed ("a fake tensor in the exported program constant's list") and so did the model
+    itself.  The table is built here, for real, before the trace reads it."""
+    rope = getattr(model, "rope_embedder", None)
+    if rope is not None and getattr(rope, "freqs_cis", ()) is None:
+        x = kw.get("x")
+        device = x[0].device if isinstance(x, list) and x and isinstance(x[0], torch.Tensor) else None
+        table = rope.precompute_freqs_cis(rope.axes_dims, rope.axes_lens, theta=rope.theta)
+        rope.freqs_cis = [f.to(device) for f in table] if device is not None else table
+    yield
 
 
 def capture_preparation(spec: FamilySpec, model: nn.Module, kw: dict) -> Any:
@@ -111,6 +131,10 @@ FAMILIES: dict[str, FamilySpec] = {
         "flux2", (BlockListSpec("transformer_blocks", _JOINT, _JOINT), BlockListSpec("single_transformer_blocks"))),
     # Wan VACE: Wan's blocks; its vace_blocks compute the control hints added between them, every step
     "WanVACETransformer3DModel": FamilySpec("wan-vace", (BlockListSpec("blocks"),)),
+    # Z-Image: its main ``layers`` (the noise and caption refiners before them run every step); the latents
+    # come as a list of tensors, and its ``t`` is 1 − σ
+    "ZImageTransformer2DModel": FamilySpec("z-image", (BlockListSpec("layers", ("x",), ("x",)),), timestep_arg="t",
+                                           stream_arg="x", prepare_capture=_z_image_rope_table, timestep_rises=True),
     "HunyuanVideoTransformer3DModel": FamilySpec(
         "hunyuan-video",
         (BlockListSpec("transformer_blocks", _JOINT, ("hidden_states", "encoder_hidden_states"), "image_first"),

@@ -109,6 +109,8 @@ def _wrap_model(model: nn.Module, timestep_arg: str | None, stream_arg: str | No
         x = bound.arguments.get(stream_arg) if stream_arg else None
         if isinstance(x, torch.Tensor) and x.is_floating_point():  # the model's input (latents): the clock
             bound.arguments[stream_arg] = mark(x, "stream")      # compares it with the previous call's
+        elif isinstance(x, list) and x and isinstance(x[0], torch.Tensor) and x[0].is_floating_point():
+            bound.arguments[stream_arg] = [mark(x[0], "stream"), *x[1:]]  # latents as a list (Z-Image): the first
         return _call_as_given(orig, bound)
 
     return forward

@@ -34,7 +34,7 @@ from fx_fastcache.passes.find_blocks import BlocksNotCalled
 from . import graph_protocol as gp
 from .auto_mode import AUTO, UNSET, resolve_execution
 from .config import RUNTIME_FIELDS, FastCacheConfig
-from .context_state import ContextStates
+from .context_state import ContextStates, restart_state
 from .fallbacks import FALLBACKS
 from .families import FamilySpec, block_modules, capture_preparation, resolve_family
 from .markers import marked
@@ -42,7 +42,7 @@ from .model_watch import ModelWatch, active_attention_backend, attention_process
 from .policies import POLICIES
 from .runtime.clock import repeat_message
 from .runtime.distributed import as_process_group, parallel_signature, process_group_of
-from .runtime.generation import scalar_timestep, starts_generation_host
+from .runtime.generation import noise_level, scalar_timestep, starts_generation_host
 from .runtime.store import CalibrationStore
 from .step_dispatch import COMPILE_MODES, StepDispatch, dispatch_decide_mode
 
@@ -177,6 +177,7 @@ class FastCacheModule(nn.Module):
         self._uncached_calls: dict[tuple, int] = {}
         self._captured_all_blocks = False  # a capture ran every block (so one that skips some is a special call)
         self._warned_changed = False
+        self._warned_shape_change = False  # _check_generation warns once, then logs at INFO
         self._call_lock = threading.RLock()  # one call at a time: the cache state is one generation's
         self._calls: dict[tuple, int] = {}  # host-side call count per graph (for the one-time generation check)
         self.record_passes = False
@@ -398,7 +399,10 @@ class FastCacheModule(nn.Module):
         return (str(spec), tuple(_describe(v) for v in leaves))
 
     def _check_generation(self, key: tuple, kw: dict[str, Any]) -> None:
-        """A signature change is only legal at the start of a new generation."""
+        """A shape change in the middle of a generation (batch 2 → 1 where a pipeline stops classifier-free
+        guidance after some steps: Z-Image's and Lumina2's ``cfg_truncation``) starts a new generation in
+        the live cache context: the new shapes' graph has no cache of this generation, and one it kept
+        from earlier steps would forecast across the steps it missed."""
         prev = self._entries.get(self._last_key) if self._last_key is not None else None
         if prev is None or key == self._last_key:
             return
@@ -410,19 +414,36 @@ class FastCacheModule(nn.Module):
         ts = self.spec.timestep_arg
         t = kw.get(ts) if ts else None
         if isinstance(t, torch.Tensor):
-            t_new = float(scalar_timestep(t))
+            t_new = float(scalar_timestep(noise_level(t, self.spec.timestep_rises)))
             if t_new == float(clock.t_last) or starts_generation_host(t_new, float(clock.t_last)):
                 return  # not a continuation of that generation
-        shape_prev = prev.key[1]
-        raise ValueError(
-            f"input shapes changed in the middle of a generation (step {int(clock.step)}): the previous call had "
-            f"{_shapes(shape_prev)}, this call has {_shapes(key[1])}; batch size and token count must stay fixed "
-            f"within a generation. Call fastcache.reset(model) before starting a new generation with other shapes."
-        )
+        if self._recorder is not None:
+            raise ValueError(
+                f"input shapes changed in the middle of a calibration generation (step {int(clock.step)}): the "
+                f"previous call had {_shapes(prev.key[1])}, this call has {_shapes(key[1])}. Calibrate on "
+                f"generations of one shape (a pipeline without cfg_truncation); the calibration then serves "
+                f"generations that change shape")
+        log = logger.info if self._warned_shape_change else logger.warning
+        self._warned_shape_change = True
+        log("fx-fastcache: input shapes changed in the middle of a generation (step %d; %s, then %s), as a pipeline "
+            "that stops classifier-free guidance after some steps does (cfg_truncation): calls with the new "
+            "shapes start a new generation (warm-up steps compute)", int(clock.step), _shapes(prev.key[1]),
+            _shapes(key[1]))
+        self._restart_generation()
+
+    def _restart_generation(self) -> None:
+        """The live cache context starts a new generation at the next graph call: its state in every graph
+        fresh (statistics, knobs and calibration kept), and its step dispatcher's host step at 0."""
+        with torch.no_grad():
+            for e in self._entries.values():
+                restart_state(e.gm, self.store)
+        d = self._dispatchers.get(self._states.live)
+        if d is not None:
+            d.reset_host()
 
     def prepare_call(self, args: tuple, kwargs: dict[str, Any]) -> PreparedCall:
         """Bind and check a call's inputs and pick (or capture) its graph: the preamble of every call,
-        with or without step dispatch.  A shape change inside a generation raises here."""
+        with or without step dispatch.  A shape change inside a generation starts a new one here."""
         kw = self._bind(args, kwargs)
         self._check_inputs(kw)
         self._check_grad(kw)

@@ -249,6 +249,25 @@ def tiny_wan_vace(seed: int = 0, layers: int = 3) -> TinyModel:
     return TinyModel("tiny-wan-vace", m, inputs)
 
 
+def tiny_z_image(seed: int = 0, layers: int = 2) -> TinyModel:
+    """Z-Image: latents and captions as lists of per-sample tensors, a timestep ``t = 1 − σ`` that rises,
+    a noise and a caption refiner before the main ``layers``; the output is a list too."""
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=16, n_layers=layers,
+                                 n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[2, 2, 4],
+                                 axes_lens=[64, 32, 32]).eval()
+
+    def inputs(t: float, batch: int = 2) -> dict:
+        g = _gen(seed + 1)
+        return dict(x=list(torch.randn(batch, 4, 1, 8, 8, generator=g).unbind(0)),  # (C, frames, H, W) each
+                    t=torch.full((batch,), 1.0 - float(t) / 1000.0),
+                    cap_feats=list(torch.randn(batch, 4, 16, generator=g).unbind(0)), return_dict=False)
+
+    return TinyModel("tiny-z-image", m, inputs)
+
+
 class CustomBlock(nn.Module):
     """A minimal adaLN-style block: the timestep enters through a modulation."""
 
@@ -309,6 +328,7 @@ TINY: dict[str, Callable[..., TinyModel]] = {
     "tiny-chroma": tiny_chroma,
     "tiny-flux2": tiny_flux2,
     "tiny-wan-vace": tiny_wan_vace,
+    "tiny-z-image": tiny_z_image,
 }
 
 

@@ -144,7 +144,8 @@ def guard_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
     sv = _val(ctx.stream_input) if ctx.stream_input is not None else None
     clock = Clock(cfg.cache_ratio_threshold, cfg.warmup_steps, cfg.enable_block_approx, cfg.max_skip_steps,
                   stream_shape=tuple(sv.shape) if isinstance(sv, torch.Tensor) else None,
-                  stream_dtype=sv.dtype if isinstance(sv, torch.Tensor) else None)
+                  stream_dtype=sv.dtype if isinstance(sv, torch.Tensor) else None,
+                  timestep_rises=ctx.spec.timestep_rises)
     ctx.clock = _register(gm, gp.CLOCK, clock)
     with g.inserting_before(top):
         step, new_gen, ok, thr, t, max_skip = gp.emit_clock(

@@ -11,7 +11,7 @@ FAMILIES = ["tiny-dit", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-custom",
             "tiny-cogvideox", "tiny-ltx-video", "tiny-wan", "tiny-hunyuan-video"]  # the last four: video DiTs
 TIMESTEPS = [1000.0, 900.0, 800.0, 700.0, 600.0, 500.0]
 #: diffusers models registered beyond the eight families above (tests of their block lists only)
-MORE_FAMILIES = ["tiny-qwenimage", "tiny-chroma", "tiny-flux2", "tiny-wan-vace"]
+MORE_FAMILIES = ["tiny-qwenimage", "tiny-chroma", "tiny-flux2", "tiny-wan-vace", "tiny-z-image"]
 
 
 #: Families whose block structure differs most: plain (DiT), joint + single lists (Flux), video with a
@@ -43,8 +43,10 @@ def first(out):
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, tuple):
-        return out[0]
-    return out.sample
+        out = out[0]
+    else:
+        out = getattr(out, "sample", out)
+    return torch.stack(out) if isinstance(out, list) else out  # Z-Image: a list of per-sample tensors
 
 
 def run_loop(model, tm, timesteps=TIMESTEPS, batch: int = 2) -> list[torch.Tensor]:

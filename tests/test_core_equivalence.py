@@ -6,8 +6,10 @@ import contextlib
 
 import pytest
 import torch
+import torch.nn as nn
 
 import fx_fastcache as fastcache
+from fx_fastcache import BlockListSpec
 from fx_fastcache.families import block_modules
 from fx_fastcache.graph_protocol import conds
 from fx_fastcache.zoo import make_tiny
@@ -292,3 +294,61 @@ def test_blocks_with_autocast_regions(span):
     for a, b in zip(*map(loop, opts)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert fastcache.get_cache_statistics(opts[0])["blocks_approximated"] > 0
+
+
+class _SigmaTimestep(nn.Module):
+    """Z-Image behind a timestep that falls (σ), as every other family's does: ``t = 1 − σ`` inside."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, timestep, cap_feats, return_dict=False):
+        return self.inner(x=x, t=1.0 - timestep, cap_feats=cap_feats, return_dict=return_dict)
+
+
+def test_rising_timestep_reads_as_sigma():
+    """Z-Image's ``t`` is 1 − σ and rises: read as ``1 − t``, the optimized model behaves as the same model
+    behind a σ timestep (two generations without a reset, the forecast, the drift correction, which needs
+    σ).  Read as it comes, every call started a new generation and nothing was approximated."""
+    tiny = make_tiny("tiny-z-image")
+    config = dict(backend="eager", cache_ratio_threshold=1e6, warmup_steps=2, drift_correction="flow_euler")
+    opt = fastcache.optimize(tiny.model, **config)
+    twin = fastcache.optimize(_SigmaTimestep(tiny.model), blocks=BlockListSpec("inner.layers", ("x",), ("x",)),
+                              **config)
+    timesteps = TIMESTEPS * 2  # two generations, no reset between them
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            sigma = torch.full((2,), t / 1000.0)
+            kw = dict(tiny.make_inputs(t, 2), t=1.0 - sigma)  # the very t the twin passes
+            out = first(opt(**kw))
+            torch.testing.assert_close(out, first(twin(x=kw["x"], timestep=sigma, cap_feats=kw["cap_feats"])),
+                                       rtol=0, atol=1e-5)
+            if i % len(TIMESTEPS) < 2:  # each generation's warm-up computes
+                torch.testing.assert_close(out, first(tiny.model(**kw)), rtol=0, atol=1e-5)
+    stats = fastcache.get_cache_statistics(opt)
+    assert stats["blocks_approximated"] == 2 * (len(TIMESTEPS) - 2) * len(stats["per_block"])
+
+
+def test_z_image_first_call_captured():
+    """Z-Image's rotary table is built at the model's first call; when that call is the capture, the table
+    was made of fake tensors and stayed in the model (the model and the next capture failed)."""
+    tiny = make_tiny("tiny-z-image")
+    kw = tiny.make_inputs(1000.0, 2)
+    with torch.no_grad():
+        out = first(fastcache.optimize(tiny.model, backend="eager", enable_block_approx=False)(**kw))
+        torch.testing.assert_close(first(tiny.model(**kw)), out, rtol=0, atol=1e-6)
+
+
+def test_list_latents_watched_for_a_new_generation():
+    """Z-Image takes its latents as a list of tensors: the clock watches the first one, so fresh noise at a
+    lower noise level (a generation aborted and another started) is a new generation, not a continuation."""
+    tiny = make_tiny("tiny-z-image")
+    opt = fastcache.optimize(tiny.model, backend="eager", cache_ratio_threshold=1e6, warmup_steps=2)
+    with torch.no_grad():
+        for t in TIMESTEPS[:3]:
+            opt(**tiny.make_inputs(t, 2))
+        kw = tiny.make_inputs(TIMESTEPS[3], 2)
+        kw["x"] = list(torch.randn(2, *kw["x"][0].shape, generator=torch.Generator().manual_seed(7)).unbind(0))
+        torch.testing.assert_close(first(opt(**kw)), first(tiny.model(**kw)), rtol=0, atol=1e-5)
+    assert fastcache.get_cache_statistics(opt)["blocks_approximated"] == len(opt.block_names())  # step 2 only

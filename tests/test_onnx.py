@@ -382,3 +382,7 @@ def test_complex_valued_models_are_refused_naming_why(tmp_path):
                                          r"ONNX export is not available for this model"):
         export_onnx(tm.model, pattern_schedule(tm.model, 6), tm.make_inputs(1000.0, 2), tmp_path / "q.onnx")
     assert not (tmp_path / "q.onnx").exists()
+    tz = make_tiny("tiny-z-image")  # its timestep rises, which the runner's generation rule cannot read
+    with pytest.raises(ValueError, match=r"ZImageTransformer2DModel's timestep rises.*export is not supported"):
+        export_onnx(tz.model, pattern_schedule(tz.model, 6), tz.make_inputs(1000.0, 2), tmp_path / "z.onnx")
+    assert not (tmp_path / "z.onnx").exists()

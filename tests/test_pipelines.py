@@ -604,3 +604,34 @@ def test_branch_turns_with_step_dispatch_from_the_first_call() -> None:
         for a, b in zip(_two_call_cfg(opt, tm, "turns"), named):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
         opt.drop_graphs()
+
+
+def test_z_image_pipeline_with_cfg_truncation():
+    """diffusers' ZImagePipeline: its ``t`` rises (1 − σ), latents are lists, and ``cfg_truncation`` drops
+    the batch from 2 to 1 when CFG stops (the shape change raised in the middle of the generation)."""
+    from diffusers import ZImagePipeline
+
+    tiny = make_tiny("tiny-z-image", layers=2)
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=None, text_encoder=None,
+                          tokenizer=None, transformer=tiny.model)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    embeds = dict(prompt_embeds=[torch.randn(4, 16, generator=g)], negative_prompt_embeds=[torch.randn(4, 16, generator=g)])
+    batches = []
+    hook = tiny.model.register_forward_pre_hook(lambda m, args, kw: batches.append(len(args[0])), with_kwargs=True)
+
+    def run():
+        return pipe(**embeds, height=64, width=64, num_inference_steps=8, guidance_scale=3.0, cfg_truncation=0.5,
+                    output_type="latent", generator=torch.Generator().manual_seed(1)).images
+
+    ref = run()
+    hook.remove()
+    truncated_at = batches.index(1)
+    assert 2 < truncated_at < len(batches) - 2 and set(batches[truncated_at:]) == {1}
+    fastcache.enable_fastcache(pipe, backend="eager", enable_block_approx=False)
+    torch.testing.assert_close(run(), ref, rtol=0, atol=1e-5)
+    fastcache.configure(pipe, enable_block_approx=True, cache_ratio_threshold=1e6)
+    run()
+    stats = fastcache.get_cache_statistics(pipe)
+    # each batch size warms up (2 computed steps), the rest is forecast
+    assert [b["approximated"] for b in stats["per_block"]] == [len(batches) - 2 * WARMUP_DEFAULT] * 2

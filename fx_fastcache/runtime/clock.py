@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..graph_protocol import Tick
-from .generation import input_jumped, repeated_call, scalar_timestep, starts_generation
+from .generation import input_jumped, noise_level, repeated_call, scalar_timestep, starts_generation
 
 
 def repeat_message(consequence: str) -> str:
@@ -37,8 +37,11 @@ class Clock(nn.Module):
     _is_impure = True  # mutates its buffers: never dead-code-eliminated
 
     def __init__(self, threshold: float, warmup_steps: int, enabled: bool, max_skip_steps: int,
-                 stream_shape: tuple[int, ...] | None = None, stream_dtype: torch.dtype | None = None) -> None:
+                 stream_shape: tuple[int, ...] | None = None, stream_dtype: torch.dtype | None = None,
+                 timestep_rises: bool = False) -> None:
         super().__init__()
+        #: The model's timestep runs up (``FamilySpec.timestep_rises``): the clock reads ``1 − t``.
+        self.timestep_rises = timestep_rises
         self.register_buffer("t_last", torch.tensor(float("-inf")))
         self.register_buffer("step", torch.tensor(-1.0))
         self.register_buffer("calls", torch.tensor(0.0))
@@ -60,13 +63,14 @@ class Clock(nn.Module):
         """Returns a :class:`~fx_fastcache.graph_protocol.Tick` of 0-d tensors.
 
         ``ok`` is the step-level permission to approximate (enabled, not forced, past warm-up);
-        ``t_eff`` is the scalar timestep (the negated call count for models without one).
+        ``t_eff`` is the scalar timestep (``1 − t`` where it rises; the negated call count for models
+        without one).
         """
         if t is None:
             t_eff = -self.calls
         else:
             # a fresh tensor, not a view of the input: cond operands must not alias each other
-            t_eff = scalar_timestep(t) * 1.0
+            t_eff = scalar_timestep(noise_level(t, self.timestep_rises)) * 1.0
         new_gen = starts_generation(t_eff, self.t_last, self.step)
         # t_eff without a timestep counts calls down: never the same, so only the input can repeat
         same = repeated_call(t_eff if t is not None else None, self.t_last, x, self.x_last if x is not None else None)

@@ -20,7 +20,8 @@ Within a generation, a *repeated call* (:func:`repeated_call`: the previous call
 same input again, as classifier-free guidance run as two calls per step does) approximates nothing
 until the next generation (:mod:`fx_fastcache.runtime.clock` says why).
 
-Every rule reads the call's timestep through :func:`scalar_timestep`.  The clock applies the rules
+Every rule reads the call's timestep through :func:`scalar_timestep` (of :func:`noise_level`: ``1 − t``
+for a family whose timestep rises, Z-Image's).  The clock applies the rules
 in the graph (:func:`starts_generation`, :func:`input_jumped`, :func:`repeated_call`); the ONNX runner
 applies them on the host (:func:`starts_generation_host`, :func:`input_jumped_host`,
 :func:`repeated_call_host`, on the input the graph's clock watches); the shape-change check of
@@ -46,6 +47,13 @@ def scalar_timestep(t: torch.Tensor) -> torch.Tensor:
     frame's tokens at 0, so the first entry is 0 at every step and the generation rules and the
     forecast in ``t`` would see a constant timestep.  NaN propagates (rule 3)."""
     return t.reshape(-1).amax().to(torch.float32)
+
+
+def noise_level(t: torch.Tensor, rises: bool) -> torch.Tensor:
+    """The timestep as the rules read it: ``t`` itself, or ``1 − t`` where the model's timestep runs up
+    from 0 (noise) to 1 (data) (``FamilySpec.timestep_rises``: Z-Image passes ``1 − σ``).  Then a
+    generation's timesteps fall as every other family's, and the drift correction gets σ."""
+    return 1.0 - t if rises else t
 
 
 def starts_generation(t: torch.Tensor, t_last: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
