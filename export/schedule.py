@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 
 import fx_fastcache as fastcache
-from fx_fastcache.calibration import model_fingerprint
+from fx_fastcache.calibration import model_fingerprint, same_weights, weight_profile
+from fx_fastcache.families import compute_dtype
 from fx_fastcache.config import FastCacheConfig
 from fx_fastcache.families import block_modules, resolve_family
 from fx_fastcache.module import FastCacheModule
@@ -176,10 +177,26 @@ def check_compatible(schedule: Schedule, model: nn.Module, block_names: list[str
                          f"{type(model).__name__} has {block_names[:3]}... ({len(block_names)}); "
                          f"record a schedule for this model")
     fp = model_fingerprint(model)
-    if schedule.fingerprint != fp:
-        raise ValueError(f"{schedule.source} was recorded on another model (fingerprint {schedule.fingerprint}, "
-                         f"model {schedule.model!r}); this {type(model).__name__} has fingerprint {fp}. "
-                         f"Record a schedule for this model with `fx-fastcache schedule`")
+    if schedule.fingerprint == fp:
+        return
+    recorded, dtype = schedule.meta.get("dtype"), str(compute_dtype(model))
+    if recorded != dtype and isinstance(schedule.meta.get("weights"), dict) and \
+            same_weights(schedule.meta["weights"], weight_profile(model)):
+        # a table of booleans does not depend on the dtype, but the weights' sums do: `fx-fastcache schedule`
+        # records in float32, and the model runs in bfloat16
+        logger.info("fx-fastcache: %s was recorded on this model in %s; it is %s now (same weights to within "
+                    "that dtype's rounding)", schedule.source, recorded, dtype)
+        return
+    raise ValueError(f"{schedule.source} was recorded on another model (fingerprint {schedule.fingerprint}, "
+                     f"model {schedule.model!r}); this {type(model).__name__} has fingerprint {fp}. "
+                     f"Record a schedule for this model with `fx-fastcache schedule`")
+
+
+def identity_meta(model: nn.Module) -> dict[str, Any]:
+    """What a schedule keeps of the model besides its fingerprint: its dtype and its weight profile
+    (:func:`~fx_fastcache.calibration.weight_profile`), so that a schedule recorded in float32 replays on
+    the same model in bfloat16, whose fingerprint differs."""
+    return {"dtype": str(compute_dtype(model)), "weights": weight_profile(model)}
 
 
 def replay_config(schedule: Schedule):
@@ -217,7 +234,7 @@ def installed_schedule(opt, model_name: str = "", steps: int | None = None) -> S
         if steps < table.shape[0]:
             raise ValueError(f"steps={steps} is shorter than the installed table ({table.shape[0]} steps)")
         table = torch.cat([table, torch.zeros(steps - table.shape[0], table.shape[1], dtype=torch.bool)])
-    meta = {"policy": opt.fastcache_config.policy}
+    meta = {"policy": opt.fastcache_config.policy, **identity_meta(opt.model)}
     return Schedule(table=table.tolist(), blocks=_block_names(opt), fingerprint=model_fingerprint(opt.model),
                     config=opt.fastcache_config.to_dict(), model=model_name, meta=meta)
 
@@ -298,7 +315,7 @@ def record_schedule(opt, run: Callable[[], Any], generations: int = 1, model_nam
         row = [sum(v[j] for v in votes) >= min_votes * len(votes) and len(votes) > 0 for j in range(len(names))]
         table.append(row if s > 0 else [False] * len(names))
     sched = Schedule(table=table, blocks=names, fingerprint=model_fingerprint(opt.model), config=opt.fastcache_config.to_dict(),
-                     model=model_name, meta={"generations": len(runs), **(meta or {})})
+                     model=model_name, meta={"generations": len(runs), **identity_meta(opt.model), **(meta or {})})
     logger.info("recorded schedule: %d steps x %d blocks, %.1f%% skipped", sched.steps, len(names),
                 100 * sched.skip_ratio)
     return sched

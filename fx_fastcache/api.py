@@ -342,8 +342,8 @@ def load_calibration(opt: Any, path: str | Path) -> None:
             logger.info("fx-fastcache: %s holds no %r; the model's is dropped", path, key)
     for key, val in tensors.items():
         cur = opt.store.tensors.get(key)
-        if cur is None:
-            opt.store.tensors[key] = val.to(opt.device, opt.dtype if val.is_floating_point() else val.dtype)
+        if cur is None:  # in the file's dtype (the model's, for a fallback's weights: the fingerprint holds it)
+            opt.store.tensors[key] = val.to(opt.device, opt.dtype if opt.follows_model_dtype(key) else val.dtype)
         else:
             cur.copy_(val.to(cur.device, cur.dtype))
     opt.store.table_version += 1  # a schedule's table may be among them

@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .families import compute_dtype
 from .runtime.distributed import all_reduce_sum
 from .runtime.store import CalibrationStore
 
@@ -241,9 +242,30 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:32]
 
 
+def weight_profile(model: torch.nn.Module) -> dict[str, Any]:
+    """What identifies a model's weights across dtypes: its class, parameter names and shapes (hashed) and
+    each floating tensor's ``Σ|w|``.  A bfloat16 copy has another :func:`model_fingerprint` (its sums
+    differ in the last digits), but every ``Σ|w|`` within 2⁻⁹ of the original's (:func:`same_weights`)."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    sums = []
+    with torch.no_grad():
+        for name, p in sorted(model.state_dict().items()):
+            h.update(f"{name}:{tuple(p.shape)}".encode())
+            if p.is_floating_point() and type(p) in (torch.Tensor, torch.nn.Parameter):
+                sums.append(float(p.double().abs().sum()))
+    return {"structure": h.hexdigest()[:32], "abs_sums": sums}
+
+
+def same_weights(a: dict[str, Any], b: dict[str, Any], rtol: float = 1e-2) -> bool:
+    """Whether two :func:`weight_profile`\ s are one model's, in whatever dtypes: the same structure and every
+    ``Σ|w|`` within ``rtol`` (a cast to bfloat16 moves each weight by at most 2⁻⁹ of itself)."""
+    x, y = a.get("abs_sums"), b.get("abs_sums")
+    return (a.get("structure") == b.get("structure") and isinstance(x, list) and isinstance(y, list)
+            and len(x) == len(y) and all(abs(u - v) <= rtol * max(abs(u), abs(v)) + 1e-12 for u, v in zip(x, y)))
+
+
 def _dtype(model: torch.nn.Module) -> torch.dtype | None:
-    p = next(model.parameters(), None)
-    return None if p is None else p.dtype
+    return compute_dtype(model)
 
 
 def write_calibration_file(store: CalibrationStore, path: str | Path, model: torch.nn.Module, config: Any) -> None:

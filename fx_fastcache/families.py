@@ -101,6 +101,22 @@ def _z_image_rope_table(model: nn.Module, kw: dict) -> Iterator[None]:
     yield
 
 
+def compute_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype a model computes in, as diffusers reads it (``ModelMixin.dtype``): its first floating
+    parameter outside the modules diffusers keeps in float32 (``_keep_in_fp32_modules``: Wan loaded in
+    bfloat16 keeps its ``scale_shift_table``, time embedder and norms in float32, and the first of them
+    is its first parameter).  ``None`` for a model without parameters."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or ()
+    first = None
+    for name, p in model.named_parameters():
+        if not p.is_floating_point():
+            continue
+        if not any(m in name for m in keep):
+            return p.dtype
+        first = first or p.dtype
+    return first if first is not None else next((p.dtype for p in model.parameters()), None)
+
+
 def capture_preparation(spec: FamilySpec, model: nn.Module, kw: dict) -> Any:
     """The context manager a family needs around ``torch.export`` for this call (else a no-op)."""
     return spec.prepare_capture(model, kw) if spec.prepare_capture is not None else contextlib.nullcontext()

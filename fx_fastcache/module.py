@@ -36,7 +36,7 @@ from .auto_mode import AUTO, UNSET, resolve_execution
 from .config import RUNTIME_FIELDS, FastCacheConfig
 from .context_state import ContextStates, restart_state
 from .fallbacks import FALLBACKS
-from .families import FamilySpec, block_modules, capture_preparation, resolve_family
+from .families import FamilySpec, block_modules, capture_preparation, compute_dtype, resolve_family
 from .markers import marked
 from .model_watch import ModelWatch, active_attention_backend, attention_processor
 from .policies import POLICIES
@@ -227,7 +227,8 @@ class FastCacheModule(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The model's compute dtype (:func:`~fx_fastcache.families.compute_dtype`: diffusers' reading)."""
+        return compute_dtype(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -253,9 +254,20 @@ class FastCacheModule(nn.Module):
                                "" if self.backend == "eager" else " and compile")
         self.drop_graphs()
         for k, v in list(self.store.tensors.items()):
-            self.store.tensors[k] = fn(v)
+            moved = fn(v)
+            if moved.dtype != v.dtype and not self.follows_model_dtype(k):
+                moved = v.to(moved.device)  # a policy's float32 fit (scales, polynomials, plans) stays float32
+            self.store.tensors[k] = moved
         self._decide_auto_execution()  # e.g. pipe.to("cuda") after enable_fastcache
         return self
+
+    def follows_model_dtype(self, key: str) -> bool:
+        """Whether the calibration tensor ``key`` is kept in the model's dtype: a fitted fallback's weights
+        (``<block>.<stream>.residual_linear.A``), which multiply the activations.  Everything a policy
+        fits (TeaCache's polynomial, scales, error tables, plans) is float32 whatever the model's dtype:
+        rounded to bfloat16, TeaCache's coefficients (about 5e4) moved its polynomial by up to 17 %."""
+        fallback = self.fastcache_config.fallback
+        return FALLBACKS[fallback].fitted and key.rsplit(".", 2)[-2:-1] == [fallback]
 
     # -- copies, pickling and state dicts: the captured graphs are a cache, not state -----------
     def __getstate__(self) -> dict[str, Any]:
@@ -415,8 +427,14 @@ class FastCacheModule(nn.Module):
         t = kw.get(ts) if ts else None
         if isinstance(t, torch.Tensor):
             t_new = float(scalar_timestep(noise_level(t, self.spec.timestep_rises)))
-            if t_new == float(clock.t_last) or starts_generation_host(t_new, float(clock.t_last)):
-                return  # not a continuation of that generation
+            if t_new == float(clock.t_last):
+                return  # the same step (CFG as two calls whose shapes differ): not a continuation
+            if starts_generation_host(t_new, float(clock.t_last)):
+                # a new generation with other shapes: the graphs see it by themselves, a host step counter
+                # (a schedule dispatched on the host) cannot, and one a restart left short of its table's
+                # end would not read the clock
+                self._restart_dispatcher()
+                return
         if self._recorder is not None:
             raise ValueError(
                 f"input shapes changed in the middle of a calibration generation (step {int(clock.step)}): the "
@@ -437,6 +455,10 @@ class FastCacheModule(nn.Module):
         with torch.no_grad():
             for e in self._entries.values():
                 restart_state(e.gm, self.store)
+        self._restart_dispatcher()
+
+    def _restart_dispatcher(self) -> None:
+        """The live cache context's step dispatcher counts this call as step 0 of a generation."""
         d = self._dispatchers.get(self._states.live)
         if d is not None:
             d.reset_host()

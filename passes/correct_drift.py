@@ -6,11 +6,14 @@ step also takes back the latent drift that the forecast steps before it left
 
     v2 = fastcache_drift(pred, new_gen, t, v)     # pred: the last guard's cond predicate
 
-and returns ``v2`` in place of ``v``.  Nothing else in the graph changes.  The module's damping is
+and returns ``v2`` in place of ``v`` (for a first output that is a list, as Z-Image's per-sample
+tensors, every tensor of it, each with its own state).  Nothing else in the graph changes.  The module's damping is
 the calibration store's tensor (:data:`~fx_fastcache.runtime.drift.DAMPING_KEY`, shared by every
 captured graph; ``search_plan`` fits it), so fitting it needs no re-capture.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -19,6 +22,15 @@ from fx_fastcache import graph_protocol as gp
 from fx_fastcache.runtime.drift import DAMPING_KEY, DriftCorrection
 
 from .context import PassContext, finish
+
+
+def _first_output_leaves(gm: fx.GraphModule) -> int:
+    """How many tensors the model's first output is: one, or a list's length (Z-Image's per-sample list)."""
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    spec = info.out_spec if info is not None else None
+    if spec is None or spec.is_leaf():
+        return 1
+    return spec.child(0).num_leaves if spec.num_children else 1
 
 
 def correct_drift(gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -30,19 +42,26 @@ def correct_drift(gm: fx.GraphModule, ctx: PassContext) -> None:
                          f"use drift_correction='none'")
     g = gm.graph
     out = next(n for n in reversed(g.nodes) if n.op == "output")
-    leaves = [a for a in torch.utils._pytree.tree_leaves(out.args[0]) if isinstance(a, fx.Node)]
-    v = next((a for a in leaves if gp.is_tensor(a) and gp.val(a).is_floating_point()), None)
-    if v is None:
+    leaves = torch.utils._pytree.tree_leaves(out.args[0])
+    vs = [a for a in leaves[:_first_output_leaves(gm)] if isinstance(a, fx.Node) and gp.is_tensor(a) and
+          gp.val(a).is_floating_point()]
+    if not vs:  # the first output holds no floating tensor: the first floating tensor the model returns
+        vs = [a for a in leaves if isinstance(a, fx.Node) and gp.is_tensor(a) and gp.val(a).is_floating_point()][:1]
+    if not vs:
         raise ValueError(f"drift_correction: {type(ctx.model).__name__} returns no floating tensor to correct; "
                          f"use drift_correction='none'")
     args = gp.update_args(gp.find_update(g, ctx.guards[-1]))
-    dev = gp.val(v).device
+    dev = gp.val(vs[0]).device
     damping = ctx.store.get(DAMPING_KEY, (), lambda: torch.zeros((), dtype=torch.float32, device=dev))
-    mod = DriftCorrection(tuple(gp.val(v).shape), dev, damping)
+    mod = DriftCorrection([tuple(gp.val(v).shape) for v in vs], dev, damping)
     gm.add_submodule(gp.DRIFT, mod)
     with g.inserting_before(out):
-        v2 = g.call_module(gp.DRIFT, (args.pred, args.new_gen, args.t, v))
-    v2.meta["val"] = gp.val(v)
-    out.replace_input_with(v, v2)
-    ctx.note("correct_drift", f"{v.name} → {v2.name} (output {tuple(gp.val(v).shape)}, decided by {ctx.guards[-1]})")
+        call = g.call_module(gp.DRIFT, (args.pred, args.new_gen, args.t, *vs))
+        news = [call] if len(vs) == 1 else [g.call_function(operator.getitem, (call, i)) for i in range(len(vs))]
+    call.meta["val"] = gp.val(vs[0]) if len(vs) == 1 else tuple(gp.val(v) for v in vs)
+    for v, v2 in zip(vs, news):
+        v2.meta["val"] = gp.val(v)
+        out.replace_input_with(v, v2)
+    ctx.note("correct_drift", f"{', '.join(v.name for v in vs)} → {', '.join(v.name for v in news)} (output "
+                              f"{', '.join(str(tuple(gp.val(v).shape)) for v in vs)}, decided by {ctx.guards[-1]})")
     finish(gm)

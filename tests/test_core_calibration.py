@@ -138,3 +138,52 @@ def test_calibrate_without_calls_is_an_error():
     with pytest.raises(RuntimeError, match="not called"):
         with fastcache.calibrate(opt):
             pass
+
+
+def _bf16_inputs(tm, t):
+    return {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in tm.make_inputs(t, 2).items()}
+
+
+def test_policy_fits_stay_float32_in_a_bfloat16_model(tmp_path):
+    """A policy's fit (TeaCache's polynomial, coefficients near 5e4) is float32 whatever the model's dtype.
+    Loaded into a bfloat16 model not yet called, or kept through ``opt.to(torch.bfloat16)``, it was rounded
+    to bfloat16 (the polynomial moved by up to 17 %): the same file gave other decisions depending on whether
+    the model had been called before the load.  A fitted fallback's weights follow the model's dtype."""
+    timesteps = [1000.0 - 50 * i for i in range(12)]
+    tm = make_tiny("tiny-dit")
+    tm.model.to(torch.bfloat16)
+    cfg = dict(backend="eager", policy="teacache", fallback="residual_linear", cache_ratio_threshold=0.1)
+    opt = fastcache.optimize(tm.model, **cfg)
+    with torch.no_grad(), fastcache.calibrate(opt):
+        for _ in range(2):
+            for t in timesteps:
+                opt(**_bf16_inputs(tm, t))
+    fastcache.save_calibration(opt, tmp_path / "c.safetensors")
+    saved = opt.store.tensors["teacache.coeffs"].clone()
+    assert saved.dtype == torch.float32
+    outs = []
+    for called_before in (True, False):
+        fresh = fastcache.optimize(make_tiny("tiny-dit").model.to(torch.bfloat16), **cfg)
+        with torch.no_grad():
+            if called_before:
+                fresh(**_bf16_inputs(tm, 1000.0))
+                fastcache.reset(fresh)
+            fastcache.load_calibration(fresh, tmp_path / "c.safetensors")
+            outs.append([first(fresh(**_bf16_inputs(tm, t))) for t in timesteps])
+        assert torch.equal(fresh.store.tensors["teacache.coeffs"], saved)
+        assert all(v.dtype == torch.bfloat16 for k, v in fresh.store.tensors.items() if "residual_linear" in k)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+    opt32 = fastcache.optimize(make_tiny("tiny-dit").model, **cfg)  # fitted in float32, then moved
+    tm32 = make_tiny("tiny-dit")
+    with torch.no_grad(), fastcache.calibrate(opt32):
+        for _ in range(2):
+            for t in timesteps:
+                opt32(**tm32.make_inputs(t, 2))
+    coeffs = opt32.store.tensors["teacache.coeffs"].clone()
+    opt32.to(torch.bfloat16)
+    assert torch.equal(opt32.store.tensors["teacache.coeffs"], coeffs)
+    assert all(v.dtype == torch.bfloat16 for k, v in opt32.store.tensors.items() if "residual_linear" in k)
+    with torch.no_grad():
+        assert torch.isfinite(first(opt32(**_bf16_inputs(tm32, 1000.0)))).all()

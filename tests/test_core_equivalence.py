@@ -297,37 +297,47 @@ def test_blocks_with_autocast_regions(span):
 
 
 class _SigmaTimestep(nn.Module):
-    """Z-Image behind a timestep that falls (σ), as every other family's does: ``t = 1 − σ`` inside."""
+    """Z-Image behind a timestep that falls (σ), as every other family's does (``t = 1 − σ`` inside),
+    returning its per-sample outputs stacked into one tensor."""
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner = inner
 
-    def forward(self, x, timestep, cap_feats, return_dict=False):
-        return self.inner(x=x, t=1.0 - timestep, cap_feats=cap_feats, return_dict=return_dict)
+    def forward(self, x, timestep, cap_feats):
+        return torch.stack(self.inner(x=x, t=1.0 - timestep, cap_feats=cap_feats, return_dict=False)[0])
 
 
 def test_rising_timestep_reads_as_sigma():
     """Z-Image's ``t`` is 1 − σ and rises: read as ``1 − t``, the optimized model behaves as the same model
     behind a σ timestep (two generations without a reset, the forecast, the drift correction, which needs
-    σ).  Read as it comes, every call started a new generation and nothing was approximated."""
+    σ).  Read as it comes, every call started a new generation and nothing was approximated.  Its output is
+    a list of per-sample tensors: the drift correction corrected only the first."""
     tiny = make_tiny("tiny-z-image")
-    config = dict(backend="eager", cache_ratio_threshold=1e6, warmup_steps=2, drift_correction="flow_euler")
+    config = dict(backend="eager", policy="schedule", warmup_steps=2, drift_correction="flow_euler")
     opt = fastcache.optimize(tiny.model, **config)
     twin = fastcache.optimize(_SigmaTimestep(tiny.model), blocks=BlockListSpec("inner.layers", ("x",), ("x",)),
                               **config)
+    table = torch.zeros(len(TIMESTEPS), len(opt.block_names()), dtype=torch.bool)
+    table[[2, 3, 5]] = True  # step 4 computes after two forecast steps: the correction applies there
+    for m in (opt, twin):
+        fastcache.set_schedule(m, table)
     timesteps = TIMESTEPS * 2  # two generations, no reset between them
     with torch.no_grad():
         for i, t in enumerate(timesteps):
             sigma = torch.full((2,), t / 1000.0)
             kw = dict(tiny.make_inputs(t, 2), t=1.0 - sigma)  # the very t the twin passes
             out = first(opt(**kw))
-            torch.testing.assert_close(out, first(twin(x=kw["x"], timestep=sigma, cap_feats=kw["cap_feats"])),
+            torch.testing.assert_close(out, twin(x=kw["x"], timestep=sigma, cap_feats=kw["cap_feats"]),
                                        rtol=0, atol=1e-5)
-            if i % len(TIMESTEPS) < 2:  # each generation's warm-up computes
-                torch.testing.assert_close(out, first(tiny.model(**kw)), rtol=0, atol=1e-5)
+            step = i % len(TIMESTEPS)
+            plain = first(tiny.model(**kw))
+            if step < 2:  # each generation's warm-up computes
+                torch.testing.assert_close(out, plain, rtol=0, atol=1e-5)
+            if step == 4:  # computed, and corrected: every sample
+                assert all((out[k] - plain[k]).abs().max() > 1e-3 for k in range(2))
     stats = fastcache.get_cache_statistics(opt)
-    assert stats["blocks_approximated"] == 2 * (len(TIMESTEPS) - 2) * len(stats["per_block"])
+    assert stats["blocks_approximated"] == 2 * 3 * len(stats["per_block"])
 
 
 def test_z_image_first_call_captured():
@@ -352,3 +362,22 @@ def test_list_latents_watched_for_a_new_generation():
         kw["x"] = list(torch.randn(2, *kw["x"][0].shape, generator=torch.Generator().manual_seed(7)).unbind(0))
         torch.testing.assert_close(first(opt(**kw)), first(tiny.model(**kw)), rtol=0, atol=1e-5)
     assert fastcache.get_cache_statistics(opt)["blocks_approximated"] == len(opt.block_names())  # step 2 only
+
+
+def test_bfloat16_wan_with_float32_modules_kept(tmp_path):
+    """Wan loaded in bfloat16 keeps diffusers' ``_keep_in_fp32_modules`` (``scale_shift_table`` first, its
+    first parameter) in float32: the optimized model read its dtype from that parameter, refused every
+    bfloat16 call, and a pipeline then built float32 latents (a raw dtype error)."""
+    from diffusers import WanTransformer3DModel
+
+    make_tiny("tiny-wan").model.save_pretrained(tmp_path)
+    model = WanTransformer3DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).eval()
+    assert model.scale_shift_table.dtype == torch.float32 and model.dtype == torch.bfloat16
+    tiny = make_tiny("tiny-wan")
+    opt = fastcache.optimize(model, backend="eager", enable_block_approx=False)
+    assert opt.dtype == torch.bfloat16
+    with torch.no_grad():
+        for t in TIMESTEPS[:3]:
+            kw = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                  for k, v in tiny.make_inputs(t, 2).items()}
+            torch.testing.assert_close(first(opt(**kw)), first(model(**kw)), rtol=0, atol=0)

@@ -1,7 +1,9 @@
 """Skip schedules: recording from a deciding policy, replay reproduces the run, JSON, errors."""
 from __future__ import annotations
 
+import copy
 import json
+import logging
 
 import pytest
 import torch
@@ -93,6 +95,23 @@ def test_wrong_model_is_rejected(recorded):
     deeper = make_tiny("tiny-dit", layers=3)
     with pytest.raises(ValueError, match="blocks"):
         optimize_with_schedule(deeper.model, sched)
+
+
+def test_schedule_replays_on_the_model_in_another_dtype(recorded, tmp_path, caplog):
+    """A schedule recorded in float32 (all ``fx-fastcache schedule`` records) replays on the same model in
+    bfloat16: the table does not depend on the dtype, the weights' sums do, and the schedule was refused as
+    "recorded on another model".  Each weight's ``Σ|w|`` is compared within the rounding then; another
+    model in bfloat16 is still refused."""
+    tm, sched, _, _ = recorded
+    sched.save(tmp_path / "s.json")
+    loaded = Schedule.load(tmp_path / "s.json")
+    bf16 = copy.deepcopy(tm.model).to(torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="fx_fastcache.export.schedule"):
+        opt = optimize_with_schedule(bf16, loaded)
+    assert "recorded on this model in torch.float32; it is torch.bfloat16 now" in caplog.text
+    assert torch.equal(opt.installed_schedule()[: sched.steps], sched.tensor())
+    with pytest.raises(ValueError, match="fingerprint"):
+        optimize_with_schedule(make_tiny("tiny-dit", seed=3).model.to(torch.bfloat16), loaded)
 
 
 def test_invalid_schedules_are_rejected(recorded, tmp_path):
