@@ -148,4 +148,9 @@ class OnnxRunner(ScheduleRunner):
                  threads: int = 0) -> None:
         spec, stored, stream_input = read_runner_metadata(path)
         self.path = Path(path)
+        bf16 = [n for n, d in spec.input_dtypes.items() if d == "torch.bfloat16"]
+        if bf16:  # (its session failed to load: "Type 'tensor(bfloat16)' ... of operator (Conv) ... is invalid")
+            raise ValueError(f"{str(path)!r} was exported from a bfloat16 model (inputs {bf16}), and onnxruntime "
+                             f"has no bfloat16 kernels for most operators (convolutions, matmuls): export the model "
+                             f"in float16 or float32 to run it here (TensorRT builds bfloat16 engines)")
         super().__init__(OrtBackend(path, providers, threads), spec, schedule or stored, stream_input)

@@ -386,3 +386,15 @@ def test_complex_valued_models_are_refused_naming_why(tmp_path):
     with pytest.raises(ValueError, match=r"ZImageTransformer2DModel's timestep rises.*export is not supported"):
         export_onnx(tz.model, pattern_schedule(tz.model, 6), tz.make_inputs(1000.0, 2), tmp_path / "z.onnx")
     assert not (tmp_path / "z.onnx").exists()
+
+
+def test_runner_refuses_a_bfloat16_export_naming_the_fix(tmp_path):
+    """A bfloat16 model exports, but onnxruntime has no bfloat16 convolution: the runner (and ``--verify``)
+    failed with onnxruntime's raw InvalidGraph."""
+    tm = make_tiny("tiny-dit")
+    tm.model.to(torch.bfloat16)
+    kw = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+          for k, v in tm.make_inputs(1000.0, 2).items()}
+    export_onnx(tm.model, pattern_schedule(tm.model, 4), kw, tmp_path / "b.onnx")
+    with pytest.raises(ValueError, match=r"exported from a bfloat16 model.*float16 or float32"):
+        OnnxRunner(tmp_path / "b.onnx")
