@@ -26,10 +26,9 @@ import torch
 import torch.nn as nn
 
 import fx_fastcache as fastcache
-from fx_fastcache.calibration import model_fingerprint, same_weights, weight_profile
-from fx_fastcache.families import compute_dtype
+from fx_fastcache.calibration import model_fingerprint
 from fx_fastcache.config import FastCacheConfig
-from fx_fastcache.families import block_modules, resolve_family
+from fx_fastcache.families import block_modules, compute_dtype, resolve_family
 from fx_fastcache.module import FastCacheModule
 from fx_fastcache.pipelines import optimized_module
 from fx_fastcache.policies import POLICIES
@@ -180,23 +179,41 @@ def check_compatible(schedule: Schedule, model: nn.Module, block_names: list[str
     if schedule.fingerprint == fp:
         return
     recorded, dtype = schedule.meta.get("dtype"), str(compute_dtype(model))
-    if recorded != dtype and isinstance(schedule.meta.get("weights"), dict) and \
-            same_weights(schedule.meta["weights"], weight_profile(model)):
+    if recorded is not None and recorded != dtype and _same_model_in_another_dtype(schedule, model, recorded, dtype):
         # a table of booleans does not depend on the dtype, but the weights' sums do: `fx-fastcache schedule`
         # records in float32, and the model runs in bfloat16
-        logger.info("fx-fastcache: %s was recorded on this model in %s; it is %s now (same weights to within "
-                    "that dtype's rounding)", schedule.source, recorded, dtype)
+        logger.info("fx-fastcache: %s was recorded on this model in %s; it is %s now", schedule.source, recorded,
+                    dtype)
         return
     raise ValueError(f"{schedule.source} was recorded on another model (fingerprint {schedule.fingerprint}, "
                      f"model {schedule.model!r}); this {type(model).__name__} has fingerprint {fp}. "
                      f"Record a schedule for this model with `fx-fastcache schedule`")
 
 
+#: The dtypes a schedule recorded in float32 keeps the model's fingerprint in (a cast rounds each weight
+#: the same way every time, so the cast model's fingerprint is exactly that).
+REDUCED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _same_model_in_another_dtype(schedule: Schedule, model: nn.Module, recorded: str, dtype: str) -> bool:
+    """Whether ``model`` is the model ``schedule`` was recorded on, cast to another dtype: recorded in float32
+    and cast down (the schedule keeps the fingerprint of each cast), or recorded in a reduced dtype and
+    held in float32 now (the model's fingerprint as if cast to it)."""
+    if schedule.meta.get("fingerprints", {}).get(dtype) == model_fingerprint(model):
+        return True
+    reduced = {str(d): d for d in REDUCED_DTYPES}.get(recorded)
+    return reduced is not None and dtype == str(torch.float32) and \
+        model_fingerprint(model, as_dtype=reduced) == schedule.fingerprint
+
+
 def identity_meta(model: nn.Module) -> dict[str, Any]:
-    """What a schedule keeps of the model besides its fingerprint: its dtype and its weight profile
-    (:func:`~fx_fastcache.calibration.weight_profile`), so that a schedule recorded in float32 replays on
-    the same model in bfloat16, whose fingerprint differs."""
-    return {"dtype": str(compute_dtype(model)), "weights": weight_profile(model)}
+    """What a schedule keeps of the model besides its fingerprint: its dtype, and, recorded in float32,
+    its fingerprint cast to each reduced dtype (so that it replays on the same model in bfloat16)."""
+    dtype = compute_dtype(model)
+    meta: dict[str, Any] = {"dtype": str(dtype)}
+    if dtype == torch.float32:
+        meta["fingerprints"] = {str(d): model_fingerprint(model, as_dtype=d) for d in REDUCED_DTYPES}
+    return meta
 
 
 def replay_config(schedule: Schedule):
@@ -260,17 +277,29 @@ class _StepRecorder:
         #: (One table per generation let the uncond call overwrite the cond call's row, and its step 0
         #: opened another generation.)
         self.runs: list[dict[Any, dict[int, list[bool]]]] = []
+        #: per cache context: ``opt.restarts()`` last seen, and the step of the generation at which its
+        #: graph's clock started again (a shape change in the middle: cfg_truncation), and the last step
+        self.restarts: dict[Any, int] = {}
+        self.offset: dict[Any, int] = {}
+        self.last_step: dict[Any, int] = {}
 
     def __call__(self, module, args, kwargs, output) -> None:
         if self.opt.last_call_uncached:  # the model itself ran (SD3's skip-layer calls): no graph, no decisions
             return
         entry = self.opt.last_entry()
-        step = int(entry.clock.step)
+        context = self.opt.active_context
+        step, restarts = int(entry.clock.step), self.opt.restarts()
+        if restarts != self.restarts.setdefault(context, restarts):  # the generation goes on after a restart
+            self.restarts[context] = restarts
+            self.offset[context] = self.last_step.get(context, -1) + 1 - step
+        elif step == 0:
+            self.offset[context] = 0
+        step += self.offset.get(context, 0)
+        self.last_step[context] = step
         now = [float(g.skipped) for g in entry.guards for _ in g.blocks]  # a guarded span: per block
         prev = self.prev.get(id(entry), [0.0] * len(now))
         self.prev[id(entry)] = now
         row = [b > a for a, b in zip(prev, now)]
-        context = self.opt.active_context
         if not self.runs or (step == 0 and self.runs[-1].get(context)):
             self.runs.append({})
         self.runs[-1].setdefault(context, {})[step] = row

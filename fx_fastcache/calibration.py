@@ -228,44 +228,22 @@ def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     return [inner for n in names for inner in _inner_tensors(getattr(t, n))]
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
+def model_fingerprint(model: torch.nn.Module, as_dtype: torch.dtype | None = None) -> str:
     """A hash of the model's class, parameter names/shapes/dtypes and parameter sums (a quantized
-    weight's, a tensor subclass, through its plain tensors: summing it raised NotImplementedError)."""
+    weight's, a tensor subclass, through its plain tensors: summing it raised NotImplementedError).
+
+    ``as_dtype``: the fingerprint of the model cast to that dtype (``model.to(as_dtype)`` casts every
+    floating tensor; a cast rounds each weight the same way every time), without casting it."""
     h = hashlib.sha256(type(model).__name__.encode())
     with torch.no_grad():
         for name, p in sorted(model.state_dict().items()):
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            inner = _inner_tensors(p)
+            cast = as_dtype is not None and p.is_floating_point() and type(p) in (torch.Tensor, torch.nn.Parameter)
+            h.update(f"{name}:{tuple(p.shape)}:{as_dtype if cast else p.dtype}".encode())
+            inner = [p.to(as_dtype)] if cast else _inner_tensors(p)
             for q in inner:
                 if (q.is_floating_point() or q is not p) and q.numel() and q.dtype != torch.bool:
                     h.update(f"{float(q.double().sum()):.6e}:{float(q.double().abs().sum()):.6e}".encode())
     return h.hexdigest()[:32]
-
-
-def weight_profile(model: torch.nn.Module) -> dict[str, Any]:
-    """What identifies a model's weights across dtypes: its class, parameter names and shapes (hashed) and
-    each floating tensor's ``Σ|w|``.  A bfloat16 copy has another :func:`model_fingerprint` (its sums
-    differ in the last digits), but every ``Σ|w|`` within 2⁻⁹ of the original's (:func:`same_weights`)."""
-    h = hashlib.sha256(type(model).__name__.encode())
-    sums = []
-    with torch.no_grad():
-        for name, p in sorted(model.state_dict().items()):
-            h.update(f"{name}:{tuple(p.shape)}".encode())
-            if p.is_floating_point() and type(p) in (torch.Tensor, torch.nn.Parameter):
-                sums.append(float(p.double().abs().sum()))
-    return {"structure": h.hexdigest()[:32], "abs_sums": sums}
-
-
-def same_weights(a: dict[str, Any], b: dict[str, Any], rtol: float = 1e-2) -> bool:
-    """Whether two :func:`weight_profile`\ s are one model's, in whatever dtypes: the same structure and every
-    ``Σ|w|`` within ``rtol`` (a cast to bfloat16 moves each weight by at most 2⁻⁹ of itself)."""
-    x, y = a.get("abs_sums"), b.get("abs_sums")
-    return (a.get("structure") == b.get("structure") and isinstance(x, list) and isinstance(y, list)
-            and len(x) == len(y) and all(abs(u - v) <= rtol * max(abs(u), abs(v)) + 1e-12 for u, v in zip(x, y)))
-
-
-def _dtype(model: torch.nn.Module) -> torch.dtype | None:
-    return compute_dtype(model)
 
 
 def write_calibration_file(store: CalibrationStore, path: str | Path, model: torch.nn.Module, config: Any) -> None:
@@ -273,7 +251,7 @@ def write_calibration_file(store: CalibrationStore, path: str | Path, model: tor
         raise RuntimeError("nothing to save: run `with fastcache.calibrate(model): ...` first")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in store.tensors.items()}
     meta = {"format": FORMAT, "fingerprint": model_fingerprint(model), "config": config.to_json(),
-            "model_class": type(model).__name__, "dtype": str(_dtype(model))}
+            "model_class": type(model).__name__, "dtype": str(compute_dtype(model))}
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"calibration file {str(path)!r} is a folder; give a file path, e.g. "
@@ -303,7 +281,7 @@ def read_calibration_file(path: str | Path, model: torch.nn.Module) -> tuple[dic
             raise ValueError(f"{str(path)!r} is not an fx-fastcache calibration file (format {meta.get('format')!r})")
         fp = model_fingerprint(model)
         if meta.get("fingerprint") != fp:
-            saved_dtype, dtype = meta.get("dtype"), str(_dtype(model))
+            saved_dtype, dtype = meta.get("dtype"), str(compute_dtype(model))
             if saved_dtype not in (None, dtype):  # the fingerprint holds the dtype
                 raise ValueError(f"calibration file {str(path)!r} was fitted on a {meta.get('model_class')} in "
                                  f"{saved_dtype}; this model is in {dtype}, so its fingerprint differs. Load the file "

@@ -91,30 +91,37 @@ def _z_image_rope_table(model: nn.Module, kw: dict) -> Iterator[None]:
     """Z-Image's ``RopeEmbedder`` (no module: a plain object) builds its rotary table at its first call and
     keeps it in an attribute.  A first call inside ``torch.export`` kept a table of fake tensors there: the
     next capture failed ("a fake tensor in the exported program constant's list") and so did the model
-    itself.  The table is built here, for real, before the trace reads it."""
+    itself.  The table is built here, for real, before the trace reads it, and moved to the call's device
+    (it is no module's buffer: ``model.to()`` leaves it where it was, and the embedder moves it at its call,
+    which inside the trace made fake tensors again)."""
     rope = getattr(model, "rope_embedder", None)
-    if rope is not None and getattr(rope, "freqs_cis", ()) is None:
+    if rope is not None and hasattr(rope, "freqs_cis"):
         x = kw.get("x")
-        device = x[0].device if isinstance(x, list) and x and isinstance(x[0], torch.Tensor) else None
-        table = rope.precompute_freqs_cis(rope.axes_dims, rope.axes_lens, theta=rope.theta)
-        rope.freqs_cis = [f.to(device) for f in table] if device is not None else table
+        x = x[0] if isinstance(x, list) and x else x
+        device = x.device if isinstance(x, torch.Tensor) else None
+        if rope.freqs_cis is None:
+            rope.freqs_cis = rope.precompute_freqs_cis(rope.axes_dims, rope.axes_lens, theta=rope.theta)
+        if device is not None:
+            rope.freqs_cis = [f.to(device) for f in rope.freqs_cis]
     yield
 
 
 def compute_dtype(model: nn.Module) -> torch.dtype | None:
-    """The dtype a model computes in, as diffusers reads it (``ModelMixin.dtype``): its first floating
-    parameter outside the modules diffusers keeps in float32 (``_keep_in_fp32_modules``: Wan loaded in
-    bfloat16 keeps its ``scale_shift_table``, time embedder and norms in float32, and the first of them
-    is its first parameter).  ``None`` for a model without parameters."""
+    """The dtype a model computes in, read as diffusers' ``ModelMixin.dtype`` reads it (without its
+    layerwise-casting hook, which optimize refuses): its first floating parameter outside the modules
+    diffusers keeps in float32 (``_keep_in_fp32_modules``: Wan loaded in bfloat16 keeps its
+    ``scale_shift_table``, its first parameter, time embedder and norms in float32), else its first
+    floating buffer, else a kept one's; ``None`` for a model without parameters or buffers."""
     keep = getattr(model, "_keep_in_fp32_modules", None) or ()
-    first = None
+    kept = None
     for name, p in model.named_parameters():
         if not p.is_floating_point():
             continue
         if not any(m in name for m in keep):
             return p.dtype
-        first = first or p.dtype
-    return first if first is not None else next((p.dtype for p in model.parameters()), None)
+        kept = kept or p.dtype
+    buffer = next((b.dtype for b in model.buffers() if b.is_floating_point()), None)
+    return buffer or kept or next((t.dtype for t in (*model.parameters(), *model.buffers())), None)
 
 
 def capture_preparation(spec: FamilySpec, model: nn.Module, kw: dict) -> Any:
@@ -123,6 +130,8 @@ def capture_preparation(spec: FamilySpec, model: nn.Module, kw: dict) -> Any:
 
 
 _JOINT = ("encoder_hidden_states", "hidden_states")
+_PAIR = ("hidden_states", "encoder_hidden_states")
+_VIDEO_AUDIO = ("hidden_states", "audio_hidden_states")
 
 FAMILIES: dict[str, FamilySpec] = {
     "DiTTransformer2DModel": FamilySpec("dit", (BlockListSpec("transformer_blocks"),)),
@@ -151,6 +160,29 @@ FAMILIES: dict[str, FamilySpec] = {
     # come as a list of tensors, and its ``t`` is 1 − σ
     "ZImageTransformer2DModel": FamilySpec("z-image", (BlockListSpec("layers", ("x",), ("x",)),), timestep_arg="t",
                                            stream_arg="x", prepare_capture=_z_image_rope_table, timestep_rises=True),
+    # FLUX.3: text blocks, image blocks (``mode_blocks["image_cond"]``, for image conditioning, left to compute:
+    # a text-to-image call does not run them), then single blocks on the joint sequence
+    "Flux3Transformer2DModel": FamilySpec("flux3", (
+        BlockListSpec("txt_mode_blocks"), BlockListSpec("mode_blocks.image"),
+        BlockListSpec("single_transformer_blocks", _PAIR, _JOINT))),
+    # LTX-2: each block carries the video and the audio tokens and returns both
+    "LTX2VideoTransformer3DModel": FamilySpec("ltx2", (
+        BlockListSpec("transformer_blocks", _VIDEO_AUDIO, _VIDEO_AUDIO),)),
+    # Wan Animate: Wan's blocks; the face adapter's blocks between them run every step
+    "WanAnimateTransformer3DModel": FamilySpec("wan-animate", (BlockListSpec("blocks"),)),
+    "Kandinsky5Transformer3DModel": FamilySpec("kandinsky5", (
+        BlockListSpec("text_transformer_blocks", ("x",), ("x",)),
+        BlockListSpec("visual_transformer_blocks", ("visual_embed",), ("visual_embed",)))),
+    "Kandinsky6Transformer3DModel": FamilySpec("kandinsky6", (
+        BlockListSpec("video_text_transformer_blocks", ("x",), ("x",)),
+        BlockListSpec("audio_text_transformer_blocks", ("x",), ("x",)),
+        BlockListSpec("visual_transformer_blocks", ("vis", "aud"), ("vis", "aud")))),
+    # Flux's layout
+    "LongCatImageTransformer2DModel": FamilySpec("longcat-image", (
+        BlockListSpec("transformer_blocks", _PAIR, _JOINT), BlockListSpec("single_transformer_blocks", _PAIR, _JOINT))),
+    "OvisImageTransformer2DModel": FamilySpec("ovis-image", (
+        BlockListSpec("transformer_blocks", _PAIR, _JOINT), BlockListSpec("single_transformer_blocks", _PAIR, _JOINT))),
+    "CogView3PlusTransformer2DModel": FamilySpec("cogview3plus", (BlockListSpec("transformer_blocks", _PAIR, _PAIR),)),
     "HunyuanVideoTransformer3DModel": FamilySpec(
         "hunyuan-video",
         (BlockListSpec("transformer_blocks", _JOINT, ("hidden_states", "encoder_hidden_states"), "image_first"),

@@ -164,6 +164,10 @@ class FastCacheModule(nn.Module):
         self._entries: dict[tuple, CapturedGraph] = {}
         self._signature = inspect.signature(model.forward)
         self._last_key: tuple | None = None
+        #: per cache context: the graph key of its latest call (a shape change is a context's own) and how
+        #: many times its generation restarted (a step dispatcher's host counter follows them)
+        self._last_keys: dict[str | None, tuple] = {}
+        self._restarts: dict[str | None, int] = {}
         self._recorder: Any = None
         self._force_compute = False
         self._warned_uncalibrated = False
@@ -279,6 +283,7 @@ class FastCacheModule(nn.Module):
         state["_dispatchers"] = {}
         state["_calls"] = {}
         state["_last_key"] = None
+        state["_last_keys"] = {}
         state["_recorder"] = None
         state["_process_group"] = None  # a process group belongs to its process; the copy reads the model's
         state.update(_states=ContextStates(), _active=None, _primary_context=None)  # no banked contexts either
@@ -313,6 +318,7 @@ class FastCacheModule(nn.Module):
         self.__dict__.get("_calls", {}).clear()
         self.graphs = nn.ModuleDict()
         self._last_key = None
+        self._last_keys.clear()
         self.__dict__.get("_dispatchers", {}).clear()
         self._states.clear()
         self._watch = None
@@ -399,8 +405,10 @@ class FastCacheModule(nn.Module):
 
     def _check_inputs(self, kw: dict[str, Any]) -> None:
         x = kw.get(self.spec.stream_arg)
+        if isinstance(x, list) and x:  # latents as a list of per-sample tensors (Z-Image)
+            x = x[0]
         if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != self.dtype:
-            raise TypeError(f"input {self.spec.stream_arg!r} has dtype {x.dtype} but the model's parameters are "
+            raise TypeError(f"input {self.spec.stream_arg!r} has dtype {x.dtype} but the model computes in "
                             f"{self.dtype}; cast it with .to({self.dtype}) or the model with .to({x.dtype})")
         if isinstance(x, torch.Tensor) and x.device != self.device:
             raise ValueError(f"input {self.spec.stream_arg!r} is on {x.device} but the model is on {self.device}; "
@@ -412,29 +420,21 @@ class FastCacheModule(nn.Module):
 
     def _check_generation(self, key: tuple, kw: dict[str, Any]) -> None:
         """A shape change in the middle of a generation (batch 2 → 1 where a pipeline stops classifier-free
-        guidance after some steps: Z-Image's and Lumina2's ``cfg_truncation``) starts a new generation in
+        guidance after some steps: Z-Image's ``cfg_truncation``) starts a new generation in
         the live cache context: the new shapes' graph has no cache of this generation, and one it kept
         from earlier steps would forecast across the steps it missed."""
-        prev = self._entries.get(self._last_key) if self._last_key is not None else None
-        if prev is None or key == self._last_key:
+        last = self._last_keys.get(self._states.live)
+        prev = self._entries.get(last) if last is not None else None
+        if prev is None or key == last:
             return
         if _tensor_shapes(prev.key[1]) == _tensor_shapes(key[1]):
             return  # only non-tensor arguments or dtypes changed: not a shape change
         clock = prev.clock
         if float(clock.step) < 0:  # previous graph idle (reset or never ran)
             return
-        ts = self.spec.timestep_arg
-        t = kw.get(ts) if ts else None
-        if isinstance(t, torch.Tensor):
-            t_new = float(scalar_timestep(noise_level(t, self.spec.timestep_rises)))
-            if t_new == float(clock.t_last):
-                return  # the same step (CFG as two calls whose shapes differ): not a continuation
-            if starts_generation_host(t_new, float(clock.t_last)):
-                # a new generation with other shapes: the graphs see it by themselves, a host step counter
-                # (a schedule dispatched on the host) cannot, and one a restart left short of its table's
-                # end would not read the clock
-                self._restart_dispatcher()
-                return
+        t_new = self.call_timestep(kw)
+        if t_new is not None and (t_new == float(clock.t_last) or starts_generation_host(t_new, float(clock.t_last))):
+            return  # the same step (CFG as two calls whose shapes differ), or a new generation
         if self._recorder is not None:
             raise ValueError(
                 f"input shapes changed in the middle of a calibration generation (step {int(clock.step)}): the "
@@ -455,13 +455,18 @@ class FastCacheModule(nn.Module):
         with torch.no_grad():
             for e in self._entries.values():
                 restart_state(e.gm, self.store)
-        self._restart_dispatcher()
+        self._restarts[self._states.live] = self.restarts() + 1
 
-    def _restart_dispatcher(self) -> None:
-        """The live cache context's step dispatcher counts this call as step 0 of a generation."""
-        d = self._dispatchers.get(self._states.live)
-        if d is not None:
-            d.reset_host()
+    def restarts(self) -> int:
+        """How many times the live cache context's generation started again in the middle (its shapes
+        changed): a step dispatcher's host step counter (:class:`StepDispatch`, built here or by the user)
+        starts again then, and ``record_schedule`` goes on counting the generation's steps."""
+        return self._restarts.get(self._states.live, 0)
+
+    def call_timestep(self, kw: dict[str, Any]) -> float | None:
+        """The call's timestep as the generation rules read it (a host read; ``None`` without one)."""
+        t = kw.get(self.spec.timestep_arg) if self.spec.timestep_arg else None
+        return float(scalar_timestep(noise_level(t, self.spec.timestep_rises))) if isinstance(t, torch.Tensor) else None
 
     def prepare_call(self, args: tuple, kwargs: dict[str, Any]) -> PreparedCall:
         """Bind and check a call's inputs and pick (or capture) its graph: the preamble of every call,
@@ -497,7 +502,7 @@ class FastCacheModule(nn.Module):
                                    "skip-layer guidance); calls with these inputs run the model itself, uncached",
                                    e.missing, given or "these inputs")
                     raise _Uncached(key) from None
-        self._last_key = key
+        self._last_key = self._last_keys[self._states.live] = key
         n = self._calls.get(key, 0) + 1
         self._calls[key] = n
         if n == GENERATION_CHECK_CALLS + 1:
@@ -822,6 +827,7 @@ class FastCacheModule(nn.Module):
             if drift is not None:
                 drift.reset()
         self._last_key = None
+        self._last_keys.clear()
         self._grad_checked = False  # parameters may have been made trainable since (a LoRA to train)
         self.__dict__.get("_calls", {}).clear()  # _check_generations looks again in the next generation
         for d in self.__dict__.get("_dispatchers", {}).values():

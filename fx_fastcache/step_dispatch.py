@@ -20,7 +20,10 @@ whole step at once, so :class:`StepDispatch`
      table's last skipping step, where every step computes anyway, it reads the graph's clock
      once per call and starts the table again when a new generation began.  A generation
      stopped before that still needs :meth:`StepDispatch.reset` before the next one
-     (``enable_fastcache`` resets at every pipeline call).  The table is read again whenever a
+     (``enable_fastcache`` resets at every pipeline call).  A generation that starts again in the
+     middle (its shapes changed: ``opt.restarts()``) starts the host counter again; until the next
+     reset every call then reads its timestep and the clock's last one (two host reads) to see the next
+     generation begin before it picks its pattern, as the restarted one may end before its table does.  The table is read again whenever a
      new one is installed (``calibrate``, ``configure(target_fraction=...)``, ``search_plan``).
    * ``decide="device"`` (``step_forecast``, ``teacache``, ``first_block_cache``, ``schedule``):
      the graph is split at its decisions (:mod:`fx_fastcache.decision_split`); a compiled
@@ -49,6 +52,7 @@ from .fallbacks import FALLBACKS
 from .policies import POLICIES
 from .quiet import quiet_deepcopy
 from .runtime.clock import repeat_message
+from .runtime.generation import starts_generation_host
 from .runtime.pin import unpin
 
 logger = logging.getLogger(__name__)
@@ -167,6 +171,11 @@ class StepDispatch(nn.Module):
         self.history: deque[tuple[bool, ...]] = deque(maxlen=HISTORY_STEPS)
         #: no ``table=`` given: re-read the installed table at every reset (a plan may change it)
         self._follow_installed = False
+        #: ``opt.restarts()`` last seen: a generation that started again at a shape change (the host counter
+        #: follows), after which every call checks on the host whether it starts a generation, until the next
+        #: reset, as the restarted generation may end before the table does
+        self._restarts_seen = self._opt_restarts()
+        self._watch_clock = False
         if self.decide == "host":
             self.set_table(table)
         elif table is not None:
@@ -227,6 +236,11 @@ class StepDispatch(nn.Module):
         self._n = [0] * len(self.block_names)
         self._consecutive = [0] * len(self.block_names)
         self.history.clear()
+        self._watch_clock = False
+
+    def _opt_restarts(self) -> int:
+        restarts = getattr(self.opt, "restarts", None)
+        return restarts() if callable(restarts) else 0
 
     def pattern_for_step(self, step: int) -> tuple[bool, ...]:
         """The host mirror of ``BlockGuard.decide`` for the schedule policy."""
@@ -295,7 +309,14 @@ class StepDispatch(nn.Module):
 
     # -- calls ------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        kw, entry = self.opt.prepare_call(args, kwargs)  # as without dispatch: no shape change inside a generation
+        kw, entry = self.opt.prepare_call(args, kwargs)  # as without dispatch
+        restarts = self._opt_restarts()
+        if restarts != self._restarts_seen:  # the generation started again at this call (a shape change)
+            self._restarts_seen = restarts
+            self.reset_host()
+            self._watch_clock = True
+        elif self._watch_clock and self.step > 0 and self._new_generation(entry, kw):
+            self.reset_host()  # the restarted generation ended before its table did: this call starts the next
         with torch.no_grad():
             if self.decide == "host":
                 if self._follow_installed and self._table_version != self.opt.store.table_version:
@@ -323,6 +344,16 @@ class StepDispatch(nn.Module):
         if self.clone_outputs:
             out = pytree.tree_map_only(torch.Tensor, lambda t: t.clone(), out)
         return out
+
+    def _new_generation(self, entry: Any, kw: dict[str, Any]) -> bool:
+        """Whether this call starts a generation, read before it runs (two host reads: the call's timestep
+        and the graph's last one).  Only after a restart, until the next reset: a generation restarted in
+        the middle may end before the table does, and the host's pattern for the next one's first calls
+        must not come from the count of the one before."""
+        t = self.opt.call_timestep(kw)
+        if t is None:
+            return False
+        return float(entry.clock.step) < 0 or starts_generation_host(t, float(entry.clock.t_last))
 
     @staticmethod
     def _started_generation(entry: Any) -> bool:

@@ -268,6 +268,154 @@ def tiny_z_image(seed: int = 0, layers: int = 2) -> TinyModel:
     return TinyModel("tiny-z-image", m, inputs)
 
 
+def tiny_flux3(seed: int = 0, layers: int = 1, single_layers: int = 2) -> TinyModel:
+    """FLUX.3: text blocks, then image blocks (``mode_blocks["image"]``), then single blocks on the joint sequence."""
+    from diffusers import Flux3Transformer2DModel
+
+    torch.manual_seed(seed)
+    m = Flux3Transformer2DModel(in_channels=8, cond_in_channels=8, num_layers=layers, num_single_layers=single_layers,
+                                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                timestep_channels=16, axes_dims_rope=(2, 2, 2, 2)).eval()
+
+    def inputs(t: float, batch: int = 2) -> dict:
+        g = _gen(seed + 1)
+        return dict(hidden_states=torch.randn(batch, 16, 8, generator=g),
+                    encoder_hidden_states=torch.randn(batch, 4, 16, generator=g),
+                    timestep=torch.full((batch,), float(t) / 1000.0), img_ids=_image_ids(4, 4, 4),
+                    txt_ids=torch.zeros(4, 4), return_dict=False)
+
+    return TinyModel("tiny-flux3", m, inputs)
+
+
+def tiny_ltx2(seed: int = 0, layers: int = 2) -> TinyModel:
+    """LTX-2: audio-video blocks that carry and return two streams, the video and the audio tokens."""
+    from diffusers import LTX2VideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = LTX2VideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=12,
+                                    cross_attention_dim=24, audio_in_channels=8, audio_out_channels=8,
+                                    audio_num_attention_heads=2, audio_attention_head_dim=12,
+                                    audio_cross_attention_dim=24, num_layers=layers, caption_channels=16).eval()
+
+    def inputs(t: float, batch: int = 2) -> dict:
+        g = _gen(seed + 1)
+        return dict(hidden_states=torch.randn(batch, 2 * 4 * 4, 8, generator=g),
+                    audio_hidden_states=torch.randn(batch, 6, 8, generator=g),
+                    encoder_hidden_states=torch.randn(batch, 4, 16, generator=g),
+                    audio_encoder_hidden_states=torch.randn(batch, 4, 16, generator=g),
+                    timestep=torch.full((batch,), float(t)), sigma=torch.full((batch,), float(t)),
+                    encoder_attention_mask=torch.ones(batch, 4), audio_encoder_attention_mask=torch.ones(batch, 4),
+                    num_frames=2, height=4, width=4, fps=24.0, audio_num_frames=6, return_dict=False)
+
+    return TinyModel("tiny-ltx2", m, inputs)
+
+
+def tiny_wan_animate(seed: int = 0, layers: int = 2) -> TinyModel:
+    """Wan Animate: Wan's blocks, with face-adapter blocks between them (they run every step)."""
+    from diffusers import WanAnimateTransformer3DModel
+
+    torch.manual_seed(seed)
+    m = WanAnimateTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=12,
+                                     latent_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                     num_layers=layers, image_dim=16, rope_max_seq_len=32,
+                                     motion_encoder_channel_sizes={"8": 8, "4": 8}, motion_encoder_size=8,
+                                     motion_style_dim=16, motion_dim=4, motion_encoder_dim=16,
+                                     face_encoder_hidden_dim=8, face_encoder_num_heads=2,
+                                     inject_face_latents_blocks=1, motion_encoder_batch_size=8).eval()
+
+    def inputs(t: float, batch: int = 2) -> dict:
+        g = _gen(seed + 1)
+        return dict(hidden_states=torch.randn(batch, 12, 2, 8, 8, generator=g), timestep=torch.full((batch,), float(t)),
+                    encoder_hidden_states=torch.randn(batch, 4, 16, generator=g),
+                    encoder_hidden_states_image=torch.randn(batch, 3, 16, generator=g),
+                    pose_hidden_states=torch.randn(batch, 4, 1, 8, 8, generator=g),  # latent frames − 1
+                    face_pixel_values=torch.randn(batch, 3, 4, 8, 8, generator=g),
+                    return_dict=False)
+
+    return TinyModel("tiny-wan-animate", m, inputs)
+
+
+def _randomise_zero_parameters(m: nn.Module) -> None:
+    """Kandinsky zero-initialises its output layers, which makes every block an identity at init (a forecast
+    test would then test nothing): give them random values."""
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.numel() and p.abs().max() == 0:
+                p.normal_(0, 0.1)
+
+
+def tiny_kandinsky5(seed: int = 0) -> TinyModel:
+    """Kandinsky 5: text blocks (stream ``x``), then visual blocks (stream ``visual_embed``); channels last."""
+    from diffusers import Kandinsky5Transformer3DModel
+
+    torch.manual_seed(seed)
+    m = Kandinsky5Transformer3DModel(in_visual_dim=4, in_text_dim=16, in_text_dim2=16, time_dim=16, out_visual_dim=4,
+                                     patch_size=(1, 2, 2), model_dim=16, ff_dim=32, num_text_blocks=1,
+                                     num_visual_blocks=2, axes_dims=(2, 2, 4)).eval()
+    _randomise_zero_parameters(m)
+
+    def inputs(t: float, batch: int = 2) -> dict:
+        g = _gen(seed + 1)
+        return dict(hidden_states=torch.randn(batch, 2, 8, 8, 4, generator=g),
+                    encoder_hidden_states=torch.randn(batch, 4, 16, generator=g), timestep=torch.full((batch,), float(t)),
+                    pooled_projections=torch.randn(batch, 16, generator=g),
+                    visual_rope_pos=[torch.arange(2), torch.arange(4), torch.arange(4)], text_rope_pos=torch.arange(4),
+                    return_dict=False)
+
+    return TinyModel("tiny-kandinsky5", m, inputs)
+
+
+def tiny_kandinsky6(seed: int = 0) -> TinyModel:
+    """Kandinsky 6: video-text and audio-text blocks, then visual blocks carrying the video and audio streams."""
+    from diffusers import Kandinsky6Transformer3DModel
+
+    torch.manual_seed(seed)
+    m = Kandinsky6Transformer3DModel(in_visual_dim=4, out_visual_dim=4, in_text_dim=16, in_text_dim2=16, time_dim=16,
+                                     patch_size=(1, 2, 2), model_dim=16, ff_dim=32, num_text_blocks=1,
+                                     num_visual_blocks=2, axes_dims=(2, 2, 4), in_audio_dim=4, out_audio_dim=4).eval()
+    _randomise_zero_parameters(m)
+
+    def inputs(t: float, batch: int = 2) -> dict:
+        g = _gen(seed + 1)
+        return dict(hidden_states=torch.randn(batch, 2, 8, 8, 9, generator=g),  # (B, T, H, W, 2C + 1)
+                    encoder_hidden_states=torch.randn(batch, 4, 16, generator=g),
+                    pooled_projections=torch.randn(batch, 16, generator=g), timestep=torch.full((batch,), float(t)),
+                    audio_hidden_states=torch.randn(batch, 6, 4, generator=g), return_dict=False)
+
+    return TinyModel("tiny-kandinsky6", m, inputs)
+
+
+def tiny_longcat_image(seed: int = 0, layers: int = 1, single_layers: int = 2) -> TinyModel:
+    """LongCat-Image: Flux's layout."""
+    return _flux_like("LongCatImageTransformer2DModel", "tiny-longcat-image", seed, layers, single_layers,
+                      axes_dims_rope=(2, 2, 4), pooled_projection_dim=16)
+
+
+def tiny_ovis_image(seed: int = 0, layers: int = 1, single_layers: int = 2) -> TinyModel:
+    """Ovis-Image: Flux's layout."""
+    return _flux_like("OvisImageTransformer2DModel", "tiny-ovis-image", seed, layers, single_layers,
+                      axes_dims_rope=(2, 2, 4), out_channels=8)
+
+
+def tiny_cogview3plus(seed: int = 0, layers: int = 2) -> TinyModel:
+    """CogView3-Plus: joint blocks that return ``(hidden_states, encoder_hidden_states)``."""
+    from diffusers import CogView3PlusTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = CogView3PlusTransformer2DModel(patch_size=2, in_channels=4, num_layers=layers, attention_head_dim=8,
+                                       num_attention_heads=2, out_channels=4, text_embed_dim=16, time_embed_dim=16,
+                                       condition_dim=4, pos_embed_max_size=16, sample_size=8).eval()
+
+    def inputs(t: float, batch: int = 2) -> dict:
+        g = _gen(seed + 1)
+        size = torch.tensor([[64.0, 64.0]] * batch)
+        return dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=g),
+                    encoder_hidden_states=torch.randn(batch, 4, 16, generator=g), timestep=torch.full((batch,), float(t)),
+                    original_size=size, target_size=size, crop_coords=torch.zeros(batch, 2), return_dict=False)
+
+    return TinyModel("tiny-cogview3plus", m, inputs)
+
+
 class CustomBlock(nn.Module):
     """A minimal adaLN-style block: the timestep enters through a modulation."""
 
@@ -329,6 +477,14 @@ TINY: dict[str, Callable[..., TinyModel]] = {
     "tiny-flux2": tiny_flux2,
     "tiny-wan-vace": tiny_wan_vace,
     "tiny-z-image": tiny_z_image,
+    "tiny-flux3": tiny_flux3,
+    "tiny-ltx2": tiny_ltx2,
+    "tiny-wan-animate": tiny_wan_animate,
+    "tiny-kandinsky5": tiny_kandinsky5,
+    "tiny-kandinsky6": tiny_kandinsky6,
+    "tiny-longcat-image": tiny_longcat_image,
+    "tiny-ovis-image": tiny_ovis_image,
+    "tiny-cogview3plus": tiny_cogview3plus,
 }
 
 

@@ -269,8 +269,11 @@ def test_calibration_file_of_the_same_model_in_another_dtype_says_how_to_load_it
     opt = fastcache.optimize(copy.deepcopy(tm.model), backend="eager", fallback="residual_linear")
     fastcache.load_calibration(opt, path)  # what the message advises
     opt.to(torch.float64)
-    assert opt.store.calibrated and all(t.dtype == torch.float64 for t in opt.store.tensors.values()
-                                        if t.is_floating_point())
+    assert opt.store.calibrated
+    # the fallback's weights follow the model's dtype, the policy's fit stays float32
+    assert {k: t.dtype for k, t in opt.store.tensors.items() if t.is_floating_point()} == \
+        {k: torch.float64 if "residual_linear" in k else torch.float32 for k, t in opt.store.tensors.items()
+         if t.is_floating_point()}
 
 
 def test_damaged_onnx_file_names_the_file(tmp_path):

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import fx_fastcache as fastcache
 from fx_fastcache import FastCacheConfig
+from fx_fastcache.step_dispatch import StepDispatch
 from fx_fastcache.zoo import make_tiny
 
 from conftest import first
@@ -135,7 +136,7 @@ def test_unknown_config_field_and_backend():
                                                   ("schedule", "eager")],
                          ids=["in-graph", "step-dispatch-device", "step-dispatch-host"])
 def test_shape_change_mid_generation_starts_a_new_generation(policy, step_dispatch, caplog):
-    """A batch that changes inside a generation (Z-Image's and Lumina2's cfg_truncation: 2 → 1 when CFG
+    """A batch that changes inside a generation (Z-Image's cfg_truncation: 2 → 1 when CFG
     stops) starts a new generation: the new shapes' warm-up computes, and a graph that ran earlier in the
     generation does not forecast from its old cache across the steps it missed (it raised before)."""
     tm = make_tiny("tiny-dit")
@@ -156,24 +157,50 @@ def test_shape_change_mid_generation_starts_a_new_generation(policy, step_dispat
     assert fastcache.get_cache_statistics(opt)["blocks_approximated"] == 2 * len(opt.block_names())
 
 
-@pytest.mark.parametrize("step_dispatch", [None, "eager"], ids=["in-graph", "step-dispatch-host"])
-def test_generations_that_change_shape_follow_the_schedule(step_dispatch):
-    """Two generations without a reset, each dropping its batch 2 → 1 at step 4 (cfg_truncation): the second
-    generation starts with the other shapes.  A schedule dispatched on the host counts steps itself: the
-    restart at step 4 left its counter short of the table's end, so it missed the second generation and
-    skipped its warm-up step 1 (0.5–2.3 off the in-graph guards)."""
+@pytest.mark.parametrize("mode", ["in-graph", "step-dispatch-host", "user-step-dispatch"])
+@pytest.mark.parametrize("second_batch", [2, 1], ids=["second-starts-at-2", "second-at-1"])
+@pytest.mark.parametrize("change_at", [4, 5])
+def test_generations_that_change_shape_follow_the_schedule(mode, second_batch, change_at):
+    """Two generations without a reset, the first dropping its batch 2 → 1 at step 4 (cfg_truncation), the
+    second starting at batch 2 again or staying at 1.  A schedule dispatched on the host counts steps
+    itself: the restart at step 4 left its counter short of the table's end, so it missed the second
+    generation and skipped its warm-up step 1 (0.5–2.3 off the in-graph guards); a StepDispatch built by
+    the user was not restarted at all (it skipped at the new graph's first call, with nothing cached)."""
     tm = make_tiny("tiny-dit")
-    opt = fastcache.optimize(tm.model, backend="eager", policy="schedule", warmup_steps=2, step_dispatch=step_dispatch)
+    opt = fastcache.optimize(tm.model, backend="eager", policy="schedule", warmup_steps=2,
+                             step_dispatch="eager" if mode == "step-dispatch-host" else None)
     table = torch.zeros(8, len(opt.block_names()), dtype=torch.bool)
     table[[2, 3, 5, 6]] = True
     fastcache.set_schedule(opt, table)
+    call = StepDispatch(opt, compile_mode="eager", decide="host") if mode == "user-step-dispatch" else opt
     computed = []
     with torch.no_grad():
-        for _ in range(2):
-            for step in range(8):
-                kw = tm.make_inputs(1000.0 - 100 * step, 2 if step < 4 else 1)
-                computed.append(int(torch.allclose(first(opt(**kw)), first(tm.model(**kw)), atol=1e-5, rtol=0)))
-    assert computed == [1, 1, 0, 0, 1, 1, 0, 0] * 2
+        for batches in ([2] * change_at + [1] * (8 - change_at), [second_batch] * 8):
+            for step, batch in enumerate(batches):
+                kw = tm.make_inputs(1000.0 - 100 * step, batch)
+                computed.append(int(torch.allclose(first(call(**kw)), first(tm.model(**kw)), atol=1e-5, rtol=0)))
+    plan = [1, 1, 0, 0, 1, 0, 0, 1]  # the table's rows, by the step of the graph's own generation
+    assert computed == plan[:change_at] + plan[:8 - change_at] + plan
+
+
+def test_shape_change_restarts_each_cache_context():
+    """CFG as two calls per step in two cache contexts, both changing batch 2 → 3 → 2 inside a generation:
+    the shape check read the previous call's shapes whatever its context, so the uncond call (same shapes as
+    the cond call before it) never restarted, and back at batch 2 it forecast from a cache four steps old."""
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, backend="eager", cache_ratio_threshold=1e6, warmup_steps=2)
+    computed: dict[str, list[bool]] = {"cond": [], "uncond": []}
+    with torch.no_grad():
+        for t, batch in ((1000.0, 2), (900.0, 2), (800.0, 2), (700.0, 3), (600.0, 3), (500.0, 3), (400.0, 2),
+                         (300.0, 2)):
+            for name in computed:
+                kw = tm.make_inputs(t, batch)
+                if name == "uncond":
+                    kw["class_labels"] = kw["class_labels"] + 1
+                with opt.cache_context(name):
+                    out = first(opt(**kw))
+                computed[name].append(torch.allclose(out, first(tm.model(**kw)), atol=1e-5, rtol=0))
+    assert computed["cond"] == computed["uncond"] == [True, True, False, True, True, False, True, True]
 
 
 def test_shape_change_mid_calibration_generation_is_refused():

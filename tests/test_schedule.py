@@ -99,19 +99,44 @@ def test_wrong_model_is_rejected(recorded):
 
 def test_schedule_replays_on_the_model_in_another_dtype(recorded, tmp_path, caplog):
     """A schedule recorded in float32 (all ``fx-fastcache schedule`` records) replays on the same model in
-    bfloat16: the table does not depend on the dtype, the weights' sums do, and the schedule was refused as
-    "recorded on another model".  Each weight's ``Σ|w|`` is compared within the rounding then; another
-    model in bfloat16 is still refused."""
+    bfloat16 or float16: the table does not depend on the dtype, the weights' sums do, and the schedule was
+    refused as "recorded on another model".  It keeps the fingerprint of each cast; another model (its weights
+    moved by 5 % of their spread, or another seed) in bfloat16 is still refused."""
     tm, sched, _, _ = recorded
     sched.save(tmp_path / "s.json")
     loaded = Schedule.load(tmp_path / "s.json")
+    for dtype in (torch.bfloat16, torch.float16):
+        with caplog.at_level(logging.INFO, logger="fx_fastcache.export.schedule"):
+            opt = optimize_with_schedule(copy.deepcopy(tm.model).to(dtype), loaded)
+        assert f"recorded on this model in torch.float32; it is {dtype} now" in caplog.text
+        assert torch.equal(opt.installed_schedule()[: sched.steps], sched.tensor())
+    nudged = copy.deepcopy(tm.model)
+    with torch.no_grad():
+        for p in nudged.parameters():
+            p.add_(0.05 * p.std() * torch.randn_like(p) if p.numel() > 1 else 0.0)
+    for other in (nudged, make_tiny("tiny-dit", seed=3).model):
+        with pytest.raises(ValueError, match="fingerprint"):
+            optimize_with_schedule(other.to(torch.bfloat16), loaded)
+    # recorded on the model in bfloat16, replayed on it in float32
     bf16 = copy.deepcopy(tm.model).to(torch.bfloat16)
-    with caplog.at_level(logging.INFO, logger="fx_fastcache.export.schedule"):
-        opt = optimize_with_schedule(bf16, loaded)
-    assert "recorded on this model in torch.float32; it is torch.bfloat16 now" in caplog.text
-    assert torch.equal(opt.installed_schedule()[: sched.steps], sched.tensor())
-    with pytest.raises(ValueError, match="fingerprint"):
-        optimize_with_schedule(make_tiny("tiny-dit", seed=3).model.to(torch.bfloat16), loaded)
+    in_bf16 = Schedule(sched.table, sched.blocks, model_fingerprint(bf16), sched.config, meta={"dtype": "torch.bfloat16"})
+    optimize_with_schedule(copy.deepcopy(tm.model), in_bf16)
+
+
+def test_record_schedule_over_a_generation_that_changes_shape():
+    """cfg_truncation drops the batch in the middle of a generation, and the new shapes' graph starts its clock
+    again: the recorder took that for a second generation, whose rows voted on the first steps."""
+    tm = make_tiny("tiny-dit")
+    opt = fastcache.optimize(tm.model, backend="eager", cache_ratio_threshold=1e6, warmup_steps=2)
+
+    def run():
+        with torch.no_grad():
+            for step in range(8):
+                opt(**tm.make_inputs(1000.0 - 100 * step, 2 if step < 4 else 1))
+
+    sched = record_schedule(opt, run)
+    assert sched.meta["generations"] == 1
+    assert [any(row) for row in sched.table] == [False, False, True, True, False, False, True, True]
 
 
 def test_invalid_schedules_are_rejected(recorded, tmp_path):
