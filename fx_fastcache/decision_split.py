@@ -149,6 +149,51 @@ def _ancestors(roots: list[fx.Node]) -> set[fx.Node]:
     return seen
 
 
+def _base(n: fx.Node) -> fx.Node:
+    """The tensor ``n`` is a view of (itself if no view op made it): an in-place write to a view is a write
+    to its base."""
+    while n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.args and \
+            isinstance(n.args[0], fx.Node) and n.target._schema.returns and \
+            (alias := n.target._schema.returns[0].alias_info) is not None and not alias.is_write:
+        n = n.args[0]
+    return n
+
+
+def _written(n: fx.Node) -> list[fx.Node]:
+    """The nodes an in-place op ``n`` writes to (``aten.copy_(slice, src)`` writes ``slice``)."""
+    if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+        return []
+    out = []
+    for i, a in enumerate(n.target._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            v = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
+            if isinstance(v, fx.Node):
+                out.append(v)
+    return out
+
+
+def _with_writes(graph: fx.Graph, prefix: set[fx.Node]) -> set[fx.Node]:
+    """``prefix`` and the in-place writes its nodes read through: a write has no users, so the data edges
+    miss it, and Wan Animate's ``hidden_states[:, :, 1:] += pose`` (``aten.copy_`` into a slice) stayed in
+    the suffix while the prefix read the tensor without it (1.4 off with approximation off).  A write that
+    precedes a prefix node and writes a tensor the prefix reads joins the prefix with its inputs; so does
+    any other node before that write reading the same tensor (it must still read it unwritten)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    prefix = set(prefix)
+    while True:
+        last = max(order[n] for n in prefix)
+        read = {_base(i) for p in prefix for i in (p, *p.all_input_nodes)}
+        writes = [n for n in graph.nodes if order[n] < last and n not in prefix
+                  and any(_base(w) in read for w in _written(n))]
+        if not writes:
+            return prefix
+        for w in writes:
+            bases = {_base(x) for x in _written(w)}
+            before = [n for n in graph.nodes if order[n] < order[w] and n not in prefix
+                      and any(_base(i) in bases for i in n.all_input_nodes)]
+            prefix |= _ancestors([w, *before])
+
+
 def _always_computes(gm: fx.GraphModule, decide: fx.Node) -> bool:
     """A guard whose decision is constant False: no decider and no step verdict yet (the blocks
     before First-Block-Cache's anchor)."""
@@ -171,7 +216,7 @@ def split_at_decisions(gm: fx.GraphModule, policy: str = "?") -> DecisionSplit:
     if not decides:
         raise RuntimeError("the graph has no guard decisions; nothing to split")
 
-    prefix_nodes = _ancestors(decides)
+    prefix_nodes = _with_writes(graph, _ancestors(decides))
     for n in list(prefix_nodes):  # tuple outputs: their getitems are free, keep them beside the tuple
         prefix_nodes.update(u for u in n.users if u.op == "call_function" and u.target is operator.getitem
                             and u.args[0] is n)
