@@ -124,6 +124,10 @@ class Schedule:
         meta = d.get("meta", {})
         if not isinstance(meta, dict):
             raise ValueError(f"{source}: 'meta' must be an object, got {meta!r}")
+        fingerprints = meta.get("fingerprints", {})
+        if not isinstance(fingerprints, dict) or not all(isinstance(v, str) for v in fingerprints.values()):
+            raise ValueError(f"{source}: 'meta.fingerprints' must be an object of dtype -> fingerprint strings, "
+                             f"got {fingerprints!r}")
         try:
             FastCacheConfig.from_dict(config)
         except (TypeError, ValueError) as e:
@@ -190,30 +194,25 @@ def check_compatible(schedule: Schedule, model: nn.Module, block_names: list[str
                      f"Record a schedule for this model with `fx-fastcache schedule`")
 
 
-#: The dtypes a schedule recorded in float32 keeps the model's fingerprint in (a cast rounds each weight
-#: the same way every time, so the cast model's fingerprint is exactly that).
+#: The dtypes a schedule keeps the model's fingerprint in, the model cast wholly to each (a cast rounds each
+#: weight the same way every time, whether from float32 or from a model that kept some modules in float32).
 REDUCED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _same_model_in_another_dtype(schedule: Schedule, model: nn.Module, recorded: str, dtype: str) -> bool:
-    """Whether ``model`` is the model ``schedule`` was recorded on, cast to another dtype: recorded in float32
-    and cast down (the schedule keeps the fingerprint of each cast), or recorded in a reduced dtype and
-    held in float32 now (the model's fingerprint as if cast to it)."""
-    if schedule.meta.get("fingerprints", {}).get(dtype) == model_fingerprint(model):
-        return True
-    reduced = {str(d): d for d in REDUCED_DTYPES}.get(recorded)
-    return reduced is not None and dtype == str(torch.float32) and \
-        model_fingerprint(model, as_dtype=reduced) == schedule.fingerprint
+    """Whether ``model`` is the model ``schedule`` was recorded on in another dtype: both cast wholly to the
+    reduced dtype of the two have one fingerprint (diffusers' ``from_pretrained(torch_dtype=bfloat16)`` keeps
+    some modules in float32, so the model as loaded matches no plain cast)."""
+    stored = schedule.meta.get("fingerprints", {})
+    return any(str(d) in (recorded, dtype) and stored.get(str(d)) == model_fingerprint(model, as_dtype=d)
+               for d in REDUCED_DTYPES)
 
 
 def identity_meta(model: nn.Module) -> dict[str, Any]:
-    """What a schedule keeps of the model besides its fingerprint: its dtype, and, recorded in float32,
-    its fingerprint cast to each reduced dtype (so that it replays on the same model in bfloat16)."""
-    dtype = compute_dtype(model)
-    meta: dict[str, Any] = {"dtype": str(dtype)}
-    if dtype == torch.float32:
-        meta["fingerprints"] = {str(d): model_fingerprint(model, as_dtype=d) for d in REDUCED_DTYPES}
-    return meta
+    """What a schedule keeps of the model besides its fingerprint: its dtype and its fingerprint cast wholly
+    to each reduced dtype (so that it replays on the same model in another dtype)."""
+    return {"dtype": str(compute_dtype(model)),
+            "fingerprints": {str(d): model_fingerprint(model, as_dtype=d) for d in REDUCED_DTYPES}}
 
 
 def replay_config(schedule: Schedule):

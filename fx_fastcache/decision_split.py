@@ -149,13 +149,24 @@ def _ancestors(roots: list[fx.Node]) -> set[fx.Node]:
     return seen
 
 
+def _aliases(op: Any) -> bool:
+    """Whether ``op``'s output is a view of its first argument (``slice``, ``view``; ``chunk``'s list)."""
+    return isinstance(op, torch._ops.OpOverload) and bool(op._schema.returns) and \
+        (alias := op._schema.returns[0].alias_info) is not None and not alias.is_write
+
+
 def _base(n: fx.Node) -> fx.Node:
     """The tensor ``n`` is a view of (itself if no view op made it): an in-place write to a view is a write
-    to its base."""
-    while n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.args and \
-            isinstance(n.args[0], fx.Node) and n.target._schema.returns and \
-            (alias := n.target._schema.returns[0].alias_info) is not None and not alias.is_write:
-        n = n.args[0]
+    to its base.  Steps through ``getitem`` of a list of views (``chunk``, ``split``, ``unbind``)."""
+    while n.op == "call_function" and n.args and isinstance(n.args[0], fx.Node):
+        src = n.args[0]
+        if n.target is operator.getitem and src.op == "call_function" and _aliases(src.target) and src.args and \
+                isinstance(src.args[0], fx.Node):
+            n = src.args[0]
+        elif _aliases(n.target):
+            n = src
+        else:
+            break
     return n
 
 
@@ -172,26 +183,32 @@ def _written(n: fx.Node) -> list[fx.Node]:
     return out
 
 
-def _with_writes(graph: fx.Graph, prefix: set[fx.Node]) -> set[fx.Node]:
-    """``prefix`` and the in-place writes its nodes read through: a write has no users, so the data edges
-    miss it, and Wan Animate's ``hidden_states[:, :, 1:] += pose`` (``aten.copy_`` into a slice) stayed in
-    the suffix while the prefix read the tensor without it (1.4 off with approximation off).  A write that
-    precedes a prefix node and writes a tensor the prefix reads joins the prefix with its inputs; so does
-    any other node before that write reading the same tensor (it must still read it unwritten)."""
+def _with_writes(graph: fx.Graph, prefix: set[fx.Node]) -> tuple[set[fx.Node], list[fx.Node]]:
+    """``prefix`` and the in-place writes its nodes read through, and those writes.  A write has no users,
+    so the data edges miss it, and Wan Animate's ``hidden_states[:, :, 1:] += pose`` (``aten.copy_`` into a
+    slice) stayed in the suffix while the prefix read the tensor without it (1.4 off with approximation
+    off).  A write joins the prefix, with its inputs, when a prefix node after it reads the tensor it
+    writes; so does every node before it that reads that tensor (it must still read it unwritten)."""
     order = {n: i for i, n in enumerate(graph.nodes)}
-    prefix = set(prefix)
-    while True:
-        last = max(order[n] for n in prefix)
-        read = {_base(i) for p in prefix for i in (p, *p.all_input_nodes)}
-        writes = [n for n in graph.nodes if order[n] < last and n not in prefix
-                  and any(_base(w) in read for w in _written(n))]
-        if not writes:
-            return prefix
-        for w in writes:
-            bases = {_base(x) for x in _written(w)}
-            before = [n for n in graph.nodes if order[n] < order[w] and n not in prefix
-                      and any(_base(i) in bases for i in n.all_input_nodes)]
+    readers: dict[fx.Node, list[fx.Node]] = {}  # base -> the nodes that are or read a view of it
+    writes: list[tuple[fx.Node, set[fx.Node]]] = []
+    for n in graph.nodes:
+        for x in {_base(i) for i in (n, *n.all_input_nodes)}:
+            readers.setdefault(x, []).append(n)
+        if w := _written(n):
+            writes.append((n, {_base(x) for x in w}))
+    prefix, pulled = set(prefix), []
+    changed = True
+    while changed:
+        changed = False
+        for w, bases in writes:
+            if w in prefix or not any(r in prefix and order[r] > order[w] for b in bases for r in readers[b]):
+                continue
+            before = [r for b in bases for r in readers[b] if order[r] < order[w] and r not in prefix]
             prefix |= _ancestors([w, *before])
+            pulled.append(w)
+            changed = True
+    return prefix, pulled
 
 
 def _always_computes(gm: fx.GraphModule, decide: fx.Node) -> bool:
@@ -216,11 +233,16 @@ def split_at_decisions(gm: fx.GraphModule, policy: str = "?") -> DecisionSplit:
     if not decides:
         raise RuntimeError("the graph has no guard decisions; nothing to split")
 
-    prefix_nodes = _with_writes(graph, _ancestors(decides))
+    prefix_nodes, writes = _with_writes(graph, _ancestors(decides))
     for n in list(prefix_nodes):  # tuple outputs: their getitems are free, keep them beside the tuple
         prefix_nodes.update(u for u in n.users if u.op == "call_function" and u.target is operator.getitem
                             and u.args[0] is n)
     late = [n.name for n in prefix_nodes if is_cond(n)]
+    if late and writes:
+        raise ValueError(f"the model writes in place into a tensor that the step's decisions read "
+                         f"({', '.join(f'{w.name}: {w.target}' for w in writes)}), after a guarded block ran: the "
+                         f"graph cannot be split into decisions before the blocks. Keep the in-graph guards "
+                         f"(step_dispatch=None, or execution='in_graph')")
     if late:
         raise ValueError(f"policy={policy!r} decides each block from that block's input, which exists only after "
                          f"the previous blocks ran ({len(late)} guarded block(s) precede a decision); one decision "

@@ -168,6 +168,7 @@ class FastCacheModule(nn.Module):
         #: many times its generation restarted (a step dispatcher's host counter follows them)
         self._last_keys: dict[str | None, tuple] = {}
         self._restarts: dict[str | None, int] = {}
+        self._host_resets: dict[str | None, int] = {}
         self._recorder: Any = None
         self._force_compute = False
         self._warned_uncalibrated = False
@@ -433,8 +434,13 @@ class FastCacheModule(nn.Module):
         if float(clock.step) < 0:  # previous graph idle (reset or never ran)
             return
         t_new = self.call_timestep(kw)
-        if t_new is not None and (t_new == float(clock.t_last) or starts_generation_host(t_new, float(clock.t_last))):
-            return  # the same step (CFG as two calls whose shapes differ), or a new generation
+        if t_new is not None and t_new == float(clock.t_last):
+            return  # the same step: CFG as two calls whose shapes differ
+        if t_new is not None and starts_generation_host(t_new, float(clock.t_last)):
+            # a new generation with other shapes: the graphs see it by themselves, a host step counter
+            # (a schedule dispatched on the host) cannot
+            self._host_resets[self._states.live] = self.host_resets() + 1
+            return
         if self._recorder is not None:
             raise ValueError(
                 f"input shapes changed in the middle of a calibration generation (step {int(clock.step)}): the "
@@ -456,6 +462,12 @@ class FastCacheModule(nn.Module):
             for e in self._entries.values():
                 restart_state(e.gm, self.store)
         self._restarts[self._states.live] = self.restarts() + 1
+        self._host_resets[self._states.live] = self.host_resets() + 1
+
+    def host_resets(self) -> int:
+        """How many calls of the live cache context started a generation that a step dispatcher's host
+        counter cannot see by itself (a restart, or a new generation with other shapes): it starts again."""
+        return self._host_resets.get(self._states.live, 0)
 
     def restarts(self) -> int:
         """How many times the live cache context's generation started again in the middle (its shapes

@@ -174,7 +174,7 @@ class StepDispatch(nn.Module):
         #: ``opt.restarts()`` last seen: a generation that started again at a shape change (the host counter
         #: follows), after which every call checks on the host whether it starts a generation, until the next
         #: reset, as the restarted generation may end before the table does
-        self._restarts_seen = self._opt_restarts()
+        self._restarts_seen, self._resets_seen = self._opt_counts()
         self._watch_clock = False
         if self.decide == "host":
             self.set_table(table)
@@ -238,9 +238,10 @@ class StepDispatch(nn.Module):
         self.history.clear()
         self._watch_clock = False
 
-    def _opt_restarts(self) -> int:
-        restarts = getattr(self.opt, "restarts", None)
-        return restarts() if callable(restarts) else 0
+    def _opt_counts(self) -> tuple[int, int]:
+        """``opt.restarts()`` and ``opt.host_resets()`` (0 for an opt without them)."""
+        return tuple(f() if callable(f := getattr(self.opt, name, None)) else 0
+                     for name in ("restarts", "host_resets"))  # type: ignore[return-value]
 
     def pattern_for_step(self, step: int) -> tuple[bool, ...]:
         """The host mirror of ``BlockGuard.decide`` for the schedule policy."""
@@ -310,11 +311,11 @@ class StepDispatch(nn.Module):
     # -- calls ------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kw, entry = self.opt.prepare_call(args, kwargs)  # as without dispatch
-        restarts = self._opt_restarts()
-        if restarts != self._restarts_seen:  # the generation started again at this call (a shape change)
-            self._restarts_seen = restarts
+        restarts, resets = self._opt_counts()
+        if resets != self._resets_seen:  # a generation the host cannot see began at this call
             self.reset_host()
-            self._watch_clock = True
+            self._watch_clock = restarts != self._restarts_seen  # restarted in the middle: may end early
+            self._restarts_seen, self._resets_seen = restarts, resets
         elif self._watch_clock and self.step > 0 and self._new_generation(entry, kw):
             self.reset_host()  # the restarted generation ended before its table did: this call starts the next
         with torch.no_grad():
@@ -346,14 +347,15 @@ class StepDispatch(nn.Module):
         return out
 
     def _new_generation(self, entry: Any, kw: dict[str, Any]) -> bool:
-        """Whether this call starts a generation, read before it runs (two host reads: the call's timestep
-        and the graph's last one).  Only after a restart, until the next reset: a generation restarted in
+        """Whether this call starts a generation, read before it runs (two host reads: the call's timestep,
+        and the graph's step and last timestep together).  Only after a restart, until the next reset: a generation restarted in
         the middle may end before the table does, and the host's pattern for the next one's first calls
         must not come from the count of the one before."""
         t = self.opt.call_timestep(kw)
         if t is None:
             return False
-        return float(entry.clock.step) < 0 or starts_generation_host(t, float(entry.clock.t_last))
+        step, t_last = torch.stack([entry.clock.step, entry.clock.t_last]).tolist()
+        return step < 0 or starts_generation_host(t, t_last)
 
     @staticmethod
     def _started_generation(entry: Any) -> bool:

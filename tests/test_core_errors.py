@@ -183,6 +183,25 @@ def test_generations_that_change_shape_follow_the_schedule(mode, second_batch, c
     assert computed == plan[:change_at] + plan[:8 - change_at] + plan
 
 
+def test_host_dispatch_sees_a_new_generation_with_other_shapes():
+    """A generation stopped before its table's end, then one at another batch size without a reset: the
+    graphs see it by the timestep, a host-dispatched schedule did not (its first call skipped on a graph
+    with nothing cached)."""
+    tm = make_tiny("tiny-dit")
+    computed = {}
+    for dispatch in (None, "eager"):
+        opt = fastcache.optimize(tm.model, backend="eager", policy="schedule", warmup_steps=2, step_dispatch=dispatch)
+        table = torch.zeros(8, len(opt.block_names()), dtype=torch.bool)
+        table[[2, 3, 5, 6]] = True
+        fastcache.set_schedule(opt, table)
+        with torch.no_grad():
+            computed[dispatch] = [
+                int(torch.allclose(first(opt(**kw)), first(tm.model(**kw)), atol=1e-5, rtol=0))
+                for steps, batch in ((5, 2), (8, 1)) for kw in (tm.make_inputs(1000.0 - 100 * s, batch)
+                                                               for s in range(steps))]
+    assert computed[None] == computed["eager"] == [1, 1, 0, 0, 1] + [1, 1, 0, 0, 1, 0, 0, 1]
+
+
 def test_shape_change_restarts_each_cache_context():
     """CFG as two calls per step in two cache contexts, both changing batch 2 → 3 → 2 inside a generation:
     the shape check read the previous call's shapes whatever its context, so the uncond call (same shapes as

@@ -10,7 +10,8 @@ import torch
 
 import fx_fastcache as fastcache
 from fx_fastcache.calibration import model_fingerprint
-from fx_fastcache.export.schedule import (Schedule, apply_schedule, optimize_with_schedule, record_schedule)
+from fx_fastcache.export.schedule import (Schedule, apply_schedule, identity_meta, optimize_with_schedule,
+                                          record_schedule)
 from fx_fastcache.zoo import make_tiny
 
 from conftest import first
@@ -119,8 +120,31 @@ def test_schedule_replays_on_the_model_in_another_dtype(recorded, tmp_path, capl
             optimize_with_schedule(other.to(torch.bfloat16), loaded)
     # recorded on the model in bfloat16, replayed on it in float32
     bf16 = copy.deepcopy(tm.model).to(torch.bfloat16)
-    in_bf16 = Schedule(sched.table, sched.blocks, model_fingerprint(bf16), sched.config, meta={"dtype": "torch.bfloat16"})
+    in_bf16 = Schedule(sched.table, sched.blocks, model_fingerprint(bf16), sched.config, meta=identity_meta(bf16))
     optimize_with_schedule(copy.deepcopy(tm.model), in_bf16)
+
+
+def test_schedule_replays_on_a_model_loaded_in_bfloat16_with_float32_modules(tmp_path):
+    """diffusers' ``from_pretrained(torch_dtype=torch.bfloat16)`` keeps ``_keep_in_fp32_modules`` in float32
+    (Wan): the model as loaded matches no plain cast; both sides cast wholly to bfloat16 compare."""
+    from diffusers import WanTransformer3DModel
+
+    tm = make_tiny("tiny-wan")
+    tm.model.save_pretrained(tmp_path / "w")
+    opt = fastcache.optimize(tm.model, backend="eager", policy="schedule")
+    with torch.no_grad():
+        opt(**tm.make_inputs(1000.0, 2))
+    fastcache.set_schedule(opt, torch.tensor([[False] * 2, [True] * 2]))
+    from fx_fastcache.export.schedule import installed_schedule
+
+    sched = installed_schedule(opt)
+    loaded = WanTransformer3DModel.from_pretrained(tmp_path / "w", torch_dtype=torch.bfloat16)
+    assert loaded.scale_shift_table.dtype == torch.float32
+    optimize_with_schedule(loaded, sched)  # recorded in float32, replayed in bfloat16
+    in_bf16 = installed_schedule(optimize_with_schedule(loaded, sched))
+    optimize_with_schedule(make_tiny("tiny-wan").model, in_bf16)  # and back
+    with pytest.raises(ValueError, match="fingerprint"):
+        optimize_with_schedule(make_tiny("tiny-wan", seed=3).model.to(torch.bfloat16), sched)
 
 
 def test_record_schedule_over_a_generation_that_changes_shape():
@@ -151,6 +175,9 @@ def test_invalid_schedules_are_rejected(recorded, tmp_path):
         Schedule.load(bad)
     with pytest.raises(FileNotFoundError, match="fx-fastcache schedule"):
         Schedule.load(tmp_path / "missing.json")
+    bad.write_text(json.dumps(dict(sched.to_dict(), meta={"fingerprints": ["x"]})))
+    with pytest.raises(ValueError, match=r"bad.json.*'meta.fingerprints' must be an object"):
+        Schedule.load(bad)
 
 
 def test_cli_schedule_writes_a_loadable_file(tmp_path, capsys):
