@@ -164,8 +164,9 @@ class FastCacheModule(nn.Module):
         self._entries: dict[tuple, CapturedGraph] = {}
         self._signature = inspect.signature(model.forward)
         self._last_key: tuple | None = None
-        #: per cache context: the graph key of its latest call (a shape change is a context's own) and how
-        #: many times its generation restarted (a step dispatcher's host counter follows them)
+        #: per cache context: the graph key of its latest call (a shape change is a context's own), how many
+        #: times its generation restarted in the middle, and how many generations a host step counter
+        #: could not see began (restarts, and new generations with other shapes): step dispatch follows
         self._last_keys: dict[str | None, tuple] = {}
         self._restarts: dict[str | None, int] = {}
         self._host_resets: dict[str | None, int] = {}
@@ -456,8 +457,8 @@ class FastCacheModule(nn.Module):
         self._restart_generation()
 
     def _restart_generation(self) -> None:
-        """The live cache context starts a new generation at the next graph call: its state in every graph
-        fresh (statistics, knobs and calibration kept), and its step dispatcher's host step at 0."""
+        """The live cache context starts a new generation at this call: its state in every graph fresh
+        (statistics, knobs and calibration kept); a step dispatcher's host counter follows (the counts)."""
         with torch.no_grad():
             for e in self._entries.values():
                 restart_state(e.gm, self.store)

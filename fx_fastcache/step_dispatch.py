@@ -21,10 +21,12 @@ whole step at once, so :class:`StepDispatch`
      once per call and starts the table again when a new generation began.  A generation
      stopped before that still needs :meth:`StepDispatch.reset` before the next one
      (``enable_fastcache`` resets at every pipeline call).  A generation that starts again in the
-     middle (its shapes changed: ``opt.restarts()``) starts the host counter again; until the next
-     reset every call then reads its timestep and the clock's last one (two host reads) to see the next
-     generation begin before it picks its pattern, as the restarted one may end before its table does.  The table is read again whenever a
-     new one is installed (``calibrate``, ``configure(target_fraction=...)``, ``search_plan``).
+     middle (its shapes changed: ``opt.restarts()``), or a new one with other shapes
+     (``opt.host_resets()`` counts both), starts the host counter again; after a restart, until the
+     next reset, every call reads its timestep and the clock (two host reads) to see the next
+     generation begin before it picks its pattern, as the restarted one may end before its table
+     does.  The table is read again whenever a new one is installed (``calibrate``,
+     ``configure(target_fraction=...)``, ``search_plan``).
    * ``decide="device"`` (``step_forecast``, ``teacache``, ``first_block_cache``, ``schedule``):
      the graph is split at its decisions (:mod:`fx_fastcache.decision_split`); a compiled
      prefix decides in the graph, the host reads the decisions with one sync per step, and the
@@ -171,9 +173,10 @@ class StepDispatch(nn.Module):
         self.history: deque[tuple[bool, ...]] = deque(maxlen=HISTORY_STEPS)
         #: no ``table=`` given: re-read the installed table at every reset (a plan may change it)
         self._follow_installed = False
-        #: ``opt.restarts()`` last seen: a generation that started again at a shape change (the host counter
-        #: follows), after which every call checks on the host whether it starts a generation, until the next
-        #: reset, as the restarted generation may end before the table does
+        #: ``opt.restarts()`` and ``opt.host_resets()`` last seen: a generation the host counter cannot see
+        #: by itself began (the counter starts again); after a restart in the middle of one, every call checks
+        #: on the host whether it starts a generation, until the next reset, as the restarted generation may
+        #: end before the table does
         self._restarts_seen, self._resets_seen = self._opt_counts()
         self._watch_clock = False
         if self.decide == "host":
