@@ -431,20 +431,20 @@ class FastCacheModule(nn.Module):
             return
         if _tensor_shapes(prev.key[1]) == _tensor_shapes(key[1]):
             return  # only non-tensor arguments or dtypes changed: not a shape change
-        clock = prev.clock
-        if float(clock.step) < 0:  # previous graph idle (reset or never ran)
+        step, t_last = torch.stack([prev.clock.step, prev.clock.t_last]).tolist()  # one read
+        if step < 0:  # previous graph idle (reset or never ran)
             return
         t_new = self.call_timestep(kw)
-        if t_new is not None and t_new == float(clock.t_last):
+        if t_new is not None and t_new == t_last:
             return  # the same step: CFG as two calls whose shapes differ
-        if t_new is not None and starts_generation_host(t_new, float(clock.t_last)):
+        if t_new is not None and starts_generation_host(t_new, t_last):
             # a new generation with other shapes: the graphs see it by themselves, a host step counter
             # (a schedule dispatched on the host) cannot
             self._host_resets[self._states.live] = self.host_resets() + 1
             return
         if self._recorder is not None:
             raise ValueError(
-                f"input shapes changed in the middle of a calibration generation (step {int(clock.step)}): the "
+                f"input shapes changed in the middle of a calibration generation (step {int(step)}): the "
                 f"previous call had {_shapes(prev.key[1])}, this call has {_shapes(key[1])}. Calibrate on "
                 f"generations of one shape (a pipeline without cfg_truncation); the calibration then serves "
                 f"generations that change shape")
@@ -452,7 +452,7 @@ class FastCacheModule(nn.Module):
         self._warned_shape_change = True
         log("fx-fastcache: input shapes changed in the middle of a generation (step %d; %s, then %s), as a pipeline "
             "that stops classifier-free guidance after some steps does (cfg_truncation): calls with the new "
-            "shapes start a new generation (warm-up steps compute)", int(clock.step), _shapes(prev.key[1]),
+            "shapes start a new generation (warm-up steps compute)", int(step), _shapes(prev.key[1]),
             _shapes(key[1]))
         self._restart_generation()
 

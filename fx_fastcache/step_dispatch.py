@@ -242,9 +242,8 @@ class StepDispatch(nn.Module):
         self._watch_clock = False
 
     def _opt_counts(self) -> tuple[int, int]:
-        """``opt.restarts()`` and ``opt.host_resets()`` (0 for an opt without them)."""
-        return tuple(f() if callable(f := getattr(self.opt, name, None)) else 0
-                     for name in ("restarts", "host_resets"))  # type: ignore[return-value]
+        """``opt.restarts()`` and ``opt.host_resets()`` of the live cache context."""
+        return self.opt.restarts(), self.opt.host_resets()
 
     def pattern_for_step(self, step: int) -> tuple[bool, ...]:
         """The host mirror of ``BlockGuard.decide`` for the schedule policy."""
@@ -351,9 +350,9 @@ class StepDispatch(nn.Module):
 
     def _new_generation(self, entry: Any, kw: dict[str, Any]) -> bool:
         """Whether this call starts a generation, read before it runs (two host reads: the call's timestep,
-        and the graph's step and last timestep together).  Only after a restart, until the next reset: a generation restarted in
-        the middle may end before the table does, and the host's pattern for the next one's first calls
-        must not come from the count of the one before."""
+        and the graph's step and last timestep together).  Only after a restart, until the next reset: a
+        generation restarted in the middle may end before the table does, and the host's pattern for the
+        next one's first calls must not come from the count of the one before."""
         t = self.opt.call_timestep(kw)
         if t is None:
             return False
