@@ -220,11 +220,21 @@ def replay_config(schedule: Schedule):
     return FastCacheConfig.from_dict(schedule.config).replace(policy="schedule", warmup_steps=0, max_skip_steps=0)
 
 
-def optimize_with_schedule(model: nn.Module, schedule: Schedule, backend: str = "eager", **overrides: Any):
-    """``optimize(model)`` whose decisions come from ``schedule`` (checked against the model)."""
-    spec = resolve_family(model)
+def optimize_with_schedule(model: nn.Module, schedule: Schedule, backend: str = "eager", blocks: Any = None,
+                           **overrides: Any):
+    """``optimize(model)`` whose decisions come from ``schedule`` (checked against the model).  ``blocks``: the
+    block lists, as ``optimize`` takes them; by default the family's, or for a model of none the lists the
+    schedule's blocks belong to (it was recorded on ``optimize(model, blocks=[...])``: the lookup failed); a
+    ``BlockListSpec`` the recording used (stream names) is not in the schedule: pass it as ``blocks=``."""
+    if blocks is None:
+        try:
+            resolve_family(model)
+        except ValueError:
+            blocks = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in schedule.blocks))
+    spec = resolve_family(model, blocks)
     check_compatible(schedule, model, [n for n, _, _ in block_modules(model, spec)])
-    opt = fastcache.optimize(model, backend=backend, config=replay_config(schedule).replace(**overrides))
+    opt = fastcache.optimize(model, backend=backend, blocks=blocks,
+                             config=replay_config(schedule).replace(**overrides))
     fastcache.set_schedule(opt, schedule.tensor())
     return opt
 

@@ -149,41 +149,8 @@ def _ancestors(roots: list[fx.Node]) -> set[fx.Node]:
     return seen
 
 
-def _aliases(op: Any) -> bool:
-    """Whether ``op``'s output is a view of its first argument (``slice``, ``view``; ``chunk``'s list)."""
-    return isinstance(op, torch._ops.OpOverload) and bool(op._schema.returns) and \
-        (alias := op._schema.returns[0].alias_info) is not None and not alias.is_write
-
-
-def _base(n: fx.Node) -> fx.Node:
-    """The tensor ``n`` is a view of (itself if no view op made it): an in-place write to a view is a write
-    to its base.  Steps through ``getitem`` of a list of views (``chunk``, ``split``, ``unbind``)."""
-    while n.op == "call_function" and n.args and isinstance(n.args[0], fx.Node):
-        src = n.args[0]
-        if n.target is operator.getitem and src.op == "call_function" and _aliases(src.target) and src.args and \
-                isinstance(src.args[0], fx.Node):
-            n = src.args[0]
-        elif _aliases(n.target):
-            n = src
-        else:
-            break
-    return n
-
-
-def _written(n: fx.Node) -> list[fx.Node]:
-    """The nodes an in-place op ``n`` writes to (``aten.copy_(slice, src)`` writes ``slice``)."""
-    if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
-        return []
-    out = []
-    for i, a in enumerate(n.target._schema.arguments):
-        if a.alias_info is not None and a.alias_info.is_write:
-            v = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
-            if isinstance(v, fx.Node):
-                out.append(v)
-    return out
-
-
-def _with_writes(graph: fx.Graph, prefix: set[fx.Node]) -> tuple[set[fx.Node], list[fx.Node]]:
+def _with_writes(root: fx.GraphModule, graph: fx.Graph,
+                 prefix: set[fx.Node]) -> tuple[set[fx.Node], list[fx.Node]]:
     """``prefix`` and the in-place writes its nodes read through, and those writes.  A write has no users,
     so the data edges miss it, and Wan Animate's ``hidden_states[:, :, 1:] += pose`` (``aten.copy_`` into a
     slice) stayed in the suffix while the prefix read the tensor without it (1.4 off with approximation
@@ -193,10 +160,10 @@ def _with_writes(graph: fx.Graph, prefix: set[fx.Node]) -> tuple[set[fx.Node], l
     readers: dict[fx.Node, list[fx.Node]] = {}  # base -> the nodes that are or read a view of it
     writes: list[tuple[fx.Node, set[fx.Node]]] = []
     for n in graph.nodes:
-        for x in {_base(i) for i in (n, *n.all_input_nodes)}:
+        for x in {gp.view_base(i) for i in (n, *n.all_input_nodes)}:
             readers.setdefault(x, []).append(n)
-        if w := _written(n):
-            writes.append((n, {_base(x) for x in w}))
+        if bases := gp.written_bases(root, [n]):  # (also inside a region: torch.autocast, a block's cond)
+            writes.append((n, bases))
     prefix, pulled = set(prefix), []
     changed = True
     while changed:
@@ -233,7 +200,7 @@ def split_at_decisions(gm: fx.GraphModule, policy: str = "?") -> DecisionSplit:
     if not decides:
         raise RuntimeError("the graph has no guard decisions; nothing to split")
 
-    prefix_nodes, writes = _with_writes(graph, _ancestors(decides))
+    prefix_nodes, writes = _with_writes(gm, graph, _ancestors(decides))
     for n in list(prefix_nodes):  # tuple outputs: their getitems are free, keep them beside the tuple
         prefix_nodes.update(u for u in n.users if u.op == "call_function" and u.target is operator.getitem
                             and u.args[0] is n)

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .layerwise_casting import compute_dtype_of_hooks
+
 logger = logging.getLogger(__name__)
 
 
@@ -106,12 +108,15 @@ def _z_image_rope_table(model: nn.Module, kw: dict) -> Iterator[None]:
     yield
 
 
-def compute_dtype(model: nn.Module) -> torch.dtype | None:
-    """The dtype a model computes in, read as diffusers' ``ModelMixin.dtype`` reads it (without its
-    layerwise-casting hook, which optimize refuses): its first floating parameter outside the modules
+def compute_dtype(model: nn.Module, modules: list[nn.Module] | None = None) -> torch.dtype | None:
+    """The dtype a model computes in, read as diffusers' ``ModelMixin.dtype`` reads it: a layerwise casting
+    hook's compute dtype (its weights are stored in another), else its first floating parameter outside the modules
     diffusers keeps in float32 (``_keep_in_fp32_modules``: Wan loaded in bfloat16 keeps its
     ``scale_shift_table``, its first parameter, time embedder and norms in float32), else its first
-    floating buffer, else a kept one's; ``None`` for a model without parameters or buffers."""
+    floating buffer, else a kept one's; ``None`` for a model without parameters or buffers.  ``modules``: the
+    model's modules, if the caller keeps their list (``model.modules()`` is walked otherwise)."""
+    if (hooked := compute_dtype_of_hooks(model.modules() if modules is None else modules)) is not None:
+        return hooked
     keep = getattr(model, "_keep_in_fp32_modules", None) or ()
     kept = None
     for name, p in model.named_parameters():
@@ -208,7 +213,9 @@ def _first_arg(module: nn.Module) -> str:
     params = [p for p in inspect.signature(module.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if not params:
-        raise ValueError(f"block {type(module).__name__}.forward takes no positional argument to use as its stream")
+        raise ValueError(f"block {type(module).__name__}.forward takes no named positional argument to use as its "
+                         f"stream (FastCache reads a block's streams by argument name): give it one, e.g. "
+                         f"forward(self, hidden_states, *args, **kwargs)")
     return params[0].name
 
 
@@ -235,7 +242,8 @@ def _generic_spec(model: nn.Module, paths: list[str | BlockListSpec]) -> FamilyS
             raise ValueError(f"blocks={path!r} is a {type(ml).__name__} of length "
                              f"{len(ml) if hasattr(ml, '__len__') else '?'}; expected a non-empty nn.ModuleList")
         if isinstance(item, BlockListSpec):
-            params = inspect.signature(ml[0].forward).parameters
+            params = {n: p for n, p in inspect.signature(ml[0].forward).parameters.items()
+                      if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}  # a stream is a named argument
             unknown = [n for n in item.stream_inputs if n not in params]
             if unknown or not set(item.outputs) - {None} <= set(item.stream_inputs):
                 raise ValueError(f"{item!r}: stream_inputs must be arguments of {type(ml[0]).__name__}.forward "
@@ -244,6 +252,14 @@ def _generic_spec(model: nn.Module, paths: list[str | BlockListSpec]) -> FamilyS
         else:
             arg = _first_arg(ml[0])
             lists.append(BlockListSpec(path, (arg,), (arg,)))
+        for i, block in enumerate(ml):  # one stream name per list: a block of another class must take it too
+            names = inspect.signature(block.forward).parameters
+            missing = [n for n in lists[-1].stream_inputs if n not in names]
+            if missing and not any(p.kind is p.VAR_KEYWORD for p in names.values()):
+                raise ValueError(f"blocks={path!r}: {path}.{i} ({type(block).__name__}) takes no argument "
+                                 f"{missing[0]!r}, the stream of {path}.0 ({type(ml[0]).__name__}); a block list's "
+                                 f"blocks must name their streams alike: give them the same argument names (or a "
+                                 f"wrapper that does)")
     sig = inspect.signature(model.forward).parameters
     timestep = timestep_arg(sig)
     if timestep is None:

@@ -31,7 +31,8 @@ __all__ = [
     "pred_placeholder_name", "state_update_name", "router_name", "is_state_module", "is_fastcache_module", "index_of", "val", "is_tensor", "is_contiguous",
     "contiguous_copy", "is_cond", "conds", "emit_clock", "emit_decide", "emit_update", "is_decide", "is_update",
     "decide_args", "update_args", "emit_router_select", "emit_router_update", "find_cond", "find_update",
-    "tick_field", "guard_of_cond", "strip_identity",
+    "tick_field", "guard_of_cond", "strip_identity", "is_view_op", "view_base", "written_by", "written_bases",
+    "drop_dead_nodes",
 ]
 
 COND = torch.ops.higher_order.cond
@@ -139,6 +140,73 @@ def strip_identity(n: fx.Node, op: Any) -> fx.Node:
     while n.op == "call_function" and n.target is op:
         n = n.args[0]
     return n
+
+
+
+# -- in-place writes: the edges a data-flow walk misses ---------------------------------------
+def is_view_op(op: Any) -> bool:
+    """Whether ``op``'s output is a view of its first argument (``slice``, ``view``; ``chunk``'s list)."""
+    return isinstance(op, torch._ops.OpOverload) and bool(op._schema.returns) and \
+        (alias := op._schema.returns[0].alias_info) is not None and not alias.is_write
+
+
+def view_base(n: fx.Node) -> fx.Node:
+    """The tensor ``n`` is a view of (itself if no view op made it): an in-place write to a view is a write
+    to its base.  Steps through ``getitem`` of a list of views (``chunk``, ``split``, ``unbind``)."""
+    while n.op == "call_function" and n.args and isinstance(n.args[0], fx.Node):
+        src = n.args[0]
+        if n.target is operator.getitem and src.op == "call_function" and is_view_op(src.target) and src.args and \
+                isinstance(src.args[0], fx.Node):
+            n = src.args[0]
+        elif is_view_op(n.target):
+            n = src
+        else:
+            break
+    return n
+
+
+def written_by(n: fx.Node) -> list[fx.Node]:
+    """The nodes an in-place op ``n`` writes to (``aten.copy_(slice, src)`` writes ``slice``)."""
+    if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+        return []
+    out = []
+    for i, a in enumerate(n.target._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            v = n.args[i] if i < len(n.args) else n.kwargs.get(a.name)
+            if isinstance(v, fx.Node):
+                out.append(v)
+    return out
+
+
+def written_bases(root: torch.nn.Module, nodes: Any) -> set[fx.Node]:
+    """The tensors ``nodes`` (of ``root``'s graph) write into in place, views counting as their base; also
+    from inside the subgraphs a node calls: a region torch.export keeps as a call of a submodule
+    (``torch.autocast``, grad mode; its operands follow the submodule) and a ``cond``'s branches (its
+    operand list).  A write has no users, so a walk along data edges misses it."""
+    out: set[fx.Node] = set()
+    for n in nodes:
+        out |= {view_base(w) for w in written_by(n)}
+        if n.op != "call_function":
+            continue
+        for i, a in enumerate(n.args):
+            sub = operator.attrgetter(a.target)(root) if isinstance(a, fx.Node) and a.op == "get_attr" else None
+            if not isinstance(sub, fx.GraphModule):
+                continue
+            operands = n.args[3] if is_cond(n) else n.args[i + 1:]
+            inner = [p for p in sub.graph.nodes if p.op == "placeholder"]
+            for p in written_bases(sub, sub.graph.nodes) & set(inner):
+                j = inner.index(p)
+                if j < len(operands) and isinstance(operands[j], fx.Node):
+                    out.add(view_base(operands[j]))
+    return out
+
+
+def drop_dead_nodes(gm: fx.GraphModule) -> None:
+    """``eliminate_dead_code`` keeping every node that writes in place, also inside a region it calls: FX
+    counts a call of a region torch.export keeps as a submodule (``torch.autocast``, grad mode) as pure, and
+    one whose outputs nobody read was dropped with its writes (``temb[:, :8].mul_(0.5)`` under
+    ``torch.autocast``: 0.04 off with approximation off)."""
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or bool(written_bases(gm, [n])))
 
 
 # -- the clock -------------------------------------------------------------------------------

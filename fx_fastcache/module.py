@@ -37,6 +37,7 @@ from .config import RUNTIME_FIELDS, FastCacheConfig
 from .context_state import ContextStates, restart_state
 from .fallbacks import FALLBACKS
 from .families import FamilySpec, block_modules, capture_preparation, compute_dtype, resolve_family
+from .layerwise_casting import cast_in_graph
 from .markers import marked
 from .model_watch import ModelWatch, active_attention_backend, attention_processor
 from .policies import POLICIES
@@ -234,7 +235,7 @@ class FastCacheModule(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """The model's compute dtype (:func:`~fx_fastcache.families.compute_dtype`: diffusers' reading)."""
-        return compute_dtype(self.model)
+        return compute_dtype(self.model, self._submodules)  # (checked at every call: the kept list is cheaper)
 
     @property
     def device(self) -> torch.device:
@@ -767,7 +768,8 @@ class FastCacheModule(nn.Module):
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(), marked(self.model, self.spec), capture_preparation(self.spec, self.model, kw):
+            with torch.no_grad(), marked(self.model, self.spec), capture_preparation(self.spec, self.model, kw), \
+                    cast_in_graph(self.model):
                 ep = torch.export.export(self.model, (), kwargs=kw, strict=False)
         except Exception as e:
             # torch's or the model's own error, raised deep in the trace: the same error (its type kept:
@@ -965,12 +967,11 @@ def calibration_conflict(fitted_for: dict[str, Any], cfg: FastCacheConfig) -> st
 #: Caches (First-Block-Cache, MagCache, TaylorSeer, FasterCache, PAB, SeaCache, text KV): their
 #: decisions read tensor values across calls, so torch.export would freeze the first call's
 #: decision (or fail on it, and leave fake tensors in the hook's state), and two caches would
-#: approximate the same blocks twice.  Layerwise casting: it casts weights in place inside
-#: ``forward``, which torch.export cannot trace.
+#: approximate the same blocks twice.  (Layerwise casting is traced with its casts in the graph:
+#: :mod:`fx_fastcache.layerwise_casting`.)
 FOREIGN_HOOKS = {
     "cache": ("fbc_", "mag_cache", "taylorseer", "faster_cache", "pyramid_attention_broadcast", "sea_cache",
               "text_kv_cache"),
-    "layerwise_casting": ("layerwise_casting",),
     "offloading": ("group_offloading", "lazy_prefetch_group_offloading", "layer_execution_tracker"),
 }
 
@@ -993,11 +994,6 @@ def _diffusers_hooks(model: nn.Module, modules: list[nn.Module]) -> tuple:
         raise ValueError(f"{type(model).__name__} carries diffusers cache hooks {refused['cache']}: two caches cannot "
                          f"run together (and torch.export would freeze that cache's first decision); remove it "
                          f"first (model.disable_cache(), or build the model without apply_*_cache)")
-    if refused["layerwise_casting"]:
-        raise ValueError(f"{type(model).__name__} carries diffusers layerwise casting hooks, which cast weights in "
-                         f"place inside forward where torch.export cannot trace them; load the model in its "
-                         f"compute dtype instead (model.to(torch.bfloat16)), or optimize a model without "
-                         f"enable_layerwise_casting / apply_layerwise_casting")
     if refused["offloading"]:
         raise ValueError(f"{type(model).__name__} carries diffusers group offloading hooks, which move weights between "
                          f"devices inside forward, where torch.export cannot trace them; keep the transformer on the "

@@ -96,6 +96,19 @@ def _default_steps(call: Any) -> Any:
     return None if p is None else p.default
 
 
+def _steps_run(kwargs: dict[str, Any], default_steps: Any) -> Any:
+    """The steps a pipeline call will run: custom ``sigmas`` / ``timesteps`` set them, else
+    ``num_inference_steps``, of which an image-to-image or video-to-video ``strength`` < 1 runs the last
+    ``n − int(n − n·strength)`` (diffusers' ``get_timesteps``, after custom sigmas too: a 6-step call at
+    strength 0.5 runs 3)."""
+    given = next((kwargs[k] for k in ("sigmas", "timesteps") if kwargs.get(k) is not None), None)
+    steps = len(given) if given is not None else kwargs.get("num_inference_steps", default_steps)
+    strength = kwargs.get("strength")
+    if isinstance(steps, int) and isinstance(strength, (int, float)) and 0 <= strength < 1:
+        steps -= int(max(steps - steps * strength, 0))
+    return steps
+
+
 def _uses_cache_context(call: Any) -> bool:
     """Whether a pipeline's ``__call__`` names its transformer calls' cache contexts (unknown: yes)."""
     try:
@@ -124,10 +137,8 @@ def _wrapped_call(original: Any):
         check_drift_sampler(self, mods[0].fastcache_config)  # `pipe.scheduler = ...` may have swapped it since enabling
         for tr in mods:
             tr.reset()
-        # the steps the call will run: custom sigmas / timesteps set them, else num_inference_steps; with two
-        # experts each runs a part of them, set by boundary_ratio, so the check is left out
-        given = next((kwargs[k] for k in ("sigmas", "timesteps") if kwargs.get(k) is not None), None)
-        steps = len(given) if given is not None else kwargs.get("num_inference_steps", default_steps)
+        # with two experts each runs a part of the steps, set by boundary_ratio, so the check is left out
+        steps = _steps_run(kwargs, default_steps)
         tr = mods[0]
         if isinstance(steps, int) and len(mods) == 1 and not tr.force_compute:  # calibrate refits the plan
             why = POLICIES[tr.fastcache_config.policy].steps_mismatch(tr.store, steps)
@@ -203,10 +214,12 @@ def _loader_methods(cls: type) -> dict[str, Any]:
 
 def _fastcache_class(cls: type) -> type:
     """The one-off subclass of pipeline class ``cls`` whose ``__call__`` resets the cache state and whose
-    loader methods and ``save_pretrained`` see the wrapped transformers (:func:`_loader_methods`)."""
-    return type(f"FastCache{cls.__name__}", (cls,),
+    loader methods and ``save_pretrained`` see the wrapped transformers (:func:`_loader_methods`).  It keeps
+    ``cls``'s name: diffusers finds related pipelines by class name (``AutoPipelineForImage2Image.from_pipe``
+    raised "can't find a pipeline linked to FastCacheFluxPipeline")."""
+    return type(cls.__name__, (cls,),
                 {**_loader_methods(cls), "__call__": _wrapped_call(cls.__call__), "_fastcache_original_class": cls,
-                 "__module__": cls.__module__, "__reduce_ex__": _reduce_enabled})
+                 "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__reduce_ex__": _reduce_enabled})
 
 
 def _reduce_enabled(pipe: Any, protocol: int) -> tuple:

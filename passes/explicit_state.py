@@ -291,7 +291,7 @@ def explicit_state(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule
     g.erase_node(clock)
     out_node.args = (tuple(flat_out) + tuple(state_out),)
     _dedupe_cond_operands(g)
-    g.eliminate_dead_code()
+    gp.drop_dead_nodes(new)
     g.lint()
     new.recompile()
     for name in (ctx.clock, ctx.step_decider, *ctx.guards):

@@ -7,6 +7,7 @@ capture.  The pass only analyses; it changes no node.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import operator
 
@@ -78,7 +79,8 @@ def _pairing_hint(list_path: str, index: int, tags: dict) -> str:
     if not outs or not any(matches):
         return ""
     if all(len(m) <= 1 for m in matches) and len({m[0] for m in matches if m}) == sum(1 for m in matches if m):
-        names = tuple(m[0] if m else None for m in matches)
+        by_index = {k: m for (k, _), m in zip(outs, matches)}  # (an output the model drops has no tag: None)
+        names = tuple(by_index[k][0] if by_index.get(k) else None for k in range(max(by_index) + 1))
         streams = tuple(x for x in names if x)
         return (f"; by shape, pass optimize(model, blocks=fx_fastcache.BlockListSpec({list_path!r}, "
                 f"stream_inputs={streams!r}, outputs={names!r})) (one entry per block list)")
@@ -99,6 +101,13 @@ def find_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
     missing = [path for (path, _, _), region in zip(listed, regions) if not region]
     if missing and len(missing) < len(listed):
         raise BlocksNotCalled(missing)
+    starts = [min((position[n] for n in region if n.op != "get_attr"), default=-1) for region in regions]
+    late = next((i for i in range(1, len(starts)) if -1 < starts[i] < starts[i - 1]), None)
+    if late is not None:
+        raise RuntimeError(f"block {listed[late][0]} runs before {listed[late - 1][0]}: the model calls its blocks in "
+                           f"another order than their list's, and FastCache guards, counts and schedules them in list "
+                           f"order; call them in list order (store the list in the order forward runs it) or "
+                           f"optimize a model that does")
     for index, ((path, _, bl), region) in enumerate(zip(listed, regions)):
         if not region:
             raise RuntimeError(f"block {path} does not appear in the captured graph: is it called in forward()?")
@@ -108,6 +117,13 @@ def find_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
         members = set(region)
         strays = [n.name for n in nodes[first:last + 1] if n not in members and n.op == "call_function"]
         if strays:
+            calls = max(collections.Counter(str(n.args[1]) for n in marks
+                                            if str(n.args[1]).startswith((f"in:{index}:", f"out:{index}:"))).values())
+            if calls > 1:
+                raise RuntimeError(f"block {path} is called {calls} times in one forward (a loop over the block list "
+                                   f"run more than once): FastCache guards each block once per call of the model; "
+                                   f"list modules the model calls once each (e.g. wrap each pass over the list in a "
+                                   f"module and pass a list of those as blocks=)")
             raise RuntimeError(f"block {path} is not contiguous in the captured graph (interleaved nodes {strays[:5]})")
         blk = BlockRegion(index=index, name=path, nodes=region)
         for name in bl.stream_inputs:

@@ -28,8 +28,9 @@ Which blocks share a span (``FastCacheConfig.span``):
 A proposed span is also cut wherever the graph does not allow one ``cond``: a node between two
 blocks that reads an earlier block of the span (Flux/HunyuanVideo: anything but block nodes
 between the two block lists), a block whose stream input is not the previous block's output of
-that stream, or a value of a non-final block that is read after the span.  Nodes between two
-blocks that do not read the span are moved in front of it.
+that stream, a value of a non-final block that is read after the span, or an in-place write between
+two blocks to a tensor the span reads (or a read of one it writes).  Nodes between two blocks that do not
+read the span are moved in front of it.
 
 Each span region lists its blocks in ``members``; statistics stay per block (every block of a
 skipped span counts as approximated).  SD3's last block returns no text stream: a span ending
@@ -41,6 +42,7 @@ import logging
 
 import torch.fx as fx
 
+from fx_fastcache import graph_protocol as gp
 from fx_fastcache.fallbacks import FALLBACKS
 
 from .context import BlockRegion, PassContext, finish
@@ -83,13 +85,35 @@ def _between(nodes: list[fx.Node], pos: dict[fx.Node, int], a: BlockRegion, b: B
     return [n for n in nodes[start:end] if n.op not in ("placeholder", "output", "get_attr")]
 
 
-def _can_extend(span: list[BlockRegion], nxt: BlockRegion, between: list[fx.Node]) -> str | None:
+def _write_clash(writes_of: dict[fx.Node, set[fx.Node]], members: set[fx.Node],
+                 between: list[fx.Node]) -> fx.Node | None:
+    """A node of ``between`` that may not move in front of the span's blocks: it writes in place to a tensor
+    they read or write (``temb.mul_(0.5)`` after block 0 would reach block 0's reads; also inside a
+    ``torch.autocast`` region), or reads one they write.  An in-place write has no users, so the data edges do
+    not see it; views count as their base tensor."""
+    def bases(nodes):
+        return {gp.view_base(a) for n in nodes for a in (n, *n.all_input_nodes)}
+    if not between:
+        return None
+    span_writes = set().union(*(writes_of[n] for n in members))
+    span_reads = bases(members) if any(writes_of[n] for n in between) else set()
+    for n in between:
+        if writes_of[n] & (span_reads | span_writes) or (span_writes and bases([n]) & span_writes):
+            return n
+    return None
+
+
+def _can_extend(writes_of: dict[fx.Node, set[fx.Node]], span: list[BlockRegion], nxt: BlockRegion,
+                between: list[fx.Node]) -> str | None:
     """Why ``nxt`` cannot join ``span`` (``None``: it can)."""
     members = {n for b in span for n in b.nodes}
     reads_span = set(members)
     for n in between:  # in graph order: a node reading the span (or such a node) must stay between
         if any(a in reads_span for a in n.all_input_nodes):
             return f"node {n.name} between {span[-1].name} and {nxt.name} reads the span"
+    if clash := _write_clash(writes_of, members | {n for b in span for n in b.hoisted}, between):
+        return f"node {clash.name} between {span[-1].name} and {nxt.name} writes in place to a tensor the span " \
+               f"reads, or reads one it writes"
     if nxt.hoisted:
         return f"{nxt.name} has a hoisted probe"
     last = span[-1]
@@ -122,16 +146,20 @@ def group_spans(gm: fx.GraphModule, ctx: PassContext) -> None:
     groups = proposed_groups(ctx)
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
+    writes_of = {n: gp.written_bases(gm, [n]) for n in nodes}  # what each node writes in place (_write_clash)
     spans: list[list[BlockRegion]] = []
     for grp in groups:
         cur = [blocks[grp[0]]]
         for i in grp[1:]:
             nxt = blocks[i]
             between = _between(nodes, pos, cur[-1], nxt)
-            why = _can_extend(cur, nxt, between)
+            why = _can_extend(writes_of, cur, nxt, between)
             if why is None:
                 start = cur[0].hoisted[0] if cur[0].hoisted else cur[0].nodes[0]
-                for n in between:  # independent of the span: compute them before it
+                for n in between:  # independent of the span: compute them before it, with the submodules
+                    for a in n.all_input_nodes:  # they call by get_attr (an autocast region's body), if after it
+                        if a.op == "get_attr" and pos[a] > pos[start]:
+                            start.prepend(a)
                     start.prepend(n)
                 cur.append(nxt)
             else:

@@ -165,7 +165,7 @@ def guard_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
             step_decider = None  # built after block 0, from its residual
 
     fallback_cls = FALLBACKS[cfg.fallback]
-    for blk in ctx.blocks:
+    for pos, blk in enumerate(ctx.blocks):
         _externalize_getitems(blk)
         inputs, outs = _region_io(blk)
         streams = _stream_infos(blk)
@@ -197,18 +197,24 @@ def guard_blocks(gm: fx.GraphModule, ctx: PassContext) -> None:
                     operands.append(g.get_attr(f"{gname}.fallback.{sname}"))
             signal = blk.probe if decider is not None else None
             pred = gp.emit_decide(g, gname, DecideArgs(step, new_gen, ok, thr, t, max_skip, signal, step_pred))
+            # a block that writes into its own input (``x += f(x); return x``) leaves it overwritten after the
+            # cond: the update (the fallback's residual, output - input) reads a copy taken before it
+            # (it read the output twice: a residual of 0, every forecast returned the input)
+            written = gp.written_bases(gm, blk.nodes)
+            stream_ins = [blk.stream_inputs[name] for _, name, _ in blk.outputs]
+            stream_ins = [contiguous_copy(g, x) if gp.view_base(x) in written else x for x in stream_ins]
             cond = g.call_function(COND, (pred, g.get_attr(cheap), g.get_attr(full), operands))
             results = []
             for j, o in enumerate(outs):
                 r = g.call_function(operator.getitem, (cond, j))
                 r.meta["val"] = _val(o)
                 results.append(r)
-            stream_ins = [blk.stream_inputs[name] for _, name, _ in blk.outputs]
             update = gp.emit_update(g, gname, UpdateArgs(pred, new_gen, t, tuple(stream_ins), tuple(results)))
         members = set(blk.nodes)
         for o, r in zip(outs, results):
             o.replace_all_uses_with(r, delete_user_cb=lambda u: u not in members and u is not update)
-            for later in ctx.blocks[blk.index + 1:]:  # later blocks read this output as their stream input
+            for later in ctx.blocks[pos + 1:]:  # later regions read this output as their stream input (a span's
+                # index is its first block's, not its position among the regions)
                 later.stream_inputs = {k: (r if v is o else v) for k, v in later.stream_inputs.items()}
                 if later.probe is o:
                     later.probe = r

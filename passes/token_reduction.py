@@ -28,6 +28,7 @@ from fx_fastcache import graph_protocol as gp
 from fx_fastcache.families import block_modules
 from fx_fastcache.graph_protocol import CLONE, COND, is_contiguous
 from fx_fastcache.graph_protocol import val as _val
+from fx_fastcache.layerwise_casting import cast_in_graph
 from fx_fastcache.markers import CALLS
 from fx_fastcache.runtime.merging import merge_tokens as merge_fn
 from fx_fastcache.runtime.merging import stage_sizes, unpool
@@ -217,13 +218,16 @@ def reduce_blocks(gm: fx.GraphModule, ctx: PassContext, route: bool, merge: bool
         call = CALLS.get(block)
         if call is None:
             raise RuntimeError(f"route_tokens: no recorded call of block {path}; was it captured with markers?")
-        if stream not in blk.stream_inputs:
+        bstream = stream
+        if stream not in blk.stream_inputs and ctx.spec.name.startswith("custom:") and len(blk.stream_inputs) == 1:
+            bstream = next(iter(blk.stream_inputs))  # a model of no family: its own argument may be named otherwise
+        if bstream not in blk.stream_inputs:
             raise ValueError(f"enable_token_routing: block {path} has no {stream!r} stream to route "
                              f"(streams {sorted(blk.stream_inputs)}); disable token routing for this model")
-        x = blk.stream_inputs[stream]
+        x = blk.stream_inputs[bstream]
         xv = _val(x)
         if xv is None or xv.ndim != 3:
-            raise ValueError(f"enable_token_routing: block {path}'s {stream!r} is not a (batch, tokens, dim) "
+            raise ValueError(f"enable_token_routing: block {path}'s {bstream!r} is not a (batch, tokens, dim) "
                              f"tensor ({None if xv is None else tuple(xv.shape)}); token routing needs one")
         b, n, _ = xv.shape
         k = routing_capacity(cfg.motion_threshold, n) if route else n
@@ -235,7 +239,7 @@ def reduce_blocks(gm: fx.GraphModule, ctx: PassContext, route: bool, merge: bool
             m = sizes[-1]
         text_len = 0
         for name, node in blk.stream_inputs.items():
-            if name != stream and _val(node) is not None and _val(node).ndim == 3:
+            if name != bstream and _val(node) is not None and _val(node).ndim == 3:
                 text_len += _val(node).shape[1]
         # every tensor argument of the block call: its graph node and its role
         nodes: list[fx.Node] = []
@@ -277,7 +281,7 @@ def reduce_blocks(gm: fx.GraphModule, ctx: PassContext, route: bool, merge: bool
         was_training = block.training
         block.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), cast_in_graph(block):  # diffusers' layerwise casting: casts in the graph too
                 ep = torch.export.export(RoutedCall(block, call, out_index, context_fn), tuple(examples),
                                         strict=False)
         finally:
@@ -316,7 +320,7 @@ def reduce_blocks(gm: fx.GraphModule, ctx: PassContext, route: bool, merge: bool
         n_ops = n_outer + len(extra_names)
         add_placeholders(full, extra_names)
         add_placeholders(fallback, extra_names)
-        routed = _routed_branch(routed_block, n_ops, pos, arg_pos, roles, out_names, stream, text_len, mspec, n)
+        routed = _routed_branch(routed_block, n_ops, pos, arg_pos, roles, out_names, bstream, text_len, mspec, n)
         compute = _compute_branch(full, routed, n_ops, n_outer, len(out_names))
         cname = gp.compute_branch_name(blk.index)
         gm.add_submodule(cname, compute)
@@ -332,7 +336,7 @@ def reduce_blocks(gm: fx.GraphModule, ctx: PassContext, route: bool, merge: bool
             extra_ops = [n if n is x and is_contiguous(n) else g.call_function(CLONE, (n,), {"memory_format": torch.contiguous_format})
                          for n in extra_nodes]
         cond.args = (pred, cond.args[1], new_false, operands + [active, idx, resid, x_ref] + extra_ops)
-        j = out_names.index(stream)
+        j = out_names.index(bstream)
         y = next(u for u in cond.users if u.op == "call_function" and u.target is operator.getitem
                  and u.args[1] == j)
         with g.inserting_after(update):
@@ -340,5 +344,5 @@ def reduce_blocks(gm: fx.GraphModule, ctx: PassContext, route: bool, merge: bool
         ctx.note(pass_name, f"{path}: {k}/{n} tokens routed ({'batch-shared' if shared else 'per-sample'} indices, "
                             f"keys/values of {'all' if context_fn is not None else 'routed'} tokens)"
                             + (f", merged to {mspec.sizes}" if mspec is not None else ""))
-    g.eliminate_dead_code()
+    gp.drop_dead_nodes(gm)
     finish(gm)

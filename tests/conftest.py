@@ -40,6 +40,19 @@ def _diffusers_attention_backend():
     _AttentionBackendRegistry._active_backend = before
 
 
+def exact_without_approximation(model, x, steps, **config):
+    """``optimize(model, enable_block_approx=False, blocks="blocks")`` called as ``model(x=..., timestep=...)``
+    at ``steps`` equals ``model`` (to 1e-6); returns the optimized model."""
+    import fx_fastcache as fastcache
+
+    opt = fastcache.optimize(model, backend="eager", blocks="blocks", enable_block_approx=False, **config)
+    with torch.no_grad():
+        for t in steps:
+            kw = dict(x=x, timestep=torch.full((x.shape[0],), t))
+            torch.testing.assert_close(opt(**kw), model(**kw), rtol=0, atol=1e-6)
+    return opt
+
+
 def first(out):
     """The sample tensor of a model output (tuple, dataclass or tensor)."""
     if isinstance(out, torch.Tensor):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -67,6 +68,27 @@ class _Cache:
     pass
 
 
+class _AuxBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = x + self.fc(x)
+        return y.mean(1), y  # (aux, hidden): the model drops aux
+
+
+class DropsAux(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([_AuxBlock() for _ in range(2)])
+
+    def forward(self, x, timestep):
+        for b in self.blocks:
+            _, x = b(x)
+        return x
+
+
 class TakesAnObject(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -88,6 +110,35 @@ def test_capture_errors_name_the_fix():
                                            r"'transformer_blocks', stream_inputs=\('encoder_hidden_states', "
                                            r"'hidden_states'\), outputs=\('encoder_hidden_states', 'hidden_states'\)"):
         opt(**tm.make_inputs(900.0, 2))
+    # the spec names each returned tensor by its position (an output the model drops is None)
+    opt = fastcache.optimize(DropsAux(), backend="eager")
+    with pytest.raises(RuntimeError, match=re.escape("outputs=(None, 'x')")):
+        opt(torch.randn(2, 3, 4), torch.full((2,), 900.0))
+    opt = fastcache.optimize(DropsAux(), backend="eager", enable_block_approx=False,
+                             blocks=fastcache.BlockListSpec("blocks", stream_inputs=("x",), outputs=(None, "x")))
+    x = torch.randn(2, 3, 4)
+    torch.testing.assert_close(opt(x, torch.full((2,), 900.0)), opt.model(x, torch.full((2,), 900.0)))
+    class Reversed(DropsAux):  # a list run bottom-up
+        def forward(self, x, timestep):
+            for b in reversed(self.blocks):
+                _, x = b(x)
+            return x
+
+    spec = fastcache.BlockListSpec("blocks", stream_inputs=("x",), outputs=(None, "x"))
+    opt = fastcache.optimize(Reversed(), backend="eager", blocks=spec)
+    with pytest.raises(RuntimeError, match=r"block blocks.1 runs before blocks.0: the model calls its blocks in another "
+                                           r"order than their list's"):  # (a raw FX error: used before defined)
+        opt(x, torch.full((2,), 900.0))
+    class Twice(DropsAux):  # one list run twice (weights shared between the passes)
+        def forward(self, x, timestep):
+            for _ in range(2):
+                for b in self.blocks:
+                    _, x = b(x)
+            return x
+
+    opt = fastcache.optimize(Twice(), backend="eager", blocks=spec)
+    with pytest.raises(RuntimeError, match=r"block blocks.0 is called 2 times in one forward"):
+        opt(x, torch.full((2,), 900.0))
     opt = fastcache.optimize(ReadsValues(), backend="eager")
     with pytest.raises(Exception) as caught:  # torch's own error, its type kept, with a note
         opt(torch.randn(2, 3, 4), torch.full((2,), 900.0))
@@ -316,3 +367,46 @@ def test_compile_wrappers_and_flex_attention():
     opt = fastcache.optimize(flux.model, backend="eager")
     with pytest.raises(ValueError, match=r"'flex' attention backend.*set_attention_backend\('native'\)"):
         opt(**flux.make_inputs(900.0, 2))
+
+
+def test_a_block_taking_only_varargs_names_the_fix():
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, *args, **kwargs):
+            return self.fc(args[0])
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([Wrap()])
+
+        def forward(self, x, timestep):
+            return self.blocks[0](x)
+
+    with pytest.raises(ValueError, match=r"takes no named positional argument .* forward\(self, hidden_states, \*args"):
+        fastcache.optimize(M(), backend="eager", blocks="blocks")
+    with pytest.raises(ValueError, match=r"stream_inputs must be arguments of Wrap.forward \[\]"):  # not *args
+        fastcache.optimize(M(), backend="eager", blocks=fastcache.BlockListSpec("blocks", ("args",), ("args",)))
+
+
+def test_a_block_list_whose_blocks_name_their_stream_otherwise_is_refused_naming_it():
+    """(It failed at the first call: "blocks.1: output 0 continues stream 'x', which is not a tensor input".)"""
+    from fx_fastcache.zoo import CustomBlock
+
+    class Other(CustomBlock):
+        def forward(self, h, temb):
+            return super().forward(h, temb)
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([CustomBlock(8), Other(8)])
+
+        def forward(self, x, timestep):
+            return x
+
+    with pytest.raises(ValueError, match=r"blocks.1 \(Other\) takes no argument 'x', the stream of blocks.0"):
+        fastcache.optimize(M(), backend="eager", blocks="blocks")

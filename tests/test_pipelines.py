@@ -386,9 +386,14 @@ def test_flux_img2img_true_cfg_takes_the_branches_in_turn_and_from_pipe_is_adopt
     ``cache_context``: one state served both branches and nothing was approximated (0 %, FluxPipeline
     67 %). Inside an enabled call they now take "cond" and "uncond" in turn.  A pipeline made with
     ``from_pipe`` shares the optimized transformer but not the per-call reset (a call carried the
-    previous call's cache): calling it warns, and ``enable_fastcache`` adopts the shared transformer."""
+    previous call's cache): calling it warns, and ``enable_fastcache`` adopts the shared transformer.
+    ``AutoPipelineForImage2Image.from_pipe`` failed on an enabled pipeline (its class had another name)."""
     tp = make_tiny_pipeline("flux")
     tr = fastcache.enable_fastcache(tp.pipe, backend="eager", cache_ratio_threshold=0.5)
+    from diffusers import AutoPipelineForImage2Image  # finds the related pipeline by the class's name
+
+    assert type(tp.pipe).__name__ == "FluxPipeline"
+    assert type(AutoPipelineForImage2Image.from_pipe(tp.pipe)) is FluxImg2ImgPipeline
     i2i = FluxImg2ImgPipeline.from_pipe(tp.pipe)
     i2i.set_progress_bar_config(disable=True)
     kwargs = tp.call_kwargs(negative_prompt="blurry", true_cfg_scale=2.0, num_inference_steps=STEPS,

@@ -352,7 +352,7 @@ def test_plan_exports_to_onnx(calibrated, tmp_path):
 @pytest.mark.parametrize("family", ["sd3", "wan"])
 def test_planned_pipeline_and_a_step_count_it_was_not_planned_for(family, caplog):
     """A pipeline plans on its own calibration call (Wan: two cache contexts per step) and warns when
-    called with another ``num_inference_steps``."""
+    called with another number of steps (``num_inference_steps``, custom sigmas, image-to-image strength)."""
     tp = make_tiny_pipeline(family)
     fastcache.enable_fastcache(tp.pipe, backend="eager", policy="planned", target_fraction=0.5)
     with fastcache.calibrate(tp.pipe.transformer):
@@ -367,6 +367,21 @@ def test_planned_pipeline_and_a_step_count_it_was_not_planned_for(family, caplog
             caplog.clear()
             tp.pipe(**tp.call_kwargs(seed=0, num_inference_steps=4, sigmas=[1.0, 0.8, 0.6, 0.4, 0.3, 0.2]))
             assert not caplog.records
+            # image-to-image at strength 0.5 runs half the steps (the check counted num_inference_steps)
+            from diffusers import StableDiffusion3Img2ImgPipeline
+            from PIL import Image
+
+            i2i = StableDiffusion3Img2ImgPipeline.from_pipe(tp.pipe)
+            fastcache.enable_fastcache(i2i)  # adopts the shared transformer
+            side = tp.pipe.default_sample_size * tp.pipe.vae_scale_factor
+            kw = dict(image=Image.new("RGB", (side, side), (120, 30, 200)), strength=0.5)
+            caplog.clear()
+            i2i(**tp.call_kwargs(seed=0, **dict(kw, num_inference_steps=12)))
+            i2i(**tp.call_kwargs(seed=0, **dict(kw, sigmas=torch.linspace(1.0, 0.1, 12).tolist())))  # also 6
+            assert not [r for r in caplog.records if r.name.startswith("fx_fastcache")]
+            i2i(**tp.call_kwargs(seed=0, **dict(kw, num_inference_steps=6)))
+            assert any("calibrated on 6-step generations, this one runs 3 steps" in r.getMessage()
+                       for r in caplog.records)
 
 
 @pytest.mark.slow

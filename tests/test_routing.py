@@ -249,3 +249,52 @@ def test_joint_mask_without_known_order_is_refused() -> None:
             opt(**tm.make_inputs(900.0, 2))
     finally:
         SPECS["HunyuanVideoTransformer3DModel"] = spec
+
+
+class _HiddenBlock(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from fx_fastcache.zoo import CustomBlock
+
+        self.inner = CustomBlock(16)
+
+    def forward(self, hidden_states, temb):
+        return self.inner(hidden_states, temb)
+
+
+class _ArgX(torch.nn.Module):
+    """A model of no family whose own token argument is ``x`` and whose blocks call theirs ``hidden_states``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj_in, self.temb, self.proj_out = (torch.nn.Linear(4, 16), torch.nn.Linear(1, 16),
+                                                  torch.nn.Linear(16, 4))
+        self.blocks = torch.nn.ModuleList([_HiddenBlock() for _ in range(2)])
+
+    def forward(self, x, timestep):
+        temb = torch.nn.functional.silu(self.temb(timestep.view(-1, 1) / 1000.0))
+        h = self.proj_in(x)
+        for b in self.blocks:
+            h = b(h, temb)
+        return self.proj_out(h)
+
+
+class _ArgHidden(_ArgX):
+    def forward(self, hidden_states, timestep):
+        return super().forward(hidden_states, timestep)
+
+
+def test_routing_a_model_whose_argument_is_named_otherwise_than_its_blocks_stream():
+    """Routing was refused ("no 'x' stream to route") when the model's first argument and its blocks' one
+    stream had different names; the same model with the argument renamed routed."""
+    x = torch.randn(2, 10, 4, generator=torch.Generator().manual_seed(1))
+    outs = {}
+    for cls, arg in ((_ArgX, "x"), (_ArgHidden, "hidden_states")):
+        torch.manual_seed(0)
+        opt = fastcache.optimize(cls().eval(), backend="eager", blocks="blocks", enable_block_approx=False,
+                                 enable_token_routing=True, motion_threshold=0.5, warmup_steps=2)
+        with torch.no_grad():
+            outs[arg] = [opt(**{arg: x + 0.1 * i, "timestep": torch.full((2,), 999.0 - 100 * i)}) for i in range(4)]
+        assert fastcache.get_cache_statistics(opt)["spatial_approx_ratio"] > 0
+    for a, b in zip(outs["x"], outs["hidden_states"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -252,22 +252,72 @@ def test_a_generic_models_timestep_may_be_called_sigma():
         torch.testing.assert_close(a, b)
 
 
-def test_diffusers_cache_and_layerwise_casting_hooks_are_refused():
+def test_diffusers_cache_hooks_are_refused():
     """A diffusers cache on the same model crashed the capture or froze its first decision (and left
-    fake tensors in its hooks); layerwise casting crashed at capture.  Both are refused up front."""
+    fake tensors in its hooks): refused up front."""
     from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
     tm = make_tiny("tiny-wan")
     apply_first_block_cache(tm.model, FirstBlockCacheConfig(threshold=0.05))
     with pytest.raises(ValueError, match=r"diffusers cache hooks \['fbc_"):
         fastcache.optimize(tm.model, backend="eager")
+
+
+def _hooked_and_twin(family: str):
+    """A tiny model under diffusers' layerwise casting (float8 storage, bfloat16 compute), and its twin:
+    the same float8-rounded weights held in bfloat16, no hooks."""
+    tm = make_tiny(family)
+    twin = copy.deepcopy(tm.model).to(torch.bfloat16)
+    tm.model.to(torch.bfloat16).enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
+                                                         compute_dtype=torch.bfloat16)
+    with torch.no_grad():
+        for (name, p), q in zip(tm.model.named_parameters(), twin.parameters()):
+            q.copy_(p.to(torch.bfloat16))
+    return tm, twin
+
+
+@pytest.mark.parametrize("family", ["tiny-wan"])  # (every family: checked by a hunt, not in the suite)
+def test_layerwise_casting_is_traced_with_its_casts_in_the_blocks(family):
+    """diffusers' layerwise casting (float8 weights, cast up in a hook around each layer) crashed the capture
+    ("Couldn't swap Linear.weight") and was refused; now each layer's cast is in the graph, inside its block:
+    the optimized model equals the hooked model with approximation off, equals its bfloat16 twin with
+    forced forecasts, keeps the weights in float8, and a skipped block casts nothing."""
+    from fx_fastcache import graph_protocol as gp
+
+    tm, twin = _hooked_and_twin(family)
+    fp8 = {n for n, p in tm.model.named_parameters() if p.dtype == torch.float8_e4m3fn}
+    assert fp8
+
+    def inputs(t):
+        kw = tm.make_inputs(t, 2)
+        return {k: v.to(torch.bfloat16) if k != "timestep" and torch.is_tensor(v) and v.is_floating_point() else v
+                for k, v in kw.items()}
+
+    forced = dict(backend="eager", cache_ratio_threshold=1e6, warmup_steps=2)
+    off = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False)
+    opt, ref = fastcache.optimize(tm.model, **forced), fastcache.optimize(twin, **forced)
+    assert off.dtype == torch.bfloat16  # diffusers reads the hook's compute dtype too
+    with torch.no_grad():
+        for t in TIMESTEPS[:4]:
+            torch.testing.assert_close(first(off(**inputs(t))), first(tm.model(**inputs(t))), rtol=0, atol=0)
+            torch.testing.assert_close(first(opt(**inputs(t))), first(ref(**inputs(t))), rtol=0, atol=0)
+    assert fastcache.get_cache_statistics(opt)["blocks_approximated"] > 0
+    assert {n for n, p in tm.model.named_parameters() if p.dtype == torch.float8_e4m3fn} == fp8
+    gm = opt.last_entry().gm
+    casts = lambda m: sum(n.target in (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default)  # noqa: E731
+                          for n in m.graph.nodes)
+    assert casts(getattr(gm, gp.block_branch_name(0))) > 0 and casts(getattr(gm, gp.fallback_branch_name(0))) == 0
+
+
+def test_layerwise_casting_enabled_after_a_capture_recaptures():
+    """(It was refused at the next call.)"""
     tm = make_tiny("tiny-wan")
-    opt = fastcache.optimize(tm.model, backend="eager")
+    opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False)
     with torch.no_grad():
         opt(**tm.make_inputs(999.0, 1))
-    tm.model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)  # after a capture
-    with torch.no_grad(), pytest.raises(ValueError, match="layerwise casting"):
-        opt(**tm.make_inputs(900.0, 1))
+        tm.model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+        torch.testing.assert_close(opt(**tm.make_inputs(900.0, 1)), tm.model(**tm.make_inputs(900.0, 1)),
+                                   rtol=0, atol=0)  # re-captured: the old graph would mix dtypes
 
 
 class _JointBlock(torch.nn.Module):
@@ -320,3 +370,33 @@ def test_generic_blocks_returning_two_streams_are_declared_with_a_block_list_spe
     swapped = fastcache.BlockListSpec("blocks", joint, joint[::-1])  # outputs named in the wrong order
     with torch.no_grad(), pytest.raises(RuntimeError, match="in the order it returns them"):
         fastcache.optimize(m, backend="eager", blocks=swapped, span="block")(x, torch.full((2,), 999.0), ctx)
+
+
+def test_layerwise_casting_beside_another_hook_on_a_layer_is_refused():
+    """The capture bypasses a cast layer's hooks; another hook there would be lost silently."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    tm = make_tiny("tiny-wan")
+    tm.model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    HookRegistry.check_if_exists_or_initialize(tm.model.blocks[0].ffn.net[2]).register_hook(ModelHook(), "mine")
+    opt = fastcache.optimize(tm.model, backend="eager")
+    with torch.no_grad(), pytest.raises(ValueError, match=r"\['layerwise_casting', 'mine'\] beside layerwise casting"):
+        opt(**tm.make_inputs(999.0, 1))
+
+
+def test_layerwise_casting_with_token_routing():
+    """Routing re-exports each block for fewer tokens: that export crashed on the casting hook."""
+    tm, twin = _hooked_and_twin("tiny-wan")
+
+    def inputs(t):
+        kw = tm.make_inputs(t, 2)
+        return {k: v.to(torch.bfloat16) if k != "timestep" and torch.is_tensor(v) and v.is_floating_point() else v
+                for k, v in kw.items()}
+
+    cfg = dict(backend="eager", enable_block_approx=False, enable_token_routing=True, motion_threshold=0.5,
+               warmup_steps=2)
+    opt, ref = fastcache.optimize(tm.model, **cfg), fastcache.optimize(twin, **cfg)
+    with torch.no_grad():
+        for t in TIMESTEPS[:3]:  # two warm-up steps, then one routed
+            torch.testing.assert_close(first(opt(**inputs(t))), first(ref(**inputs(t))), rtol=0, atol=0)
+    assert fastcache.get_cache_statistics(opt)["spatial_approx_ratio"] > 0

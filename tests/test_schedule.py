@@ -203,3 +203,29 @@ def test_steps_past_the_longest_table_compute():
     yes = torch.tensor(True)
     at = [bool(decider(torch.tensor(float(s)), ~yes, yes, None, None, None)) for s in (MAX_STEPS - 1, MAX_STEPS, 5000)]
     assert at == [True, False, False]
+
+
+def test_replay_on_a_model_optimized_with_its_own_block_lists():
+    """A schedule recorded on ``optimize(model, blocks=[...])`` (a model of no registered family) could not be
+    replayed by ``optimize_with_schedule``: it looked the blocks up without the lists and failed."""
+    from test_spans import _TwoLists
+
+    torch.manual_seed(0)
+    model = _TwoLists().eval()
+    x0 = torch.randn(2, 10, 4, generator=torch.Generator().manual_seed(1))
+
+    def loop(m):
+        x, outs = x0.clone(), []
+        with torch.no_grad():
+            for t in torch.linspace(999, 100, 6).tolist():
+                outs.append(m(x=x, timestep=torch.full((2,), t)).clone())
+                x = x - 0.1 * outs[-1]
+        return outs
+
+    opt = fastcache.optimize(model, backend="eager", blocks=["first", "second"], cache_ratio_threshold=0.3)
+    rec = {}
+    sched = record_schedule(opt, lambda: rec.setdefault("outs", loop(opt)))
+    assert sched.blocks == ["first.0", "first.1", "second.0", "second.1"] and 0 < sched.skip_ratio < 1
+    for blocks in (None, ["first", "second"]):
+        for a, b in zip(loop(optimize_with_schedule(model, sched, blocks=blocks)), rec["outs"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
