@@ -53,6 +53,31 @@ def exact_without_approximation(model, x, steps, **config):
     return opt
 
 
+class TinyStack(torch.nn.Module):
+    """The smallest model of no family: tokens ``x`` (B, N, 4) in, ``dim`` channels through ``blocks`` (``make(dim)``,
+    zoo's ``CustomBlock`` by default; called ``block(h, temb)``), 4 out.  Test models vary ``forward`` around
+    :meth:`embed`."""
+
+    def __init__(self, blocks: int = 3, dim: int = 16, make=None) -> None:
+        super().__init__()
+        from fx_fastcache.zoo import CustomBlock
+
+        make = make or CustomBlock
+        self.proj_in, self.temb, self.proj_out = torch.nn.Linear(4, dim), torch.nn.Linear(1, dim), torch.nn.Linear(dim, 4)
+        self.blocks = torch.nn.ModuleList([make(dim) for _ in range(blocks)])
+
+    def embed(self, x, timestep):
+        """``(h, temb)``: the tokens projected in and the timestep's conditioning."""
+        temb = torch.nn.functional.silu(self.temb(timestep.view(-1, 1) / 1000.0))
+        return self.proj_in(x), temb
+
+    def forward(self, x, timestep):
+        h, temb = self.embed(x, timestep)
+        for b in self.blocks:
+            h = b(h, temb)
+        return self.proj_out(h)
+
+
 def first(out):
     """The sample tensor of a model output (tuple, dataclass or tensor)."""
     if isinstance(out, torch.Tensor):

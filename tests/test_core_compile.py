@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 import fx_fastcache as fastcache
 from fx_fastcache.zoo import make_tiny
 
-from conftest import first
+from conftest import TinyStack, first
 
 pytestmark = pytest.mark.slow  # inductor compiles
 
@@ -94,19 +94,11 @@ def test_cond_operands_are_pinned_only_for_inductor_and_unpinned_without_cond() 
     assert not any(n.target is PIN for n in split.suffix((False,) * 3).graph.nodes)
 
 
-class _ViewWrites(torch.nn.Module):
+class _ViewWrites(TinyStack):
     """In-place writes through views: into the tokens before the blocks, into the conditioning between them."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        from fx_fastcache.zoo import CustomBlock
-
-        self.proj_in, self.temb, self.proj_out = torch.nn.Linear(4, 16), torch.nn.Linear(1, 16), torch.nn.Linear(16, 4)
-        self.blocks = torch.nn.ModuleList([CustomBlock(16) for _ in range(3)])
-
     def forward(self, x, timestep):
-        temb = torch.nn.functional.silu(self.temb(timestep.view(-1, 1) / 1000.0))
-        h = self.proj_in(x)
+        h, temb = self.embed(x, timestep)
         h[:, 1:] += 0.5 * torch.tanh(h[:, :-1])
         for i, b in enumerate(self.blocks):
             h = b(h, temb)

@@ -14,7 +14,7 @@ from fx_fastcache.passes.route_tokens import routing_capacity
 from fx_fastcache.runtime.routing import TokenRouter, gather_tokens
 from fx_fastcache.zoo import make_tiny
 
-from conftest import call_with_full_context
+from conftest import TinyStack, call_with_full_context
 
 FAMILIES = ["tiny-dit", "tiny-pixart", "tiny-sd3", "tiny-flux"]
 # video DiTs: per-sample rotary tables (Wan), image-only rotary + joint mask (HunyuanVideo), 3-D text-first (CogVideoX)
@@ -262,21 +262,11 @@ class _HiddenBlock(torch.nn.Module):
         return self.inner(hidden_states, temb)
 
 
-class _ArgX(torch.nn.Module):
+class _ArgX(TinyStack):
     """A model of no family whose own token argument is ``x`` and whose blocks call theirs ``hidden_states``."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.proj_in, self.temb, self.proj_out = (torch.nn.Linear(4, 16), torch.nn.Linear(1, 16),
-                                                  torch.nn.Linear(16, 4))
-        self.blocks = torch.nn.ModuleList([_HiddenBlock() for _ in range(2)])
-
-    def forward(self, x, timestep):
-        temb = torch.nn.functional.silu(self.temb(timestep.view(-1, 1) / 1000.0))
-        h = self.proj_in(x)
-        for b in self.blocks:
-            h = b(h, temb)
-        return self.proj_out(h)
+        super().__init__(blocks=2, make=lambda d: _HiddenBlock())
 
 
 class _ArgHidden(_ArgX):

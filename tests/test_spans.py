@@ -8,7 +8,7 @@ import torch
 import fx_fastcache as fastcache
 from fx_fastcache.zoo import make_tiny
 
-from conftest import FAMILIES, exact_without_approximation, family_policy_cases, first
+from conftest import FAMILIES, TinyStack, exact_without_approximation, family_policy_cases, first
 
 STEPS = [1000.0, 960.0, 920.0, 880.0, 840.0, 800.0, 760.0, 720.0]
 STEP_POLICIES = ["step_forecast", "teacache", "first_block_cache"]
@@ -227,22 +227,17 @@ def test_two_block_lists_share_a_span_only_if_nothing_reads_between(mid):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-class _WriteBetween(torch.nn.Module):
+class _WriteBetween(TinyStack):
     """An in-place write after block 0 and no read of any block: to the conditioning every block reads
     (``shared``) or to one only the later blocks read."""
 
     def __init__(self, shared: bool, dim: int = 16) -> None:
-        super().__init__()
-        from fx_fastcache.zoo import CustomBlock
-
+        super().__init__(blocks=3, dim=dim)
         self.shared = shared
-        self.proj_in, self.temb, self.proj_out = torch.nn.Linear(4, dim), torch.nn.Linear(1, dim), torch.nn.Linear(dim, 4)
-        self.blocks = torch.nn.ModuleList([CustomBlock(dim) for _ in range(3)])
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        temb = torch.nn.functional.silu(self.temb(timestep.view(-1, 1) / 1000.0))
+        h, temb = self.embed(x, timestep)
         late = temb * 2.0
-        h = self.proj_in(x)
         for i, block in enumerate(self.blocks):
             h = block(h, temb if i == 0 or self.shared else late)
             if i == 0:
@@ -275,20 +270,15 @@ def test_an_in_place_write_between_blocks_cuts_the_span_if_the_span_reads_it(sha
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-class _AutocastBetween(torch.nn.Module):
+class _AutocastBetween(TinyStack):
     """A region (torch.autocast, exported as a call of a submodule) between two blocks."""
 
     def __init__(self, mode: str, dim: int = 16) -> None:
-        super().__init__()
-        from fx_fastcache.zoo import CustomBlock
-
+        super().__init__(blocks=3, dim=dim)
         self.mode = mode
-        self.proj_in, self.temb, self.proj_out = torch.nn.Linear(4, dim), torch.nn.Linear(1, dim), torch.nn.Linear(dim, 4)
-        self.blocks = torch.nn.ModuleList([CustomBlock(dim) for _ in range(3)])
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        temb = torch.nn.functional.silu(self.temb(timestep.view(-1, 1) / 1000.0))
-        h = self.proj_in(x)
+        h, temb = self.embed(x, timestep)
         for i, block in enumerate(self.blocks):
             h = block(h, temb)
             if i == 0:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch._dynamo.utils as dynamo_utils
 import torch.fx as fx
-from conftest import exact_without_approximation, family_policy_cases, first
+from conftest import TinyStack, exact_without_approximation, family_policy_cases, first
 
 import fx_fastcache as fastcache
 from fx_fastcache.decision_split import split_at_decisions
@@ -317,21 +317,16 @@ def test_calibrate_through_compiled_dispatch(policy: str) -> None:
         assert _approximated(opt) == n * _approximated(ref) > 0
 
 
-class _WritesBeforeBlocks(torch.nn.Module):
+class _WritesBeforeBlocks(TinyStack):
     """An in-place write into a slice of the latents' embedding before the blocks (Wan Animate's
     ``hidden_states[:, :, 1:] += pose``), and a value read from the embedding before that write."""
 
     def __init__(self, chunk: bool = False) -> None:
-        super().__init__()
-        from fx_fastcache.zoo import CustomBlock
-
+        super().__init__(blocks=2)
         self.chunk = chunk
-        self.proj_in, self.temb, self.proj_out = torch.nn.Linear(4, 16), torch.nn.Linear(1, 16), torch.nn.Linear(16, 4)
-        self.blocks = torch.nn.ModuleList([CustomBlock(16) for _ in range(2)])
 
     def forward(self, x, timestep):
-        temb = torch.nn.functional.silu(self.temb(timestep.view(-1, 1) / 1000.0))
-        h = self.proj_in(x)
+        h, temb = self.embed(x, timestep)
         before = h.mean(dim=1, keepdim=True)  # read before the write: must not see it
         if self.chunk:  # a write through a view that chunk returns in a list
             h.chunk(2, dim=1)[1].add_(0.5 * torch.tanh(h[:, :5]))
@@ -369,19 +364,14 @@ def test_in_place_writes_before_the_decisions_join_the_prefix(name: str) -> None
         assert _approximated(opt) == _approximated(ref) == (2 * len(opt.block_names()) if approx else 0)
 
 
-class _WriteBetweenBlocks(torch.nn.Module):
+class _WriteBetweenBlocks(TinyStack):
     """An in-place update of the conditioning after block 1, from block 1's output."""
 
     def __init__(self) -> None:
-        super().__init__()
-        from fx_fastcache.zoo import CustomBlock
-
-        self.proj_in, self.temb, self.proj_out = torch.nn.Linear(4, 16), torch.nn.Linear(1, 16), torch.nn.Linear(16, 4)
-        self.blocks = torch.nn.ModuleList([CustomBlock(16) for _ in range(4)])
+        super().__init__(blocks=4)
 
     def forward(self, x, timestep):
-        temb = torch.nn.functional.silu(self.temb(timestep.view(-1, 1) / 1000.0))
-        h = self.proj_in(x)
+        h, temb = self.embed(x, timestep)
         for i, block in enumerate(self.blocks):
             h = block(h, temb)
             if i == 1:
@@ -405,23 +395,14 @@ def test_a_write_after_a_block_stays_in_the_suffix() -> None:
     assert _approximated(opt) == _approximated(ref) > 0
 
 
-class _InPlaceResidual(torch.nn.Module):
+class _InPlaceResidual(TinyStack):
     """Blocks that add their residual in place (``x += f(x); return x``), or, as a twin, out of place."""
 
     def __init__(self, in_place: bool, region: bool = False) -> None:
-        super().__init__()
         from fx_fastcache.zoo import CustomBlock
 
+        super().__init__(blocks=2, make=lambda d: _ResidualBlock(CustomBlock(d), in_place, region))
         self.in_place = in_place
-        self.proj_in, self.temb, self.proj_out = torch.nn.Linear(4, 16), torch.nn.Linear(1, 16), torch.nn.Linear(16, 4)
-        self.blocks = torch.nn.ModuleList([_ResidualBlock(CustomBlock(16), in_place, region) for _ in range(2)])
-
-    def forward(self, x, timestep):
-        temb = torch.nn.functional.silu(self.temb(timestep.view(-1, 1) / 1000.0))
-        h = self.proj_in(x)
-        for b in self.blocks:
-            h = b(h, temb)
-        return self.proj_out(h)
 
 
 class _ResidualBlock(torch.nn.Module):
@@ -471,21 +452,19 @@ class _TembWriter(torch.nn.Module):
         return out
 
 
-class _WritesThroughArguments(torch.nn.Module):
+class _WritesThroughArguments(TinyStack):
     """Blocks that write into what the model passes them: the shared conditioning (``temb.mul_``), or their
     input, which a long skip reads after the blocks."""
 
     def __init__(self, kind: str) -> None:
-        super().__init__()
         from fx_fastcache.zoo import CustomBlock
 
-        self.proj_in, self.temb, self.proj_out = torch.nn.Linear(4, 16), torch.nn.Linear(1, 16), torch.nn.Linear(16, 4)
-        self.blocks = torch.nn.ModuleList([_TembWriter(CustomBlock(16)) if kind == "temb" else
-                                           _ResidualBlock(CustomBlock(16), True) for _ in range(3)])
+        super().__init__(blocks=3, make=lambda d: _TembWriter(CustomBlock(d)) if kind == "temb" else
+                         _ResidualBlock(CustomBlock(d), True))
 
     def forward(self, x, timestep):
-        temb = torch.nn.functional.silu(self.temb(timestep.view(-1, 1) / 1000.0))
-        h = h0 = self.proj_in(x)
+        h0, temb = self.embed(x, timestep)
+        h = h0
         for b in self.blocks:
             h = b(h, temb)
         return self.proj_out(h + h0)
