@@ -132,3 +132,22 @@ def test_layout_pins_leave_what_a_block_writes_into(kind) -> None:
     entry = fastcache.optimize(model, backend="inductor", blocks="blocks", enable_block_approx=False).capture(**kw)
     with torch.no_grad():
         torch.testing.assert_close(entry.gm(**kw), model(**kw), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_inductor_compiles_blocks_that_write_into_their_arguments() -> None:
+    """Operands a block writes into stay unpinned (above); inductor compiles such conds as they are: blocks adding
+    their residual into their input, which a long skip reads after the blocks, match the eager graph with
+    approximation on."""
+    from test_step_dispatch import STEPS, _WritesThroughArguments
+
+    torch.manual_seed(0)
+    model = _WritesThroughArguments("skip").eval()
+    x = torch.randn(2, 10, 4, generator=torch.Generator().manual_seed(1))
+    cfg = dict(blocks="blocks", cache_ratio_threshold=1e6, warmup_steps=2)
+    opt, ref = (fastcache.optimize(model, backend=b, **cfg) for b in ("inductor", "eager"))
+    with torch.no_grad():
+        for t in STEPS[:4]:
+            kw = dict(x=x, timestep=torch.full((2,), t))
+            torch.testing.assert_close(opt(**kw), ref(**kw), rtol=1e-5, atol=1e-5)
+    assert fastcache.get_cache_statistics(opt)["blocks_approximated"] == 2 * 3 > 0
