@@ -998,7 +998,8 @@ def _diffusers_hooks(model: nn.Module, modules: list[nn.Module]) -> tuple:
         raise ValueError(f"{type(model).__name__} carries diffusers group offloading hooks, which move weights between "
                          f"devices inside forward, where torch.export cannot trace them; keep the transformer on the "
                          f"GPU, or offload whole models with pipe.enable_model_cpu_offload() called after "
-                         f"fastcache.enable_fastcache(pipe) (model.disable_group_offload() removes the hooks)")
+                         f"fastcache.enable_fastcache(pipe), which moves the transformer at every pipeline call, so "
+                         f"each call captures again (model.disable_group_offload() removes the hooks)")
     return found
 
 
