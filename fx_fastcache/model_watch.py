@@ -148,6 +148,10 @@ class ModelWatch:
     def _global_hook_counts() -> tuple[int, ...]:
         return tuple(len(getattr(torch_module, k)) for k in _GLOBAL_HOOKS)
 
+    def follow_moved(self, moved: dict[int, tuple[Any, Any]]) -> None:
+        """The model moved (``.to()``): its buffers are new tensors (``id(old) -> (old, new)``), not a change."""
+        self._flat = [moved[id(x)][1] if id(x) in moved and moved[id(x)][0] is x else x for x in self._flat]
+
     def changed(self) -> str | None:
         """What changed since the snapshot (``None``: nothing the graphs depend on)."""
         for m, p, state in self._processors:

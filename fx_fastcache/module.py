@@ -18,6 +18,7 @@ import enum
 import inspect
 import logging
 import numbers
+import operator
 import threading
 import weakref
 from collections.abc import Iterator
@@ -119,6 +120,19 @@ class CapturedGraph:
         return out
 
 
+@dataclass
+class KeptGraphs:
+    """The graphs captured at one placement of the model (its set of (device, dtype)), kept while the model
+    is elsewhere, with what belongs to them (:meth:`FastCacheModule._apply`)."""
+
+    entries: dict[tuple, CapturedGraph]
+    graphs: nn.ModuleDict
+    watch: ModelWatch | None
+    parallel_sig: int | None
+    dispatch_mode: str | None
+    dispatchers: dict[str, Any]
+
+
 class PreparedCall(NamedTuple):
     """A call's keyword inputs (bound to the model's signature) and the captured graph that runs them."""
 
@@ -176,7 +190,8 @@ class FastCacheModule(nn.Module):
         self._warned_uncalibrated = False
         self._grad_checked = self._warned_no_grad = False
         self._warned_repeat = self._warned_every_call = False  # _check_generations warns once each
-        self._moves_after_capture = 0  # device/dtype changes that dropped captured graphs
+        #: graphs captured at other placements (frozenset of (device, dtype)), kept across moves (_apply)
+        self._kept: dict[frozenset, KeptGraphs] = {}
         self._watch: ModelWatch | None = None  # the module tree the graphs were captured from
         # input signatures whose calls skip blocks (-> the blocks they skip): they run the model itself, and
         # how many ran since the last reset (the statistics count their blocks as computed)
@@ -245,28 +260,95 @@ class FastCacheModule(nn.Module):
         return {(t.device, t.dtype) for t in (*self.model.parameters(), *self.model.buffers())}
 
     def _apply(self, fn, recurse: bool = True):
-        """``.to()``, ``.cuda()``, ``.half()`` ...: the captured graphs hold device and dtype, so a change
-        drops them (the next call re-captures); a ``.to()`` to where the model already is keeps them
-        (accelerate's offload hooks call it at every forward)."""
+        """``.to()``, ``.cuda()``, ``.half()`` ...: the captured graphs hold device and dtype, so they run only
+        where they were captured.  They are kept per placement of the model and used again when it comes back.
+
+        Why kept: model CPU offload moves the transformer to the GPU at every pipeline call and back after it;
+        dropping the graphs made every call export (and compile) again.  A ``.to()`` to where the model already
+        is changes nothing (accelerate's hooks call it at every forward).  What makes keeping safe: the graphs,
+        step dispatch's split and specialised copies, and compiled code hold the tensors they share with the model
+        by identity.  Parameters keep theirs in torch's move; the calibration store's tensors are moved in place
+        here; the model's buffers become new tensors, which every kept graph module takes in place of the old
+        (:func:`_follow_moved_buffers`).  A graph's own state moves to the CPU while the model is elsewhere (the
+        GPU memory offloading frees stays free) and back when it returns, and starts a new generation.  Where
+        that cannot hold (parameters replaced under ``torch.__future__``, a view or subclass tensor that cannot
+        move in place) or the model spans devices, the graphs are dropped as before (re-captured at the next
+        call)."""
         before = self._placement()
-        super()._apply(fn, recurse)
-        if self._placement() == before:
+        params = list(self.model.parameters())
+        buffers = [(m, k, b) for m in self.model.modules() for k, b in m._buffers.items() if b is not None]
+        graphs, self._modules["graphs"] = self._modules["graphs"], nn.ModuleDict()  # the move must not convert them
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._modules["graphs"] = graphs
+        after = self._placement()
+        if after == before:
             return self
-        if self._entries:
-            self._moves_after_capture += 1
-            if self._moves_after_capture == 2:  # once: moving back and forth re-captures every time
-                logger.warning("fx-fastcache: the model moved to another device or dtype after its graphs were "
-                               "captured, again; each move re-captures at the next call (export%s), so keep it on "
-                               "one device (model CPU offload moves it at every pipeline call)",
-                               "" if self.backend == "eager" else " and compile")
-        self.drop_graphs()
+        why_not = ("the model spans devices" if len({d for d, _ in before}) != 1 or len({d for d, _ in after}) != 1
+                   else None if _same_objects(params, self.model.parameters()) else
+                   "a parameter changed identity in the move (torch.__future__'s overwrite or swap of parameters)")
+        taken = self._take_graphs()
+        # the model's buffers are new tensors now: the graphs kept (captured from the old ones) take them
+        renewed = {id(old): (old, m._buffers[k]) for m, k, old in buffers
+                   if m._buffers.get(k) is not None and m._buffers[k] is not old}
+        for kept in (*([] if taken is None else [taken]), *self._kept.values()):
+            _follow_moved_buffers(kept, renewed)
         for k, v in list(self.store.tensors.items()):
             moved = fn(v)
             if moved.dtype != v.dtype and not self.follows_model_dtype(k):
                 moved = v.to(moved.device)  # a policy's float32 fit (scales, polynomials, plans) stays float32
-            self.store.tensors[k] = moved
+            if moved is not v and not _move_in_place(v, moved):  # every graph registers these objects
+                self.store.tensors[k] = moved
+                why_not = why_not or "a calibration tensor changed identity in the move"
+        if why_not is None and taken is not None and not self._move_graph_state(taken, torch.device("cpu")):
+            why_not = "a state tensor of its graphs could not move in place"
+        if why_not is not None:
+            if taken is not None or self._kept:
+                logger.info("fx-fastcache: the model moved; its graphs are dropped (re-captured at the next call): %s",
+                            why_not)
+            self._kept.clear()
+        elif taken is not None:
+            self._kept[frozenset(before)] = taken
+        restored = self._kept.pop(frozenset(after), None)
+        if restored is not None and not self._move_graph_state(restored, self.device):
+            logger.info("fx-fastcache: the graphs kept for this placement are dropped (re-captured at the next "
+                        "call): a state tensor of them could not move in place")
+            restored = None
+        if restored is not None:
+            self._entries.update(restored.entries)
+            self.graphs = restored.graphs
+            self._watch, self._parallel_sig = restored.watch, restored.parallel_sig
         self._decide_auto_execution()  # e.g. pipe.to("cuda") after enable_fastcache
+        if restored is not None:
+            if restored.dispatch_mode == self._dispatch_mode:
+                self._dispatchers = restored.dispatchers
+            for e in self._entries.values():  # knobs configured while away, then a new generation
+                self._install_runtime_fields(e)
+            self._reset_entries()
+            if POLICIES[self.fastcache_config.policy].host_decidable:
+                self._recapture_split_spans()  # a schedule installed while away may split a kept span
         return self
+
+    def _take_graphs(self) -> KeptGraphs | None:
+        """The current graphs and what belongs to them, leaving none (``drop_graphs`` without the kept ones)."""
+        kept = None
+        if self._entries:
+            kept = KeptGraphs(dict(self._entries), self.graphs, self._watch, self._parallel_sig, self._dispatch_mode,
+                              dict(self._dispatchers))
+        kept_elsewhere = self._kept
+        self._kept = {}
+        self.drop_graphs()
+        self._kept = kept_elsewhere
+        return kept
+
+    def _move_graph_state(self, kept: KeptGraphs, device: torch.device) -> bool:
+        """Move the graphs' own buffers (state, knobs) to ``device`` in place, dtype unchanged; the model's
+        buffers and the calibration store's tensors, which the graphs share, stay where the model put them.
+        ``False`` if one could not move in place."""
+        shared = {id(t) for t in self.store.tensors.values()} | {id(b) for b in self.model.buffers()}
+        return all(_move_in_place(b, b.to(device)) for gm in kept.graphs.values() for m in gm.modules()
+                   for b in m._buffers.values() if b is not None and id(b) not in shared and b.device != device)
 
     def follows_model_dtype(self, key: str) -> bool:
         """Whether the calibration tensor ``key`` is kept in the model's dtype: a fitted fallback's weights
@@ -291,6 +373,7 @@ class FastCacheModule(nn.Module):
         state["_process_group"] = None  # a process group belongs to its process; the copy reads the model's
         state.update(_states=ContextStates(), _active=None, _primary_context=None)  # no banked contexts either
         state["_watch"] = None
+        state["_kept"] = {}
         state.update(_uncached={}, _uncached_calls={}, _captured_all_blocks=False, _turn_inputs=(None, None),
                      _turns_given_up=False)
         state.pop("_call_lock", None)
@@ -325,6 +408,7 @@ class FastCacheModule(nn.Module):
         self.__dict__.get("_dispatchers", {}).clear()
         self._states.clear()
         self._watch = None
+        self.__dict__.get("_kept", {}).clear()
 
     # -- step dispatch --------------------------------------------------------------------
     def set_execution(self, execution: str = AUTO, dispatch_compile: str | None = None,
@@ -832,6 +916,15 @@ class FastCacheModule(nn.Module):
         return list(self._entries.values())
 
     def reset(self) -> None:
+        self._reset_entries()
+        # the next call fixes the primary context again (calibrate records the first one called in it)
+        self._primary_context = None
+        # (the turns belong to the pipeline call, set by set_branch_turns: a reset inside it, as the first
+        # StepDispatch's or one after a re-capture between a step's two calls, keeps them)
+        self.__dict__.get("_uncached_calls", {}).clear()
+
+    def _reset_entries(self) -> None:
+        """A new generation in every captured graph, its host-side counters and the contexts' banks."""
         for e in self._entries.values():
             e.clock.reset()
             for g in e.guards:
@@ -848,11 +941,6 @@ class FastCacheModule(nn.Module):
         for d in self.__dict__.get("_dispatchers", {}).values():
             d.reset_host()  # a schedule's host step counter cannot see a new generation by itself
         self._states.clear()  # every context starts fresh at its next call
-        # the next call fixes the primary context again (calibrate records the first one called in it)
-        self._primary_context = None
-        # (the turns belong to the pipeline call, set by set_branch_turns: a reset inside it, as the first
-        # StepDispatch's or one after a re-capture between a step's two calls, keeps them)
-        self.__dict__.get("_uncached_calls", {}).clear()
 
     def check_configure(self, **changes: Any) -> FastCacheConfig:
         """The config :meth:`configure` would install, or the error it would raise (nothing changes)."""
@@ -879,12 +967,16 @@ class FastCacheModule(nn.Module):
             return
         POLICIES[new.policy].configure_store(self.store, new, self.device)
         for e in self._entries.values():
-            c = e.clock
-            c.threshold.fill_(new.cache_ratio_threshold)
-            c.warmup.fill_(float(new.warmup_steps))
-            c.enabled.fill_(1.0 if new.enable_block_approx else 0.0)
-            c.max_skip.fill_(float(new.max_skip_steps))
-            self._sync_entry(e)
+            self._install_runtime_fields(e)
+
+    def _install_runtime_fields(self, entry: CapturedGraph) -> None:
+        """The config's run-time fields into the graph's clock, and the module's switches (:meth:`_sync_entry`)."""
+        cfg, c = self.fastcache_config, entry.clock
+        c.threshold.fill_(cfg.cache_ratio_threshold)
+        c.warmup.fill_(float(cfg.warmup_steps))
+        c.enabled.fill_(1.0 if cfg.enable_block_approx else 0.0)
+        c.max_skip.fill_(float(cfg.max_skip_steps))
+        self._sync_entry(entry)
 
     # -- blocks and schedules -------------------------------------------------------------
     def uncached_calls(self) -> list[tuple[tuple[str, ...], int]]:
@@ -976,6 +1068,43 @@ FOREIGN_HOOKS = {
 }
 
 
+def _same_objects(before: list, after: Any) -> bool:
+    after = list(after)
+    return len(before) == len(after) and all(map(operator.is_, before, after))
+
+
+def _follow_moved_buffers(kept: KeptGraphs, moved: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """``Module._apply`` puts new tensors in the model's buffer slots: every graph module of ``kept`` (the
+    captured graphs, their branches, step dispatch's split and specialised copies) and its model watch take the
+    new ones where they held the old.  (Moving the old objects in place instead failed: a buffer that is a view
+    keeps its base's dtype under ``.data =``, and torch.export's weak references forbid swapping it.)"""
+    if not moved:
+        return
+    modules = {id(m): m for gm in kept.graphs.values() for m in gm.modules()}
+    for d in kept.dispatchers.values():
+        modules.update((id(m), m) for gm in d.graph_modules() for m in gm.modules())
+    for m in modules.values():
+        for k, b in m._buffers.items():
+            hit = moved.get(id(b)) if b is not None else None
+            if hit is not None and hit[0] is b:
+                m._buffers[k] = hit[1]
+    if kept.watch is not None:
+        kept.watch.follow_moved(moved)
+
+
+def _move_in_place(old: torch.Tensor, new: torch.Tensor) -> bool:
+    """``old`` takes ``new``'s data (another device or dtype), keeping its identity; ``False`` if it cannot
+    (a view, whose base would keep its dtype; a tensor subclass)."""
+    if old._base is not None:
+        return False
+    try:
+        with torch.no_grad():
+            old.data = new
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
 def _diffusers_hooks(model: nn.Module, modules: list[nn.Module]) -> tuple:
     """The diffusers hooks on ``modules`` (its submodules, listed once: walking ``model.modules()`` per call
     was 9x slower on a Flux-sized tree, 0.6 against 0.07 ms) as ``((module index, hook names), ...)``,
@@ -998,8 +1127,8 @@ def _diffusers_hooks(model: nn.Module, modules: list[nn.Module]) -> tuple:
         raise ValueError(f"{type(model).__name__} carries diffusers group offloading hooks, which move weights between "
                          f"devices inside forward, where torch.export cannot trace them; keep the transformer on the "
                          f"GPU, or offload whole models with pipe.enable_model_cpu_offload() called after "
-                         f"fastcache.enable_fastcache(pipe), which moves the transformer at every pipeline call, so "
-                         f"each call captures again (model.disable_group_offload() removes the hooks)")
+                         f"fastcache.enable_fastcache(pipe) (the graphs captured on the GPU are kept while the "
+                         f"transformer is offloaded); model.disable_group_offload() removes the hooks")
     return found
 
 

@@ -293,6 +293,13 @@ class StepDispatch(nn.Module):
                         len(split.decided_blocks), len(split.prefix.graph.find_nodes(op="output")[0].args[0]) - 1)
         return got[1], got[2]
 
+    def graph_modules(self) -> list[fx.GraphModule]:
+        """The graph modules built from the captured graphs (split prefixes, specialised copies): they hold the
+        captured graph's tensors themselves (``fx.GraphModule(root, graph)`` copies the references)."""
+        out = [split.prefix for _, split, _ in self._splits.values()]
+        out += [getattr(fn, "_orig_mod", fn) for _, fn in self._variants.values()]
+        return [g for g in out if isinstance(g, torch.nn.Module)]
+
     def warmup(self, *args: Any, **kwargs: Any) -> None:
         """Capture and compile every pattern of the table for these inputs (runs each once, then resets)."""
         kw, entry = self.opt.prepare_call(args, kwargs)

@@ -91,3 +91,9 @@ def test_output_forecasts_search_moves_keep_the_cost_and_the_first_steps():
     assert any("C" in q for q in moves) and not any("C" in q for q in of.neighbours(start, whole_only=True))
     with pytest.raises(SystemExit):
         of.main(["--plans", "FFX"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_offload_round_trip_refuses_cuda_without_a_gpu():
+    with pytest.raises(SystemExit, match=r"no CUDA device here.*--device cpu"):
+        _script("offload_round_trip").main(["--device", "cuda"])

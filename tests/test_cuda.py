@@ -51,3 +51,30 @@ def test_dispatch_replays_cuda_graphs_and_matches_in_graph(policy: str, fallback
     assert not dynamo_utils.counters["graph_break"]
     s_ref, s_opt = fastcache.get_cache_statistics(ref), fastcache.get_cache_statistics(opt)
     assert s_opt["blocks_approximated"] == s_ref["blocks_approximated"] > 0
+
+
+def test_offload_round_trips_keep_the_cuda_graphs() -> None:
+    """Model CPU offload moves the transformer to the GPU at every pipeline call and back after it: the graphs
+    captured on the GPU are kept while it is on the CPU and replay when it comes back, with the numerics of a
+    model that never moved, and no new capture or compile."""
+    tm = make_tiny("tiny-pixart", layers=4)
+    tm.model.cuda()
+    cfg = dict(cache_ratio_threshold=0.1, execution="step_dispatch", dispatch_compile="reduce-overhead")
+    ref = fastcache.optimize(tm.model, backend="eager", cache_ratio_threshold=0.1)
+    with torch.no_grad():
+        want = [ref(**_cuda_inputs(tm, t))[0].clone() for t in STEPS]
+    opt = fastcache.optimize(tm.model, backend="inductor", **cfg)
+    for trip in range(3):
+        with torch.no_grad():
+            got = [opt(**_cuda_inputs(tm, t))[0].clone() for t in STEPS]
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        if trip == 0:
+            (entry,) = opt.entries()
+            graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+        else:
+            assert opt.entries() == [entry]
+            assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
+        opt.to("cpu")
+        opt.to("cuda")
+        opt.reset()

@@ -37,9 +37,12 @@ def test_to_dtype_recaptures_and_matches_the_converted_model():
     assert fastcache.get_cache_statistics(opt)["graphs"] == 1
 
 
-def test_to_where_the_model_is_keeps_its_graphs_and_moving_back_and_forth_warns_once(caplog):
-    """accelerate's offload hooks call ``.to(device)`` at every forward: a no-op move used to drop the graphs
-    (a re-capture per call); a real move still re-captures, and a second one after capture says what it costs."""
+def _as(kw: dict, dtype: torch.dtype) -> dict:
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kw.items()}
+
+
+def test_to_where_the_model_is_keeps_its_graphs():
+    """accelerate's offload hooks call ``.to(device)`` at every forward: a no-op move used to drop the graphs."""
     tm = make_tiny("tiny-dit")
     opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False)
     run_loop(opt, tm, TIMESTEPS[:2])
@@ -47,16 +50,67 @@ def test_to_where_the_model_is_keeps_its_graphs_and_moving_back_and_forth_warns_
     opt.to("cpu")
     opt.float()
     assert opt.entries() == [entry]
-    with caplog.at_level(logging.WARNING, logger="fx_fastcache"):
-        for dtype in (torch.float64, torch.float32, torch.float64):
-            opt.to(dtype)
-            assert opt.entries() == []
-            kw = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                  for k, v in tm.make_inputs(TIMESTEPS[0], 2).items()}
+
+
+@pytest.mark.parametrize("execution", ["in_graph", "step_dispatch"])
+def test_graphs_are_kept_per_placement_and_run_again_when_the_model_comes_back(execution, caplog):
+    """Model CPU offload moves the transformer to the GPU at every pipeline call and back after it: each move
+    dropped the graphs, so every call exported (and compiled) again.  The graphs of the placement left are kept
+    and run again, as a new generation, when the model comes back.  (One device here: dtype moves stand in,
+    float32 -> float64 -> float32, which round-trips exactly.)"""
+    tm = make_tiny("tiny-dit")
+    cfg = dict(backend="eager", cache_ratio_threshold=1e6, warmup_steps=2, execution=execution)
+    if execution == "step_dispatch":
+        cfg["dispatch_compile"] = "eager"
+    ref = fastcache.optimize(copy.deepcopy(tm.model).double(), **cfg)
+    inputs64 = [_as(tm.make_inputs(t, 2), torch.float64) for t in TIMESTEPS]
+    with torch.no_grad():
+        want64 = [first(ref(**kw)) for kw in inputs64]
+    opt = fastcache.optimize(tm.model, **cfg)
+    want = run_loop(opt, tm)
+    assert fastcache.get_cache_statistics(opt)["blocks_approximated"] > 0
+    (entry,) = opt.entries()
+    entry64 = []
+    with caplog.at_level(logging.INFO, logger="fx_fastcache"):
+        for _ in range(2):
+            opt.to(torch.float64)
+            assert opt.entries() == entry64  # its own graphs: none at the first visit, kept from the second
             with torch.no_grad():
-                torch.testing.assert_close(first(opt(**kw)), first(tm.model(**kw)), rtol=0, atol=0)
-    moved = [r for r in caplog.records if "moved to another device or dtype" in r.getMessage()]
-    assert len(moved) == 1
+                for kw, w in zip(inputs64, want64):
+                    torch.testing.assert_close(first(opt(**kw)), w, rtol=0, atol=0)
+            entry64 = opt.entries()
+            opt.to(torch.float32)
+            assert opt.entries() == [entry]  # the same graph, not a new capture
+            for a, b in zip(run_loop(opt, tm), want):  # a new generation: the same images
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    logged = [r.getMessage() for r in caplog.records]
+    assert sum("capturing" in m for m in logged) == 1  # float64's, at its first visit
+    # step dispatch's compiled pieces are kept with the graphs: split once, for float64
+    assert sum("step dispatch split the graph" in m for m in logged) == (execution == "step_dispatch")
+
+
+def test_a_kept_graph_follows_what_changed_while_the_model_was_away():
+    """Run-time knobs configured and a calibration fitted while the model was elsewhere reach the graphs kept for
+    where it comes back: the same images as a model that captured only after both."""
+    tm = make_tiny("tiny-dit")
+    ref_model = copy.deepcopy(tm.model)
+    kept = fastcache.optimize(tm.model, backend="eager", warmup_steps=2)
+    run_loop(kept, tm)  # captures at float32, then leaves
+    fresh = fastcache.optimize(ref_model, backend="eager", warmup_steps=2)
+    for opt in (kept, fresh):
+        opt.to(torch.float64)
+        with fastcache.calibrate(opt), torch.no_grad():
+            for t in TIMESTEPS:
+                opt(**_as(tm.make_inputs(t, 2), torch.float64))
+        fastcache.configure(opt, cache_ratio_threshold=0.2, max_skip_steps=1)
+        opt.to(torch.float32)
+    (entry,) = kept.entries()
+    want = run_loop(fresh, tm)
+    assert kept.entries() == [entry]
+    for a, b in zip(run_loop(kept, tm), want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    stats = [fastcache.get_cache_statistics(m)["blocks_approximated"] for m in (kept, fresh)]
+    assert stats[0] == stats[1] > 0
 
 
 def test_structural_configure_recaptures_with_the_new_fallback():
