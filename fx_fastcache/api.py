@@ -195,7 +195,7 @@ def get_cache_statistics(opt: Any) -> dict[str, Any]:
     if len(mods) > 1:
         parts = [_statistics(m) for m in mods]
         out = dict(parts[0])
-        for k in ("block_evaluations", "blocks_approximated", "calls", "uncached_calls", "graphs"):
+        for k in ("block_evaluations", "blocks_approximated", "calls", "uncached_calls", "graphs", "graphs_elsewhere"):
             out[k] = sum(p[k] for p in parts)
         out["block_approx_ratio"] = out["blocks_approximated"] / out["block_evaluations"] if out["block_evaluations"] else 0.0
         out["calibrated"] = all(p["calibrated"] for p in parts)
@@ -239,6 +239,7 @@ def _statistics(opt: FastCacheModule) -> dict[str, Any]:
         "policy": opt.fastcache_config.policy,
         "fallback": opt.fastcache_config.fallback,
         "graphs": len(opt.entries()),
+        "graphs_elsewhere": opt.graphs_elsewhere(),  # kept for the model's other placements (devices, dtypes)
     }
 
 

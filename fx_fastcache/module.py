@@ -915,6 +915,10 @@ class FastCacheModule(nn.Module):
     def entries(self) -> list[CapturedGraph]:
         return list(self._entries.values())
 
+    def graphs_elsewhere(self) -> int:
+        """How many graphs are kept for the model's other placements (:meth:`_apply`); their state is on the CPU."""
+        return sum(len(k.entries) for k in self._kept.values())
+
     def reset(self) -> None:
         self._reset_entries()
         # the next call fixes the primary context again (calibrate records the first one called in it)

@@ -81,6 +81,8 @@ def test_graphs_are_kept_per_placement_and_run_again_when_the_model_comes_back(e
             entry64 = opt.entries()
             opt.to(torch.float32)
             assert opt.entries() == [entry]  # the same graph, not a new capture
+            stats = fastcache.get_cache_statistics(opt)
+            assert (stats["graphs"], stats["graphs_elsewhere"]) == (1, 1)
             for a, b in zip(run_loop(opt, tm), want):  # a new generation: the same images
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
     logged = [r.getMessage() for r in caplog.records]
