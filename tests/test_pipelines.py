@@ -597,6 +597,26 @@ def test_offloading_before_fastcache_is_refused_with_the_fix() -> None:
     np.testing.assert_array_equal(_images(tp.pipe, tp, {}), reference)
 
 
+def test_a_pipeline_moved_away_and_back_runs_its_kept_graphs() -> None:
+    """``pipe.to()`` away and back (model CPU offload does it at every call) ran an export per expert and per
+    move; the graphs of both Wan 2.2 experts are kept and give the same frames, with no new capture."""
+    tp = make_tiny_pipeline("wan", experts=2)
+
+    def frames():
+        return np.asarray(tp.pipe(**tp.call_kwargs(seed=0, num_inference_steps=6)).frames)
+
+    fastcache.enable_fastcache(tp.pipe, backend="eager", cache_ratio_threshold=1e6, warmup_steps=2)
+    want = frames()
+    entries = [m.entries() for m in (tp.pipe.transformer, tp.pipe.transformer_2)]
+    tp.pipe.to(torch.float64)  # (one device here: a dtype stands in for the offload's device)
+    stats = fastcache.get_cache_statistics(tp.pipe)
+    assert (stats["graphs"], stats["graphs_elsewhere"]) == (0, 2)
+    tp.pipe.to(torch.float32)
+    np.testing.assert_array_equal(frames(), want)
+    assert [m.entries() for m in (tp.pipe.transformer, tp.pipe.transformer_2)] == entries
+    assert fastcache.get_cache_statistics(tp.pipe)["blocks_approximated"] > 0
+
+
 def test_branch_turns_with_step_dispatch_from_the_first_call() -> None:
     """The first StepDispatch reset the module after the call had taken its turn: step 0's uncond call took
     "cond" (a repeat), so the first pipeline call after enabling, or after any re-capture, approximated
