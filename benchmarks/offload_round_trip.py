@@ -16,6 +16,7 @@ import argparse
 import time
 
 import torch
+from torch._dynamo.utils import counters
 
 import fx_fastcache as fastcache
 from fx_fastcache.trained import load_trained
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     x0 = torch.randn(args.batch, 1, 32, 32, generator=g)
     y = torch.arange(args.batch) % 10
     times: dict[str, list[float]] = {}
+    compiled: dict[str, list[int]] = {}
     for mode in ("kept", "dropped"):
         tm = load_trained(args.model)
         tm.model.to(*home)
@@ -62,16 +64,19 @@ def main(argv: list[str] | None = None) -> None:
 
         generation()  # the first capture, at home
         times[mode] = []
+        compiled[mode] = [counters["stats"]["unique_graphs"]]
         for _ in range(args.trips):
             opt.to(*away)
             opt.to(*home)
             if mode == "dropped":
                 opt.drop_graphs()  # what every move did before
             times[mode].append(generation())
+            compiled[mode].append(counters["stats"]["unique_graphs"])
     print(f"{args.model}, backend={args.backend}, execution={args.execution}, round trips through {away[1]} on "
           f"{away[0]} (home {home[1]} on {home[0]}), {args.steps} steps, batch {args.batch}:")
     for mode, ts in times.items():
-        print(f"  {mode:8s} first generation after each return: " + ", ".join(f"{t:.2f} s" for t in ts))
+        print(f"  {mode:8s} first generation after each return: " + ", ".join(f"{t:.2f} s" for t in ts)
+              + "; graphs dynamo compiled so far, after each: " + ", ".join(map(str, compiled[mode])))
     ratio = sum(times["dropped"]) / sum(times["kept"])
     print(f"  dropped / kept: {ratio:.1f}x")
 
