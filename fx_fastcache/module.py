@@ -275,8 +275,10 @@ class FastCacheModule(nn.Module):
         move in place) or the model spans devices, the graphs are dropped as before (re-captured at the next
         call)."""
         before = self._placement()
-        params = list(self.model.parameters())
-        buffers = [(m, k, b) for m in self.model.modules() for k, b in m._buffers.items() if b is not None]
+        # what the graphs share with the model (the modules they were captured from), before the move
+        tracked = self._submodules if self._entries or self._kept else []
+        params = _parameters_of(tracked)
+        buffers = [(m, k, b) for m in tracked for k, b in m._buffers.items() if b is not None]
         graphs, self._modules["graphs"] = self._modules["graphs"], nn.ModuleDict()  # the move must not convert them
         try:
             super()._apply(fn, recurse)
@@ -286,7 +288,7 @@ class FastCacheModule(nn.Module):
         if after == before:
             return self
         why_not = ("the model spans devices" if len({d for d, _ in before}) != 1 or len({d for d, _ in after}) != 1
-                   else None if _same_objects(params, self.model.parameters()) else
+                   else None if _same_objects(params, _parameters_of(tracked)) else
                    "a parameter changed identity in the move (torch.__future__'s overwrite or swap of parameters)")
         taken = self._take_graphs()
         # the model's buffers are new tensors now: the graphs kept (captured from the old ones) take them
@@ -331,15 +333,12 @@ class FastCacheModule(nn.Module):
         return self
 
     def _take_graphs(self) -> KeptGraphs | None:
-        """The current graphs and what belongs to them, leaving none (``drop_graphs`` without the kept ones)."""
+        """The current graphs and what belongs to them, leaving none (:meth:`_forget_graphs`)."""
         kept = None
         if self._entries:
             kept = KeptGraphs(dict(self._entries), self.graphs, self._watch, self._parallel_sig, self._dispatch_mode,
                               dict(self._dispatchers))
-        kept_elsewhere = self._kept
-        self._kept = {}
-        self.drop_graphs()
-        self._kept = kept_elsewhere
+        self._forget_graphs()
         return kept
 
     def _move_graph_state(self, kept: KeptGraphs, device: torch.device) -> bool:
@@ -399,7 +398,12 @@ class FastCacheModule(nn.Module):
         return result
 
     def drop_graphs(self) -> None:
-        """Forget every captured graph (the next call re-captures)."""
+        """Forget every captured graph, those kept for other placements too (the next call re-captures)."""
+        self._forget_graphs()
+        self.__dict__.get("_kept", {}).clear()
+
+    def _forget_graphs(self) -> None:
+        """Forget the graphs of the current placement and what belongs to them."""
         self._entries.clear()
         self.__dict__.get("_calls", {}).clear()
         self.graphs = nn.ModuleDict()
@@ -408,7 +412,6 @@ class FastCacheModule(nn.Module):
         self.__dict__.get("_dispatchers", {}).clear()
         self._states.clear()
         self._watch = None
-        self.__dict__.get("_kept", {}).clear()
 
     # -- step dispatch --------------------------------------------------------------------
     def set_execution(self, execution: str = AUTO, dispatch_compile: str | None = None,
@@ -1072,8 +1075,11 @@ FOREIGN_HOOKS = {
 }
 
 
-def _same_objects(before: list, after: Any) -> bool:
-    after = list(after)
+def _parameters_of(modules: list[nn.Module]) -> list[nn.Parameter]:
+    return [p for m in modules for p in m._parameters.values() if p is not None]
+
+
+def _same_objects(before: list, after: list) -> bool:
     return len(before) == len(after) and all(map(operator.is_, before, after))
 
 

@@ -296,9 +296,8 @@ class StepDispatch(nn.Module):
     def graph_modules(self) -> list[fx.GraphModule]:
         """The graph modules built from the captured graphs (split prefixes, specialised copies): they hold the
         captured graph's tensors themselves (``fx.GraphModule(root, graph)`` copies the references)."""
-        out = [split.prefix for _, split, _ in self._splits.values()]
-        out += [getattr(fn, "_orig_mod", fn) for _, fn in self._variants.values()]
-        return [g for g in out if isinstance(g, torch.nn.Module)]
+        return ([split.prefix for _, split, _ in self._splits.values()]
+                + [getattr(fn, "_orig_mod", fn) for _, fn in self._variants.values()])  # (torch.compile's wrapper)
 
     def warmup(self, *args: Any, **kwargs: Any) -> None:
         """Capture and compile every pattern of the table for these inputs (runs each once, then resets)."""

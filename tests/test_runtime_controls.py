@@ -31,8 +31,7 @@ def test_to_dtype_recaptures_and_matches_the_converted_model():
     assert opt.dtype == torch.float64
     with torch.no_grad():
         for t in TIMESTEPS[:3]:
-            kw = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                  for k, v in tm.make_inputs(t, 2).items()}
+            kw = _as(tm.make_inputs(t, 2), torch.float64)
             torch.testing.assert_close(first(opt(**kw)), first(tm.model(**kw)), rtol=0, atol=0)
     assert fastcache.get_cache_statistics(opt)["graphs"] == 1
 
