@@ -1,11 +1,16 @@
 """Shared fixtures: tiny models of every family and a sampling-loop helper."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from fx_fastcache.runtime.routing import attention_context_fn
 from fx_fastcache.zoo import TINY, make_tiny
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one intra-op thread per worker, not 2 × the cores
+    torch.set_num_threads(1)
 
 FAMILIES = ["tiny-dit", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-custom",
             "tiny-cogvideox", "tiny-ltx-video", "tiny-wan", "tiny-hunyuan-video"]  # the last four: video DiTs
