@@ -108,6 +108,29 @@ def _z_image_rope_table(model: nn.Module, kw: dict) -> Iterator[None]:
     yield
 
 
+@contextlib.contextmanager
+def _traceable_forward(model: nn.Module, kw: dict) -> Iterator[None]:
+    """For the capture only, the model's own forward (the innermost link of a diffusers hook chain, so
+    hooks on the model still run around it) is the traceable copy of
+    :mod:`fx_fastcache.traceable_forwards`; put back after, whatever was there."""
+    import types
+
+    from .markers import _innermost
+    from .traceable_forwards import TRACEABLE_FORWARDS, check_mirrored
+
+    check_mirrored(model)
+    holder, attr = _innermost(model) or (model, "forward")
+    had, old = attr in holder.__dict__, holder.__dict__.get(attr)
+    setattr(holder, attr, types.MethodType(TRACEABLE_FORWARDS[type(model).__name__], model))
+    try:
+        yield
+    finally:
+        if had:
+            holder.__dict__[attr] = old
+        else:
+            holder.__dict__.pop(attr, None)
+
+
 def compute_dtype(model: nn.Module, modules: list[nn.Module] | None = None) -> torch.dtype | None:
     """The dtype a model computes in, read as diffusers' ``ModelMixin.dtype`` reads it: a layerwise casting
     hook's compute dtype (its weights are stored in another), else its first floating parameter outside the modules
@@ -188,6 +211,10 @@ FAMILIES: dict[str, FamilySpec] = {
     "OvisImageTransformer2DModel": FamilySpec("ovis-image", (
         BlockListSpec("transformer_blocks", _PAIR, _JOINT), BlockListSpec("single_transformer_blocks", _PAIR, _JOINT))),
     "CogView3PlusTransformer2DModel": FamilySpec("cogview3plus", (BlockListSpec("transformer_blocks", _PAIR, _PAIR),)),
+    # HunyuanVideo 1.5: one list of joint blocks; its forward orders the text tokens by their masks in Python,
+    # so the capture traces a copy that does it with tensor operations (fx_fastcache/traceable_forwards.py)
+    "HunyuanVideo15Transformer3DModel": FamilySpec(
+        "hunyuan-video15", (BlockListSpec("transformer_blocks", _PAIR, _PAIR),), prepare_capture=_traceable_forward),
     "HunyuanVideoTransformer3DModel": FamilySpec(
         "hunyuan-video",
         (BlockListSpec("transformer_blocks", _JOINT, ("hidden_states", "encoder_hidden_states"), "image_first"),

@@ -855,7 +855,8 @@ class FastCacheModule(nn.Module):
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(), marked(self.model, self.spec), capture_preparation(self.spec, self.model, kw), \
+            # (the preparation first: a family's traceable forward goes in before the markers wrap the forward)
+            with torch.no_grad(), capture_preparation(self.spec, self.model, kw), marked(self.model, self.spec), \
                     cast_in_graph(self.model):
                 ep = torch.export.export(self.model, (), kwargs=kw, strict=False)
         except Exception as e:

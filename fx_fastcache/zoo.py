@@ -171,6 +171,31 @@ def tiny_hunyuan_video(seed: int = 0, layers: int = 1, single_layers: int = 2) -
     return TinyModel("tiny-hunyuan-video", m, inputs)
 
 
+def tiny_hunyuan_video15(seed: int = 0, layers: int = 2, task: str = "t2v") -> TinyModel:
+    """HunyuanVideo 1.5: text tokens of two encoders and an image embedding, padded differently per sample
+    (its forward orders them by their masks); ``task="i2v"``: a non-zero image embedding."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    torch.manual_seed(seed)
+    m = HunyuanVideo15Transformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                         num_layers=layers, num_refiner_layers=1, text_embed_dim=16,
+                                         text_embed_2_dim=12, image_embed_dim=8, rope_axes_dim=(2, 2, 4),
+                                         target_size=64, task_type=task).eval()
+
+    def inputs(t: float, batch: int = 2) -> dict:
+        g = _gen(seed + 1)
+        return dict(hidden_states=torch.randn(batch, 4, 2, 4, 4, generator=g),  # (B, C, frames, H, W)
+                    timestep=torch.full((batch,), float(t)),
+                    encoder_hidden_states=torch.randn(batch, 5, 16, generator=g),
+                    encoder_attention_mask=(torch.arange(5) < 3 + torch.arange(batch).view(-1, 1) % 2).long(),
+                    encoder_hidden_states_2=torch.randn(batch, 3, 12, generator=g),
+                    encoder_attention_mask_2=(torch.arange(3) < 1 + torch.arange(batch).view(-1, 1) % 3).long(),
+                    image_embeds=torch.randn(batch, 2, 8, generator=g) if task == "i2v" else torch.zeros(batch, 2, 8),
+                    return_dict=False)
+
+    return TinyModel("tiny-hunyuan-video15", m, inputs)
+
+
 def _image_ids(h: int, w: int, axes: int = 3) -> torch.Tensor:
     ids = torch.zeros(h * w, axes)
     ids[:, 1], ids[:, 2] = torch.arange(h * w) // w, torch.arange(h * w) % w
@@ -485,6 +510,7 @@ TINY: dict[str, Callable[..., TinyModel]] = {
     "tiny-longcat-image": tiny_longcat_image,
     "tiny-ovis-image": tiny_ovis_image,
     "tiny-cogview3plus": tiny_cogview3plus,
+    "tiny-hunyuan-video15": tiny_hunyuan_video15,
 }
 
 

@@ -15,7 +15,8 @@ from conftest import TinyStack, first
 
 pytestmark = pytest.mark.slow  # inductor compiles
 
-COMPILED = ["tiny-dit", "tiny-flux", "tiny-custom", "tiny-hunyuan-video"]  # flux, hunyuan: two block lists, joint streams
+# flux, hunyuan: two block lists, joint streams; hunyuan 1.5: captured through a traceable copy of its forward
+COMPILED = ["tiny-dit", "tiny-flux", "tiny-custom", "tiny-hunyuan-video", "tiny-hunyuan-video15"]
 STEPS30 = [1000.0 - i * (1000.0 / 30) for i in range(30)]
 #: Batch 1, the usual call (one video or image; CFG as a separate call or a guidance embedding): its
 #: size-1 batch dimension gave a branch output strides that broke inductor's torch.cond (HunyuanVideo).

@@ -110,6 +110,31 @@ def test_more_registered_models(family):
     _check_hand_computation(make_tiny(family), "forecast")
 
 
+def test_hunyuan_video15_token_layout_follows_the_masks_in_one_graph(monkeypatch):
+    """HunyuanVideo 1.5 orders its text tokens by their masks in Python (``text[text_mask]`` per sample,
+    ``if torch.all(image_embeds == 0)``), which torch.export cannot trace: the capture traces a copy that
+    does it with tensor operations.  Other masks and a text-to-video call (a zero image embedding) of the
+    same shapes reuse the one graph and equal the model; a diffusers whose forward differs is refused."""
+    tm = make_tiny("tiny-hunyuan-video15", task="i2v")
+    opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False)
+    base = tm.make_inputs(900.0, 3)
+    calls = [base,
+             dict(base, image_embeds=torch.zeros_like(base["image_embeds"])),  # text-to-video
+             dict(base, encoder_attention_mask=torch.tensor([[1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 1, 0, 1, 0]]),
+                  encoder_attention_mask_2=torch.tensor([[0, 0, 0], [1, 1, 1], [1, 0, 1]]))]
+    with torch.no_grad():
+        for kw in calls:
+            torch.testing.assert_close(first(opt(**kw)), first(tm.model(**kw)), rtol=0, atol=1e-6)
+    assert fastcache.get_cache_statistics(opt)["graphs"] == 1
+    assert "forward" not in tm.model.__dict__  # the copy was the capture's only
+
+    from fx_fastcache import traceable_forwards
+
+    monkeypatch.setitem(traceable_forwards.MIRRORED, "HunyuanVideo15Transformer3DModel", ("0" * 64, "0.42.1"))
+    with pytest.raises(NotImplementedError, match=r"written for diffusers 0\.42\.1.*Install diffusers==0\.42\.1"):
+        fastcache.optimize(tm.model, backend="eager")(**base)
+
+
 def _check_hand_computation(tiny, fallback):
     warm = 3 if fallback == "forecast_blend" else 2
     opt = fastcache.optimize(tiny.model, backend="eager", policy="chi2", fallback=fallback,

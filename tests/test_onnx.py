@@ -25,7 +25,7 @@ from fx_fastcache.families import block_modules, resolve_family  # noqa: E402
 from fx_fastcache.zoo import make_tiny  # noqa: E402
 
 TINY = ["tiny-dit", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-cogvideox", "tiny-ltx-video", "tiny-wan",
-        "tiny-hunyuan-video"]
+        "tiny-hunyuan-video", "tiny-hunyuan-video15"]  # 1.5: its traced copy of the forward exports too
 
 
 def pattern_schedule(model, steps: int) -> Schedule:
