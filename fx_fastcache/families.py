@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .layerwise_casting import compute_dtype_of_hooks
+from .traceable_forwards import traceable_forward
 
 logger = logging.getLogger(__name__)
 
@@ -108,29 +109,6 @@ def _z_image_rope_table(model: nn.Module, kw: dict) -> Iterator[None]:
     yield
 
 
-@contextlib.contextmanager
-def _traceable_forward(model: nn.Module, kw: dict) -> Iterator[None]:
-    """For the capture only, the model's own forward (the innermost link of a diffusers hook chain, so
-    hooks on the model still run around it) is the traceable copy of
-    :mod:`fx_fastcache.traceable_forwards`; put back after, whatever was there."""
-    import types
-
-    from .markers import _innermost
-    from .traceable_forwards import TRACEABLE_FORWARDS, check_mirrored
-
-    check_mirrored(model)
-    holder, attr = _innermost(model) or (model, "forward")
-    had, old = attr in holder.__dict__, holder.__dict__.get(attr)
-    setattr(holder, attr, types.MethodType(TRACEABLE_FORWARDS[type(model).__name__], model))
-    try:
-        yield
-    finally:
-        if had:
-            holder.__dict__[attr] = old
-        else:
-            holder.__dict__.pop(attr, None)
-
-
 def compute_dtype(model: nn.Module, modules: list[nn.Module] | None = None) -> torch.dtype | None:
     """The dtype a model computes in, read as diffusers' ``ModelMixin.dtype`` reads it: a layerwise casting
     hook's compute dtype (its weights are stored in another), else its first floating parameter outside the modules
@@ -214,7 +192,11 @@ FAMILIES: dict[str, FamilySpec] = {
     # HunyuanVideo 1.5: one list of joint blocks; its forward orders the text tokens by their masks in Python,
     # so the capture traces a copy that does it with tensor operations (fx_fastcache/traceable_forwards.py)
     "HunyuanVideo15Transformer3DModel": FamilySpec(
-        "hunyuan-video15", (BlockListSpec("transformer_blocks", _PAIR, _PAIR),), prepare_capture=_traceable_forward),
+        "hunyuan-video15", (BlockListSpec("transformer_blocks", _PAIR, _PAIR),), prepare_capture=traceable_forward),
+    # HunyuanImage (2.1): joint then single blocks; with ByT5 tokens its forward orders them by their masks as 1.5 does
+    "HunyuanImageTransformer2DModel": FamilySpec(
+        "hunyuan-image", (BlockListSpec("transformer_blocks", _PAIR, _PAIR),
+                          BlockListSpec("single_transformer_blocks", _PAIR, _PAIR)), prepare_capture=traceable_forward),
     "HunyuanVideoTransformer3DModel": FamilySpec(
         "hunyuan-video",
         (BlockListSpec("transformer_blocks", _JOINT, ("hidden_states", "encoder_hidden_states"), "image_first"),

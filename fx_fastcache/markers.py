@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .families import FamilySpec, block_modules
+from .hook_chain import innermost_forward
 
 
 @torch.library.custom_op("fastcache::mark", mutates_args=())
@@ -116,23 +117,6 @@ def _wrap_model(model: nn.Module, timestep_arg: str | None, stream_arg: str | No
     return forward
 
 
-def _innermost(module: nn.Module) -> tuple[Any, str] | None:
-    """Where the module's own forward sits inside a diffusers hook chain, if it has one.
-
-    diffusers (``HookRegistry``: context parallelism, group offloading, layerwise casting)
-    replaces the instance ``forward`` with a chain whose innermost link is
-    ``module._diffusers_hook._fn_refs[0].forward`` (``.original_forward`` when that hook brings
-    its own ``new_forward``).  Returns ``(holder, attribute)`` of that link.
-    """
-    registry = module.__dict__.get("_diffusers_hook")
-    refs = getattr(registry, "_fn_refs", None)
-    if not refs:
-        return None
-    ref = refs[0]
-    attr = "original_forward" if getattr(ref, "original_forward", None) is not None else "forward"
-    return ref, attr
-
-
 @contextlib.contextmanager
 def marked(model: nn.Module, spec: FamilySpec) -> Iterator[None]:
     """Within the context, blocks and the timestep argument emit marker ops.
@@ -153,7 +137,7 @@ def marked(model: nn.Module, spec: FamilySpec) -> Iterator[None]:
 
     try:
         for index, (_, block, bl) in enumerate(block_modules(model, spec)):
-            inner = _innermost(block)
+            inner = innermost_forward(block)
             if inner is None:
                 patch(block, "forward", _wrap_block(block, block.forward, index, bl.stream_inputs, bl.outputs))
             else:

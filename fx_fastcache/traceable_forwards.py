@@ -3,7 +3,7 @@
 Why this exists: a few diffusers models decide their token layout from tensor values in Python, so
 ``torch.export`` cannot trace them at all.  HunyuanVideo 1.5 branches on ``torch.all(image_embeds == 0)``
 and builds its text sequence per sample with boolean indexing (``text[text_mask]``), whose sizes depend
-on the masks.  The forward here computes the same values with tensor operations of fixed shape: the
+on the masks; HunyuanImage does the same with its ByT5 tokens.  The forward here computes the same values with tensor operations of fixed shape: the
 branch becomes a ``torch.where``, and each token goes to a place counted with cumulative sums.  The
 captured graph then takes any masks of the same shapes, and the model itself is left as it was.
 
@@ -13,16 +13,24 @@ change in diffusers is an error naming the fix, never a silently different compu
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
+import types
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn as nn
+
+from .hook_chain import innermost_forward
 
 #: class name -> (sha256 of ``inspect.getsource(cls.forward)`` mirrored, diffusers version it came from)
 MIRRORED: dict[str, tuple[str, str]] = {
     "HunyuanVideo15Transformer3DModel": (
         "6a119831862d5f463cc7b762d6321605401492c10a74f9cf8adf72dc1f9d343e", "0.42.1"),
+    "HunyuanImageTransformer2DModel": (
+        "213969c1fc1d92900a4346b78da0deabd22910bddb509de202dce67532693251", "0.42.1"),
 }
 
 
@@ -30,7 +38,7 @@ def source_digest(cls: type) -> str:
     return hashlib.sha256(inspect.getsource(cls.forward).encode()).hexdigest()
 
 
-def check_mirrored(model: torch.nn.Module) -> None:
+def check_mirrored(model: nn.Module) -> None:
     """Raise if ``model``'s forward is not the source the traceable forward mirrors."""
     name = type(model).__name__
     digest, version = MIRRORED[name]
@@ -125,5 +133,92 @@ def hunyuan_video15_forward(
     return Transformer2DModelOutput(sample=hidden_states)
 
 
+def hunyuan_image_forward(
+    self,
+    hidden_states: torch.Tensor,
+    timestep: torch.LongTensor,
+    encoder_hidden_states: torch.Tensor,
+    encoder_attention_mask: torch.Tensor,
+    timestep_r: torch.LongTensor | None = None,
+    encoder_hidden_states_2: torch.Tensor | None = None,
+    encoder_attention_mask_2: torch.Tensor | None = None,
+    guidance: torch.Tensor | None = None,
+    attention_kwargs: dict[str, Any] | None = None,
+    return_dict: bool = True,
+):
+    """``HunyuanImageTransformer2DModel.forward`` (diffusers 0.42.1) with a traceable token layout: with
+    the ByT5 tokens, [valid ByT5, valid MLLM, padding ByT5, padding MLLM] per sample (nothing zeroed)."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    if hidden_states.ndim == 4:
+        batch_size, channels, height, width = hidden_states.shape
+        sizes = (height, width)
+    elif hidden_states.ndim == 5:
+        batch_size, channels, frame, height, width = hidden_states.shape
+        sizes = (frame, height, width)
+    else:
+        raise ValueError(f"hidden_states must be a 4D or 5D tensor, got {hidden_states.shape}")
+    post_patch_sizes = tuple(d // p for d, p in zip(sizes, self.config.patch_size))
+
+    image_rotary_emb = self.rope(hidden_states)
+    encoder_attention_mask = encoder_attention_mask.bool()
+    temb = self.time_guidance_embed(timestep, guidance=guidance, timestep_r=timestep_r)
+    hidden_states = self.x_embedder(hidden_states)
+    encoder_hidden_states = self.context_embedder(encoder_hidden_states, timestep, encoder_attention_mask)
+
+    if self.context_embedder_2 is not None and encoder_hidden_states_2 is not None:
+        encoder_hidden_states_2 = self.context_embedder_2(encoder_hidden_states_2)
+        encoder_hidden_states, encoder_attention_mask = _reorder_text([
+            (encoder_hidden_states_2, encoder_attention_mask_2.bool(), False),
+            (encoder_hidden_states, encoder_attention_mask, False),
+        ])
+
+    attention_mask = torch.nn.functional.pad(encoder_attention_mask, (hidden_states.shape[1], 0), value=True)
+    attention_mask = attention_mask.unsqueeze(1).unsqueeze(2)
+    for block in self.transformer_blocks:
+        hidden_states, encoder_hidden_states = block(
+            hidden_states, encoder_hidden_states, temb, attention_mask=attention_mask,
+            image_rotary_emb=image_rotary_emb)
+    for block in self.single_transformer_blocks:
+        hidden_states, encoder_hidden_states = block(
+            hidden_states, encoder_hidden_states, temb, attention_mask=attention_mask,
+            image_rotary_emb=image_rotary_emb)
+
+    hidden_states = self.norm_out(hidden_states, temb)
+    hidden_states = self.proj_out(hidden_states)
+    out_channels = self.config.out_channels
+    hidden_states = hidden_states.reshape(
+        *([batch_size] + list(post_patch_sizes) + [out_channels] + list(self.config.patch_size)))
+    ndim = len(post_patch_sizes)
+    permute_pattern = [0, ndim + 1]
+    for i in range(ndim):
+        permute_pattern.extend([i + 1, ndim + 2 + i])
+    hidden_states = hidden_states.permute(*permute_pattern)
+    hidden_states = hidden_states.reshape(*([batch_size, out_channels] + [
+        post_patch * patch for post_patch, patch in zip(post_patch_sizes, self.config.patch_size)]))
+    if not return_dict:
+        return (hidden_states,)
+    return Transformer2DModelOutput(sample=hidden_states)
+
+
 #: class name -> the traceable forward
-TRACEABLE_FORWARDS = {"HunyuanVideo15Transformer3DModel": hunyuan_video15_forward}
+TRACEABLE_FORWARDS = {"HunyuanVideo15Transformer3DModel": hunyuan_video15_forward,
+                      "HunyuanImageTransformer2DModel": hunyuan_image_forward}
+
+
+@contextlib.contextmanager
+def traceable_forward(model: nn.Module, kw: dict) -> Iterator[None]:
+    """For the capture only (a family's ``prepare_capture``), the model's own forward is its traceable copy:
+    the innermost link of a diffusers hook chain, so hooks on the model still run around it.  Whatever
+    was there is put back after."""
+    check_mirrored(model)
+    holder, attr = innermost_forward(model) or (model, "forward")
+    had, old = attr in holder.__dict__, holder.__dict__.get(attr)
+    setattr(holder, attr, types.MethodType(TRACEABLE_FORWARDS[type(model).__name__], model))
+    try:
+        yield
+    finally:
+        if had:
+            holder.__dict__[attr] = old
+        else:
+            holder.__dict__.pop(attr, None)

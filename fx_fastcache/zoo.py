@@ -196,6 +196,27 @@ def tiny_hunyuan_video15(seed: int = 0, layers: int = 2, task: str = "t2v") -> T
     return TinyModel("tiny-hunyuan-video15", m, inputs)
 
 
+def tiny_hunyuan_image(seed: int = 0, layers: int = 1, single_layers: int = 1) -> TinyModel:
+    """HunyuanImage with its ByT5 tokens (padded differently per sample: its forward orders them by their masks)."""
+    from diffusers import HunyuanImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    m = HunyuanImageTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                       num_layers=layers, num_single_layers=single_layers, num_refiner_layers=1,
+                                       text_embed_dim=16, text_embed_2_dim=12, rope_axes_dim=(4, 4)).eval()
+
+    def inputs(t: float, batch: int = 2) -> dict:
+        g = _gen(seed + 1)
+        return dict(hidden_states=torch.randn(batch, 4, 4, 4, generator=g), timestep=torch.full((batch,), float(t)),
+                    encoder_hidden_states=torch.randn(batch, 5, 16, generator=g),
+                    encoder_attention_mask=(torch.arange(5) < 3 + torch.arange(batch).view(-1, 1) % 2).long(),
+                    encoder_hidden_states_2=torch.randn(batch, 3, 12, generator=g),
+                    encoder_attention_mask_2=(torch.arange(3) < 1 + torch.arange(batch).view(-1, 1) % 3).long(),
+                    return_dict=False)
+
+    return TinyModel("tiny-hunyuan-image", m, inputs)
+
+
 def _image_ids(h: int, w: int, axes: int = 3) -> torch.Tensor:
     ids = torch.zeros(h * w, axes)
     ids[:, 1], ids[:, 2] = torch.arange(h * w) // w, torch.arange(h * w) % w
@@ -511,6 +532,7 @@ TINY: dict[str, Callable[..., TinyModel]] = {
     "tiny-ovis-image": tiny_ovis_image,
     "tiny-cogview3plus": tiny_cogview3plus,
     "tiny-hunyuan-video15": tiny_hunyuan_video15,
+    "tiny-hunyuan-image": tiny_hunyuan_image,
 }
 
 

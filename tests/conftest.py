@@ -18,7 +18,8 @@ TIMESTEPS = [1000.0, 900.0, 800.0, 700.0, 600.0, 500.0]
 #: diffusers models registered beyond the eight families above (tests of their block lists only)
 MORE_FAMILIES = ["tiny-qwenimage", "tiny-chroma", "tiny-flux2", "tiny-wan-vace", "tiny-z-image", "tiny-flux3",
                  "tiny-ltx2", "tiny-wan-animate", "tiny-kandinsky5", "tiny-kandinsky6", "tiny-longcat-image",
-                 "tiny-ovis-image", "tiny-cogview3plus", "tiny-hunyuan-video15"]
+                 "tiny-ovis-image", "tiny-cogview3plus", "tiny-hunyuan-video15",
+                 "tiny-hunyuan-image"]
 
 
 #: Families whose block structure differs most: plain (DiT), joint + single lists (Flux), video with a

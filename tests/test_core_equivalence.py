@@ -110,18 +110,20 @@ def test_more_registered_models(family):
     _check_hand_computation(make_tiny(family), "forecast")
 
 
-def test_hunyuan_video15_token_layout_follows_the_masks_in_one_graph(monkeypatch):
-    """HunyuanVideo 1.5 orders its text tokens by their masks in Python (``text[text_mask]`` per sample,
-    ``if torch.all(image_embeds == 0)``), which torch.export cannot trace: the capture traces a copy that
-    does it with tensor operations.  Other masks and a text-to-video call (a zero image embedding) of the
-    same shapes reuse the one graph and equal the model; a diffusers whose forward differs is refused."""
-    tm = make_tiny("tiny-hunyuan-video15", task="i2v")
+@pytest.mark.parametrize("family", ["tiny-hunyuan-video15", "tiny-hunyuan-image"])
+def test_token_layouts_ordered_by_masks_follow_the_masks_in_one_graph(family, monkeypatch):
+    """HunyuanVideo 1.5 and HunyuanImage (with ByT5 tokens) order their text tokens by their masks in Python
+    (``text[text_mask]`` per sample; 1.5 also ``if torch.all(image_embeds == 0)``), which torch.export cannot
+    trace: the capture traces a copy that does it with tensor operations.  Other masks (a sample all padding
+    in one encoder, one with none) and, for 1.5, a text-to-video call (a zero image embedding) of the same
+    shapes reuse the one graph and equal the model; a diffusers whose forward differs is refused."""
+    tm = make_tiny(family, task="i2v") if family == "tiny-hunyuan-video15" else make_tiny(family)
     opt = fastcache.optimize(tm.model, backend="eager", enable_block_approx=False)
     base = tm.make_inputs(900.0, 3)
-    calls = [base,
-             dict(base, image_embeds=torch.zeros_like(base["image_embeds"])),  # text-to-video
-             dict(base, encoder_attention_mask=torch.tensor([[1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 1, 0, 1, 0]]),
-                  encoder_attention_mask_2=torch.tensor([[0, 0, 0], [1, 1, 1], [1, 0, 1]]))]
+    calls = [base, dict(base, encoder_attention_mask=torch.tensor([[1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 1, 0, 1, 0]]),
+                        encoder_attention_mask_2=torch.tensor([[0, 0, 0], [1, 1, 1], [1, 0, 1]]))]
+    if "image_embeds" in base:
+        calls.append(dict(base, image_embeds=torch.zeros_like(base["image_embeds"])))  # text-to-video
     with torch.no_grad():
         for kw in calls:
             torch.testing.assert_close(first(opt(**kw)), first(tm.model(**kw)), rtol=0, atol=1e-6)
@@ -130,7 +132,7 @@ def test_hunyuan_video15_token_layout_follows_the_masks_in_one_graph(monkeypatch
 
     from fx_fastcache import traceable_forwards
 
-    monkeypatch.setitem(traceable_forwards.MIRRORED, "HunyuanVideo15Transformer3DModel", ("0" * 64, "0.42.1"))
+    monkeypatch.setitem(traceable_forwards.MIRRORED, type(tm.model).__name__, ("0" * 64, "0.42.1"))
     with pytest.raises(NotImplementedError, match=r"written for diffusers 0\.42\.1.*Install diffusers==0\.42\.1"):
         fastcache.optimize(tm.model, backend="eager")(**base)
 

@@ -14,7 +14,7 @@ LAYERS = [
     ("protocol", ["fx_fastcache.graph_protocol", "fx_fastcache.schedule_table", "fx_fastcache.quiet"]),
     ("runtime", ["fx_fastcache.runtime", "fx_fastcache.policies", "fx_fastcache.fallbacks",
                  "fx_fastcache.calibration", "fx_fastcache.config", "fx_fastcache.families", "fx_fastcache.markers",
-                 "fx_fastcache.layerwise_casting",
+                 "fx_fastcache.layerwise_casting", "fx_fastcache.hook_chain", "fx_fastcache.traceable_forwards",
                  "fx_fastcache.zoo"]),
     ("passes", ["fx_fastcache.passes"]),
     ("capture", ["fx_fastcache.module", "fx_fastcache.step_dispatch", "fx_fastcache.decision_split",
