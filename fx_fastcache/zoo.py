@@ -171,20 +171,21 @@ def tiny_hunyuan_video(seed: int = 0, layers: int = 1, single_layers: int = 2) -
     return TinyModel("tiny-hunyuan-video", m, inputs)
 
 
-def tiny_hunyuan_video15(seed: int = 0, layers: int = 2, task: str = "t2v") -> TinyModel:
+def tiny_hunyuan_video15(seed: int = 0, layers: int = 2, task: str = "t2v", in_channels: int = 4) -> TinyModel:
     """HunyuanVideo 1.5: text tokens of two encoders and an image embedding, padded differently per sample
-    (its forward orders them by their masks); ``task="i2v"``: a non-zero image embedding."""
+    (its forward orders them by their masks); ``task="i2v"``: a non-zero image embedding.  Its pipeline
+    passes the latents, the conditioning latents and a mask: ``in_channels=9`` for 4 latent channels."""
     from diffusers import HunyuanVideo15Transformer3DModel
 
     torch.manual_seed(seed)
-    m = HunyuanVideo15Transformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+    m = HunyuanVideo15Transformer3DModel(in_channels=in_channels, out_channels=4, num_attention_heads=2, attention_head_dim=8,
                                          num_layers=layers, num_refiner_layers=1, text_embed_dim=16,
                                          text_embed_2_dim=12, image_embed_dim=8, rope_axes_dim=(2, 2, 4),
                                          target_size=64, task_type=task).eval()
 
     def inputs(t: float, batch: int = 2) -> dict:
         g = _gen(seed + 1)
-        return dict(hidden_states=torch.randn(batch, 4, 2, 4, 4, generator=g),  # (B, C, frames, H, W)
+        return dict(hidden_states=torch.randn(batch, in_channels, 2, 4, 4, generator=g),  # (B, C, frames, H, W)
                     timestep=torch.full((batch,), float(t)),
                     encoder_hidden_states=torch.randn(batch, 5, 16, generator=g),
                     encoder_attention_mask=(torch.arange(5) < 3 + torch.arange(batch).view(-1, 1) % 2).long(),

@@ -113,6 +113,44 @@ def test_flux_true_cfg_uses_one_state_per_cache_context() -> None:
     assert r_c[0] is not r_c[1] and not torch.equal(r_c[0], r_c[1])  # and its own cached residuals
 
 
+def test_hunyuan_video15_pipeline_caches_each_guider_context() -> None:
+    """HunyuanVideo 1.5's pipeline (its guider runs CFG as two calls per step, each in its own
+    ``cache_context``; the text tokens padded differently per context): exact with approximation off,
+    and with it one graph serves both contexts, each with its own state."""
+    from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Pipeline
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from fx_fastcache.zoo import make_tiny
+
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+                                      spatial_compression_ratio=2, temporal_compression_ratio=1).eval()
+    pipe = HunyuanVideo15Pipeline(  # text encoders left out: the call passes the embeddings
+        text_encoder=None, tokenizer=None, transformer=make_tiny("tiny-hunyuan-video15", in_channels=9).model,
+        vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), text_encoder_2=None, tokenizer_2=None,
+        guider=ClassifierFreeGuidance(guidance_scale=6.0))
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(3)
+    text = dict(prompt_embeds=torch.randn(1, 5, 16, generator=g), prompt_embeds_mask=torch.tensor([[1, 1, 1, 0, 0]]),
+                negative_prompt_embeds=torch.randn(1, 5, 16, generator=g),
+                negative_prompt_embeds_mask=torch.tensor([[1, 1, 0, 0, 0]]),
+                prompt_embeds_2=torch.randn(1, 3, 12, generator=g), prompt_embeds_mask_2=torch.tensor([[1, 0, 0]]),
+                negative_prompt_embeds_2=torch.zeros(1, 3, 12), negative_prompt_embeds_mask_2=torch.zeros(1, 3).long())
+
+    def call():
+        return pipe(**text, height=8, width=8, num_frames=2, num_inference_steps=6, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).frames
+
+    reference = call()
+    fastcache.enable_fastcache(pipe, backend="eager", enable_block_approx=False)
+    torch.testing.assert_close(call(), reference, rtol=0, atol=1e-6)
+    fastcache.disable_fastcache(pipe)
+    tr = fastcache.enable_fastcache(pipe, backend="eager")
+    cached = call()
+    assert len(tr.contexts()) == 2 and len(tr.entries()) == 1
+    assert fastcache.get_cache_statistics(pipe)["block_approx_ratio"] > 0
+    assert torch.isfinite(cached).all() and not torch.equal(cached, reference)
+
+
 @pytest.mark.parametrize("family,extra", [("flux", {"negative_prompt": "blurry", "true_cfg_scale": 2.0}),
                                           ("wan", {})], ids=["flux-true-cfg", "wan"])
 def test_one_export_and_one_compile_for_two_cache_contexts(family, extra, monkeypatch) -> None:
