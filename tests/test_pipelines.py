@@ -113,21 +113,31 @@ def test_flux_true_cfg_uses_one_state_per_cache_context() -> None:
     assert r_c[0] is not r_c[1] and not torch.equal(r_c[0], r_c[1])  # and its own cached residuals
 
 
-def test_hunyuan_video15_pipeline_caches_each_guider_context() -> None:
-    """HunyuanVideo 1.5's pipeline (its guider runs CFG as two calls per step, each in its own
-    ``cache_context``; the text tokens padded differently per context): exact with approximation off,
-    and with it one graph serves both contexts, each with its own state."""
-    from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Pipeline
-    from diffusers.guiders import ClassifierFreeGuidance
+def _hunyuan_guider_pipeline(kind: str):
+    """HunyuanVideo 1.5's or HunyuanImage's pipeline around a tiny transformer, text encoders left out (the
+    call passes the embeddings), and a call returning latents."""
+    from diffusers import (AutoencoderKLHunyuanImage, AutoencoderKLHunyuanVideo15, HunyuanImagePipeline,
+                           HunyuanVideo15Pipeline)
+    from diffusers.guiders import AdaptiveProjectedMixGuidance, ClassifierFreeGuidance
 
     from fx_fastcache.zoo import make_tiny
 
-    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
-                                      spatial_compression_ratio=2, temporal_compression_ratio=1).eval()
-    pipe = HunyuanVideo15Pipeline(  # text encoders left out: the call passes the embeddings
-        text_encoder=None, tokenizer=None, transformer=make_tiny("tiny-hunyuan-video15", in_channels=9).model,
-        vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), text_encoder_2=None, tokenizer_2=None,
-        guider=ClassifierFreeGuidance(guidance_scale=6.0))
+    no_text = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                   scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+    if kind == "video15":
+        pipe = HunyuanVideo15Pipeline(
+            transformer=make_tiny("tiny-hunyuan-video15", in_channels=9).model,  # latents, condition, mask
+            vae=AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+                                            spatial_compression_ratio=2, temporal_compression_ratio=1).eval(),
+            guider=ClassifierFreeGuidance(guidance_scale=6.0), **no_text)
+        size, out = dict(num_frames=2), "frames"
+    else:
+        pipe = HunyuanImagePipeline(
+            transformer=make_tiny("tiny-hunyuan-image").model,
+            vae=AutoencoderKLHunyuanImage(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
+                                          layers_per_block=1, spatial_compression_ratio=2, sample_size=8).eval(),
+            guider=AdaptiveProjectedMixGuidance(guidance_scale=4.0), **no_text)
+        size, out = dict(distilled_guidance_scale=None), "images"
     pipe.set_progress_bar_config(disable=True)
     g = torch.Generator().manual_seed(3)
     text = dict(prompt_embeds=torch.randn(1, 5, 16, generator=g), prompt_embeds_mask=torch.tensor([[1, 1, 1, 0, 0]]),
@@ -137,9 +147,18 @@ def test_hunyuan_video15_pipeline_caches_each_guider_context() -> None:
                 negative_prompt_embeds_2=torch.zeros(1, 3, 12), negative_prompt_embeds_mask_2=torch.zeros(1, 3).long())
 
     def call():
-        return pipe(**text, height=8, width=8, num_frames=2, num_inference_steps=6, output_type="latent",
-                    generator=torch.Generator().manual_seed(0)).frames
+        return getattr(pipe(**text, **size, height=8, width=8, num_inference_steps=6, output_type="latent",
+                            generator=torch.Generator().manual_seed(0)), out)
 
+    return pipe, call
+
+
+@pytest.mark.parametrize("kind", ["video15", "image"])
+def test_hunyuan_guider_pipelines_cache_each_context(kind: str) -> None:
+    """HunyuanVideo 1.5's and HunyuanImage's pipelines (their guiders run CFG as two calls per step, each in
+    its own ``cache_context``; the text tokens padded differently per context): exact with approximation
+    off, and with it one graph serves both contexts, each with its own state."""
+    pipe, call = _hunyuan_guider_pipeline(kind)
     reference = call()
     fastcache.enable_fastcache(pipe, backend="eager", enable_block_approx=False)
     torch.testing.assert_close(call(), reference, rtol=0, atol=1e-6)
