@@ -76,6 +76,24 @@ def test_peer_options_parse_and_refuse_unknown_ones():
     assert dict(parse_method("diffusers_magcache").options) == {"max_skip": 3, "retention": 0.2}
     with pytest.raises(ValueError, match="max_skip"):
         parse_method("diffusers_magcache:speed=2")
+    m = parse_method("cache_dit:taylorseer=1")
+    assert m.name == "cache_dit(taylorseer=1)" and dict(m.options) == {"taylorseer": 1}
+    assert dict(parse_method("cache_dit").options) == {"taylorseer": 0}
+
+
+def test_cache_dit_taylorseer_calibrator_forecasts_what_dbcache_reuses():
+    """cache-dit's DBCache with its TaylorSeer calibrator (issue #13's third peer): the same blocks are
+    skipped, counted by the attention pre-hooks, and the skipped steps' outputs differ from plain reuse.  (Its
+    calibrator counts steps from −1 and forms a derivative only at its step 2 or later: four warm-up steps.)"""
+    pytest.importorskip("cache_dit", reason="the peer needs `pip install cache-dit` (fx-fastcache[peers])")
+    tiny = make_tiny("tiny-pixart")
+    outs = {}
+    for order in (0, 1):
+        run = peers.cache_dit_dbcache(tiny.model, threshold=10.0, steps=8, warmup_steps=4, taylorseer_order=order)
+        outs[order] = _run(tiny, run.model, 8)
+        assert run.replaced_fraction == pytest.approx((8 - 4) / 8 * (1 - 1 / len(run.computed)))  # F1B0: block 0 runs
+    same = [torch.equal(a, b) for a, b in zip(outs[0], outs[1])]
+    assert same == [True] * 4 + [False] * 4, same  # the warm-up computes; every skipped step is forecast
 
 
 def test_first_block_cache_counts_flux_single_blocks():

@@ -187,15 +187,17 @@ def diffusers_first_block_cache(model: nn.Module, threshold: float) -> PeerRun:
     return run
 
 
-def cache_dit_dbcache(model: nn.Module, threshold: float, steps: int, warmup_steps: int = 2) -> PeerRun:
-    """A deep copy of ``model`` with cache-dit's DBCache (F1B0) at ``threshold``.
+def cache_dit_dbcache(model: nn.Module, threshold: float, steps: int, warmup_steps: int = 2,
+                      taylorseer_order: int = 0) -> PeerRun:
+    """A deep copy of ``model`` with cache-dit's DBCache (F1B0) at ``threshold``; ``taylorseer_order`` ≥ 1 adds
+    cache-dit's TaylorSeer calibrator of that order (its skipped blocks' residuals are forecast, not reused).
 
     Raises:
         ImportError: cache-dit is not installed (``pip install cache-dit``).
     """
     try:
         import cache_dit
-        from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern
+        from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern, TaylorSeerCalibratorConfig
     except ImportError as e:
         raise ImportError("method 'cache_dit' needs the cache-dit package: `pip install \"fx-fastcache[peers]\"` "
                           "or `pip install cache-dit` (it leaves torch and diffusers as they are); or drop it from "
@@ -212,6 +214,8 @@ def cache_dit_dbcache(model: nn.Module, threshold: float, steps: int, warmup_ste
         BlockAdapter(transformer=m, blocks=m.transformer_blocks, forward_pattern=ForwardPattern.Pattern_3),
         cache_config=DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=float(threshold),
                                    max_warmup_steps=int(warmup_steps), num_inference_steps=int(steps)),
+        calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=int(taylorseer_order)) if taylorseer_order
+        else None,
     )
     _count_model_calls(m, run)
     return run

@@ -57,6 +57,7 @@ PEERS = ("diffusers_fbc", "cache_dit", "diffusers_taylorseer", "diffusers_magcac
 PEER_OPTIONS: dict[str, dict[str, float]] = {
     "diffusers_taylorseer": {"order": 1, "before": 3},
     "diffusers_magcache": {"max_skip": 3, "retention": 0.2},
+    "cache_dit": {"taylorseer": 0},  # 0: DBCache alone; N: with its TaylorSeer calibrator of order N
 }
 #: Peer options that are fractions in [0, 1] (the others are counts: integers >= 0).
 FRACTION_OPTIONS = frozenset({"retention"})
@@ -148,7 +149,8 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     (``fastcache.search_plan`` for every threshold; ``:search=worst_quarter`` for that objective) and
     ``:search_images=N`` (its calibration images, default 16).
     ``diffusers_taylorseer[:order=N][:before=N]`` (its thresholds are ``cache_interval`` values)
-    and ``diffusers_magcache[:max_skip=K][:retention=R]`` (thresholds: MagCache's error budget).
+    and ``diffusers_magcache[:max_skip=K][:retention=R]`` (thresholds: MagCache's error budget);
+    ``cache_dit[:taylorseer=N]`` (DBCache with cache-dit's TaylorSeer calibrator of order N).
     """
 
     parts = spec.strip().split(":")
@@ -432,7 +434,8 @@ class _PeerRunner:
             self.run = peers.diffusers_mag_cache(self.s.tm.model, threshold, self.mag_ratios, self.s.steps,
                                                  int(o["max_skip"]), float(o["retention"]))
         else:
-            self.run = peers.cache_dit_dbcache(self.s.tm.model, threshold, self.s.steps)
+            self.run = peers.cache_dit_dbcache(self.s.tm.model, threshold, self.s.steps,
+                                               taylorseer_order=int(o["taylorseer"]))
         return self.run.model
 
     def stats(self) -> tuple[float, list[float], float]:
