@@ -6,6 +6,8 @@ markers, a family's traceable forward) replaces the innermost link of that chain
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch.nn as nn
@@ -26,3 +28,25 @@ def innermost_forward(module: nn.Module) -> tuple[Any, str] | None:
     ref = refs[0]
     attr = "original_forward" if getattr(ref, "original_forward", None) is not None else "forward"
     return ref, attr
+
+
+def own_forward_link(module: nn.Module) -> tuple[Any, str]:
+    """``(holder, attribute)`` of the module's own forward: the innermost link of its hook chain, else its
+    ``forward``."""
+    return innermost_forward(module) or (module, "forward")
+
+
+@contextlib.contextmanager
+def swapped(holder: Any, attr: str, value: Any) -> Iterator[None]:
+    """``holder.attr`` is ``value`` within the context; after it, what was in ``holder.__dict__`` before is
+    put back, or the instance attribute removed if there was none (a diffusers hook chain stays as it was)."""
+    d = holder.__dict__
+    had, old = attr in d, d.get(attr)
+    setattr(holder, attr, value)
+    try:
+        yield
+    finally:
+        if had:
+            d[attr] = old
+        else:
+            d.pop(attr, None)

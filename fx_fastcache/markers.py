@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .families import FamilySpec, block_modules
-from .hook_chain import innermost_forward
+from .hook_chain import own_forward_link, swapped
 
 
 @torch.library.custom_op("fastcache::mark", mutates_args=())
@@ -128,26 +128,10 @@ def marked(model: nn.Module, spec: FamilySpec) -> Iterator[None]:
     marker goes *outside* the model's chain, so the clock reads the timestep every rank was
     given.  Whatever was there before is put back on exit, hooks included.
     """
-    restore: list[tuple[Any, str, bool, Any]] = []  # (holder, attribute, was in __dict__, old value)
-
-    def patch(holder: Any, attr: str, value: Any) -> None:
-        d = holder.__dict__
-        restore.append((holder, attr, attr in d, d.get(attr)))
-        setattr(holder, attr, value)
-
-    try:
+    with contextlib.ExitStack() as stack:
         for index, (_, block, bl) in enumerate(block_modules(model, spec)):
-            inner = innermost_forward(block)
-            if inner is None:
-                patch(block, "forward", _wrap_block(block, block.forward, index, bl.stream_inputs, bl.outputs))
-            else:
-                holder, attr = inner
-                patch(holder, attr, _wrap_block(block, getattr(holder, attr), index, bl.stream_inputs, bl.outputs))
-        patch(model, "forward", _wrap_model(model, spec.timestep_arg, spec.stream_arg))
+            holder, attr = own_forward_link(block)
+            stack.enter_context(swapped(holder, attr, _wrap_block(block, getattr(holder, attr), index,
+                                                                  bl.stream_inputs, bl.outputs)))
+        stack.enter_context(swapped(model, "forward", _wrap_model(model, spec.timestep_arg, spec.stream_arg)))
         yield
-    finally:
-        for holder, attr, had, old in reversed(restore):
-            if had:
-                holder.__dict__[attr] = old
-            else:
-                holder.__dict__.pop(attr, None)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .hook_chain import innermost_forward
+from .hook_chain import own_forward_link, swapped
 
 #: class name -> (sha256 of ``inspect.getsource(cls.forward)`` mirrored, diffusers version it came from)
 MIRRORED: dict[str, tuple[str, str]] = {
@@ -212,13 +212,6 @@ def traceable_forward(model: nn.Module, kw: dict) -> Iterator[None]:
     the innermost link of a diffusers hook chain, so hooks on the model still run around it.  Whatever
     was there is put back after."""
     check_mirrored(model)
-    holder, attr = innermost_forward(model) or (model, "forward")
-    had, old = attr in holder.__dict__, holder.__dict__.get(attr)
-    setattr(holder, attr, types.MethodType(TRACEABLE_FORWARDS[type(model).__name__], model))
-    try:
+    holder, attr = own_forward_link(model)
+    with swapped(holder, attr, types.MethodType(TRACEABLE_FORWARDS[type(model).__name__], model)):
         yield
-    finally:
-        if had:
-            holder.__dict__[attr] = old
-        else:
-            holder.__dict__.pop(attr, None)
