@@ -77,23 +77,62 @@ def test_peer_options_parse_and_refuse_unknown_ones():
     with pytest.raises(ValueError, match="max_skip"):
         parse_method("diffusers_magcache:speed=2")
     m = parse_method("cache_dit:taylorseer=1")
-    assert m.name == "cache_dit(taylorseer=1)" and dict(m.options) == {"taylorseer": 1}
-    assert dict(parse_method("cache_dit").options) == {"taylorseer": 0}
+    assert m.name == "cache_dit(taylorseer=1)" and dict(m.options)["taylorseer"] == 1
+    assert dict(parse_method("cache_dit").options) == {"taylorseer": 0, "fn": 1, "bn": 0, "warmup": 2, "max_skip": 0}
+    m = parse_method("cache_dit:fn=2:bn=1:max_skip=3")
+    assert m.name == "cache_dit(fn=2,bn=1,max_skip=3)"
+    with pytest.raises(ValueError, match="integer"):
+        parse_method("cache_dit:fn=1.5")
 
 
-def test_cache_dit_taylorseer_calibrator_forecasts_what_dbcache_reuses():
-    """cache-dit's DBCache with its TaylorSeer calibrator (issue #13's third peer): the same blocks are
-    skipped, counted by the attention pre-hooks, and the skipped steps' outputs differ from plain reuse.  (Its
-    calibrator counts steps from −1 and forms a derivative only at its step 2 or later: four warm-up steps.)"""
+@pytest.mark.parametrize("name", ["tiny-pixart", "tiny-sd3", "tiny-flux"])
+def test_cache_dit_taylorseer_calibrator_forecasts_what_dbcache_reuses(name):
+    """cache-dit's DBCache with its TaylorSeer calibrator (issue #13's third peer), with the block lists and
+    forward patterns of cache-dit's own adapters: exact while nothing is skipped; the same blocks skipped with
+    and without the calibrator, counted by the attention pre-hooks (F1B0: the first block of each list
+    computes); the skipped steps' outputs differ from plain reuse; its state (cache context buffers, calibrator
+    states) is measured.  (Its calibrator counts steps from −1 and forms a derivative only at its step 2 or
+    later: four warm-up steps.)"""
     pytest.importorskip("cache_dit", reason="the peer needs `pip install cache-dit` (fx-fastcache[peers])")
-    tiny = make_tiny("tiny-pixart")
+    tiny = make_tiny(name)
+    ref = _run(tiny, tiny.model, 8)
+    firsts = [0] + ([len(tiny.model.transformer_blocks)] if name == "tiny-flux" else [])
     outs = {}
     for order in (0, 1):
+        exact = peers.cache_dit_dbcache(tiny.model, threshold=0.0, steps=8, warmup_steps=4, taylorseer_order=order)
+        assert all(torch.equal(a, b) for a, b in zip(_run(tiny, exact.model, 8), ref))
         run = peers.cache_dit_dbcache(tiny.model, threshold=10.0, steps=8, warmup_steps=4, taylorseer_order=order)
         outs[order] = _run(tiny, run.model, 8)
-        assert run.replaced_fraction == pytest.approx((8 - 4) / 8 * (1 - 1 / len(run.computed)))  # F1B0: block 0 runs
+        assert run.computed == [8 if i in firsts else 4 for i in range(len(run.computed))], run.computed
+        assert run.state_bytes > 0
+        if name == "tiny-pixart":
+            # the first block's residual and the stack's (DBCache); with the calibrator the stack's residual
+            # lives in its Taylor state: the value and first derivative, and the previous value
+            activation = 2 * 16 * 16 * 4  # batch 2 x 16 tokens x width 16, fp32
+            assert run.state_bytes == (2 if order == 0 else 4) * activation, (order, run.state_bytes)
     same = [torch.equal(a, b) for a, b in zip(outs[0], outs[1])]
     assert same == [True] * 4 + [False] * 4, same  # the warm-up computes; every skipped step is forecast
+
+
+def test_cache_dit_compute_blocks_and_skip_cap_are_cache_dits_own():
+    """``fn``/``bn`` compute the first / last blocks of the list on every step; ``max_skip`` caps consecutive
+    cached steps (cache-dit's ``max_continuous_cached_steps``); a setting that leaves nothing to cache is refused."""
+    pytest.importorskip("cache_dit", reason="the peer needs `pip install cache-dit` (fx-fastcache[peers])")
+    tiny = make_tiny("tiny-pixart", layers=5)
+    run = peers.cache_dit_dbcache(tiny.model, threshold=10.0, steps=8, warmup_steps=2, fn=2, bn=1)
+    _run(tiny, run.model, 8)
+    assert run.computed == [8, 8, 2, 2, 8]
+    run = peers.cache_dit_dbcache(tiny.model, threshold=10.0, steps=8, warmup_steps=2, max_skip=2)
+    _run(tiny, run.model, 8)
+    assert run.computed[1:] == [4] * 4  # steps 0, 1 (warm-up), then cached 2, 3, computed 4, cached 5, 6, computed 7
+    with pytest.raises(ValueError, match="no block left to cache"):
+        peers.cache_dit_dbcache(tiny.model, threshold=0.1, steps=8, fn=3, bn=2)
+
+
+def test_cache_dit_refuses_dit_saying_why():
+    pytest.importorskip("cache_dit", reason="the peer needs `pip install cache-dit` (fx-fastcache[peers])")
+    with pytest.raises(ValueError, match="fails on DiT"):
+        peers.cache_dit_dbcache(make_tiny("tiny-dit").model, threshold=0.1, steps=8)
 
 
 def test_first_block_cache_counts_flux_single_blocks():

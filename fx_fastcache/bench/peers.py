@@ -46,7 +46,8 @@ import torch.nn as nn
 logger = logging.getLogger(__name__)
 
 __all__ = ["PeerRun", "diffusers_first_block_cache", "cache_dit_dbcache", "diffusers_taylorseer",
-           "taylorseer_computed_steps", "diffusers_mag_ratios", "diffusers_mag_cache", "peer_state_bytes"]
+           "taylorseer_computed_steps", "diffusers_mag_ratios", "diffusers_mag_cache", "peer_state_bytes",
+           "cache_dit_state_tensors"]
 
 
 @dataclass
@@ -76,13 +77,6 @@ class PeerRun:
         return [self.calls[0] - c for c in self.computed]
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    blocks = getattr(model, "transformer_blocks", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__} has no `transformer_blocks` ModuleList; the peers need one")
-    return blocks
-
-
 def _count_model_calls(model: nn.Module, run: PeerRun) -> None:
     def pre_hook(_module, _args, _kwargs=None):
         run.calls[0] += 1
@@ -108,16 +102,23 @@ def _tensors(obj: Any, depth: int = 0):
             yield from _tensors(v, depth + 1)
 
 
-def peer_state_bytes(model: nn.Module) -> int:
-    """Bytes of the distinct tensors held in the states of diffusers hooks under ``model``.
+def cache_dit_state_tensors(model: nn.Module):
+    """The tensors cache-dit holds for ``model``: every cache context's ``buffers`` (DBCache's residuals) and
+    the states of its calibrators (TaylorSeer's derivative ladders).  cache-dit keeps its context manager in
+    a module attribute (``model._context_manager`` for a transformer adapted without a pipeline)."""
+    for mod in model.modules():
+        for v in vars(mod).values():
+            contexts = getattr(v, "_cached_context_manager", None)
+            if not isinstance(contexts, dict) or isinstance(v, nn.Module):
+                continue
+            for ctx in contexts.values():
+                yield from _tensors(getattr(ctx, "buffers", None))
+                for name in ("calibrator", "encoder_calibrator", "cfg_calibrator", "cfg_encoder_calibrator"):
+                    for st in (getattr(getattr(ctx, name, None), "states", None) or {}).values():
+                        yield from _tensors(getattr(st, "state", None))
 
-    Walks every module's ``_diffusers_hook`` registry, every hook's ``state_manager`` and the
-    states it holds (per cache context); a tensor shared by several states counts once.
-    Tensors a hook holds only during one call (e.g. a head block's input) are included when they
-    are still referenced after the call.
-    """
-    seen: set[tuple[int, int]] = set()
-    total = 0
+
+def _diffusers_hook_state_tensors(model: nn.Module):
     for mod in model.modules():
         reg = getattr(mod, "_diffusers_hook", None)
         if reg is None:
@@ -125,11 +126,25 @@ def peer_state_bytes(model: nn.Module) -> int:
         for hook in reg.hooks.values():
             sm = getattr(hook, "state_manager", None)
             for state in (getattr(sm, "_state_cache", {}) or {}).values():
-                for t in _tensors(state):
-                    key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-                    if key not in seen:
-                        seen.add(key)
-                        total += key[1]
+                yield from _tensors(state)
+
+
+def peer_state_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct tensors held in the peers' cache states under ``model``.
+
+    Walks every module's ``_diffusers_hook`` registry, every hook's ``state_manager`` and the
+    states it holds (per cache context), and cache-dit's cache contexts (buffers and calibrator states);
+    a tensor shared by several states counts once.  Tensors a hook holds only during one call (e.g. a
+    head block's input) are included when they are still referenced after the call.
+    """
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for gen in (_diffusers_hook_state_tensors(model), cache_dit_state_tensors(model)):
+        for t in gen:
+            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += key[1]
     return total
 
 
@@ -188,12 +203,16 @@ def diffusers_first_block_cache(model: nn.Module, threshold: float) -> PeerRun:
 
 
 def cache_dit_dbcache(model: nn.Module, threshold: float, steps: int, warmup_steps: int = 2,
-                      taylorseer_order: int = 0) -> PeerRun:
-    """A deep copy of ``model`` with cache-dit's DBCache (F1B0) at ``threshold``; ``taylorseer_order`` ≥ 1 adds
-    cache-dit's TaylorSeer calibrator of that order (its skipped blocks' residuals are forecast, not reused).
+                      taylorseer_order: int = 0, fn: int = 1, bn: int = 0, max_skip: int = 0) -> PeerRun:
+    """A deep copy of ``model`` with cache-dit's DBCache (``Fn_compute_blocks=fn``, ``Bn_compute_blocks=bn``,
+    default F1B0) at ``threshold``; ``taylorseer_order`` ≥ 1 adds cache-dit's TaylorSeer calibrator of that order
+    (its skipped blocks' residuals are forecast, not reused); ``max_skip`` ≥ 1 caps consecutive cached steps
+    (``max_continuous_cached_steps``; 0: no cap).  PixArt, SD3 and Flux transformers (Flux: both block lists, as
+    cache-dit's Flux adapter caches them).
 
     Raises:
         ImportError: cache-dit is not installed (``pip install cache-dit``).
+        ValueError: another transformer (cache-dit fails on DiT), or ``fn + bn`` leaves no block to cache.
     """
     try:
         import cache_dit
@@ -203,19 +222,34 @@ def cache_dit_dbcache(model: nn.Module, threshold: float, steps: int, warmup_ste
                           "or `pip install cache-dit` (it leaves torch and diffusers as they are); or drop it from "
                           "--methods") from e
     m = copy.deepcopy(model)
-    blocks = _blocks(m)
-    run = PeerRun(m, computed=[0] * len(blocks))
-    for i, blk in enumerate(blocks):
-        def pre(_mod, _args, _i=i):
-            run.computed[_i] += 1
-
-        blk.attn1.register_forward_pre_hook(pre)
+    lists = _block_lists(m)
+    # the block lists and forward patterns cache-dit's own adapters give these families (its
+    # ``block_adapters/adapters.py``: PixArt Pattern_3; SD3 Pattern_1; Flux both lists, Pattern_1)
+    pattern = {"PixArtTransformer2DModel": ForwardPattern.Pattern_3, "SD3Transformer2DModel": ForwardPattern.Pattern_1,
+               "FluxTransformer2DModel": ForwardPattern.Pattern_1}.get(type(m).__name__)
+    if pattern is None:
+        raise ValueError(f"method 'cache_dit' runs on PixArt, SD3 and Flux transformers, not {type(m).__name__} "
+                         "(cache-dit's DBCache fails on DiT: its forward reads `transformer_blocks[0].norm1` after "
+                         "cache-dit replaced the list); drop it from --methods for this model")
+    short = [f"{name} ({len(bl)} blocks)" for name, bl in lists if fn + bn >= len(bl)]
+    if fn < 1 or len(short) == len(lists):
+        raise ValueError(f"cache_dit fn={fn}, bn={bn}: " + (f"{', '.join(short)} would have no block left to cache"
+                                                            if fn >= 1 else "fn must be >= 1 (the block it compares)")
+                         + "; choose fn >= 1 and fn + bn below the length of a block list")
+    run = PeerRun(m)
+    _count_blocks_by_attention(m, run)
     cache_dit.enable_cache(
-        BlockAdapter(transformer=m, blocks=m.transformer_blocks, forward_pattern=ForwardPattern.Pattern_3),
-        cache_config=DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=float(threshold),
-                                   max_warmup_steps=int(warmup_steps), num_inference_steps=int(steps)),
-        calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=int(taylorseer_order)) if taylorseer_order
-        else None,
+        BlockAdapter(transformer=m, blocks=[bl for _, bl in lists] if len(lists) > 1 else lists[0][1],
+                     forward_pattern=[pattern] * len(lists) if len(lists) > 1 else pattern),
+        cache_config=DBCacheConfig(Fn_compute_blocks=int(fn), Bn_compute_blocks=int(bn),
+                                   residual_diff_threshold=float(threshold), max_warmup_steps=int(warmup_steps),
+                                   max_continuous_cached_steps=int(max_skip) if max_skip else -1,
+                                   num_inference_steps=int(steps)),
+        # SD3's last block returns no text stream (``context_pre_only``), so cache-dit's encoder calibrator
+        # never gets a first value and fails at its first forecast; the image does not read that stream
+        calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=int(taylorseer_order),
+                                                     enable_encoder_calibrator=type(m).__name__ != "SD3Transformer2DModel")
+        if taylorseer_order else None,
     )
     _count_model_calls(m, run)
     return run

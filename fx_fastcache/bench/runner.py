@@ -57,7 +57,9 @@ PEERS = ("diffusers_fbc", "cache_dit", "diffusers_taylorseer", "diffusers_magcac
 PEER_OPTIONS: dict[str, dict[str, float]] = {
     "diffusers_taylorseer": {"order": 1, "before": 3},
     "diffusers_magcache": {"max_skip": 3, "retention": 0.2},
-    "cache_dit": {"taylorseer": 0},  # 0: DBCache alone; N: with its TaylorSeer calibrator of order N
+    # taylorseer 0: DBCache alone, N: with its TaylorSeer calibrator of order N; fn / bn: Fn_compute_blocks /
+    # Bn_compute_blocks; warmup: max_warmup_steps; max_skip: max_continuous_cached_steps (0: no cap)
+    "cache_dit": {"taylorseer": 0, "fn": 1, "bn": 0, "warmup": 2, "max_skip": 0},
 }
 #: Peer options that are fractions in [0, 1] (the others are counts: integers >= 0).
 FRACTION_OPTIONS = frozenset({"retention"})
@@ -150,7 +152,8 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     ``:search_images=N`` (its calibration images, default 16).
     ``diffusers_taylorseer[:order=N][:before=N]`` (its thresholds are ``cache_interval`` values)
     and ``diffusers_magcache[:max_skip=K][:retention=R]`` (thresholds: MagCache's error budget);
-    ``cache_dit[:taylorseer=N]`` (DBCache with cache-dit's TaylorSeer calibrator of order N).
+    ``cache_dit[:taylorseer=N][:fn=N][:bn=N][:warmup=N][:max_skip=K]`` (DBCache with cache-dit's TaylorSeer
+    calibrator of order N; its Fn / Bn compute blocks, warm-up steps and cap on consecutive cached steps).
     """
 
     parts = spec.strip().split(":")
@@ -434,8 +437,9 @@ class _PeerRunner:
             self.run = peers.diffusers_mag_cache(self.s.tm.model, threshold, self.mag_ratios, self.s.steps,
                                                  int(o["max_skip"]), float(o["retention"]))
         else:
-            self.run = peers.cache_dit_dbcache(self.s.tm.model, threshold, self.s.steps,
-                                               taylorseer_order=int(o["taylorseer"]))
+            self.run = peers.cache_dit_dbcache(self.s.tm.model, threshold, self.s.steps, warmup_steps=int(o["warmup"]),
+                                               taylorseer_order=int(o["taylorseer"]), fn=int(o["fn"]), bn=int(o["bn"]),
+                                               max_skip=int(o["max_skip"]))
         return self.run.model
 
     def stats(self) -> tuple[float, list[float], float]:
