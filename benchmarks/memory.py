@@ -17,8 +17,11 @@ Three measurements, printed as one Markdown table per section:
    depth and at twice it), every tensor their hooks hold is collected (deduplicated by storage),
    classified by shape as an image-token activation, a text-token activation or image+text,
    extrapolated linearly to the real depth and scaled to the real config's activation sizes.
-   Weights and the model's own buffers are excluded.  (cache-dit's DBCache is not included:
-   it is an optional extra.)
+   Weights and the model's own buffers are excluded.  cache-dit's DBCache (F1B0) and DBCache with
+   its TaylorSeer calibrator (order 1) are measured the same way when cache-dit is installed (the
+   ``peers`` extra), with the block lists and forward patterns of cache-dit's own adapters, one cache
+   context (Wan's adapter separates CFG into two; the table is per context), at threshold 0 so every
+   step computes and the calibrator holds its full state.
 3. **CPU peak memory** (``ru_maxrss`` of a fresh process) of a reduced-size PixArt generation:
    uncached vs ``optimize(backend="eager")`` with ``span="auto"`` and ``span="block"``.
 
@@ -28,6 +31,7 @@ Three measurements, printed as one Markdown table per section:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -262,6 +266,8 @@ def _peer_state_at(cfg: Config, peer: str, steps: int, small: dict[str, Any]) ->
                                  apply_mag_cache, apply_taylorseer_cache)
 
     model, kw = build(cfg.family, small, torch.device("cpu"), torch.float32)
+    if peer.startswith("cache_dit"):
+        return _cache_dit_state_at(cfg, peer, steps, small, model, kw)
     if peer == "first_block_cache":
         apply_first_block_cache(model, FirstBlockCacheConfig(threshold=0.05))
     elif peer == "mag_cache":
@@ -269,19 +275,57 @@ def _peer_state_at(cfg: Config, peer: str, steps: int, small: dict[str, Any]) ->
     elif peer == "taylorseer":
         apply_taylorseer_cache(model, TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1,
                                                             max_order=1, taylor_factors_dtype=torch.float32))
-    ts = torch.linspace(1.0, 0.2, steps) if cfg.family == "flux" else torch.linspace(999.0, 200.0, steps)
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
     _set_cache_context(model, CacheContext("cond"))  # what CacheMixin.cache_context does (PixArt has none)
+    _generate(cfg, model, kw, steps)
+    return _count_held(cfg, small, _hook_tensors(model))
+
+
+#: cache-dit's own adapters (``cache_dit/caching/block_adapters/adapters.py``): block lists, forward pattern
+CACHE_DIT_BLOCKS = {"pixart": (("transformer_blocks",), "Pattern_3"), "sd3": (("transformer_blocks",), "Pattern_1"),
+                    "flux": (("transformer_blocks", "single_transformer_blocks"), "Pattern_1"),
+                    "wan": (("blocks",), "Pattern_2")}
+
+
+def _cache_dit_state_at(cfg: Config, peer: str, steps: int, small: dict[str, Any], model, kw) -> dict[str, Any]:
+    import cache_dit
+    from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern, TaylorSeerCalibratorConfig
+
+    from fx_fastcache.bench.peers import cache_dit_state_tensors
+
+    names, pattern = CACHE_DIT_BLOCKS[cfg.family]
+    lists = [getattr(model, n) for n in names]
+    pat = getattr(ForwardPattern, pattern)
+    cache_dit.enable_cache(
+        BlockAdapter(transformer=model, blocks=lists if len(lists) > 1 else lists[0],
+                     forward_pattern=[pat] * len(lists) if len(lists) > 1 else pat),
+        cache_config=DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.0,
+                                   max_warmup_steps=2, num_inference_steps=steps),
+        # SD3's last block returns no text stream, which cache-dit's encoder calibrator cannot forecast
+        calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=1, enable_encoder_calibrator=cfg.family != "sd3")
+        if peer == "cache_dit_taylorseer" else None)
+    _generate(cfg, model, kw, steps)
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    held = {t.untyped_storage().data_ptr(): t for t in cache_dit_state_tensors(model)
+            if t.untyped_storage().data_ptr() not in own and t.numel() > 0}
+    return _count_held(cfg, small, list(held.values()))
+
+
+def _generate(cfg: Config, model, kw: dict[str, Any], steps: int) -> None:
+    ts = torch.linspace(1.0, 0.2, steps) if cfg.family == "flux" else torch.linspace(999.0, 200.0, steps)
     with torch.no_grad():
         for t in ts.tolist():
             call = dict(kw)
             call["timestep"] = torch.full_like(kw["timestep"], t)
             model(**call)
+
+
+def _count_held(cfg: Config, small: dict[str, Any], held: list[torch.Tensor]) -> dict[str, Any]:
+    """Classify held tensors by shape (image-token, text-token, image+text activations) and scale to ``cfg``."""
     tokens, text, width, batch = stream_sizes(small, cfg.family)
     r_tok, r_text, r_width, r_batch = stream_sizes(cfg.dims, cfg.family)
     counts = {"image": 0.0, "text": 0.0, "other_bytes": 0}
-    held = _hook_tensors(model)
     for t in held:
         shape = tuple(t.shape)
         per = t.numel() / max(1, t.shape[-1]) if t.ndim else 1
@@ -369,12 +413,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_peers:
         lines += ["", f"### diffusers' caches (counted after {args.steps} steps at reduced size on CPU, "
                       f"scaled to the real config, bf16)", "",
-                  "| config | First-Block-Cache | MagCache | TaylorSeer (order 1) | FastCache span=\"auto\" |",
-                  "|---|---|---|---|---|"]
+                  "| config | First-Block-Cache | MagCache | TaylorSeer (order 1) | cache-dit DBCache | "
+                  "cache-dit DBCache + TaylorSeer (order 1) | FastCache span=\"auto\" |",
+                  "|---|---|---|---|---|---|---|"]
+        peer_names = ["first_block_cache", "mag_cache", "taylorseer", "cache_dit", "cache_dit_taylorseer"]
         for k in keys:
             cfg = CONFIGS[k]
             row = []
-            for peer in ("first_block_cache", "mag_cache", "taylorseer"):
+            for peer in peer_names:
+                if peer.startswith("cache_dit") and importlib.util.find_spec("cache_dit") is None:
+                    row.append("not installed (`pip install cache-dit`)")
+                    continue
                 try:
                     r = peer_state(cfg, peer, args.steps)
                     results["peers"].setdefault(k, {})[peer] = r

@@ -9,7 +9,9 @@ the sampler rather than which steps compute; this measures them before any libra
   σ through the last two computed steps (the ``forecast`` fallback's rule, applied to the output);
   ``x0c`` keeps the last computed prediction of the clean image ``x0 = x − σ v`` and steers the current
   latent to it, ``v = (x − x0) / σ``; ``x0l`` extrapolates ``x0`` linearly in σ instead; ``mix`` is the
-  mean of ``lin`` and ``x0l``;
+  mean of ``lin`` and ``x0l``; ``dhold`` / ``dhalf`` extrapolate the two rows' mean linearly and keep the
+  guidance difference ``c − u`` of the last computed step (``dhold``) or half its linear extrapolation
+  (``dhalf``): the guidance scale amplifies an error in the difference, not in the mean;
 * CFG-split plans (FasterCache's CFG cache): besides ``F`` (both rows computed) and ``S`` (none), a step
   may be ``C``: the conditional row computed, the unconditional one forecast (``--uncond lin``) or taken
   as the new conditional output minus the guidance difference of the last full step (``--uncond diff``).
@@ -39,7 +41,8 @@ import torch
 from fx_fastcache.bench.metrics import psnr
 from fx_fastcache.trained import load_trained, sample
 
-RULES = ("lin", "x0c", "x0l", "mix")
+CFG_RULES = {"dhold": 0.0, "dhalf": 0.5}  # the guidance difference's share of its linear extrapolation
+RULES = ("lin", "x0c", "x0l", "mix", *CFG_RULES)
 UNCOND = ("lin", "diff", "diffh")
 STEPS = 20
 
@@ -115,6 +118,12 @@ class PlannedRows:
                 u = _skip(self.hu, s, x[b:], "lin")
             else:  # the guidance difference of the last full step
                 u = c - self.guidance
+        elif self.rule in CFG_RULES:
+            c, u = _skip(self.hc, s, x[:b], "lin"), _skip(self.hu, s, x[b:], "lin")
+            m, d_lin = 0.5 * (c + u), c - u
+            d_last = self.hc[-1]["v"] - self.hu[-1]["v"]
+            d = d_last + CFG_RULES[self.rule] * (d_lin - d_last)
+            c, u = m + 0.5 * d, m - 0.5 * d
         else:
             c, u = _skip(self.hc, s, x[:b], self.rule), _skip(self.hu, s, x[b:], self.rule)
         if letter == "F":

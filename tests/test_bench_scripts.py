@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _script(name: str):
     spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -91,6 +93,40 @@ def test_output_forecasts_search_moves_keep_the_cost_and_the_first_steps():
     assert any("C" in q for q in moves) and not any("C" in q for q in of.neighbours(start, whole_only=True))
     with pytest.raises(SystemExit):
         of.main(["--plans", "FFX"])
+
+
+@pytest.mark.parametrize("rule,share", [("dhold", 0.0), ("dhalf", 0.5)])
+def test_output_forecasts_guidance_difference_rules(rule, share):
+    """``dhold``/``dhalf`` forecast the CFG rows' mean as ``lin`` does and keep the last computed guidance
+    difference (or that plus ``share`` of its linear extrapolation) at a skipped step."""
+    of = _script("output_forecasts")
+    g = torch.Generator().manual_seed(0)
+    outs = [torch.randn(4, 3, generator=g) for _ in range(3)]
+    model = lambda **kw: (outs.pop(0),)  # noqa: E731  (the two computed steps' outputs, [cond; uncond])
+    computed = [outs[0], outs[1]]
+    got = {r: of.PlannedRows(model, "FFS", r, "lin") for r in ("lin", rule)}
+    x = torch.zeros(4, 3)
+    res = {}
+    for r, rows in got.items():
+        outs[:] = [computed[0], computed[1]]
+        res[r] = [rows(hidden_states=x)[0] for _ in range(3)][-1]
+    lin, out = res["lin"], res[rule]
+    c, u = out.chunk(2)
+    lc, lu = lin.chunk(2)
+    torch.testing.assert_close(0.5 * (c + u), 0.5 * (lc + lu))
+    d_last = computed[1][:2] - computed[1][2:]
+    torch.testing.assert_close(c - u, d_last + share * ((lc - lu) - d_last))
+    assert not torch.allclose(c - u, lc - lu)
+
+
+@pytest.mark.parametrize("peer,acts", [("cache_dit", 2.0), ("cache_dit_taylorseer", 5.0)])
+def test_memory_counts_cache_dit_state_in_activations(peer, acts):
+    """benchmarks/memory.py's cache-dit columns: DBCache holds the first block's residual and the stack's; its
+    TaylorSeer calibrator (order 1, every step computed) the value and derivative, now and before, instead."""
+    pytest.importorskip("cache_dit", reason="the peer needs `pip install cache-dit` (fx-fastcache[peers])")
+    mem = _script("memory")
+    r = mem._peer_state_at(mem.CONFIGS["pixart"], peer, 6, mem.SMALL["pixart"])
+    assert r["activations"] == pytest.approx(acts) and r["text_acts"] == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
