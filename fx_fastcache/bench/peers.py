@@ -8,8 +8,10 @@ an untouched copy of the model:
   outside a pipeline, so no ``cache_context`` is active; we set one with
   ``diffusers.hooks.hooks._set_cache_context(model, CacheContext("cond"))``.  Batched CFG
   (cond and uncond in one batch) is one call, as in diffusers' own pipelines.
-* cache-dit's DBCache (``Fn_compute_blocks=1, Bn_compute_blocks=0``), when the package is
-  installed.  It is optional: requesting it without the package raises a clear error.
+* cache-dit's DBCache (``Fn_compute_blocks=1, Bn_compute_blocks=0`` unless asked otherwise; optionally its
+  TaylorSeer calibrator), when the package is installed, on PixArt, SD3 and Flux with the block lists and
+  forward patterns of cache-dit's own adapters.  It is optional: requesting it without the package raises a
+  clear error.
 * diffusers' ``apply_taylorseer_cache`` on **whole blocks** (``cache_identifiers`` = every
   block of every block list; its default hooks attention modules only) with float32 Taylor
   factors (its bf16 default only loses precision on these fp32 models).  Its schedule looks at
