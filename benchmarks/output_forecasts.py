@@ -9,7 +9,9 @@ the sampler rather than which steps compute; this measures them before any libra
   σ through the last two computed steps (the ``forecast`` fallback's rule, applied to the output);
   ``x0c`` keeps the last computed prediction of the clean image ``x0 = x − σ v`` and steers the current
   latent to it, ``v = (x − x0) / σ``; ``x0l`` extrapolates ``x0`` linearly in σ instead; ``mix`` is the
-  mean of ``lin`` and ``x0l``; ``dhold`` / ``dhalf`` extrapolate the two rows' mean linearly and keep the
+  mean of ``lin`` and ``x0l``; ``epsc`` / ``epsl`` keep (or extrapolate linearly in σ) the predicted noise
+  ``ε = x + (1 − σ) v`` instead, ``v = (ε − x) / (1 − σ)``; ``epsm`` is the mean of ``lin`` and ``epsl``, ``epsw`` their
+  blend with weight ``1 − σ`` on ``epsl`` (the noise-anchored velocity divides by ``1 − σ``); ``dhold`` / ``dhalf`` extrapolate the two rows' mean linearly and keep the
   guidance difference ``c − u`` of the last computed step (``dhold``) or half its linear extrapolation
   (``dhalf``): the guidance scale amplifies an error in the difference, not in the mean;
 * CFG-split plans (FasterCache's CFG cache): besides ``F`` (both rows computed) and ``S`` (none), a step
@@ -42,7 +44,7 @@ from fx_fastcache.bench.metrics import psnr
 from fx_fastcache.trained import load_trained, sample
 
 CFG_RULES = {"dhold": 0.0, "dhalf": 0.5}  # the guidance difference's share of its linear extrapolation
-RULES = ("lin", "x0c", "x0l", "mix", *CFG_RULES)
+RULES = ("lin", "x0c", "x0l", "mix", "epsc", "epsl", "epsm", "epsw", *CFG_RULES)
 UNCOND = ("lin", "diff", "diffh")
 STEPS = 20
 
@@ -87,6 +89,10 @@ def _skip(hist: list[dict], s: torch.Tensor, x: torch.Tensor, rule: str) -> torc
     v = _extrapolate(hist, s, "v")
     if rule == "lin":
         return v
+    if rule in ("epsc", "epsl", "epsm", "epsw"):  # the predicted noise eps = x + (1 - σ) v, held or linear in σ
+        eps = hist[-1]["x"] + (1 - hist[-1]["s"]) * hist[-1]["v"] if rule == "epsc" else _extrapolate(hist, s, "eps")
+        w = {"epsm": 0.5, "epsw": 1 - s}.get(rule, 1.0)  # the share of the noise-anchored velocity
+        return w * (eps - x) / (1 - s) + (1 - w) * v
     x0 = hist[-1]["x0"] if rule == "x0c" else _extrapolate(hist, s, "x0")
     vx = (x - x0) / s
     return vx if rule in ("x0c", "x0l") else 0.5 * (v + vx)
@@ -129,9 +135,9 @@ class PlannedRows:
         if letter == "F":
             self.guidance = c - u
         if letter in "FC":
-            self.hc.append({"s": s, "v": c, "x0": x[:b] - s * c})
+            self.hc.append({"s": s, "v": c, "x0": x[:b] - s * c, "x": x[:b], "eps": x[:b] + (1 - s) * c})
         if letter == "F" or (letter == "C" and self.uncond == "diffh"):
-            self.hu.append({"s": s, "v": u, "x0": x[b:] - s * u})
+            self.hu.append({"s": s, "v": u, "x0": x[b:] - s * u, "x": x[b:], "eps": x[b:] + (1 - s) * u})
         if self.drift is not None:
             c, u = self.drift[0](letter in "FC", s, c), self.drift[1](letter == "F", s, u)
         return (torch.cat([c, u]),)

@@ -119,6 +119,24 @@ def test_output_forecasts_guidance_difference_rules(rule, share):
     assert not torch.allclose(c - u, lc - lu)
 
 
+def test_output_forecasts_noise_anchored_rules():
+    """``epsl`` hands the sampler the velocity whose predicted noise ``x + (1 − σ) v`` is the noise of the last two
+    computed steps extrapolated linearly in σ; ``epsc`` keeps the last one; ``epsw`` blends ``epsl`` with ``lin`` by
+    ``1 − σ``."""
+    of = _script("output_forecasts")
+    g = torch.Generator().manual_seed(0)
+    hist = []
+    for s in (1.0, 0.9):
+        x, v = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
+        hist.append({"s": torch.tensor(s), "v": v, "x": x, "x0": x - s * v, "eps": x + (1 - s) * v})
+    s, x = torch.tensor(0.7), torch.randn(2, 3, generator=g)
+    eps_lin = hist[1]["eps"] + (s - 0.9) / (0.9 - 1.0) * (hist[1]["eps"] - hist[0]["eps"])
+    torch.testing.assert_close(x + (1 - s) * of._skip(hist, s, x, "epsl"), eps_lin)
+    torch.testing.assert_close(x + (1 - s) * of._skip(hist, s, x, "epsc"), hist[1]["eps"])
+    lin = of._skip(hist, s, x, "lin")
+    torch.testing.assert_close(of._skip(hist, s, x, "epsw"), (1 - s) * of._skip(hist, s, x, "epsl") + s * lin)
+
+
 @pytest.mark.parametrize("peer,acts", [("cache_dit", 2.0), ("cache_dit_taylorseer", 5.0)])
 def test_memory_counts_cache_dit_state_in_activations(peer, acts):
     """benchmarks/memory.py's cache-dit columns: DBCache holds the first block's residual and the stack's; its
