@@ -19,7 +19,8 @@ Three measurements, printed as one Markdown table per section:
    extrapolated linearly to the real depth and scaled to the real config's activation sizes.
    Weights and the model's own buffers are excluded.  cache-dit's DBCache (F1B0) and DBCache with
    its TaylorSeer calibrator (order 1) are measured the same way when cache-dit is installed (the
-   ``peers`` extra), with the block lists and forward patterns of cache-dit's own adapters, one cache
+   ``peers`` extra), with the benchmark peer's adapter (the block lists and forward patterns of cache-dit's
+   own adapters; :func:`fx_fastcache.bench.peers.cache_dit_dbcache`), one cache
    context (Wan's adapter separates CFG into two; the table is per context), at threshold 0 so every
    step computes and the calibrator holds its full state.
 3. **CPU peak memory** (``ru_maxrss`` of a fresh process) of a reduced-size PixArt generation:
@@ -267,7 +268,14 @@ def _peer_state_at(cfg: Config, peer: str, steps: int, small: dict[str, Any]) ->
 
     model, kw = build(cfg.family, small, torch.device("cpu"), torch.float32)
     if peer.startswith("cache_dit"):
-        return _cache_dit_state_at(cfg, peer, steps, small, model, kw)
+        from fx_fastcache.bench.peers import cache_dit_dbcache, cache_dit_state_tensors
+
+        run = cache_dit_dbcache(model, 0.0, steps, warmup_steps=2, taylorseer_order=int(peer == "cache_dit_taylorseer"))
+        _generate(cfg, run.model, kw, steps)
+        own = {t.untyped_storage().data_ptr() for t in [*run.model.parameters(), *run.model.buffers()]}
+        held = {t.untyped_storage().data_ptr(): t for t in cache_dit_state_tensors(run.model)
+                if t.untyped_storage().data_ptr() not in own and t.numel() > 0}
+        return _count_held(cfg, small, list(held.values()))
     if peer == "first_block_cache":
         apply_first_block_cache(model, FirstBlockCacheConfig(threshold=0.05))
     elif peer == "mag_cache":
@@ -280,36 +288,6 @@ def _peer_state_at(cfg: Config, peer: str, steps: int, small: dict[str, Any]) ->
     _set_cache_context(model, CacheContext("cond"))  # what CacheMixin.cache_context does (PixArt has none)
     _generate(cfg, model, kw, steps)
     return _count_held(cfg, small, _hook_tensors(model))
-
-
-#: cache-dit's own adapters (``cache_dit/caching/block_adapters/adapters.py``): block lists, forward pattern
-CACHE_DIT_BLOCKS = {"pixart": (("transformer_blocks",), "Pattern_3"), "sd3": (("transformer_blocks",), "Pattern_1"),
-                    "flux": (("transformer_blocks", "single_transformer_blocks"), "Pattern_1"),
-                    "wan": (("blocks",), "Pattern_2")}
-
-
-def _cache_dit_state_at(cfg: Config, peer: str, steps: int, small: dict[str, Any], model, kw) -> dict[str, Any]:
-    import cache_dit
-    from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern, TaylorSeerCalibratorConfig
-
-    from fx_fastcache.bench.peers import cache_dit_state_tensors
-
-    names, pattern = CACHE_DIT_BLOCKS[cfg.family]
-    lists = [getattr(model, n) for n in names]
-    pat = getattr(ForwardPattern, pattern)
-    cache_dit.enable_cache(
-        BlockAdapter(transformer=model, blocks=lists if len(lists) > 1 else lists[0],
-                     forward_pattern=[pat] * len(lists) if len(lists) > 1 else pat),
-        cache_config=DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.0,
-                                   max_warmup_steps=2, num_inference_steps=steps),
-        # SD3's last block returns no text stream, which cache-dit's encoder calibrator cannot forecast
-        calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=1, enable_encoder_calibrator=cfg.family != "sd3")
-        if peer == "cache_dit_taylorseer" else None)
-    _generate(cfg, model, kw, steps)
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    held = {t.untyped_storage().data_ptr(): t for t in cache_dit_state_tensors(model)
-            if t.untyped_storage().data_ptr() not in own and t.numel() > 0}
-    return _count_held(cfg, small, list(held.values()))
 
 
 def _generate(cfg: Config, model, kw: dict[str, Any], steps: int) -> None:
@@ -411,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{a['spans']} | {cfg.contexts} | {fmt_bytes(a['bytes'] * cfg.contexts)} |")
         print(f"[ours] {k}: {a['how']}; {b['how']}", file=sys.stderr, flush=True)
     if not args.skip_peers:
-        lines += ["", f"### diffusers' caches (counted after {args.steps} steps at reduced size on CPU, "
+        lines += ["", f"### peers' caches, diffusers and cache-dit (counted after {args.steps} steps at reduced size on CPU, "
                       f"scaled to the real config, bf16)", "",
                   "| config | First-Block-Cache | MagCache | TaylorSeer (order 1) | cache-dit DBCache | "
                   "cache-dit DBCache + TaylorSeer (order 1) | FastCache span=\"auto\" |",

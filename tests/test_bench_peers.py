@@ -85,7 +85,7 @@ def test_peer_options_parse_and_refuse_unknown_ones():
         parse_method("cache_dit:fn=1.5")
 
 
-@pytest.mark.parametrize("name", ["tiny-pixart", "tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("name", ["tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-wan"])
 def test_cache_dit_taylorseer_calibrator_forecasts_what_dbcache_reuses(name):
     """cache-dit's DBCache with its TaylorSeer calibrator (issue #13's third peer), with the block lists and
     forward patterns of cache-dit's own adapters: exact while nothing is skipped; the same blocks skipped with

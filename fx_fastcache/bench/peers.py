@@ -9,7 +9,7 @@ an untouched copy of the model:
   ``diffusers.hooks.hooks._set_cache_context(model, CacheContext("cond"))``.  Batched CFG
   (cond and uncond in one batch) is one call, as in diffusers' own pipelines.
 * cache-dit's DBCache (``Fn_compute_blocks=1, Bn_compute_blocks=0`` unless asked otherwise; optionally its
-  TaylorSeer calibrator), when the package is installed, on PixArt, SD3 and Flux with the block lists and
+  TaylorSeer calibrator), when the package is installed, on PixArt, SD3, Flux and Wan with the block lists and
   forward patterns of cache-dit's own adapters.  It is optional: requesting it without the package raises a
   clear error.
 * diffusers' ``apply_taylorseer_cache`` on **whole blocks** (``cache_identifiers`` = every
@@ -159,7 +159,7 @@ def _attn(block: nn.Module) -> nn.Module:
 
 
 def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    out = [(n, getattr(model, n)) for n in ("transformer_blocks", "single_transformer_blocks")
+    out = [(n, getattr(model, n)) for n in ("transformer_blocks", "single_transformer_blocks", "blocks")
            if isinstance(getattr(model, n, None), nn.ModuleList)]
     if not out:
         raise ValueError(f"{type(model).__name__} has no `transformer_blocks` ModuleList; the peers need one")
@@ -209,8 +209,8 @@ def cache_dit_dbcache(model: nn.Module, threshold: float, steps: int, warmup_ste
     """A deep copy of ``model`` with cache-dit's DBCache (``Fn_compute_blocks=fn``, ``Bn_compute_blocks=bn``,
     default F1B0) at ``threshold``; ``taylorseer_order`` ≥ 1 adds cache-dit's TaylorSeer calibrator of that order
     (its skipped blocks' residuals are forecast, not reused); ``max_skip`` ≥ 1 caps consecutive cached steps
-    (``max_continuous_cached_steps``; 0: no cap).  PixArt, SD3 and Flux transformers (Flux: both block lists, as
-    cache-dit's Flux adapter caches them).
+    (``max_continuous_cached_steps``; 0: no cap).  PixArt, SD3, Flux and Wan transformers (Flux: both block lists,
+    as cache-dit's Flux adapter caches them; Wan: one cache context, where its adapter separates CFG into two).
 
     Raises:
         ImportError: cache-dit is not installed (``pip install cache-dit``).
@@ -226,11 +226,12 @@ def cache_dit_dbcache(model: nn.Module, threshold: float, steps: int, warmup_ste
     m = copy.deepcopy(model)
     lists = _block_lists(m)
     # the block lists and forward patterns cache-dit's own adapters give these families (its
-    # ``block_adapters/adapters.py``: PixArt Pattern_3; SD3 Pattern_1; Flux both lists, Pattern_1)
+    # ``block_adapters/adapters.py``: PixArt Pattern_3; SD3 Pattern_1; Flux both lists, Pattern_1; Wan Pattern_2)
     pattern = {"PixArtTransformer2DModel": ForwardPattern.Pattern_3, "SD3Transformer2DModel": ForwardPattern.Pattern_1,
-               "FluxTransformer2DModel": ForwardPattern.Pattern_1}.get(type(m).__name__)
+               "FluxTransformer2DModel": ForwardPattern.Pattern_1,
+               "WanTransformer3DModel": ForwardPattern.Pattern_2}.get(type(m).__name__)
     if pattern is None:
-        raise ValueError(f"method 'cache_dit' runs on PixArt, SD3 and Flux transformers, not {type(m).__name__} "
+        raise ValueError(f"method 'cache_dit' runs on PixArt, SD3, Flux and Wan transformers, not {type(m).__name__} "
                          "(cache-dit's DBCache fails on DiT: its forward reads `transformer_blocks[0].norm1` after "
                          "cache-dit replaced the list); drop it from --methods for this model")
     short = [f"{name} ({len(bl)} blocks)" for name, bl in lists if fn + bn >= len(bl)]
