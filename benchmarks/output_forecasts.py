@@ -30,7 +30,7 @@ unconditional one at ``F`` steps).  ``--uncond diffh`` is ``diff`` whose uncondi
 that row's forecast history.  ``--search PLAN`` starts from ``PLAN`` and moves one letter at a time (an
 ``F`` or ``C`` to another step, an ``F`` split into two ``C``, two ``C`` joined into an ``F``) while the
 mean PSNR on 16 calibration images (seeds 0–15) rises, at no more cost; ``--whole-only`` keeps to ``F``
-and ``S``, for the same search over whole steps.  It then reports both plans on the evaluation images::
+and ``S``, for the same search over whole steps; the search uses the first of ``--rules``.  It then reports both plans on the evaluation images::
 
     python benchmarks/output_forecasts.py --model flux-mnist --drift 4 --uncond diffh --search FFSFSSSFSSSFSSSSFSSS
 """
@@ -210,7 +210,7 @@ def main(argv=None) -> None:
 
         def mean(plan: str) -> float:
             if plan not in seen:
-                seen[plan] = float(score(plan, 0).mean())
+                seen[plan] = float(score(plan, 0, rules[0]).mean())
             return seen[plan]
 
         while True:
@@ -220,7 +220,7 @@ def main(argv=None) -> None:
             best = cand
             print(f"  calibration {mean(best):.2f} dB: {best}", flush=True)
         for p, what in ((a.search, "start"), (best, f"searched ({len(seen)} plans tried)")):
-            print(line(p, score(p, 1000), what), flush=True)
+            print(line(p, score(p, 1000, rules[0]), f"rule={rules[0]} {what}"), flush=True)
 
 
 if __name__ == "__main__":
