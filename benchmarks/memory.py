@@ -212,10 +212,20 @@ def fastcache_state(cfg: Config, depth: int, dtype: torch.dtype) -> dict[str, An
 
 
 # -- 2. diffusers' caches at reduced size on CPU ---------------------------------------------
-def _hook_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
-    """Every tensor reachable from the diffusers hooks of ``model`` (not weights or model buffers)."""
+def _held(model: torch.nn.Module, tensors) -> list[torch.Tensor]:
+    """``tensors`` without weights or model buffers and empty ones, one per storage."""
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     found: dict[int, torch.Tensor] = {}
+    for t in tensors:
+        p = t.untyped_storage().data_ptr()
+        if p not in own and t.numel() > 0:
+            found.setdefault(p, t)
+    return list(found.values())
+
+
+def _hook_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every tensor reachable from the diffusers hooks of ``model`` (not weights or model buffers)."""
+    found: list[torch.Tensor] = []
     seen: set[int] = set()
 
     def walk(o: Any, depth: int) -> None:
@@ -223,9 +233,7 @@ def _hook_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
             return
         seen.add(id(o))
         if isinstance(o, torch.Tensor):
-            p = o.untyped_storage().data_ptr()
-            if p not in own and o.numel() > 0:
-                found.setdefault(p, o)
+            found.append(o)
             return
         if isinstance(o, torch.nn.Module):
             return
@@ -243,7 +251,7 @@ def _hook_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
         reg = getattr(m, "_diffusers_hook", None)
         if reg is not None:
             walk(getattr(reg, "hooks", {}), 0)
-    return list(found.values())
+    return _held(model, found)
 
 
 def peer_state(cfg: Config, peer: str, steps: int) -> dict[str, Any]:
@@ -272,10 +280,7 @@ def _peer_state_at(cfg: Config, peer: str, steps: int, small: dict[str, Any]) ->
 
         run = cache_dit_dbcache(model, 0.0, steps, warmup_steps=2, taylorseer_order=int(peer == "cache_dit_taylorseer"))
         _generate(cfg, run.model, kw, steps)
-        own = {t.untyped_storage().data_ptr() for t in [*run.model.parameters(), *run.model.buffers()]}
-        held = {t.untyped_storage().data_ptr(): t for t in cache_dit_state_tensors(run.model)
-                if t.untyped_storage().data_ptr() not in own and t.numel() > 0}
-        return _count_held(cfg, small, list(held.values()))
+        return _count_held(cfg, small, _held(run.model, cache_dit_state_tensors(run.model)))
     if peer == "first_block_cache":
         apply_first_block_cache(model, FirstBlockCacheConfig(threshold=0.05))
     elif peer == "mag_cache":

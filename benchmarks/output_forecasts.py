@@ -76,12 +76,22 @@ class Drift:
         return out
 
 
+def _value(h: dict, key: str) -> torch.Tensor:
+    """``v``, or what a computed step predicts from it: the clean image ``x0 = x − σ v``, the noise
+    ``eps = x + (1 − σ) v``."""
+    if key == "x0":
+        return h["x"] - h["s"] * h["v"]
+    if key == "eps":
+        return h["x"] + (1 - h["s"]) * h["v"]
+    return h[key]
+
+
 def _extrapolate(hist: list[dict], s: torch.Tensor, key: str) -> torch.Tensor:
     """``key`` linear in σ through the last two computed steps (the last one if there is one)."""
     if len(hist) == 1:
-        return hist[-1][key]
+        return _value(hist[-1], key)
     a, b = hist[-2], hist[-1]
-    return b[key] + (s - b["s"]) / (b["s"] - a["s"]) * (b[key] - a[key])
+    return _value(b, key) + (s - b["s"]) / (b["s"] - a["s"]) * (_value(b, key) - _value(a, key))
 
 
 def _skip(hist: list[dict], s: torch.Tensor, x: torch.Tensor, rule: str) -> torch.Tensor:
@@ -90,10 +100,10 @@ def _skip(hist: list[dict], s: torch.Tensor, x: torch.Tensor, rule: str) -> torc
     if rule == "lin":
         return v
     if rule in ("epsc", "epsl", "epsm", "epsw"):  # the predicted noise eps = x + (1 - σ) v, held or linear in σ
-        eps = hist[-1]["x"] + (1 - hist[-1]["s"]) * hist[-1]["v"] if rule == "epsc" else _extrapolate(hist, s, "eps")
+        eps = _value(hist[-1], "eps") if rule == "epsc" else _extrapolate(hist, s, "eps")
         w = {"epsm": 0.5, "epsw": 1 - s}.get(rule, 1.0)  # the share of the noise-anchored velocity
         return w * (eps - x) / (1 - s) + (1 - w) * v
-    x0 = hist[-1]["x0"] if rule == "x0c" else _extrapolate(hist, s, "x0")
+    x0 = _value(hist[-1], "x0") if rule == "x0c" else _extrapolate(hist, s, "x0")
     vx = (x - x0) / s
     return vx if rule in ("x0c", "x0l") else 0.5 * (v + vx)
 
@@ -106,7 +116,7 @@ class PlannedRows:
         self.model, self.plan, self.rule, self.uncond = model, plan, rule, uncond
         self.sig = torch.linspace(1.0, 0.0, len(plan) + 1)  # the sampler's default schedule
         self.i = 0
-        self.hc: list[dict] = []  # computed steps of each row: {"s", "v", "x0"}
+        self.hc: list[dict] = []  # computed steps of each row: {"s", "v", "x"}
         self.hu: list[dict] = []
         self.drift = None if drift is None else (Drift(drift), Drift(drift))
 
@@ -135,9 +145,9 @@ class PlannedRows:
         if letter == "F":
             self.guidance = c - u
         if letter in "FC":
-            self.hc.append({"s": s, "v": c, "x0": x[:b] - s * c, "x": x[:b], "eps": x[:b] + (1 - s) * c})
+            self.hc.append({"s": s, "v": c, "x": x[:b]})
         if letter == "F" or (letter == "C" and self.uncond == "diffh"):
-            self.hu.append({"s": s, "v": u, "x0": x[b:] - s * u, "x": x[b:], "eps": x[b:] + (1 - s) * u})
+            self.hu.append({"s": s, "v": u, "x": x[b:]})
         if self.drift is not None:
             c, u = self.drift[0](letter in "FC", s, c), self.drift[1](letter == "F", s, u)
         return (torch.cat([c, u]),)
