@@ -40,11 +40,14 @@ def _renamed(d: dict[str, Any]) -> dict[str, Any]:
 
 #: Numeric fields of :class:`FastCacheConfig`, stored as plain ``float`` / ``int`` whatever number type was given.
 _FLOAT_FIELDS = ("cache_ratio_threshold", "ridge", "token_merge_lambda", "significance_level", "motion_threshold",
-                 "target_fraction", "merge_ratio")
+                 "target_fraction", "merge_ratio", "timestep_per_sigma")
 _INT_FIELDS = ("warmup_steps", "max_skip_steps", "calibration_lags", "token_merge_k", "num_stages")
 
 #: Values of ``FastCacheConfig.drift_correction`` (the sampler the correction is exact for).
 DRIFT_CORRECTIONS = ("none", "flow_euler")
+
+#: Values of ``FastCacheConfig.noise_forecast`` (the sampler it is made for).
+NOISE_FORECASTS = ("none", "flow_euler")
 
 #: Fields whose change only updates tensor buffers inside the captured graph.
 RUNTIME_FIELDS = frozenset(
@@ -108,6 +111,16 @@ class FastCacheConfig:
             velocity is the model's first output (SD3, Flux, ``FlowMatchEulerDiscreteScheduler``,
             the trained MNIST models); other samplers get wrong images.  Needs one decision per
             step (not ``chi2``).  Not exported to ONNX.
+        noise_forecast: ``"none"`` or ``"flow_euler"``: a skipped step hands the sampler the velocity
+            of the predicted noise ``ε = x + (1 − σ) v`` extrapolated linearly in σ through the last two
+            computed steps, ``v = (ε̂ − x) / (1 − σ)``, instead of what the fallback made of the blocks
+            (:mod:`fx_fastcache.runtime.noise_forecast`).  The same sampler assumption as
+            ``drift_correction`` (with which it combines); needs one decision per step and the
+            velocity as the model's first output, of the latents' shape.  Not exported to ONNX.
+        timestep_per_sigma: The model's timestep at σ = 1, which ``noise_forecast`` divides by to get
+            σ (1000 where the pipeline passes σ·1000, as SD3 and Wan; 1 where it passes σ, as Flux).
+            ``0`` (the default): the family's value; a model whose family does not declare one must
+            give it.
     """
 
     cache_ratio_threshold: float = 0.07
@@ -129,6 +142,8 @@ class FastCacheConfig:
     merge_ratio: float = 1.0
     span: str = "auto"
     drift_correction: str = "none"
+    noise_forecast: str = "none"
+    timestep_per_sigma: float = 0.0
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -146,11 +161,11 @@ class FastCacheConfig:
                         float(v)  # the clock holds integer fields as floats: 10**400 must fail here
                     except OverflowError:
                         raise bad(name, "expected a finite number") from None
-        for name in ("span", "fallback", "policy", "drift_correction"):
+        for name in ("span", "fallback", "policy", "drift_correction", "noise_forecast"):
             if not isinstance(getattr(self, name), str):
                 raise bad(name, "expected a name (a string)")
 
-        for name in ("cache_ratio_threshold", "ridge", "token_merge_lambda"):
+        for name in ("cache_ratio_threshold", "ridge", "token_merge_lambda", "timestep_per_sigma"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise bad(name, "expected a finite number >= 0")
@@ -189,6 +204,12 @@ class FastCacheConfig:
         if self.drift_correction != "none" and not POLICIES[self.policy].decides_per_step():
             raise bad("drift_correction", f"policy={self.policy!r} decides per block; the correction needs one "
                                           f"decision per step (step_forecast, planned, schedule, ...)")
+        if self.noise_forecast not in NOISE_FORECASTS:
+            raise bad("noise_forecast", f"choose one of {NOISE_FORECASTS}")
+        if self.noise_forecast != "none" and not POLICIES[self.policy].decides_per_step():
+            raise bad("noise_forecast", f"policy={self.policy!r} decides per block; the noise forecast replaces a "
+                                        f"whole skipped step's output and needs one decision per step (step_forecast, "
+                                        f"planned, schedule, ...)")
         why = POLICIES[self.policy].config_error(self)
         if why is not None:
             raise bad("policy", why)

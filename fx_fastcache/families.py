@@ -61,6 +61,9 @@ class FamilySpec:
     #: rule then reads ``1 − t`` (:func:`~fx_fastcache.runtime.generation.noise_level`), which falls
     #: like other families' timesteps and is σ itself for the drift correction.
     timestep_rises: bool = False
+    #: The timestep the model gets at σ = 1 (``noise_forecast`` reads σ as the timestep over it): 1000
+    #: where the pipeline passes σ·1000, 1 where it passes σ; ``None``: not known for the family.
+    timestep_per_sigma: float | None = None
 
 
 @contextlib.contextmanager
@@ -140,28 +143,34 @@ _PAIR = ("hidden_states", "encoder_hidden_states")
 _VIDEO_AUDIO = ("hidden_states", "audio_hidden_states")
 
 FAMILIES: dict[str, FamilySpec] = {
-    "DiTTransformer2DModel": FamilySpec("dit", (BlockListSpec("transformer_blocks"),)),
-    "PixArtTransformer2DModel": FamilySpec("pixart", (BlockListSpec("transformer_blocks"),)),
-    "SD3Transformer2DModel": FamilySpec("sd3", (BlockListSpec("transformer_blocks", _JOINT, _JOINT),)),
+    "DiTTransformer2DModel": FamilySpec("dit", (BlockListSpec("transformer_blocks"),), timestep_per_sigma=1000),
+    "PixArtTransformer2DModel": FamilySpec("pixart", (BlockListSpec("transformer_blocks"),), timestep_per_sigma=1000),
+    "SD3Transformer2DModel": FamilySpec("sd3", (BlockListSpec("transformer_blocks", _JOINT, _JOINT),),
+                                        timestep_per_sigma=1000),
     "FluxTransformer2DModel": FamilySpec(
         "flux",
-        (BlockListSpec("transformer_blocks", _JOINT, _JOINT), BlockListSpec("single_transformer_blocks", _JOINT, _JOINT)),
-    ),
+        (BlockListSpec("transformer_blocks", _JOINT, _JOINT),
+         BlockListSpec("single_transformer_blocks", _JOINT, _JOINT)),
+        timestep_per_sigma=1),
     # video DiTs: the same block contract, tokens over (frames × height × width)
     "CogVideoXTransformer3DModel": FamilySpec(
         "cogvideox", (BlockListSpec("transformer_blocks", _JOINT, ("hidden_states", "encoder_hidden_states")),),
         prepare_capture=_cogvideox_sincos_for_call),
-    "LTXVideoTransformer3DModel": FamilySpec("ltx-video", (BlockListSpec("transformer_blocks"),)),
-    "WanTransformer3DModel": FamilySpec("wan", (BlockListSpec("blocks"),)),
+    "LTXVideoTransformer3DModel": FamilySpec("ltx-video", (BlockListSpec("transformer_blocks"),),
+                                             timestep_per_sigma=1000),
+    "WanTransformer3DModel": FamilySpec("wan", (BlockListSpec("blocks"),), timestep_per_sigma=1000),
     # joint blocks that return (encoder_hidden_states, hidden_states) as SD3's; Chroma and FLUX.2 then run
     # single blocks on the concatenated sequence, one stream (Flux's single blocks still take two)
-    "QwenImageTransformer2DModel": FamilySpec("qwenimage", (BlockListSpec("transformer_blocks", _JOINT, _JOINT),)),
+    "QwenImageTransformer2DModel": FamilySpec("qwenimage", (BlockListSpec("transformer_blocks", _JOINT, _JOINT),),
+                                              timestep_per_sigma=1),
     "ChromaTransformer2DModel": FamilySpec(
-        "chroma", (BlockListSpec("transformer_blocks", _JOINT, _JOINT), BlockListSpec("single_transformer_blocks"))),
+        "chroma", (BlockListSpec("transformer_blocks", _JOINT, _JOINT), BlockListSpec("single_transformer_blocks")),
+        timestep_per_sigma=1),
     "Flux2Transformer2DModel": FamilySpec(
-        "flux2", (BlockListSpec("transformer_blocks", _JOINT, _JOINT), BlockListSpec("single_transformer_blocks"))),
+        "flux2", (BlockListSpec("transformer_blocks", _JOINT, _JOINT), BlockListSpec("single_transformer_blocks")),
+        timestep_per_sigma=1),
     # Wan VACE: Wan's blocks; its vace_blocks compute the control hints added between them, every step
-    "WanVACETransformer3DModel": FamilySpec("wan-vace", (BlockListSpec("blocks"),)),
+    "WanVACETransformer3DModel": FamilySpec("wan-vace", (BlockListSpec("blocks"),), timestep_per_sigma=1000),
     # Z-Image: its main ``layers`` (the noise and caption refiners before them run every step); the latents
     # come as a list of tensors, and its ``t`` is 1 − σ
     "ZImageTransformer2DModel": FamilySpec("z-image", (BlockListSpec("layers", ("x",), ("x",)),), timestep_arg="t",
@@ -173,36 +182,41 @@ FAMILIES: dict[str, FamilySpec] = {
         BlockListSpec("single_transformer_blocks", _PAIR, _JOINT))),
     # LTX-2: each block carries the video and the audio tokens and returns both
     "LTX2VideoTransformer3DModel": FamilySpec("ltx2", (
-        BlockListSpec("transformer_blocks", _VIDEO_AUDIO, _VIDEO_AUDIO),)),
+        BlockListSpec("transformer_blocks", _VIDEO_AUDIO, _VIDEO_AUDIO),),
+        timestep_per_sigma=1000),
     # Wan Animate: Wan's blocks; the face adapter's blocks between them run every step
     "WanAnimateTransformer3DModel": FamilySpec("wan-animate", (BlockListSpec("blocks"),)),
     "Kandinsky5Transformer3DModel": FamilySpec("kandinsky5", (
         BlockListSpec("text_transformer_blocks", ("x",), ("x",)),
-        BlockListSpec("visual_transformer_blocks", ("visual_embed",), ("visual_embed",)))),
+        BlockListSpec("visual_transformer_blocks", ("visual_embed",), ("visual_embed",))),
+        timestep_per_sigma=1000),
     "Kandinsky6Transformer3DModel": FamilySpec("kandinsky6", (
         BlockListSpec("video_text_transformer_blocks", ("x",), ("x",)),
         BlockListSpec("audio_text_transformer_blocks", ("x",), ("x",)),
         BlockListSpec("visual_transformer_blocks", ("vis", "aud"), ("vis", "aud")))),
     # Flux's layout
     "LongCatImageTransformer2DModel": FamilySpec("longcat-image", (
-        BlockListSpec("transformer_blocks", _PAIR, _JOINT), BlockListSpec("single_transformer_blocks", _PAIR, _JOINT))),
+        BlockListSpec("transformer_blocks", _PAIR, _JOINT), BlockListSpec("single_transformer_blocks", _PAIR, _JOINT)),
+        timestep_per_sigma=1),
     "OvisImageTransformer2DModel": FamilySpec("ovis-image", (
-        BlockListSpec("transformer_blocks", _PAIR, _JOINT), BlockListSpec("single_transformer_blocks", _PAIR, _JOINT))),
+        BlockListSpec("transformer_blocks", _PAIR, _JOINT), BlockListSpec("single_transformer_blocks", _PAIR, _JOINT)),
+        timestep_per_sigma=1),
     "CogView3PlusTransformer2DModel": FamilySpec("cogview3plus", (BlockListSpec("transformer_blocks", _PAIR, _PAIR),)),
     # HunyuanVideo 1.5: one list of joint blocks; its forward orders the text tokens by their masks in Python,
     # so the capture traces a copy that does it with tensor operations (fx_fastcache/traceable_forwards.py)
     "HunyuanVideo15Transformer3DModel": FamilySpec(
-        "hunyuan-video15", (BlockListSpec("transformer_blocks", _PAIR, _PAIR),), prepare_capture=traceable_forward),
+        "hunyuan-video15", (BlockListSpec("transformer_blocks", _PAIR, _PAIR),), prepare_capture=traceable_forward,
+        timestep_per_sigma=1000),
     # HunyuanImage (2.1): joint then single blocks; with ByT5 tokens its forward orders them by their masks as 1.5 does
     "HunyuanImageTransformer2DModel": FamilySpec(
         "hunyuan-image", (BlockListSpec("transformer_blocks", _PAIR, _PAIR),
-                          BlockListSpec("single_transformer_blocks", _PAIR, _PAIR)), prepare_capture=traceable_forward),
+                          BlockListSpec("single_transformer_blocks", _PAIR, _PAIR)), prepare_capture=traceable_forward,
+        timestep_per_sigma=1000),
     "HunyuanVideoTransformer3DModel": FamilySpec(
         "hunyuan-video",
         (BlockListSpec("transformer_blocks", _JOINT, ("hidden_states", "encoder_hidden_states"), "image_first"),
          BlockListSpec("single_transformer_blocks", _JOINT, ("hidden_states", "encoder_hidden_states"),
-                       "image_first")),
-    ),
+                       "image_first")), timestep_per_sigma=1000),
 }
 
 

@@ -26,13 +26,13 @@ import torch
 import torch.fx as fx
 
 __all__ = [
-    "COND", "CLONE", "CLOCK", "STEP_DECIDER", "DRIFT", "DECIDE", "UPDATE", "SELECT", "Tick", "DecideArgs", "UpdateArgs",
+    "COND", "CLONE", "CLOCK", "STEP_DECIDER", "DRIFT", "NOISE", "DECIDE", "UPDATE", "SELECT", "Tick", "DecideArgs", "UpdateArgs",
     "RouterSelect", "guard_name", "block_branch_name", "fallback_branch_name", "compute_branch_name",
     "pred_placeholder_name", "state_update_name", "router_name", "is_state_module", "is_fastcache_module", "index_of", "val", "is_tensor", "is_contiguous",
     "contiguous_copy", "is_cond", "conds", "emit_clock", "emit_decide", "emit_update", "is_decide", "is_update",
     "decide_args", "update_args", "emit_router_select", "emit_router_update", "find_cond", "find_update",
     "tick_field", "guard_of_cond", "strip_identity", "is_view_op", "view_base", "written_by", "written_bases",
-    "drop_dead_nodes",
+    "drop_dead_nodes", "first_output_leaves",
 ]
 
 COND = torch.ops.higher_order.cond
@@ -42,6 +42,7 @@ CLONE = torch.ops.aten.clone.default
 CLOCK = "fastcache_clock"
 STEP_DECIDER = "fastcache_step"
 DRIFT = "fastcache_drift"
+NOISE = "fastcache_noise"
 _GUARD, _BLOCK, _FALLBACK, _COMPUTE, _PRED, _STATE = (
     "fastcache_guard_", "fastcache_block_", "fastcache_fallback_", "fastcache_compute_", "fastcache_pred_",
     "fastcache_state_update_")
@@ -68,9 +69,9 @@ state_update_name = _indexed_name(_STATE)
 
 def is_state_module(name: str) -> bool:
     """Whether a submodule path of a rewritten graph holds run-time state (clock, step decider, guards,
-    drift correction)."""
+    drift correction, noise forecast)."""
     top = name.split(".", 1)[0]
-    return top in (CLOCK, STEP_DECIDER, DRIFT) or (top.startswith(_GUARD) and index_of(top) is not None)
+    return top in (CLOCK, STEP_DECIDER, DRIFT, NOISE) or (top.startswith(_GUARD) and index_of(top) is not None)
 
 
 def is_fastcache_module(name: str) -> bool:
@@ -346,3 +347,12 @@ def emit_router_select(g: fx.Graph, guard: str, step: Any, new_gen: Any, force: 
 def emit_router_update(g: fx.Graph, guard: str, pred: Any, new_gen: Any, active: Any, idx: Any, x: Any,
                        y: Any) -> fx.Node:
     return g.call_module(router_name(guard), (UPDATE, pred, new_gen, active, idx, x, y))
+
+
+def first_output_leaves(gm: fx.GraphModule) -> int:
+    """How many tensors the model's first output is: one, or a list's length (Z-Image's per-sample list)."""
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    spec = info.out_spec if info is not None else None
+    if spec is None or spec.is_leaf():
+        return 1
+    return spec.child(0).num_leaves if spec.num_children else 1

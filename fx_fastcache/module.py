@@ -939,9 +939,10 @@ class FastCacheModule(nn.Module):
                 g.reset()
             if e.step_decider is not None:
                 e.step_decider.reset()
-            drift = getattr(e.gm, gp.DRIFT, None)
-            if drift is not None:
-                drift.reset()
+            for output_stage in (gp.NOISE, gp.DRIFT):
+                mod = getattr(e.gm, output_stage, None)
+                if mod is not None:
+                    mod.reset()
         self._last_key = None
         self._last_keys.clear()
         self._grad_checked = False  # parameters may have been made trainable since (a LoRA to train)

@@ -241,11 +241,19 @@ FLOW_EULER_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
 
 def check_drift_sampler(pipe: Any, config: FastCacheConfig) -> None:
-    """``drift_correction="flow_euler"`` is exact only for the flow-matching Euler step: refuse others."""
-    if config.drift_correction != "flow_euler":
-        return
+    """``drift_correction="flow_euler"`` is exact only for the flow-matching Euler step, and
+    ``noise_forecast="flow_euler"`` reads the model output as a flow-matching velocity: refuse others."""
     sched = getattr(pipe, "scheduler", None)
     name = type(sched).__name__
+    if config.noise_forecast != "none" and not (
+            name.startswith("FlowMatch") or
+            getattr(getattr(sched, "config", None), "prediction_type", None) == "flow_prediction"):
+        pipe_name = getattr(type(pipe), "_fastcache_original_class", type(pipe)).__name__
+        raise ValueError(f"noise_forecast={config.noise_forecast!r} reads the transformer's output as a flow-matching "
+                         f"velocity; this {pipe_name} uses {name}, which is not a flow-matching scheduler (a "
+                         f"FlowMatch* scheduler or prediction_type='flow_prediction'); use noise_forecast='none'")
+    if config.drift_correction != "flow_euler":
+        return
     if name not in FLOW_EULER_SCHEDULERS:
         pipe_name = getattr(type(pipe), "_fastcache_original_class", type(pipe)).__name__  # not the one-off subclass
         raise ValueError(f"drift_correction='flow_euler' needs a flow-matching Euler scheduler "

@@ -16,6 +16,7 @@ from .context import BlockRegion, PassContext, PassResult
 from .correct_drift import correct_drift
 from .find_block_args import find_block_args
 from .find_blocks import find_blocks
+from .forecast_noise import forecast_noise
 from .group_spans import group_spans
 from .guard_blocks import guard_blocks
 from .hoist_probes import hoist_probes
@@ -37,6 +38,7 @@ PIPELINE: list[tuple[str, PassFn]] = [
     ("guard_blocks", guard_blocks),
     ("route_tokens", route_tokens),
     ("merge_tokens", merge_tokens),
+    ("forecast_noise", forecast_noise),
     ("correct_drift", correct_drift),
     ("pin_cond_operands", pin_cond_operands),
     ("cleanup", cleanup),

@@ -24,15 +24,6 @@ from fx_fastcache.runtime.drift import DAMPING_KEY, DriftCorrection
 from .context import PassContext, finish
 
 
-def _first_output_leaves(gm: fx.GraphModule) -> int:
-    """How many tensors the model's first output is: one, or a list's length (Z-Image's per-sample list)."""
-    info = getattr(gm.graph._codegen, "pytree_info", None)
-    spec = info.out_spec if info is not None else None
-    if spec is None or spec.is_leaf():
-        return 1
-    return spec.child(0).num_leaves if spec.num_children else 1
-
-
 def correct_drift(gm: fx.GraphModule, ctx: PassContext) -> None:
     if ctx.config.drift_correction == "none":
         return
@@ -43,7 +34,7 @@ def correct_drift(gm: fx.GraphModule, ctx: PassContext) -> None:
     g = gm.graph
     out = next(n for n in reversed(g.nodes) if n.op == "output")
     leaves = torch.utils._pytree.tree_leaves(out.args[0])
-    vs = [a for a in leaves[:_first_output_leaves(gm)] if isinstance(a, fx.Node) and gp.is_tensor(a) and
+    vs = [a for a in leaves[:gp.first_output_leaves(gm)] if isinstance(a, fx.Node) and gp.is_tensor(a) and
           gp.val(a).is_floating_point()]
     if not vs:  # the first output holds no floating tensor: the first floating tensor the model returns
         vs = [a for a in leaves if isinstance(a, fx.Node) and gp.is_tensor(a) and gp.val(a).is_floating_point()][:1]

@@ -176,6 +176,9 @@ def explicit_state(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule
         raise ValueError(f"{type(ctx.model).__name__}'s timestep rises (1 − σ): the ONNX runner's generation rule "
                          f"reads falling timesteps by name, so its export is not supported; run it with "
                          f"fastcache.optimize")
+    if hasattr(gm, gp.NOISE):
+        raise ValueError(f"noise_forecast={ctx.config.noise_forecast!r} is not supported by export (its state is "
+                         f"not carried as explicit inputs); optimize with noise_forecast='none' to export")
     if hasattr(gm, gp.DRIFT):
         raise ValueError(f"drift_correction={ctx.config.drift_correction!r} is not supported by export (its state is "
                          f"not carried as explicit inputs); optimize with drift_correction='none' to export")

@@ -127,6 +127,8 @@ class Method:
     protect: float | None = None
     #: ``drift_correction="flow_euler"`` (the benchmark's sampler is flow-matching Euler)
     drift: bool = False
+    #: ``noise_forecast="flow_euler"`` (a skipped step forecasts the predicted noise)
+    noise: bool = False
     #: after calibration (and protect / sensitivity), choose each fraction's plan on whole generations of
     #: ``search_images`` calibration images (``fastcache.search_plan``) with this objective; ``None``: off
     search: str | None = None
@@ -147,7 +149,8 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     Forms: ``none``; ``diffusers_fbc``; ``cache_dit``; ``first_block_cache``; ``teacache``;
     ``POLICY/FALLBACK`` (e.g. ``step_forecast/forecast``); any of the FastCache forms may end
     with ``:warmup=W`` and/or ``:max_skip=M`` (e.g. ``step_forecast/forecast:warmup=3:max_skip=3``),
-    ``:sens=1``, ``:protect=DB``, ``:drift=1`` (``drift_correction="flow_euler"``), ``:search=1``
+    ``:sens=1``, ``:protect=DB``, ``:drift=1`` (``drift_correction="flow_euler"``), ``:noise=1``
+    (``noise_forecast="flow_euler"``), ``:search=1``
     (``fastcache.search_plan`` for every threshold; ``:search=worst_quarter`` for that objective) and
     ``:search_images=N`` (its calibration images, default 16).
     ``diffusers_taylorseer[:order=N][:before=N]`` (its thresholds are ``cache_interval`` values)
@@ -163,6 +166,7 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     sensitivity = False
     protect = None
     drift = False
+    noise = False
     search: str | None = None
     search_images = SEARCH_SEEDS
     for o in opts if head not in PEERS else ():
@@ -172,6 +176,9 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
             continue
         if key == "drift" and val in ("0", "1"):
             drift = val == "1"
+            continue
+        if key == "noise" and val in ("0", "1"):
+            noise = val == "1"
             continue
         if key == "search" and val in ("0", "1", *SEARCH_OBJECTIVES):
             search = {"0": None, "1": "mean"}.get(val, val)
@@ -185,6 +192,7 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
         if key not in ("warmup", "max_skip") or not val.isdigit():
             raise ValueError(f"method {spec!r}: option {o!r} is not understood; use ':warmup=N', ':max_skip=N', "
                              f"':sens=1', ':protect=DB' (a PSNR floor, e.g. 34), ':drift=1' (drift correction), "
+                             f"':noise=1' (noise forecast), "
                              f"':search=1' or ':search=OBJECTIVE' (search_plan; OBJECTIVE in "
                              f"{sorted(SEARCH_OBJECTIVES)}) or ':search_images=N' (N >= 2)")
         if key == "warmup":
@@ -242,11 +250,13 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
         name += f"(protect {protect:g} dB)"
     if drift:
         name += "(drift)"
+    if noise:
+        name += "(noise)"
     if search:
         name += "(searched" + ("" if search == "mean" else f" {search}") + (
             "" if search_images == SEARCH_SEEDS else f", {search_images} images") + ")"
     method = Method(name, "fastcache", policy, fallback, thr or DEFAULT_THRESHOLDS.get(policy, (0.1,)), w, max_skip,
-                    sensitivity=sensitivity, protect=protect, drift=drift,
+                    sensitivity=sensitivity, protect=protect, drift=drift, noise=noise,
                     search=search, search_images=search_images)
     _check_configs(spec, method)
     return method
@@ -263,7 +273,7 @@ def _check_configs(spec: str, m: Method) -> None:
         try:
             FastCacheConfig(policy=m.policy, fallback=m.fallback, warmup_steps=m.warmup_steps,
                             max_skip_steps=m.max_skip_steps, drift_correction="flow_euler" if m.drift else "none",
-                            **{sweep: value})
+                            noise_forecast="flow_euler" if m.noise else "none", **{sweep: value})
         except ValueError as e:
             raise ValueError(f"method {spec!r} at threshold {value:g}: {e}") from None
 
@@ -368,7 +378,8 @@ class _FastCacheRunner:
         self.m = m
         self.opt = fastcache.optimize(s.tm.model, backend=backend, policy=m.policy, fallback=m.fallback,
                                       warmup_steps=m.warmup_steps, max_skip_steps=m.max_skip_steps,
-                                      drift_correction="flow_euler" if m.drift else "none")
+                                      drift_correction="flow_euler" if m.drift else "none",
+                                      noise_forecast="flow_euler" if m.noise else "none")
         self.calib_s = 0.0
         self.protected: list[int] | None = None  # the steps protect_steps made always compute
         self.protect_seeds: list[int] | None = None  # its first and last calibration seed
@@ -563,6 +574,7 @@ def run_benchmark(
                    "protect_seeds": getattr(runner, "protect_seeds", None),
                    "protected_steps": getattr(runner, "protected", None),
                    "drift_correction": m.drift,
+                   "noise_forecast": m.noise,
                    "drift_damping": runner.damping() if m.kind == "fastcache" else None,
                    "searched_plan": (runner.searched or {}).get(float(thr)) if m.kind == "fastcache" else None,
                    "search_objective": m.search, "search_images": m.search_images if m.search else None,
