@@ -7,7 +7,9 @@ call before the graph's output::
 
     v2 = fastcache_noise(pred, new_gen, t, x, v)     # pred: the last guard's cond predicate, x: the latents
 
-and returns ``v2`` in place of ``v``.  It runs before ``correct_drift``, so the drift correction takes back
+and returns ``v2`` in place of ``v``.  Its switch is the calibration store's tensor
+(:data:`~fx_fastcache.runtime.noise_forecast.ENABLED_KEY`, shared by every captured graph; ``search_plan``
+sets it per fraction).  It runs before ``correct_drift``, so the drift correction takes back
 what these velocities leave in the latents, as it does for the fallback's.  Nothing else changes.
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from fx_fastcache import graph_protocol as gp
-from fx_fastcache.runtime.noise_forecast import NoiseForecast
+from fx_fastcache.runtime.noise_forecast import ENABLED_KEY, NoiseForecast
 
 from .context import PassContext, finish
 
@@ -57,7 +59,9 @@ def forecast_noise(gm: fx.GraphModule, ctx: PassContext) -> None:
                          f"of its latents' shape {xs} (a learned variance, or packed differently?); the noise "
                          f"forecast needs the velocity itself; use noise_forecast='none'")
     args = gp.update_args(gp.find_update(g, ctx.guards[-1]))
-    mod = NoiseForecast(vs, gp.val(v).device, _timestep_per_sigma(ctx))
+    dev = gp.val(v).device
+    enabled = ctx.store.get(ENABLED_KEY, (), lambda: torch.ones((), dtype=torch.float32, device=dev))
+    mod = NoiseForecast(vs, dev, _timestep_per_sigma(ctx), enabled)
     gm.add_submodule(gp.NOISE, mod)
     with g.inserting_before(out):
         call = g.call_module(gp.NOISE, (args.pred, args.new_gen, args.t, x, v))

@@ -188,3 +188,50 @@ def test_bench_option():
         parse_method("planned/forecast:noise=2")
     with pytest.raises(ValueError, match="at threshold.*noise_forecast"):
         parse_method("chi2/forecast:noise=1")
+
+
+def test_search_plan_chooses_it_per_fraction(tmp_path, caplog):
+    """search_plan searches each fraction with the noise forecast and without it, keeps the better on its own
+    score, installs the choice per budget (switched off, the graph gives the images of a model without the
+    forecast) and saves it with the plans."""
+    import logging
+    import re
+
+    from test_planned import _euler
+
+    from fx_fastcache.policies.planned import NOISE_CHOICES_KEY
+    from fx_fastcache.runtime.noise_forecast import ENABLED_KEY
+
+    tm = make_tiny("tiny-sd3")
+    kw = dict(backend="eager", policy="planned", target_fraction=0.5, drift_correction="flow_euler")
+    opt = fastcache.optimize(tm.model, noise_forecast="flow_euler", **kw)
+    with fastcache.calibrate(opt):
+        for seed in (1, 2):
+            _euler(opt, tm, seed=seed)
+    with caplog.at_level(logging.INFO, logger="fx_fastcache"):
+        got = fastcache.search_plan(opt, lambda: _euler(opt, tm, seed=3), data_range=2.0, max_runs=4)
+    scores = {on: float(s) for on, s in re.findall(r"noise forecast (on|off):.*score (-?[\d.]+)", caplog.text)}
+    assert set(scores) == {"on", "off"}, caplog.text
+    choice = float(opt.store.tensors[NOISE_CHOICES_KEY][len(got[0.5]) - 1])
+    assert float(opt.store.tensors[ENABLED_KEY]) == choice == float(scores["on"] >= scores["off"])
+
+    # switched off, the graph is the fallback's: the outputs of a model without it, on the same schedule
+    off, plain = _scheduled(tm, noise_forecast="flow_euler", drift_correction="flow_euler"), \
+        _scheduled(tm, drift_correction="flow_euler")
+    run_loop(off, tm, STEPS[:1])  # captured: the switch is in its store
+    fastcache.reset(off)
+    off.store.tensors[ENABLED_KEY].fill_(0.0)
+    for a, b in zip(run_loop(off, tm, STEPS), run_loop(plain, tm, STEPS)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    off.store.tensors[ENABLED_KEY].fill_(1.0)
+    assert not torch.allclose(run_loop(off, tm, STEPS)[3], run_loop(plain, tm, STEPS)[3])
+
+    fastcache.configure(opt, target_fraction=0.25)  # a budget not searched: the forecast on
+    assert float(opt.store.tensors[ENABLED_KEY]) == 1.0
+    path = tmp_path / "noise.safetensors"
+    fastcache.configure(opt, target_fraction=0.5)
+    fastcache.save_calibration(opt, path)
+    other = fastcache.optimize(tm.model, noise_forecast="flow_euler", **kw)
+    fastcache.load_calibration(other, path)
+    assert float(other.store.tensors[ENABLED_KEY]) == choice
+    torch.testing.assert_close(_euler(other, tm, seed=3), _euler(opt, tm, seed=3), rtol=0, atol=0)

@@ -34,6 +34,7 @@ from fx_fastcache.families import block_modules, resolve_family
 from fx_fastcache.policies import POLICIES
 from fx_fastcache.policies.planned import SEARCH_OBJECTIVES
 from fx_fastcache.runtime.drift import DAMPING_KEY
+from fx_fastcache.runtime.noise_forecast import ENABLED_KEY
 from fx_fastcache.trained import NULL_CLASS, load_trained, sample
 
 from . import peers
@@ -419,6 +420,11 @@ class _FastCacheRunner:
         t = self.opt.store.tensors.get(DAMPING_KEY)
         return None if t is None else float(t)
 
+    def noise_on(self) -> bool | None:
+        """Whether the noise forecast applies (``search_plan`` chooses per fraction), if the model has one."""
+        t = self.opt.store.tensors.get(ENABLED_KEY)
+        return None if t is None else bool(t > 0)
+
     def stats(self) -> tuple[float, list[float], float]:
         st = self.fc.get_cache_statistics(self.opt)
         calls = st["calls"]
@@ -575,6 +581,7 @@ def run_benchmark(
                    "protected_steps": getattr(runner, "protected", None),
                    "drift_correction": m.drift,
                    "noise_forecast": m.noise,
+                   "noise_forecast_on": runner.noise_on() if m.kind == "fastcache" else None,
                    "drift_damping": runner.damping() if m.kind == "fastcache" else None,
                    "searched_plan": (runner.searched or {}).get(float(thr)) if m.kind == "fastcache" else None,
                    "search_objective": m.search, "search_images": m.search_images if m.search else None,

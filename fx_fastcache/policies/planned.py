@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ..calibration import Calibrator, Observation, store_put
 from ..runtime.distributed import all_reduce_sum
 from ..runtime.drift import DAMPING_KEY
+from ..runtime.noise_forecast import ENABLED_KEY
 from . import plan_search
 from .schedule import SchedulePolicy, install_table, read_table, scheduled_blocks
 
@@ -60,6 +61,9 @@ SEARCHED_KEY = "planned.searched"
 #: The drift correction's damping β per budget (row ``M − 1``; absent: 0), fitted by :func:`search_plan`
 #: with ``drift_correction="flow_euler"``; :func:`install_plan` installs the configured budget's.
 DAMPINGS_KEY = "planned.drift_damping"
+#: Whether the noise forecast applies per budget (row ``M − 1``, 1 or 0; absent: 1), chosen by
+#: :func:`search_plan` with ``noise_forecast="flow_euler"``; :func:`install_plan` installs the configured budget's.
+NOISE_CHOICES_KEY = "planned.noise_forecast"
 #: The constraints the plans were made under, ``[warmup_steps, max_skip_steps]`` (long); a model
 #: configured (or a file loaded) with others re-plans (:meth:`PlannedPolicy.configure_store`).
 CONSTRAINTS_KEY = "planned.constraints"
@@ -103,7 +107,7 @@ BLENDED = frozenset({"forecast_blend"})
 ADJACENT_ERRORS_KEY = "planned.errors_adjacent"
 #: What is sized by the step count: a calibration with another step count replaces all of it.
 STEP_COUNT_KEYS = (ERRORS_KEY, ADJACENT_ERRORS_KEY, WEIGHTS_KEY, STEPS_KEY, PLANS_KEY, PROTECT_KEY, SEARCHED_KEY,
-                   DAMPINGS_KEY)
+                   DAMPINGS_KEY, NOISE_CHOICES_KEY)
 
 
 class _ErrorMeter:
@@ -376,6 +380,8 @@ def replan(store, config, blocks: list[str], device: torch.device) -> torch.Tens
         store_put(store, SEARCHED_KEY, torch.zeros_like(searched))
         if DAMPINGS_KEY in store.tensors:  # fitted to the searched plans
             store_put(store, DAMPINGS_KEY, torch.zeros_like(store.tensors[DAMPINGS_KEY]))
+        if NOISE_CHOICES_KEY in store.tensors:  # chosen with them
+            store_put(store, NOISE_CHOICES_KEY, torch.ones_like(store.tensors[NOISE_CHOICES_KEY]))
     store_put(store, PLANS_KEY, plans)
     store_put(store, CONSTRAINTS_KEY, plan_constraints(config))
     install_plan(store, blocks, config.target_fraction, device)
@@ -610,7 +616,10 @@ def search_plan(opt, generate, fractions=None, data_range: float | None = None,
 
     One generation per plan tried, at most ``max_runs`` per fraction.  With a drift correction, the
     searched plan's damping is then fitted over :data:`DAMPING_GRID` (:func:`fit_damping`, one
-    generation per value past 0) and kept in :data:`DAMPINGS_KEY`.  The plans are saved with the
+    generation per value past 0) and kept in :data:`DAMPINGS_KEY`.  With a noise forecast, each fraction is
+    searched twice, with the forecast and without it (the fallback's output at skipped steps), and keeps the
+    better on the same score, in :data:`NOISE_CHOICES_KEY`: it helps some models and fractions and costs others
+    (docs/BENCHMARKS.md, "Twenty-fifth session").  The plans are saved with the
     calibration and marked in :data:`SEARCHED_KEY`; :func:`replan` (``measure_sensitivity``,
     ``protect_steps``) drops them with a warning.  A budget whose constraints (warm-up, protected
     steps, ``max_skip_steps``) need more computed steps keeps the program's plan, with a warning.
@@ -646,6 +655,9 @@ def search_plan(opt, generate, fractions=None, data_range: float | None = None,
         drift = cfg.drift_correction != "none"
         dampings = store.tensors.get(DAMPINGS_KEY)
         dampings = torch.zeros(n) if dampings is None else dampings.detach().cpu().float().clone()
+        noise = cfg.noise_forecast != "none"
+        choices = store.tensors.get(NOISE_CHOICES_KEY)
+        choices = torch.ones(n) if choices is None else choices.detach().cpu().float().clone()
 
         def score(row: torch.Tensor) -> float:
             return SEARCH_OBJECTIVES[objective](sample_psnr(run(row), ref, peak))
@@ -659,21 +671,33 @@ def search_plan(opt, generate, fractions=None, data_range: float | None = None,
                                int(start.sum()), n)
                 result[float(f)] = start.nonzero().flatten().tolist()
                 continue
-            if drift:
-                set_damping(store, 0.0, opt.device)
-            best, best_score, tried = plan_search.search(start, forced, protected, cfg.max_skip_steps, score, max_runs)
+            found = []  # (score, plan, damping, noise on) of each search: with the noise forecast, then without
+            for on in ((1.0, 0.0) if noise else (1.0,)):
+                if noise:
+                    set_noise_forecast(store, on, opt.device)
+                if drift:
+                    set_damping(store, 0.0, opt.device)
+                best, best_score, tried = plan_search.search(start, forced, protected, cfg.max_skip_steps, score,
+                                                             max_runs)
+                damping = 0.0
+                if drift:
+                    damping, best_score = fit_damping(store, opt.device, functools.partial(score, best), best_score)
+                found.append((best_score, best, damping, on))
+                logger.info("fx-fastcache: search_plan target_fraction=%.2f%s: %d generations%s; computes steps %s "
+                            "(the program's plan: %s)%s; score %.3f", f,
+                            f", noise forecast {'on' if on else 'off'}" if noise else "", tried,
+                            " (max_runs)" if tried >= max_runs else "", best.nonzero().flatten().tolist(),
+                            start.nonzero().flatten().tolist(), f"; drift damping {damping:g}" if drift else "",
+                            best_score)
+            _, best, dampings[m - 1], choices[m - 1] = max(found, key=lambda r: r[0])  # the first on ties
             plans[m - 1], searched[m - 1] = best, True
-            if drift:
-                dampings[m - 1] = fit_damping(store, opt.device, functools.partial(score, best), best_score)
             result[float(f)] = best.nonzero().flatten().tolist()
-            logger.info("fx-fastcache: search_plan target_fraction=%.2f: %d generations%s; computes steps %s "
-                        "(the program's plan: %s)%s", f, tried, " (max_runs)" if tried >= max_runs else "",
-                        result[float(f)], start.nonzero().flatten().tolist(),
-                        f"; drift damping {float(dampings[m - 1]):g}" if drift else "")
     store_put(store, PLANS_KEY, plans)
     store_put(store, SEARCHED_KEY, searched)
     if drift:
         store_put(store, DAMPINGS_KEY, dampings)
+    if noise:
+        store_put(store, NOISE_CHOICES_KEY, choices)
     install_plan(store, scheduled_blocks(store), cfg.target_fraction, opt.device)
     return result
 
@@ -683,9 +707,14 @@ def set_damping(store, value: float, device: torch.device) -> None:
     store_put(store, DAMPING_KEY, torch.tensor(float(value), dtype=torch.float32, device=device))
 
 
-def fit_damping(store, device: torch.device, score: Callable[[], float], undamped: float) -> float:
-    """The value of :data:`DAMPING_GRID` whose generations ``score()`` best (the first on ties), installed;
-    ``undamped`` is the score at β = 0, which the plan search already measured.
+def set_noise_forecast(store, on: float, device: torch.device) -> None:
+    """Switch the noise forecast on (1) or off (0) (in place: captured graphs read the same tensor)."""
+    store_put(store, ENABLED_KEY, torch.tensor(float(on), dtype=torch.float32, device=device))
+
+
+def fit_damping(store, device: torch.device, score: Callable[[], float], undamped: float) -> tuple[float, float]:
+    """The value of :data:`DAMPING_GRID` whose generations ``score()`` best (the first on ties), installed, and
+    its score; ``undamped`` is the score at β = 0, which the plan search already measured.
 
     Why: how much of the drift correction's estimate to trust after a run of forecasts depends on the
     run's length and the model (docs/BENCHMARKS.md, "Fourteenth session"); a handful of calibration
@@ -698,12 +727,13 @@ def fit_damping(store, device: torch.device, score: Callable[[], float], undampe
         if s > best_score:
             best, best_score = value, s
     set_damping(store, best, device)
-    return best
+    return best, best_score
 
 
 def install_plan(store, blocks: list[str], target_fraction: float, device: torch.device) -> bool:
-    """Write the plan for ``target_fraction`` into the schedule columns of ``blocks``, and its drift damping
-    (where the model has a drift correction or fitted ones); False if no plans."""
+    """Write the plan for ``target_fraction`` into the schedule columns of ``blocks``, its drift damping
+    (where the model has a drift correction or fitted ones) and its noise forecast switch (likewise); False
+    if no plans."""
     plans = store.tensors.get(PLANS_KEY)
     if plans is None or not blocks:
         return False
@@ -715,6 +745,9 @@ def install_plan(store, blocks: list[str], target_fraction: float, device: torch
     dampings = store.tensors.get(DAMPINGS_KEY)
     if dampings is not None or DAMPING_KEY in store.tensors:
         set_damping(store, 0.0 if dampings is None else float(dampings[m - 1]), device)
+    choices = store.tensors.get(NOISE_CHOICES_KEY)
+    if choices is not None or ENABLED_KEY in store.tensors:
+        set_noise_forecast(store, 1.0 if choices is None else float(choices[m - 1]), device)
     return True
 
 
@@ -733,7 +766,7 @@ class PlannedPolicy(SchedulePolicy):
     plans_for_fallback = True  # the plan is made for the fallback's forecast
     # search_plan's and protect_steps' results, absent from files saved without them; the constraints, from
     # files saved before them
-    optional_keys = (SEARCHED_KEY, DAMPINGS_KEY, CONSTRAINTS_KEY, PROTECT_KEY)
+    optional_keys = (SEARCHED_KEY, DAMPINGS_KEY, NOISE_CHOICES_KEY, CONSTRAINTS_KEY, PROTECT_KEY)
     step_count_keys = STEP_COUNT_KEYS
 
     @staticmethod

@@ -18,6 +18,9 @@ After one computed step ε is held; at σ = 1 the output is left as the fallback
 elementwise on the model's first output and its latent input (each CFG row with its own latent), so it
 costs two output-sized tensors of state and a few of work per step; decisions, counts and the blocks'
 state are untouched.  A step counts as skipped when the last guarded block was (one decision per step).
+
+Whether it applies is the store tensor :data:`ENABLED_KEY` (1 until ``search_plan`` chooses, per fraction,
+between the plan searched with it and the one searched without it), so switching needs no re-capture.
 """
 from __future__ import annotations
 
@@ -25,6 +28,10 @@ import torch
 import torch.nn as nn
 
 from .state_ops import Flag, assign, keep_or, negate, shift
+
+#: Calibration store key of the installed switch (a 0-d float tensor shared by every graph: > 0 applies the
+#: forecast, 0 leaves skipped steps to the fallback while the state keeps following the computed steps).
+ENABLED_KEY = "noise_forecast.enabled"
 
 
 def _safe(den: torch.Tensor) -> torch.Tensor:
@@ -34,13 +41,17 @@ def _safe(den: torch.Tensor) -> torch.Tensor:
 class NoiseForecast(nn.Module):
     _is_impure = True  # mutates its buffers: never dead-code-eliminated
 
-    def __init__(self, shape: tuple[int, ...], device: torch.device, timestep_per_sigma: float) -> None:
+    _persistent_state = ("enabled",)  # the store's tensor: not per-context state, kept by reset
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device, timestep_per_sigma: float,
+                 enabled: torch.Tensor) -> None:
         """``shape``: the model output's (= its latent input's) shape; ``timestep_per_sigma``: the model's
-        timestep at σ = 1."""
+        timestep at σ = 1; ``enabled``: the store's switch (:data:`ENABLED_KEY`)."""
         super().__init__()
         if not timestep_per_sigma > 0:
             raise ValueError(f"NoiseForecast: timestep_per_sigma={timestep_per_sigma!r} must be > 0")
         self.timestep_per_sigma = float(timestep_per_sigma)
+        self.register_buffer("enabled", enabled)
         for name in ("eps_c", "eps_p"):  # ε of the last computed step and of the one before it
             self.register_buffer(name, torch.zeros(shape, dtype=torch.float32, device=device))
         for name in ("s_c", "s_p", "computed_steps"):
@@ -58,7 +69,7 @@ class NoiseForecast(nn.Module):
         slope = torch.where(slope_ok, (sig - self.s_c) / _safe(self.s_c - self.s_p), zero)
         eps_hat = self.eps_c + slope * (self.eps_c - self.eps_p)
         rest = 1 - sig
-        valid = (count >= 1) & (rest > 0)
+        valid = (count >= 1) & (rest > 0) & (self.enabled > 0)
         forecast = torch.where(valid, (eps_hat - xf) / _safe(rest), vf).to(v.dtype)
         out = keep_or(skipped, forecast, v)
         # a computed step joins the history
@@ -71,5 +82,6 @@ class NoiseForecast(nn.Module):
         return out
 
     def reset(self) -> None:
-        for b in self.buffers():
-            b.zero_()
+        for name, b in self.named_buffers():
+            if name not in self._persistent_state:
+                b.zero_()
