@@ -70,9 +70,16 @@ def test_corrected_steps_match_hand_computation(tiny, beta):
         fastcache.get_cache_statistics(ref)["blocks_approximated"]
 
 
-def test_new_generation_and_reset_start_fresh():
-    tm = make_tiny("tiny-dit")
-    opt = _scheduled(tm, drift_correction="flow_euler")
+#: The output stages the generic tests run: the drift correction alone, and with the noise forecast before it
+#: (tests/test_noise_forecast.py), on a model whose output is a velocity of the latents' shape.
+STAGES = [("tiny-dit", dict(drift_correction="flow_euler")),
+          ("tiny-sd3", dict(drift_correction="flow_euler", noise_forecast="flow_euler"))]
+
+
+@pytest.mark.parametrize("name,stages", STAGES, ids=["drift", "drift+noise"])
+def test_new_generation_and_reset_start_fresh(name, stages):
+    tm = make_tiny(name)
+    opt = _scheduled(tm, **stages)
     a = run_loop(opt, tm, STEPS)
     b = run_loop(opt, tm, STEPS)  # the timestep jumps back up: a new generation
     fastcache.reset(opt)
@@ -82,15 +89,16 @@ def test_new_generation_and_reset_start_fresh():
         torch.testing.assert_close(x, z, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name,stages", STAGES, ids=["drift", "drift+noise"])
 @pytest.mark.parametrize("decide", ["host", "device"])
-def test_step_dispatch_matches_in_graph_guards(decide):
+def test_step_dispatch_matches_in_graph_guards(decide, name, stages):
     """Specialised copies pass the decision as a plain bool: same outputs as the in-graph cond."""
-    tm = make_tiny("tiny-dit")
+    tm = make_tiny(name)
     if decide == "host":
-        ref, opt = (_scheduled(tm, drift_correction="flow_euler") for _ in range(2))
+        ref, opt = (_scheduled(tm, **stages) for _ in range(2))
     else:  # a step policy decided in the graph; a low threshold forecasts most steps after warm-up
         ref, opt = (fastcache.optimize(tm.model, backend="eager", policy="step_forecast", fallback="forecast",
-                                       cache_ratio_threshold=0.5, drift_correction="flow_euler") for _ in range(2))
+                                       cache_ratio_threshold=0.5, **stages) for _ in range(2))
     want = run_loop(ref, tm, STEPS)
     disp = StepDispatch(opt, compile_mode="eager", decide=decide)
     with torch.no_grad():

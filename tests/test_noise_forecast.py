@@ -7,24 +7,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import first, run_loop
+from conftest import run_loop
 
 import fx_fastcache as fastcache
 from fx_fastcache.bench.runner import parse_method
 from fx_fastcache.runtime.drift import DriftCorrection
-from fx_fastcache.step_dispatch import StepDispatch
 from fx_fastcache.zoo import make_tiny
 
-STEPS = [1000.0, 900.0, 800.0, 700.0, 600.0, 500.0, 400.0, 300.0]
-COMPUTED = (0, 1, 4, 7)  # step 2 holds ε (one slope needs two computed steps: 0 and 1 give it), 3 extrapolates
+from test_drift import COMPUTED, STEPS, _scheduled  # computed 0, 1, 4, 7: steps 2, 3 and 5, 6 forecast
 
-
-def _scheduled(tm, **config):
-    opt = fastcache.optimize(tm.model, backend="eager", policy="schedule", fallback="forecast", **config)
-    n = len(opt.block_names())
-    rows = torch.tensor([s not in COMPUTED for s in range(len(STEPS))])
-    fastcache.set_schedule(opt, rows.unsqueeze(1).expand(len(STEPS), n).contiguous())
-    return opt
+# (new generations, reset and step dispatch: tests/test_drift.py runs them with both output stages on)
 
 
 def _hand(tm, v: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -78,37 +70,6 @@ def test_drift_correction_corrects_the_forecast_velocities():
         want = drift(torch.tensor(s not in COMPUTED), torch.tensor(s == 0), torch.tensor(t), noise[s])
         torch.testing.assert_close(both[s], want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(both[4], noise[4], rtol=1e-3, atol=1e-3)
-
-
-def test_new_generation_and_reset_start_fresh():
-    tm = make_tiny("tiny-sd3")
-    opt = _scheduled(tm, noise_forecast="flow_euler")
-    a = run_loop(opt, tm, STEPS)
-    b = run_loop(opt, tm, STEPS)  # the timestep jumps back up: a new generation
-    fastcache.reset(opt)
-    c = run_loop(opt, tm, STEPS)
-    for x, y, z in zip(a, b, c):
-        torch.testing.assert_close(x, y, rtol=0, atol=0)
-        torch.testing.assert_close(x, z, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("decide", ["host", "device"])
-def test_step_dispatch_matches_in_graph_guards(decide):
-    """Specialised copies pass the decision as a plain bool: same outputs as the in-graph cond."""
-    tm = make_tiny("tiny-sd3")
-    kw = dict(noise_forecast="flow_euler", drift_correction="flow_euler")
-    if decide == "host":
-        ref, opt = (_scheduled(tm, **kw) for _ in range(2))
-    else:  # a step policy decided in the graph; a high threshold forecasts most steps after warm-up
-        ref, opt = (fastcache.optimize(tm.model, backend="eager", policy="step_forecast", fallback="forecast",
-                                       cache_ratio_threshold=0.5, **kw) for _ in range(2))
-    want = run_loop(ref, tm, STEPS)
-    disp = StepDispatch(opt, compile_mode="eager", decide=decide)
-    with torch.no_grad():
-        got = [first(disp(**tm.make_inputs(t, 2))).clone() for t in STEPS]
-    for x, y in zip(got, want):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
-    assert fastcache.get_cache_statistics(ref)["blocks_approximated"] > 0
 
 
 def test_inductor_compiles_it_with_the_drift_correction_and_matches_eager():
