@@ -10,6 +10,7 @@ import torch
 from conftest import run_loop
 
 import fx_fastcache as fastcache
+from fx_fastcache.bench.report import family
 from fx_fastcache.bench.runner import parse_method
 from fx_fastcache.runtime.drift import DriftCorrection
 from fx_fastcache.zoo import make_tiny
@@ -149,6 +150,9 @@ def test_bench_option():
         parse_method("planned/forecast:noise=2")
     with pytest.raises(ValueError, match="at threshold.*noise_forecast"):
         parse_method("chi2/forecast:noise=1")
+    run = {"kind": "fastcache", "policy": "planned", "fallback": "forecast", "drift_correction": True,
+           "noise_forecast": True, "searched_plan": [0, 1, 3]}
+    assert family(run) == "ours planned+forecast + drift + noise + search"  # a column of its own
 
 
 def test_search_plan_chooses_it_per_fraction(tmp_path, caplog):

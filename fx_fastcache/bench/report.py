@@ -205,7 +205,8 @@ def family(run: dict[str, Any]) -> str:
             return run["policy"]
         return f"ours {run['policy']}+{run['fallback']}" + (" (sensitivity)" if run.get("sensitivity") else "") + (
             f" (protect {run['protect_db']:g} dB)" if run.get("protect_db") else "") + (
-            " + drift" if run.get("drift_correction") else "") + search_column(run)
+            " + drift" if run.get("drift_correction") else "") + (
+            " + noise" if run.get("noise_forecast") else "") + search_column(run)
     return run["kind"]
 
 
