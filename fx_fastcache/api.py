@@ -21,7 +21,7 @@ from .calibration import (
 from .config import FastCacheConfig
 from .fallbacks import FALLBACKS
 from .module import FastCacheModule, calibration_conflict
-from .pipelines import TRANSFORMERS, check_drift_sampler, optimized_module, optimized_modules
+from .pipelines import TRANSFORMERS, check_sampler, optimized_module, optimized_modules
 from .policies import POLICIES
 from .runtime.clock import repeat_message
 from .runtime.routing import spatial_counts
@@ -113,7 +113,7 @@ def configure(opt: Any, **changes: Any) -> None:
     """Change config fields; thresholds and other run-time fields apply without recompiling."""
     mods = optimized_modules(opt)
     if mods[0] is not opt:  # a pipeline: its scheduler says whether the drift correction applies
-        check_drift_sampler(opt, mods[0].fastcache_config.replace(**changes))
+        check_sampler(opt, mods[0].fastcache_config.replace(**changes))
     for mod in mods:  # every expert of a pipeline accepts the change before any takes it
         mod.check_configure(**changes)
     for mod in mods:

@@ -939,7 +939,7 @@ class FastCacheModule(nn.Module):
                 g.reset()
             if e.step_decider is not None:
                 e.step_decider.reset()
-            for output_stage in (gp.NOISE, gp.DRIFT):
+            for output_stage in gp.OUTPUT_STAGES:
                 mod = getattr(e.gm, output_stage, None)
                 if mod is not None:
                     mod.reset()

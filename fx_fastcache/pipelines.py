@@ -134,7 +134,7 @@ def _wrapped_call(original: Any):
             raise RuntimeError(f"pipe.{name} is no longer the FastCache module installed by enable_fastcache; "
                                f"call fastcache.disable_fastcache(pipe) before replacing it")
         mods = list(installed.values())
-        check_drift_sampler(self, mods[0].fastcache_config)  # `pipe.scheduler = ...` may have swapped it since enabling
+        check_sampler(self, mods[0].fastcache_config)  # `pipe.scheduler = ...` may have swapped it since enabling
         for tr in mods:
             tr.reset()
         # with two experts each runs a part of the steps, set by boundary_ratio, so the check is left out
@@ -240,22 +240,21 @@ def _unpickle_enabled(cls: type) -> Any:
 FLOW_EULER_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
 
-def check_drift_sampler(pipe: Any, config: FastCacheConfig) -> None:
+def check_sampler(pipe: Any, config: FastCacheConfig) -> None:
     """``drift_correction="flow_euler"`` is exact only for the flow-matching Euler step, and
     ``noise_forecast="flow_euler"`` reads the model output as a flow-matching velocity: refuse others."""
     sched = getattr(pipe, "scheduler", None)
     name = type(sched).__name__
+    pipe_name = getattr(type(pipe), "_fastcache_original_class", type(pipe)).__name__  # not the one-off subclass
     if config.noise_forecast != "none" and not (
             name.startswith("FlowMatch") or
             getattr(getattr(sched, "config", None), "prediction_type", None) == "flow_prediction"):
-        pipe_name = getattr(type(pipe), "_fastcache_original_class", type(pipe)).__name__
         raise ValueError(f"noise_forecast={config.noise_forecast!r} reads the transformer's output as a flow-matching "
                          f"velocity; this {pipe_name} uses {name}, which is not a flow-matching scheduler (a "
                          f"FlowMatch* scheduler or prediction_type='flow_prediction'); use noise_forecast='none'")
     if config.drift_correction != "flow_euler":
         return
     if name not in FLOW_EULER_SCHEDULERS:
-        pipe_name = getattr(type(pipe), "_fastcache_original_class", type(pipe)).__name__  # not the one-off subclass
         raise ValueError(f"drift_correction='flow_euler' needs a flow-matching Euler scheduler "
                          f"({', '.join(FLOW_EULER_SCHEDULERS)}); this {pipe_name} uses {name}, whose "
                          f"step the correction would get wrong; use drift_correction='none' or that scheduler")
@@ -314,7 +313,7 @@ def enable_fastcache(pipe: Any, backend: str = "inductor", config: FastCacheConf
     if schedule is not None and "policy" not in overrides:
         overrides["policy"] = "schedule"
     config = FastCacheConfig.resolve(config, **overrides)
-    check_drift_sampler(pipe, config)
+    check_sampler(pipe, config)
     if schedule is not None and len(found) > 1:
         raise ValueError(f"schedule=: this {type(pipe).__name__} has two transformers ({', '.join(found)}), which run "
                          f"different steps; enable without it and call fastcache.set_schedule(pipe.transformer, "

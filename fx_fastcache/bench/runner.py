@@ -137,6 +137,11 @@ class Method:
     #: peer options (``PEER_OPTIONS``), as sorted ``(name, value)`` pairs
     options: tuple[tuple[str, float], ...] = ()
 
+    def output_stages(self) -> dict[str, str]:
+        """The config fields of the output stages this method turns on (the drift correction, the noise forecast)."""
+        return {"drift_correction": "flow_euler" if self.drift else "none",
+                "noise_forecast": "flow_euler" if self.noise else "none"}
+
     @property
     def needs_calibration(self) -> bool:
         if self.kind != "fastcache":
@@ -273,8 +278,7 @@ def _check_configs(spec: str, m: Method) -> None:
     for value in m.thresholds:
         try:
             FastCacheConfig(policy=m.policy, fallback=m.fallback, warmup_steps=m.warmup_steps,
-                            max_skip_steps=m.max_skip_steps, drift_correction="flow_euler" if m.drift else "none",
-                            noise_forecast="flow_euler" if m.noise else "none", **{sweep: value})
+                            max_skip_steps=m.max_skip_steps, **m.output_stages(), **{sweep: value})
         except ValueError as e:
             raise ValueError(f"method {spec!r} at threshold {value:g}: {e}") from None
 
@@ -379,8 +383,7 @@ class _FastCacheRunner:
         self.m = m
         self.opt = fastcache.optimize(s.tm.model, backend=backend, policy=m.policy, fallback=m.fallback,
                                       warmup_steps=m.warmup_steps, max_skip_steps=m.max_skip_steps,
-                                      drift_correction="flow_euler" if m.drift else "none",
-                                      noise_forecast="flow_euler" if m.noise else "none")
+                                      **m.output_stages())
         self.calib_s = 0.0
         self.protected: list[int] | None = None  # the steps protect_steps made always compute
         self.protect_seeds: list[int] | None = None  # its first and last calibration seed
