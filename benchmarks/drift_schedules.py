@@ -11,7 +11,8 @@ fixed plans (one letter per step, ``F`` computed, ``S`` forecast) through the li
 
     python benchmarks/drift_schedules.py --model sd3-mnist --shift 3 --plans FFFSFSFSFSFSFSFSFSFS FFSFSSFSSFSSFSSFSSFS
 
-``--dampings 0 1 4`` runs the correction at each damping β (``fx_fastcache.runtime.drift``);
+``--dampings 0 1 4`` runs the correction at each damping β (``fx_fastcache.runtime.drift``); ``--noise`` runs each
+row with ``noise_forecast="flow_euler"`` too (σ from the family's timestep scale, so the forecast sees the shifted σ);
 ``--eval-seed 100 --images 32`` measures on other seeds (e.g. seeds never used for calibration or tuning).
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dampings", type=float, nargs="+", default=[0.0],
                    help="the correction's damping β (search_plan fits it for planned models; 0: undamped)")
+    p.add_argument("--noise", action="store_true", help="each row with noise_forecast='flow_euler' too")
     p.add_argument("--eval-seed", type=int, default=1000, help="first image seed (default 1000, the benchmark's)")
     p.add_argument("--images", type=int, default=16)
     a = p.parse_args(argv)
@@ -52,12 +54,14 @@ def main(argv=None) -> int:
     u = torch.linspace(1.0, 0.0, steps + 1)
     sigmas = a.shift * u / (1 + (a.shift - 1) * u)
     ref = sample(tm, classes, seeds, steps=steps, sigmas=sigmas)
-    models = {dc: fastcache.optimize(tm.model, backend="eager", policy="schedule", warmup_steps=0, drift_correction=dc)
-              for dc in ("none", "flow_euler")}
+    noises = ("none", "flow_euler") if a.noise else ("none",)
+    models = {(dc, nf): fastcache.optimize(tm.model, backend="eager", policy="schedule", warmup_steps=0,
+                                           drift_correction=dc, noise_forecast=nf)
+              for dc in ("none", "flow_euler") for nf in noises}
     runs = [("none", None)] + [("flow_euler", d) for d in a.dampings]
     for plan in a.plans:
-        for dc, damping in runs:
-            opt = models[dc]
+        for (dc, damping), nf in ((r, nf) for nf in noises for r in runs):
+            opt = models[dc, nf]
             if damping is not None:
                 set_damping(opt.store, damping, opt.device)
             table = torch.tensor([m == "S" for m in plan]).unsqueeze(1).expand(steps, len(opt.block_names()))
@@ -65,6 +69,7 @@ def main(argv=None) -> int:
             fastcache.reset(opt)
             q = psnr(sample(tm, classes, seeds, steps=steps, model=opt, sigmas=sigmas), ref)
             print(json.dumps({"model": a.model, "seeds": f"{seeds[0]}-{seeds[-1]}", "shift": a.shift, "plan": plan, "drift_correction": dc,
+                              "noise_forecast": nf,
                               "damping": damping, "replaced": plan.count("S") / steps,
                               "psnr_mean": round(float(q.mean()), 2), "psnr_worst": round(float(q.min()), 2)}),
                   flush=True)
