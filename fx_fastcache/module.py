@@ -221,6 +221,9 @@ class FastCacheModule(nn.Module):
         self._turns_given_up = False  # (_next_turn) the rest of the pipeline call runs the model uncached
         self._last_call_uncached = False
         self._pipeline_calls = 0  # > 0 while an enabled pipeline's __call__ runs (pipelines.py)
+        #: the timestep tensors of a pipeline call's model calls, kept by reference (no read per step) while
+        #: pipelines.py checks the call's schedule against the calibrated one; None: not recording
+        self._seen_timesteps: list[torch.Tensor] | None = None
         self._installed_in_pipeline = False  # set by enable_fastcache
         self._warned_outside_pipeline = False
         # execution="auto": decided again when the device or the policy changes; None: a fixed choice,
@@ -564,6 +567,15 @@ class FastCacheModule(nn.Module):
         starts again then, and ``record_schedule`` goes on counting the generation's steps."""
         return self._restarts.get(self._states.live, 0)
 
+    def schedule_of(self, timesteps: list[torch.Tensor]) -> list[float]:
+        """The steps' timesteps (as the clock reads them) of model calls given ``timesteps``, one read;
+        consecutive calls at one timestep (classifier-free guidance as two calls) count once."""
+        if not timesteps:
+            return []
+        ts = torch.stack([scalar_timestep(noise_level(t.detach(), self.spec.timestep_rises)).cpu()
+                          for t in timesteps]).tolist()
+        return [t for i, t in enumerate(ts) if i == 0 or t != ts[i - 1]]
+
     def call_timestep(self, kw: dict[str, Any]) -> float | None:
         """The call's timestep as the generation rules read it (a host read; ``None`` without one)."""
         t = kw.get(self.spec.timestep_arg) if self.spec.timestep_arg else None
@@ -683,6 +695,10 @@ class FastCacheModule(nn.Module):
                                "with from_pipe shares it): call fastcache.enable_fastcache on that pipeline too, or "
                                "fastcache.reset(model) before each generation")
             self._checked = True
+            if self._seen_timesteps is not None and self.spec.timestep_arg:
+                t = kwargs.get(self.spec.timestep_arg)
+                if isinstance(t, torch.Tensor):
+                    self._seen_timesteps.append(t)
             try:
                 return self._forward_checked(*args, **kwargs)
             finally:

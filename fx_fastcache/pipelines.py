@@ -140,20 +140,34 @@ def _wrapped_call(original: Any):
         # with two experts each runs a part of the steps, set by boundary_ratio, so the check is left out
         steps = _steps_run(kwargs, default_steps)
         tr = mods[0]
-        if isinstance(steps, int) and len(mods) == 1 and not tr.force_compute:  # calibrate refits the plan
-            why = POLICIES[tr.fastcache_config.policy].steps_mismatch(tr.store, steps)
+        policy = POLICIES[tr.fastcache_config.policy]
+        check = len(mods) == 1 and not tr.force_compute  # calibrate refits the plan
+        if check and isinstance(steps, int):
+            why = policy.steps_mismatch(tr.store, steps)
             if why is not None and (id(tr), why) not in warned:
                 warned.add((id(tr), why))
                 logger.warning("fx-fastcache: %s", why)
         for m in mods:
             m._pipeline_calls += 1
             m.set_branch_turns(in_turn)
+        recording = check and tr._seen_timesteps is None  # the schedule this call runs, read once after it
+        if recording:
+            tr._seen_timesteps = []
+        seen: list[torch.Tensor] = []
         try:
-            return original(self, *args, **kwargs)
+            out = original(self, *args, **kwargs)
         finally:
             for m in mods:
                 m._pipeline_calls -= 1
                 m.set_branch_turns(False)
+            if recording:
+                seen, tr._seen_timesteps = tr._seen_timesteps or [], None
+        if seen and (id(tr), "schedule") not in warned:
+            why = policy.schedule_mismatch(tr.store, tr.schedule_of(seen))
+            if why is not None:
+                warned.add((id(tr), "schedule"))  # once: each other schedule would say it again
+                logger.warning("fx-fastcache: %s", why)
+        return out
 
     return __call__
 

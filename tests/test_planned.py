@@ -195,6 +195,36 @@ def test_plan_replaces_the_target_fraction_and_matches_its_schedule(calibrated):
     assert (out - eager).abs().max() > 0  # it did approximate
 
 
+def test_calibration_keeps_its_schedule_and_names_another(calibrated, tmp_path):
+    """The plans' noise schedule is the first calibration generation's timesteps (as the clock reads them); the
+    policy says when a generation of the same length ran others, and the schedule is saved with the plans (a file
+    saved before it loads, and the check then has nothing to compare)."""
+    from fx_fastcache.policies import POLICIES
+    from fx_fastcache.policies.planned import TIMESTEPS_KEY
+
+    tm, opt = calibrated
+    made = [float(t) * 1000.0 for t in torch.linspace(1.0, 0.0, STEPS + 1)[:-1]]
+    torch.testing.assert_close(opt.store.tensors[TIMESTEPS_KEY], torch.tensor(made))
+    check = POLICIES["planned"].schedule_mismatch
+    assert check(opt.store, made) is None and check(opt.store, made[:-1]) is None  # the length: steps_mismatch's
+    assert check(opt.store, [t + 0.5 for t in made]) is None  # within the tolerance (1e-3 of 1000)
+    shifted = [3 * t / (1000 + 2 * t) * 1000 for t in made]
+    why = check(opt.store, shifted)
+    assert why is not None and "[1000, 875, 750" in why and "[1000, 954.5, 900" in why and "calibrate" in why
+    path = tmp_path / "plans.safetensors"
+    fastcache.save_calibration(opt, path)
+    other = fastcache.optimize(tm.model, backend="eager", policy="planned", target_fraction=0.5)
+    fastcache.load_calibration(other, path)
+    assert check(other.store, shifted) == why
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), "pt") as f:
+        meta, kept = f.metadata(), {k: f.get_tensor(k) for k in f.keys() if k != TIMESTEPS_KEY}
+    save_file(kept, str(tmp_path / "old.safetensors"), metadata=meta)
+    fastcache.load_calibration(other, tmp_path / "old.safetensors")
+    assert TIMESTEPS_KEY not in other.store.tensors and check(other.store, shifted) is None
+
+
 def test_target_fraction_changes_without_recapture(calibrated):
     tm, opt = calibrated
     graphs = list(opt.entries())
@@ -349,24 +379,43 @@ def test_plan_exports_to_onnx(calibrated, tmp_path):
         installed_schedule(fastcache.optimize(tm.model, backend="eager"))
 
 
+SCHEDULE_WARNING = "chose its computed steps for the calibration's timesteps"
+
+
+def _messages(caplog, words: str = "") -> list[str]:
+    """fx-fastcache's log messages that contain ``words``."""
+    return [r.getMessage() for r in caplog.records if r.name.startswith("fx_fastcache") and words in r.getMessage()]
+
+
 @pytest.mark.parametrize("family", ["sd3", "wan"])
 def test_planned_pipeline_and_a_step_count_it_was_not_planned_for(family, caplog):
     """A pipeline plans on its own calibration call (Wan: two cache contexts per step) and warns when
-    called with another number of steps (``num_inference_steps``, custom sigmas, image-to-image strength)."""
+    called with another number of steps (``num_inference_steps``, custom sigmas, image-to-image strength),
+    or, after the call, with the calibrated step count on other timesteps (a shifted or custom schedule)."""
     tp = make_tiny_pipeline(family)
     fastcache.enable_fastcache(tp.pipe, backend="eager", policy="planned", target_fraction=0.5)
     with fastcache.calibrate(tp.pipe.transformer):
         tp.pipe(**tp.call_kwargs(seed=1, num_inference_steps=6))
-    tp.pipe(**tp.call_kwargs(seed=0, num_inference_steps=6))
+    with caplog.at_level(logging.WARNING, logger="fx_fastcache.pipelines"):
+        tp.pipe(**tp.call_kwargs(seed=0, num_inference_steps=6))
+        assert not _messages(caplog)  # the calibrated schedule (Wan: CFG as two calls per step, one timestep each)
     st = fastcache.get_cache_statistics(tp.pipe)
     assert st["block_approx_ratio"] == pytest.approx(0.5)
     with caplog.at_level(logging.WARNING, logger="fx_fastcache.pipelines"):
         tp.pipe(**tp.call_kwargs(seed=0, num_inference_steps=4))
         assert any("calibrated on 6-step generations, this one runs 4 steps" in r.getMessage() for r in caplog.records)
+        assert not _messages(caplog, SCHEDULE_WARNING)  # another step count: said once, by the check above
+        caplog.clear()
+        sched = tp.pipe.scheduler  # the same step count on a schedule shifted further
+        tp.pipe.scheduler = type(sched).from_config(sched.config, shift=sched.config.shift * 2)
+        tp.pipe(**tp.call_kwargs(seed=0, num_inference_steps=6))
+        tp.pipe(**tp.call_kwargs(seed=0, num_inference_steps=6))
+        tp.pipe.scheduler = sched
+        assert len(_messages(caplog, SCHEDULE_WARNING)) == 1 == len(_messages(caplog))  # once per model
         if family == "sd3":  # custom sigmas set the step count, whatever num_inference_steps says
             caplog.clear()
             tp.pipe(**tp.call_kwargs(seed=0, num_inference_steps=4, sigmas=[1.0, 0.8, 0.6, 0.4, 0.3, 0.2]))
-            assert not caplog.records
+            assert not _messages(caplog)  # 6 steps: the count fits (their other timesteps were said once above)
             # image-to-image at strength 0.5 runs half the steps (the check counted num_inference_steps)
             from diffusers import StableDiffusion3Img2ImgPipeline
             from PIL import Image
@@ -378,7 +427,8 @@ def test_planned_pipeline_and_a_step_count_it_was_not_planned_for(family, caplog
             caplog.clear()
             i2i(**tp.call_kwargs(seed=0, **dict(kw, num_inference_steps=12)))
             i2i(**tp.call_kwargs(seed=0, **dict(kw, sigmas=torch.linspace(1.0, 0.1, 12).tolist())))  # also 6
-            assert not [r for r in caplog.records if r.name.startswith("fx_fastcache")]
+            # 6 steps, the count fits; strength 0.5 runs the lower half of the noise levels: another schedule
+            assert len(_messages(caplog, SCHEDULE_WARNING)) == 1 == len(_messages(caplog))
             i2i(**tp.call_kwargs(seed=0, **dict(kw, num_inference_steps=6)))
             assert any("calibrated on 6-step generations, this one runs 3 steps" in r.getMessage()
                        for r in caplog.records)

@@ -104,6 +104,12 @@ class Policy:
         return None
 
     @staticmethod
+    def schedule_mismatch(store, timesteps: list[float]) -> str | None:
+        """Why a generation whose steps ran ``timesteps`` (as the clock reads them) does not fit the schedule
+        calibration fitted (``None``: it fits, or nothing was fitted for one)."""
+        return None
+
+    @staticmethod
     def configure_store(store, config, device) -> None:
         """Apply a changed run-time config field to the calibration store (``fastcache.configure``)."""
 

@@ -20,8 +20,11 @@ before the step: step dispatch reads it on the host without a sync, and it expor
 (``fx_fastcache.export.installed_schedule``).  The plan holds for the step count it was
 calibrated with (:func:`plan_steps`): a pipeline call with another ``num_inference_steps`` logs a
 warning (``enable_fastcache``), since the plan's rows apply by step index and steps past it
-compute in full.  A bare model cannot tell a generation's length without a device sync:
-calibrate with the step count you sample with.
+compute in full.  It is also chosen for the calibration's noise schedule (:data:`TIMESTEPS_KEY`): a pipeline
+call whose steps ran other timesteps (a shifted or custom schedule, Flux's resolution-dependent shift,
+image-to-image strength) logs a warning after the call, since plans do not carry over between schedules
+(docs/BENCHMARKS.md, "Twenty-sixth session").  A bare model cannot tell a generation's length or schedule
+without a device sync: calibrate with the step count and sampler you sample with.
 Uncalibrated, nothing is planned and every step computes (logged once).
 """
 from __future__ import annotations
@@ -58,6 +61,11 @@ PROTECT_KEY = "planned.protected"
 #: Budgets whose plan :func:`search_plan` chose (bool per budget,
 #: row ``M − 1``; absent: none).
 SEARCHED_KEY = "planned.searched"
+#: The timestep of each step of the first calibration generation (as the clock reads it): the schedule the plans
+#: were made for (absent from files saved before it).
+TIMESTEPS_KEY = "planned.timesteps"
+#: Timesteps closer than this fraction of the largest calibrated one count as the same schedule.
+SCHEDULE_TOLERANCE = 1e-3
 #: The drift correction's damping β per budget (row ``M − 1``; absent: 0), fitted by :func:`search_plan`
 #: with ``drift_correction="flow_euler"``; :func:`install_plan` installs the configured budget's.
 DAMPINGS_KEY = "planned.drift_damping"
@@ -107,7 +115,7 @@ BLENDED = frozenset({"forecast_blend"})
 ADJACENT_ERRORS_KEY = "planned.errors_adjacent"
 #: What is sized by the step count: a calibration with another step count replaces all of it.
 STEP_COUNT_KEYS = (ERRORS_KEY, ADJACENT_ERRORS_KEY, WEIGHTS_KEY, STEPS_KEY, PLANS_KEY, PROTECT_KEY, SEARCHED_KEY,
-                   DAMPINGS_KEY, NOISE_CHOICES_KEY)
+                   DAMPINGS_KEY, NOISE_CHOICES_KEY, TIMESTEPS_KEY)
 
 
 class _ErrorMeter:
@@ -328,6 +336,7 @@ class PlannedCalibrator(Calibrator):
             store_put(store, ADJACENT_ERRORS_KEY, self._table(n, blend_errors, offset=0))
         store_put(store, WEIGHTS_KEY, torch.ones(n))
         store_put(store, STEPS_KEY, torch.tensor(n))
+        store_put(store, TIMESTEPS_KEY, torch.tensor([s[0] for s in self.generations[0]], dtype=torch.float32))
         plans = replan(store, config, self.blocks, self.device)
         m = budget(config.target_fraction, n)
         logger.info("fx-fastcache: planned %d generation(s) of %d steps; target_fraction=%.2f computes steps %s",
@@ -766,7 +775,7 @@ class PlannedPolicy(SchedulePolicy):
     plans_for_fallback = True  # the plan is made for the fallback's forecast
     # search_plan's and protect_steps' results, absent from files saved without them; the constraints, from
     # files saved before them
-    optional_keys = (SEARCHED_KEY, DAMPINGS_KEY, NOISE_CHOICES_KEY, CONSTRAINTS_KEY, PROTECT_KEY)
+    optional_keys = (SEARCHED_KEY, DAMPINGS_KEY, NOISE_CHOICES_KEY, CONSTRAINTS_KEY, PROTECT_KEY, TIMESTEPS_KEY)
     step_count_keys = STEP_COUNT_KEYS
 
     @staticmethod
@@ -797,6 +806,23 @@ class PlannedPolicy(SchedulePolicy):
             return None
         return (f"policy='planned' was calibrated on {planned}-step generations, this one runs {steps} steps: the "
                 f"plan's rows apply by step index and the steps past it compute; calibrate with {steps} steps")
+
+    @staticmethod
+    def schedule_mismatch(store, timesteps: list[float]) -> str | None:
+        made = store.tensors.get(TIMESTEPS_KEY)
+        if made is None or len(timesteps) != made.numel():  # no record, or another step count (steps_mismatch)
+            return None
+        made = made.detach().cpu().float()
+        ran = torch.tensor(timesteps, dtype=torch.float32)
+        scale = float(made.abs().max()) or 1.0
+        if float((ran - made).abs().max()) <= SCHEDULE_TOLERANCE * scale:
+            return None
+        show = lambda t: "[" + ", ".join(f"{v:.4g}" for v in t.tolist()) + "]"  # noqa: E731
+        return (f"policy='planned' chose its computed steps for the calibration's timesteps {show(made)}, and this "
+                f"generation ran {show(ran)} (another shift or custom schedule, a resolution-dependent shift, or "
+                f"image-to-image strength): plans do not carry over between schedules (on a shifted schedule, plans "
+                f"searched for the uniform one scored 4-6 dB below a fixed-interval plan, docs/BENCHMARKS.md "
+                f"'Twenty-sixth session'); calibrate (and search_plan) with the schedule you sample with")
 
     @staticmethod
     def configure_store(store, config, device) -> None:
