@@ -16,8 +16,8 @@ measured on the evaluation images (seeds 1000, ...) beside all on and all off::
 Two variants of the forecast itself: ``--gain g`` scales the extrapolated slope (``ε̂ = ε_c + g · r · (ε_c − ε_p)``;
 1 is the library's, 0 holds the last ε) and ``--variable logsnr`` extrapolates linearly in ``λ = log((1 − σ) / σ)``
 instead of σ (the variable DPM-Solver's multistep updates are linear in).  Both replace
-:class:`~fx_fastcache.runtime.noise_forecast.NoiseForecast`'s ``forward`` in this process only
-(:func:`variant_forward`; ``gain=1, variable="sigma"`` is the library's, which tests/test_bench_scripts.py checks).
+:class:`~fx_fastcache.runtime.noise_forecast.NoiseForecast`'s ``slope`` in this process only
+(:func:`variant_slope`; ``gain=1, variable="sigma"`` is the library's, which tests/test_bench_scripts.py checks).
 """
 from __future__ import annotations
 
@@ -39,32 +39,16 @@ def to_variable(sig: torch.Tensor, variable: str) -> torch.Tensor:
     return torch.log((1 - s) / s)
 
 
-def variant_forward(gain: float, variable: str):
-    """``NoiseForecast.forward`` with its slope scaled by ``gain`` and taken in ``variable``."""
+def variant_slope(gain: float, variable: str):
+    """``NoiseForecast.slope`` scaled by ``gain`` and taken in ``variable``."""
     from fx_fastcache.runtime.noise_forecast import _safe
-    from fx_fastcache.runtime.state_ops import assign, keep_or, negate, shift
 
-    def forward(self, skipped, new_gen, t, x, v):
-        zero = torch.zeros_like(self.s_c)
-        sig = t.float() / self.timestep_per_sigma
-        count = torch.where(new_gen, zero, self.computed_steps)
-        xf, vf = x.float(), v.float()
+    def slope(self, sig, count):
         u, u_c, u_p = (to_variable(q, variable) for q in (sig, self.s_c, self.s_p))
-        slope_ok = (count >= 2) & (u_c != u_p)
-        slope = torch.where(slope_ok, gain * (u - u_c) / _safe(u_c - u_p), zero)
-        eps_hat = self.eps_c + slope * (self.eps_c - self.eps_p)
-        rest = 1 - sig
-        valid = (count >= 1) & (rest > 0) & (self.enabled > 0)
-        out = keep_or(skipped, torch.where(valid, (eps_hat - xf) / _safe(rest), vf).to(v.dtype), v)
-        computed = negate(skipped)
-        shift(self.eps_p, computed, self.eps_c)
-        assign(self.eps_c, computed, xf + rest * vf)
-        shift(self.s_p, computed, self.s_c)
-        assign(self.s_c, computed, sig)
-        self.computed_steps.copy_(keep_or(computed, count + 1, count))
-        return out
+        ok = (count >= 2) & (u_c != u_p)
+        return torch.where(ok, gain * (u - u_c) / _safe(u_c - u_p), torch.zeros_like(self.s_c))
 
-    return forward
+    return slope
 
 
 def main(argv=None) -> int:
@@ -98,7 +82,7 @@ def main(argv=None) -> int:
     from fx_fastcache.trained import load_trained, sample
 
     if (a.gain, a.variable) != (1.0, "sigma"):
-        NoiseForecast.forward = variant_forward(a.gain, a.variable)
+        NoiseForecast.slope = variant_slope(a.gain, a.variable)
     tm = load_trained(a.model)
     opt = fastcache.optimize(tm.model, backend="eager", policy="schedule", warmup_steps=0,
                              drift_correction="flow_euler", noise_forecast="flow_euler")

@@ -76,7 +76,7 @@ def test_noise_steps_refuses_bad_plans_and_masks(args, words, capsys):
     assert words in capsys.readouterr().err
 
 
-def test_noise_steps_variant_forward_is_the_library_forecast_at_gain_one():
+def test_noise_steps_variant_slope_is_the_library_forecast_at_gain_one():
     """benchmarks/noise_steps.py's forecast variants: gain 1 in σ is the library module, gain 0 holds the last ε,
     and the log-SNR variant extrapolates linearly in log((1 − σ) / σ)."""
     from fx_fastcache.runtime.noise_forecast import NoiseForecast
@@ -86,23 +86,22 @@ def test_noise_steps_variant_forward_is_the_library_forecast_at_gain_one():
     calls = [(False, 1.0), (False, 0.9), (True, 0.8), (False, 0.7), (True, 0.6)]  # (skipped, σ)
     data = [(torch.randn(shape, generator=g), torch.randn(shape, generator=g)) for _ in calls]
 
-    def outputs(forward):
-        mod = NoiseForecast(shape, torch.device("cpu"), 1000.0, torch.ones(()))
-        res = []
-        for i, ((skipped, sig), (x, v)) in enumerate(zip(calls, data)):
-            res.append(forward(mod, torch.tensor(skipped), torch.tensor(i == 0), torch.tensor(sig * 1000), x, v))
-        return res
+    def outputs(slope=None):
+        cls = NoiseForecast if slope is None else type("Variant", (NoiseForecast,), {"slope": slope})
+        mod = cls(shape, torch.device("cpu"), 1000.0, torch.ones(()))
+        return [mod(torch.tensor(skipped), torch.tensor(i == 0), torch.tensor(sig * 1000), x, v)
+                for i, ((skipped, sig), (x, v)) in enumerate(zip(calls, data))]
 
-    lib = outputs(NoiseForecast.forward)
-    for a, b in zip(lib, outputs(ns.variant_forward(1.0, "sigma"))):
+    lib = outputs()
+    for a, b in zip(lib, outputs(ns.variant_slope(1.0, "sigma"))):
         torch.testing.assert_close(a, b)
     x, v = data[2]
     eps1 = data[1][0] + 0.1 * data[1][1]  # ε = x + (1 − σ) v of the last computed step (σ = 0.9)
-    torch.testing.assert_close(outputs(ns.variant_forward(0.0, "sigma"))[2], (eps1 - x) / 0.2)
+    torch.testing.assert_close(outputs(ns.variant_slope(0.0, "sigma"))[2], (eps1 - x) / 0.2)
     eps0 = data[0][0]  # σ = 1: ε is the latent itself
     lam = [ns.to_variable(torch.tensor(q), "logsnr") for q in (1.0, 0.9, 0.8)]
     eps_hat = eps1 + (lam[2] - lam[1]) / (lam[1] - lam[0]) * (eps1 - eps0)
-    torch.testing.assert_close(outputs(ns.variant_forward(1.0, "logsnr"))[2], (eps_hat - x) / 0.2)
+    torch.testing.assert_close(outputs(ns.variant_slope(1.0, "logsnr"))[2], (eps_hat - x) / 0.2)
     assert not torch.allclose(lib[2], (eps_hat - x) / 0.2)
 
 

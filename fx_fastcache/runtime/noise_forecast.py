@@ -57,6 +57,12 @@ class NoiseForecast(nn.Module):
         for name in ("s_c", "s_p", "computed_steps"):
             self.register_buffer(name, torch.tensor(0.0, device=device))
 
+    def slope(self, sig: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """``r`` of the forecast ``ε̂ = ε_c + r (ε_c − ε_p)`` at σ ``sig`` after ``count`` computed steps: ε linear in
+        σ through the last two, or held (0) after a single one."""
+        ok = (count >= 2) & (self.s_c != self.s_p)
+        return torch.where(ok, (sig - self.s_c) / _safe(self.s_c - self.s_p), torch.zeros_like(self.s_c))
+
     def forward(self, skipped: Flag, new_gen: torch.Tensor, t: torch.Tensor, x: torch.Tensor,
                 v: torch.Tensor) -> torch.Tensor:
         """``v`` at a computed step; at a skipped one the velocity of the forecast noise at latent ``x``."""
@@ -64,10 +70,8 @@ class NoiseForecast(nn.Module):
         sig = t.float() / self.timestep_per_sigma
         count = torch.where(new_gen, zero, self.computed_steps)
         xf, vf = x.float(), v.float()
-        # the forecast (used only at a skipped step): ε linear in σ, or held after a single computed step
-        slope_ok = (count >= 2) & (self.s_c != self.s_p)
-        slope = torch.where(slope_ok, (sig - self.s_c) / _safe(self.s_c - self.s_p), zero)
-        eps_hat = self.eps_c + slope * (self.eps_c - self.eps_p)
+        # the forecast (used only at a skipped step)
+        eps_hat = self.eps_c + self.slope(sig, count) * (self.eps_c - self.eps_p)
         rest = 1 - sig
         valid = (count >= 1) & (rest > 0) & (self.enabled > 0)
         forecast = torch.where(valid, (eps_hat - xf) / _safe(rest), vf).to(v.dtype)
