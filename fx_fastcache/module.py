@@ -572,14 +572,18 @@ class FastCacheModule(nn.Module):
         consecutive calls at one timestep (classifier-free guidance as two calls) count once."""
         if not timesteps:
             return []
-        ts = torch.stack([scalar_timestep(noise_level(t.detach(), self.spec.timestep_rises)).cpu()
-                          for t in timesteps]).tolist()
+        dev = timesteps[0].device
+        ts = torch.stack([self._clock_timestep(t.detach()).to(dev) for t in timesteps]).tolist()
         return [t for i, t in enumerate(ts) if i == 0 or t != ts[i - 1]]
+
+    def _clock_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """A timestep input as the clock reads it (0-d float32, on its device)."""
+        return scalar_timestep(noise_level(t, self.spec.timestep_rises))
 
     def call_timestep(self, kw: dict[str, Any]) -> float | None:
         """The call's timestep as the generation rules read it (a host read; ``None`` without one)."""
         t = kw.get(self.spec.timestep_arg) if self.spec.timestep_arg else None
-        return float(scalar_timestep(noise_level(t, self.spec.timestep_rises))) if isinstance(t, torch.Tensor) else None
+        return float(self._clock_timestep(t)) if isinstance(t, torch.Tensor) else None
 
     def prepare_call(self, args: tuple, kwargs: dict[str, Any]) -> PreparedCall:
         """Bind and check a call's inputs and pick (or capture) its graph: the preamble of every call,
