@@ -15,8 +15,9 @@ from conftest import TinyStack, first
 
 pytestmark = pytest.mark.slow  # inductor compiles
 
-# flux, hunyuan: two block lists, joint streams; hunyuan 1.5: captured through a traceable copy of its forward
-COMPILED = ["tiny-dit", "tiny-flux", "tiny-custom", "tiny-hunyuan-video", "tiny-hunyuan-video15"]
+# flux, hunyuan: two block lists, joint streams (HunyuanVideo 1.5's traceable copy of its forward is checked
+# eager in test_core_equivalence: under inductor it is HunyuanVideo's structure again, at 35 s of compile)
+COMPILED = ["tiny-dit", "tiny-flux", "tiny-custom", "tiny-hunyuan-video"]
 STEPS30 = [1000.0 - i * (1000.0 / 30) for i in range(30)]
 #: Batch 1, the usual call (one video or image; CFG as a separate call or a guidance embedding): its
 #: size-1 batch dimension gave a branch output strides that broke inductor's torch.cond (HunyuanVideo).

@@ -165,23 +165,6 @@ def test_runner_rejects_mismatches(tiny_dit_export):
         runner(hidden_states=torch.zeros(2, 4, 8, 8))
 
 
-def test_cli_export_onnx(tmp_path, tiny_dit_export, capsys, caplog):
-    from fx_fastcache.cli.main import main
-
-    _, sched, _ = tiny_dit_export
-    s = tmp_path / "S.json"
-    sched.save(s)
-    out = tmp_path / "M.onnx"
-    with caplog.at_level(logging.WARNING, logger="fx_fastcache"):
-        assert main(["export-onnx", "--model", "tiny-dit", "--schedule", str(s), "--out", str(out), "--verify"]) == 0
-    assert not any("gradients enabled" in r.getMessage() for r in caplog.records)  # --verify runs without grad
-    text = capsys.readouterr().out
-    assert re.search(r"2 blocks in \d If \(guarded spans\)", text) and "verify" in text
-    worst = float(text.split("max |onnxruntime - PyTorch| = ")[1].split()[0])
-    assert worst <= 1e-3
-    _check_graph(out, 2)
-
-
 def test_calibration_constants_are_kept_and_only_state_is_carried(tmp_path):
     """residual_linear: fitted A, b stay constants in the graph (not zeroed state inputs)."""
     tm = make_tiny("tiny-dit")
@@ -314,16 +297,23 @@ def test_export_keeps_the_calibration_of_the_model_it_is_given(calibrated_tiny_d
         export_onnx(opt, other, tm.make_inputs(1000.0, 2), tmp_path / "other.onnx")
 
 
-def test_cli_export_onnx_with_calibration(calibrated_tiny_dit, tmp_path, capsys):
+def test_cli_export_onnx_with_calibration(calibrated_tiny_dit, tmp_path, capsys, caplog):
+    """``export-onnx --calibration --verify`` (the CLI's one export in the suite: an export without a
+    calibration is the API's, above)."""
     from fx_fastcache.cli.main import main
 
     tm, _, sched, path = calibrated_tiny_dit
     s, out = tmp_path / "S.json", tmp_path / "M.onnx"
     sched.save(s)
-    assert main(["export-onnx", "--model", "tiny-dit", "--schedule", str(s), "--out", str(out),
-                 "--calibration", str(path), "--verify"]) == 0
-    worst = float(capsys.readouterr().out.split("max |onnxruntime - PyTorch| = ")[1].split()[0])
+    with caplog.at_level(logging.WARNING, logger="fx_fastcache"):
+        assert main(["export-onnx", "--model", "tiny-dit", "--schedule", str(s), "--out", str(out),
+                     "--calibration", str(path), "--verify"]) == 0
+    assert not any("gradients enabled" in r.getMessage() for r in caplog.records)  # --verify runs without grad
+    text = capsys.readouterr().out
+    assert re.search(r"2 blocks in \d If \(guarded spans\)", text) and "verify" in text
+    worst = float(text.split("max |onnxruntime - PyTorch| = ")[1].split()[0])
     assert worst <= 1e-3
+    _check_graph(out, 2)
     with torch.no_grad():  # --verify compared with the calibrated model: so does this
         ref = tiny_loop(_calibrated_replay(tm, sched, path), tm, sched.steps)
         got = tiny_loop(OnnxRunner(out), tm, sched.steps)

@@ -338,22 +338,6 @@ def test_pipeline_step_dispatch_matches_in_graph_schedule() -> None:
         np.testing.assert_array_equal(o, outs[0])
 
 
-@pytest.mark.slow
-def test_step_dispatch_inductor_matches_eager() -> None:
-    """The specialised copies compile with fullgraph (no cond left) and keep the numerics."""
-    tm = make_tiny("tiny-dit", layers=2)
-    table = torch.zeros(5, 2, dtype=torch.bool)
-    table[2:, 0] = True
-    outs = []
-    for mode in ("eager", "default"):
-        opt = fastcache.optimize(tm.model, backend="eager", policy="schedule", fallback="residual")
-        disp = StepDispatch(opt, table, compile_mode=mode)
-        outs.append([disp(**tm.make_inputs(t, 2))[0] for t in torch.linspace(999, 20, 5).tolist()])
-        assert fastcache.get_cache_statistics(opt)["blocks_approximated"] == 3
-    for a, b in zip(*outs):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-
-
 def test_wan22_two_experts_are_both_cached(tmp_path, caplog) -> None:
     """Wan 2.2 A14B: ``transformer_2`` runs the steps below ``boundary_ratio``; it was left uncached,
     silently (0 % replaced when the first expert ran only its warm-up steps)."""

@@ -278,7 +278,8 @@ def test_forecast_blend_through_compiled_dispatch_matches_eager() -> None:
                     for _ in range(2))
         for m in (ref, opt):
             fastcache.set_schedule(m, rows.unsqueeze(1).expand(n, len(m.block_names())).contiguous())
-        disp = StepDispatch(opt, compile_mode="default", decide="host")
+        # "forecast" compiled is test_device_decisions_compile_fullgraph's: here eager, to spare a compile
+        disp = StepDispatch(opt, compile_mode="default" if fallback == "forecast_blend" else "eager", decide="host")
         with torch.no_grad():
             outs[fallback] = [ref(**tm.make_inputs(t, 2))[0] for t in STEPS]
             got = [disp(**tm.make_inputs(t, 2))[0] for t in STEPS]
@@ -289,16 +290,17 @@ def test_forecast_blend_through_compiled_dispatch_matches_eager() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", ["planned", "step_forecast"])
-def test_calibrate_through_compiled_dispatch(policy: str) -> None:
-    """``calibrate`` of a model whose calls run through compiled step dispatch (what ``execution="auto"``
-    picks on CUDA for a plan or the default policy): the recording calls bypass the compiled copies, and
-    what it fits runs dispatched, generation after generation without a reset, as in the in-graph model."""
+@pytest.mark.parametrize("policy, compile_mode", [("planned", "default"), ("step_forecast", "eager")])
+def test_calibrate_through_dispatch(policy: str, compile_mode: str) -> None:
+    """``calibrate`` of a model whose calls run through step dispatch (compiled: what ``execution="auto"``
+    picks on CUDA for a plan or the default policy): the recording calls bypass the dispatched copies, and
+    what it fits runs dispatched, generation after generation without a reset, as in the in-graph model.
+    (The default policy's copies compiled are test_device_decisions_compile_fullgraph's.)"""
     tm = make_tiny("tiny-flux")
     kw = {"target_fraction": 0.5} if policy == "planned" else {}
     ref = fastcache.optimize(tm.model, backend="eager", policy=policy, **kw)
     opt = fastcache.optimize(tm.model, backend="eager", policy=policy, execution="step_dispatch",
-                             dispatch_compile="default", **kw)
+                             dispatch_compile=compile_mode, **kw)
 
     def generation(m, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
