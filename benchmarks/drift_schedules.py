@@ -47,12 +47,11 @@ def main(argv=None) -> int:
     import fx_fastcache as fastcache
     from fx_fastcache.bench.metrics import psnr
     from fx_fastcache.policies.planned import set_damping
-    from fx_fastcache.trained import load_trained, sample
+    from fx_fastcache.trained import load_trained, sample, shifted_sigmas
 
     tm = load_trained(a.model)
     classes, seeds = [i % 10 for i in range(a.images)], [a.eval_seed + i for i in range(a.images)]
-    u = torch.linspace(1.0, 0.0, steps + 1)
-    sigmas = a.shift * u / (1 + (a.shift - 1) * u)
+    sigmas = shifted_sigmas(steps, a.shift)
     ref = sample(tm, classes, seeds, steps=steps, sigmas=sigmas)
     noises = ("none", "flow_euler") if a.noise else ("none",)
     models = {(dc, nf): fastcache.optimize(tm.model, backend="eager", policy="schedule", warmup_steps=0,

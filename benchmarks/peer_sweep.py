@@ -32,6 +32,10 @@ Groups (per-method grids, chosen to span 45-70 % replaced on 20 steps):
   0-15; eleventh session; fixed-interval start plans since the twelfth) at 0.45-0.70; ``search_hi``: only
   0.6 and 0.7 (a third of the time); ``search_worst``: 0.6 and 0.7 with ``objective="worst_quarter"`` on 32
   calibration seeds, 0-31 (twelfth session).
+* ``shifted``: for ``--shift 3`` (the schedule SD3 and Flux pipelines sample with; twenty-seventh session): both
+  defaults, the step rule with the noise forecast, ``search_plan`` with the drift correction with and without the
+  noise forecast, and every peer (TaylorSeer, MagCache with its ratios calibrated on that schedule, diffusers' FBC,
+  TeaCache, cache-dit F1B0 and its best settings).
 """
 from __future__ import annotations
 
@@ -119,6 +123,21 @@ def groups():
         "mag_low": [m("none", ()), m("diffusers_magcache:max_skip=3:retention=0.2", (0.01, 0.02))],
         "ours_cap": [m("none", ()), m("step_forecast/forecast:max_skip=2", (0.13, 0.2)),
                      m("step_forecast/forecast:max_skip=3", (0.13, 0.2))],
+        "shifted": [m("none", ()), m("step_forecast/forecast", (0.05, 0.07, 0.1, 0.13)),
+                    m("step_forecast/forecast:noise=1", (0.05, 0.07, 0.1, 0.13)),
+                    m("planned/forecast:drift=1:search=1", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7)),
+                    m("planned/forecast:drift=1:noise=1:search=1", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7)),
+                    m("diffusers_taylorseer:order=1:before=3", (2, 3, 4)),
+                    m("diffusers_taylorseer:order=1:before=2", (3, 5)),
+                    m("diffusers_taylorseer:order=2:before=2", (3, 5)),
+                    m("diffusers_magcache:max_skip=3:retention=0.2", (0.03, 0.06, 0.12, 0.24)),
+                    m("diffusers_magcache:max_skip=4:retention=0.1", (0.12, 0.24)),
+                    m("diffusers_fbc", (0.1, 0.2, 0.3)),
+                    m("teacache", (0.1, 0.2, 0.3, 0.4)),
+                    m("cache_dit", (0.12, 0.24, 0.4, 0.6, 1.0)),
+                    m("cache_dit:taylorseer=1", (0.12, 0.24, 0.4, 0.6, 1.0)),
+                    m("cache_dit:max_skip=3:taylorseer=1", (0.12, 0.24, 0.4, 0.6, 1.0)),
+                    m("cache_dit:max_skip=2:taylorseer=1", (0.12, 0.24, 0.4, 0.6, 1.0))],
     }
 
 
@@ -127,6 +146,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="dit-mnist")
     p.add_argument("--group", choices=sorted(groups()), default=None)
     p.add_argument("--images", type=int, default=16)
+    p.add_argument("--shift", type=float, default=1.0, help="the sampler's schedule shift (1 = uniform; 3 = SD3's)")
     p.add_argument("--out", default="out/sweep")
     p.add_argument("--merge", nargs="*", default=None, help="merge these JSON results instead of running")
     p.add_argument("--stem", default=None)
@@ -147,7 +167,8 @@ def main(argv=None) -> int:
     if a.group is None:
         p.error("--group or --merge is required")
     torch.set_num_threads(1)
-    stem = f"{Path(a.model).name}-{a.group}"
+    tag = "" if a.shift == 1 else f"-shift{a.shift:g}"
+    stem = f"{Path(a.model).name}{tag}-{a.group}"
     done = []
 
     def on_run(rec):
@@ -157,8 +178,8 @@ def main(argv=None) -> int:
               f"PSNR {rec['psnr_mean']:6.2f} ({rec['psnr_worst']:6.2f}) state={rec.get('state_bytes')}", flush=True)
 
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    res = run_benchmark(a.model, groups()[a.group], n_images=a.images, timing_images=0, on_run=on_run,
-                        reference_cache=str(Path(a.out) / f"{Path(a.model).name}-reference.pt"))
+    res = run_benchmark(a.model, groups()[a.group], n_images=a.images, timing_images=0, on_run=on_run, shift=a.shift,
+                        reference_cache=str(Path(a.out) / f"{Path(a.model).name}{tag}-reference.pt"))
     write_json(res, Path(a.out) / f"{stem}.json")
     return 0
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,6 +314,20 @@ def _initial_noise(
 
 
 @torch.no_grad()
+def shifted_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """The ``steps + 1`` noise levels of a shifted flow-matching schedule, ``σ = s·u / (1 + (s − 1)·u)`` with
+    ``u = linspace(1, 0, steps + 1)``: the spacing SD3 and Flux pipelines sample with (their scheduler's
+    ``shift``, 3.0 for SD3), which puts more steps at high noise.  ``shift=1`` is :func:`sample`'s uniform
+    schedule."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r}: expected an integer >= 1")
+    if not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
+        raise ValueError(f"shift={shift!r}: expected a finite number > 0 (1 = the uniform schedule; SD3 "
+                         f"pipelines use 3.0)")
+    u = torch.linspace(1.0, 0.0, steps + 1)
+    return u if shift == 1 else shift * u / (1 + (shift - 1) * u)
+
+
 def sample(
     tm: TrainedModel,
     classes: list[int] | torch.Tensor,
@@ -346,7 +361,7 @@ def sample(
         on_step: called with the step index ``i`` after step ``i`` is done.
         desc: label of the progress bar (default ``"sampling <name>"``).
         sigmas: the noise levels to step through, decreasing, ``steps + 1`` values (default
-            ``torch.linspace(1, 0, steps + 1)``; e.g. a shifted schedule).
+            ``torch.linspace(1, 0, steps + 1)``; e.g. a shifted schedule, :func:`shifted_sigmas`).
 
     Returns:
         Images (B, C, H, W) in [-1, 1], float32, on the model's device.

@@ -125,6 +125,47 @@ def test_merge_refuses_different_settings():
     b["setup"]["steps"] = 10
     with pytest.raises(ValueError, match="steps"):
         merge([a, b])
+    b["setup"].update(steps=20, shift=3.0)  # a result without the key ran the uniform schedule
+    with pytest.raises(ValueError, match="shift"):
+        merge([a, b])
+    b["setup"]["shift"] = 1.0
+    assert len(merge([a, b])["runs"]) == 3
+
+
+def test_shifted_sigmas_are_the_pipelines_schedule():
+    import torch
+
+    from fx_fastcache.trained import shifted_sigmas
+
+    assert torch.equal(shifted_sigmas(4, 1.0), torch.linspace(1.0, 0.0, 5))
+    s = shifted_sigmas(4, 3.0)  # u = 1, .75, .5, .25, 0 -> 3u / (1 + 2u)
+    torch.testing.assert_close(s, torch.tensor([1.0, 2.25 / 2.5, 0.75, 0.75 / 1.5, 0.0]))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"shift={bad!r}: expected a finite number > 0"):
+            shifted_sigmas(4, bad)
+    with pytest.raises(ValueError, match="steps=0"):
+        shifted_sigmas(0, 3.0)
+
+
+def test_bench_runs_on_a_shifted_schedule(tmp_path):
+    """``shift``: the reference images are the sampler's on the shifted schedule (not the uniform one), and a
+    method at threshold 0 reproduces them (its calibration ran on the same schedule)."""
+    import torch
+
+    from fx_fastcache.bench.report import markdown_table
+    from fx_fastcache.trained import load_trained, sample, shifted_sigmas
+
+    cache = tmp_path / "ref.pt"
+    res = run_benchmark("flux-mnist", ["none", "step_forecast/forecast"], thresholds=[0.0], n_images=2, steps=2,
+                        calib_images=2, timing_images=0, shift=3.0, reference_cache=str(cache))
+    assert res["setup"]["shift"] == 3.0 and "(schedule shift 3)" in markdown_table(res)
+    tm = load_trained("flux-mnist")
+    ref = torch.load(cache)["images"]
+    torch.testing.assert_close(ref, sample(tm, [0, 1], [1000, 1001], steps=2, sigmas=shifted_sigmas(2, 3.0)),
+                               rtol=0, atol=0)
+    assert not torch.allclose(ref, sample(tm, [0, 1], [1000, 1001], steps=2), atol=1e-3)
+    exact = [r for r in res["runs"] if r["kind"] == "fastcache"]
+    assert len(exact) == 1 and exact[0]["psnr_mean"] == 100.0 and exact[0]["replaced_fraction"] == 0.0
 
 
 @pytest.mark.slow

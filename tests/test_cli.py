@@ -143,8 +143,10 @@ def test_schedule_argument_errors(extra, needle, tmp_path, capsys):
     (["bench", "--thresholds", "a,b"], "'a,b'"),
     (["bench", "--thresholds", "0.5,nan"], "finite non-negative thresholds, got '0.5,nan'"),
     (["bench", "--cfg", "inf"], "expected a finite number, got 'inf'"),
+    (["bench", "--shift", "0"], "--shift 0.0: the schedule shift must be > 0"),
+    (["bench", "--shift", "nan"], "expected a finite number, got 'nan'"),
 ], ids=["tiny-model", "typo", "typo-sd3", "unknown-method", "zero-images", "one-image", "thresholds", "nan-threshold",
-        "inf-cfg"])
+        "inf-cfg", "zero-shift", "nan-shift"])
 def test_bench_argument_errors(argv, needle, capsys):
     line = _one_line_error(capsys, argv)
     assert line.startswith("fx-fastcache bench") and needle in line

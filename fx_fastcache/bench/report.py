@@ -42,11 +42,18 @@ def _f(x: Any, fmt: str) -> str:
     return format(x, fmt)
 
 
+def _shift(setup: dict[str, Any]) -> str:
+    """`` (schedule shift 3)`` for a shifted sampler; nothing for the uniform one (and results written before
+    the option)."""
+    shift = setup.get("shift", 1.0)
+    return "" if shift == 1 else f" (schedule shift {shift:g})"
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     s = result["setup"]
     lines = [
         f"Model `{s['model']}`, {s['n_images']} images (seeds {s['eval_seeds'][0]}–{s['eval_seeds'][1]}), "
-        f"{s['steps']} steps, CFG {s['cfg']}, calibration seeds {s['calib_seeds'][0]}–{s['calib_seeds'][1]}, "
+        f"{s['steps']} steps{_shift(s)}, CFG {s['cfg']}, calibration seeds {s['calib_seeds'][0]}–{s['calib_seeds'][1]}, "
         f"backend {s['backend']}, {s['threads']} threads, torch {s['torch']}. Uncached: class accuracy "
         f"{_f(s['uncached_class_accuracy'], '.2f')}, Fréchet distance {_f(s['uncached_frechet'], '.2f')}. Timing: "
         f"{s['timing_images']} images, uncached and cached interleaved, best of {s['timing_repeats']}.",
@@ -130,7 +137,7 @@ def plot_frontier(result: dict[str, Any], path: str | Path, title: str | None = 
     axes[0].annotate("targets", (60, 40), textcoords="offset points", xytext=(4, -12), fontsize=8)
     axes[0].legend(fontsize=7, loc="lower left")
     s = result["setup"]
-    fig.suptitle(title or f"{s['model']}: {s['n_images']} images, {s['steps']} steps, CFG {s['cfg']}")
+    fig.suptitle(title or f"{s['model']}: {s['n_images']} images, {s['steps']} steps{_shift(s)}, CFG {s['cfg']}")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -161,6 +168,8 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("model", "n_images", "steps", "cfg", "eval_seeds", "calib_seeds")
     for r in full[1:]:
         diff = [k for k in keys if r["setup"].get(k) != setup.get(k)]
+        if r["setup"].get("shift", 1.0) != setup.get("shift", 1.0):  # results before the option: uniform
+            diff.append("shift")
         if diff:
             raise ValueError(f"cannot merge sweeps with different {diff}: {[r['setup'].get(k) for k in diff]} vs "
                              f"{[setup.get(k) for k in diff]}")

@@ -35,7 +35,7 @@ from fx_fastcache.policies import POLICIES
 from fx_fastcache.policies.planned import SEARCH_OBJECTIVES
 from fx_fastcache.runtime.drift import DAMPING_KEY
 from fx_fastcache.runtime.noise_forecast import ENABLED_KEY
-from fx_fastcache.trained import NULL_CLASS, load_trained, sample
+from fx_fastcache.trained import NULL_CLASS, load_trained, sample, shifted_sigmas
 
 from . import peers
 from .metrics import (
@@ -322,6 +322,8 @@ class _Setup:
     cfg: float
     ref: torch.Tensor
     t_ref: list[float] = field(default_factory=list)
+    #: the sampler's noise levels (``None``: the uniform schedule)
+    sigmas: torch.Tensor | None = None
 
 
 #: Calibration images of a ``:protect=DB`` method's single-skip runs (from the calibration seed on):
@@ -347,7 +349,7 @@ def protect_seeds(s: _Setup) -> list[int]:
 
 def _sample(s: _Setup, model, classes, seeds, progress: bool = False) -> tuple[torch.Tensor, float]:
     t0 = time.perf_counter()
-    img = sample(s.tm, classes, seeds, steps=s.steps, cfg=s.cfg, model=model, progress=progress)
+    img = sample(s.tm, classes, seeds, steps=s.steps, cfg=s.cfg, model=model, progress=progress, sigmas=s.sigmas)
     return img, time.perf_counter() - t0
 
 
@@ -483,6 +485,7 @@ def run_benchmark(
     on_run: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
     reference_cache: str | None = None,
+    shift: float = 1.0,
 ) -> dict[str, Any]:
     """Run the sweep and return ``{"setup": ..., "runs": [...]}`` (JSON-serialisable).
 
@@ -492,6 +495,9 @@ def run_benchmark(
         thresholds: one threshold grid for every non-``none`` method (default: per method).
         n_images: evaluation images (classes ``i % 10``, seeds ``eval_seed + i``).
         steps, cfg: sampler settings (Euler steps, classifier-free guidance scale).
+        shift: the sampler's schedule shift (:func:`fx_fastcache.trained.shifted_sigmas`; 1 = uniform, 3 =
+            SD3's): every generation runs on it, the uncached reference, calibration, ``search_plan``
+            and the peers' calibration (MagCache's ratios) included.
         calib_images, calib_seed: calibration generations use seeds ``calib_seed + i``,
             which must not overlap the evaluation seeds.
         backend: ``"eager"`` or ``"inductor"`` for the FastCache graphs.
@@ -508,6 +514,7 @@ def run_benchmark(
                         ("timing_images", timing_images, 0), ("timing_repeats", timing_repeats, 1)):
         if not isinstance(v, int) or v < lo:
             raise ValueError(f"{name}={v!r} is invalid: expected an integer >= {lo}")
+    sigmas = None if shift == 1 else shifted_sigmas(steps, shift)  # refuses a bad shift
     seeds = [eval_seed + i for i in range(n_images)]
     c_seeds = [calib_seed + i for i in range(calib_images)]
     overlap = sorted(set(seeds) & set(c_seeds))
@@ -519,10 +526,13 @@ def run_benchmark(
     classes = [i % 10 for i in range(n_images)]
     t_n = min(timing_images, n_images)
     s = _Setup(tm, classes, seeds, classes[:t_n], seeds[:t_n], [(3 * i + 7) % 10 for i in range(calib_images)],
-               c_seeds, steps, cfg, ref=torch.empty(0))
+               c_seeds, steps, cfg, ref=torch.empty(0), sigmas=sigmas)
     total_flops, per_block_flops = block_flops(tm, 2)
-    logger.info("bench %s: %d images, %d steps, cfg %.1f, %d methods", model, n_images, steps, cfg, len(ms))
+    logger.info("bench %s: %d images, %d steps, cfg %.1f, shift %g, %d methods", model, n_images, steps, cfg, shift,
+                len(ms))
     key = {"model": str(model), "seeds": seeds, "classes": classes, "steps": steps, "cfg": cfg}
+    if shift != 1:  # (a uniform reference cache written before the option keeps its key)
+        key["shift"] = float(shift)
     cached = None
     if reference_cache:
         from pathlib import Path
@@ -541,7 +551,7 @@ def run_benchmark(
             torch.save({"key": key, "images": s.ref, "generation_s": ref_s}, reference_cache)
     ref_q = _quality(s, s.ref)
     setup = {
-        "model": model, "kind": tm.kind, "n_images": n_images, "steps": steps, "cfg": cfg,
+        "model": model, "kind": tm.kind, "n_images": n_images, "steps": steps, "cfg": cfg, "shift": float(shift),
         "eval_seeds": [seeds[0], seeds[-1]], "calib_seeds": [c_seeds[0], c_seeds[-1]], "backend": backend,
         "timing_images": t_n, "timing_repeats": timing_repeats, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "flops_per_call_2rows": total_flops, "flops_per_block_2rows": per_block_flops,

@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=positive_int, default=16, help="evaluation images, at least 2 (default 16)")
     p.add_argument("--steps", type=positive_int, default=20, help="Euler steps (default 20)")
     p.add_argument("--cfg", type=finite_float, default=2.0, help="classifier-free guidance scale (default 2.0)")
+    p.add_argument("--shift", type=finite_float, default=1.0,
+                   help="schedule shift of the sampler, sigma = s*u / (1 + (s-1)*u): 1 = uniform (default), 3 = what "
+                        "SD3 pipelines sample with; calibration, plan search and the peers run on it too")
     p.add_argument("--eval-seed", type=int, default=1000, help="first evaluation seed (default 1000)")
     p.add_argument("--calib-images", type=positive_int, default=4, help="calibration generations' images (default 4)")
     p.add_argument("--calib-seed", type=int, default=0, help="first calibration seed, disjoint from evaluation (default 0)")
@@ -74,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         methods = parse_methods(args.methods.split(","), args.thresholds)
     except ValueError as e:
         raise CLIError(f"--methods {args.methods!r}: {e}") from None
+    if args.shift <= 0:
+        raise CLIError(f"--shift {args.shift}: the schedule shift must be > 0 (1 = uniform, 3 = SD3's)")
     if args.images < 2:
         raise CLIError(f"--images {args.images}: the Fréchet distance needs at least 2 evaluation images; "
                        f"pass --images 2 or more (default 16)")
@@ -102,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
     with quiet_library_warnings():
         result = run_benchmark(model=args.model, methods=methods, n_images=args.images, steps=args.steps,
-                               cfg=args.cfg, eval_seed=args.eval_seed, calib_images=args.calib_images,
+                               cfg=args.cfg, shift=args.shift, eval_seed=args.eval_seed, calib_images=args.calib_images,
                                calib_seed=args.calib_seed, backend=args.backend, timing_images=args.timing_images,
                                timing_repeats=args.timing_repeats, on_run=on_run, progress=progress)
     result["setup"]["wall_s"] = time.perf_counter() - t0
