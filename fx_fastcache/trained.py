@@ -325,7 +325,7 @@ def shifted_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
         raise ValueError(f"shift={shift!r}: expected a finite number > 0 (1 = the uniform schedule; SD3 "
                          f"pipelines use 3.0)")
     u = torch.linspace(1.0, 0.0, steps + 1)
-    return u if shift == 1 else shift * u / (1 + (shift - 1) * u)
+    return shift * u / (1 + (shift - 1) * u)  # shift 1: u exactly
 
 
 def sample(

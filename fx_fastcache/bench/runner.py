@@ -322,7 +322,7 @@ class _Setup:
     cfg: float
     ref: torch.Tensor
     t_ref: list[float] = field(default_factory=list)
-    #: the sampler's noise levels (``None``: the uniform schedule)
+    #: the sampler's noise levels (:func:`~fx_fastcache.trained.shifted_sigmas`)
     sigmas: torch.Tensor | None = None
 
 
@@ -514,7 +514,7 @@ def run_benchmark(
                         ("timing_images", timing_images, 0), ("timing_repeats", timing_repeats, 1)):
         if not isinstance(v, int) or v < lo:
             raise ValueError(f"{name}={v!r} is invalid: expected an integer >= {lo}")
-    sigmas = None if shift == 1 else shifted_sigmas(steps, shift)  # refuses a bad shift
+    sigmas = shifted_sigmas(steps, shift)  # refuses a bad shift
     seeds = [eval_seed + i for i in range(n_images)]
     c_seeds = [calib_seed + i for i in range(calib_images)]
     overlap = sorted(set(seeds) & set(c_seeds))
