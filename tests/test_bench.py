@@ -59,6 +59,22 @@ def test_parse_search():
         "ours planned+forecast + drift + search (worst_quarter)")
 
 
+def test_methods_help_names_every_form_and_option():
+    """``fx-fastcache bench --help`` listed five forms and two options of the dozen it parses."""
+    from fx_fastcache.bench.runner import PEER_OPTIONS, PEERS, methods_help
+
+    text = methods_help()
+    for head in ("none", "first_block_cache", "teacache", "POLICY/FALLBACK", *PEERS):
+        assert head in text, head
+    for key in ("warmup", "max_skip", "drift", "noise", "search", "search_images", "sens", "protect"):
+        assert f":{key}=" in text, key
+        parse_method(f"planned/forecast:{key}={32 if key in ('protect', 'search_images') else 1}:search=1")
+    for peer, opts in PEER_OPTIONS.items():
+        for key, default in opts.items():
+            assert f"[:{key}=" in text, (peer, key)
+            assert parse_method(f"{peer}:{key}={default}").kind == peer
+
+
 def test_parse_peers_and_none():
     assert parse_method("none").kind == "none"
     assert parse_method("diffusers_fbc").kind == "diffusers_fbc"

@@ -188,3 +188,28 @@ def test_memory_counts_cache_dit_state_in_activations(peer, acts):
 def test_offload_round_trip_refuses_cuda_without_a_gpu():
     with pytest.raises(SystemExit, match=r"no CUDA device here.*--device cpu"):
         _script("offload_round_trip").main(["--device", "cuda"])
+
+
+def test_nested_plans_grow_the_base_by_the_best_steps():
+    nested = _script("nested_plans")
+    want = {4, 12}  # a score that rewards computing steps 4 and 12, and step 4 more
+
+    def score(plan):
+        return 2 * (4 in plan) + (12 in plan) - 0.01 * len(plan)
+
+    assert nested.grow([0, 1, 3], 1, score) == [0, 1, 3, 4]
+    assert nested.grow([0, 1, 3], 2, score) == [0, 1, 3, 4, 12]
+    assert set(nested.grow([0, 1, 3], -1, score)) - {0, 1, 3} == want  # every pair tried
+    assert nested.parse_steps("10, 0,3,3") == [0, 3, 10]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--base", "1,3"], "must include 0"),
+    (["--base", "0,20"], "must include 0 and lie in [0, 20)"),
+    (["--base", "0,a"], "comma-separated integers"),
+    (["--base", "0,1", "--add", "-2"], "--add -2"),
+])
+def test_nested_plans_refuses_bad_plans(args, words, capsys):
+    with pytest.raises(SystemExit):
+        _script("nested_plans").main(args)
+    assert words in capsys.readouterr().err

@@ -68,6 +68,18 @@ FRACTION_OPTIONS = frozenset({"retention"})
 #: Peers' rules that run inside our framework, with the peer's own fallback (Policy.peer_fallback).
 CLASSIC = {name: p.peer_fallback for name, p in POLICIES.items() if p.peer_fallback}
 
+
+
+def methods_help() -> str:
+    """Every method form and option :func:`parse_method` takes, in one line (the CLI's ``--methods`` help)."""
+    peers = "; ".join(name + "".join(f"[:{k}={'R' if k in FRACTION_OPTIONS else 'N'}]" for k in opts)
+                      for name, opts in PEER_OPTIONS.items())
+    return ("comma-separated: none, first_block_cache, teacache, diffusers_fbc, POLICY/FALLBACK (e.g. "
+            "step_forecast/forecast) with optional :warmup=N :max_skip=N :drift=1 (drift correction) :noise=1 (noise "
+            "forecast) :search=1|worst_quarter (search_plan) :search_images=N :sens=1 :protect=DB; the peers " + peers +
+            " (thresholds: TaylorSeer's cache interval, MagCache's error budget, cache-dit's residual threshold)")
+
+
 #: Threshold grids per policy / peer (chosen so that the fraction replaced spans ~30-80 %).
 DEFAULT_THRESHOLDS: dict[str, tuple[float, ...]] = {
     "step_forecast": (0.05, 0.08, 0.11, 0.14),

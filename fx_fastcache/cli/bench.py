@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fx_fastcache.bench import parse_methods, run_benchmark, write_all
 from fx_fastcache.bench.report import markdown_table, write_json
-from fx_fastcache.bench.runner import DEFAULT_METHODS
+from fx_fastcache.bench.runner import DEFAULT_METHODS, methods_help
 from fx_fastcache.cli.common import (
     TRAINED,
     CLIError,
@@ -43,8 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dit-mnist | pixart-mnist | sd3-mnist | flux-mnist | PATH of a diffusers DiT/PixArt/SD3/Flux folder (trained models only: "
                         "quality on random tiny-* models means nothing)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help="comma-separated: none, diffusers_fbc, cache_dit, first_block_cache, teacache, POLICY/FALLBACK "
-                        "(e.g. step_forecast/forecast), optionally with :warmup=N:max_skip=N (default: %(default)s)")
+                   help=methods_help() + " (default: %(default)s)")
     p.add_argument("--thresholds", type=_floats, default=None,
                    help="comma-separated threshold grid used for every method (default: a grid per method)")
     p.add_argument("--images", type=positive_int, default=16, help="evaluation images, at least 2 (default 16)")

@@ -22,7 +22,8 @@ from fx_fastcache.export.tensorrt import TensorRTUnavailable
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("fx_fastcache.cli.demo", "generate digits with and without FastCache on the embedded model"),
-    "bench": ("fx_fastcache.cli.bench", "speed/quality sweep: FastCache vs First-Block-Cache vs TeaCache"),
+    "bench": ("fx_fastcache.cli.bench", "speed/quality sweep on a trained model: FastCache against TaylorSeer, "
+              "MagCache, First-Block-Cache, TeaCache and cache-dit"),
     "diff": ("fx_fastcache.cli.diff", "show what the FX passes changed in a model's graph"),
     "schedule": ("fx_fastcache.cli.schedule", "record a steps x blocks skip schedule from calibration runs"),
     "export-onnx": ("fx_fastcache.cli.export_onnx", "export the rewritten model with a skip schedule to ONNX"),
