@@ -48,8 +48,7 @@ def grow(base: Sequence[int], add: int, score: Callable[[list[int]], float], ste
     if add == -1:
         return max((sorted(plan + list(pair)) for pair in itertools.combinations(free, 2)), key=score)
     for _ in range(add):
-        best = max((sorted(plan + [s]) for s in range(steps) if s not in plan), key=score)
-        plan = best
+        plan = max((sorted(plan + [s]) for s in range(steps) if s not in plan), key=score)
     return plan
 
 
@@ -89,22 +88,23 @@ def main(argv=None) -> int:
         return [i % 10 for i in range(n)], [seed0 + i for i in range(n)]
 
     cal, ev = images(0, a.cal_images), images(1000, a.images)
-    refs = {id(cal): sample(tm, *cal, steps=STEPS), id(ev): sample(tm, *ev, steps=STEPS)}
+    refs = {"cal": sample(tm, *cal, steps=STEPS), "eval": sample(tm, *ev, steps=STEPS)}
 
-    def run(plan: list[int], beta: float, which) -> torch.Tensor:
+    def run(plan: list[int], beta: float, which: str) -> torch.Tensor:
+        """Per-image PSNR of ``plan`` at damping ``beta`` on the calibration (``"cal"``) or evaluation images."""
         skip = torch.ones(STEPS, dtype=torch.bool)
         skip[plan] = False
         fastcache.set_schedule(opt, skip.unsqueeze(1).expand(STEPS, n_blocks).contiguous())
         set_damping(opt.store, beta, opt.device)
         fastcache.reset(opt)
-        return psnr(sample(tm, *which, steps=STEPS, model=opt), refs[id(which)])
+        return psnr(sample(tm, *(cal if which == "cal" else ev), steps=STEPS, model=opt), refs[which])
 
     t0 = time.perf_counter()
-    grown = grow(base, a.add, lambda plan: float(run(plan, betas[0], cal).mean()))
+    grown = grow(base, a.add, lambda plan: float(run(plan, betas[0], "cal").mean()))
     for name, plan in [("nested", grown)] + [("compare", c) for c in compare]:
-        fits = {b: run(plan, b, cal) for b in betas}
+        fits = {b: run(plan, b, "cal") for b in betas}
         beta = max(betas, key=lambda b: float(fits[b].mean()))  # the first on ties
-        q = run(plan, beta, ev)
+        q = run(plan, beta, "eval")
         print(json.dumps({"model": a.model, "kind": name, "plan": plan, "noise": a.noise, "damping": beta,
                           "cal_mean": round(float(fits[beta].mean()), 2),
                           "cal_worst": round(float(fits[beta].min()), 2),

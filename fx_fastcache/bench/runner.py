@@ -69,7 +69,6 @@ FRACTION_OPTIONS = frozenset({"retention"})
 CLASSIC = {name: p.peer_fallback for name, p in POLICIES.items() if p.peer_fallback}
 
 
-
 def methods_help() -> str:
     """Every method form and option :func:`parse_method` takes, in one line (the CLI's ``--methods`` help)."""
     peers = "; ".join(name + "".join(f"[:{k}={'R' if k in FRACTION_OPTIONS else 'N'}]" for k in opts)
