@@ -69,14 +69,33 @@ FRACTION_OPTIONS = frozenset({"retention"})
 CLASSIC = {name: p.peer_fallback for name, p in POLICIES.items() if p.peer_fallback}
 
 
+#: Options of a FastCache method spec (``planned/forecast:drift=1:search=1``) and what each takes: the one list
+#: :func:`parse_method`'s error and :func:`methods_help` name.
+FASTCACHE_OPTIONS: dict[str, tuple[str, str]] = {
+    "warmup": ("N", ""),
+    "max_skip": ("N", ""),
+    "sens": ("1", ""),
+    "protect": ("DB", "a PSNR floor, e.g. 34"),
+    "drift": ("1", "drift correction"),
+    "noise": ("1", "noise forecast"),
+    "search": ("1|OBJECTIVE", f"search_plan; OBJECTIVE in {sorted(SEARCH_OBJECTIVES)}"),
+    "search_images": ("N", "N >= 2"),
+}
+
+
+def _options(quote: str) -> list[str]:
+    """``:key=VALUE (note)`` for each of :data:`FASTCACHE_OPTIONS`, the option in ``quote`` marks."""
+    return [f"{quote}:{k}={v}{quote}" + (f" ({note})" if note else "") for k, (v, note) in FASTCACHE_OPTIONS.items()]
+
+
 def methods_help() -> str:
     """Every method form and option :func:`parse_method` takes, in one line (the CLI's ``--methods`` help)."""
+    ours = " ".join(_options(""))
     peers = "; ".join(name + "".join(f"[:{k}={'R' if k in FRACTION_OPTIONS else 'N'}]" for k in opts)
                       for name, opts in PEER_OPTIONS.items())
     return ("comma-separated: none, first_block_cache, teacache, diffusers_fbc, POLICY/FALLBACK (e.g. "
-            "step_forecast/forecast) with optional :warmup=N :max_skip=N :drift=1 (drift correction) :noise=1 (noise "
-            "forecast) :search=1|worst_quarter (search_plan) :search_images=N :sens=1 :protect=DB; the peers " + peers +
-            " (thresholds: TaylorSeer's cache interval, MagCache's error budget, cache-dit's residual threshold)")
+            f"step_forecast/forecast) with optional {ours}; the peers {peers} (thresholds: TaylorSeer's cache "
+            "interval, MagCache's error budget, cache-dit's residual threshold)")
 
 
 #: Threshold grids per policy / peer (chosen so that the fraction replaced spans ~30-80 %).
@@ -207,11 +226,8 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
             protect = float(val)
             continue
         if key not in ("warmup", "max_skip") or not val.isdigit():
-            raise ValueError(f"method {spec!r}: option {o!r} is not understood; use ':warmup=N', ':max_skip=N', "
-                             f"':sens=1', ':protect=DB' (a PSNR floor, e.g. 34), ':drift=1' (drift correction), "
-                             f"':noise=1' (noise forecast), "
-                             f"':search=1' or ':search=OBJECTIVE' (search_plan; OBJECTIVE in "
-                             f"{sorted(SEARCH_OBJECTIVES)}) or ':search_images=N' (N >= 2)")
+            raise ValueError(f"method {spec!r}: option {o!r} is not understood; use "
+                             + ", ".join(_options("'")))
         if key == "warmup":
             warmup = int(val)
         else:
