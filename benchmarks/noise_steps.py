@@ -18,6 +18,12 @@ Two variants of the forecast itself: ``--gain g`` scales the extrapolated slope 
 instead of σ (the variable DPM-Solver's multistep updates are linear in).  Both replace
 :class:`~fx_fastcache.runtime.noise_forecast.NoiseForecast`'s ``slope`` in this process only
 (:func:`variant_slope`; ``gain=1, variable="sigma"`` is the library's, which tests/test_bench_scripts.py checks).
+``--rule`` takes ε̂ from the last *three* computed steps instead (:func:`variant_forward`: the slope through the
+first and last, the mean of the two lines, the wider line after neighbouring computed steps, the parabola) or
+holds the slope's low or high spatial frequencies (``lowhold`` / ``highhold``, image-shaped outputs)::
+
+    python benchmarks/noise_steps.py --model sd3-mnist --plan FFFSFSSFSSFSSSFSSSFS --damping 1 \
+        --mask NNNNNNNNNNNNNNNNNNNN --rule avg3
 """
 from __future__ import annotations
 
@@ -51,6 +57,87 @@ def variant_slope(gain: float, variable: str):
     return slope
 
 
+#: ``--rule``: how ε̂ is taken from the last three computed steps c (latest), p, q (std: the library's).
+RULES = ("std", "wide", "avg3", "base2", "quad", "lowhold", "highhold")
+
+
+def lowpass(d: torch.Tensor) -> torch.Tensor:
+    """Two 5×5 box filters over the last two dims (an image-shaped output)."""
+    if d.dim() != 4:
+        raise ValueError(f"lowhold/highhold need an image-shaped output (B, C, H, W), got {tuple(d.shape)}")
+    for _ in range(2):
+        d = torch.nn.functional.avg_pool2d(d, 5, stride=1, padding=2, count_include_pad=False)
+    return d
+
+
+def variant_forward(rule: str):
+    """``NoiseForecast.forward`` with ε̂ from the last three computed steps by ``rule`` (``std`` is the library's):
+    ``wide`` the slope from c and q; ``avg3`` the mean of the std and wide forecasts; ``base2`` the slope from c and
+    the latest computed step at least two steps before c (q when p is c's neighbour); ``quad`` the quadratic in σ
+    through c, p, q.  Fewer than three computed steps: the library's."""
+    from fx_fastcache.runtime.noise_forecast import _safe
+    from fx_fastcache.runtime.state_ops import assign, keep_or, negate, shift
+
+    def line(eps_a, s_a, eps_b, s_b, sig):
+        return eps_a + (sig - s_a) / _safe(s_a - s_b) * (eps_a - eps_b)
+
+    def forward(self, skipped, new_gen, t, x, v):
+        zero = torch.zeros_like(self.s_c)
+        sig = t.float() / self.timestep_per_sigma
+        count = torch.where(new_gen, zero, self.computed_steps)
+        step = torch.where(new_gen, zero, self.step)
+        xf, vf = x.float(), v.float()
+        std = self.eps_c + self.slope(sig, count) * (self.eps_c - self.eps_p)
+        wide = line(self.eps_c, self.s_c, self.eps_q, self.s_q, sig)
+        if rule in ("lowhold", "highhold"):  # the slope's low (or high) spatial frequencies held
+            d = self.eps_c - self.eps_p
+            low = lowpass(d)
+            std = self.eps_c + self.slope(sig, count) * ((d - low) if rule == "lowhold" else low)
+            alt = std
+        elif rule == "std":
+            alt = std
+        elif rule == "wide":
+            alt = wide
+        elif rule == "avg3":
+            alt = 0.5 * (std + wide)
+        elif rule == "base2":
+            alt = torch.where(self.i_c - self.i_p >= 2, std, wide)
+        else:  # quad: Lagrange through (s_c, s_p, s_q)
+            sc, sp, sq = self.s_c, self.s_p, self.s_q
+            lc = (sig - sp) * (sig - sq) / _safe((sc - sp) * (sc - sq))
+            lp = (sig - sc) * (sig - sq) / _safe((sp - sc) * (sp - sq))
+            lq = (sig - sc) * (sig - sp) / _safe((sq - sc) * (sq - sp))
+            alt = lc * self.eps_c + lp * self.eps_p + lq * self.eps_q
+        eps_hat = torch.where(count >= 3, alt, std)
+        rest = 1 - sig
+        valid = (count >= 1) & (rest > 0) & (self.enabled > 0)
+        forecast = torch.where(valid, (eps_hat - xf) / _safe(rest), vf).to(v.dtype)
+        out = keep_or(skipped, forecast, v)
+        computed = negate(skipped)
+        shift(self.eps_q, computed, self.eps_p)
+        shift(self.eps_p, computed, self.eps_c)
+        assign(self.eps_c, computed, xf + rest * vf)
+        for a_, b_ in (("s_q", "s_p"), ("s_p", "s_c"), ("i_q", "i_p"), ("i_p", "i_c")):
+            shift(getattr(self, a_), computed, getattr(self, b_))
+        assign(self.s_c, computed, sig)
+        assign(self.i_c, computed, step)
+        self.computed_steps.copy_(keep_or(computed, count + 1, count))
+        self.step.copy_(step + 1)
+        return out
+
+    return forward
+
+
+def variant_init(init):
+    """``NoiseForecast.__init__`` plus the third computed step's state :func:`variant_forward` keeps."""
+    def __init__(self, *args, **kw):
+        init(self, *args, **kw)
+        self.register_buffer("eps_q", torch.zeros_like(self.eps_c))
+        for n in ("s_q", "i_c", "i_p", "i_q", "step"):
+            self.register_buffer(n, torch.zeros_like(self.s_c))
+    return __init__
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="dit-mnist")
@@ -67,6 +154,8 @@ def main(argv=None) -> int:
     p.add_argument("--gain", type=float, default=1.0, help="the forecast's slope gain (1: the library's)")
     p.add_argument("--variable", choices=("sigma", "logsnr"), default="sigma",
                    help="extrapolate ε linearly in σ (the library's) or in the log-SNR")
+    p.add_argument("--rule", choices=RULES, default="std",
+                   help="ε̂ from the last three computed steps (std: the library's two; see variant_forward)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     steps = 20
@@ -83,6 +172,9 @@ def main(argv=None) -> int:
 
     if (a.gain, a.variable) != (1.0, "sigma"):
         NoiseForecast.slope = variant_slope(a.gain, a.variable)
+    if a.rule != "std":
+        NoiseForecast.__init__ = variant_init(NoiseForecast.__init__)
+        NoiseForecast.forward = variant_forward(a.rule)
     tm = load_trained(a.model)
     opt = fastcache.optimize(tm.model, backend="eager", policy="schedule", warmup_steps=0,
                              drift_correction="flow_euler", noise_forecast="flow_euler")
@@ -135,7 +227,7 @@ def main(argv=None) -> int:
     for name, m in (("on", [True] * steps), ("off", [False] * steps), ("mask", mask)):
         q = psnr(run(m, *ev), ref)
         print(json.dumps({"model": a.model, "plan": a.plan, "damping": a.damping, "gain": a.gain,
-                          "variable": a.variable, "noise": name, "mask": word(m),
+                          "variable": a.variable, "rule": a.rule, "noise": name, "mask": word(m),
                           "seeds": f"{ev[1][0]}-{ev[1][-1]}", "psnr_mean": round(float(q.mean()), 2),
                           "psnr_worst": round(float(q.min()), 2)}), flush=True)
     return 0

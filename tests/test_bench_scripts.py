@@ -213,3 +213,88 @@ def test_nested_plans_refuses_bad_plans(args, words, capsys):
     with pytest.raises(SystemExit):
         _script("nested_plans").main(args)
     assert words in capsys.readouterr().err
+
+
+def test_lookahead_nodes_at_lam_zero_is_the_library_noise_forecast_and_drift():
+    """benchmarks/lookahead_nodes.py at lam 0 gives the velocities of the library's NoiseForecast then DriftCorrection
+    (the graph's order) on the same model; lam > 0 evaluates later computed steps ahead, between the schedule's σ."""
+    from fx_fastcache.runtime.drift import DriftCorrection
+    from fx_fastcache.runtime.noise_forecast import NoiseForecast
+
+    ln = _script("lookahead_nodes")
+    g = torch.Generator().manual_seed(0)
+    shape, cpu = (2, 3), torch.device("cpu")
+    w = torch.randn(3, 3, generator=g)
+    calls = []
+
+    def eps_fn(x, s):
+        calls.append(s)
+        v = torch.tanh(x @ w + s)
+        return x + (1 - s) * v, v
+
+    sig = torch.linspace(1.0, 0.0, 11).tolist()
+    computed = {0, 1, 3, 6, 8}
+    x0 = torch.randn(shape, generator=g)
+    got = ln.generate(eps_fn, x0, sig, computed, 0.0, 2.0)
+    noise = NoiseForecast(shape, cpu, 1.0, torch.ones(()))
+    drift = DriftCorrection(shape, cpu, torch.tensor(2.0))
+    x = x0
+    for k in range(10):
+        skipped = torch.tensor(k not in computed)
+        v = torch.zeros(shape) if bool(skipped) else torch.tanh(x @ w + sig[k])  # a skipped step's is replaced
+        t, new = torch.tensor(sig[k]), torch.tensor(k == 0)
+        x = x + (sig[k + 1] - sig[k]) * drift(skipped, new, t, noise(skipped, new, t, x, v))
+    torch.testing.assert_close(got, x)
+    calls.clear()
+    ahead = ln.generate(eps_fn, x0, sig, computed, 0.5, 2.0)
+    want = [sig[0], sig[1], (sig[4] + sig[5]) / 2, sig[7], sig[9]]  # 3 → 4.5, 6 → 7, 8 → 9 (the end is step 10)
+    assert calls == pytest.approx(want)
+    assert not torch.allclose(ahead, got)
+
+
+def test_lookahead_nodes_interpolates_between_nodes_and_refuses_bad_plans():
+    ln = _script("lookahead_nodes")
+    a, b, c = torch.zeros(2), torch.ones(2), torch.full((2,), 3.0)
+    nodes = [(1.0, a), (0.5, b), (0.25, c)]
+    torch.testing.assert_close(ln.eps_at(nodes, 0.75), torch.full((2,), 0.5))  # between the first two
+    torch.testing.assert_close(ln.eps_at(nodes, 0.0), torch.full((2,), 5.0))  # past the last: the last two's line
+    torch.testing.assert_close(ln.eps_at(nodes[:1], 0.3), a)  # one node: held
+    assert ln.parse_plan("0,1,3@2", 20) == ({0, 1, 3}, 2.0)
+    assert ln.parse_plan("0,1,3", 20) == ({0, 1, 3}, None)
+    for bad, words in (("1,3", "include step 0"), ("0,20", "0..19"), ("0,x", "computed steps")):
+        with pytest.raises(SystemExit, match=words):
+            ln.parse_plan(bad, 20)
+
+
+def test_noise_steps_rules_from_three_computed_steps():
+    """benchmarks/noise_steps.py's ``--rule`` variants: ``std`` is the library module; after three computed steps
+    ``wide`` extrapolates through the first and last, ``avg3`` averages the two lines, ``base2`` takes the wide line
+    when the last two computed steps are neighbours, ``quad`` is the parabola through all three."""
+    from fx_fastcache.runtime.noise_forecast import NoiseForecast
+
+    ns = _script("noise_steps")
+    g = torch.Generator().manual_seed(0)
+    shape, cpu = (2, 3), torch.device("cpu")
+    sigmas, skipped = [1.0, 0.9, 0.8, 0.7, 0.6], [False, False, False, True, True]
+    data = [(torch.randn(shape, generator=g), torch.randn(shape, generator=g)) for _ in sigmas]
+
+    def outputs(rule=None):
+        cls = NoiseForecast
+        if rule is not None:
+            cls = type("Variant", (NoiseForecast,), {"__init__": ns.variant_init(NoiseForecast.__init__),
+                                                      "forward": ns.variant_forward(rule)})
+        mod = cls(shape, cpu, 1.0, torch.ones(()))
+        return [mod(torch.tensor(sk), torch.tensor(i == 0), torch.tensor(s), x, v)
+                for i, (sk, s, (x, v)) in enumerate(zip(skipped, sigmas, data))]
+
+    for a, b in zip(outputs(), outputs("std")):
+        torch.testing.assert_close(a, b)
+    eps = [x + (1 - s) * v for s, (x, v) in zip(sigmas[:3], data[:3])]  # the computed steps' ε (σ 1, 0.9, 0.8)
+    x3 = data[3][0]
+    std = eps[2] + (0.7 - 0.8) / (0.8 - 0.9) * (eps[2] - eps[1])
+    wide = eps[2] + (0.7 - 0.8) / (0.8 - 1.0) * (eps[2] - eps[0])
+    quad = eps[0] * (0.7 - 0.9) * (0.7 - 0.8) / (0.1 * 0.2) + eps[1] * (0.7 - 1.0) * (0.7 - 0.8) / (-0.1 * 0.1) \
+        + eps[2] * (0.7 - 1.0) * (0.7 - 0.9) / (-0.2 * -0.1)
+    for rule, eps_hat in (("wide", wide), ("avg3", (std + wide) / 2), ("base2", wide), ("quad", quad)):
+        torch.testing.assert_close(outputs(rule)[3], (eps_hat - x3) / 0.3, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(outputs()[3], (wide - x3) / 0.3)
