@@ -171,7 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--plans", nargs="*", default=[], help="computed steps[@β], e.g. 0,1,2,4,7,10,14,18@1")
     p.add_argument("--search", default=None, help="search from these computed steps per lam (β fitted)")
     p.add_argument("--lams", default="0,0.15,0.25", help="comma-separated: how far ahead a node is (0: the library)")
-    p.add_argument("--first", type=int, default=2, help="evaluations made where they stand before nodes move ahead")
+    p.add_argument("--first", type=int, default=2, help="evaluations made where they stand before nodes move ahead "
+                                                         "(and the warm-up steps every searched plan computes)")
     p.add_argument("--max-runs", type=int, default=150)
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--eval-seed", type=int, default=1000)

@@ -117,8 +117,8 @@ def variant_forward(rule: str):
         shift(self.eps_q, computed, self.eps_p)
         shift(self.eps_p, computed, self.eps_c)
         assign(self.eps_c, computed, xf + rest * vf)
-        for a_, b_ in (("s_q", "s_p"), ("s_p", "s_c"), ("i_q", "i_p"), ("i_p", "i_c")):
-            shift(getattr(self, a_), computed, getattr(self, b_))
+        for dst, src in (("s_q", "s_p"), ("s_p", "s_c"), ("i_q", "i_p"), ("i_p", "i_c")):
+            shift(getattr(self, dst), computed, getattr(self, src))
         assign(self.s_c, computed, sig)
         assign(self.i_c, computed, step)
         self.computed_steps.copy_(keep_or(computed, count + 1, count))

@@ -298,3 +298,16 @@ def test_noise_steps_rules_from_three_computed_steps():
     for rule, eps_hat in (("wide", wide), ("avg3", (std + wide) / 2), ("base2", wide), ("quad", quad)):
         torch.testing.assert_close(outputs(rule)[3], (eps_hat - x3) / 0.3, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(outputs()[3], (wide - x3) / 0.3)
+
+
+def test_noise_steps_lowpass_keeps_smooth_slopes():
+    """``lowhold`` keeps only the slope's high frequencies: a constant slope is all low, so it is held entirely."""
+    ns = _script("noise_steps")
+    flat = torch.full((1, 1, 8, 8), 2.0)
+    torch.testing.assert_close(ns.lowpass(flat), flat)
+    spike = torch.zeros(1, 1, 8, 8)
+    spike[0, 0, 4, 4] = 1.0
+    low = ns.lowpass(spike)
+    assert float(low.max()) < 0.1 and float(low.sum()) > 0.5  # spread out, not removed
+    with pytest.raises(ValueError, match="image-shaped"):
+        ns.lowpass(torch.zeros(2, 3))
