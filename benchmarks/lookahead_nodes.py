@@ -54,10 +54,14 @@ def node_sigma(sig: list[float], k: int, nxt: int, lam: float) -> float:
 
 
 def generate(eps_fn: EpsFn, x: torch.Tensor, sig: list[float], computed: set[int], lam: float = 0.0,
-             beta: float | None = None, first: int = 2) -> torch.Tensor:
+             beta: float | None = None, first: int = 2, rows: bool = False, cfg: float = 2.0) -> torch.Tensor:
     """Euler from ``x`` through ``sig`` with the model evaluated at the computed steps (the first ``first``
     evaluations where they stand, later ones ``lam`` ahead), ε piecewise linear between evaluations, and the
-    library's drift correction at damping ``beta`` (``None``: none).  Returns the final latent."""
+    library's drift correction at damping ``beta`` (``None``: none).  Returns the final latent.
+
+    ``rows``: ``eps_fn`` takes and returns the batched CFG rows stacked (conditional, then unconditional; 2B, ...),
+    as the graph sees them: each row keeps its own nodes and jumps ahead on its own forecast noise, so the two rows
+    are evaluated on different latents, and the sampler steps with the guided velocity (scale ``cfg``)."""
     drift = None
     if beta is not None:
         from fx_fastcache.runtime.drift import DriftCorrection
@@ -66,87 +70,48 @@ def generate(eps_fn: EpsFn, x: torch.Tensor, sig: list[float], computed: set[int
     nodes: list[tuple[float, torch.Tensor]] = []
     for k in range(len(sig) - 1):
         s = sig[k]
+        xm = torch.cat([x, x]) if rows else x  # the latents the model is given
         v = None
         if k in computed:
             nxt = next((j for j in order if j > k), len(sig) - 1)
             if len(nodes) < first or lam == 0:
-                e, v = eps_fn(x, s)  # where it stands: the model's own velocity
+                e, v = eps_fn(xm, s)  # where it stands: the model's own velocity
                 nodes.append((s, e))
             else:
                 se = node_sigma(sig, k, nxt, lam)
-                x0 = (x - s * eps_at(nodes, s)) / (1 - s)
+                x0 = (xm - s * eps_at(nodes, s)) / (1 - s)
                 e, _ = eps_fn((1 - se) * x0 + se * eps_at(nodes, se), se)
                 nodes.append((se, e))
         if v is None:  # a skipped step, or a computed one evaluated ahead: the velocity of the noise at x
-            v = (eps_at(nodes, s) - x) / (1 - s)
+            v = (eps_at(nodes, s) - xm) / (1 - s)
+        if rows:
+            v = guided(v, cfg)
         if drift is not None:
             v = drift(k not in computed, torch.tensor(k == 0), torch.tensor(s), v)
         x = x + (sig[k + 1] - s) * v
     return x
 
 
-def generate_rows(rows_fn: EpsFn, x: torch.Tensor, sig: list[float], computed: set[int], lam: float = 0.0,
-                  beta: float | None = None, first: int = 2, cfg: float = 2.0) -> torch.Tensor:
-    """:func:`generate` as the graph sees batched CFG: each row (conditional, unconditional) keeps its own nodes and
-    jumps ahead on its own forecast noise, so the two rows are evaluated on different latents; the sampler steps
-    with the guided velocity.  ``rows_fn(x2, σ)`` takes and returns the rows stacked (2B, ...)."""
-    drift = None
-    if beta is not None:
-        from fx_fastcache.runtime.drift import DriftCorrection
-        drift = DriftCorrection(tuple(x.shape), x.device, torch.tensor(float(beta)))
-    order = sorted(computed)
-    nodes: list[tuple[float, torch.Tensor]] = []  # ε of both rows, stacked
-    for k in range(len(sig) - 1):
-        s = sig[k]
-        x2 = torch.cat([x, x])
-        v2 = None
-        if k in computed:
-            nxt = next((j for j in order if j > k), len(sig) - 1)
-            if len(nodes) < first or lam == 0:
-                e, v2 = rows_fn(x2, s)
-                nodes.append((s, e))
-            else:
-                se = node_sigma(sig, k, nxt, lam)
-                x0 = (x2 - s * eps_at(nodes, s)) / (1 - s)
-                e, _ = rows_fn((1 - se) * x0 + se * eps_at(nodes, se), se)
-                nodes.append((se, e))
-        if v2 is None:
-            v2 = (eps_at(nodes, s) - x2) / (1 - s)
-        v_c, v_u = v2.chunk(2)
-        v = v_u + cfg * (v_c - v_u)
-        if drift is not None:
-            v = drift(k not in computed, torch.tensor(k == 0), torch.tensor(s), v)
-        x = x + (sig[k + 1] - s) * v
-    return x
+def guided(v2: torch.Tensor, cfg: float) -> torch.Tensor:
+    """The guided velocity of stacked CFG rows (conditional, then unconditional)."""
+    v_c, v_u = v2.chunk(2)
+    return v_u + cfg * (v_c - v_u)
 
 
-def trained_rows_fn(tm, classes: list[int]) -> EpsFn:
-    """The trained model's ε and v per CFG row (conditional rows, then unconditional), on stacked latents."""
-    from fx_fastcache.trained import NULL_CLASS
-    y = torch.as_tensor(classes, dtype=torch.long)
-    yy = torch.cat([y, torch.full_like(y, NULL_CLASS)])
-
-    def rows_fn(x2: torch.Tensor, s: float):
-        with torch.no_grad():
-            out = tm.unpack_output(tm.model(**tm.call_kwargs(x2, torch.full((len(yy),), float(s)), yy))[0])
-        v = out[:, :tm.in_channels]
-        return x2 + (1 - s) * v, v
-
-    return rows_fn
-
-
-def trained_eps_fn(tm, classes: list[int], cfg: float = 2.0) -> EpsFn:
-    """The trained model's guided ε and v (batched CFG, as :func:`fx_fastcache.trained.sample`)."""
+def trained_eps_fn(tm, classes: list[int], rows: bool = False, cfg: float = 2.0) -> EpsFn:
+    """The trained model's ε and v: per CFG row on stacked latents (``rows``), or guided on the sampler's latent
+    (batched CFG, as :func:`fx_fastcache.trained.sample`)."""
     from fx_fastcache.trained import NULL_CLASS
     y = torch.as_tensor(classes, dtype=torch.long)
     yy = torch.cat([y, torch.full_like(y, NULL_CLASS)])
 
     def eps_fn(x: torch.Tensor, s: float):
+        x2 = x if rows else torch.cat([x, x])
         with torch.no_grad():
-            kw = tm.call_kwargs(torch.cat([x, x]), torch.full((len(yy),), float(s)), yy)
-            out = tm.unpack_output(tm.model(**kw)[0])[:, :tm.in_channels]
-        v_c, v_u = out.chunk(2)
-        v = v_u + cfg * (v_c - v_u)
+            out = tm.unpack_output(tm.model(**tm.call_kwargs(x2, torch.full((len(yy),), float(s)), yy))[0])
+        v = out[:, :tm.in_channels]
+        if not rows:
+            v = guided(v, cfg)
         return x + (1 - s) * v, v
 
     return eps_fn
@@ -201,14 +166,12 @@ def main(argv=None) -> int:
     def image_set(seed0: int, n: int):
         classes, seeds = [i % 10 for i in range(n)], [seed0 + i for i in range(n)]
         x = _initial_noise(seeds, (tm.in_channels, tm.sample_size, tm.sample_size), tm.device, tm.dtype)
-        fn = trained_rows_fn(tm, classes) if a.rows else trained_eps_fn(tm, classes)
+        fn = trained_eps_fn(tm, classes, a.rows)
         ref = run(fn, x, set(range(steps)), 0.0, None).clamp(-1, 1)
         return seeds, fn, x, ref
 
     def run(fn, x, computed, lam, beta):
-        if a.rows:
-            return generate_rows(fn, x, sig, computed, lam, beta, a.first)
-        return generate(fn, x, sig, computed, lam, beta, a.first)
+        return generate(fn, x, sig, computed, lam, beta, a.first, a.rows)
 
     def quality(images, computed, lam, beta):
         seeds, fn, x, ref = images

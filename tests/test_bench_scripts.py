@@ -251,6 +251,22 @@ def test_lookahead_nodes_at_lam_zero_is_the_library_noise_forecast_and_drift():
     assert calls == pytest.approx(want)
     assert not torch.allclose(ahead, got)
 
+    # per CFG row (what the graph sees): at lam 0 the rows' forecasts combine to the guided one's, ahead they do not
+    w_u = torch.randn(3, 3, generator=g)
+
+    def rows_fn(x2, s):
+        v = torch.cat([torch.tanh(x2[:2] @ w + s), torch.tanh(x2[2:] @ w_u - s)])
+        return x2 + (1 - s) * v, v
+
+    def guided_fn(x, s):
+        v = ln.guided(rows_fn(torch.cat([x, x]), s)[1], 2.0)
+        return x + (1 - s) * v, v
+
+    torch.testing.assert_close(ln.generate(rows_fn, x0, sig, computed, 0.0, 2.0, rows=True),
+                               ln.generate(guided_fn, x0, sig, computed, 0.0, 2.0))
+    assert not torch.allclose(ln.generate(rows_fn, x0, sig, computed, 0.5, 2.0, rows=True),
+                              ln.generate(guided_fn, x0, sig, computed, 0.5, 2.0))
+
 
 def test_lookahead_nodes_interpolates_between_nodes_and_refuses_bad_plans():
     ln = _script("lookahead_nodes")
