@@ -18,7 +18,7 @@ Two variants of the forecast itself: ``--gain g`` scales the extrapolated slope 
 instead of σ (the variable DPM-Solver's multistep updates are linear in).  Both replace
 :class:`~fx_fastcache.runtime.noise_forecast.NoiseForecast`'s ``slope`` in this process only
 (:func:`variant_slope`; ``gain=1, variable="sigma"`` is the library's, which tests/test_bench_scripts.py checks).
-``--rule`` takes ε̂ from the last *three* computed steps instead (:func:`variant_forward`: the slope through the
+``--rule`` takes ε̂ from the last *three* computed steps instead (:func:`variant_estimate`: the slope through the
 first and last, the mean of the two lines, the wider line after neighbouring computed steps, the parabola) or
 holds the slope's low or high spatial frequencies (``lowhold`` / ``highhold``, image-shaped outputs)::
 
@@ -70,31 +70,23 @@ def lowpass(d: torch.Tensor) -> torch.Tensor:
     return d
 
 
-def variant_forward(rule: str):
-    """``NoiseForecast.forward`` with ε̂ from the last three computed steps by ``rule`` (``std`` is the library's):
-    ``wide`` the slope from c and q; ``avg3`` the mean of the std and wide forecasts; ``base2`` the slope from c and
-    the latest computed step at least two steps before c (q when p is c's neighbour); ``quad`` the quadratic in σ
-    through c, p, q.  Fewer than three computed steps: the library's."""
+def variant_estimate(rule: str, base):
+    """``NoiseForecast.estimate`` by ``rule`` (``std`` is the library's), from the last three computed steps c, p, q:
+    ``wide`` the line through c and q; ``avg3`` the mean of the std and wide lines; ``base2`` the wide line when p
+    is c's neighbour (the latest computed step at least two steps before c); ``quad`` the parabola in σ through c,
+    p, q; fewer than three computed steps: ``base`` (the estimate it replaces).  ``lowhold`` / ``highhold``: the
+    library's line with the slope's low (high) spatial frequencies held.  Needs :func:`keep_third_step`'s state."""
     from fx_fastcache.runtime.noise_forecast import _safe
-    from fx_fastcache.runtime.state_ops import assign, keep_or, negate, shift
 
-    def line(eps_a, s_a, eps_b, s_b, sig):
-        return eps_a + (sig - s_a) / _safe(s_a - s_b) * (eps_a - eps_b)
-
-    def forward(self, skipped, new_gen, t, x, v):
-        zero = torch.zeros_like(self.s_c)
-        sig = t.float() / self.timestep_per_sigma
-        count = torch.where(new_gen, zero, self.computed_steps)
-        step = torch.where(new_gen, zero, self.step)
-        xf, vf = x.float(), v.float()
-        std = self.eps_c + self.slope(sig, count) * (self.eps_c - self.eps_p)
-        wide = line(self.eps_c, self.s_c, self.eps_q, self.s_q, sig)
-        if rule in ("lowhold", "highhold"):  # the slope's low (or high) spatial frequencies held
+    def estimate(self, sig, count):
+        std = base(self, sig, count)
+        if rule in ("lowhold", "highhold"):
             d = self.eps_c - self.eps_p
             low = lowpass(d)
-            std = self.eps_c + self.slope(sig, count) * ((d - low) if rule == "lowhold" else low)
-            alt = std
-        elif rule == "std":
+            return self.eps_c + self.slope(sig, count) * ((d - low) if rule == "lowhold" else low)
+        sc, sp, sq = self.s_c, self.s_p, self.s_q
+        wide = self.eps_c + (sig - sc) / _safe(sc - sq) * (self.eps_c - self.eps_q)
+        if rule == "std":
             alt = std
         elif rule == "wide":
             alt = wide
@@ -103,39 +95,41 @@ def variant_forward(rule: str):
         elif rule == "base2":
             alt = torch.where(self.i_c - self.i_p >= 2, std, wide)
         else:  # quad: Lagrange through (s_c, s_p, s_q)
-            sc, sp, sq = self.s_c, self.s_p, self.s_q
             lc = (sig - sp) * (sig - sq) / _safe((sc - sp) * (sc - sq))
             lp = (sig - sc) * (sig - sq) / _safe((sp - sc) * (sp - sq))
             lq = (sig - sc) * (sig - sp) / _safe((sq - sc) * (sq - sp))
             alt = lc * self.eps_c + lp * self.eps_p + lq * self.eps_q
-        eps_hat = torch.where(count >= 3, alt, std)
-        rest = 1 - sig
-        valid = (count >= 1) & (rest > 0) & (self.enabled > 0)
-        forecast = torch.where(valid, (eps_hat - xf) / _safe(rest), vf).to(v.dtype)
-        out = keep_or(skipped, forecast, v)
-        computed = negate(skipped)
-        shift(self.eps_q, computed, self.eps_p)
-        shift(self.eps_p, computed, self.eps_c)
-        assign(self.eps_c, computed, xf + rest * vf)
-        for dst, src in (("s_q", "s_p"), ("s_p", "s_c"), ("i_q", "i_p"), ("i_p", "i_c")):
-            shift(getattr(self, dst), computed, getattr(self, src))
-        assign(self.s_c, computed, sig)
-        assign(self.i_c, computed, step)
-        self.computed_steps.copy_(keep_or(computed, count + 1, count))
-        self.step.copy_(step + 1)
-        return out
+        return torch.where(count >= 3, alt, std)
 
-    return forward
+    return estimate
 
 
-def variant_init(init):
-    """``NoiseForecast.__init__`` plus the third computed step's state :func:`variant_forward` keeps."""
+def keep_third_step(cls) -> None:
+    """Make ``cls`` (a :class:`NoiseForecast`) also keep the computed step before the last two (``eps_q``, ``s_q``)
+    and the step indices of the last two (``i_c``, ``i_p``), which :func:`variant_estimate` reads (in place: the
+    pass builds the class it imported)."""
+    from fx_fastcache.runtime.state_ops import assign, negate
+
+    init, forward = cls.__init__, cls.forward
+
     def __init__(self, *args, **kw):
         init(self, *args, **kw)
         self.register_buffer("eps_q", torch.zeros_like(self.eps_c))
-        for n in ("s_q", "i_c", "i_p", "i_q", "step"):
+        for n in ("s_q", "i_c", "i_p", "step"):
             self.register_buffer(n, torch.zeros_like(self.s_c))
-    return __init__
+
+    def keeping(self, skipped, new_gen, t, x, v):
+        step = torch.where(new_gen, torch.zeros_like(self.step), self.step)
+        before = [b.clone() for b in (self.eps_p, self.s_p, self.i_c)]  # the library shifts p ← c
+        out = forward(self, skipped, new_gen, t, x, v)
+        computed = negate(skipped)
+        for dst, src in zip((self.eps_q, self.s_q, self.i_p), before):
+            assign(dst, computed, src)
+        assign(self.i_c, computed, step)
+        self.step.copy_(step + 1)
+        return out
+
+    cls.__init__, cls.forward = __init__, keeping
 
 
 def main(argv=None) -> int:
@@ -155,7 +149,7 @@ def main(argv=None) -> int:
     p.add_argument("--variable", choices=("sigma", "logsnr"), default="sigma",
                    help="extrapolate ε linearly in σ (the library's) or in the log-SNR")
     p.add_argument("--rule", choices=RULES, default="std",
-                   help="ε̂ from the last three computed steps (std: the library's two; see variant_forward)")
+                   help="ε̂ from the last three computed steps (std: the library's two; see variant_estimate)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     steps = 20
@@ -173,8 +167,8 @@ def main(argv=None) -> int:
     if (a.gain, a.variable) != (1.0, "sigma"):
         NoiseForecast.slope = variant_slope(a.gain, a.variable)
     if a.rule != "std":
-        NoiseForecast.__init__ = variant_init(NoiseForecast.__init__)
-        NoiseForecast.forward = variant_forward(a.rule)
+        keep_third_step(NoiseForecast)
+        NoiseForecast.estimate = variant_estimate(a.rule, NoiseForecast.estimate)
     tm = load_trained(a.model)
     opt = fastcache.optimize(tm.model, backend="eager", policy="schedule", warmup_steps=0,
                              drift_correction="flow_euler", noise_forecast="flow_euler")

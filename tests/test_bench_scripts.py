@@ -283,7 +283,7 @@ def test_lookahead_nodes_interpolates_between_nodes_and_refuses_bad_plans():
 
 
 def test_noise_steps_rules_from_three_computed_steps():
-    """benchmarks/noise_steps.py's ``--rule`` variants: ``std`` is the library module; after three computed steps
+    """benchmarks/noise_steps.py's ``--rule`` variants: ``std`` is the library module's; after three computed steps
     ``wide`` extrapolates through the first and last, ``avg3`` averages the two lines, ``base2`` takes the wide line
     when the last two computed steps are neighbours, ``quad`` is the parabola through all three."""
     from fx_fastcache.runtime.noise_forecast import NoiseForecast
@@ -297,8 +297,8 @@ def test_noise_steps_rules_from_three_computed_steps():
     def outputs(rule=None):
         cls = NoiseForecast
         if rule is not None:
-            cls = type("Variant", (NoiseForecast,), {"__init__": ns.variant_init(NoiseForecast.__init__),
-                                                      "forward": ns.variant_forward(rule)})
+            cls = type("Variant", (NoiseForecast,), {"estimate": ns.variant_estimate(rule, NoiseForecast.estimate)})
+            ns.keep_third_step(cls)
         mod = cls(shape, cpu, 1.0, torch.ones(()))
         return [mod(torch.tensor(sk), torch.tensor(i == 0), torch.tensor(s), x, v)
                 for i, (sk, s, (x, v)) in enumerate(zip(skipped, sigmas, data))]

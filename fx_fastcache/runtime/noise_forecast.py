@@ -63,6 +63,10 @@ class NoiseForecast(nn.Module):
         ok = (count >= 2) & (self.s_c != self.s_p)
         return torch.where(ok, (sig - self.s_c) / _safe(self.s_c - self.s_p), torch.zeros_like(self.s_c))
 
+    def estimate(self, sig: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """ε̂ at σ ``sig`` after ``count`` computed steps (used only at a skipped step)."""
+        return self.eps_c + self.slope(sig, count) * (self.eps_c - self.eps_p)
+
     def forward(self, skipped: Flag, new_gen: torch.Tensor, t: torch.Tensor, x: torch.Tensor,
                 v: torch.Tensor) -> torch.Tensor:
         """``v`` at a computed step; at a skipped one the velocity of the forecast noise at latent ``x``."""
@@ -70,8 +74,7 @@ class NoiseForecast(nn.Module):
         sig = t.float() / self.timestep_per_sigma
         count = torch.where(new_gen, zero, self.computed_steps)
         xf, vf = x.float(), v.float()
-        # the forecast (used only at a skipped step)
-        eps_hat = self.eps_c + self.slope(sig, count) * (self.eps_c - self.eps_p)
+        eps_hat = self.estimate(sig, count)
         rest = 1 - sig
         valid = (count >= 1) & (rest > 0) & (self.enabled > 0)
         forecast = torch.where(valid, (eps_hat - xf) / _safe(rest), vf).to(v.dtype)
