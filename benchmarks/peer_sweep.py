@@ -36,6 +36,10 @@ Groups (per-method grids, chosen to span 45-70 % replaced on 20 steps):
   defaults, the step rule with the noise forecast, ``search_plan`` with the drift correction with and without the
   noise forecast, and every peer (TaylorSeer, MagCache with its ratios calibrated on that schedule, diffusers' FBC,
   TeaCache, cache-dit F1B0 and its best settings).
+* ``fifth`` and ``fifth_peers``: the ``shifted`` group's methods, split in two processes, on the uniform schedule, for a
+  fifth model trained after every rule was fixed (``--model out/wan-mnist``, the Wan-style model of
+  ``benchmarks/train_mnist_family.py --kind wan``, thirtieth session): committed before its weights existed, and
+  nothing on it was looked at before these two groups ran.
 """
 from __future__ import annotations
 
@@ -54,6 +58,22 @@ def groups():
     def m(spec, thr):
         return replace(parse_method(spec), thresholds=tuple(thr))
 
+    fractions = (0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
+    ours_now = [m("none", ()), m("step_forecast/forecast", (0.05, 0.07, 0.1, 0.13)),
+                m("step_forecast/forecast:noise=1", (0.05, 0.07, 0.1, 0.13)),
+                m("planned/forecast:drift=1:search=1", fractions),
+                m("planned/forecast:drift=1:noise=1:search=1", fractions)]
+    peers_now = [m("none", ()), m("diffusers_taylorseer:order=1:before=3", (2, 3, 4)),
+                 m("diffusers_taylorseer:order=1:before=2", (3, 5)),
+                 m("diffusers_taylorseer:order=2:before=2", (3, 5)),
+                 m("diffusers_magcache:max_skip=3:retention=0.2", (0.03, 0.06, 0.12, 0.24)),
+                 m("diffusers_magcache:max_skip=4:retention=0.1", (0.12, 0.24)),
+                 m("diffusers_fbc", (0.1, 0.2, 0.3)),
+                 m("teacache", (0.1, 0.2, 0.3, 0.4)),
+                 m("cache_dit", (0.12, 0.24, 0.4, 0.6, 1.0)),
+                 m("cache_dit:taylorseer=1", (0.12, 0.24, 0.4, 0.6, 1.0)),
+                 m("cache_dit:max_skip=3:taylorseer=1", (0.12, 0.24, 0.4, 0.6, 1.0)),
+                 m("cache_dit:max_skip=2:taylorseer=1", (0.12, 0.24, 0.4, 0.6, 1.0))]
     return {
         "taylorseer": [m("none", ())] + [
             m(f"diffusers_taylorseer:order={o}:before={b}", ivs)
@@ -123,21 +143,10 @@ def groups():
         "mag_low": [m("none", ()), m("diffusers_magcache:max_skip=3:retention=0.2", (0.01, 0.02))],
         "ours_cap": [m("none", ()), m("step_forecast/forecast:max_skip=2", (0.13, 0.2)),
                      m("step_forecast/forecast:max_skip=3", (0.13, 0.2))],
-        "shifted": [m("none", ()), m("step_forecast/forecast", (0.05, 0.07, 0.1, 0.13)),
-                    m("step_forecast/forecast:noise=1", (0.05, 0.07, 0.1, 0.13)),
-                    m("planned/forecast:drift=1:search=1", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7)),
-                    m("planned/forecast:drift=1:noise=1:search=1", (0.45, 0.5, 0.55, 0.6, 0.65, 0.7)),
-                    m("diffusers_taylorseer:order=1:before=3", (2, 3, 4)),
-                    m("diffusers_taylorseer:order=1:before=2", (3, 5)),
-                    m("diffusers_taylorseer:order=2:before=2", (3, 5)),
-                    m("diffusers_magcache:max_skip=3:retention=0.2", (0.03, 0.06, 0.12, 0.24)),
-                    m("diffusers_magcache:max_skip=4:retention=0.1", (0.12, 0.24)),
-                    m("diffusers_fbc", (0.1, 0.2, 0.3)),
-                    m("teacache", (0.1, 0.2, 0.3, 0.4)),
-                    m("cache_dit", (0.12, 0.24, 0.4, 0.6, 1.0)),
-                    m("cache_dit:taylorseer=1", (0.12, 0.24, 0.4, 0.6, 1.0)),
-                    m("cache_dit:max_skip=3:taylorseer=1", (0.12, 0.24, 0.4, 0.6, 1.0)),
-                    m("cache_dit:max_skip=2:taylorseer=1", (0.12, 0.24, 0.4, 0.6, 1.0))],
+        # both defaults, the step rule with the noise forecast, search_plan with and without it, every peer
+        "shifted": ours_now + peers_now[1:],
+        "fifth": ours_now,
+        "fifth_peers": peers_now,
     }
 
 

@@ -1,4 +1,4 @@
-"""Train a reference family of our own on MNIST (issue #13), on a CPU: SD3- or Flux-style.
+"""Train a reference family of our own on MNIST (issue #13), on a CPU: SD3-, Flux- or Wan-style.
 
 A driver around the reference script (``train_reference_dits.py``: same data, objective
 ``v = eps - x0``, ``Cond`` class embeddings, EMA, sampler and digit classifier), with models
@@ -9,6 +9,10 @@ small enough to train on one CPU thread in about an hour (64 tokens of 4 x 32 ch
 * ``--kind flux``: ``FluxTransformer2DModel``, 2 double-stream + 6 single-stream blocks, RoPE, the
   32 x 32 image packed into 4 x 4 patches (64 tokens of 16 channels; ``fx_fastcache.trained``
   packs and unpacks it the same way). Vendored as ``fx_fastcache/assets/flux-mnist``.
+* ``--kind wan``: ``WanTransformer3DModel`` (the video family) on one-frame videos, patch (1, 4, 4), 6 blocks
+  with cross-attention to the caption tokens (as PixArt), 3-D RoPE. Trained in the thirtieth session after
+  every rule was fixed, and its evaluation group (``benchmarks/peer_sweep.py --group fifth``) committed before
+  its weights existed.
 
 Each run writes ``report.json`` (steps, loss, classifier accuracy and Fréchet distance of 100
 samples with 20 steps) and ``samples.png`` next to the weights.
@@ -31,7 +35,7 @@ PATCH = 4  # flux: 4 x 4 pixels per token
 
 
 def build(kind: str):
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel
 
     if kind == "sd3":
         return SD3Transformer2DModel(sample_size=32, patch_size=4, in_channels=1, out_channels=1, num_layers=6,
@@ -41,18 +45,22 @@ def build(kind: str):
         return FluxTransformer2DModel(patch_size=1, in_channels=PATCH * PATCH, num_layers=2, num_single_layers=6,
                                       attention_head_dim=32, num_attention_heads=4, joint_attention_dim=256,
                                       pooled_projection_dim=256, guidance_embeds=False, axes_dims_rope=(8, 12, 12))
-    raise ValueError(f"--kind {kind!r}: choose sd3 or flux")
+    if kind == "wan":
+        return WanTransformer3DModel(patch_size=(1, PATCH, PATCH), num_attention_heads=4, attention_head_dim=32,
+                                     in_channels=1, out_channels=1, text_dim=256, freq_dim=256, ffn_dim=512,
+                                     num_layers=6, cross_attn_norm=True, rope_max_seq_len=64)
+    raise ValueError(f"--kind {kind!r}: choose sd3, flux or wan")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kind", choices=["sd3", "flux"], default="sd3")
+    p.add_argument("--kind", choices=["sd3", "flux", "wan"], default="sd3")
     p.add_argument("--reference", required=True, help="folder of train_reference_dits.py")
     p.add_argument("--models", required=True, help="folder with mnist5k.npz and digit_classifier.safetensors")
     p.add_argument("--out", required=True)
     p.add_argument("--seconds", type=float, default=3300)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: sd3 1e-3, flux 5e-4)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: sd3 1e-3, flux and wan 5e-4)")
     a = p.parse_args()
     sys.path.insert(0, a.reference)
     import train_reference_dits as T
@@ -63,7 +71,7 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     out, seconds, batch = a.out, a.seconds, 64
-    lr = a.lr or {"sd3": 1e-3, "flux": 5e-4}[a.kind]
+    lr = a.lr or {"sd3": 1e-3, "flux": 5e-4, "wan": 5e-4}[a.kind]
     x, y = T.load_mnist(str(Path(a.models) / "mnist5k.npz"), torch.device("cpu"))
     torch.manual_seed(0)
     m = build(a.kind)
@@ -73,7 +81,8 @@ def main() -> None:
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     # the library's own call convention (packing for flux), so training and sampling agree; the tables
     # are the live parameters, so the final sampling below sees the EMA weights copied into them
-    tm = TrainedModel(name=a.kind, kind=a.kind, model=m, conditioning=cond.txt.weight, pooled=cond.pooled.weight)
+    tm = TrainedModel(name=a.kind, kind=a.kind, model=m, conditioning=cond.txt.weight,
+                      pooled=None if a.kind == "wan" else cond.pooled.weight)
     t0, step, losses, skipped = time.time(), 0, [], 0
     while time.time() - t0 < seconds:
         idx = torch.randint(0, len(x), (batch,)); x0, yb = x[idx], y[idx].clone()

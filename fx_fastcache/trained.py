@@ -62,11 +62,11 @@ _ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 _VENDORED = {"dit-mnist": _ASSETS_DIR / "dit-mnist", "pixart-mnist": _ASSETS_DIR / "pixart-mnist",
              "sd3-mnist": _ASSETS_DIR / "sd3-mnist", "flux-mnist": _ASSETS_DIR / "flux-mnist"}
 _KINDS = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart", "SD3Transformer2DModel": "sd3",
-          "FluxTransformer2DModel": "flux"}
+          "FluxTransformer2DModel": "flux", "WanTransformer3DModel": "wan"}
 #: Image side of the MNIST reference models (28 x 28 digits padded to 32 x 32).
 IMAGE_SIZE = 32
 
-Kind = Literal["dit", "pixart", "sd3", "flux"]
+Kind = Literal["dit", "pixart", "sd3", "flux", "wan"]
 
 
 def resolve_model_dir(name_or_path: str) -> Path:
@@ -121,10 +121,11 @@ class TrainedModel:
         name: the name or path it was loaded from.
         kind: ``"dit"`` (class labels), ``"pixart"`` (caption tokens from ``conditioning``),
             ``"sd3"`` (caption tokens and a pooled vector per class) or ``"flux"`` (the same
-            conditioning; the image is packed into ``p x p`` pixel tokens, ``p² = in_channels``).
+            conditioning; the image is packed into ``p x p`` pixel tokens, ``p² = in_channels``) or ``"wan"``
+            (caption tokens, as PixArt; the image is a video of one frame, (B, C, 1, H, W)).
         model: the diffusers transformer, in eval mode, with ``requires_grad`` False.
         pooled: for ``"sd3"`` and ``"flux"``, the class -> pooled-embedding table (``pooled.weight``).
-        conditioning: for ``"pixart"``, ``"sd3"`` and ``"flux"``, the class -> caption-tokens table
+        conditioning: for ``"pixart"``, ``"sd3"``, ``"flux"`` and ``"wan"``, the class -> caption-tokens table
             (``conditioning.safetensors`` ``txt.weight``, shape (11, tokens * caption_dim)),
             on the model's device and dtype; ``None`` for ``"dit"``.
         path: the model folder.
@@ -163,10 +164,13 @@ class TrainedModel:
     @property
     def sample_size(self) -> int:
         """Height (= width) of the image the sampler denoises."""
-        return IMAGE_SIZE if self.kind == "flux" else int(self.config.sample_size)
+        return IMAGE_SIZE if self.kind in ("flux", "wan") else int(self.config.sample_size)
 
     def unpack_output(self, out: torch.Tensor) -> torch.Tensor:
-        """The model output as an image (B, C, H, W): unpacks ``"flux"`` tokens, else ``out``."""
+        """The model output as an image (B, C, H, W): unpacks ``"flux"`` tokens, drops ``"wan"``'s frame axis,
+        else ``out``."""
+        if self.kind == "wan":
+            return out.squeeze(2)
         if self.kind != "flux":
             return out
         p, b = self.patch, out.shape[0]
@@ -201,7 +205,8 @@ class TrainedModel:
             ``encoder_hidden_states`` and ``pooled_projections`` looked up in :attr:`conditioning`
             and :attr:`pooled`; Flux gets the same plus the image packed into ``p x p`` pixel
             tokens, ``img_ids``/``txt_ids`` and ``timestep`` = ``sigma`` (Flux scales it by
-            1000 itself); unpack its output with :meth:`unpack_output`.
+            1000 itself); Wan gets ``encoder_hidden_states`` as PixArt and the image as one frame,
+            (B, C, 1, H, W); unpack Flux's and Wan's outputs with :meth:`unpack_output`.
         """
         b = x.shape[0]
         s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
@@ -216,12 +221,13 @@ class TrainedModel:
                 "class_labels": y,
                 "return_dict": False,
             }
-        if self.kind not in ("pixart", "sd3", "flux"):
+        if self.kind not in ("pixart", "sd3", "flux", "wan"):
             raise ValueError(f"unknown model kind {self.kind!r}")
         # caption tokens per class from the conditioning table (SD3/Flux also take the pooled embedding)
-        if self.conditioning is None or (self.kind != "pixart" and self.pooled is None):
+        if self.conditioning is None or (self.kind in ("sd3", "flux") and self.pooled is None):
             raise ValueError(f"{self.name}: {self.kind} model has no conditioning table")
-        dim = int(self.config.caption_channels if self.kind == "pixart" else self.config.joint_attention_dim)
+        dim_key = {"pixart": "caption_channels", "wan": "text_dim"}.get(self.kind, "joint_attention_dim")
+        dim = int(getattr(self.config, dim_key))
         txt = self.conditioning.to(device=x.device, dtype=x.dtype)[y].view(b, -1, dim)
         kwargs: dict[str, Any] = {
             "hidden_states": x,
@@ -231,6 +237,9 @@ class TrainedModel:
         }
         if self.kind == "pixart":
             kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+            return kwargs
+        if self.kind == "wan":
+            kwargs["hidden_states"] = x.unsqueeze(2)
             return kwargs
         kwargs["pooled_projections"] = self.pooled.to(device=x.device, dtype=x.dtype)[y]
         if self.kind == "flux":
@@ -286,7 +295,7 @@ def load_trained(
     model = model.to(device).eval()
     model.requires_grad_(False)
     conditioning = pooled = None
-    if kind in ("pixart", "sd3", "flux"):
+    if kind in ("pixart", "sd3", "flux", "wan"):
         from safetensors.torch import load_file
 
         table = folder / "conditioning.safetensors"
@@ -313,7 +322,6 @@ def _initial_noise(
     return torch.cat(noise).to(device=device, dtype=dtype)
 
 
-@torch.no_grad()
 def shifted_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
     """The ``steps + 1`` noise levels of a shifted flow-matching schedule, ``σ = s·u / (1 + (s − 1)·u)`` with
     ``u = linspace(1, 0, steps + 1)``: the spacing SD3 and Flux pipelines sample with (their scheduler's
@@ -328,6 +336,7 @@ def shifted_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)  # shift 1: u exactly
 
 
+@torch.no_grad()
 def sample(
     tm: TrainedModel,
     classes: list[int] | torch.Tensor,

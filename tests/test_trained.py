@@ -172,3 +172,42 @@ def test_sample_on_given_sigmas_is_the_default_on_uniform_ones() -> None:
     torch.testing.assert_close(got, sample(tm, [3, 7], [5, 6], steps=3))
     with pytest.raises(ValueError, match="give steps \\+ 1 = 4 noise levels"):
         sample(tm, [3], [5], steps=3, sigmas=torch.linspace(1.0, 0.0, 3))
+
+
+def test_sample_builds_no_autograd_graph(dit: TrainedModel) -> None:
+    """A drop-in model with trainable parameters (a training script's live model) samples without recording a
+    graph: 20 steps of a large batch would otherwise hold every activation."""
+    gain = torch.nn.Parameter(torch.ones(()))
+
+    def trainable(**kwargs: object) -> tuple[torch.Tensor]:
+        return (dit.model(**kwargs)[0] * gain,)
+
+    out = sample(dit, [1, 2], [5, 6], steps=2, model=trainable)
+    assert not out.requires_grad and out.grad_fn is None
+    assert torch.equal(out, sample(dit, [1, 2], [5, 6], steps=2))
+
+
+def test_wan_kind_samples_one_frame_videos(tmp_path: Path) -> None:
+    """A Wan-style model (``WanTransformer3DModel``, the video family) loads as kind ``"wan"``: PixArt's caption
+    tokens, the image as a one-frame video (B, C, 1, H, W), the frame axis dropped from its output."""
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    m = WanTransformer3DModel(patch_size=(1, 4, 4), num_attention_heads=2, attention_head_dim=12, in_channels=1,
+                              out_channels=1, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=64)
+    m.save_pretrained(tmp_path / "wan", safe_serialization=True)
+    save_file({"txt.weight": torch.randn(11, 4 * 16), "pooled.weight": torch.randn(11, 16)},
+              str(tmp_path / "wan" / "conditioning.safetensors"))
+    tm = load_trained(str(tmp_path / "wan"))
+    assert tm.kind == "wan" and tm.pooled is None and tm.conditioning is not None
+    assert tm.in_channels == 1 and tm.sample_size == 32
+    x = torch.randn(3, 1, 32, 32)
+    kw = tm.call_kwargs(x, 0.5, torch.tensor([1, 2, 10]))
+    assert kw["hidden_states"].shape == (3, 1, 1, 32, 32) and torch.equal(kw["hidden_states"][:, :, 0], x)
+    assert kw["encoder_hidden_states"].shape == (3, 4, 16) and torch.all(kw["timestep"] == 500.0)
+    assert torch.equal(kw["encoder_hidden_states"][2], tm.conditioning[10].view(4, 16))
+    out = tm.unpack_output(tm.model(**kw)[0])
+    assert out.shape == (3, 1, 32, 32)
+    imgs = sample(tm, [1, 2], [5, 6], steps=2)
+    assert imgs.shape == (2, 1, 32, 32) and torch.isfinite(imgs).all()
