@@ -36,10 +36,11 @@ Groups (per-method grids, chosen to span 45-70 % replaced on 20 steps):
   defaults, the step rule with the noise forecast, ``search_plan`` with the drift correction with and without the
   noise forecast, and every peer (TaylorSeer, MagCache with its ratios calibrated on that schedule, diffusers' FBC,
   TeaCache, cache-dit F1B0 and its best settings).
-* ``fifth`` and ``fifth_peers``: the ``shifted`` group's methods, split in two processes, on the uniform schedule, for a
-  fifth model trained after every rule was fixed (``--model out/wan-mnist``, the Wan-style model of
-  ``benchmarks/train_mnist_family.py --kind wan``, thirtieth session): committed before its weights existed, and
-  nothing on it was looked at before these two groups ran.
+* ``fifth`` and ``fifth_peers``: the ``shifted`` group's methods, split in two processes, for a fifth model trained
+  after every rule was fixed (``--model out/wan-mnist``, the Wan-style model of ``benchmarks/train_mnist_family.py
+  --kind wan``, thirtieth session), on the uniform schedule and with ``--shift 3`` (Wan pipelines' ``flow_shift`` at
+  480p): committed before its weights existed, and nothing on it was looked at before these groups ran (then the
+  one-line default, ``benchmarks/plan_vs_interval.py out/wan-mnist --default``).
 """
 from __future__ import annotations
 
