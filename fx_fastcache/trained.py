@@ -60,7 +60,8 @@ MODELS_ENV = "FX_FASTCACHE_MODELS"
 
 _ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 _VENDORED = {"dit-mnist": _ASSETS_DIR / "dit-mnist", "pixart-mnist": _ASSETS_DIR / "pixart-mnist",
-             "sd3-mnist": _ASSETS_DIR / "sd3-mnist", "flux-mnist": _ASSETS_DIR / "flux-mnist"}
+             "sd3-mnist": _ASSETS_DIR / "sd3-mnist", "flux-mnist": _ASSETS_DIR / "flux-mnist",
+             "wan-mnist": _ASSETS_DIR / "wan-mnist"}
 _KINDS = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart", "SD3Transformer2DModel": "sd3",
           "FluxTransformer2DModel": "flux", "WanTransformer3DModel": "wan"}
 #: Image side of the MNIST reference models (28 x 28 digits padded to 32 x 32).
@@ -72,7 +73,7 @@ Kind = Literal["dit", "pixart", "sd3", "flux", "wan"]
 def resolve_model_dir(name_or_path: str) -> Path:
     """Return the diffusers model folder for a known model name or a path.
 
-    * ``"dit-mnist"``, ``"pixart-mnist"``, ``"sd3-mnist"``, ``"flux-mnist"``: the folders vendored in the package
+    * ``"dit-mnist"``, ``"pixart-mnist"``, ``"sd3-mnist"``, ``"flux-mnist"``, ``"wan-mnist"``: the folders vendored in the package
       (``fx_fastcache/assets/<name>``).
     * a path to a diffusers model folder (it must contain ``config.json``).
     * another name: ``$FX_FASTCACHE_MODELS/<name>`` when that environment variable is set.
@@ -262,11 +263,11 @@ def load_trained(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> TrainedModel:
-    """Load a reference transformer (``"dit-mnist"``, ``"pixart-mnist"``, ``"sd3-mnist"``, ``"flux-mnist"`` or a folder path).
+    """Load a reference transformer (``"dit-mnist"``, ``"pixart-mnist"``, ``"sd3-mnist"``, ``"flux-mnist"``, ``"wan-mnist"`` or a folder path).
 
     The kind is read from ``_class_name`` in the folder's ``config.json``
     (``DiTTransformer2DModel`` -> ``"dit"``, ``PixArtTransformer2DModel`` -> ``"pixart"``,
-    ``SD3Transformer2DModel`` -> ``"sd3"``, ``FluxTransformer2DModel`` -> ``"flux"``).
+    ``SD3Transformer2DModel`` -> ``"sd3"``, ``FluxTransformer2DModel`` -> ``"flux"``, ``WanTransformer3DModel`` -> ``"wan"``).
     Weights are stored in fp16 and cast to ``dtype``.
     """
     folder = resolve_model_dir(name_or_path)

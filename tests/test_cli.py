@@ -87,7 +87,7 @@ def test_model_not_found_lists_every_name(argv, tmp_path, capsys):
     argv = [a.format(m="tiny-ditt", tmp=tmp_path, sched=_schedule_file(tmp_path)) for a in argv]
     line = _one_line_error(capsys, argv)
     assert "'tiny-ditt'" in line and "not found" in line and "did you mean 'tiny-dit'" in line
-    for name in ["dit-mnist", "pixart-mnist", "sd3-mnist", "flux-mnist", *TINY]:
+    for name in ["dit-mnist", "pixart-mnist", "sd3-mnist", "flux-mnist", "wan-mnist", *TINY]:
         assert name in line
     assert "config.json" in line  # how to pass a folder instead
 

@@ -211,3 +211,14 @@ def test_wan_kind_samples_one_frame_videos(tmp_path: Path) -> None:
     assert out.shape == (3, 1, 32, 32)
     imgs = sample(tm, [1, 2], [5, 6], steps=2)
     assert imgs.shape == (2, 1, 32, 32) and torch.isfinite(imgs).all()
+
+
+def test_load_vendored_wan_and_its_digits() -> None:
+    """The fifth family (trained here, thirtieth session): Wan, the video family, on one-frame videos."""
+    from fx_fastcache.bench.metrics import class_accuracy
+
+    tm = load_trained("wan-mnist")
+    assert tm.kind == "wan" and tm.conditioning is not None and tm.pooled is None
+    assert type(tm.model).__name__ == "WanTransformer3DModel" and tm.sample_size == 32
+    images = sample(tm, list(range(10)), list(range(100, 110)), steps=8)
+    assert class_accuracy(images, list(range(10))) >= 0.8

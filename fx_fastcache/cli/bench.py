@@ -40,7 +40,7 @@ def _floats(text: str) -> list[float]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="dit-mnist",
-                   help="dit-mnist | pixart-mnist | sd3-mnist | flux-mnist | PATH of a diffusers DiT/PixArt/SD3/Flux folder (trained models only: "
+                   help="dit-mnist | pixart-mnist | sd3-mnist | flux-mnist | wan-mnist | PATH of a diffusers DiT/PixArt/SD3/Flux/Wan folder (trained models only: "
                         "quality on random tiny-* models means nothing)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=methods_help() + " (default: %(default)s)")

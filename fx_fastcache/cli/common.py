@@ -1,6 +1,6 @@
 """What the CLI subcommands share: model resolution (``--model NAME``), argument types, user errors.
 
-NAME is a shipped trained model (``dit-mnist``, ``pixart-mnist``, ``sd3-mnist``, ``flux-mnist``), a tiny random-weight family
+NAME is a shipped trained model (``dit-mnist``, ``pixart-mnist``, ``sd3-mnist``, ``flux-mnist``, ``wan-mnist``), a tiny random-weight family
 model (``tiny-dit``, ``tiny-pixart``, ``tiny-sd3``, ``tiny-flux``, ``tiny-custom``, the video
 ``tiny-cogvideox``, ``tiny-ltx-video``, ``tiny-wan``, ``tiny-hunyuan-video``) or the path
 of a diffusers model folder (a DiT or PixArt checkpoint trained like the MNIST models).
@@ -23,7 +23,7 @@ from fx_fastcache.quiet import library_noise_silenced
 from fx_fastcache.trained import load_trained
 from fx_fastcache.zoo import TINY, make_tiny
 
-TRAINED = ("dit-mnist", "pixart-mnist", "sd3-mnist", "flux-mnist")
+TRAINED = ("dit-mnist", "pixart-mnist", "sd3-mnist", "flux-mnist", "wan-mnist")
 
 
 class CLIError(Exception):

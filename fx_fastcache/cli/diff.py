@@ -22,7 +22,7 @@ from fx_fastcache.inspect_graph import (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model",
-                   help="dit-mnist, pixart-mnist, sd3-mnist, flux-mnist, a tiny-* model (tiny-dit, tiny-pixart, ...) or a diffusers folder")
+                   help="dit-mnist, pixart-mnist, sd3-mnist, flux-mnist, wan-mnist, a tiny-* model (tiny-dit, tiny-pixart, ...) or a diffusers folder")
     p.add_argument("--format", choices=("text", "html"), default="text", help="text report (default) or HTML page")
     p.add_argument("--out", default=None, help="write the report here (default: stdout for text, "
                                                  "fx-fastcache-diff-MODEL.html for html)")

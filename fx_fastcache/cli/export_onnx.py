@@ -21,7 +21,7 @@ from fx_fastcache.fallbacks import FALLBACKS
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="dit-mnist, pixart-mnist, sd3-mnist, flux-mnist, a tiny-* model (tiny-dit, tiny-pixart, ...) or a diffusers folder")
+                   help="dit-mnist, pixart-mnist, sd3-mnist, flux-mnist, wan-mnist, a tiny-* model (tiny-dit, tiny-pixart, ...) or a diffusers folder")
     p.add_argument("--schedule", required=True, help="schedule JSON from `fx-fastcache schedule`")
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--batch", type=positive_int, default=None,

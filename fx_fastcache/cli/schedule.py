@@ -37,7 +37,7 @@ SAVE_TABLE_HINT = ("to save the table a model replays (the plan of a calibrated 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="dit-mnist, pixart-mnist, sd3-mnist, flux-mnist, a tiny-* model (tiny-dit, tiny-pixart, ...) or a diffusers folder")
+                   help="dit-mnist, pixart-mnist, sd3-mnist, flux-mnist, wan-mnist, a tiny-* model (tiny-dit, tiny-pixart, ...) or a diffusers folder")
     p.add_argument("--out", required=True, help="schedule JSON to write")
     p.add_argument("--steps", type=_steps, default=20, help="sampling steps per generation (default 20, at most 1024)")
     p.add_argument("--generations", type=positive_int, default=2, help="recorded generations; a block is skipped at a step where at least half of them skipped it")
