@@ -11,8 +11,8 @@ small enough to train on one CPU thread in about an hour (64 tokens of 4 x 32 ch
   packs and unpacks it the same way). Vendored as ``fx_fastcache/assets/flux-mnist``.
 * ``--kind wan``: ``WanTransformer3DModel`` (the video family) on one-frame videos, patch (1, 4, 4), 6 blocks
   with cross-attention to the caption tokens (as PixArt), 3-D RoPE. Trained in the thirtieth session after
-  every rule was fixed, and its evaluation group (``benchmarks/peer_sweep.py --group fifth``) committed before
-  its weights existed.
+  every rule was fixed, its evaluation groups (``benchmarks/peer_sweep.py --group fifth`` / ``fifth_peers``)
+  committed before its weights existed; 3300 s gave the model vendored as ``fx_fastcache/assets/wan-mnist``.
 
 Each run writes ``report.json`` (steps, loss, classifier accuracy and Fréchet distance of 100
 samples with 20 steps) and ``samples.png`` next to the weights.

@@ -9,11 +9,12 @@ transformers trained for this project on 5,000 MNIST digits (rectified-flow obje
   ``fx_fastcache/assets/dit-mnist``.
 * ``"pixart-mnist"``: ``PixArtTransformer2DModel`` conditioned through a class -> 4 "caption"
   tokens table (``conditioning.safetensors``), vendored in ``fx_fastcache/assets/pixart-mnist``.
-* ``"sd3-mnist"``: ``SD3Transformer2DModel`` (caption tokens and a pooled vector per class) and
+* ``"sd3-mnist"``: ``SD3Transformer2DModel`` (caption tokens and a pooled vector per class),
   ``"flux-mnist"``: ``FluxTransformer2DModel`` (the same conditioning; the image packed into 4 x 4
-  pixel tokens), both trained in this repository by ``benchmarks/train_mnist_family.py``.
+  pixel tokens) and ``"wan-mnist"``: ``WanTransformer3DModel`` (caption tokens; the image is a video
+  of one frame), all three trained in this repository by ``benchmarks/train_mnist_family.py``.
 
-All four ship with the package (package data); other checkpoints trained the same way load from a
+All five ship with the package (package data); other checkpoints trained the same way load from a
 folder path, or by name from ``$FX_FASTCACHE_MODELS/<name>`` (see :func:`resolve_model_dir`).
 
 Typical use::
