@@ -65,6 +65,10 @@ _VENDORED = {"dit-mnist": _ASSETS_DIR / "dit-mnist", "pixart-mnist": _ASSETS_DIR
              "wan-mnist": _ASSETS_DIR / "wan-mnist"}
 _KINDS = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart", "SD3Transformer2DModel": "sd3",
           "FluxTransformer2DModel": "flux", "WanTransformer3DModel": "wan"}
+#: Names of the trained models shipped in the package (``load_trained(name)``).
+SHIPPED = tuple(_VENDORED)
+_CAPTIONED = ("pixart", "sd3", "flux", "wan")  # kinds conditioned through the caption-token table
+_POOLED = ("sd3", "flux")  # kinds that also take a pooled vector per class
 #: Image side of the MNIST reference models (28 x 28 digits padded to 32 x 32).
 IMAGE_SIZE = 32
 
@@ -223,10 +227,10 @@ class TrainedModel:
                 "class_labels": y,
                 "return_dict": False,
             }
-        if self.kind not in ("pixart", "sd3", "flux", "wan"):
+        if self.kind not in _CAPTIONED:
             raise ValueError(f"unknown model kind {self.kind!r}")
         # caption tokens per class from the conditioning table (SD3/Flux also take the pooled embedding)
-        if self.conditioning is None or (self.kind in ("sd3", "flux") and self.pooled is None):
+        if self.conditioning is None or (self.kind in _POOLED and self.pooled is None):
             raise ValueError(f"{self.name}: {self.kind} model has no conditioning table")
         dim_key = {"pixart": "caption_channels", "wan": "text_dim"}.get(self.kind, "joint_attention_dim")
         dim = int(getattr(self.config, dim_key))
@@ -297,7 +301,7 @@ def load_trained(
     model = model.to(device).eval()
     model.requires_grad_(False)
     conditioning = pooled = None
-    if kind in ("pixart", "sd3", "flux", "wan"):
+    if kind in _CAPTIONED:
         from safetensors.torch import load_file
 
         table = folder / "conditioning.safetensors"
@@ -305,7 +309,7 @@ def load_trained(
             raise FileNotFoundError(f"{folder}: {kind} model without conditioning.safetensors")
         tables = load_file(str(table))
         conditioning = tables["txt.weight"].to(device=device, dtype=dtype)
-        if kind in ("sd3", "flux"):
+        if kind in _POOLED:
             pooled = tables["pooled.weight"].to(device=device, dtype=dtype)
     logger.info("loaded %s (%s) from %s as %s on %s", name_or_path, kind, folder, dtype, device)
     return TrainedModel(

@@ -20,10 +20,12 @@ import torch
 import torch.nn as nn
 
 from fx_fastcache.quiet import library_noise_silenced
-from fx_fastcache.trained import load_trained
+from fx_fastcache.trained import SHIPPED, load_trained
 from fx_fastcache.zoo import TINY, make_tiny
 
-TRAINED = ("dit-mnist", "pixart-mnist", "sd3-mnist", "flux-mnist", "wan-mnist")
+TRAINED = SHIPPED
+#: ``--model`` help of the commands that take any model.
+MODEL_HELP = f"{', '.join(TRAINED)}, a tiny-* model (tiny-dit, tiny-pixart, ...) or a diffusers folder"
 
 
 class CLIError(Exception):

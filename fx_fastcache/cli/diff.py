@@ -6,6 +6,7 @@ import sys
 
 import fx_fastcache as fastcache
 from fx_fastcache.cli.common import (
+    MODEL_HELP,
     CLIError,
     check_model_name,
     positive_int,
@@ -22,7 +23,7 @@ from fx_fastcache.inspect_graph import (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model",
-                   help="dit-mnist, pixart-mnist, sd3-mnist, flux-mnist, wan-mnist, a tiny-* model (tiny-dit, tiny-pixart, ...) or a diffusers folder")
+                   help=MODEL_HELP)
     p.add_argument("--format", choices=("text", "html"), default="text", help="text report (default) or HTML page")
     p.add_argument("--out", default=None, help="write the report here (default: stdout for text, "
                                                  "fx-fastcache-diff-MODEL.html for html)")

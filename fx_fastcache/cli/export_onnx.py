@@ -5,6 +5,7 @@ import argparse
 
 import fx_fastcache as fastcache
 from fx_fastcache.cli.common import (
+    MODEL_HELP,
     CLIError,
     check_model_name,
     positive_int,
@@ -21,7 +22,7 @@ from fx_fastcache.fallbacks import FALLBACKS
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="dit-mnist, pixart-mnist, sd3-mnist, flux-mnist, wan-mnist, a tiny-* model (tiny-dit, tiny-pixart, ...) or a diffusers folder")
+                   help=MODEL_HELP)
     p.add_argument("--schedule", required=True, help="schedule JSON from `fx-fastcache schedule`")
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--batch", type=positive_int, default=None,

@@ -6,6 +6,7 @@ import argparse
 import fx_fastcache as fastcache
 from fx_fastcache.calibration import read_calibration_file
 from fx_fastcache.cli.common import (
+    MODEL_HELP,
     CLIError,
     check_model_name,
     non_negative_float,
@@ -37,7 +38,7 @@ SAVE_TABLE_HINT = ("to save the table a model replays (the plan of a calibrated 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="dit-mnist, pixart-mnist, sd3-mnist, flux-mnist, wan-mnist, a tiny-* model (tiny-dit, tiny-pixart, ...) or a diffusers folder")
+                   help=MODEL_HELP)
     p.add_argument("--out", required=True, help="schedule JSON to write")
     p.add_argument("--steps", type=_steps, default=20, help="sampling steps per generation (default 20, at most 1024)")
     p.add_argument("--generations", type=positive_int, default=2, help="recorded generations; a block is skipped at a step where at least half of them skipped it")
