@@ -327,3 +327,66 @@ def test_noise_steps_lowpass_keeps_smooth_slopes():
     assert float(low.max()) < 0.1 and float(low.sum()) > 0.5  # spread out, not removed
     with pytest.raises(ValueError, match="image-shaped"):
         ns.lowpass(torch.zeros(2, 3))
+
+
+class _ToyTrained:
+    """Stands in for :class:`fx_fastcache.trained.TrainedModel` with a cheap nonlinear velocity."""
+
+    in_channels, sample_size, dtype, device = 1, 4, torch.float32, torch.device("cpu")
+
+    def model(self, hidden_states, timestep, class_labels, return_dict=False):
+        return (torch.tanh(hidden_states * (1 + timestep.view(-1, 1, 1, 1) / 1000) + 0.1 * class_labels.view(-1, 1, 1, 1)),)
+
+    def call_kwargs(self, x, sigma, y):
+        s = torch.as_tensor(sigma, dtype=torch.float32).expand(len(x))
+        return {"hidden_states": x, "timestep": s * 1000, "class_labels": y, "return_dict": False}
+
+    def unpack_output(self, out):
+        return out
+
+
+def test_fitted_solver_starts_as_the_forecast_rule():
+    """benchmarks/fitted_solver.py's interval rule at ``--init lin`` gives the images of the forecast rule
+    (output_forecasts.py's ``lin``) on the same plan, and its frozen-velocity replay of a run gives that run."""
+    from fx_fastcache.trained import sample
+
+    fs, of = _script("fitted_solver"), _script("output_forecasts")
+    tm, plan, seeds, classes = _ToyTrained(), [0, 1, 3, 8, 13, 18], [3, 4], [1, 7]
+    letters = "".join("F" if i in plan else "S" for i in range(20))
+    ref = sample(tm, classes, seeds, steps=20, model=of.PlannedRows(tm.model, letters, "lin", "lin"))
+    solver = fs.FittedSolver(plan, torch.linspace(1.0, 0.0, 21), 3, "lin", False)
+    x0, y = fs.noise(tm, seeds), torch.tensor(classes)
+    rec = []
+    with torch.no_grad():
+        out = solver(tm, x0, y, record=rec)
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(solver(tm, x0, y, frozen=[(v, x, 0.0) for v, x in rec]), ref)
+    assert not torch.allclose(out, sample(tm, classes, seeds, steps=20))  # the rule is not the full run
+
+
+@pytest.mark.parametrize("args,words", [(["--plan", "1,2,3"], "1,2,3"), (["--plan", "0,3,2"], "0,3,2"),
+                                        (["--plan", "0,5,20"], "0,5,20"),
+                                        (["--plan", "0,1", "--base", "library", "--frozen", "2"], "--frozen"),
+                                        (["--plan", "0,1", "--drift", "2"], "--base library")])
+def test_fitted_solver_refuses_bad_arguments(args, words, capsys):
+    with pytest.raises(SystemExit):
+        _script("fitted_solver").main(args)
+    assert words in capsys.readouterr().err
+
+
+def test_fitted_solver_correction_starts_as_the_library_rules(monkeypatch):
+    """``--base library`` with a zero correction gives output_forecasts.py's emulation of the library (noise forecast
+    + drift correction); a nonzero correction moves every image."""
+    from fx_fastcache.trained import sample
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # rows() imports output_forecasts as the script does
+    fs, of = _script("fitted_solver"), _script("output_forecasts")
+    tm, plan, seeds, classes = _ToyTrained(), [0, 1, 3, 8, 13, 18], [3, 4], [1, 7]
+    letters = "".join("F" if i in plan else "S" for i in range(20))
+    ref = sample(tm, classes, seeds, steps=20, model=of.PlannedRows(tm.model, letters, "epsl", "lin", 2.0))
+    corr = fs.CorrectedRows(plan, torch.linspace(1.0, 0.0, 21), 3, 2.0)
+    torch.testing.assert_close(sample(tm, classes, seeds, steps=20, model=corr.rows(tm.model)), ref)
+    with torch.no_grad():
+        corr.e.fill_(0.05)
+    moved = sample(tm, classes, seeds, steps=20, model=corr.rows(tm.model))
+    assert ((moved - ref).flatten(1).abs().amax(1) > 1e-3).all()
