@@ -160,6 +160,23 @@ def loss_of(out: torch.Tensor, ref: torch.Tensor, worst: float) -> tuple[torch.T
     return loss, err
 
 
+def adam_fit(params, generate, ref: torch.Tensor, a) -> None:
+    """``a.iters`` Adam steps (learning rate ``a.lr``) on :func:`loss_of` of ``generate()`` against ``ref``, printing
+    the calibration PSNR every ten.  (L-BFGS with a line search stalled at the start: the clamp to [−1, 1] flattens
+    the loss.)"""
+    opt = torch.optim.Adam(params, lr=a.lr)
+    t0 = time.perf_counter()
+    for it in range(a.iters):
+        opt.zero_grad()
+        loss, err = loss_of(generate(), ref, a.worst)
+        loss.backward()
+        opt.step()
+        if it % 10 == 0 or it == a.iters - 1:
+            db = -10 * err / math.log(10) + 10 * math.log10(4)  # PSNR at peak 2 from the log squared error
+            print(f"  iter {it}: calibration mean {db.mean().item():.2f} dB, worst {db.min().item():.2f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
 def fit_frozen(solver: FittedSolver, tm, cal, a) -> None:
     """Fit without differentiating through the model: run the calibration images once (no gradient),
     keep the computed steps' velocities, fit the rules to those frozen velocities (the final images are
@@ -224,17 +241,7 @@ def fit_on_library(tm, plan, sig, cal, ev, more, a, replaced) -> None:
         evaluate(f"+ correction loaded from {a.load}")
         return
     evaluate("alone")
-    opt = torch.optim.Adam(corr.parameters(), lr=a.lr)
-    t0 = time.perf_counter()
-    for it in range(a.iters):
-        opt.zero_grad()
-        loss, err = loss_of(generate(cal, grad=True), cal[2], a.worst)
-        loss.backward()
-        opt.step()
-        if it % 10 == 0 or it == a.iters - 1:
-            print(f"  iter {it}: calibration mean {-10 * err.mean().item() / math.log(10) + 10 * math.log10(4):.2f} dB, "
-                  f"worst {-10 * err.max().item() / math.log(10) + 10 * math.log10(4):.2f} ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
+    adam_fit(corr.parameters(), lambda: generate(cal, grad=True), cal[2], a)
     evaluate("+ fitted correction")
     if a.save:
         torch.save(corr.state_dict(), a.save)
@@ -321,17 +328,7 @@ def main(argv=None) -> None:
         fit_frozen(solver, tm, cal, a)
         evaluate(f"fitted on frozen velocities, {a.frozen} rounds")
         return
-    opt = torch.optim.Adam(solver.parameters(), lr=a.lr)  # L-BFGS with a line search stalled at the start
-    t0 = time.perf_counter()
-    for it in range(a.iters):
-        opt.zero_grad()
-        loss, err = loss_of(solver(tm, cal[0], cal[1]), cal[2], a.worst)
-        loss.backward()
-        opt.step()
-        if it % 10 == 0 or it == a.iters - 1:
-            print(f"  iter {it}: calibration mean {-10 * err.mean().item() / math.log(10) + 10 * math.log10(4):.2f} dB, "
-                  f"worst {-10 * err.max().item() / math.log(10) + 10 * math.log10(4):.2f} ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
+    adam_fit(solver.parameters(), lambda: solver(tm, cal[0], cal[1]), cal[2], a)
     evaluate("fitted")
     if a.save:
         torch.save(solver.state_dict(), a.save)
