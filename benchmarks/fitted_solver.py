@@ -21,8 +21,7 @@ uncached 20-step image (the mean PSNR), optionally with a soft maximum that weig
     python benchmarks/fitted_solver.py --model wan-mnist --plan 0,1,3,8,13,18
 
 ``--init lin`` starts from the forecast rule (linear in σ through the last two computed steps), ``--init hold``
-from a held velocity.  ``--sigma`` also fits the noise level the model is told at each computed step after the
-first (a learned time, as in learned-discretisation samplers).  ``--base library --drift β`` instead keeps the
+from a held velocity.  ``--base library --drift β`` instead keeps the
 library's rules (the noise forecast and the drift correction, as ``output_forecasts.py`` emulates them) and fits
 a correction of the same form added to them, zero at the start, so the fit starts from the library's images.
 ``--frozen R`` fits without differentiating through the model (R generations, the rules fitted to each one's
@@ -78,23 +77,23 @@ def lin_coefficients(plan: list[int], sig: torch.Tensor, m: int) -> torch.Tensor
 class FittedSolver(torch.nn.Module):
     """The plan's computed steps with fitted interval rules (see the module docstring)."""
 
-    def __init__(self, plan: list[int], sig: torch.Tensor, m: int, init: str, fit_sigma: bool) -> None:
+    def __init__(self, plan: list[int], sig: torch.Tensor, m: int, init: str) -> None:
         super().__init__()
         self.plan, self.sig, self.m = plan, sig, m
         c = lin_coefficients(plan, sig, m) if init == "lin" else torch.eye(1, m).expand(len(plan), m).clone()
         self.c = torch.nn.Parameter(c)
         self.g = torch.nn.Parameter(torch.zeros(len(plan)))
-        self.ds = torch.nn.Parameter(torch.zeros(len(plan))) if fit_sigma else None
         self.checkpoint = False
 
-    def forward(self, tm, x: torch.Tensor, y: torch.Tensor, frozen: list[torch.Tensor] | None = None,
-                record: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """The final images; ``frozen``: the computed steps' velocities of an earlier run, used instead of
-        calling the model; ``record``: a list the computed velocities are appended to."""
+    def forward(self, tm, x: torch.Tensor, y: torch.Tensor, frozen: list[tuple] | None = None,
+                record: list[tuple] | None = None) -> torch.Tensor:
+        """The final images.  ``frozen``: per computed step, ``(velocity, latent, slope)`` of an earlier run, used
+        instead of calling the model (the velocity moved with the latent by the slope); ``record``: a list each
+        computed step's ``(velocity, latent)`` is appended to."""
         vs: list[torch.Tensor] = []
         for n, j in enumerate(self.plan):
-            s = self.sig[j] + (self.ds[n] if self.ds is not None and n > 0 else 0.0)
-            if frozen is not None:  # (velocity, latent, slope): the velocity moved with the latent by the slope
+            s = self.sig[j]
+            if frozen is not None:
                 v0, x0, lam = frozen[n]
                 vs.append(v0 + lam * (x - x0))
             elif self.checkpoint and torch.is_grad_enabled():  # recomputed in the backward pass: less memory
@@ -180,7 +179,7 @@ def adam_fit(params, generate, ref: torch.Tensor, a) -> None:
 def fit_frozen(solver: FittedSolver, tm, cal, a) -> None:
     """Fit without differentiating through the model: run the calibration images once (no gradient),
     keep the computed steps' velocities, fit the rules to those frozen velocities (the final images are
-    then a cheap function of the rules), move half way there, and repeat ``a.frozen`` times.  This is what
+    then a cheap function of the rules), move ``a.step`` of the way there, and repeat ``a.frozen`` times.  This is what
     a library could do with a black-box generation."""
     prev = None
     for r in range(a.frozen):
@@ -258,7 +257,6 @@ def main(argv=None) -> None:
     ap.add_argument("--base", default="none", choices=("none", "library"),
                     help="library: fit a correction added to the library's rules (noise forecast + drift) instead")
     ap.add_argument("--drift", type=float, default=0.0, help="--base library: the drift damping β")
-    ap.add_argument("--sigma", action="store_true", help="also fit the noise level told to the model")
     ap.add_argument("--calibration", type=int, default=32, help="calibration images (seeds 0..N-1)")
     ap.add_argument("--unseen", type=int, default=0, help="also report this many more unseen images (seeds 100..)")
     ap.add_argument("--iters", type=int, default=150)
@@ -267,7 +265,7 @@ def main(argv=None) -> None:
                     help="temperature of a soft maximum of the per-image log error added to the loss (0: mean only)")
     ap.add_argument("--frozen", type=int, default=0, metavar="ROUNDS",
                     help="fit on frozen velocities instead of through the model, this many generations")
-    ap.add_argument("--jacobian", default="sigma", choices=("none", "sigma", "fit"),
+    ap.add_argument("--jacobian", default="none", choices=("none", "sigma", "fit"),
                     help="--frozen: how a velocity follows its latent: not at all, as 1/σ (the predicted clean "
                          "image held), or a slope per step fitted across rounds (1/σ in the first)")
     ap.add_argument("--inner", type=int, default=300, help="--frozen: gradient steps per round")
@@ -284,9 +282,11 @@ def main(argv=None) -> None:
         ap.error(f"--plan {a.plan!r}: increasing step indices from 0, below {STEPS}")
     if a.m < 1:
         ap.error(f"--m {a.m}: at least 1")
-    if a.base == "library" and (a.frozen or a.sigma or a.checkpoint or a.init != "lin"):
-        ap.error("--base library fits its correction through the model from zero: drop --frozen, --sigma, "
+    if a.base == "library" and (a.frozen or a.checkpoint or a.init != "lin"):
+        ap.error("--base library fits its correction through the model from zero: drop --frozen, "
                  "--checkpoint and --init")
+    if a.jacobian != "none" and not a.frozen:
+        ap.error(f"--jacobian {a.jacobian}: only with --frozen R")
     if a.base == "none" and a.drift:
         ap.error(f"--drift {a.drift}: only with --base library (the fitted rules replace the drift correction)")
     torch.set_num_threads(a.threads)
@@ -304,7 +304,7 @@ def main(argv=None) -> None:
     if a.base == "library":
         fit_on_library(tm, plan, sig, cal, ev, more, a, replaced)
         return
-    solver = FittedSolver(plan, sig, a.m, a.init, a.sigma)
+    solver = FittedSolver(plan, sig, a.m, a.init)
     solver.checkpoint = a.checkpoint
 
     def evaluate(what: str) -> None:
@@ -323,8 +323,6 @@ def main(argv=None) -> None:
         return
     evaluate(f"init={a.init}")
     if a.frozen:
-        if a.sigma:
-            ap.error("--frozen fits the rules only, not --sigma")
         fit_frozen(solver, tm, cal, a)
         evaluate(f"fitted on frozen velocities, {a.frozen} rounds")
         return
@@ -333,7 +331,7 @@ def main(argv=None) -> None:
     if a.save:
         torch.save(solver.state_dict(), a.save)
     torch.set_printoptions(precision=3, sci_mode=False)
-    print("c =", solver.c.data, "\ng =", solver.g.data, *(("\nds =", solver.ds.data) if solver.ds is not None else ()))
+    print("c =", solver.c.data, "\ng =", solver.g.data)
 
 
 if __name__ == "__main__":

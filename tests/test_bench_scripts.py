@@ -354,7 +354,7 @@ def test_fitted_solver_starts_as_the_forecast_rule():
     tm, plan, seeds, classes = _ToyTrained(), [0, 1, 3, 8, 13, 18], [3, 4], [1, 7]
     letters = "".join("F" if i in plan else "S" for i in range(20))
     ref = sample(tm, classes, seeds, steps=20, model=of.PlannedRows(tm.model, letters, "lin", "lin"))
-    solver = fs.FittedSolver(plan, torch.linspace(1.0, 0.0, 21), 3, "lin", False)
+    solver = fs.FittedSolver(plan, torch.linspace(1.0, 0.0, 21), 3, "lin")
     x0, y = fs.noise(tm, seeds), torch.tensor(classes)
     rec = []
     with torch.no_grad():
@@ -367,7 +367,8 @@ def test_fitted_solver_starts_as_the_forecast_rule():
 @pytest.mark.parametrize("args,words", [(["--plan", "1,2,3"], "1,2,3"), (["--plan", "0,3,2"], "0,3,2"),
                                         (["--plan", "0,5,20"], "0,5,20"),
                                         (["--plan", "0,1", "--base", "library", "--frozen", "2"], "--frozen"),
-                                        (["--plan", "0,1", "--drift", "2"], "--base library")])
+                                        (["--plan", "0,1", "--drift", "2"], "--base library"),
+                                        (["--plan", "0,1", "--jacobian", "fit"], "--frozen")])
 def test_fitted_solver_refuses_bad_arguments(args, words, capsys):
     with pytest.raises(SystemExit):
         _script("fitted_solver").main(args)
@@ -400,7 +401,7 @@ def test_fitted_solver_fit_lowers_the_calibration_error():
 
     fs = _script("fitted_solver")
     tm, plan, seeds, classes = _ToyTrained(), [0, 1, 3, 8, 13, 18], [3, 4, 5, 6], [1, 7, 2, 0]
-    solver = fs.FittedSolver(plan, torch.linspace(1.0, 0.0, 21), 3, "lin", False)
+    solver = fs.FittedSolver(plan, torch.linspace(1.0, 0.0, 21), 3, "lin")
     x0, y, ref = fs.noise(tm, seeds), torch.tensor(classes), sample(tm, classes, seeds, steps=20)
     with torch.no_grad():
         before, _ = fs.loss_of(solver(tm, x0, y), ref, 0.0)
