@@ -271,8 +271,8 @@ def main(argv=None) -> None:
     ap.add_argument("--inner", type=int, default=300, help="--frozen: gradient steps per round")
     ap.add_argument("--step", type=float, default=0.5, help="--frozen: share of each round's move taken")
     ap.add_argument("--checkpoint", action="store_true",
-                    help="recompute each model call in the backward pass (more time, less memory: DiT on 32 "
-                         "calibration images ran out of 24 GB without it)")
+                    help="recompute each model call in the backward pass (more time, less memory: DiT and "
+                         "PixArt on 32 calibration images, side by side, ran out of 24 GB without it)")
     ap.add_argument("--save", default=None, help="save the fitted rules (a state dict) to this path")
     ap.add_argument("--load", default=None, help="evaluate the rules saved at this path instead of fitting")
     ap.add_argument("--threads", type=int, default=1)
