@@ -224,7 +224,7 @@ def fit_on_library(tm, plan, sig, cal, ev, more, a, replaced) -> None:
         fn = sample.__wrapped__ if grad else sample
         return fn(tm, y.tolist(), seeds, steps=STEPS, model=corr.rows(tm.model))
 
-    data_seeds = {id(cal): list(range(a.calibration)), id(ev): list(range(1000, 1016))}
+    data_seeds = {id(cal): list(range(a.calibration_first, a.calibration_first + a.calibration)), id(ev): list(range(1000, 1016))}
     if more is not None:
         data_seeds[id(more)] = list(range(100, 100 + a.unseen))
 
@@ -257,7 +257,8 @@ def main(argv=None) -> None:
     ap.add_argument("--base", default="none", choices=("none", "library"),
                     help="library: fit a correction added to the library's rules (noise forecast + drift) instead")
     ap.add_argument("--drift", type=float, default=0.0, help="--base library: the drift damping β")
-    ap.add_argument("--calibration", type=int, default=32, help="calibration images (seeds 0..N-1)")
+    ap.add_argument("--calibration", type=int, default=32, help="calibration images (seeds from --calibration-first)")
+    ap.add_argument("--calibration-first", type=int, default=0, help="first calibration seed")
     ap.add_argument("--unseen", type=int, default=0, help="also report this many more unseen images (seeds 100..)")
     ap.add_argument("--iters", type=int, default=150)
     ap.add_argument("--lr", type=float, default=0.01, help="Adam's learning rate")
@@ -289,6 +290,10 @@ def main(argv=None) -> None:
         ap.error(f"--jacobian {a.jacobian}: only with --frozen R")
     if a.base == "none" and a.drift:
         ap.error(f"--drift {a.drift}: only with --base library (the fitted rules replace the drift correction)")
+    if (a.calibration_first <= 1015 and a.calibration_first + a.calibration > 1000) or (
+            a.unseen and a.calibration_first < 100 + a.unseen and 100 < a.calibration_first + a.calibration):
+        ap.error(f"--calibration-first {a.calibration_first}: the calibration seeds overlap the evaluation seeds "
+                 f"(1000-1015) or the unseen ones (from 100)")
     torch.set_num_threads(a.threads)
     tm = load_trained(a.model)
     sig = torch.linspace(1.0, 0.0, STEPS + 1)
@@ -299,7 +304,7 @@ def main(argv=None) -> None:
         y = torch.tensor([i % 10 for i in range(count)])
         return noise(tm, seeds), y, sample(tm, y.tolist(), seeds, steps=STEPS)
 
-    cal, ev = images(0, a.calibration), images(1000, 16)
+    cal, ev = images(a.calibration_first, a.calibration), images(1000, 16)
     more = images(100, a.unseen) if a.unseen else None
     if a.base == "library":
         fit_on_library(tm, plan, sig, cal, ev, more, a, replaced)

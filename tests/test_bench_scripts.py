@@ -368,7 +368,9 @@ def test_fitted_solver_starts_as_the_forecast_rule():
                                         (["--plan", "0,5,20"], "0,5,20"),
                                         (["--plan", "0,1", "--base", "library", "--frozen", "2"], "--frozen"),
                                         (["--plan", "0,1", "--drift", "2"], "--base library"),
-                                        (["--plan", "0,1", "--jacobian", "fit"], "--frozen")])
+                                        (["--plan", "0,1", "--jacobian", "fit"], "--frozen"),
+                                        (["--plan", "0,1", "--calibration-first", "990"], "overlap"),
+                                        (["--plan", "0,1", "--calibration-first", "90", "--unseen", "8"], "overlap")])
 def test_fitted_solver_refuses_bad_arguments(args, words, capsys):
     with pytest.raises(SystemExit):
         _script("fitted_solver").main(args)
