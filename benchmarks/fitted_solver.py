@@ -40,37 +40,26 @@ import torch
 import torch.utils.checkpoint
 
 from fx_fastcache.bench.metrics import psnr
-from fx_fastcache.trained import NULL_CLASS, load_trained, sample
+from fx_fastcache.trained import _initial_noise, guided_velocity, load_trained, sample
 
 STEPS = 20
 
 
-def guided_velocity(tm, x: torch.Tensor, s: torch.Tensor, y: torch.Tensor, cfg: float = 2.0) -> torch.Tensor:
-    """The sampler's guided velocity at latents ``x`` and noise level ``s`` (batched CFG, as
-    :func:`fx_fastcache.trained.sample`)."""
-    c = tm.in_channels
-    xx = torch.cat([x, x])
-    yy = torch.cat([y, torch.full_like(y, NULL_CLASS)])
-    out = tm.unpack_output(tm.model(**tm.call_kwargs(xx, s.expand(len(xx)), yy))[0])[:, :c]
-    v_c, v_u = out.chunk(2)
-    return v_u + cfg * (v_c - v_u)
+def interval_end(plan: list[int], n: int, steps: int) -> int:
+    """The step after the ``n``-th computed step's interval: the next computed step, or ``steps`` (σ = 0)."""
+    return plan[n + 1] if n + 1 < len(plan) else steps
 
 
 def lin_coefficients(plan: list[int], sig: torch.Tensor, m: int) -> torch.Tensor:
     """``c`` of the forecast rule: each skipped step ``k`` after computed steps ``p < j`` hands the sampler
     ``V_j + (σ_k − σ_j) / (σ_j − σ_p) · (V_j − V_p)``; summed over the interval, per unit of σ."""
     c = torch.zeros(len(plan), m)
-    for n, j in enumerate(plan):
-        j2 = plan[n + 1] if n + 1 < len(plan) else len(sig) - 1
-        total = float(sig[j2] - sig[j])
-        r = 0.0
-        if n > 0 and m > 1:
-            p = plan[n - 1]
-            r = sum(float(sig[k + 1] - sig[k]) * float(sig[k] - sig[j]) / float(sig[j] - sig[p])
-                    for k in range(j + 1, j2)) / total
-        c[n, 0] = 1 + r
-        if n > 0 and m > 1:
-            c[n, 1] = -r
+    c[:, 0] = 1  # a held velocity, where there is no earlier computed step (or m = 1)
+    for n, j in enumerate(plan[1:] if m > 1 else [], start=1):
+        j2, p = interval_end(plan, n, len(sig) - 1), plan[n - 1]
+        r = sum(float(sig[k + 1] - sig[k]) * float(sig[k] - sig[j]) / float(sig[j] - sig[p])
+                for k in range(j + 1, j2)) / float(sig[j2] - sig[j])
+        c[n, 0], c[n, 1] = 1 + r, -r
     return c
 
 
@@ -102,7 +91,7 @@ class FittedSolver(torch.nn.Module):
                 vs.append(guided_velocity(tm, x, s, y))
             if record is not None:
                 record.append((vs[-1].detach(), x.detach()))
-            j2 = self.plan[n + 1] if n + 1 < len(self.plan) else len(self.sig) - 1
+            j2 = interval_end(self.plan, n, len(self.sig) - 1)
             comb = sum(self.c[n, i] * vs[-1 - i] for i in range(min(self.m, len(vs))))
             x = x + (self.sig[j2] - self.sig[j]) * comb + self.g[n] * x
         return x.clamp(-1, 1)
@@ -135,7 +124,7 @@ class CorrectedRows(torch.nn.Module):
             if i in self.plan:
                 n = self.plan.index(i)
                 vs.append(base.hu[-1]["v"] + self.cfg * (base.hc[-1]["v"] - base.hu[-1]["v"]))
-                j2 = self.plan[n + 1] if n + 1 < len(self.plan) else len(self.sig) - 1
+                j2 = interval_end(self.plan, n, len(self.sig) - 1)
                 state.update(n=n, x=kw["hidden_states"][: len(out) // 2], span=self.sig[j2] - self.sig[i])
             n = state["n"]
             delta = sum(self.d[n, k] * vs[-1 - k] for k in range(min(self.m, len(vs)))) + self.e[n] * state["x"] / state["span"]
@@ -145,8 +134,8 @@ class CorrectedRows(torch.nn.Module):
 
 
 def noise(tm, seeds: list[int]) -> torch.Tensor:
-    c, hw = tm.in_channels, tm.sample_size
-    return torch.cat([torch.randn((1, c, hw, hw), generator=torch.Generator().manual_seed(s)) for s in seeds])
+    """The initial latents :func:`sample` draws for ``seeds``."""
+    return _initial_noise(seeds, (tm.in_channels, tm.sample_size, tm.sample_size), tm.device, tm.dtype)
 
 
 def loss_of(out: torch.Tensor, ref: torch.Tensor, worst: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,13 +209,9 @@ def fit_on_library(tm, plan, sig, cal, ev, more, a, replaced) -> None:
     corr = CorrectedRows(plan, sig, a.m, a.drift)
 
     def generate(data, grad: bool = False) -> torch.Tensor:
-        y, seeds = data[1], data_seeds[id(data)]
+        _, y, _, seeds = data
         fn = sample.__wrapped__ if grad else sample
         return fn(tm, y.tolist(), seeds, steps=STEPS, model=corr.rows(tm.model))
-
-    data_seeds = {id(cal): list(range(a.calibration_first, a.calibration_first + a.calibration)), id(ev): list(range(1000, 1016))}
-    if more is not None:
-        data_seeds[id(more)] = list(range(100, 100 + a.unseen))
 
     def evaluate(what: str) -> None:
         parts = [f"{name} {q.mean():.2f} ({q.min():.2f})" for name, q in
@@ -302,7 +287,7 @@ def main(argv=None) -> None:
     def images(first: int, count: int):
         seeds = list(range(first, first + count))
         y = torch.tensor([i % 10 for i in range(count)])
-        return noise(tm, seeds), y, sample(tm, y.tolist(), seeds, steps=STEPS)
+        return noise(tm, seeds), y, sample(tm, y.tolist(), seeds, steps=STEPS), seeds
 
     cal, ev = images(a.calibration_first, a.calibration), images(1000, 16)
     more = images(100, a.unseen) if a.unseen else None

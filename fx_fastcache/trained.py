@@ -342,6 +342,29 @@ def shifted_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)  # shift 1: u exactly
 
 
+def guided_velocity(
+    tm: TrainedModel,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    y: torch.Tensor,
+    cfg: float = 2.0,
+    model: Callable[..., Any] | None = None,
+) -> torch.Tensor:
+    """The velocity :func:`sample` steps with at latents ``x`` (B, C, H, W) and noise level ``sigma`` (shape () or
+    (B,)): one call of ``model`` (default ``tm.model``) on the batch doubled as ``[cond, uncond]`` (null class
+    :data:`NULL_CLASS`), ``v_u + cfg * (v_c - v_u)`` of its first ``C`` output channels.  Differentiable (the
+    benchmarks fit through it)."""
+    fn = model if model is not None else tm.model
+    c = tm.in_channels
+    s = sigma.expand(len(y))
+    out = tm.unpack_output(fn(**tm.call_kwargs(torch.cat([x, x]), torch.cat([s, s]),
+                                               torch.cat([y, torch.full_like(y, NULL_CLASS)])))[0])
+    if out.shape[1] != c:  # learned-sigma layouts: velocity is the first C channels
+        out = out[:, :c]
+    v_c, v_u = out.chunk(2)
+    return v_u + cfg * (v_c - v_u)
+
+
 @torch.no_grad()
 def sample(
     tm: TrainedModel,
@@ -406,15 +429,7 @@ def sample(
 
         iterator = tqdm(iterator, total=steps, desc=desc or f"sampling {tm.name}", unit="step")
     for i in iterator:
-        s = sig[i].expand(len(y))
-        xx = torch.cat([x, x])
-        yy = torch.cat([y, torch.full_like(y, NULL_CLASS)])
-        ss = torch.cat([s, s])
-        out = tm.unpack_output(fn(**tm.call_kwargs(xx, ss, yy))[0])
-        if out.shape[1] != c:  # learned-sigma layouts: velocity is the first C channels
-            out = out[:, :c]
-        v_c, v_u = out.chunk(2)
-        v = v_u + cfg * (v_c - v_u)
+        v = guided_velocity(tm, x, sig[i], y, cfg, fn)
         x = x + (sig[i + 1] - sig[i]) * v
         if on_step is not None:
             on_step(i)
