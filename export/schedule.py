@@ -217,7 +217,11 @@ def identity_meta(model: nn.Module) -> dict[str, Any]:
 
 def replay_config(schedule: Schedule):
     """The config a replay uses: the recorded one with ``policy="schedule"`` and no warm-up or skip cap."""
-    return FastCacheConfig.from_dict(schedule.config).replace(policy="schedule", warmup_steps=0, max_skip_steps=0)
+    config = FastCacheConfig.from_dict(schedule.config)
+    if config.output_rule != "none":  # (a replay has no plan to fit it for, and export carries no rule state)
+        raise ValueError(f"output_rule={config.output_rule!r} is not supported by export or schedule replay (its "
+                         f"state is not carried as explicit inputs); optimize with output_rule='none' to export")
+    return config.replace(policy="schedule", warmup_steps=0, max_skip_steps=0)
 
 
 def optimize_with_schedule(model: nn.Module, schedule: Schedule, backend: str = "eager", blocks: Any = None,

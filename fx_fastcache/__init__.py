@@ -11,6 +11,7 @@ from __future__ import annotations
 from .api import (
                   calibrate,
                   configure,
+                  fit_output_rule,
                   get_cache_statistics,
                   load_calibration,
                   measure_sensitivity,
@@ -30,5 +31,5 @@ __version__ = "0.1.0"
 
 __all__ = ["FastCacheConfig", "FastCacheModule", "BlockListSpec", "optimize", "calibrate", "save_calibration", "load_calibration",
            "get_cache_statistics", "reset", "configure", "set_schedule", "measure_sensitivity", "protect_steps",
-           "search_plan", "enable_fastcache",
+           "search_plan", "fit_output_rule", "enable_fastcache",
            "disable_fastcache", "__version__"]

@@ -22,7 +22,7 @@ from .config import FastCacheConfig
 from .fallbacks import FALLBACKS
 from .module import FastCacheModule, calibration_conflict
 from .pipelines import TRANSFORMERS, check_sampler, optimized_module, optimized_modules
-from .policies import POLICIES
+from .policies import POLICIES, rule_fit
 from .runtime.clock import repeat_message
 from .runtime.routing import spatial_counts
 
@@ -185,6 +185,30 @@ def search_plan(opt: Any, generate: Callable[[], torch.Tensor], fractions: Seque
     opt = optimized_module(opt, "search_plan")
     policy = POLICIES[opt.fastcache_config.policy]
     return policy.search_plan(opt, generate, fractions, data_range, max_runs, objective)
+
+
+@_outside_inference_mode
+def fit_output_rule(opt: Any, generate: Callable[[], torch.Tensor], fractions: Sequence[float] | None = None,
+                    iters: int = 100, lr: float = 0.01, checkpoint: bool = True, data_range: float | None = None,
+                    objective: str = "mean") -> dict[float, dict[str, float | bool]]:
+    """``output_rule="fitted"``: fit, for each fraction's plan, the linear rule that makes every step's output from
+    the computed steps' outputs and latent, by gradient descent through the whole sampler (optional, after
+    ``calibrate`` and ``search_plan``, which changes the plans a rule is fitted for).
+
+    ``generate()`` runs one whole generation on calibration inputs (fixed seeds, e.g. 16 to 32 of them; not your
+    evaluation seeds) **with gradients enabled**, calling the optimized model once per step, and returns its final
+    output, batch first: a diffusers pipeline's ``__call__`` and ``fx_fastcache.trained.sample`` run under
+    ``torch.no_grad()``, so call their ``__wrapped__`` (``pipe.__call__.__wrapped__(pipe, ...)``).  It is called once
+    uncached (the target), ``iters`` times with the rule (Adam, learning rate ``lr``; during these calls the model
+    runs eagerly at the computed steps, each call checkpointed unless ``checkpoint=False``), then twice per fraction
+    through the graph: with the rule and with the library's rules alone.  The rule is kept where it scores better
+    on ``objective`` (``"mean"`` or ``"worst_quarter"`` of the per-sample PSNRs, peak ``data_range``, default the
+    full output's max − min).  Returns ``{fraction: {"library": score, "fitted": score, "kept": bool}}``; the rules
+    are saved with the calibration.
+    """
+    opt = optimized_module(opt, "fit_output_rule")
+    return rule_fit.fit_output_rule(opt, generate, fractions, iters=iters, lr=lr, checkpoint=checkpoint,
+                                    data_range=data_range, objective=objective)
 
 
 def get_cache_statistics(opt: Any) -> dict[str, Any]:

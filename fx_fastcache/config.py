@@ -49,6 +49,9 @@ DRIFT_CORRECTIONS = ("none", "flow_euler")
 #: Values of ``FastCacheConfig.noise_forecast`` (the sampler it is made for).
 NOISE_FORECASTS = ("none", "flow_euler")
 
+#: Values of ``FastCacheConfig.output_rule``.
+OUTPUT_RULES = ("none", "fitted")
+
 #: Fields whose change only updates tensor buffers inside the captured graph.
 RUNTIME_FIELDS = frozenset(
     {"cache_ratio_threshold", "significance_level", "enable_block_approx", "warmup_steps", "max_skip_steps",
@@ -121,6 +124,13 @@ class FastCacheConfig:
             σ (1000 where the pipeline passes σ·1000, as SD3 and Wan; 1 where it passes σ, as Flux).
             ``0`` (the default): the family's value; a model whose family does not declare one must
             give it.
+        output_rule: ``"none"`` or ``"fitted"``: with ``policy="planned"``, the output at every step may be a linear
+            rule of the last three computed steps' outputs and the last computed latent, fitted end to end through the
+            sampler by :func:`fx_fastcache.fit_output_rule` per fraction, and kept where it scores better than the
+            library's rules on the calibration generations (:mod:`fx_fastcache.runtime.output_rule`).  Until it is
+            fitted the graph's output is unchanged.  Combines with ``noise_forecast`` and ``drift_correction`` (the
+            fraction uses their output where the fit lost); the model's first output must have its latents' shape.
+            Not exported to ONNX.
     """
 
     cache_ratio_threshold: float = 0.07
@@ -144,6 +154,7 @@ class FastCacheConfig:
     drift_correction: str = "none"
     noise_forecast: str = "none"
     timestep_per_sigma: float = 0.0
+    output_rule: str = "none"
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -161,7 +172,7 @@ class FastCacheConfig:
                         float(v)  # the clock holds integer fields as floats: 10**400 must fail here
                     except OverflowError:
                         raise bad(name, "expected a finite number") from None
-        for name in ("span", "fallback", "policy", "drift_correction", "noise_forecast"):
+        for name in ("span", "fallback", "policy", "drift_correction", "noise_forecast", "output_rule"):
             if not isinstance(getattr(self, name), str):
                 raise bad(name, "expected a name (a string)")
 
@@ -210,6 +221,11 @@ class FastCacheConfig:
             raise bad("noise_forecast", f"policy={self.policy!r} decides per block; the noise forecast replaces a "
                                         f"whole skipped step's output and needs one decision per step (step_forecast, "
                                         f"planned, schedule, ...)")
+        if self.output_rule not in OUTPUT_RULES:
+            raise bad("output_rule", f"choose one of {OUTPUT_RULES}")
+        if self.output_rule != "none" and self.policy != "planned":
+            raise bad("output_rule", f"policy={self.policy!r}: the fitted rule is fitted for a plan's computed steps; "
+                                     f"use policy='planned' (with target_fraction), or output_rule='none'")
         why = POLICIES[self.policy].config_error(self)
         if why is not None:
             raise bad("policy", why)

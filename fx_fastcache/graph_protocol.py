@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 __all__ = [
-    "COND", "CLONE", "CLOCK", "STEP_DECIDER", "DRIFT", "NOISE", "OUTPUT_STAGES", "DECIDE", "UPDATE", "SELECT", "Tick", "DecideArgs", "UpdateArgs",
+    "COND", "CLONE", "CLOCK", "STEP_DECIDER", "DRIFT", "NOISE", "RULE", "OUTPUT_STAGES", "DECIDE", "UPDATE", "SELECT", "Tick", "DecideArgs", "UpdateArgs",
     "RouterSelect", "guard_name", "block_branch_name", "fallback_branch_name", "compute_branch_name",
     "pred_placeholder_name", "state_update_name", "router_name", "is_state_module", "is_fastcache_module", "index_of", "val", "is_tensor", "is_contiguous",
     "contiguous_copy", "is_cond", "conds", "emit_clock", "emit_decide", "emit_update", "is_decide", "is_update",
@@ -43,8 +43,9 @@ CLOCK = "fastcache_clock"
 STEP_DECIDER = "fastcache_step"
 DRIFT = "fastcache_drift"
 NOISE = "fastcache_noise"
-#: The modules on the model's output, in graph order: the noise forecast, then the drift correction.
-OUTPUT_STAGES = (NOISE, DRIFT)
+RULE = "fastcache_output_rule"
+#: The modules on the model's output, in graph order: the noise forecast, the drift correction, the output rule.
+OUTPUT_STAGES = (NOISE, DRIFT, RULE)
 _GUARD, _BLOCK, _FALLBACK, _COMPUTE, _PRED, _STATE = (
     "fastcache_guard_", "fastcache_block_", "fastcache_fallback_", "fastcache_compute_", "fastcache_pred_",
     "fastcache_state_update_")
@@ -71,7 +72,7 @@ state_update_name = _indexed_name(_STATE)
 
 def is_state_module(name: str) -> bool:
     """Whether a submodule path of a rewritten graph holds run-time state (clock, step decider, guards,
-    drift correction, noise forecast)."""
+    drift correction, noise forecast, output rule)."""
     top = name.split(".", 1)[0]
     return top in (CLOCK, STEP_DECIDER, *OUTPUT_STAGES) or (top.startswith(_GUARD) and index_of(top) is not None)
 

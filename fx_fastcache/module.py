@@ -239,6 +239,8 @@ class FastCacheModule(nn.Module):
         self._submodules = list(model.modules())  # scanned for diffusers hooks at every call (60 µs for Flux)
         _diffusers_hooks(model, self._submodules)  # refuses foreign hooks now
         self._checked = False  # forward ran _check_model_unchanged for this call
+        #: fit_output_rule's stand-in for the graphs while it fits (fx_fastcache.policies.rule_fit), else None
+        self._emulator: Any = None
 
     # -- attribute passthrough so pipelines can read .config, .dtype, ... -------------------
     def __getattr__(self, name: str) -> Any:
@@ -691,6 +693,8 @@ class FastCacheModule(nn.Module):
     @torch._dynamo.disable(recursive=True)
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self._call_lock:  # calls from several threads, context swaps included, run one after another
+            if self._emulator is not None:  # fit_output_rule's generations: the model itself, with gradients
+                return self._emulator(*args, **kwargs)
             self._check_model_unchanged()  # before a dispatcher runs: a re-capture resets its host step
             if self._installed_in_pipeline and not self._pipeline_calls and not self._warned_outside_pipeline:
                 self._warned_outside_pipeline = True

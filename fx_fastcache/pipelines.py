@@ -169,6 +169,9 @@ def _wrapped_call(original: Any):
                 logger.warning("fx-fastcache: %s", why)
         return out
 
+    # the pipeline's own call without its torch.no_grad(): fit_output_rule's generate() runs
+    # pipe.__call__.__wrapped__(pipe, ...) with gradients (it needs no reset: the fit starts each generation)
+    __call__.__wrapped__ = getattr(original, "__wrapped__", original)
     return __call__
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch.fx as fx
 
+from .apply_output_rule import apply_output_rule
 from .cleanup import cleanup
 from .context import BlockRegion, PassContext, PassResult
 from .correct_drift import correct_drift
@@ -40,6 +41,7 @@ PIPELINE: list[tuple[str, PassFn]] = [
     ("merge_tokens", merge_tokens),
     ("forecast_noise", forecast_noise),
     ("correct_drift", correct_drift),
+    ("apply_output_rule", apply_output_rule),
     ("pin_cond_operands", pin_cond_operands),
     ("cleanup", cleanup),
 ]

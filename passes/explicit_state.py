@@ -183,6 +183,10 @@ def explicit_state(gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule
         raise ValueError(f"drift_correction={ctx.config.drift_correction!r} is not supported by export (its state is "
                          f"not carried as explicit inputs); optimize with drift_correction='none' to export")
 
+    if hasattr(gm, gp.RULE):
+        raise ValueError(f"output_rule={ctx.config.output_rule!r} is not supported by export (its state is not "
+                         f"carried as explicit inputs); optimize with output_rule='none' to export")
+
     with library_noise_silenced():  # deepcopy of the pytree specs: torch's LeafSpec FutureWarning
         new = copy.deepcopy(gm)
     g = new.graph

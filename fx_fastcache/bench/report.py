@@ -215,7 +215,8 @@ def family(run: dict[str, Any]) -> str:
         return f"ours {run['policy']}+{run['fallback']}" + (" (sensitivity)" if run.get("sensitivity") else "") + (
             f" (protect {run['protect_db']:g} dB)" if run.get("protect_db") else "") + (
             " + drift" if run.get("drift_correction") else "") + (
-            " + noise" if run.get("noise_forecast") else "") + search_column(run)
+            " + noise" if run.get("noise_forecast") else "") + search_column(run) + (
+            " + fitted rule" if run.get("output_rule_fit") else "")
     return run["kind"]
 
 

@@ -80,6 +80,8 @@ FASTCACHE_OPTIONS: dict[str, tuple[str, str]] = {
     "noise": ("1", "noise forecast"),
     "search": ("1|OBJECTIVE", f"search_plan; OBJECTIVE in {sorted(SEARCH_OBJECTIVES)}"),
     "search_images": ("N", "N >= 2"),
+    "fit": ("ITERS", "fit_output_rule with ITERS Adam steps on the search images, e.g. 150"),
+    "fit_lr": ("LR", "its learning rate, default 0.01"),
 }
 
 
@@ -164,13 +166,18 @@ class Method:
     #: ``search_images`` calibration images (``fastcache.search_plan``) with this objective; ``None``: off
     search: str | None = None
     search_images: int = SEARCH_SEEDS
+    #: after the search, ``output_rule="fitted"`` and ``fastcache.fit_output_rule`` with this many Adam steps on
+    #: ``search_images`` calibration images; 0: off
+    fit: int = 0
+    fit_lr: float = 0.01
     #: peer options (``PEER_OPTIONS``), as sorted ``(name, value)`` pairs
     options: tuple[tuple[str, float], ...] = ()
 
     def output_stages(self) -> dict[str, str]:
         """The config fields of the output stages this method turns on (the drift correction, the noise forecast)."""
         return {"drift_correction": "flow_euler" if self.drift else "none",
-                "noise_forecast": "flow_euler" if self.noise else "none"}
+                "noise_forecast": "flow_euler" if self.noise else "none",
+                "output_rule": "fitted" if self.fit else "none"}
 
     @property
     def needs_calibration(self) -> bool:
@@ -186,7 +193,8 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     ``POLICY/FALLBACK`` (e.g. ``step_forecast/forecast``); any of the FastCache forms may end
     with ``:warmup=W`` and/or ``:max_skip=M`` (e.g. ``step_forecast/forecast:warmup=3:max_skip=3``),
     ``:sens=1``, ``:protect=DB``, ``:drift=1`` (``drift_correction="flow_euler"``), ``:noise=1``
-    (``noise_forecast="flow_euler"``), ``:search=1``
+    (``noise_forecast="flow_euler"``), ``:fit=ITERS`` (``output_rule="fitted"`` and ``fastcache.fit_output_rule``
+    on the search images, after the search if any), ``:search=1``
     (``fastcache.search_plan`` for every threshold; ``:search=worst_quarter`` for that objective) and
     ``:search_images=N`` (its calibration images, default 16).
     ``diffusers_taylorseer[:order=N][:before=N]`` (its thresholds are ``cache_interval`` values)
@@ -205,6 +213,7 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     noise = False
     search: str | None = None
     search_images = SEARCH_SEEDS
+    fit, fit_lr = 0, None
     for o in opts if head not in PEERS else ():
         key, _, val = o.partition("=")
         if key == "sens" and val in ("0", "1"):
@@ -219,6 +228,12 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
         if key == "search" and val in ("0", "1", *SEARCH_OBJECTIVES):
             search = {"0": None, "1": "mean"}.get(val, val)
             continue
+        if key == "fit" and val.isdigit():
+            fit = int(val)
+            continue
+        if key == "fit_lr" and val.replace(".", "", 1).isdigit() and float(val) > 0:
+            fit_lr = float(val)
+            continue
         if key == "search_images" and val.isdigit() and int(val) >= 2:
             search_images = int(val)
             continue
@@ -232,7 +247,10 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
             warmup = int(val)
         else:
             max_skip = int(val)
-    if search is None and head not in PEERS and _option_given(opts, "search_images"):
+    if fit_lr is not None and not fit:
+        raise ValueError(f"method {spec!r}: ':fit_lr=LR' sets the learning rate of fit_output_rule, which this method "
+                         f"does not run; add ':fit=ITERS'")
+    if search is None and not fit and head not in PEERS and _option_given(opts, "search_images"):
         raise ValueError(f"method {spec!r}: ':search_images=N' sets the images of search_plan, which this method does "
                          f"not run; add ':search=1' or ':search=worst_quarter'")
     thr = tuple(float(t) for t in thresholds) if thresholds else None
@@ -288,9 +306,11 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     if search:
         name += "(searched" + ("" if search == "mean" else f" {search}") + (
             "" if search_images == SEARCH_SEEDS else f", {search_images} images") + ")"
+    if fit:
+        name += f"(fitted rule {fit}" + ("" if fit_lr is None else f", lr {fit_lr:g}") + ")"
     method = Method(name, "fastcache", policy, fallback, thr or DEFAULT_THRESHOLDS.get(policy, (0.1,)), w, max_skip,
                     sensitivity=sensitivity, protect=protect, drift=drift, noise=noise,
-                    search=search, search_images=search_images)
+                    search=search, search_images=search_images, fit=fit, fit_lr=fit_lr or 0.01)
     _check_configs(spec, method)
     return method
 
@@ -417,6 +437,7 @@ class _FastCacheRunner:
         self.protected: list[int] | None = None  # the steps protect_steps made always compute
         self.protect_seeds: list[int] | None = None  # its first and last calibration seed
         self.searched: dict[float, list[int]] | None = None  # search_plan's computed steps per fraction
+        self.fitted: dict[float, dict] | None = None  # fit_output_rule's scores per fraction
         if m.needs_calibration:
             t0 = time.perf_counter()
             with fastcache.calibrate(self.opt):
@@ -432,6 +453,13 @@ class _FastCacheRunner:
                 seeds = calibration_seeds(s, m.search_images, ":search=1")
                 self.searched = fastcache.search_plan(self.opt, self._generate(s, seeds), fractions=m.thresholds,
                                                       data_range=2.0, objective=m.search)
+            if m.fit:  # m.fit + 1 generations with gradients and two through the graph per fraction
+                seeds = calibration_seeds(s, m.search_images, ":fit=")
+                classes = [i % 10 for i in range(len(seeds))]
+                self.fitted = fastcache.fit_output_rule(
+                    self.opt, lambda: sample.__wrapped__(s.tm, classes, seeds, steps=s.steps, cfg=s.cfg, model=self.opt,
+                                                         sigmas=s.sigmas),
+                    fractions=m.thresholds, iters=m.fit, lr=m.fit_lr, data_range=2.0)
             self.calib_s = time.perf_counter() - t0
         # capture outside every timed run; after calibrating, or a fitted fallback warns it is uncalibrated
         for n in {len(s.classes), len(s.t_classes)} - {0}:
@@ -624,7 +652,9 @@ def run_benchmark(
                    "noise_forecast_on": runner.noise_on() if m.kind == "fastcache" else None,
                    "drift_damping": runner.damping() if m.kind == "fastcache" else None,
                    "searched_plan": (runner.searched or {}).get(float(thr)) if m.kind == "fastcache" else None,
-                   "search_objective": m.search, "search_images": m.search_images if m.search else None,
+                   "search_objective": m.search, "search_images": m.search_images if m.search or m.fit else None,
+                   "output_rule_fit": m.fit or None, "output_rule_lr": m.fit_lr if m.fit else None,
+                   "output_rule": (runner.fitted or {}).get(float(thr)) if m.kind == "fastcache" else None,
                    "replaced_fraction": frac,
                    "flops_saved": _flops_saved(skipped, calls, total_flops, per_block_flops),
                    "per_block_replaced": [k / calls if calls else 0.0 for k in skipped],

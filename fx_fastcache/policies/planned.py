@@ -43,6 +43,7 @@ from ..calibration import Calibrator, Observation, store_put
 from ..runtime.distributed import all_reduce_sum
 from ..runtime.drift import DAMPING_KEY
 from ..runtime.noise_forecast import ENABLED_KEY
+from ..runtime.output_rule import COLUMNS, TABLE_KEY, TABLE_ROWS, identity_rows
 from . import plan_search
 from .schedule import SchedulePolicy, install_table, read_table, scheduled_blocks
 
@@ -72,6 +73,10 @@ DAMPINGS_KEY = "planned.drift_damping"
 #: Whether the noise forecast applies per budget (row ``M − 1``, 1 or 0; absent: 1), chosen by
 #: :func:`search_plan` with ``noise_forecast="flow_euler"``; :func:`install_plan` installs the configured budget's.
 NOISE_CHOICES_KEY = "planned.noise_forecast"
+#: The fitted output rule's table per budget, ``[M − 1, step, column]`` (identity rows: not fitted, or the fit lost;
+#: absent: none), fitted by :func:`fx_fastcache.fit_output_rule` for that budget's plan; :func:`install_plan` installs
+#: the configured budget's (:mod:`fx_fastcache.runtime.output_rule`).
+RULES_KEY = "planned.output_rules"
 #: The constraints the plans were made under, ``[warmup_steps, max_skip_steps]`` (long); a model
 #: configured (or a file loaded) with others re-plans (:meth:`PlannedPolicy.configure_store`).
 CONSTRAINTS_KEY = "planned.constraints"
@@ -115,7 +120,7 @@ BLENDED = frozenset({"forecast_blend"})
 ADJACENT_ERRORS_KEY = "planned.errors_adjacent"
 #: What is sized by the step count: a calibration with another step count replaces all of it.
 STEP_COUNT_KEYS = (ERRORS_KEY, ADJACENT_ERRORS_KEY, WEIGHTS_KEY, STEPS_KEY, PLANS_KEY, PROTECT_KEY, SEARCHED_KEY,
-                   DAMPINGS_KEY, NOISE_CHOICES_KEY, TIMESTEPS_KEY)
+                   DAMPINGS_KEY, NOISE_CHOICES_KEY, TIMESTEPS_KEY, RULES_KEY)
 
 
 class _ErrorMeter:
@@ -391,6 +396,7 @@ def replan(store, config, blocks: list[str], device: torch.device) -> torch.Tens
             store_put(store, DAMPINGS_KEY, torch.zeros_like(store.tensors[DAMPINGS_KEY]))
         if NOISE_CHOICES_KEY in store.tensors:  # chosen with them
             store_put(store, NOISE_CHOICES_KEY, torch.ones_like(store.tensors[NOISE_CHOICES_KEY]))
+    drop_rules(store, "re-planning")
     store_put(store, PLANS_KEY, plans)
     store_put(store, CONSTRAINTS_KEY, plan_constraints(config))
     install_plan(store, blocks, config.target_fraction, device)
@@ -699,6 +705,8 @@ def search_plan(opt, generate, fractions=None, data_range: float | None = None,
                             start.nonzero().flatten().tolist(), f"; drift damping {damping:g}" if drift else "",
                             best_score)
             _, best, dampings[m - 1], choices[m - 1] = max(found, key=lambda r: r[0])  # the first on ties
+            if not torch.equal(plans[m - 1], best):
+                drop_rules(store, f"search_plan's new plan for target_fraction={f:.2f}", m)
             plans[m - 1], searched[m - 1] = best, True
             result[float(f)] = best.nonzero().flatten().tolist()
     store_put(store, PLANS_KEY, plans)
@@ -757,7 +765,36 @@ def install_plan(store, blocks: list[str], target_fraction: float, device: torch
     choices = store.tensors.get(NOISE_CHOICES_KEY)
     if choices is not None or ENABLED_KEY in store.tensors:
         set_noise_forecast(store, 1.0 if choices is None else float(choices[m - 1]), device)
+    rules = store.tensors.get(RULES_KEY)
+    if rules is not None or TABLE_KEY in store.tensors:
+        set_rule_table(store, None if rules is None else rules[m - 1], device)
     return True
+
+
+def set_rule_table(store, rows: torch.Tensor | None, device: torch.device) -> None:
+    """Install the output rule's rows for the first steps (``None``: identity everywhere; in place: captured graphs
+    read the same tensor)."""
+    table = identity_rows(TABLE_ROWS)
+    if rows is not None:
+        table[:rows.shape[0]] = rows.detach().to("cpu", torch.float32)
+    store_put(store, TABLE_KEY, table.to(device))
+
+
+def drop_rules(store, why: str, budget_rows: int | None = None) -> None:
+    """Reset the fitted output rules (of budget ``budget_rows`` only, if given) to identity, with a warning naming
+    ``why`` when any was fitted: a rule is fitted for one plan."""
+    rules = store.tensors.get(RULES_KEY)
+    if rules is None:
+        return
+    new = rules.detach().cpu().clone()
+    rows = slice(None) if budget_rows is None else slice(budget_rows - 1, budget_rows)
+    fitted = [i + 1 for i in range(new.shape[0])[rows] if not torch.equal(new[i], identity_rows(new.shape[1]))]
+    if not fitted:
+        return
+    logger.warning("fx-fastcache: %s drops the output rules fit_output_rule fitted for %s computed steps (a rule is "
+                   "fitted for its plan); run fit_output_rule again", why, fitted)
+    new[rows] = identity_rows(new.shape[1])
+    store_put(store, RULES_KEY, new)
 
 
 _warned_uncalibrated = False
@@ -775,7 +812,8 @@ class PlannedPolicy(SchedulePolicy):
     plans_for_fallback = True  # the plan is made for the fallback's forecast
     # search_plan's and protect_steps' results, absent from files saved without them; the constraints, from
     # files saved before them
-    optional_keys = (SEARCHED_KEY, DAMPINGS_KEY, NOISE_CHOICES_KEY, CONSTRAINTS_KEY, PROTECT_KEY, TIMESTEPS_KEY)
+    optional_keys = (SEARCHED_KEY, DAMPINGS_KEY, NOISE_CHOICES_KEY, CONSTRAINTS_KEY, PROTECT_KEY, TIMESTEPS_KEY,
+                     RULES_KEY)
     step_count_keys = STEP_COUNT_KEYS
 
     @staticmethod
