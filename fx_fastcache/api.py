@@ -189,7 +189,7 @@ def search_plan(opt: Any, generate: Callable[[], torch.Tensor], fractions: Seque
 
 @_outside_inference_mode
 def fit_output_rule(opt: Any, generate: Callable[[], torch.Tensor], fractions: Sequence[float] | None = None,
-                    iters: int = 100, lr: float = 0.01, checkpoint: bool = True, data_range: float | None = None,
+                    iters: int = 150, lr: float = 0.01, checkpoint: bool = True, data_range: float | None = None,
                     objective: str = "mean") -> dict[float, dict[str, float | bool]]:
     """``output_rule="fitted"``: fit, for each fraction's plan, the linear rule that makes every step's output from
     the computed steps' outputs and latent, by gradient descent through the whole sampler (optional, after

@@ -154,6 +154,18 @@ def test_fit_lowers_the_error_keeps_the_better_and_saves(tmp_path, caplog):
     assert torch.equal(opt.store.tensors[TABLE_KEY][:n], identity_rows(n))
     fastcache.configure(opt, target_fraction=FRACTION)
 
+    seen = []  # search_plan's trial plans run without the rule, which is fitted for its own plan
+
+    def generate():
+        seen.append(torch.equal(opt.store.tensors[TABLE_KEY][:n], identity_rows(n)))
+        return _euler(opt, tm)
+
+    fastcache.search_plan(opt, generate, max_runs=2)
+    assert seen and all(seen)
+    assert _plan(opt) == plan  # the search kept the plan (on this model), so its rule is installed again
+    torch.testing.assert_close(opt.store.tensors[TABLE_KEY][:n], rules[budget(FRACTION, n) - 1])
+    torch.testing.assert_close(_euler(opt, tm), cached, rtol=0, atol=0)
+
     path = tmp_path / "rule.safetensors"
     fastcache.save_calibration(opt, path)
     other = fastcache.optimize(tm.model, backend="eager", policy="planned", target_fraction=FRACTION,

@@ -43,7 +43,7 @@ from ..calibration import Calibrator, Observation, store_put
 from ..runtime.distributed import all_reduce_sum
 from ..runtime.drift import DAMPING_KEY
 from ..runtime.noise_forecast import ENABLED_KEY
-from ..runtime.output_rule import COLUMNS, TABLE_KEY, TABLE_ROWS, identity_rows
+from ..runtime.output_rule import TABLE_KEY, TABLE_ROWS, identity_rows
 from . import plan_search
 from .schedule import SchedulePolicy, install_table, read_table, scheduled_blocks
 
@@ -436,7 +436,8 @@ _held: set[int] = set()
 @contextmanager
 def holding_plan(opt, generate):
     """Yield ``run(computed)``: ``generate()`` with only the steps where the bool row ``computed`` is
-    True computed (each run from a reset), returning its final output (float32, CPU).
+    True computed (each run from a reset), returning its final output (float32, CPU).  The fitted output rule is
+    off (identity rows) unless the caller installs one.
 
     The installed plan is restored afterwards (also when ``generate()`` fails), and the model reset, so
     the trial runs leave no state or statistics behind.  ``generate()`` may
@@ -450,6 +451,8 @@ def holding_plan(opt, generate):
     blocks = scheduled_blocks(store)
     installed = store.tensors[PLANS_KEY].clone()
     shape: list[tuple[int, ...]] = []
+    if TABLE_KEY in store.tensors or RULES_KEY in store.tensors:  # a fitted rule is for its own plan only
+        set_rule_table(store, None, opt.device)
 
     def run(computed: torch.Tensor) -> torch.Tensor:
         table = (~computed.to("cpu", torch.bool)).unsqueeze(1).expand(-1, len(blocks)).contiguous()

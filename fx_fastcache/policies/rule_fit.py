@@ -159,7 +159,7 @@ def _positive(name: str, value, integer: bool, zero: bool = False) -> None:
         raise ValueError(f"fit_output_rule: {name}={value!r} must be {what} {'>= 0' if zero else '> 0'}")
 
 
-def fit_output_rule(opt, generate: Callable[[], torch.Tensor], fractions=None, iters: int = 100, lr: float = 0.01,
+def fit_output_rule(opt, generate: Callable[[], torch.Tensor], fractions=None, iters: int = 150, lr: float = 0.01,
                     checkpoint: bool = True, data_range: float | None = None,
                     objective: str = "mean") -> dict[float, dict[str, float | bool]]:
     """Fit the output rule of each fraction's plan (see the module docstring); returns, per fraction, the
