@@ -15,13 +15,12 @@ configured fraction's), so fitting needs no re-capture.
 """
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 
 from fx_fastcache import graph_protocol as gp
 from fx_fastcache.runtime.output_rule import COLUMNS, TABLE_KEY, TABLE_ROWS, OutputRule, identity_rows
 
-from .context import PassContext, finish
+from .context import PassContext, finish, latents_and_first_output
 
 #: The model-output argument of each earlier output stage's call.
 _STAGE_INPUT = {gp.NOISE: 4, gp.DRIFT: 3}
@@ -44,22 +43,10 @@ def _step(g: fx.Graph) -> fx.Node:
 def apply_output_rule(gm: fx.GraphModule, ctx: PassContext) -> None:
     if ctx.config.output_rule == "none":
         return
-    name = type(ctx.model).__name__
-    x = ctx.stream_input
+    out, x, v = latents_and_first_output(gm, ctx, "output_rule", "a tensor")
     g = gm.graph
-    out = next(n for n in reversed(g.nodes) if n.op == "output")
-    leaves = torch.utils._pytree.tree_leaves(out.args[0])
-    v = leaves[0] if leaves else None
-    if gp.first_output_leaves(gm) != 1 or not (
-            isinstance(x, fx.Node) and gp.is_tensor(x) and isinstance(v, fx.Node) and gp.is_tensor(v)):
-        raise ValueError(f"output_rule={ctx.config.output_rule!r}: {name}'s latents or its first output is not one "
-                         f"tensor (a list of per-sample tensors?); the output rule needs both; use output_rule='none'")
     raw = _model_output(v)
-    xs, vs = tuple(gp.val(x).shape), tuple(gp.val(v).shape)
-    if xs != vs or not gp.val(v).is_floating_point():
-        raise ValueError(f"output_rule={ctx.config.output_rule!r}: {name}'s first output {vs} does not have its "
-                         f"latents' shape {xs} (a learned variance, or packed differently?); the output rule combines "
-                         f"the two; use output_rule='none'")
+    vs = tuple(gp.val(v).shape)
     args = gp.update_args(gp.find_update(g, ctx.guards[-1]))
     dev = gp.val(v).device
     table = ctx.store.get(TABLE_KEY, (TABLE_ROWS, COLUMNS), lambda: identity_rows(TABLE_ROWS, dev))

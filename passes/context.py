@@ -4,8 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
+
+from fx_fastcache import graph_protocol as gp
 
 
 @dataclass
@@ -74,6 +77,27 @@ class PassResult:
 
 def stack_paths(node: fx.Node) -> list[str]:
     return [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+def latents_and_first_output(gm: fx.GraphModule, ctx: PassContext, field: str,
+                             need: str) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """``(output node, latents, first output)`` for an output stage that combines the model's first output with its
+    latents (``field``: its config field; ``need``: what it needs the output to be); refused, naming both, when the
+    output is not one tensor of the latents' shape."""
+    value, name = getattr(ctx.config, field), type(ctx.model).__name__
+    x = ctx.stream_input
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    leaves = torch.utils._pytree.tree_leaves(out.args[0])
+    v = leaves[0] if leaves else None
+    if gp.first_output_leaves(gm) != 1 or not (
+            isinstance(x, fx.Node) and gp.is_tensor(x) and isinstance(v, fx.Node) and gp.is_tensor(v)):
+        raise ValueError(f"{field}={value!r}: {name}'s latents or its first output is not one tensor (a list of "
+                         f"per-sample tensors?); it needs both; use {field}='none'")
+    xs, vs = tuple(gp.val(x).shape), tuple(gp.val(v).shape)
+    if xs != vs or not gp.val(v).is_floating_point():
+        raise ValueError(f"{field}={value!r}: {name}'s first output {vs} is not {need} of its latents' shape {xs} (a "
+                         f"learned variance, or packed differently?); use {field}='none'")
+    return out, x, v
 
 
 def finish(gm: fx.GraphModule) -> None:

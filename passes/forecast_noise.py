@@ -20,7 +20,7 @@ import torch.fx as fx
 from fx_fastcache import graph_protocol as gp
 from fx_fastcache.runtime.noise_forecast import ENABLED_KEY, NoiseForecast
 
-from .context import PassContext, finish
+from .context import PassContext, finish, latents_and_first_output
 
 
 def _timestep_per_sigma(ctx: PassContext) -> float:
@@ -43,21 +43,9 @@ def forecast_noise(gm: fx.GraphModule, ctx: PassContext) -> None:
     if ctx.timestep is None:
         raise ValueError(f"noise_forecast={ctx.config.noise_forecast!r}: {name} has no timestep input, and the noise "
                          f"forecast needs σ; use noise_forecast='none'")
-    x = ctx.stream_input
+    out, x, v = latents_and_first_output(gm, ctx, "noise_forecast", "a velocity")
     g = gm.graph
-    out = next(n for n in reversed(g.nodes) if n.op == "output")
-    leaves = torch.utils._pytree.tree_leaves(out.args[0])
-    v = leaves[0] if leaves else None
-    if gp.first_output_leaves(gm) != 1 or not (
-            isinstance(x, fx.Node) and gp.is_tensor(x) and isinstance(v, fx.Node) and gp.is_tensor(v)):
-        raise ValueError(f"noise_forecast={ctx.config.noise_forecast!r}: {name}'s latents or its first output is not "
-                         f"one tensor (a list of per-sample tensors?); the noise forecast needs both; use "
-                         f"noise_forecast='none'")
-    xs, vs = tuple(gp.val(x).shape), tuple(gp.val(v).shape)
-    if xs != vs or not gp.val(v).is_floating_point():
-        raise ValueError(f"noise_forecast={ctx.config.noise_forecast!r}: {name}'s first output {vs} is not a velocity "
-                         f"of its latents' shape {xs} (a learned variance, or packed differently?); the noise "
-                         f"forecast needs the velocity itself; use noise_forecast='none'")
+    vs = tuple(gp.val(v).shape)
     args = gp.update_args(gp.find_update(g, ctx.guards[-1]))
     dev = gp.val(v).device
     enabled = ctx.store.get(ENABLED_KEY, (), lambda: torch.ones((), dtype=torch.float32, device=dev))
