@@ -190,7 +190,8 @@ def search_plan(opt: Any, generate: Callable[[], torch.Tensor], fractions: Seque
 @_outside_inference_mode
 def fit_output_rule(opt: Any, generate: Callable[[], torch.Tensor], fractions: Sequence[float] | None = None,
                     iters: int = 150, lr: float = 0.01, checkpoint: bool = True, data_range: float | None = None,
-                    objective: str = "mean") -> dict[float, dict[str, float | bool]]:
+                    objective: str = "mean",
+                    min_gain: float = rule_fit.MIN_GAIN_DB) -> dict[float, dict[str, float | bool]]:
     """``output_rule="fitted"``: fit, for each fraction's plan, the linear rule that makes every step's output from
     the computed steps' outputs and latent, by gradient descent through the whole sampler (optional, after
     ``calibrate`` and ``search_plan``, which changes the plans a rule is fitted for).
@@ -201,14 +202,15 @@ def fit_output_rule(opt: Any, generate: Callable[[], torch.Tensor], fractions: S
     ``torch.no_grad()``, so call their ``__wrapped__`` (``pipe.__call__.__wrapped__(pipe, ...)``).  It is called once
     uncached (the target), ``iters`` times with the rule (Adam, learning rate ``lr``; during these calls the model
     runs eagerly at the computed steps, each call checkpointed unless ``checkpoint=False``), then twice per fraction
-    through the graph: with the rule and with the library's rules alone.  The rule is kept where it scores better
-    on ``objective`` (``"mean"`` or ``"worst_quarter"`` of the per-sample PSNRs, peak ``data_range``, default the
-    full output's max − min).  Returns ``{fraction: {"library": score, "fitted": score, "kept": bool}}``; the rules
+    through the graph: with the rule and with the library's rules alone.  The rule is kept where it scores more than
+    ``min_gain`` dB better on ``objective`` (``"mean"`` or ``"worst_quarter"`` of the per-sample PSNRs, peak
+    ``data_range``, default the full output's max − min): these are the images it was fitted to, and a smaller gain
+    there did not hold on unseen images (docs/BENCHMARKS.md, "Thirty-second session").  Returns ``{fraction: {"library": score, "fitted": score, "kept": bool}}``; the rules
     are saved with the calibration.
     """
     opt = optimized_module(opt, "fit_output_rule")
     return rule_fit.fit_output_rule(opt, generate, fractions, iters=iters, lr=lr, checkpoint=checkpoint,
-                                    data_range=data_range, objective=objective)
+                                    data_range=data_range, objective=objective, min_gain=min_gain)
 
 
 def get_cache_statistics(opt: Any) -> dict[str, Any]:

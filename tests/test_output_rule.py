@@ -226,7 +226,7 @@ def test_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="called the model 4 times; the plans are for 8 steps"):
         fastcache.fit_output_rule(opt, lambda: _half(opt, tm))
     for bad in ({"iters": -1}, {"iters": 1.5}, {"lr": 0.0}, {"lr": float("nan")}, {"checkpoint": 1},
-                {"objective": "max"}, {"fractions": 0.5}, {"fractions": [1.5]}):
+                {"objective": "max"}, {"min_gain": -1.0}, {"fractions": 0.5}, {"fractions": [1.5]}):
         with pytest.raises(ValueError, match="fit_output_rule"):
             fastcache.fit_output_rule(opt, lambda: _euler(opt, tm, grad=True), **bad)
 
