@@ -208,9 +208,11 @@ def fit_output_rule(opt: Any, generate: Callable[[], torch.Tensor], fractions: S
     there did not hold on unseen images (docs/BENCHMARKS.md, "Thirty-second session").  Returns ``{fraction: {"library": score, "fitted": score, "kept": bool}}``; the rules
     are saved with the calibration.
     """
-    opt = optimized_module(opt, "fit_output_rule")
-    return rule_fit.fit_output_rule(opt, generate, fractions, iters=iters, lr=lr, checkpoint=checkpoint,
-                                    data_range=data_range, objective=objective, min_gain=min_gain)
+    mod = optimized_module(opt, "fit_output_rule")
+    others = () if mod is opt else tuple(m for m in getattr(opt, "components", {}).values()
+                                         if isinstance(m, nn.Module) and m is not mod)  # a pipeline's
+    return rule_fit.fit_output_rule(mod, generate, fractions, iters=iters, lr=lr, checkpoint=checkpoint,
+                                    data_range=data_range, objective=objective, min_gain=min_gain, others=others)
 
 
 def get_cache_statistics(opt: Any) -> dict[str, Any]:

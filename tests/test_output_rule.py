@@ -281,8 +281,15 @@ def test_a_pipeline_fits_through_its_undecorated_call():
     with fastcache.calibrate(pipe):
         pipe(**tp.call_kwargs(seed=1))
     before = pipe(**tp.call_kwargs(seed=3, output_type="latent")).images
-    got = fastcache.fit_output_rule(
-        pipe, lambda: pipe.__call__.__wrapped__(pipe, **tp.call_kwargs(seed=2, output_type="latent")).images, iters=2)
+    frozen = []  # the text encoders run without gradients during the fit (their activations would be kept)
+
+    def generate():
+        frozen.append(not any(p.requires_grad for p in pipe.text_encoder.parameters()))
+        return pipe.__call__.__wrapped__(pipe, **tp.call_kwargs(seed=2, output_type="latent")).images
+
+    pipe.text_encoder.requires_grad_(True)
+    got = fastcache.fit_output_rule(pipe, generate, iters=2)
+    assert frozen[:3] == [True] * 3 and all(p.requires_grad for p in pipe.text_encoder.parameters())  # restored
     assert set(got[0.5]) == {"library", "fitted", "kept"} and got[0.5]["fitted"] < got[0.5]["library"]  # random model
     assert not got[0.5]["kept"]
     torch.testing.assert_close(pipe(**tp.call_kwargs(seed=3, output_type="latent")).images, before, rtol=0, atol=0)

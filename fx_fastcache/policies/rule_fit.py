@@ -141,10 +141,11 @@ class PlanEmulator:
 
 
 @contextlib.contextmanager
-def emulating(opt, emulator: PlanEmulator) -> Iterator[None]:
-    """Route ``opt``'s calls to ``emulator``, with the model's parameters frozen (the fit needs gradients with
-    respect to the latents only)."""
-    grads = [(p, p.requires_grad) for p in opt.model.parameters()]
+def emulating(opt, emulator: PlanEmulator, others: tuple[torch.nn.Module, ...] = ()) -> Iterator[None]:
+    """Route ``opt``'s calls to ``emulator``, with the parameters of the model and of ``others`` (a pipeline's text
+    encoders, VAE) frozen: the fit needs gradients with respect to the latents only, and a text encoder run with
+    gradients would keep its activations."""
+    grads = [(p, p.requires_grad) for m in (opt.model, *others) for p in m.parameters()]
     for p, _ in grads:
         p.requires_grad_(False)
     opt._emulator = emulator
@@ -166,10 +167,12 @@ def _positive(name: str, value, integer: bool, zero: bool = False) -> None:
 
 def fit_output_rule(opt, generate: Callable[[], torch.Tensor], fractions=None, iters: int = 150, lr: float = 0.01,
                     checkpoint: bool = True, data_range: float | None = None, objective: str = "mean",
-                    min_gain: float = MIN_GAIN_DB) -> dict[float, dict[str, float | bool]]:
+                    min_gain: float = MIN_GAIN_DB,
+                    others: tuple[torch.nn.Module, ...] = ()) -> dict[float, dict[str, float | bool]]:
     """Fit the output rule of each fraction's plan (see the module docstring); returns, per fraction, the
     calibration score of the library's rules alone (``"library"``), with the fitted rule (``"fitted"``), both through
-    the graph, and whether the rule was kept (``"kept"``: it scored more than ``min_gain`` dB better)."""
+    the graph, and whether the rule was kept (``"kept"``: it scored more than ``min_gain`` dB better).  ``others``:
+    modules ``generate()`` also runs (a pipeline's components), frozen during the fit."""
     cfg, store = opt.fastcache_config, opt.store
     if cfg.output_rule != "fitted":
         raise ValueError(f"fit_output_rule: this model has output_rule={cfg.output_rule!r}; optimize it with "
@@ -206,7 +209,7 @@ def fit_output_rule(opt, generate: Callable[[], torch.Tensor], fractions=None, i
 
     # the uncached generation, as the fit's target (the model itself at every step), and its timesteps
     ref_em = PlanEmulator(opt, [True] * n, None, None, checkpoint)
-    with emulating(opt, ref_em), torch.no_grad():
+    with emulating(opt, ref_em, others), torch.no_grad():
         target = _output("fit_output_rule", generate())
     if ref_em.step != n:
         raise ValueError(f"fit_output_rule: generate() called the model {ref_em.step} times; the plans are for {n} "
@@ -226,7 +229,7 @@ def fit_output_rule(opt, generate: Callable[[], torch.Tensor], fractions=None, i
         em = PlanEmulator(opt, computed, coef, sig, checkpoint)
         adam = torch.optim.Adam([coef], lr=lr)
         best = (math.inf, coef.detach().clone())  # the lowest loss seen and its coefficients: Adam may overshoot
-        with emulating(opt, em), torch.enable_grad():
+        with emulating(opt, em, others), torch.enable_grad():
             for it in range(iters):
                 em.start()
                 out = generate()
