@@ -40,14 +40,10 @@ import torch
 import torch.utils.checkpoint
 
 from fx_fastcache.bench.metrics import psnr
+from fx_fastcache.policies.rule_fit import interval_end  # the library's fit uses the same intervals
 from fx_fastcache.trained import _initial_noise, guided_velocity, load_trained, sample
 
 STEPS = 20
-
-
-def interval_end(plan: list[int], n: int, steps: int) -> int:
-    """The step after the ``n``-th computed step's interval: the next computed step, or ``steps`` (σ = 0)."""
-    return plan[n + 1] if n + 1 < len(plan) else steps
 
 
 def lin_coefficients(plan: list[int], sig: torch.Tensor, m: int) -> torch.Tensor:
