@@ -191,7 +191,8 @@ def search_plan(opt: Any, generate: Callable[[], torch.Tensor], fractions: Seque
 def fit_output_rule(opt: Any, generate: Callable[[], torch.Tensor], fractions: Sequence[float] | None = None,
                     iters: int = 150, lr: float = 0.01, checkpoint: bool = True, data_range: float | None = None,
                     objective: str = "mean",
-                    min_gain: float = rule_fit.MIN_GAIN_DB) -> dict[float, dict[str, float | bool]]:
+                    min_gain: float = rule_fit.MIN_GAIN_DB,
+                    validate: Callable[[], torch.Tensor] | None = None) -> dict[float, dict[str, float | bool]]:
     """``output_rule="fitted"``: fit, for each fraction's plan, the linear rule that makes every step's output from
     the computed steps' outputs and latent, by gradient descent through the whole sampler (optional, after
     ``calibrate`` and ``search_plan``, which changes the plans a rule is fitted for).
@@ -204,15 +205,18 @@ def fit_output_rule(opt: Any, generate: Callable[[], torch.Tensor], fractions: S
     runs eagerly at the computed steps, each call checkpointed unless ``checkpoint=False``), then twice per fraction
     through the graph: with the rule and with the library's rules alone.  The rule is kept where it scores more than
     ``min_gain`` dB better on ``objective`` (``"mean"`` or ``"worst_quarter"`` of the per-sample PSNRs, peak
-    ``data_range``, default the full output's max − min): these are the images it was fitted to, and a smaller gain
-    there did not hold on unseen images (docs/BENCHMARKS.md, "Thirty-second session").  Returns ``{fraction: {"library": score, "fitted": score, "kept": bool}}``; the rules
-    are saved with the calibration.
+    ``data_range``, default the full output's max − min), which the fit also minimises (as log squared errors).  By
+    default that choice is made on the images the rule was fitted to, where a smaller gain did not hold on unseen
+    images (docs/BENCHMARKS.md, "Thirty-second session"); ``validate``, a ``generate()`` on other calibration inputs
+    (other seeds; no gradients needed), makes it on images the fit never saw instead.  Returns ``{fraction: {"library": score, "fitted": score, "kept": bool}}``; the
+    rules are saved with the calibration.
     """
     mod = optimized_module(opt, "fit_output_rule")
     others = () if mod is opt else tuple(m for m in getattr(opt, "components", {}).values()
                                          if isinstance(m, nn.Module) and m is not mod)  # a pipeline's
     return rule_fit.fit_output_rule(mod, generate, fractions, iters=iters, lr=lr, checkpoint=checkpoint,
-                                    data_range=data_range, objective=objective, min_gain=min_gain, others=others)
+                                    data_range=data_range, objective=objective, min_gain=min_gain, validate=validate,
+                                    others=others)
 
 
 def get_cache_statistics(opt: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from conftest import first, run_loop
 import fx_fastcache as fastcache
 from fx_fastcache.bench.runner import parse_method
 from fx_fastcache.policies.planned import PLANS_KEY, RULES_KEY, budget, set_rule_table
-from fx_fastcache.policies.rule_fit import PlanEmulator, emulating, forecast_coefficients, table_rows
+from fx_fastcache.policies.rule_fit import LOSS_NAMES, PlanEmulator, emulating, fit_loss, forecast_coefficients, table_rows
 from fx_fastcache.runtime.output_rule import COLUMNS, HISTORY, TABLE_KEY, identity_rows
 from fx_fastcache.step_dispatch import StepDispatch
 from fx_fastcache.zoo import make_tiny
@@ -181,7 +181,8 @@ def test_fit_lowers_the_error_keeps_the_better_and_saves(tmp_path, caplog):
 
 
 def test_a_fit_that_loses_is_not_kept(caplog):
-    """On a random tiny model the library's block forecast beats a rule of the outputs: the fraction keeps it."""
+    """On a random tiny model the library's block forecast beats a rule of the outputs: the fraction keeps it; the
+    choice on held-out generations (``validate``); the fit minimises the objective asked for."""
     tm = make_tiny("tiny-sd3")
     opt = _planned(tm)
     library = _euler(opt, tm)
@@ -189,6 +190,36 @@ def test_a_fit_that_loses_is_not_kept(caplog):
     assert not got["kept"] and got["fitted"] < got["library"], got
     assert torch.equal(opt.store.tensors[TABLE_KEY][:STEPS], identity_rows(STEPS))
     torch.testing.assert_close(_euler(opt, tm), library, rtol=0, atol=0)
+
+    # the choice on held-out generations: validate() runs three times (uncached, library's rules, rule), generate()
+    # only for the fit (once uncached, once per Adam step), and the scores are validate()'s images'
+    calls = {"fit": 0, "held": 0}
+
+    def count(kind: str, seeds, grad: bool = False):
+        calls[kind] += 1
+        return _euler(opt, tm, seeds=seeds, grad=grad)
+
+    held = fastcache.fit_output_rule(opt, lambda: count("fit", (3, 4), grad=True), iters=2,
+                                     validate=lambda: count("held", (7, 8)))[FRACTION]
+    assert calls == {"fit": 3, "held": 3}, calls
+    assert not held["kept"] and held["library"] != got["library"], (held, got)
+    again = fastcache.fit_output_rule(opt, lambda: _euler(opt, tm, grad=True), iters=2,
+                                      validate=lambda: _euler(opt, tm, seeds=(3, 4)))[FRACTION]
+    assert again == got  # the fit's own images as validate(): the same choice and scores as without it
+
+    # objective="worst_quarter" fits the worst quarter's log squared errors (here, of 4 images, the worst one's), not
+    # their mean: its first loss is the largest of the four images' and lies above the mean objective's
+    assert float(fit_loss(torch.tensor([1.0, 5.0, 2.0, 4.0, 3.0]), "worst_quarter")) == 4.5  # the worst 2 of 5
+    first_loss = {}
+    for objective in ("mean", "worst_quarter"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="fx_fastcache"):
+            fastcache.fit_output_rule(opt, lambda: _euler(opt, tm, seeds=(3, 5, 7, 9), grad=True), iters=1,
+                                      objective=objective)
+        name = LOSS_NAMES[objective]
+        first_loss[objective] = float(re.search(rf"iteration 0, calibration {name} log squared error (-?[\d.]+)",
+                                                caplog.text).group(1))
+    assert first_loss["worst_quarter"] > first_loss["mean"] + 0.01, first_loss  # equal if it fitted the mean
 
 
 def test_step_dispatch_and_inductor_match_in_graph_eager():
@@ -225,6 +256,8 @@ def test_refuses_what_it_cannot_do():
         fastcache.fit_output_rule(opt, lambda: _euler(opt, tm), iters=1)
     with pytest.raises(ValueError, match="called the model 4 times; the plans are for 8 steps"):
         fastcache.fit_output_rule(opt, lambda: _half(opt, tm))
+    with pytest.raises(TypeError, match=r"validate=\[1\] must be a callable like generate\(\)"):
+        fastcache.fit_output_rule(opt, lambda: _euler(opt, tm, grad=True), validate=[1])
     for bad in ({"iters": -1}, {"iters": 1.5}, {"lr": 0.0}, {"lr": float("nan")}, {"checkpoint": 1},
                 {"objective": "max"}, {"min_gain": -1.0}, {"fractions": 0.5}, {"fractions": [1.5]}):
         with pytest.raises(ValueError, match="fit_output_rule"):
@@ -268,6 +301,13 @@ def test_bench_option():
         parse_method("planned/forecast:fit=x")
     with pytest.raises(ValueError, match="fit_lr=LR.*add ':fit=ITERS'"):
         parse_method("planned/forecast:fit_lr=0.03")
+    held = parse_method("planned/forecast:fit=40:fit_holdout=16")
+    assert held.fit_holdout == 16 and "chosen on 16 more" in held.name
+    assert parse_method("planned/forecast:fit=40").fit_holdout == 0
+    with pytest.raises(ValueError, match="fit_holdout=N.*add ':fit=ITERS'"):
+        parse_method("planned/forecast:fit_holdout=16")
+    with pytest.raises(ValueError, match="fit_holdout=0"):
+        parse_method("planned/forecast:fit=40:fit_holdout=0")
 
 
 def test_a_pipeline_fits_through_its_undecorated_call():

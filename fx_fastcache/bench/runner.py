@@ -82,6 +82,7 @@ FASTCACHE_OPTIONS: dict[str, tuple[str, str]] = {
     "search_images": ("N", "N >= 2"),
     "fit": ("ITERS", "fit_output_rule with ITERS Adam steps on the search images, e.g. 150"),
     "fit_lr": ("LR", "its learning rate, default 0.01"),
+    "fit_holdout": ("N", "choose the fitted rule on N more calibration images, not the fit's"),
 }
 
 
@@ -170,6 +171,9 @@ class Method:
     #: ``search_images`` calibration images; 0: off
     fit: int = 0
     fit_lr: float = 0.01
+    #: the fit's choice (rule or library's rules) made on this many more calibration images after the fit's; 0: on
+    #: the fit's own images
+    fit_holdout: int = 0
     #: peer options (``PEER_OPTIONS``), as sorted ``(name, value)`` pairs
     options: tuple[tuple[str, float], ...] = ()
 
@@ -213,7 +217,7 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     noise = False
     search: str | None = None
     search_images = SEARCH_SEEDS
-    fit, fit_lr = 0, None
+    fit, fit_lr, fit_holdout = 0, None, None
     for o in opts if head not in PEERS else ():
         key, _, val = o.partition("=")
         if key == "sens" and val in ("0", "1"):
@@ -234,6 +238,9 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
         if key == "fit_lr" and val.replace(".", "", 1).isdigit() and float(val) > 0:
             fit_lr = float(val)
             continue
+        if key == "fit_holdout" and val.isdigit() and int(val) >= 1:
+            fit_holdout = int(val)
+            continue
         if key == "search_images" and val.isdigit() and int(val) >= 2:
             search_images = int(val)
             continue
@@ -250,6 +257,9 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
     if fit_lr is not None and not fit:
         raise ValueError(f"method {spec!r}: ':fit_lr=LR' sets the learning rate of fit_output_rule, which this method "
                          f"does not run; add ':fit=ITERS'")
+    if fit_holdout is not None and not fit:
+        raise ValueError(f"method {spec!r}: ':fit_holdout=N' sets the images fit_output_rule chooses on, which this "
+                         f"method does not run; add ':fit=ITERS'")
     if search is None and not fit and head not in PEERS and _option_given(opts, "search_images"):
         raise ValueError(f"method {spec!r}: ':search_images=N' sets the images of search_plan, which this method does "
                          f"not run; add ':search=1' or ':search=worst_quarter'")
@@ -307,10 +317,12 @@ def parse_method(spec: str, thresholds: Sequence[float] | None = None) -> Method
         name += "(searched" + ("" if search == "mean" else f" {search}") + (
             "" if search_images == SEARCH_SEEDS else f", {search_images} images") + ")"
     if fit:
-        name += f"(fitted rule {fit}" + ("" if fit_lr is None else f", lr {fit_lr:g}") + ")"
+        name += f"(fitted rule {fit}" + ("" if fit_lr is None else f", lr {fit_lr:g}") + (
+            "" if fit_holdout is None else f", chosen on {fit_holdout} more") + ")"
     method = Method(name, "fastcache", policy, fallback, thr or DEFAULT_THRESHOLDS.get(policy, (0.1,)), w, max_skip,
                     sensitivity=sensitivity, protect=protect, drift=drift, noise=noise,
-                    search=search, search_images=search_images, fit=fit, fit_lr=fit_lr or 0.01)
+                    search=search, search_images=search_images, fit=fit, fit_lr=fit_lr or 0.01,
+                    fit_holdout=fit_holdout or 0)
     _check_configs(spec, method)
     return method
 
@@ -454,12 +466,15 @@ class _FastCacheRunner:
                 self.searched = fastcache.search_plan(self.opt, self._generate(s, seeds), fractions=m.thresholds,
                                                       data_range=2.0, objective=m.search)
             if m.fit:  # m.fit + 1 generations with gradients and two through the graph per fraction
-                seeds = calibration_seeds(s, m.search_images, ":fit=")
+                every = calibration_seeds(s, m.search_images + m.fit_holdout, ":fit=")
+                seeds, held = every[:m.search_images], every[m.search_images:]
+                self.fit_holdout_seeds = [held[0], held[-1]] if held else None
                 classes = [i % 10 for i in range(len(seeds))]
                 self.fitted = fastcache.fit_output_rule(
                     self.opt, lambda: sample.__wrapped__(s.tm, classes, seeds, steps=s.steps, cfg=s.cfg, model=self.opt,
                                                          sigmas=s.sigmas),
-                    fractions=m.thresholds, iters=m.fit, lr=m.fit_lr, data_range=2.0)
+                    fractions=m.thresholds, iters=m.fit, lr=m.fit_lr, data_range=2.0,
+                    validate=self._generate(s, held) if held else None)
             self.calib_s = time.perf_counter() - t0
         # capture outside every timed run; after calibrating, or a fitted fallback warns it is uncalibrated
         for n in {len(s.classes), len(s.t_classes)} - {0}:
@@ -654,6 +669,7 @@ def run_benchmark(
                    "searched_plan": (runner.searched or {}).get(float(thr)) if m.kind == "fastcache" else None,
                    "search_objective": m.search, "search_images": m.search_images if m.search or m.fit else None,
                    "output_rule_fit": m.fit or None, "output_rule_lr": m.fit_lr if m.fit else None,
+                   "output_rule_holdout_seeds": getattr(runner, "fit_holdout_seeds", None),
                    "output_rule": (runner.fitted or {}).get(float(thr)) if m.kind == "fastcache" else None,
                    "replaced_fraction": frac,
                    "flops_saved": _flops_saved(skipped, calls, total_flops, per_block_flops),

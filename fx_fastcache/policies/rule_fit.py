@@ -157,6 +157,20 @@ def emulating(opt, emulator: PlanEmulator, others: tuple[torch.nn.Module, ...] =
             p.requires_grad_(g)
 
 
+#: how the fit's log names its loss, per objective
+LOSS_NAMES = {"mean": "mean", "worst_quarter": "worst quarter's mean"}
+
+
+def fit_loss(log_err: torch.Tensor, objective: str) -> torch.Tensor:
+    """The differentiable counterpart of :data:`SEARCH_OBJECTIVES` ``[objective]`` on per-sample log squared errors
+    (PSNR falls as they rise): their mean, or the mean of the worst quarter's (at least one), so a fit asked for the
+    worst images' score optimises it rather than the mean."""
+    if objective == "mean":
+        return log_err.mean()
+    k = max(1, -(-len(log_err) // 4))
+    return log_err.topk(k).values.mean()
+
+
 def _positive(name: str, value, integer: bool, zero: bool = False) -> None:
     kind = numbers.Integral if integer else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value < 0 or (
@@ -167,12 +181,13 @@ def _positive(name: str, value, integer: bool, zero: bool = False) -> None:
 
 def fit_output_rule(opt, generate: Callable[[], torch.Tensor], fractions=None, iters: int = 150, lr: float = 0.01,
                     checkpoint: bool = True, data_range: float | None = None, objective: str = "mean",
-                    min_gain: float = MIN_GAIN_DB,
+                    min_gain: float = MIN_GAIN_DB, validate: Callable[[], torch.Tensor] | None = None,
                     others: tuple[torch.nn.Module, ...] = ()) -> dict[float, dict[str, float | bool]]:
     """Fit the output rule of each fraction's plan (see the module docstring); returns, per fraction, the
-    calibration score of the library's rules alone (``"library"``), with the fitted rule (``"fitted"``), both through
-    the graph, and whether the rule was kept (``"kept"``: it scored more than ``min_gain`` dB better).  ``others``:
-    modules ``generate()`` also runs (a pipeline's components), frozen during the fit."""
+    score of the library's rules alone (``"library"``), with the fitted rule (``"fitted"``), both through the graph on
+    ``validate()``'s generations (other calibration inputs than the fit's) or, without it, on ``generate()``'s, and
+    whether the rule was kept (``"kept"``: it scored more than ``min_gain`` dB better).  ``others``: modules
+    ``generate()`` also runs (a pipeline's components), frozen during the fit."""
     cfg, store = opt.fastcache_config, opt.store
     if cfg.output_rule != "fitted":
         raise ValueError(f"fit_output_rule: this model has output_rule={cfg.output_rule!r}; optimize it with "
@@ -189,6 +204,9 @@ def fit_output_rule(opt, generate: Callable[[], torch.Tensor], fractions=None, i
     if not isinstance(checkpoint, bool):
         raise ValueError(f"fit_output_rule: checkpoint={checkpoint!r} must be True or False")
     check_data_range("fit_output_rule", data_range)
+    if validate is not None and not callable(validate):
+        raise TypeError(f"fit_output_rule: validate={validate!r} must be a callable like generate() (on other "
+                        f"calibration inputs), or None to choose on generate()'s generations")
     if objective not in SEARCH_OBJECTIVES:
         raise ValueError(f"fit_output_rule: objective={objective!r} is not one of {sorted(SEARCH_OBJECTIVES)}")
     if isinstance(fractions, (int, float, str)) or (fractions is not None and not list(fractions)):
@@ -238,7 +256,7 @@ def fit_output_rule(opt, generate: Callable[[], torch.Tensor], fractions=None, i
                                      "under torch.no_grad() (a diffusers pipeline's __call__ and trained.sample do); "
                                      "pass a generate() that samples with gradients, e.g. with "
                                      "pipe.__call__.__wrapped__(pipe, ...)")
-                loss = (out.float() - target).pow(2).flatten(1).mean(1).clamp_min(1e-20).log().mean()
+                loss = fit_loss((out.float() - target).pow(2).flatten(1).mean(1).clamp_min(1e-20).log(), objective)
                 value = float(loss.detach())
                 if value < best[0]:
                     best = (value, coef.detach().clone())
@@ -246,14 +264,14 @@ def fit_output_rule(opt, generate: Callable[[], torch.Tensor], fractions=None, i
                 loss.backward()
                 adam.step()
                 if it % 10 == 0 or it == iters - 1:
-                    logger.info("fx-fastcache: fit_output_rule target_fraction=%.2f: iteration %d, calibration mean "
-                                "log squared error %.3f", f, it, value)
+                    logger.info("fx-fastcache: fit_output_rule target_fraction=%.2f: iteration %d, calibration %s "
+                                "log squared error %.3f", f, it, LOSS_NAMES[objective], value)
         if iters and best[0] < math.inf:
-            logger.info("fx-fastcache: fit_output_rule target_fraction=%.2f: the lowest calibration mean log squared "
-                        "error %.3f", f, best[0])
+            logger.info("fx-fastcache: fit_output_rule target_fraction=%.2f: the lowest calibration %s log squared "
+                        "error %.3f", f, LOSS_NAMES[objective], best[0])
         fitted[m] = (computed, table_rows(plan, sig, best[1] if iters else coef))
-    # each fitted rule against the library's rules alone, through the graph, on the same generations
-    with holding_plan(opt, generate) as run:
+    # each fitted rule against the library's rules alone, through the graph, on the held-out generations if given
+    with holding_plan(opt, validate if validate is not None else generate) as run:
         ref = run(torch.ones(n, dtype=torch.bool))
         peak = output_peak("fit_output_rule", ref, data_range)
 
@@ -271,8 +289,9 @@ def fit_output_rule(opt, generate: Callable[[], torch.Tensor], fractions=None, i
             rules[m - 1] = rows if kept else identity_rows(n)
             result[float(f)] = {"library": library, "fitted": with_rule, "kept": kept}
             logger.info("fx-fastcache: fit_output_rule target_fraction=%.2f (computes steps %s): %s %.3f, the "
-                        "library's rules %.3f; %s", f, [k for k, c in enumerate(computed) if c], objective,
-                        with_rule, library, "kept" if kept else f"not kept (not {min_gain:g} dB better)")
+                        "library's rules %.3f on %s; %s", f, [k for k, c in enumerate(computed) if c], objective,
+                        with_rule, library, "the fit's generations" if validate is None else "validate()'s",
+                        "kept" if kept else f"not kept (not {min_gain:g} dB better)")
     store_put(store, RULES_KEY, rules)
     install_plan(store, scheduled_blocks(store), cfg.target_fraction, opt.device)
     return result
