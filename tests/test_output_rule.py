@@ -14,8 +14,8 @@ from conftest import first, run_loop
 
 import fx_fastcache as fastcache
 from fx_fastcache.bench.runner import parse_method
-from fx_fastcache.policies.planned import PLANS_KEY, RULES_KEY, budget, set_rule_table
-from fx_fastcache.policies.rule_fit import LOSS_NAMES, PlanEmulator, emulating, fit_loss, forecast_coefficients, table_rows
+from fx_fastcache.policies.planned import PLANS_KEY, RULES_KEY, SEARCH_OBJECTIVES, budget, set_rule_table
+from fx_fastcache.policies.rule_fit import FIT_LOSSES, PlanEmulator, emulating, forecast_coefficients, table_rows
 from fx_fastcache.runtime.output_rule import COLUMNS, HISTORY, TABLE_KEY, identity_rows
 from fx_fastcache.step_dispatch import StepDispatch
 from fx_fastcache.zoo import make_tiny
@@ -209,14 +209,15 @@ def test_a_fit_that_loses_is_not_kept(caplog):
 
     # objective="worst_quarter" fits the worst quarter's log squared errors (here, of 4 images, the worst one's), not
     # their mean: its first loss is the largest of the four images' and lies above the mean objective's
-    assert float(fit_loss(torch.tensor([1.0, 5.0, 2.0, 4.0, 3.0]), "worst_quarter")) == 4.5  # the worst 2 of 5
+    assert set(FIT_LOSSES) == set(SEARCH_OBJECTIVES)
+    assert float(FIT_LOSSES["worst_quarter"][0](torch.tensor([1.0, 5.0, 2.0, 4.0, 3.0]))) == 4.5  # the worst 2 of 5
     first_loss = {}
     for objective in ("mean", "worst_quarter"):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="fx_fastcache"):
             fastcache.fit_output_rule(opt, lambda: _euler(opt, tm, seeds=(3, 5, 7, 9), grad=True), iters=1,
                                       objective=objective)
-        name = LOSS_NAMES[objective]
+        name = FIT_LOSSES[objective][1]
         first_loss[objective] = float(re.search(rf"iteration 0, calibration {name} log squared error (-?[\d.]+)",
                                                 caplog.text).group(1))
     assert first_loss["worst_quarter"] > first_loss["mean"] + 0.01, first_loss  # equal if it fitted the mean

@@ -80,7 +80,7 @@ FASTCACHE_OPTIONS: dict[str, tuple[str, str]] = {
     "noise": ("1", "noise forecast"),
     "search": ("1|OBJECTIVE", f"search_plan; OBJECTIVE in {sorted(SEARCH_OBJECTIVES)}"),
     "search_images": ("N", "N >= 2"),
-    "fit": ("ITERS", "fit_output_rule with ITERS Adam steps on the search images, e.g. 150"),
+    "fit": ("ITERS", "fit_output_rule with ITERS Adam steps on the search images, the search's objective; e.g. 150"),
     "fit_lr": ("LR", "its learning rate, default 0.01"),
     "fit_holdout": ("N", "choose the fitted rule on N more calibration images, not the fit's"),
 }
@@ -168,7 +168,7 @@ class Method:
     search: str | None = None
     search_images: int = SEARCH_SEEDS
     #: after the search, ``output_rule="fitted"`` and ``fastcache.fit_output_rule`` with this many Adam steps on
-    #: ``search_images`` calibration images; 0: off
+    #: ``search_images`` calibration images and the search's objective (the mean without a search); 0: off
     fit: int = 0
     fit_lr: float = 0.01
     #: the fit's choice (rule or library's rules) made on this many more calibration images after the fit's; 0: on
@@ -473,7 +473,7 @@ class _FastCacheRunner:
                 self.fitted = fastcache.fit_output_rule(
                     self.opt, lambda: sample.__wrapped__(s.tm, classes, seeds, steps=s.steps, cfg=s.cfg, model=self.opt,
                                                          sigmas=s.sigmas),
-                    fractions=m.thresholds, iters=m.fit, lr=m.fit_lr, data_range=2.0,
+                    fractions=m.thresholds, iters=m.fit, lr=m.fit_lr, data_range=2.0, objective=m.search or "mean",
                     validate=self._generate(s, held) if held else None)
             self.calib_s = time.perf_counter() - t0
         # capture outside every timed run; after calibrating, or a fitted fallback warns it is uncalibrated

@@ -157,18 +157,17 @@ def emulating(opt, emulator: PlanEmulator, others: tuple[torch.nn.Module, ...] =
             p.requires_grad_(g)
 
 
-#: how the fit's log names its loss, per objective
-LOSS_NAMES = {"mean": "mean", "worst_quarter": "worst quarter's mean"}
+def _worst_quarter(log_err: torch.Tensor) -> torch.Tensor:
+    return log_err.topk(max(1, -(-len(log_err) // 4))).values.mean()  # as planned.worst_quarter, at least one
 
 
-def fit_loss(log_err: torch.Tensor, objective: str) -> torch.Tensor:
-    """The differentiable counterpart of :data:`SEARCH_OBJECTIVES` ``[objective]`` on per-sample log squared errors
-    (PSNR falls as they rise): their mean, or the mean of the worst quarter's (at least one), so a fit asked for the
-    worst images' score optimises it rather than the mean."""
-    if objective == "mean":
-        return log_err.mean()
-    k = max(1, -(-len(log_err) // 4))
-    return log_err.topk(k).values.mean()
+#: The fit's loss per objective of :data:`SEARCH_OBJECTIVES` (the same keys), on per-sample log squared errors (PSNR
+#: falls as they rise): their mean, or the worst quarter's mean, so a fit asked for the worst images' score optimises
+#: it rather than the mean; and how the fit's log names it.
+FIT_LOSSES: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {
+    "mean": (torch.mean, "mean"),
+    "worst_quarter": (_worst_quarter, "worst quarter's mean"),
+}
 
 
 def _positive(name: str, value, integer: bool, zero: bool = False) -> None:
@@ -256,7 +255,7 @@ def fit_output_rule(opt, generate: Callable[[], torch.Tensor], fractions=None, i
                                      "under torch.no_grad() (a diffusers pipeline's __call__ and trained.sample do); "
                                      "pass a generate() that samples with gradients, e.g. with "
                                      "pipe.__call__.__wrapped__(pipe, ...)")
-                loss = fit_loss((out.float() - target).pow(2).flatten(1).mean(1).clamp_min(1e-20).log(), objective)
+                loss = FIT_LOSSES[objective][0]((out.float() - target).pow(2).flatten(1).mean(1).clamp_min(1e-20).log())
                 value = float(loss.detach())
                 if value < best[0]:
                     best = (value, coef.detach().clone())
@@ -265,10 +264,10 @@ def fit_output_rule(opt, generate: Callable[[], torch.Tensor], fractions=None, i
                 adam.step()
                 if it % 10 == 0 or it == iters - 1:
                     logger.info("fx-fastcache: fit_output_rule target_fraction=%.2f: iteration %d, calibration %s "
-                                "log squared error %.3f", f, it, LOSS_NAMES[objective], value)
+                                "log squared error %.3f", f, it, FIT_LOSSES[objective][1], value)
         if iters and best[0] < math.inf:
             logger.info("fx-fastcache: fit_output_rule target_fraction=%.2f: the lowest calibration %s log squared "
-                        "error %.3f", f, LOSS_NAMES[objective], best[0])
+                        "error %.3f", f, FIT_LOSSES[objective][1], best[0])
         fitted[m] = (computed, table_rows(plan, sig, best[1] if iters else coef))
     # each fitted rule against the library's rules alone, through the graph, on the held-out generations if given
     with holding_plan(opt, validate if validate is not None else generate) as run:
