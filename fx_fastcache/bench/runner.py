@@ -450,6 +450,7 @@ class _FastCacheRunner:
         self.protect_seeds: list[int] | None = None  # its first and last calibration seed
         self.searched: dict[float, list[int]] | None = None  # search_plan's computed steps per fraction
         self.fitted: dict[float, dict] | None = None  # fit_output_rule's scores per fraction
+        self.fit_holdout_seeds: list[int] | None = None  # the first and last seed its choice was made on, if held out
         if m.needs_calibration:
             t0 = time.perf_counter()
             with fastcache.calibrate(self.opt):
