@@ -11,8 +11,9 @@ The captured graphs run without gradients, so during the fit the optimized model
 keeps only its inputs), the rule at every step, exactly what the graph computes with the rule's table installed.
 ``generate()`` must run the user's sampler with gradients enabled (a diffusers pipeline's ``__call__`` and
 :func:`fx_fastcache.trained.sample` run under ``torch.no_grad``: call their undecorated ``__wrapped__``).  Each fitted
-fraction is then scored through the graph itself on the same generations, against the library's rules alone (the
-noise forecast and drift correction where configured), and keeps the better.
+fraction is then scored through the graph itself, on the same generations or on held-out ones (``validate``),
+against the library's rules alone (the noise forecast and drift correction where configured), and keeps the better
+by ``min_gain``.
 
 Parametrisation (as measured): per interval ``n`` from computed step ``j`` to ``j'``, the coefficients ``c_{n,i}`` of
 the last ``HISTORY`` computed outputs and ``g_n``, with ``G_n = g_n / (σ_{j'} − σ_j)``; σ is the clock's timestep over
