@@ -208,8 +208,8 @@ def fit_output_rule(opt: Any, generate: Callable[[], torch.Tensor], fractions: S
     ``data_range``, default the full output's max − min), which the fit also minimises (as log squared errors).  By
     default that choice is made on the images the rule was fitted to, where a smaller gain did not hold on unseen
     images (docs/BENCHMARKS.md, "Thirty-second session"); ``validate``, a ``generate()`` on other calibration inputs
-    (other seeds; no gradients needed), makes it on images the fit never saw instead.  Returns ``{fraction: {"library": score, "fitted": score, "kept": bool}}``; the
-    rules are saved with the calibration.
+    (other seeds; no gradients needed), makes it on images the fit never saw instead.  Returns
+    ``{fraction: {"library": score, "fitted": score, "kept": bool}}``; the rules are saved with the calibration.
     """
     mod = optimized_module(opt, "fit_output_rule")
     others = () if mod is opt else tuple(m for m in getattr(opt, "components", {}).values()

@@ -126,10 +126,10 @@ class FastCacheConfig:
             give it.
         output_rule: ``"none"`` or ``"fitted"``: with ``policy="planned"``, the output at every step may be a linear
             rule of the last three computed steps' outputs and the last computed latent, fitted end to end through the
-            sampler by :func:`fx_fastcache.fit_output_rule` per fraction, and kept where it scores more than 1 dB
-            better than the library's rules on the calibration generations (:mod:`fx_fastcache.runtime.output_rule`).
-            Until it is fitted the graph's output is unchanged.  Combines with ``noise_forecast`` and ``drift_correction`` (the
-            fraction uses their output where the fit lost); the model's first output must have its latents' shape.
+            sampler by :func:`fx_fastcache.fit_output_rule` per fraction, and kept where it scores ``min_gain`` (1 dB)
+            better than the library's rules on the calibration generations, or held-out ones (``validate``)
+            (:mod:`fx_fastcache.runtime.output_rule`).  Until it is fitted the graph's output is unchanged.  Combines
+            with ``noise_forecast`` and ``drift_correction`` (the fraction uses their output where the fit lost); the model's first output must have its latents' shape.
             Not exported to ONNX.
     """
 

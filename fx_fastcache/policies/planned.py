@@ -611,11 +611,15 @@ def protect_steps(opt, generate, floor_db: float, data_range: float | None = Non
     return steps
 
 
+def quarter(n: int) -> int:
+    """How many of ``n`` images are their worst quarter (at least one)."""
+    return max(1, -(-n // 4))
+
+
 def worst_quarter(psnr: torch.Tensor) -> float:
     """The mean PSNR of the worst quarter of the images (at least one): a score that guards the worst
     images without following a single one."""
-    k = max(1, -(-len(psnr) // 4))
-    return float(psnr.sort().values[:k].mean())
+    return float(psnr.sort().values[:quarter(len(psnr))].mean())
 
 
 #: ``search_plan``'s scores of a plan, from the per-image PSNRs of its outputs.

@@ -35,7 +35,7 @@ import torch.utils.checkpoint
 from ..calibration import store_put
 from ..runtime.output_rule import COLUMNS, HISTORY, TABLE_ROWS, identity_rows
 from .planned import (PLANS_KEY, RULES_KEY, SEARCH_OBJECTIVES, budget, check_data_range, holding_plan, install_plan,
-                      output_peak, sample_psnr, set_rule_table)
+                      output_peak, quarter, sample_psnr, set_rule_table)
 from .schedule import scheduled_blocks
 
 logger = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def emulating(opt, emulator: PlanEmulator, others: tuple[torch.nn.Module, ...] =
 
 
 def _worst_quarter(log_err: torch.Tensor) -> torch.Tensor:
-    return log_err.topk(max(1, -(-len(log_err) // 4))).values.mean()  # as planned.worst_quarter, at least one
+    return log_err.topk(quarter(len(log_err))).values.mean()  # the images planned.worst_quarter scores
 
 
 #: The fit's loss per objective of :data:`SEARCH_OBJECTIVES` (the same keys), on per-sample log squared errors (PSNR
