@@ -33,10 +33,25 @@ mean PSNR on 16 calibration images (seeds 0–15) rises, at no more cost; ``--wh
 and ``S``, for the same search over whole steps; the search uses the first of ``--rules``.  It then reports both plans on the evaluation images::
 
     python benchmarks/output_forecasts.py --model flux-mnist --drift 4 --uncond diffh --search FFSFSSSFSSSFSSSSFSSS
+
+``--errors`` prints, per image, the rule's relative error against the computed velocity at each computed step
+(what a per-image detector during the generation could read), worst image first, with each step's correlation of
+that error with the final PSNR.
+
+``--random-plans N`` adds N plans of whole steps drawn at random (``--sample-seed``) from those that compute steps 0
+and 1 and ``--computed`` − 2 more, the first of them by step 5 and each 2–8 steps after the last (828 plans at 6
+computed steps): the plausible ones.  ``--per-image`` then asks what choosing the plan *per image* could give,
+an oracle no detector can beat: each image's best PSNR over every plan scored, and the images' best among the K
+plans with the highest mean (K = 1, 2, 3, 5, 10), so a per-image choice among a few good plans::
+
+    python benchmarks/output_forecasts.py --model pixart-mnist --drift 2 --random-plans 150 --per-image \
+        --plans FFSFSSFSSSFSSSSFSSSS
 """
 from __future__ import annotations
 
 import argparse
+import itertools
+import random
 
 import torch
 
@@ -110,10 +125,15 @@ def _skip(hist: list[dict], s: torch.Tensor, x: torch.Tensor, rule: str) -> torc
 
 class PlannedRows:
     """Stands in for the model in :func:`fx_fastcache.trained.sample` (batch ``[cond, uncond]``): computes
-    the rows ``plan`` says at each call and hands the sampler the rule's velocity for the others."""
+    the rows ``plan`` says at each call and hands the sampler the rule's velocity for the others.  With
+    ``errors``, ``self.errors[i]`` is each image's relative error of the rule's guided velocity (guidance
+    ``cfg``) against the computed one at each ``F`` step ``i`` after the first: what a detector could read."""
 
-    def __init__(self, model, plan: str, rule: str, uncond: str, drift: float | None = None) -> None:
+    def __init__(self, model, plan: str, rule: str, uncond: str, drift: float | None = None,
+                 errors: bool = False, cfg: float = 2.0) -> None:
         self.model, self.plan, self.rule, self.uncond = model, plan, rule, uncond
+        self.errors: dict[int, torch.Tensor] | None = {} if errors else None
+        self.cfg = cfg
         self.sig = torch.linspace(1.0, 0.0, len(plan) + 1)  # the sampler's default schedule
         self.i = 0
         self.hc: list[dict] = []  # computed steps of each row: {"s", "v", "x"}
@@ -127,6 +147,10 @@ class PlannedRows:
         b = len(x) // 2
         if letter == "F":
             c, u = self.model(**kw)[0].chunk(2)
+            if self.errors is not None and self.hc:
+                fc, fu = self._forecast(s, x, b)
+                g, fg = u + self.cfg * (c - u), fu + self.cfg * (fc - fu)
+                self.errors[self.i - 1] = (fg - g).flatten(1).norm(dim=1) / g.flatten(1).norm(dim=1)
         elif letter == "C":  # the conditional half of every batched argument
             c = self.model(**{k: v[:b] if isinstance(v, torch.Tensor) and v.ndim and len(v) == 2 * b else v
                               for k, v in kw.items()})[0]
@@ -134,14 +158,8 @@ class PlannedRows:
                 u = _skip(self.hu, s, x[b:], "lin")
             else:  # the guidance difference of the last full step
                 u = c - self.guidance
-        elif self.rule in CFG_RULES:
-            c, u = _skip(self.hc, s, x[:b], "lin"), _skip(self.hu, s, x[b:], "lin")
-            m, d_lin = 0.5 * (c + u), c - u
-            d_last = self.hc[-1]["v"] - self.hu[-1]["v"]
-            d = d_last + CFG_RULES[self.rule] * (d_lin - d_last)
-            c, u = m + 0.5 * d, m - 0.5 * d
         else:
-            c, u = _skip(self.hc, s, x[:b], self.rule), _skip(self.hu, s, x[b:], self.rule)
+            c, u = self._forecast(s, x, b)
         if letter == "F":
             self.guidance = c - u
         if letter in "FC":
@@ -151,6 +169,16 @@ class PlannedRows:
         if self.drift is not None:
             c, u = self.drift[0](letter in "FC", s, c), self.drift[1](letter == "F", s, u)
         return (torch.cat([c, u]),)
+
+    def _forecast(self, s: torch.Tensor, x: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two rows' velocities the rule hands the sampler at a skipped step."""
+        if self.rule in CFG_RULES:
+            c, u = _skip(self.hc, s, x[:b], "lin"), _skip(self.hu, s, x[b:], "lin")
+            m, d_lin = 0.5 * (c + u), c - u
+            d_last = self.hc[-1]["v"] - self.hu[-1]["v"]
+            d = d_last + CFG_RULES[self.rule] * (d_lin - d_last)
+            return m + 0.5 * d, m - 0.5 * d
+        return _skip(self.hc, s, x[:b], self.rule), _skip(self.hu, s, x[b:], self.rule)
 
 
 def cost(plan: str) -> float:
@@ -175,6 +203,47 @@ def neighbours(plan: str, whole_only: bool) -> list[str]:
     return sorted(q for q in out if cost(q) <= cost(plan) and q != plan)
 
 
+def random_plans(count: int, computed: int, seed: int) -> list[str]:
+    """``count`` plans of whole steps drawn without replacement (Python's ``random``, ``seed``) from those that
+    compute steps 0 and 1 and ``computed`` − 2 more, the first of them by step 5 and each 2–8 steps after the
+    last, as ``F``/``S`` letters.  Refuses more than there are."""
+    pool = [p for p in itertools.combinations(range(2, STEPS), computed - 2)
+            if p and p[0] <= 5 and all(2 <= b - a <= 8 for a, b in zip(p, p[1:]))]
+    if not 0 < count <= len(pool):
+        raise ValueError(f"--random-plans {count}: between 1 and the {len(pool)} plausible plans of {computed} "
+                         f"computed steps")
+    picked = sorted(random.Random(seed).sample(pool, count))
+    return ["".join("F" if i in (0, 1, *p) else "S" for i in range(STEPS)) for p in picked]
+
+
+def per_image_oracle(q: torch.Tensor, ks: tuple[int, ...] = (1, 2, 3, 5, 10)) -> list[tuple[int, float, float]]:
+    """``q``: PSNR per plan (rows) and image (columns).  For each K, the mean and worst of the images' best PSNR
+    among the K plans with the highest mean (K capped at the plans there are, each K once)."""
+    top = q.mean(1).argsort(descending=True)
+    out = []
+    for k in sorted({min(k, len(q)) for k in ks}):
+        best = q[top[:k]].max(0).values
+        out.append((k, float(best.mean()), float(best.min())))
+    return out
+
+
+def error_table(errors: dict[int, torch.Tensor], q: torch.Tensor, seeds: list[int]) -> str:
+    """``--errors``: per image (worst PSNR first), the rule's relative error at each computed step, then each
+    step's correlation of error with PSNR across the images and the rank of the worst image's error there
+    (1: the largest): a detector of the image that breaks needs a large error on it, i.e. rank 1."""
+    steps = sorted(errors)
+    e = torch.stack([errors[k] for k in steps], 1)
+    lines = ["  seed   PSNR  " + " ".join(f"{f'step {k}':>8}" for k in steps)]
+    lines += [f"  {seeds[i]} {q[i]:6.2f}  " + " ".join(f"{v:8.3f}" for v in e[i].tolist())
+              for i in q.argsort().tolist()]
+    worst = int(q.argmin())
+    corr = [float(torch.corrcoef(torch.stack([e[:, n], q]))[0, 1]) for n in range(len(steps))]
+    rank = [int((e[:, n] > e[worst, n]).sum()) + 1 for n in range(len(steps))]
+    lines.append("  corr(error, PSNR) " + " ".join(f"{c:+.2f}" for c in corr)
+                 + "; the worst image's error ranks " + " ".join(map(str, rank)) + f" of {len(q)}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="dit-mnist")
@@ -184,6 +253,13 @@ def main(argv=None) -> None:
     ap.add_argument("--drift", type=float, default=None, help="add the drift correction with this damping β")
     ap.add_argument("--search", default=None, metavar="PLAN", help="search from PLAN on calibration seeds 0-15")
     ap.add_argument("--whole-only", action="store_true", help="--search over F and S only")
+    ap.add_argument("--random-plans", type=int, default=0, metavar="N", help="add N plausible plans of whole steps")
+    ap.add_argument("--computed", type=int, default=6, help="--random-plans: computed steps per plan (6: 70 %%)")
+    ap.add_argument("--sample-seed", type=int, default=0, help="--random-plans: the draw's seed")
+    ap.add_argument("--errors", action="store_true",
+                    help="per image, the rule's relative error at each computed step (the first rule), by PSNR")
+    ap.add_argument("--per-image", action="store_true",
+                    help="report each image's best over the plans (the first rule): a per-image oracle")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     rules = a.rules.split(",")
@@ -193,28 +269,54 @@ def main(argv=None) -> None:
     for p in a.plans + ([a.search] if a.search else []):
         if len(p) != STEPS or set(p) - set("FSC") or p[0] != "F":
             ap.error(f"plan {p!r} must be {STEPS} letters of F, S, C starting with F")
+    if a.random_plans:
+        if a.computed < 3:
+            ap.error(f"--computed {a.computed}: at least 3 (steps 0 and 1 and one more)")
+        try:
+            a.plans = a.plans + [p for p in random_plans(a.random_plans, a.computed, a.sample_seed) if p not in a.plans]
+        except ValueError as e:
+            ap.error(str(e))
     if not a.plans and not a.search:
-        ap.error("give --plans or --search")
+        ap.error("give --plans, --random-plans or --search")
+    if a.per_image and len(a.plans) < 2:
+        ap.error("--per-image compares plans: give at least two (--plans, --random-plans)")
     torch.set_num_threads(a.threads)
     tm = load_trained(a.model)
     images = {}
 
-    def score(plan: str, first_seed: int, rule: str = "lin") -> torch.Tensor:
+    def score(plan: str, first_seed: int, rule: str = "lin", errors: dict | None = None) -> torch.Tensor:
         if first_seed not in images:
             seeds = list(range(first_seed, first_seed + 16))
             classes = [i % 10 for i in range(16)]
             images[first_seed] = (classes, seeds, sample(tm, classes, seeds, steps=STEPS))
         classes, seeds, ref = images[first_seed]
-        return psnr(sample(tm, classes, seeds, steps=STEPS, model=PlannedRows(tm.model, plan, rule, a.uncond, a.drift)),
-                    ref)
+        rows = PlannedRows(tm.model, plan, rule, a.uncond, a.drift, errors=errors is not None)
+        q = psnr(sample(tm, classes, seeds, steps=STEPS, model=rows), ref)
+        if errors is not None:
+            errors.update(rows.errors)
+        return q
 
     def line(plan: str, q: torch.Tensor, what: str) -> str:
         return (f"{a.model} {plan} {what} uncond={a.uncond} drift={a.drift}: {100 * (1 - cost(plan) / STEPS):.1f} % "
                 f"replaced, {q.mean():.2f} ({q.min():.2f}) dB")
 
+    scored = []
     for p in a.plans:
         for r in rules:
-            print(line(p, score(p, 1000, r), f"rule={r}"), flush=True)
+            errs = {} if a.errors and r == rules[0] else None
+            q = score(p, 1000, r, errs)
+            print(line(p, q, f"rule={r}"), flush=True)
+            if errs:
+                print(error_table(errs, q, images[1000][1]), flush=True)
+            if r == rules[0]:
+                scored.append(q)
+    if a.per_image:
+        q = torch.stack(scored)
+        seeds = images[1000][1]
+        print(f"each image's best over {len(q)} plans (rule={rules[0]}): "
+              + ", ".join(f"{s} {v:.1f}" for s, v in zip(seeds, q.max(0).values.tolist())))
+        for k, mean, worst in per_image_oracle(q):
+            print(f"  the best per image among the {k} best plans by mean: {mean:.2f} ({worst:.2f}) dB", flush=True)
     if a.search:
         best, seen = a.search, {}
 

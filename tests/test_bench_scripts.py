@@ -132,6 +132,70 @@ def test_output_forecasts_search_moves_keep_the_cost_and_the_first_steps():
         of.main(["--plans", "FFX"])
 
 
+def test_output_forecasts_random_plans_are_plausible_and_reproducible():
+    """``--random-plans`` draws distinct plans of whole steps that compute steps 0 and 1, the first further step
+    by step 5 and each 2–8 steps after the last; the same seed draws the same plans; asking for more than the
+    828 plausible plans of 6 computed steps is refused, naming the count."""
+    of = _script("output_forecasts")
+    plans = of.random_plans(150, 6, 0)
+    assert plans == of.random_plans(150, 6, 0) != of.random_plans(150, 6, 1)
+    assert len(set(plans)) == 150 and all(len(p) == 20 and set(p) <= set("FS") for p in plans)
+    for p in plans:
+        steps = [i for i, c in enumerate(p) if c == "F"]
+        assert len(steps) == 6 and steps[:2] == [0, 1] and steps[2] <= 5
+        assert all(2 <= b - a <= 8 for a, b in zip(steps[2:], steps[3:]))
+    assert len(of.random_plans(828, 6, 0)) == 828
+    with pytest.raises(ValueError, match="--random-plans 829: between 1 and the 828"):
+        of.random_plans(829, 6, 0)
+
+
+def test_output_forecasts_errors_are_the_rules_miss_at_computed_steps():
+    """``errors``: at a computed step after a skipped one, each image's relative error of the rule's guided
+    velocity; zero where the outputs are linear in σ (``lin`` extrapolates them exactly), the hand-computed value
+    where they are not; nothing at step 0 (no history to forecast from)."""
+    of = _script("output_forecasts")
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(4, 3, generator=g) for _ in range(3))  # rows [cond0, cond1, uncond0, uncond1]
+    for quad, want_zero in ((0.0, True), (1.0, False)):
+        outs = [a + k * b + quad * k * k * c for k in (0, 1, 3)]
+        model = lambda **kw: (outs.pop(0),)  # noqa: E731
+        rows = of.PlannedRows(model, "FFSF", "lin", "lin", errors=True)
+        for _ in range(4):
+            rows(hidden_states=torch.zeros(4, 3))
+        assert list(rows.errors) == [1, 3]
+        guided = lambda v: v[2:] + 2.0 * (v[:2] - v[2:])  # noqa: E731
+        v3, pred = a + 3 * b + quad * 9 * c, a + 3 * b + quad * 3 * c  # lin through steps 0 and 1 (σ linear in k)
+        want = (guided(pred) - guided(v3)).norm(dim=1) / guided(v3).norm(dim=1)
+        torch.testing.assert_close(rows.errors[3], want)
+        assert bool((rows.errors[3] < 1e-6).all()) is want_zero
+    table = of.error_table({3: torch.tensor([0.1, 0.5, 0.2])}, torch.tensor([30.0, 20.0, 40.0]), [7, 8, 9])
+    assert table.splitlines()[1].split()[:2] == ["8", "20.00"] and "ranks 1 of 3" in table
+
+
+def test_output_forecasts_per_image_oracle():
+    """The per-image oracle takes each image's best PSNR among the K plans with the highest mean."""
+    of = _script("output_forecasts")
+    q = torch.tensor([[40.0, 20.0, 30.0],   # mean 30: the best plan
+                      [10.0, 35.0, 20.0],   # mean 21.7
+                      [25.0, 25.0, 25.0]])  # mean 25: second
+    got = of.per_image_oracle(q, ks=(1, 2, 3, 5))
+    assert [k for k, _, _ in got] == [1, 2, 3]
+    assert got[0][1:] == pytest.approx((30.0, 20.0))
+    assert got[1][1:] == pytest.approx(((40 + 25 + 30) / 3, 25.0))
+    assert got[2][1:] == pytest.approx(((40 + 35 + 30) / 3, 30.0))
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--plans", "FFSFSSFSSSFSSSSFSSSS", "--per-image"], "at least two"),
+    (["--random-plans", "900"], "between 1 and the 828"),
+    (["--random-plans", "3", "--computed", "2"], "--computed 2"),
+])
+def test_output_forecasts_refuses_bad_oracle_arguments(args, words, capsys):
+    with pytest.raises(SystemExit):
+        _script("output_forecasts").main(args)
+    assert words in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("rule,share", [("dhold", 0.0), ("dhalf", 0.5)])
 def test_output_forecasts_guidance_difference_rules(rule, share):
     """``dhold``/``dhalf`` forecast the CFG rows' mean as ``lin`` does and keep the last computed guidance
