@@ -26,7 +26,8 @@ library's rules (the noise forecast and the drift correction, as ``output_foreca
 a correction of the same form added to them, zero at the start, so the fit starts from the library's images.
 ``--frozen R`` fits without differentiating through the model (R generations, the rules fitted to each one's
 velocities held fixed or moved with their latents by ``--jacobian``), which is what a black-box generation
-would allow.  ``--save`` / ``--load`` keep a fit; ``--unseen N`` also scores N more unseen images (seeds from
+would allow.  ``--batch B`` fits each Adam step on a fresh random ``B`` of the calibration images, so a large
+calibration pool costs what ``B`` images cost per step.  ``--save`` / ``--load`` keep a fit; ``--unseen N`` also scores N more unseen images (seeds from
 100).  A fitted rule is a table of numbers per plan, so the library could carry it as it carries a plan; this
 measures whether it is worth it first.
 """
@@ -144,21 +145,32 @@ def loss_of(out: torch.Tensor, ref: torch.Tensor, worst: float) -> tuple[torch.T
     return loss, err
 
 
+def batches(n: int, a):
+    """The calibration images each Adam step fits: all ``n`` (``None``), or with ``--batch B`` a fresh random ``B``
+    of them per step (index tensors drawn from ``--batch-seed``), so a large calibration pool costs what ``B``
+    images cost per step."""
+    if not a.batch:
+        return [None] * a.iters
+    g = torch.Generator().manual_seed(a.batch_seed)
+    return [torch.randperm(n, generator=g)[: a.batch] for _ in range(a.iters)]
+
+
 def adam_fit(params, generate, ref: torch.Tensor, a) -> None:
-    """``a.iters`` Adam steps (learning rate ``a.lr``) on :func:`loss_of` of ``generate()`` against ``ref``, printing
-    the calibration PSNR every ten.  (L-BFGS with a line search stalled at the start: the clamp to [−1, 1] flattens
-    the loss.)"""
+    """``a.iters`` Adam steps (learning rate ``a.lr``) on :func:`loss_of` of ``generate(idx)`` against ``ref``
+    (``idx``: the images of the step, ``None`` for all; see :func:`batches`), printing the calibration PSNR every
+    ten.  (L-BFGS with a line search stalled at the start: the clamp to [−1, 1] flattens the loss.)"""
     opt = torch.optim.Adam(params, lr=a.lr)
     t0 = time.perf_counter()
-    for it in range(a.iters):
+    for it, idx in enumerate(batches(len(ref), a)):
         opt.zero_grad()
-        loss, err = loss_of(generate(), ref, a.worst)
+        loss, err = loss_of(generate(idx), ref if idx is None else ref[idx], a.worst)
         loss.backward()
         opt.step()
         if it % 10 == 0 or it == a.iters - 1:
             db = -10 * err / math.log(10) + 10 * math.log10(4)  # PSNR at peak 2 from the log squared error
-            print(f"  iter {it}: calibration mean {db.mean().item():.2f} dB, worst {db.min().item():.2f} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"  iter {it}: calibration{'' if idx is None else f' batch of {len(idx)}'} mean "
+                  f"{db.mean().item():.2f} dB, worst {db.min().item():.2f} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
 
 
 def fit_frozen(solver: FittedSolver, tm, cal, a) -> None:
@@ -204,8 +216,10 @@ def fit_on_library(tm, plan, sig, cal, ev, more, a, replaced) -> None:
     undecorated function, so gradients flow through the computed steps' model calls)."""
     corr = CorrectedRows(plan, sig, a.m, a.drift)
 
-    def generate(data, grad: bool = False) -> torch.Tensor:
+    def generate(data, grad: bool = False, idx: torch.Tensor | None = None) -> torch.Tensor:
         _, y, _, seeds = data
+        if idx is not None:
+            y, seeds = y[idx], [seeds[i] for i in idx.tolist()]
         fn = sample.__wrapped__ if grad else sample
         return fn(tm, y.tolist(), seeds, steps=STEPS, model=corr.rows(tm.model))
 
@@ -221,7 +235,7 @@ def fit_on_library(tm, plan, sig, cal, ev, more, a, replaced) -> None:
         evaluate(f"+ correction loaded from {a.load}")
         return
     evaluate("alone")
-    adam_fit(corr.parameters(), lambda: generate(cal, grad=True), cal[2], a)
+    adam_fit(corr.parameters(), lambda idx: generate(cal, grad=True, idx=idx), cal[2], a)
     evaluate("+ fitted correction")
     if a.save:
         torch.save(corr.state_dict(), a.save)
@@ -243,6 +257,9 @@ def main(argv=None) -> None:
     ap.add_argument("--unseen", type=int, default=0, help="also report this many more unseen images (seeds 100..)")
     ap.add_argument("--iters", type=int, default=150)
     ap.add_argument("--lr", type=float, default=0.01, help="Adam's learning rate")
+    ap.add_argument("--batch", type=int, default=0,
+                    help="fit each Adam step on a random this many of the calibration images (0: all of them)")
+    ap.add_argument("--batch-seed", type=int, default=0, help="--batch: the seed of the draws")
     ap.add_argument("--worst", type=float, default=0.0,
                     help="temperature of a soft maximum of the per-image log error added to the loss (0: mean only)")
     ap.add_argument("--frozen", type=int, default=0, metavar="ROUNDS",
@@ -267,6 +284,11 @@ def main(argv=None) -> None:
     if a.base == "library" and (a.frozen or a.checkpoint or a.init != "lin"):
         ap.error("--base library fits its correction through the model from zero: drop --frozen, "
                  "--checkpoint and --init")
+    if a.batch and not 0 < a.batch < a.calibration:
+        ap.error(f"--batch {a.batch}: between 1 and the calibration images ({a.calibration}) less one; "
+                 f"0 fits on all of them")
+    if a.batch and a.frozen:
+        ap.error(f"--batch {a.batch}: not with --frozen (each round runs every calibration image)")
     if a.jacobian != "none" and not a.frozen:
         ap.error(f"--jacobian {a.jacobian}: only with --frozen R")
     if a.base == "none" and a.drift:
@@ -312,7 +334,9 @@ def main(argv=None) -> None:
         fit_frozen(solver, tm, cal, a)
         evaluate(f"fitted on frozen velocities, {a.frozen} rounds")
         return
-    adam_fit(solver.parameters(), lambda: solver(tm, cal[0], cal[1]), cal[2], a)
+    adam_fit(solver.parameters(),
+             lambda idx: solver(tm, cal[0], cal[1]) if idx is None else solver(tm, cal[0][idx], cal[1][idx]),
+             cal[2], a)
     evaluate("fitted")
     if a.save:
         torch.save(solver.state_dict(), a.save)
