@@ -27,9 +27,9 @@ a correction of the same form added to them, zero at the start, so the fit start
 ``--frozen R`` fits without differentiating through the model (R generations, the rules fitted to each one's
 velocities held fixed or moved with their latents by ``--jacobian``), which is what a black-box generation
 would allow.  ``--batch B`` fits each Adam step on a fresh random ``B`` of the calibration images, so a large
-calibration pool costs what ``B`` images cost per step.  ``--save`` / ``--load`` keep a fit; ``--unseen N`` also scores N more unseen images (seeds from
-100).  A fitted rule is a table of numbers per plan, so the library could carry it as it carries a plan; this
-measures whether it is worth it first.
+calibration pool costs what ``B`` images cost per step.  ``--save`` / ``--load`` keep a fit; ``--unseen N`` also
+scores N more unseen images (seeds from 100).  A fitted rule is a table of numbers per plan, so the library could
+carry it as it carries a plan; this measures whether it is worth it first.
 """
 from __future__ import annotations
 
