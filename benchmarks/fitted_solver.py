@@ -27,7 +27,8 @@ a correction of the same form added to them, zero at the start, so the fit start
 ``--frozen R`` fits without differentiating through the model (R generations, the rules fitted to each one's
 velocities held fixed or moved with their latents by ``--jacobian``), which is what a black-box generation
 would allow.  ``--batch B`` fits each Adam step on a fresh random ``B`` of the calibration images, so a large
-calibration pool costs what ``B`` images cost per step.  ``--save`` / ``--load`` keep a fit; ``--unseen N`` also
+calibration pool costs what ``B`` images cost per step (``--mine K``: the pool's ``B`` worst, rescored every ``K``
+steps).  ``--save`` / ``--load`` keep a fit; ``--unseen N`` also
 scores N more unseen images (seeds from 100).  A fitted rule is a table of numbers per plan, so the library could
 carry it as it carries a plan; this measures whether it is worth it first.
 """
@@ -145,23 +146,34 @@ def loss_of(out: torch.Tensor, ref: torch.Tensor, worst: float) -> tuple[torch.T
     return loss, err
 
 
-def batches(n: int, a):
+def batches(n: int, a, score=None):
     """The calibration images each Adam step fits: all ``n`` (``None``), or with ``--batch B`` a fresh random ``B``
     of them per step (index tensors drawn from ``--batch-seed``), so a large calibration pool costs what ``B``
-    images cost per step."""
-    if not a.batch:
-        return [None] * a.iters
+    images cost per step; with ``--mine K`` too, the ``B`` worst of the pool by ``score()`` (per-image PSNR under
+    the current rules), scored again every ``K`` steps."""
     g = torch.Generator().manual_seed(a.batch_seed)
-    return [torch.randperm(n, generator=g)[: a.batch] for _ in range(a.iters)]
+    worst = None
+    for it in range(a.iters):
+        if not a.batch:
+            yield None
+        elif a.mine:
+            if it % a.mine == 0:
+                q = score()
+                worst = q.argsort()[: a.batch]
+                print(f"  iter {it}: the pool's worst {a.batch}: {q[worst].mean():.2f} dB, worst {q.min():.2f} "
+                      f"(pool mean {q.mean():.2f})", flush=True)
+            yield worst
+        else:
+            yield torch.randperm(n, generator=g)[: a.batch]
 
 
-def adam_fit(params, generate, ref: torch.Tensor, a) -> None:
+def adam_fit(params, generate, ref: torch.Tensor, a, score=None) -> None:
     """``a.iters`` Adam steps (learning rate ``a.lr``) on :func:`loss_of` of ``generate(idx)`` against ``ref``
     (``idx``: the images of the step, ``None`` for all; see :func:`batches`), printing the calibration PSNR every
     ten.  (L-BFGS with a line search stalled at the start: the clamp to [−1, 1] flattens the loss.)"""
     opt = torch.optim.Adam(params, lr=a.lr)
     t0 = time.perf_counter()
-    for it, idx in enumerate(batches(len(ref), a)):
+    for it, idx in enumerate(batches(len(ref), a, score)):
         opt.zero_grad()
         loss, err = loss_of(generate(idx), ref if idx is None else ref[idx], a.worst)
         loss.backward()
@@ -235,12 +247,18 @@ def fit_on_library(tm, plan, sig, cal, ev, more, a, replaced) -> None:
         evaluate(f"+ correction loaded from {a.load}")
         return
     evaluate("alone")
-    adam_fit(corr.parameters(), lambda idx: generate(cal, grad=True, idx=idx), cal[2], a)
+    adam_fit(corr.parameters(), lambda idx: generate(cal, grad=True, idx=idx), cal[2], a,
+             score=lambda: psnr(generate(cal), cal[2]))
     evaluate("+ fitted correction")
     if a.save:
         torch.save(corr.state_dict(), a.save)
     torch.set_printoptions(precision=3, sci_mode=False)
     print("d =", corr.d.data, "\ne =", corr.e.data)
+
+
+def _no_grad_psnr(solver: FittedSolver, tm, data) -> torch.Tensor:
+    with torch.no_grad():
+        return psnr(solver(tm, data[0], data[1]), data[2])
 
 
 def main(argv=None) -> None:
@@ -260,6 +278,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=0,
                     help="fit each Adam step on a random this many of the calibration images (0: all of them)")
     ap.add_argument("--batch-seed", type=int, default=0, help="--batch: the seed of the draws")
+    ap.add_argument("--mine", type=int, default=0, metavar="K",
+                    help="--batch: fit the pool's worst B images instead of random ones, scored every K steps")
     ap.add_argument("--worst", type=float, default=0.0,
                     help="temperature of a soft maximum of the per-image log error added to the loss (0: mean only)")
     ap.add_argument("--frozen", type=int, default=0, metavar="ROUNDS",
@@ -287,6 +307,8 @@ def main(argv=None) -> None:
     if a.batch and not 0 < a.batch < a.calibration:
         ap.error(f"--batch {a.batch}: between 1 and the calibration images ({a.calibration}) less one; "
                  f"0 fits on all of them")
+    if a.mine and not a.batch or a.mine < 0:
+        ap.error(f"--mine {a.mine}: a positive number of steps, with --batch B")
     if a.batch and a.frozen:
         ap.error(f"--batch {a.batch}: not with --frozen (each round runs every calibration image)")
     if a.jacobian != "none" and not a.frozen:
@@ -336,7 +358,7 @@ def main(argv=None) -> None:
         return
     adam_fit(solver.parameters(),
              lambda idx: solver(tm, cal[0], cal[1]) if idx is None else solver(tm, cal[0][idx], cal[1][idx]),
-             cal[2], a)
+             cal[2], a, score=lambda: _no_grad_psnr(solver, tm, cal))
     evaluate("fitted")
     if a.save:
         torch.save(solver.state_dict(), a.save)

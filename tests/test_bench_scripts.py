@@ -436,7 +436,8 @@ def test_fitted_solver_starts_as_the_forecast_rule():
                                         (["--plan", "0,1", "--calibration-first", "990"], "overlap"),
                                         (["--plan", "0,1", "--calibration-first", "90", "--unseen", "8"], "overlap"),
                                         (["--plan", "0,1", "--calibration", "8", "--batch", "8"], "--batch 8"),
-                                        (["--plan", "0,1", "--batch", "4", "--frozen", "2"], "--frozen")])
+                                        (["--plan", "0,1", "--batch", "4", "--frozen", "2"], "--frozen"),
+                                        (["--plan", "0,1", "--mine", "5"], "--mine 5")])
 def test_fitted_solver_refuses_bad_arguments(args, words, capsys):
     with pytest.raises(SystemExit):
         _script("fitted_solver").main(args)
@@ -474,7 +475,7 @@ def test_fitted_solver_fit_lowers_the_calibration_error():
     with torch.no_grad():
         before, _ = fs.loss_of(solver(tm, x0, y), ref, 0.0)
     fs.adam_fit(solver.parameters(), lambda idx: solver(tm, x0, y), ref,
-                types.SimpleNamespace(iters=30, lr=0.002, worst=0.0, batch=0, batch_seed=0))
+                types.SimpleNamespace(iters=30, lr=0.002, worst=0.0, batch=0, batch_seed=0, mine=0))
     with torch.no_grad():
         after, _ = fs.loss_of(solver(tm, x0, y), ref, 0.0)
     assert float(after) < float(before) - 0.5  # the mean log squared error: 4 dB better (-8.9 to -9.9 here)
@@ -482,7 +483,11 @@ def test_fitted_solver_fit_lowers_the_calibration_error():
     seen = []
     solver = fs.FittedSolver(plan, torch.linspace(1.0, 0.0, 21), 3, "lin")
     fs.adam_fit(solver.parameters(), lambda idx: seen.append(idx.tolist()) or solver(tm, x0[idx], y[idx]), ref,
-                types.SimpleNamespace(iters=30, lr=0.002, worst=0.0, batch=2, batch_seed=0))
+                types.SimpleNamespace(iters=30, lr=0.002, worst=0.0, batch=2, batch_seed=0, mine=0))
     with torch.no_grad():
         assert float(fs.loss_of(solver(tm, x0, y), ref, 0.0)[0]) < float(before) - 0.3  # -9.42 here
     assert all(len(b) == len(set(b)) == 2 for b in seen) and len({tuple(b) for b in seen}) > 1
+    # --mine 2: the 2 worst images by the score, scored again every 2 steps
+    scores = iter([torch.tensor([30.0, 10.0, 40.0, 20.0]), torch.tensor([10.0, 30.0, 20.0, 40.0])])
+    mined = fs.batches(4, types.SimpleNamespace(iters=3, batch=2, batch_seed=0, mine=2), score=lambda: next(scores))
+    assert [b.tolist() for b in mined] == [[1, 3], [1, 3], [0, 2]]
