@@ -28,9 +28,9 @@ a correction of the same form added to them, zero at the start, so the fit start
 velocities held fixed or moved with their latents by ``--jacobian``), which is what a black-box generation
 would allow.  ``--batch B`` fits each Adam step on a fresh random ``B`` of the calibration images, so a large
 calibration pool costs what ``B`` images cost per step (``--mine K``: the pool's ``B`` worst, rescored every ``K``
-steps).  ``--save`` / ``--load`` keep a fit; ``--unseen N`` also
-scores N more unseen images (seeds from 100).  A fitted rule is a table of numbers per plan, so the library could
-carry it as it carries a plan; this measures whether it is worth it first.
+steps).  ``--save`` / ``--load`` keep a fit; ``--unseen N`` also scores N more unseen images (seeds from 100).  A
+fitted rule is a table of numbers per plan, so the library could carry it as it carries a plan; this measures
+whether it is worth it first.
 """
 from __future__ import annotations
 
@@ -257,6 +257,7 @@ def fit_on_library(tm, plan, sig, cal, ev, more, a, replaced) -> None:
 
 
 def _no_grad_psnr(solver: FittedSolver, tm, data) -> torch.Tensor:
+    """Per-image PSNR of ``solver``'s images of ``data`` (noise, classes, references, seeds) against the references."""
     with torch.no_grad():
         return psnr(solver(tm, data[0], data[1]), data[2])
 
@@ -307,7 +308,7 @@ def main(argv=None) -> None:
     if a.batch and not 0 < a.batch < a.calibration:
         ap.error(f"--batch {a.batch}: between 1 and the calibration images ({a.calibration}) less one; "
                  f"0 fits on all of them")
-    if a.mine and not a.batch or a.mine < 0:
+    if a.mine < 0 or (a.mine and not a.batch):
         ap.error(f"--mine {a.mine}: a positive number of steps, with --batch B")
     if a.batch and a.frozen:
         ap.error(f"--batch {a.batch}: not with --frozen (each round runs every calibration image)")
@@ -338,10 +339,8 @@ def main(argv=None) -> None:
     solver.checkpoint = a.checkpoint
 
     def evaluate(what: str) -> None:
-        with torch.no_grad():
-            q = psnr(solver(tm, ev[0], ev[1]), ev[2])
-            qc = psnr(solver(tm, cal[0], cal[1]), cal[2])
-            qu = psnr(solver(tm, more[0], more[1]), more[2]) if more is not None else None
+        q, qc = _no_grad_psnr(solver, tm, ev), _no_grad_psnr(solver, tm, cal)
+        qu = _no_grad_psnr(solver, tm, more) if more is not None else None
         print(f"{a.model} plan {a.plan} ({replaced:.0f} % replaced) {what}: evaluation {q.mean():.2f} ({q.min():.2f}) dB, "
               f"calibration {qc.mean():.2f} ({qc.min():.2f})"
               + (f", {a.unseen} unseen seeds from 100 {qu.mean():.2f} ({qu.min():.2f})" if qu is not None else ""),
