@@ -38,6 +38,22 @@ and ``S``, for the same search over whole steps; the search uses the first of ``
 (what a per-image detector during the generation could read), worst image first, with each step's correlation of
 that error with the final PSNR.
 
+``--guidance`` prints, the same way, each image's guidance difference relative to the unconditional output,
+``‖c − u‖ / ‖u‖``, at each computed step (how strongly the class pulls: the other signal a detector could read), and
+both tables end with each step's AUC for the images below ``--bar`` dB: the chance that such an image has the larger
+value (1 or 0: a signal that separates them, 0.5: one that does not).  ``--first-seeds`` scores other sets of 16
+images (seeds ``N`` … ``N + 15`` each, classes ``i % 10``) and pools them in every report, so a signal can be judged
+on more than the 16 evaluation images::
+
+    python benchmarks/output_forecasts.py --model pixart-mnist --drift 2 --errors --guidance \
+        --first-seeds 1000 0 16 100 116 132 148 --plans FFSFSSFSSSFSSSSFSSSS
+
+``--per-image`` also gives what a perfect detector would be worth: the images below ``--bar`` on the first plan take
+their best of the other plans (which may compute more steps; the fraction replaced counts what each image spent)::
+
+    python benchmarks/output_forecasts.py --model pixart-mnist --drift 2 --per-image \
+        --first-seeds 1000 0 16 100 116 132 148 --plans FFSFSSFSSSFSSSSFSSSS FFFFSSFSSSFSSSSFSSSS FFSFFSFSSSFSSSSFSSSS
+
 ``--random-plans N`` adds N plans of whole steps drawn at random (``--sample-seed``) from those that compute steps 0
 and 1 and ``--computed`` − 2 more, the first of them by step 5 and each 2–8 steps after the last (828 plans at 6
 computed steps): the plausible ones.  ``--per-image`` then asks what choosing the plan *per image* could give,
@@ -127,12 +143,14 @@ class PlannedRows:
     """Stands in for the model in :func:`fx_fastcache.trained.sample` (batch ``[cond, uncond]``): computes
     the rows ``plan`` says at each call and hands the sampler the rule's velocity for the others.  With
     ``errors``, ``self.errors[i]`` is each image's relative error of the rule's guided velocity (guidance
-    ``cfg``) against the computed one at each ``F`` step ``i`` after the first: what a detector could read."""
+    ``cfg``) against the computed one at each ``F`` step ``i`` after the first: what a detector could read, and
+    ``self.guidance_ratio[i]`` each image's ``‖c − u‖ / ‖u‖`` at each ``F`` step ``i``."""
 
     def __init__(self, model, plan: str, rule: str, uncond: str, drift: float | None = None,
                  errors: bool = False, cfg: float = 2.0) -> None:
         self.model, self.plan, self.rule, self.uncond = model, plan, rule, uncond
         self.errors: dict[int, torch.Tensor] | None = {} if errors else None
+        self.guidance_ratio: dict[int, torch.Tensor] | None = {} if errors else None
         self.cfg = cfg
         self.sig = torch.linspace(1.0, 0.0, len(plan) + 1)  # the sampler's default schedule
         self.i = 0
@@ -147,6 +165,8 @@ class PlannedRows:
         b = len(x) // 2
         if letter == "F":
             c, u = self.model(**kw)[0].chunk(2)
+            if self.guidance_ratio is not None:
+                self.guidance_ratio[self.i - 1] = (c - u).flatten(1).norm(dim=1) / u.flatten(1).norm(dim=1)
             if self.errors is not None and self.hc:
                 fc, fu = self._forecast(s, x, b)
                 g, fg = u + self.cfg * (c - u), fu + self.cfg * (fc - fu)
@@ -227,10 +247,22 @@ def per_image_oracle(q: torch.Tensor, ks: tuple[int, ...] = (1, 2, 3, 5, 10)) ->
     return out
 
 
-def error_table(errors: dict[int, torch.Tensor], q: torch.Tensor, seeds: list[int]) -> str:
+def rescue_oracle(q: torch.Tensor, costs: list[float], bar: float) -> tuple[float, float, float]:
+    """A perfect detector's worth: the images below ``bar`` dB on the first plan (row 0 of ``q``) take their best
+    PSNR over the other plans, the rest keep the first.  Returns the mean and worst PSNR and the percentage
+    replaced, each rescued image costing its best plan's ``costs`` (steps computed of ``STEPS``)."""
+    low = q[0] < bar
+    best = q[1:].max(0)
+    got = torch.where(low, best.values, q[0])
+    spent = torch.where(low, torch.tensor(costs[1:])[best.indices], torch.tensor(costs[0]))
+    return float(got.mean()), float(got.min()), 100 * (1 - float(spent.mean()) / STEPS)
+
+
+def error_table(errors: dict[int, torch.Tensor], q: torch.Tensor, seeds: list[int], name: str = "error") -> str:
     """``--errors``: per image (worst PSNR first), the rule's relative error at each computed step, then each
     step's correlation of error with PSNR across the images and the rank of the worst image's error there
-    (1: the largest): a detector of the image that breaks needs a large error on it, i.e. rank 1."""
+    (1: the largest): a detector of the image that breaks needs a large error on it, i.e. rank 1.  ``name`` names
+    the value in those lines (``--guidance`` prints its ratio the same way)."""
     steps = sorted(errors)
     e = torch.stack([errors[k] for k in steps], 1)
     lines = ["  seed   PSNR  " + " ".join(f"{f'step {k}':>8}" for k in steps)]
@@ -239,9 +271,22 @@ def error_table(errors: dict[int, torch.Tensor], q: torch.Tensor, seeds: list[in
     worst = int(q.argmin())
     corr = [float(torch.corrcoef(torch.stack([e[:, n], q]))[0, 1]) for n in range(len(steps))]
     rank = [int((e[:, n] > e[worst, n]).sum()) + 1 for n in range(len(steps))]
-    lines.append("  corr(error, PSNR) " + " ".join(f"{c:+.2f}" for c in corr)
-                 + "; the worst image's error ranks " + " ".join(map(str, rank)) + f" of {len(q)}")
+    lines.append(f"  corr({name}, PSNR) " + " ".join(f"{c:+.2f}" for c in corr)
+                 + f"; the worst image's {name} ranks " + " ".join(map(str, rank)) + f" of {len(q)}")
     return "\n".join(lines)
+
+
+def auc_line(values: dict[int, torch.Tensor], q: torch.Tensor, bar: float) -> str:
+    """Per step, the chance that an image below ``bar`` dB has a larger value than one at or above it (ties count
+    half): the area under the ROC curve of the value as a detector of those images."""
+    low = q < bar
+    if low.all() or not low.any():
+        return f"  AUC: every image is on one side of {bar:g} dB"
+    out = []
+    for k in sorted(values):
+        d = values[k][low][:, None] - values[k][~low][None]
+        out.append(f"step {k} {float((d > 0).double().mean() + 0.5 * (d == 0).double().mean()):.2f}")
+    return f"  AUC for the {int(low.sum())} of {len(q)} images below {bar:g} dB (1: larger there): " + ", ".join(out)
 
 
 def main(argv=None) -> None:
@@ -258,6 +303,12 @@ def main(argv=None) -> None:
     ap.add_argument("--sample-seed", type=int, default=0, help="--random-plans: the draw's seed")
     ap.add_argument("--errors", action="store_true",
                     help="per image, the rule's relative error at each computed step (the first rule), by PSNR")
+    ap.add_argument("--guidance", action="store_true",
+                    help="per image, ||c - u|| / ||u|| at each computed step (the first rule), by PSNR")
+    ap.add_argument("--bar", type=float, default=28.0,
+                    help="--errors/--guidance: the AUC's PSNR bar (dB); --per-image: the images to rescue")
+    ap.add_argument("--first-seeds", type=int, nargs="+", default=[1000], metavar="N",
+                    help="score the images of seeds N..N+15 for each N, pooled (default: the evaluation images 1000)")
     ap.add_argument("--per-image", action="store_true",
                     help="report each image's best over the plans (the first rule): a per-image oracle")
     ap.add_argument("--threads", type=int, default=1)
@@ -276,6 +327,13 @@ def main(argv=None) -> None:
             a.plans = a.plans + [p for p in random_plans(a.random_plans, a.computed, a.sample_seed) if p not in a.plans]
         except ValueError as e:
             ap.error(str(e))
+    starts = sorted(a.first_seeds)
+    if starts[0] < 0 or any(b - s < 16 for s, b in zip(starts, starts[1:])):
+        ap.error(f"--first-seeds {' '.join(map(str, a.first_seeds))}: each set is the 16 seeds from N; give "
+                 f"starts of at least 0, each at least 16 from the others")
+    if a.search and starts[0] < 16:
+        ap.error(f"--first-seeds {starts[0]} with --search: the search scores seeds 0-15; start the sets at 16 "
+                 f"or later")
     if not a.plans and not a.search:
         ap.error("give --plans, --random-plans or --search")
     if a.per_image and len(a.plans) < 2:
@@ -284,17 +342,24 @@ def main(argv=None) -> None:
     tm = load_trained(a.model)
     images = {}
 
-    def score(plan: str, first_seed: int, rule: str = "lin", errors: dict | None = None) -> torch.Tensor:
+    def score(plan: str, first_seed: int, rule: str = "lin", errors: dict | None = None,
+              guidance: dict | None = None) -> torch.Tensor:
         if first_seed not in images:
             seeds = list(range(first_seed, first_seed + 16))
             classes = [i % 10 for i in range(16)]
             images[first_seed] = (classes, seeds, sample(tm, classes, seeds, steps=STEPS))
         classes, seeds, ref = images[first_seed]
-        rows = PlannedRows(tm.model, plan, rule, a.uncond, a.drift, errors=errors is not None)
+        rows = PlannedRows(tm.model, plan, rule, a.uncond, a.drift, errors=errors is not None or guidance is not None)
         q = psnr(sample(tm, classes, seeds, steps=STEPS, model=rows), ref)
-        if errors is not None:
-            errors.update(rows.errors)
+        for pooled, got in ((errors, rows.errors), (guidance, rows.guidance_ratio)):
+            if pooled is not None:
+                for k, v in got.items():
+                    pooled[k] = torch.cat([pooled[k], v]) if k in pooled else v
         return q
+
+    def scored_sets(plan: str, rule: str, errors: dict | None = None, guidance: dict | None = None) -> torch.Tensor:
+        """``plan`` on every set of ``--first-seeds``, PSNR per image in that order."""
+        return torch.cat([score(plan, s, rule, errors, guidance) for s in a.first_seeds])
 
     def line(plan: str, q: torch.Tensor, what: str) -> str:
         return (f"{a.model} {plan} {what} uncond={a.uncond} drift={a.drift}: {100 * (1 - cost(plan) / STEPS):.1f} % "
@@ -303,20 +368,27 @@ def main(argv=None) -> None:
     scored = []
     for p in a.plans:
         for r in rules:
-            errs = {} if a.errors and r == rules[0] else None
-            q = score(p, 1000, r, errs)
+            first = r == rules[0] and (a.errors or a.guidance)
+            errs, guid = ({}, {}) if first else (None, None)
+            q = scored_sets(p, r, errs, guid)
             print(line(p, q, f"rule={r}"), flush=True)
-            if errs:
-                print(error_table(errs, q, images[1000][1]), flush=True)
+            seeds = [s for n in a.first_seeds for s in images[n][1]]
+            for what, name, table in (("errors", "error", errs), ("guidance", "guidance", guid)):
+                if first and getattr(a, what):
+                    print(f"  {what}:\n" + error_table(table, q, seeds, name) + "\n" + auc_line(table, q, a.bar),
+                          flush=True)
             if r == rules[0]:
                 scored.append(q)
     if a.per_image:
         q = torch.stack(scored)
-        seeds = images[1000][1]
+        seeds = [s for n in a.first_seeds for s in images[n][1]]
         print(f"each image's best over {len(q)} plans (rule={rules[0]}): "
               + ", ".join(f"{s} {v:.1f}" for s, v in zip(seeds, q.max(0).values.tolist())))
         for k, mean, worst in per_image_oracle(q):
             print(f"  the best per image among the {k} best plans by mean: {mean:.2f} ({worst:.2f}) dB", flush=True)
+        mean, worst, replaced = rescue_oracle(q, [cost(p) for p in a.plans], a.bar)
+        print(f"  the images below {a.bar:g} dB on the first plan given their best of the others (a perfect "
+              f"detector): {mean:.2f} ({worst:.2f}) dB, {replaced:.1f} % replaced", flush=True)
     if a.search:
         best, seen = a.search, {}
 
@@ -332,7 +404,7 @@ def main(argv=None) -> None:
             best = cand
             print(f"  calibration {mean(best):.2f} dB: {best}", flush=True)
         for p, what in ((a.search, "start"), (best, f"searched ({len(seen)} plans tried)")):
-            print(line(p, score(p, 1000, rules[0]), f"rule={rules[0]} {what}"), flush=True)
+            print(line(p, scored_sets(p, rules[0]), f"rule={rules[0]} {what}"), flush=True)
 
 
 if __name__ == "__main__":

@@ -172,6 +172,28 @@ def test_output_forecasts_errors_are_the_rules_miss_at_computed_steps():
     assert table.splitlines()[1].split()[:2] == ["8", "20.00"] and "ranks 1 of 3" in table
 
 
+def test_output_forecasts_guidance_ratio_and_auc():
+    """``guidance_ratio``: each image's ``‖c − u‖ / ‖u‖`` at every computed step, step 0 included; the AUC is the
+    chance that an image below the bar has the larger value (ties half), and says so when no image is below."""
+    of = _script("output_forecasts")
+    g = torch.Generator().manual_seed(1)
+    outs = [torch.randn(4, 3, generator=g) for _ in range(3)]  # rows [cond0, cond1, uncond0, uncond1]
+    want = {k: (o[:2] - o[2:]).norm(dim=1) / o[2:].norm(dim=1) for k, o in zip((0, 1, 3), outs)}
+    pending = list(outs)
+    rows = of.PlannedRows(lambda **kw: (pending.pop(0),), "FFSF", "lin", "lin", errors=True)
+    for _ in range(4):
+        rows(hidden_states=torch.zeros(4, 3))
+    assert list(rows.guidance_ratio) == [0, 1, 3]
+    for k in want:
+        torch.testing.assert_close(rows.guidance_ratio[k], want[k])
+    q = torch.tensor([20.0, 30.0, 25.0, 40.0])  # images 0 and 2 below 28
+    values = {0: torch.tensor([0.9, 0.1, 0.5, 0.5]), 3: torch.tensor([0.1, 0.2, 0.3, 0.4])}
+    # step 0: 0.9 beats both, 0.5 beats 0.1 and ties 0.5: 3.5 / 4; step 3: 0.1 beats none, 0.3 beats 0.2: 1 / 4
+    assert of.auc_line(values, q, 28.0).endswith("step 0 0.88, step 3 0.25")
+    assert "2 of 4 images below 28 dB" in of.auc_line(values, q, 28.0)
+    assert "one side" in of.auc_line(values, q, 10.0)
+
+
 def test_output_forecasts_per_image_oracle():
     """The per-image oracle takes each image's best PSNR among the K plans with the highest mean."""
     of = _script("output_forecasts")
@@ -185,10 +207,24 @@ def test_output_forecasts_per_image_oracle():
     assert got[2][1:] == pytest.approx(((40 + 35 + 30) / 3, 30.0))
 
 
+def test_output_forecasts_rescue_oracle():
+    """Images below the bar on the first plan take their best of the others, paying those plans' steps."""
+    of = _script("output_forecasts")
+    q = torch.tensor([[20.0, 30.0, 25.0, 40.0],   # the first plan (6 steps): images 0 and 2 below 28
+                      [33.0, 10.0, 24.0, 10.0],   # 7 steps
+                      [29.0, 10.0, 27.0, 10.0]])  # 8 steps
+    mean, worst, replaced = of.rescue_oracle(q, [6.0, 7.0, 8.0], 28.0)
+    assert (mean, worst) == pytest.approx(((33 + 30 + 27 + 40) / 4, 27.0))
+    assert replaced == pytest.approx(100 * (1 - (6 + 6 + 7 + 8) / 4 / 20))
+
+
 @pytest.mark.parametrize("args,words", [
     (["--plans", "FFSFSSFSSSFSSSSFSSSS", "--per-image"], "at least two"),
     (["--random-plans", "900"], "between 1 and the 828"),
     (["--random-plans", "3", "--computed", "2"], "--computed 2"),
+    (["--plans", "FFSFSSFSSSFSSSSFSSSS", "--first-seeds", "1000", "1008"], "at least 16 from the others"),
+    (["--plans", "FFSFSSFSSSFSSSSFSSSS", "--first-seeds", "-16"], "of at least 0"),
+    (["--search", "FFSFSSFSSSFSSSSFSSSS", "--first-seeds", "8"], "with --search"),
 ])
 def test_output_forecasts_refuses_bad_oracle_arguments(args, words, capsys):
     with pytest.raises(SystemExit):
