@@ -54,6 +54,10 @@ their best of the other plans (which may compute more steps; the fraction replac
     python benchmarks/output_forecasts.py --model pixart-mnist --drift 2 --per-image \
         --first-seeds 1000 0 16 100 116 132 148 --plans FFSFSSFSSSFSSSSFSSSS FFFFSSFSSSFSSSSFSSSS FFSFFSFSSSFSSSSFSSSS
 
+``--signals STEP`` screens cheap per-image values a detector could read at the first plan's computed steps before
+``STEP`` (norms, changes and shares of the predicted clean image, the rows' agreement: :func:`trajectory_signals`),
+printing each one's AUC, farthest from chance first.
+
 ``--random-plans N`` adds N plans of whole steps drawn at random (``--sample-seed``) from those that compute steps 0
 and 1 and ``--computed`` − 2 more, the first of them by step 5 and each 2–8 steps after the last (828 plans at 6
 computed steps): the plausible ones.  ``--per-image`` then asks what choosing the plan *per image* could give,
@@ -144,13 +148,15 @@ class PlannedRows:
     the rows ``plan`` says at each call and hands the sampler the rule's velocity for the others.  With
     ``errors``, ``self.errors[i]`` is each image's relative error of the rule's guided velocity (guidance
     ``cfg``) against the computed one at each ``F`` step ``i`` after the first: what a detector could read, and
-    ``self.guidance_ratio[i]`` each image's ``‖c − u‖ / ‖u‖`` at each ``F`` step ``i``."""
+    ``self.guidance_ratio[i]`` each image's ``‖c − u‖ / ‖u‖`` at each ``F`` step ``i``, and ``self.seen[i]`` what
+    the step saw, ``(σ, x, c, u)`` (the conditional row's latent and both rows' outputs)."""
 
     def __init__(self, model, plan: str, rule: str, uncond: str, drift: float | None = None,
                  errors: bool = False, cfg: float = 2.0) -> None:
         self.model, self.plan, self.rule, self.uncond = model, plan, rule, uncond
         self.errors: dict[int, torch.Tensor] | None = {} if errors else None
         self.guidance_ratio: dict[int, torch.Tensor] | None = {} if errors else None
+        self.seen: dict[int, tuple] | None = {} if errors else None
         self.cfg = cfg
         self.sig = torch.linspace(1.0, 0.0, len(plan) + 1)  # the sampler's default schedule
         self.i = 0
@@ -167,6 +173,7 @@ class PlannedRows:
             c, u = self.model(**kw)[0].chunk(2)
             if self.guidance_ratio is not None:
                 self.guidance_ratio[self.i - 1] = (c - u).flatten(1).norm(dim=1) / u.flatten(1).norm(dim=1)
+                self.seen[self.i - 1] = (s, x[:b], c, u)
             if self.errors is not None and self.hc:
                 fc, fu = self._forecast(s, x, b)
                 g, fg = u + self.cfg * (c - u), fu + self.cfg * (fc - fu)
@@ -276,16 +283,47 @@ def error_table(errors: dict[int, torch.Tensor], q: torch.Tensor, seeds: list[in
     return "\n".join(lines)
 
 
+def trajectory_signals(seen: dict[int, tuple], before: int, cfg: float = 2.0) -> dict[str, torch.Tensor]:
+    """``--signals``: cheap per-image values a detector could read at the computed steps before ``before`` (from
+    ``PlannedRows.seen``), with the guided output ``g = u + cfg (c − u)`` and its clean image ``x0 = x − σ g``: at each
+    step ``x0``'s norm, its share of positive pixels (``ink``), the rows' cosine and ``max |c − u| / max |u|``
+    (``gdmax``); between each two steps the relative change of ``x0`` (``dx0``), of its largest pixel change
+    (``dx0max``) and of ``g`` (``dg``)."""
+    flat = lambda t: t.flatten(1)  # noqa: E731
+    norm = lambda t: flat(t).norm(dim=1)  # noqa: E731
+    steps = sorted(k for k in seen if k < before)
+    g, x0 = {}, {}
+    out = {}
+    for k in steps:
+        s, x, c, u = seen[k]
+        g[k] = u + cfg * (c - u)
+        x0[k] = x - s * g[k]
+        out[f"x0 norm {k}"] = norm(x0[k])
+        out[f"x0 ink {k}"] = (flat(x0[k]) > 0).double().mean(1)
+        out[f"cos(c,u) {k}"] = torch.nn.functional.cosine_similarity(flat(c), flat(u))
+        out[f"gdmax {k}"] = flat(c - u).abs().max(1).values / flat(u).abs().max(1).values
+    for k0, k1 in itertools.combinations(steps, 2):
+        d = x0[k1] - x0[k0]
+        out[f"dx0 {k0}-{k1}"] = norm(d) / norm(x0[k1])
+        out[f"dx0max {k0}-{k1}"] = flat(d).abs().max(1).values / flat(x0[k1]).abs().max(1).values
+        out[f"dg {k0}-{k1}"] = norm(g[k1] - g[k0]) / norm(g[k1])
+    return out
+
+
+def auc(values: torch.Tensor, q: torch.Tensor, bar: float) -> float:
+    """The chance that an image below ``bar`` dB has a larger value than one at or above it (ties count half)."""
+    low = q < bar
+    d = values[low][:, None] - values[~low][None]
+    return float((d > 0).double().mean() + 0.5 * (d == 0).double().mean())
+
+
 def auc_line(values: dict[int, torch.Tensor], q: torch.Tensor, bar: float) -> str:
     """Per step, the chance that an image below ``bar`` dB has a larger value than one at or above it (ties count
     half): the area under the ROC curve of the value as a detector of those images."""
     low = q < bar
     if low.all() or not low.any():
         return f"  AUC: every image is on one side of {bar:g} dB"
-    out = []
-    for k in sorted(values):
-        d = values[k][low][:, None] - values[k][~low][None]
-        out.append(f"step {k} {float((d > 0).double().mean() + 0.5 * (d == 0).double().mean()):.2f}")
+    out = [f"step {k} {auc(values[k], q, bar):.2f}" for k in sorted(values)]
     return f"  AUC for the {int(low.sum())} of {len(q)} images below {bar:g} dB (1: larger there): " + ", ".join(out)
 
 
@@ -305,6 +343,8 @@ def main(argv=None) -> None:
                     help="per image, the rule's relative error at each computed step (the first rule), by PSNR")
     ap.add_argument("--guidance", action="store_true",
                     help="per image, ||c - u|| / ||u|| at each computed step (the first rule), by PSNR")
+    ap.add_argument("--signals", type=int, default=None, metavar="STEP",
+                    help="AUC of cheap per-image signals at the computed steps before STEP (the first rule)")
     ap.add_argument("--bar", type=float, default=28.0,
                     help="--errors/--guidance: the AUC's PSNR bar (dB); --per-image: the images to rescue")
     ap.add_argument("--first-seeds", type=int, nargs="+", default=[1000], metavar="N",
@@ -343,23 +383,26 @@ def main(argv=None) -> None:
     images = {}
 
     def score(plan: str, first_seed: int, rule: str = "lin", errors: dict | None = None,
-              guidance: dict | None = None) -> torch.Tensor:
+              guidance: dict | None = None, signals: dict | None = None) -> torch.Tensor:
         if first_seed not in images:
             seeds = list(range(first_seed, first_seed + 16))
             classes = [i % 10 for i in range(16)]
             images[first_seed] = (classes, seeds, sample(tm, classes, seeds, steps=STEPS))
         classes, seeds, ref = images[first_seed]
-        rows = PlannedRows(tm.model, plan, rule, a.uncond, a.drift, errors=errors is not None or guidance is not None)
+        rows = PlannedRows(tm.model, plan, rule, a.uncond, a.drift,
+                           errors=any(d is not None for d in (errors, guidance, signals)))
         q = psnr(sample(tm, classes, seeds, steps=STEPS, model=rows), ref)
-        for pooled, got in ((errors, rows.errors), (guidance, rows.guidance_ratio)):
+        found = trajectory_signals(rows.seen, a.signals) if signals is not None else None
+        for pooled, got in ((errors, rows.errors), (guidance, rows.guidance_ratio), (signals, found)):
             if pooled is not None:
                 for k, v in got.items():
                     pooled[k] = torch.cat([pooled[k], v]) if k in pooled else v
         return q
 
-    def scored_sets(plan: str, rule: str, errors: dict | None = None, guidance: dict | None = None) -> torch.Tensor:
+    def scored_sets(plan: str, rule: str, errors: dict | None = None, guidance: dict | None = None,
+                    signals: dict | None = None) -> torch.Tensor:
         """``plan`` on every set of ``--first-seeds``, PSNR per image in that order."""
-        return torch.cat([score(plan, s, rule, errors, guidance) for s in a.first_seeds])
+        return torch.cat([score(plan, s, rule, errors, guidance, signals) for s in a.first_seeds])
 
     def line(plan: str, q: torch.Tensor, what: str) -> str:
         return (f"{a.model} {plan} {what} uncond={a.uncond} drift={a.drift}: {100 * (1 - cost(plan) / STEPS):.1f} % "
@@ -368,15 +411,20 @@ def main(argv=None) -> None:
     scored = []
     for p in a.plans:
         for r in rules:
-            first = r == rules[0] and (a.errors or a.guidance)
-            errs, guid = ({}, {}) if first else (None, None)
-            q = scored_sets(p, r, errs, guid)
+            first = r == rules[0] and (a.errors or a.guidance or a.signals is not None)
+            errs, guid, sigs = ({}, {}, {}) if first else (None, None, None)
+            q = scored_sets(p, r, errs, guid, sigs)
             print(line(p, q, f"rule={r}"), flush=True)
             seeds = [s for n in a.first_seeds for s in images[n][1]]
             for what, name, table in (("errors", "error", errs), ("guidance", "guidance", guid)):
                 if first and getattr(a, what):
                     print(f"  {what}:\n" + error_table(table, q, seeds, name) + "\n" + auc_line(table, q, a.bar),
                           flush=True)
+            if first and a.signals is not None and 0 < int((q < a.bar).sum()) < len(q):
+                ranked = sorted(((auc(v, q, a.bar), k) for k, v in sigs.items()), key=lambda t: -abs(t[0] - 0.5))
+                print(f"  {len(ranked)} signals before step {a.signals}, AUC for the {int((q < a.bar).sum())} of "
+                      f"{len(q)} images below {a.bar:g} dB (1: larger there), farthest from 0.5 first:\n"
+                      + "\n".join(f"    {k:16s} {v:.2f}" for v, k in ranked), flush=True)
             if r == rules[0]:
                 scored.append(q)
     if a.per_image:

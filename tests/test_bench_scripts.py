@@ -207,6 +207,28 @@ def test_output_forecasts_per_image_oracle():
     assert got[2][1:] == pytest.approx(((40 + 35 + 30) / 3, 30.0))
 
 
+def test_output_forecasts_trajectory_signals():
+    """``--signals``' values from what the computed steps saw, by hand on two images; steps at or after ``before``
+    are left out."""
+    of = _script("output_forecasts")
+    x = torch.tensor([[1.0, -1.0], [2.0, 2.0]])
+    c0, u0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    c1, u1 = torch.tensor([[2.0, 0.0], [0.0, 3.0]]), torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    seen = {0: (1.0, x, c0, u0), 1: (0.5, x, c1, u1), 3: (0.2, x, c1, u1)}
+    got = of.trajectory_signals(seen, before=3)
+    assert sorted(got) == sorted([f"{n} {k}" for n in ("x0 norm", "x0 ink", "cos(c,u)", "gdmax") for k in (0, 1)]
+                                 + ["dx0 0-1", "dx0max 0-1", "dg 0-1"])
+    g0, g1 = u0 + 2 * (c0 - u0), u1 + 2 * (c1 - u1)  # [[2, -1], [0, 1]], [[3, -1], [0, 5]]
+    x00, x01 = x - g0, x - 0.5 * g1  # [[-1, 0], [2, 1]], [[-0.5, -0.5], [2, -0.5]]
+    torch.testing.assert_close(got["x0 norm 1"], x01.norm(dim=1))
+    torch.testing.assert_close(got["x0 ink 0"], torch.tensor([0.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(got["cos(c,u) 0"], torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(got["gdmax 1"], torch.tensor([1.0, 2.0]))
+    torch.testing.assert_close(got["dx0 0-1"], (x01 - x00).norm(dim=1) / x01.norm(dim=1))
+    torch.testing.assert_close(got["dx0max 0-1"], torch.tensor([0.5 / 0.5, 1.5 / 2.0]))
+    torch.testing.assert_close(got["dg 0-1"], (g1 - g0).norm(dim=1) / g1.norm(dim=1))
+
+
 def test_output_forecasts_rescue_oracle():
     """Images below the bar on the first plan take their best of the others, paying those plans' steps."""
     of = _script("output_forecasts")
