@@ -346,7 +346,7 @@ def main(argv=None) -> None:
     ap.add_argument("--signals", type=int, default=None, metavar="STEP",
                     help="AUC of cheap per-image signals at the computed steps before STEP (the first rule)")
     ap.add_argument("--bar", type=float, default=28.0,
-                    help="--errors/--guidance: the AUC's PSNR bar (dB); --per-image: the images to rescue")
+                    help="--errors/--guidance/--signals: the AUC's PSNR bar (dB); --per-image: the images to rescue")
     ap.add_argument("--first-seeds", type=int, nargs="+", default=[1000], metavar="N",
                     help="score the images of seeds N..N+15 for each N, pooled (default: the evaluation images 1000)")
     ap.add_argument("--per-image", action="store_true",
@@ -367,6 +367,9 @@ def main(argv=None) -> None:
             a.plans = a.plans + [p for p in random_plans(a.random_plans, a.computed, a.sample_seed) if p not in a.plans]
         except ValueError as e:
             ap.error(str(e))
+    if a.signals is not None and a.signals < 1:
+        ap.error(f"--signals {a.signals}: the values are read at the computed steps before STEP; give 1 or more "
+                 f"(4: steps 0, 1 and 3 of the 70 % plan)")
     starts = sorted(a.first_seeds)
     if starts[0] < 0 or any(b - s < 16 for s, b in zip(starts, starts[1:])):
         ap.error(f"--first-seeds {' '.join(map(str, a.first_seeds))}: each set is the 16 seeds from N; give "
@@ -420,7 +423,10 @@ def main(argv=None) -> None:
                 if first and getattr(a, what):
                     print(f"  {what}:\n" + error_table(table, q, seeds, name) + "\n" + auc_line(table, q, a.bar),
                           flush=True)
-            if first and a.signals is not None and 0 < int((q < a.bar).sum()) < len(q):
+            if first and a.signals is not None and not 0 < int((q < a.bar).sum()) < len(q):
+                print(f"  signals: every image is on one side of {a.bar:g} dB, so there is nothing to detect",
+                      flush=True)
+            elif first and a.signals is not None:
                 ranked = sorted(((auc(v, q, a.bar), k) for k, v in sigs.items()), key=lambda t: -abs(t[0] - 0.5))
                 print(f"  {len(ranked)} signals before step {a.signals}, AUC for the {int((q < a.bar).sum())} of "
                       f"{len(q)} images below {a.bar:g} dB (1: larger there), farthest from 0.5 first:\n"

@@ -247,6 +247,7 @@ def test_output_forecasts_rescue_oracle():
     (["--plans", "FFSFSSFSSSFSSSSFSSSS", "--first-seeds", "1000", "1008"], "at least 16 from the others"),
     (["--plans", "FFSFSSFSSSFSSSSFSSSS", "--first-seeds", "-16"], "of at least 0"),
     (["--search", "FFSFSSFSSSFSSSSFSSSS", "--first-seeds", "8"], "with --search"),
+    (["--plans", "FFSFSSFSSSFSSSSFSSSS", "--signals", "0"], "--signals 0"),
 ])
 def test_output_forecasts_refuses_bad_oracle_arguments(args, words, capsys):
     with pytest.raises(SystemExit):
