@@ -155,7 +155,6 @@ class PlannedRows:
                  errors: bool = False, cfg: float = 2.0) -> None:
         self.model, self.plan, self.rule, self.uncond = model, plan, rule, uncond
         self.errors: dict[int, torch.Tensor] | None = {} if errors else None
-        self.guidance_ratio: dict[int, torch.Tensor] | None = {} if errors else None
         self.seen: dict[int, tuple] | None = {} if errors else None
         self.cfg = cfg
         self.sig = torch.linspace(1.0, 0.0, len(plan) + 1)  # the sampler's default schedule
@@ -171,8 +170,7 @@ class PlannedRows:
         b = len(x) // 2
         if letter == "F":
             c, u = self.model(**kw)[0].chunk(2)
-            if self.guidance_ratio is not None:
-                self.guidance_ratio[self.i - 1] = (c - u).flatten(1).norm(dim=1) / u.flatten(1).norm(dim=1)
+            if self.seen is not None:
                 self.seen[self.i - 1] = (s, x[:b], c, u)
             if self.errors is not None and self.hc:
                 fc, fu = self._forecast(s, x, b)
@@ -196,6 +194,13 @@ class PlannedRows:
         if self.drift is not None:
             c, u = self.drift[0](letter in "FC", s, c), self.drift[1](letter == "F", s, u)
         return (torch.cat([c, u]),)
+
+    @property
+    def guidance_ratio(self) -> dict[int, torch.Tensor] | None:
+        """``‖c − u‖ / ‖u‖`` per image at each computed step, from what the steps saw."""
+        if self.seen is None:
+            return None
+        return {k: (c - u).flatten(1).norm(dim=1) / u.flatten(1).norm(dim=1) for k, (_, _, c, u) in self.seen.items()}
 
     def _forecast(self, s: torch.Tensor, x: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The two rows' velocities the rule hands the sampler at a skipped step."""
@@ -411,6 +416,7 @@ def main(argv=None) -> None:
         return (f"{a.model} {plan} {what} uncond={a.uncond} drift={a.drift}: {100 * (1 - cost(plan) / STEPS):.1f} % "
                 f"replaced, {q.mean():.2f} ({q.min():.2f}) dB")
 
+    seeds = [n + i for n in a.first_seeds for i in range(16)]  # score()'s sets, in the order scored_sets pools them
     scored = []
     for p in a.plans:
         for r in rules:
@@ -418,24 +424,24 @@ def main(argv=None) -> None:
             errs, guid, sigs = ({}, {}, {}) if first else (None, None, None)
             q = scored_sets(p, r, errs, guid, sigs)
             print(line(p, q, f"rule={r}"), flush=True)
-            seeds = [s for n in a.first_seeds for s in images[n][1]]
             for what, name, table in (("errors", "error", errs), ("guidance", "guidance", guid)):
                 if first and getattr(a, what):
                     print(f"  {what}:\n" + error_table(table, q, seeds, name) + "\n" + auc_line(table, q, a.bar),
                           flush=True)
-            if first and a.signals is not None and not 0 < int((q < a.bar).sum()) < len(q):
-                print(f"  signals: every image is on one side of {a.bar:g} dB, so there is nothing to detect",
-                      flush=True)
-            elif first and a.signals is not None:
-                ranked = sorted(((auc(v, q, a.bar), k) for k, v in sigs.items()), key=lambda t: -abs(t[0] - 0.5))
-                print(f"  {len(ranked)} signals before step {a.signals}, AUC for the {int((q < a.bar).sum())} of "
-                      f"{len(q)} images below {a.bar:g} dB (1: larger there), farthest from 0.5 first:\n"
-                      + "\n".join(f"    {k:16s} {v:.2f}" for v, k in ranked), flush=True)
+            below = int((q < a.bar).sum())
+            if first and a.signals is not None:
+                if not 0 < below < len(q):
+                    print(f"  signals: every image is on one side of {a.bar:g} dB, so there is nothing to detect",
+                          flush=True)
+                else:
+                    ranked = sorted(((auc(v, q, a.bar), k) for k, v in sigs.items()), key=lambda t: -abs(t[0] - 0.5))
+                    print(f"  {len(ranked)} signals before step {a.signals}, AUC for the {below} of {len(q)} images "
+                          f"below {a.bar:g} dB (1: larger there), farthest from 0.5 first:\n"
+                          + "\n".join(f"    {k:16s} {v:.2f}" for v, k in ranked), flush=True)
             if r == rules[0]:
                 scored.append(q)
     if a.per_image:
         q = torch.stack(scored)
-        seeds = [s for n in a.first_seeds for s in images[n][1]]
         print(f"each image's best over {len(q)} plans (rule={rules[0]}): "
               + ", ".join(f"{s} {v:.1f}" for s, v in zip(seeds, q.max(0).values.tolist())))
         for k, mean, worst in per_image_oracle(q):
