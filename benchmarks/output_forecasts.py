@@ -420,16 +420,18 @@ def main(argv=None) -> None:
     scored = []
     for p in a.plans:
         for r in rules:
-            first = r == rules[0] and (a.errors or a.guidance or a.signals is not None)
-            errs, guid, sigs = ({}, {}, {}) if first else (None, None, None)
+            first = r == rules[0]  # the reports read the first rule's run; each pools only what was asked for
+            errs = {} if first and a.errors else None
+            guid = {} if first and a.guidance else None
+            sigs = {} if first and a.signals is not None else None
             q = scored_sets(p, r, errs, guid, sigs)
             print(line(p, q, f"rule={r}"), flush=True)
             for what, name, table in (("errors", "error", errs), ("guidance", "guidance", guid)):
-                if first and getattr(a, what):
+                if table is not None:
                     print(f"  {what}:\n" + error_table(table, q, seeds, name) + "\n" + auc_line(table, q, a.bar),
                           flush=True)
-            below = int((q < a.bar).sum())
-            if first and a.signals is not None:
+            if sigs is not None:
+                below = int((q < a.bar).sum())
                 if not 0 < below < len(q):
                     print(f"  signals: every image is on one side of {a.bar:g} dB, so there is nothing to detect",
                           flush=True)
@@ -438,7 +440,7 @@ def main(argv=None) -> None:
                     print(f"  {len(ranked)} signals before step {a.signals}, AUC for the {below} of {len(q)} images "
                           f"below {a.bar:g} dB (1: larger there), farthest from 0.5 first:\n"
                           + "\n".join(f"    {k:16s} {v:.2f}" for v, k in ranked), flush=True)
-            if r == rules[0]:
+            if first:
                 scored.append(q)
     if a.per_image:
         q = torch.stack(scored)

@@ -468,6 +468,23 @@ class _ToyTrained:
         return out
 
 
+@pytest.mark.parametrize("report,words", [
+    (["--errors"], ["errors:", "corr(error, PSNR)", "AUC"]),
+    (["--guidance"], ["guidance:", "corr(guidance, PSNR)", "AUC"]),
+    (["--signals", "2", "--bar", "200"], ["every image is on one side of 200 dB"]),
+    (["--errors", "--guidance", "--signals", "4", "--bar", "200"], ["errors:", "guidance:", "one side of 200 dB"]),
+])
+def test_output_forecasts_reports_run_alone_or_together(report, words, monkeypatch, capsys):
+    """Each per-image report runs on its own and with the others (on a toy model standing in for the trained one)."""
+    of = _script("output_forecasts")
+    monkeypatch.setattr(of, "load_trained", lambda name: _ToyTrained())
+    of.main(["--plans", "FFSFSSFSSSFSSSSFSSSS", *report])
+    out = capsys.readouterr().out
+    for w in words:
+        assert w in out
+    assert ("signals" in out) == ("--signals" in report)
+
+
 def test_fitted_solver_starts_as_the_forecast_rule():
     """benchmarks/fitted_solver.py's interval rule at ``--init lin`` gives the images of the forecast rule
     (output_forecasts.py's ``lin``) on the same plan, and its frozen-velocity replay of a run gives that run."""
