@@ -58,6 +58,14 @@ their best of the other plans (which may compute more steps; the fraction replac
 ``STEP`` (norms, changes and shares of the predicted clean image, the rows' agreement: :func:`trajectory_signals`),
 printing each one's AUC, farthest from chance first.
 
+``--classes`` asks whether something known before the first step marks the images below ``--bar``: for each plan, those
+images with their classes and each class's mean (worst), and for the first plan the AUC of statistics of each image's
+initial noise (:func:`noise_statistics`), over all images and over each half of them (the first half of the seeds in
+``--first-seeds`` order, and the rest), so a value that only looks apart by chance disagrees between the halves::
+
+    python benchmarks/output_forecasts.py --model pixart-mnist --drift 2 --classes \
+        --first-seeds 0 16 32 100 116 132 148 1000 --plans FFSFSSFSSSFSSSSFSSSS FFFSFSSFSSSSSFSSSSSS
+
 ``--random-plans N`` adds N plans of whole steps drawn at random (``--sample-seed``) from those that compute steps 0
 and 1 and ``--computed`` − 2 more, the first of them by step 5 and each 2–8 steps after the last (828 plans at 6
 computed steps): the plausible ones.  ``--per-image`` then asks what choosing the plan *per image* could give,
@@ -76,7 +84,7 @@ import random
 import torch
 
 from fx_fastcache.bench.metrics import psnr
-from fx_fastcache.trained import load_trained, sample
+from fx_fastcache.trained import _initial_noise, load_trained, sample
 
 CFG_RULES = {"dhold": 0.0, "dhalf": 0.5}  # the guidance difference's share of its linear extrapolation
 RULES = ("lin", "x0c", "x0l", "mix", "epsc", "epsl", "epsm", "epsw", *CFG_RULES)
@@ -315,6 +323,52 @@ def trajectory_signals(seen: dict[int, tuple], before: int, cfg: float = 2.0) ->
     return out
 
 
+def noise_statistics(noise: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``--classes``: per image, statistics of the initial noise ``(B, C, H, W)``, known before the first step: its
+    norm, mean, the norm of its central half (rows and columns), and the norm and largest magnitude of its 2-, 4-, 8-
+    and 16-pixel averages (the low frequencies the early steps settle; those wider than the image are left out)."""
+    h = noise.shape[-1]
+    flat = noise.flatten(1)
+    out = {"norm": flat.norm(dim=1), "mean": flat.mean(1),
+           "center norm": noise[..., h // 4:h - h // 4, h // 4:h - h // 4].flatten(1).norm(dim=1)}
+    for k in (2, 4, 8, 16):
+        if k <= min(noise.shape[-2:]):
+            avg = torch.nn.functional.avg_pool2d(noise, k).flatten(1)
+            out[f"avg{k} norm"], out[f"avg{k} max"] = avg.norm(dim=1), avg.abs().max(1).values
+    return out
+
+
+def class_report(q: torch.Tensor, seeds: list[int], classes: list[int], bar: float) -> str:
+    """``--classes``: the images below ``bar`` dB with their classes, and each class's mean (worst)."""
+    low = [(s, c, v) for s, c, v in zip(seeds, classes, q.tolist()) if v < bar]
+    per: dict[int, list[float]] = {}
+    for c, v in zip(classes, q.tolist()):
+        per.setdefault(c, []).append(v)
+    return (f"  {len(low)} of {len(q)} images below {bar:g} dB, in {len({c for _, c, _ in low})} of {len(per)} "
+            f"classes: " + (", ".join(f"{s} (class {c}) {v:.1f}" for s, c, v in low) or "none") + "\n"
+            + "  per class, mean (worst): "
+            + ", ".join(f"{c}: {sum(v) / len(v):.1f} ({min(v):.1f})" for c, v in sorted(per.items())))
+
+
+def noise_report(stats: dict[str, torch.Tensor], q: torch.Tensor, bar: float) -> str:
+    """``--classes``: each noise statistic's AUC for the images below ``bar`` dB, over all images and over each
+    half of them, farthest from chance first."""
+    low = q < bar
+    if low.all() or not low.any():
+        return f"  noise: every image is on one side of {bar:g} dB, so there is nothing to detect"
+    n = len(q) // 2
+
+    def part(v: torch.Tensor, sl: slice) -> str:
+        return f"{auc(v[sl], q[sl], bar):.2f}" if 0 < int(low[sl].sum()) < len(q[sl]) else "-"
+
+    ranked = sorted(stats.items(), key=lambda kv: -abs(auc(kv[1], q, bar) - 0.5))
+    return (f"  {len(stats)} statistics of the initial noise, AUC for the {int(low.sum())} of {len(q)} images below "
+            f"{bar:g} dB (1: larger there), all, first half, second half ({int(low[:n].sum())} and "
+            f"{int(low[n:].sum())} below):\n"
+            + "\n".join(f"    {k:12s} {auc(v, q, bar):.2f}  {part(v, slice(0, n))} {part(v, slice(n, None))}"
+                        for k, v in ranked))
+
+
 def auc(values: torch.Tensor, q: torch.Tensor, bar: float) -> float:
     """The chance that an image below ``bar`` dB has a larger value than one at or above it (ties count half)."""
     low = q < bar
@@ -351,11 +405,15 @@ def main(argv=None) -> None:
     ap.add_argument("--signals", type=int, default=None, metavar="STEP",
                     help="AUC of cheap per-image signals at the computed steps before STEP (the first rule)")
     ap.add_argument("--bar", type=float, default=28.0,
-                    help="--errors/--guidance/--signals: the AUC's PSNR bar (dB); --per-image: the images to rescue")
+                    help="--errors/--guidance/--signals/--classes: the PSNR bar (dB) of the images to detect; "
+                         "--per-image: the images to rescue")
     ap.add_argument("--first-seeds", type=int, nargs="+", default=[1000], metavar="N",
                     help="score the images of seeds N..N+15 for each N, pooled (default: the evaluation images 1000)")
     ap.add_argument("--per-image", action="store_true",
                     help="report each image's best over the plans (the first rule): a per-image oracle")
+    ap.add_argument("--classes", action="store_true",
+                    help="per plan (the first rule), the images below --bar with their classes; for the first plan, "
+                         "the AUC of statistics of the initial noise for them")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     rules = a.rules.split(",")
@@ -417,6 +475,7 @@ def main(argv=None) -> None:
                 f"replaced, {q.mean():.2f} ({q.min():.2f}) dB")
 
     seeds = [n + i for n in a.first_seeds for i in range(16)]  # score()'s sets, in the order scored_sets pools them
+    classes = [i % 10 for _ in a.first_seeds for i in range(16)]
     scored = []
     for p in a.plans:
         for r in rules:
@@ -440,6 +499,11 @@ def main(argv=None) -> None:
                     print(f"  {len(ranked)} signals before step {a.signals}, AUC for the {below} of {len(q)} images "
                           f"below {a.bar:g} dB (1: larger there), farthest from 0.5 first:\n"
                           + "\n".join(f"    {k:16s} {v:.2f}" for v, k in ranked), flush=True)
+            if first and a.classes:
+                print(class_report(q, seeds, classes, a.bar), flush=True)
+                if not scored:
+                    noise = _initial_noise(seeds, (tm.in_channels, tm.sample_size, tm.sample_size), tm.device, tm.dtype)
+                    print(noise_report(noise_statistics(noise), q, a.bar), flush=True)
             if first:
                 scored.append(q)
     if a.per_image:

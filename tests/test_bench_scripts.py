@@ -473,6 +473,8 @@ class _ToyTrained:
     (["--guidance"], ["guidance:", "corr(guidance, PSNR)", "AUC"]),
     (["--signals", "2", "--bar", "200"], ["every image is on one side of 200 dB"]),
     (["--errors", "--guidance", "--signals", "4", "--bar", "200"], ["errors:", "guidance:", "one side of 200 dB"]),
+    (["--classes", "--bar", "200"], ["16 of 16 images below 200 dB, in 10 of 10 classes", "per class, mean (worst)",
+                                     "noise: every image is on one side of 200 dB"]),
 ])
 def test_output_forecasts_reports_run_alone_or_together(report, words, monkeypatch, capsys):
     """Each per-image report runs on its own and with the others (on a toy model standing in for the trained one)."""
@@ -483,6 +485,26 @@ def test_output_forecasts_reports_run_alone_or_together(report, words, monkeypat
     for w in words:
         assert w in out
     assert ("signals" in out) == ("--signals" in report)
+
+
+def test_output_forecasts_classes_report_names_the_images_below_the_bar_and_ranks_the_noise():
+    """``--classes``: the images below the bar with their classes, each class's mean (worst), and the AUC of each
+    noise statistic over all images and each half (here the larger noise is exactly on the images below)."""
+    of = _script("output_forecasts")
+    q = torch.tensor([30.0, 20.0, 40.0, 25.0])
+    text = of.class_report(q, [7, 8, 9, 10], [0, 1, 0, 2], 28)
+    assert "2 of 4 images below 28 dB, in 2 of 3 classes: 8 (class 1) 20.0, 10 (class 2) 25.0" in text
+    assert "per class, mean (worst): 0: 35.0 (30.0), 1: 20.0 (20.0), 2: 25.0 (25.0)" in text
+    noise = torch.zeros(4, 1, 4, 4)
+    noise[1] += 1.0
+    noise[3] += 2.0
+    stats = of.noise_statistics(noise)
+    assert set(stats) == {"norm", "mean", "center norm", "avg2 norm", "avg2 max", "avg4 norm", "avg4 max"}
+    torch.testing.assert_close(stats["avg4 max"], torch.tensor([0.0, 1.0, 0.0, 2.0]))
+    report = of.noise_report(stats, q, 28)
+    assert "the 2 of 4 images below 28 dB" in report and "(1 and 1 below)" in report
+    assert "    mean         1.00  1.00 1.00" in report
+    assert "nothing to detect" in of.noise_report(stats, q, 10)
 
 
 def test_fitted_solver_starts_as_the_forecast_rule():
