@@ -442,6 +442,9 @@ def main(argv=None) -> None:
                  f"or later")
     if not a.plans and not a.search:
         ap.error("give --plans, --random-plans or --search")
+    if a.classes and not a.plans:
+        ap.error("--classes reports on the plans given: give --plans or --random-plans (--search's plans are not "
+                 "reported by class)")
     if a.per_image and len(a.plans) < 2:
         ap.error("--per-image compares plans: give at least two (--plans, --random-plans)")
     torch.set_num_threads(a.threads)

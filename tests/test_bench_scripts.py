@@ -248,6 +248,7 @@ def test_output_forecasts_rescue_oracle():
     (["--plans", "FFSFSSFSSSFSSSSFSSSS", "--first-seeds", "-16"], "of at least 0"),
     (["--search", "FFSFSSFSSSFSSSSFSSSS", "--first-seeds", "8"], "with --search"),
     (["--plans", "FFSFSSFSSSFSSSSFSSSS", "--signals", "0"], "--signals 0"),
+    (["--search", "FFSFSSFSSSFSSSSFSSSS", "--classes"], "--classes reports on the plans given"),
 ])
 def test_output_forecasts_refuses_bad_oracle_arguments(args, words, capsys):
     with pytest.raises(SystemExit):
