@@ -90,6 +90,7 @@ CFG_RULES = {"dhold": 0.0, "dhalf": 0.5}  # the guidance difference's share of i
 RULES = ("lin", "x0c", "x0l", "mix", "epsc", "epsl", "epsm", "epsw", *CFG_RULES)
 UNCOND = ("lin", "diff", "diffh")
 STEPS = 20
+SET_CLASSES = [i % 10 for i in range(16)]  # the classes of each set of 16 seeds (--first-seeds)
 
 
 class Drift:
@@ -455,8 +456,7 @@ def main(argv=None) -> None:
               guidance: dict | None = None, signals: dict | None = None) -> torch.Tensor:
         if first_seed not in images:
             seeds = list(range(first_seed, first_seed + 16))
-            classes = [i % 10 for i in range(16)]
-            images[first_seed] = (classes, seeds, sample(tm, classes, seeds, steps=STEPS))
+            images[first_seed] = (SET_CLASSES, seeds, sample(tm, SET_CLASSES, seeds, steps=STEPS))
         classes, seeds, ref = images[first_seed]
         rows = PlannedRows(tm.model, plan, rule, a.uncond, a.drift,
                            errors=any(d is not None for d in (errors, guidance, signals)))
@@ -478,7 +478,7 @@ def main(argv=None) -> None:
                 f"replaced, {q.mean():.2f} ({q.min():.2f}) dB")
 
     seeds = [n + i for n in a.first_seeds for i in range(16)]  # score()'s sets, in the order scored_sets pools them
-    classes = [i % 10 for _ in a.first_seeds for i in range(16)]
+    classes = SET_CLASSES * len(a.first_seeds)  # in the same order
     scored = []
     for p in a.plans:
         for r in rules:
