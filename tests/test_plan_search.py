@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import fx_fastcache as fastcache
-from fx_fastcache.policies.plan_search import feasible, interval_plans, spaced_plans
+from fx_fastcache.policies.plan_search import feasible, interval_plans, search, search_split, spaced_plans
 from fx_fastcache.policies.planned import DAMPING_GRID, DAMPINGS_KEY, SEARCHED_KEY, worst_quarter
 from fx_fastcache.runtime.drift import DAMPING_KEY
 from fx_fastcache.zoo import make_tiny
@@ -64,6 +64,35 @@ def test_interval_plans_are_taylorseer_schedules():
     assert [0, 1, 3, 6, 9, 12, 15, 18] in [r.nonzero().flatten().tolist() for r in interval_plans(20, 8, 2)]
     assert [0, 1, 3, 6, 9, 12, 15, 18] not in [r.nonzero().flatten().tolist() for r in spaced_plans(20, 8, 2)]
     assert [0, 1, 3, 8, 13, 18] in [r.nonzero().flatten().tolist() for r in interval_plans(20, 6, 2)]
+
+
+def test_search_split_searches_the_plans_computing_step_1_apart():
+    """With one warm-up step a single hill climb starts from the best start plan, here one that skips step 1, and
+    ends in that family's optimum; the plans computing step 1 start lower and climb higher, so search_split also
+    searches them and keeps the better (ties: the first search's)."""
+    def score(row):  # skipping step 1: best at 0, 3, 5; computing it: the later the last step, the better
+        steps = row.nonzero().flatten().tolist()
+        return 10.0 - 0.1 * len(set(steps) ^ {0, 3, 5}) if not bool(row[1]) else 1.5 * steps[-1]
+
+    start = torch.zeros(8, dtype=torch.bool)
+    start[[0, 2, 5]] = True
+    one, one_score, _ = search(start, 1, set(), 0, score, 50)
+    assert one.nonzero().flatten().tolist() == [0, 3, 5] and one_score == 10.0
+    best, best_score, tried = search_split(start, 1, set(), 0, score, 50)
+    assert best.nonzero().flatten().tolist() == [0, 1, 7] and best_score == 10.5 and tried > 0
+    assert search_split(start, 1, set(), 0, lambda r: 1.0, 50)[0].nonzero().flatten().tolist() == [0, 2, 5]  # ties
+    # two warm-up steps, a protected step 1, or one computed step: one search, as before
+    two = torch.zeros(8, dtype=torch.bool)
+    two[[0, 1, 5]] = True
+    assert torch.equal(search_split(two, 2, set(), 0, score, 50)[0], search(two, 2, set(), 0, score, 50)[0])
+    calls = []
+    search_split(start, 1, set(), 0, lambda r: calls.append(r) or 0.0, 50)
+    assert any(not bool(r[1]) for r in calls) and any(bool(r[1]) for r in calls)
+    one_step = torch.zeros(8, dtype=torch.bool)
+    one_step[0] = True
+    assert search_split(one_step, 1, set(), 0, score, 50)[2] == 1
+    with pytest.raises(ValueError, match="no plan of 3 computed steps"):
+        search(start, 1, {1, 2, 3, 4}, 0, score, 50)
 
 
 def _brute_best(n, m, forced, cost):
@@ -138,7 +167,7 @@ def test_search_plan_keeps_warmup_protected_and_max_skip():
         row[comp] = True
         assert int(row.sum()) == STEPS - round(f * STEPS) and feasible(row, 1, set(), 2), (f, comp)
     assert all(feasible(~s, 1, set(), 2) for s in seen)  # no run broke the constraints
-    assert len(seen) <= 1 + 2 * 40
+    assert len(seen) <= 1 + 2 * 2 * 40  # with one warm-up step, two searches per fraction (search_split)
     assert got[0.5] == _brute_best(STEPS, 4, 1, lambda sk: sum(float(weights[k]) for k in sk)
                                    if feasible(torch.tensor([k not in sk for k in range(STEPS)]), 1, set(), 2)
                                    else float("inf"))

@@ -636,7 +636,9 @@ def search_plan(opt, generate, fractions=None, data_range: float | None = None,
     (:mod:`~fx_fastcache.policies.plan_search`, which says why); returns ``{fraction: computed steps}``.
     The score is :data:`SEARCH_OBJECTIVES` ``[objective]`` of the outputs' PSNRs.
 
-    One generation per plan tried, at most ``max_runs`` per fraction.  With a drift correction, the
+    One generation per plan tried, at most ``max_runs`` per search.  With ``warmup_steps`` below 2 each fraction is
+    searched over the plans that keep the warm-up and once more over those that compute steps 0 and 1
+    (:func:`~fx_fastcache.policies.plan_search.search_split`), and keeps the better.  With a drift correction, the
     searched plan's damping is then fitted over :data:`DAMPING_GRID` (:func:`fit_damping`, one
     generation per value past 0) and kept in :data:`DAMPINGS_KEY`.  With a noise forecast, each fraction is
     searched twice, with the forecast and without it (the fallback's output at skipped steps), and keeps the
@@ -699,16 +701,16 @@ def search_plan(opt, generate, fractions=None, data_range: float | None = None,
                     set_noise_forecast(store, on, opt.device)
                 if drift:
                     set_damping(store, 0.0, opt.device)
-                best, best_score, tried = plan_search.search(start, forced, protected, cfg.max_skip_steps, score,
-                                                             max_runs)
+                best, best_score, tried = plan_search.search_split(start, forced, protected, cfg.max_skip_steps,
+                                                                   score, max_runs)
                 damping = 0.0
                 if drift:
                     damping, best_score = fit_damping(store, opt.device, functools.partial(score, best), best_score)
                 found.append((best_score, best, damping, on))
-                logger.info("fx-fastcache: search_plan target_fraction=%.2f%s: %d generations%s; computes steps %s "
-                            "(the program's plan: %s)%s; score %.3f", f,
+                logger.info("fx-fastcache: search_plan target_fraction=%.2f%s: %d generations (at most %d per "
+                            "search); computes steps %s (the program's plan: %s)%s; score %.3f", f,
                             f", noise forecast {'on' if on else 'off'}" if noise else "", tried,
-                            " (max_runs)" if tried >= max_runs else "", best.nonzero().flatten().tolist(),
+                            max_runs, best.nonzero().flatten().tolist(),
                             start.nonzero().flatten().tolist(), f"; drift damping {damping:g}" if drift else "",
                             best_score)
             _, best, dampings[m - 1], choices[m - 1] = max(found, key=lambda r: r[0])  # the first on ties
