@@ -188,9 +188,9 @@ def test_bench_runs_on_a_shifted_schedule(tmp_path):
 def test_bench_cli_smoke(tmp_path, capsys, caplog):
     from fx_fastcache.cli.main import main
 
-    with caplog.at_level(logging.WARNING, logger="fx_fastcache"):
+    with caplog.at_level(logging.WARNING, logger="fx_fastcache"):  # timing batch = quality batch: one capture
         rc = main(["bench", "--model", "dit-mnist", "--images", "2", "--steps", "2", "--calib-images", "1",
-                   "--timing-images", "1", "--methods", "none,step_forecast/forecast,diffusers_fbc,chi2/residual_linear",
+                   "--timing-images", "2", "--methods", "none,step_forecast/forecast,diffusers_fbc,chi2/residual_linear",
                    "--thresholds", "0,1000", "--out", str(tmp_path), "--stem", "smoke"])
     assert rc == 0
     # the bench calibrates its fitted fallbacks: it captured before that and warned they were uncalibrated

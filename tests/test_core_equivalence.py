@@ -17,8 +17,10 @@ from fx_fastcache.zoo import make_tiny
 from conftest import MORE_FAMILIES, TIMESTEPS, family_policy_cases, first, run_loop
 
 
-@pytest.mark.parametrize("policy", ["step_forecast", "chi2"])
-def test_disabled_equals_original_eager(tiny, policy):
+@pytest.mark.parametrize("family, policy", family_policy_cases(["step_forecast", "chi2"]))
+def test_disabled_equals_original_eager(family, policy):
+    """A step-level policy (one span) and a per-block one: both on the structural families, one on each other."""
+    tiny = make_tiny(family)
     ref = run_loop(tiny.model, tiny)
     opt = fastcache.optimize(tiny.model, backend="eager", policy=policy, enable_block_approx=False)
     out = run_loop(opt, tiny)

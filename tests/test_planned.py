@@ -435,7 +435,7 @@ def test_planned_pipeline_and_a_step_count_it_was_not_planned_for(family, caplog
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family, dispatch_compile", [("sd3", "default"), ("wan", "eager")])
+@pytest.mark.parametrize("family, dispatch_compile", [("dit", "default"), ("wan", "eager")])
 def test_planned_pipeline_calibrated_under_dispatch(family, dispatch_compile):
     """``calibrate(pipe)`` of a pipeline whose transformer runs step dispatch (compiled: what
     ``execution="auto"`` picks on CUDA for a plan; Wan: two cache contexts per step, its copies run eager

@@ -8,7 +8,7 @@ import torch
 import fx_fastcache as fastcache
 from fx_fastcache.zoo import make_tiny
 
-from conftest import FAMILIES, TinyStack, exact_without_approximation, family_policy_cases, first
+from conftest import FAMILIES, STRUCTURAL, TinyStack, exact_without_approximation, family_policy_cases, first
 
 STEPS = [1000.0, 960.0, 920.0, 880.0, 840.0, 800.0, 760.0, 720.0]
 STEP_POLICIES = ["step_forecast", "teacache", "first_block_cache"]
@@ -35,19 +35,23 @@ def generate(tm, span: str, policy: str, fallback: str, backend: str = "eager", 
     return outs, decisions, opt
 
 
-@pytest.mark.parametrize("family, policy", family_policy_cases(STEP_POLICIES))
-def test_auto_spans_match_per_block_guards(family, policy):
-    for fallback in ("residual", "forecast"):
-        ref, dec_ref, opt_ref = generate(make_tiny(family), "block", policy, fallback)
-        got, dec_got, opt = generate(make_tiny(family), "auto", policy, fallback)
-        assert dec_got == dec_ref, (fallback, dec_got, dec_ref)
-        assert any(any(d) for d in dec_ref), "no block was approximated: the comparison would prove nothing"
-        for a, b in zip(got, ref):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-        n_blocks = len(dec_ref[0])
-        lead = 1 if policy == "first_block_cache" else 0
-        assert len(opt.entries()[0].guards) == lead + 1 and len(opt_ref.entries()[0].guards) == n_blocks
-        assert fastcache.get_cache_statistics(opt)["per_block"] == fastcache.get_cache_statistics(opt_ref)["per_block"]
+#: Each case runs one fallback, in turn: every family, every policy and, on the structural families, every
+#: policy with each fallback somewhere (four captures per fallback made this the suite's slowest matrix).
+SPAN_CASES = [(f, p, ("residual", "forecast")[i % 2]) for i, (f, p) in enumerate(family_policy_cases(STEP_POLICIES))]
+
+
+@pytest.mark.parametrize("family, policy, fallback", SPAN_CASES)
+def test_auto_spans_match_per_block_guards(family, policy, fallback):
+    ref, dec_ref, opt_ref = generate(make_tiny(family), "block", policy, fallback)
+    got, dec_got, opt = generate(make_tiny(family), "auto", policy, fallback)
+    assert dec_got == dec_ref, (dec_got, dec_ref)
+    assert any(any(d) for d in dec_ref), "no block was approximated: the comparison would prove nothing"
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    n_blocks = len(dec_ref[0])
+    lead = 1 if policy == "first_block_cache" else 0
+    assert len(opt.entries()[0].guards) == lead + 1 and len(opt_ref.entries()[0].guards) == n_blocks
+    assert fastcache.get_cache_statistics(opt)["per_block"] == fastcache.get_cache_statistics(opt_ref)["per_block"]
 
 
 def _activation_buffers(opt) -> int:
@@ -66,6 +70,8 @@ def test_state_is_two_activations_per_stream_per_span_plus_probe(family):
     streams = sum(len(g.fallback.streams) for g in guards)
     assert len(guards) == 1 and streams <= 2  # one span; at most an image and a text stream
     assert _activation_buffers(opt) <= 2 * streams + 2
+    if family not in STRUCTURAL:  # the per-block comparison: one capture more, on the three structures
+        return
     per_block = fastcache.optimize(tm.model, backend="eager", span="block")
     per_block.capture(**tm.make_inputs(1000.0, 2))
     assert _activation_buffers(per_block) > _activation_buffers(opt)
